@@ -104,8 +104,8 @@ class BinaryNet(nn.Module):
             feats[f"act{k}"] = BinaryActivation()
         self.features = nn.Sequential(feats)
         hidden = c(1024)
-        self.classifier = BinaryMLP(chans[-1] * (image_size // 8) ** 2, [hidden, hidden], num_classes, batch_norm=batch_norm,
-                                    ste=ste, scale=scale)
+        self.classifier = BinaryMLP(chans[-1] * (image_size // 8) ** 2, [hidden, hidden], num_classes,
+                                    batch_norm=batch_norm, ste=ste, scale=scale)
         self.width_multiplier = width_multiplier
 
     def forward(self, x: Tensor) -> Tensor:
