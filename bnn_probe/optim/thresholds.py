@@ -1,0 +1,464 @@
+"""Per-layer Bop threshold policies (science.md, question A: does one global τ serve wide and thin layers?).
+
+Bop flips a binary weight w when ``w · m > τ`` (Helwegen et al. 2019); Bop2ndOrder when ``w · m/(√v + ε) > τ``.
+Every hyperparameter of :class:`bnn_probe.optim.Bop` is per parameter group, so a per-layer τ is one parameter
+group per binary layer. A *policy* turns the named binary parameters of a model into such groups:
+
+==================  ===========================================================================================
+policy              τ_l for binary layer l (fan-in n_l = ``torch.nn.init._calculate_fan_in_and_fan_out(W_l)[0]``)
+==================  ===========================================================================================
+``global``          τ_l = τ                                                (the paper's baseline)
+``fan-in``          τ_l = τ · (n_ref / n_l)^a                              (a = ``exponent``, default 0.5)
+``calibrated``      τ_l starts at τ₀ and is driven online so that layer l's flip ratio stays at r*
+``from-report``     τ_l = ``recommended_threshold`` of layer l in a report's ``tables/thresholds.csv``
+==================  ===========================================================================================
+
+``global`` is a Python keyword, so the callable is :func:`global_threshold`; ``getattr(thresholds, "global")``
+and ``POLICIES["global"]`` name the same function.
+
+Each group also carries ``"layer"`` (the layer name: the parameter name without its trailing ``.weight``) and
+``"fan_in"``, so the probe and the run log can say which τ belongs to which layer. :meth:`ThresholdPolicy.describe`
+gives a JSON-able record (policy name, arguments and τ_l per layer) for the run's ``config``.
+
+The calibrated controller (:class:`FlipRatioController`) updates ``group["threshold"]`` in place after the
+optimizer step; the probe reads the threshold in force from the group at every step, so the τ trajectory per layer
+lands in the steps table's ``threshold`` column without further work. The controller also keeps it in
+``controller.history``.
+
+Example:
+    >>> import torch
+    >>> from bnn_probe.models import BinaryMLP
+    >>> from bnn_probe.nn import named_binary_parameters
+    >>> from bnn_probe.optim import thresholds
+    >>> model = BinaryMLP(64, [256, 16], 10)
+    >>> policy = thresholds.fan_in(1e-6, reference_fan_in=64)
+    >>> groups = policy.param_groups(named_binary_parameters(model))
+    >>> [(g["layer"], g["fan_in"], round(g["threshold"], 9)) for g in groups]
+    [('fc1', 64, 1e-06), ('fc2', 256, 5e-07), ('fc3', 16, 2e-06)]
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import BnnProbeError
+
+__all__ = [
+    "POLICY_NAMES",
+    "POLICIES",
+    "ThresholdPolicy",
+    "FlipRatioController",
+    "global_threshold",
+    "global_",
+    "fan_in",
+    "calibrated",
+    "from_report",
+    "make_policy",
+    "layer_name",
+    "layer_fan_in",
+    "read_thresholds_csv",
+]
+
+POLICY_NAMES: tuple[str, ...] = ("global", "fan-in", "calibrated", "from-report")
+THRESHOLDS_CSV_COLUMNS: tuple[str, ...] = ("layer", "recommended_threshold")
+
+
+def layer_name(param_name: str) -> str:
+    """The layer name of a parameter: its name without a trailing ``.weight`` (``"fc2.weight"`` → ``"fc2"``).
+
+    >>> layer_name("classifier.fc1.weight"), layer_name("w")
+    ('classifier.fc1', 'w')
+    """
+    return param_name[: -len(".weight")] if param_name.endswith(".weight") else param_name
+
+
+def layer_fan_in(param: Tensor) -> int:
+    """Fan-in of a weight as PyTorch's initialisers define it: ``size(1) · prod(kernel)`` (a 1-D tensor: its size).
+
+    >>> layer_fan_in(torch.empty(8, 3, 5)), layer_fan_in(torch.empty(10, 64)), layer_fan_in(torch.empty(7))
+    (15, 64, 7)
+    """
+    if param.dim() < 2:
+        return int(param.numel())
+    return int(nn.init._calculate_fan_in_and_fan_out(param)[0])
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = True) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise BnnProbeError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} finite number, "
+                            f"got {value!r}")
+    return value
+
+
+@dataclass
+class ThresholdPolicy:
+    """A per-layer threshold rule. Build one with :func:`global_threshold`, :func:`fan_in`, :func:`calibrated`
+    or :func:`from_report` rather than directly.
+
+    Attributes:
+        name: one of :data:`POLICY_NAMES`.
+        args: the policy's arguments (recorded in the log).
+        rule: ``rule(layer, fan_in) -> τ_l``, the initial (for ``calibrated``: starting) threshold of a layer.
+        controller_options: for ``calibrated``, the options of :class:`FlipRatioController`; else ``None``.
+    """
+
+    name: str
+    args: dict[str, Any]
+    rule: Any
+    controller_options: dict[str, Any] | None = None
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+    def threshold_for(self, layer: str, fan_in: int) -> float:
+        """τ_l of one layer (its starting value for ``calibrated``)."""
+        return float(self.rule(layer, int(fan_in)))
+
+    def param_groups(self, named_params: Iterable[tuple[str, Tensor]], **group_options: Any) -> list[dict[str, Any]]:
+        """One parameter group per binary parameter: ``{"params": [p], "threshold": τ_l, "layer": ..., "fan_in": ...,
+        **group_options}`` (``group_options`` such as ``gamma=1e-3`` are copied into every group).
+
+        The τ_l used are also stored in :attr:`thresholds` (layer → τ) for :meth:`describe`.
+        """
+        if "threshold" in group_options:
+            raise BnnProbeError("threshold is set by the threshold policy; do not pass it as a group option")
+        groups: list[dict[str, Any]] = []
+        self.thresholds = {}
+        for name, p in named_params:
+            layer, n = layer_name(name), layer_fan_in(p)
+            tau = self.threshold_for(layer, n)
+            self.thresholds[layer] = tau
+            groups.append({"params": [p], "threshold": tau, "layer": layer, "fan_in": n, **group_options})
+        if not groups:
+            raise BnnProbeError("the model has no binary parameters to give thresholds to")
+        return groups
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able record for the run's ``config``: ``{"name", "args", "thresholds": {layer: τ_l}}`` (after
+        :meth:`param_groups`; for ``calibrated`` the thresholds are the starting values)."""
+        out: dict[str, Any] = {"name": self.name, "args": dict(self.args), "thresholds": dict(self.thresholds)}
+        if self.controller_options is not None:
+            out["controller"] = dict(self.controller_options)
+        return out
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> FlipRatioController | None:
+        """For ``calibrated``: hook a :class:`FlipRatioController` on ``optimizer`` and return it; else ``None``."""
+        if self.controller_options is None:
+            return None
+        return FlipRatioController(optimizer, **self.controller_options)
+
+
+def global_threshold(threshold: float) -> ThresholdPolicy:
+    """The paper's baseline: every layer gets τ_l = ``threshold``.
+
+    >>> global_threshold(1e-6).threshold_for("fc1", 4096)
+    1e-06
+    """
+    tau = _check_positive("threshold", threshold)
+    return ThresholdPolicy("global", {"threshold": tau}, lambda layer, n: tau)
+
+
+global_ = global_threshold
+globals()["global"] = global_threshold  # ``getattr(thresholds, "global")``: the issue's name for the policy
+
+
+def fan_in(threshold: float, reference_fan_in: int, exponent: float = 0.5) -> ThresholdPolicy:
+    """τ_l = τ · (n_ref / n_l)^a: a layer with fan-in n_ref gets τ, wider layers less (for a > 0).
+
+    a = 0.5 is the batch-norm argument of science.md (|m| ∝ n^−1/2); measure it with the ``thresholds`` study.
+    Meant for Bop; Bop2ndOrder normalises m by √v already, so there ``global`` is the natural choice.
+
+    >>> p = fan_in(1e-6, reference_fan_in=64, exponent=0.5)
+    >>> round(p.threshold_for("fc2", 2048), 12)   # 1e-6 · (64/2048)^0.5 = 1e-6 / √32
+    1.76777e-07
+    """
+    tau = _check_positive("threshold", threshold)
+    n_ref = int(reference_fan_in)
+    if n_ref <= 0:
+        raise BnnProbeError(f"reference_fan_in must be a positive integer, got {reference_fan_in!r}")
+    a = float(exponent)
+    if not math.isfinite(a):
+        raise BnnProbeError(f"exponent must be finite, got {exponent!r}")
+    return ThresholdPolicy("fan-in", {"threshold": tau, "reference_fan_in": n_ref, "exponent": a},
+                           lambda layer, n: tau * (n_ref / n) ** a)
+
+
+def calibrated(target_flip_ratio: float, initial_threshold: float = 1e-6, every: int = 10, gain: float = 0.5,
+               max_step: float = math.log(2.0), min_step: float = 0.01, deadband: float = 0.1,
+               min_threshold: float = 1e-12, max_threshold: float = 1e3, min_flips: float = 50.0) -> ThresholdPolicy:
+    """An online controller holding each layer's flip ratio at ``target_flip_ratio`` (see
+    :class:`FlipRatioController` for the update rule and its arguments). Every layer starts at ``initial_threshold``.
+
+    >>> p = calibrated(1e-3, initial_threshold=1e-7)
+    >>> p.threshold_for("fc1", 64), p.controller_options["target_flip_ratio"]
+    (1e-07, 0.001)
+    """
+    r = _check_positive("target_flip_ratio", target_flip_ratio, allow_zero=False)
+    if r >= 1:
+        raise BnnProbeError(f"target_flip_ratio must be below 1, got {r}")
+    tau0 = _check_positive("initial_threshold", initial_threshold, allow_zero=False)
+    opts = {"target_flip_ratio": r, "every": int(every), "gain": float(gain), "max_step": float(max_step),
+            "min_step": float(min_step), "deadband": float(deadband), "min_threshold": float(min_threshold),
+            "max_threshold": float(max_threshold), "min_flips": float(min_flips)}
+    return ThresholdPolicy("calibrated", {"target_flip_ratio": r, "initial_threshold": tau0}, lambda layer, n: tau0,
+                           controller_options=opts)
+
+
+def read_thresholds_csv(path: str | Path) -> dict[str, float]:
+    """Read a report's ``tables/thresholds.csv`` (or the report directory holding it) into {layer: τ}.
+
+    Needs the columns ``layer`` and ``recommended_threshold``; every τ must be a finite number ≥ 0 and every layer
+    appear once. Anything else raises :class:`bnn_probe.errors.BnnProbeError` with a one-line message.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tables" / "thresholds.csv" if (p / "tables" / "thresholds.csv").exists() else p / "thresholds.csv"
+    if not p.is_file():
+        raise BnnProbeError(f"thresholds file not found: {p} (give a report's tables/thresholds.csv)")
+    try:
+        with p.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+            header = rows[0].keys() if rows else []
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise BnnProbeError(f"cannot read thresholds file {p}: {e}") from None
+    missing = [c for c in THRESHOLDS_CSV_COLUMNS if c not in header]
+    if not rows or missing:
+        what = "no rows" if not rows else f"missing column(s) {', '.join(missing)}"
+        raise BnnProbeError(f"malformed thresholds file {p}: {what} (need columns layer, recommended_threshold)")
+    out: dict[str, float] = {}
+    for i, row in enumerate(rows, start=2):
+        layer = (row["layer"] or "").strip()
+        raw = (row["recommended_threshold"] or "").strip()
+        try:
+            tau = float(raw)
+        except ValueError:
+            tau = float("nan")
+        if not layer or not math.isfinite(tau) or tau < 0:
+            raise BnnProbeError(f"malformed thresholds file {p}, line {i}: need a layer name and a finite "
+                                f"recommended_threshold >= 0, got {row['layer']!r}, {raw!r}")
+        if layer in out:
+            raise BnnProbeError(f"malformed thresholds file {p}: layer {layer!r} appears more than once")
+        out[layer] = tau
+    return out
+
+
+def from_report(path: str | Path) -> ThresholdPolicy:
+    """τ_l = the ``recommended_threshold`` of layer l in a report's ``tables/thresholds.csv``.
+
+    Layers are matched by name (``fc2`` or ``fc2.weight``). A model layer missing from the file raises
+    :class:`bnn_probe.errors.BnnProbeError` when the groups are built.
+    """
+    table = read_thresholds_csv(path)
+    normalized = {layer_name(k): v for k, v in table.items()}
+
+    def rule(layer: str, n: int) -> float:
+        if layer not in normalized:
+            raise BnnProbeError(f"{path}: no recommended threshold for layer {layer!r} "
+                                f"(the file has {', '.join(sorted(normalized))})")
+        return normalized[layer]
+
+    return ThresholdPolicy("from-report", {"path": str(path)}, rule)
+
+
+POLICIES: dict[str, Any] = {"global": global_threshold, "fan-in": fan_in, "calibrated": calibrated,
+                            "from-report": from_report}
+
+
+def make_policy(name: str, *, threshold: float = 1e-6, reference_fan_in: int | None = None,
+                fan_in_exponent: float = 0.5, target_flip_ratio: float | None = None,
+                thresholds_csv: str | Path | None = None, fan_ins: Iterable[int] | None = None,
+                **calibrated_options: Any) -> ThresholdPolicy:
+    """Build a policy from command-line style options (``bnn-probe train --threshold-policy ...``).
+
+    ``fan-in`` without ``reference_fan_in`` takes the geometric mean of ``fan_ins`` (the model's fan-ins), so the
+    policy keeps the geometric-mean τ equal to ``threshold``.
+
+    >>> make_policy("fan-in", threshold=1e-6, fan_ins=[64, 1024]).args["reference_fan_in"]
+    256
+    """
+    if name == "global":
+        return global_threshold(threshold)
+    if name == "fan-in":
+        if reference_fan_in is None:
+            ns = [int(n) for n in (fan_ins or [])]
+            if not ns:
+                raise BnnProbeError("fan-in policy needs reference_fan_in (or the model's fan-ins)")
+            reference_fan_in = round(math.exp(sum(math.log(n) for n in ns) / len(ns)))
+        return fan_in(threshold, reference_fan_in, fan_in_exponent)
+    if name == "calibrated":
+        if target_flip_ratio is None:
+            raise BnnProbeError("--threshold-policy calibrated needs --target-flip-ratio")
+        return calibrated(target_flip_ratio, initial_threshold=threshold if threshold > 0 else 1e-6,
+                          **calibrated_options)
+    if name == "from-report":
+        if thresholds_csv is None:
+            raise BnnProbeError("--threshold-policy from-report needs --thresholds-csv PATH")
+        return from_report(thresholds_csv)
+    raise BnnProbeError(f"unknown threshold policy {name!r}: choose one of {', '.join(POLICY_NAMES)}")
+
+
+def _threshold_groups(optimizer: Any) -> list[dict[str, Any]]:
+    """The param groups carrying a ``threshold`` (looks inside wrappers with ``.optimizers``)."""
+    opts = list(getattr(optimizer, "optimizers", None) or [optimizer])
+    return [g for o in opts for g in o.param_groups if "threshold" in g]
+
+
+def _hookable(optimizer: Any) -> list[torch.optim.Optimizer]:
+    opts = list(getattr(optimizer, "optimizers", None) or [optimizer])
+    return [o for o in opts if any("threshold" in g for g in o.param_groups)]
+
+
+class FlipRatioController:
+    """Hold each layer's flip ratio at a target by adjusting its τ multiplicatively (log-space, Rprop-style steps).
+
+    Measurement (on the device, one host copy every ``every`` steps): a pre-step hook stores the signs
+    ``s = (w ≥ 0)`` of every controlled weight; a post-step hook adds ``Σ[s_new ≠ s]`` to a per-layer device buffer.
+    Layer l's window lasts k_l steps, a multiple of ``every`` long enough to expect ``min_flips`` flips at the
+    target (k_l ≥ min_flips / (r* · n_l)), so small layers are not steered by a handful of flips. Its flip ratio is
+
+        r̂_l = flips_l / (k_l · n_l)              (n_l weights; the same per-step ratio the probe logs)
+
+    Update (per layer, once per window; e_l = log(r̂_l / r*) with r̂_l floored at half a flip per window):
+
+        if |e_l| ≤ deadband:            no change
+        else:  Δ_l = sign(e_l) · min(gain · |e_l|, s_l)
+               log τ_l ← clamp(log τ_l + Δ_l, log min_threshold, log max_threshold)
+               s_l ← min(1.2 · s_l, max_step)   if e_l has the sign of the previous update's error
+               s_l ← max(0.5 · s_l, min_step)   if it changed sign (the target was crossed)
+
+    Why this law: the flip ratio of a Bop layer falls steeply and with an unknown, layer- and time-dependent
+    elasticity β = −d log r / d log τ (for Gaussian-like m it grows like (τ/σ_m)², from ≈1 to ≈10). A plain
+    proportional step Δ = κ·e is monotone only while κβ < 1 and oscillates for κβ > 1, so no fixed gain suits
+    every layer. Capping the step by a trust size s_l that halves whenever the error changes sign (Rprop, Riedmiller
+    & Braun 1993) bounds each multiplicative change by exp(max_step) (×2 by default), and makes any oscillation
+    decay geometrically: the controller brackets τ* and then narrows the bracket; the deadband (±10 % in r̂)
+    stops it chasing the sampling noise of a window's flip count. Measuring over whole windows at a fixed τ
+    (instead of an EMA across updates) keeps stale flip counts from an old τ out of the error signal.
+
+    The controller writes ``group["threshold"]`` in place; :attr:`history` holds ``(step, {layer: τ})`` after each
+    update (plus the start), and the probe logs the τ in force per step in the steps table's ``threshold`` column.
+
+    Example:
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.ones(100))
+        >>> opt = torch.optim.SGD([{"params": [w], "threshold": 1.0, "layer": "w"}], lr=0.0)
+        >>> ctl = FlipRatioController(opt, target_flip_ratio=0.01, every=1, min_flips=1)
+        >>> opt.step()        # no flip: r̂ = ½ flip / 100 = 0.005 < r*: log τ -= 0.5 · log 2
+        >>> round(opt.param_groups[0]["threshold"], 4)
+        0.7071
+    """
+
+    def __init__(self, optimizer: Any, target_flip_ratio: float, every: int = 10, gain: float = 0.5,
+                 max_step: float = math.log(2.0), min_step: float = 0.01, deadband: float = 0.1,
+                 min_threshold: float = 1e-12, max_threshold: float = 1e3, min_flips: float = 50.0) -> None:
+        if not 0 < target_flip_ratio < 1:
+            raise BnnProbeError(f"target_flip_ratio must be in (0, 1), got {target_flip_ratio}")
+        if every < 1 or gain <= 0 or not 0 < min_step <= max_step or deadband < 0 or not 0 < min_threshold:
+            raise BnnProbeError("controller needs every >= 1, gain > 0, 0 < min_step <= max_step, deadband >= 0, "
+                                "min_threshold > 0")
+        self.target = float(target_flip_ratio)
+        self.every, self.gain, self.max_step, self.min_step = int(every), float(gain), float(max_step), float(min_step)
+        self.deadband = float(deadband)
+        self.log_min, self.log_max = math.log(min_threshold), math.log(max_threshold)
+        self.groups = _threshold_groups(optimizer)
+        if not self.groups:
+            raise BnnProbeError("the optimizer has no parameter group with a 'threshold' to calibrate")
+        self.layers = [str(g.get("layer", f"group{i}")) for i, g in enumerate(self.groups)]
+        self.n_weights = [sum(p.numel() for p in g["params"]) for g in self.groups]
+        for g in self.groups:
+            if g["threshold"] <= 0:
+                g["threshold"] = math.exp(self.log_min)
+        device = self.groups[0]["params"][0].device
+        self._flips = torch.zeros(len(self.groups), dtype=torch.float64, device=device)
+        self._signs: list[list[Tensor]] = []
+        # a layer's window: at least `every` steps and enough steps to expect `min_flips` flips at the target
+        self.min_flips = float(min_flips)
+        self._window_len = [max(self.every, self.every * math.ceil(self.min_flips / (self.target * n * self.every)))
+                            for n in self.n_weights]
+        self._window = [0] * len(self.groups)
+        self.step_count = 0
+        self._trust = [self.max_step] * len(self.groups)
+        self._last_err_sign = [0] * len(self.groups)
+        self.history: list[tuple[int, dict[str, float]]] = [(0, self.thresholds())]
+        self._handles = []
+        for opt in _hookable(optimizer):
+            self._handles.append(opt.register_step_pre_hook(self._pre))
+            self._handles.append(opt.register_step_post_hook(self._post))
+        # a wrapper (CaseOptimizer) steps each inner optimizer once: hook each exactly once
+        self._n_hooked = len(self._handles) // 2
+        self._posts_seen = 0
+
+    def thresholds(self) -> dict[str, float]:
+        """Current τ per layer."""
+        return {layer: float(g["threshold"]) for layer, g in zip(self.layers, self.groups, strict=True)}
+
+    @torch.no_grad()
+    def _pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._posts_seen == 0:
+            self._signs = [[p.detach() >= 0 for p in g["params"]] for g in self.groups]
+
+    @torch.no_grad()
+    def _post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._posts_seen += 1
+        if self._posts_seen < self._n_hooked:
+            return
+        self._posts_seen = 0
+        counts = [sum(((p.detach() >= 0) != s).sum() for p, s in zip(g["params"], old, strict=True))
+                  for g, old in zip(self.groups, self._signs, strict=True)]
+        self._flips += torch.stack([torch.as_tensor(c, device=self._flips.device) for c in counts]).to(self._flips)
+        self._signs = []
+        self.step_count += 1
+        for i in range(len(self._window)):
+            self._window[i] += 1
+        if self.step_count % self.every == 0:
+            self._update()
+
+    def _update(self) -> None:
+        flips = self._flips.tolist()  # the one host copy per `every` steps
+        changed = False
+        for i, g in enumerate(self.groups):
+            k = self._window[i]
+            if k < self._window_len[i]:
+                continue
+            self._flips[i] = 0.0
+            self._window[i] = 0
+            ratio = max(flips[i], 0.5) / (k * self.n_weights[i])
+            err = math.log(ratio / self.target)
+            if abs(err) <= self.deadband:
+                continue
+            sgn = 1 if err > 0 else -1
+            delta = sgn * min(self.gain * abs(err), self._trust[i])
+            log_tau = min(max(math.log(g["threshold"]) + delta, self.log_min), self.log_max)
+            g["threshold"] = math.exp(log_tau)
+            changed = True
+            if self._last_err_sign[i] == -sgn:
+                self._trust[i] = max(0.5 * self._trust[i], self.min_step)
+            elif self._last_err_sign[i] == sgn:
+                self._trust[i] = min(1.2 * self._trust[i], self.max_step)
+            self._last_err_sign[i] = sgn
+        if changed:
+            self.history.append((self.step_count, self.thresholds()))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Controller state for resumed runs (the thresholds themselves live in the optimizer's groups)."""
+        return {"trust": list(self._trust), "last_err_sign": list(self._last_err_sign), "step_count": self.step_count,
+                "history": [(s, dict(t)) for s, t in self.history]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._trust = [float(x) for x in state["trust"]]
+        self._last_err_sign = [int(x) for x in state["last_err_sign"]]
+        self.step_count = int(state["step_count"])
+        self.history = [(int(s), dict(t)) for s, t in state["history"]]
+
+    def remove(self) -> None:
+        """Remove the hooks (thresholds keep their last values)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
