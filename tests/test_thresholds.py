@@ -94,6 +94,18 @@ def test_from_report_errors_are_one_line(tmp_path, text, match):
     assert "\n" not in str(e.value)
 
 
+def test_from_report_picks_a_run(tmp_path):
+    path = _write(tmp_path / "t.csv", "run,layer,recommended_threshold,bound\n"
+                  "a,fc1.weight,1e-6,\na,fc2.weight,2e-6,\nb,fc1.weight,3e-6,\nb,fc2.weight,,no flips in the window\n")
+    with pytest.raises(BnnProbeError, match="holds 2 runs"):
+        T.from_report(path)
+    assert T.read_thresholds_csv(path, run="a") == {"fc1.weight": 1e-6, "fc2.weight": 2e-6}
+    with pytest.raises(BnnProbeError, match="no flips in the window"):
+        T.from_report(path, run="b")
+    with pytest.raises(BnnProbeError, match="no run 'c'"):
+        T.from_report(path, run="c")
+
+
 def test_from_report_missing_layer(tmp_path):
     path = _write(tmp_path / "t.csv", "layer,recommended_threshold\nfc1,1e-6\n")
     with pytest.raises(BnnProbeError, match="no recommended threshold for layer 'fc2'"):

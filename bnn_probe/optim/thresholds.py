@@ -211,10 +211,11 @@ def calibrated(target_flip_ratio: float, initial_threshold: float = 1e-6, every:
                            controller_options=opts)
 
 
-def read_thresholds_csv(path: str | Path) -> dict[str, float]:
+def read_thresholds_csv(path: str | Path, run: str | None = None) -> dict[str, float]:
     """Read a report's ``tables/thresholds.csv`` (or the report directory holding it) into {layer: τ}.
 
-    Needs the columns ``layer`` and ``recommended_threshold``; every τ must be a finite number ≥ 0 and every layer
+    Needs the columns ``layer`` and ``recommended_threshold``. When the file has a ``run`` column naming several
+    runs, ``run`` picks one (without it: an error listing them). Every τ must be a finite number ≥ 0 and every layer
     appear once. Anything else raises :class:`bnn_probe.errors.BnnProbeError` with a one-line message.
     """
     p = Path(path)
@@ -232,8 +233,17 @@ def read_thresholds_csv(path: str | Path) -> dict[str, float]:
     if not rows or missing:
         what = "no rows" if not rows else f"missing column(s) {', '.join(missing)}"
         raise BnnProbeError(f"malformed thresholds file {p}: {what} (need columns layer, recommended_threshold)")
+    lines = list(enumerate(rows, start=2))
+    if "run" in header:
+        runs = list(dict.fromkeys((r["run"] or "").strip() for r in rows))
+        if run is not None:
+            if run not in runs:
+                raise BnnProbeError(f"{p} has no run {run!r} (it has {', '.join(runs)})")
+            lines = [(i, r) for i, r in lines if (r["run"] or "").strip() == run]
+        elif len(runs) > 1:
+            raise BnnProbeError(f"{p} holds {len(runs)} runs ({', '.join(runs)}): choose one")
     out: dict[str, float] = {}
-    for i, row in enumerate(rows, start=2):
+    for i, row in lines:
         layer = (row["layer"] or "").strip()
         raw = (row["recommended_threshold"] or "").strip()
         try:
@@ -241,21 +251,22 @@ def read_thresholds_csv(path: str | Path) -> dict[str, float]:
         except ValueError:
             tau = float("nan")
         if not layer or not math.isfinite(tau) or tau < 0:
+            why = f" ({row['bound'].strip()})" if (row.get("bound") or "").strip() else ""
             raise BnnProbeError(f"malformed thresholds file {p}, line {i}: need a layer name and a finite "
-                                f"recommended_threshold >= 0, got {row['layer']!r}, {raw!r}")
+                                f"recommended_threshold >= 0, got {row['layer']!r}, {raw!r}{why}")
         if layer in out:
             raise BnnProbeError(f"malformed thresholds file {p}: layer {layer!r} appears more than once")
         out[layer] = tau
     return out
 
 
-def from_report(path: str | Path) -> ThresholdPolicy:
+def from_report(path: str | Path, run: str | None = None) -> ThresholdPolicy:
     """τ_l = the ``recommended_threshold`` of layer l in a report's ``tables/thresholds.csv``.
 
-    Layers are matched by name (``fc2`` or ``fc2.weight``). A model layer missing from the file raises
-    :class:`bnn_probe.errors.BnnProbeError` when the groups are built.
+    Layers are matched by name (``fc2`` or ``fc2.weight``); ``run`` picks one run when the table holds several.
+    A model layer missing from the file raises :class:`bnn_probe.errors.BnnProbeError` when the groups are built.
     """
-    table = read_thresholds_csv(path)
+    table = read_thresholds_csv(path, run)
     normalized = {layer_name(k): v for k, v in table.items()}
 
     def rule(layer: str, n: int) -> float:
@@ -264,7 +275,10 @@ def from_report(path: str | Path) -> ThresholdPolicy:
                                 f"(the file has {', '.join(sorted(normalized))})")
         return normalized[layer]
 
-    return ThresholdPolicy("from-report", {"path": str(path)}, rule)
+    args: dict[str, Any] = {"path": str(path)}
+    if run is not None:
+        args["run"] = run
+    return ThresholdPolicy("from-report", args, rule)
 
 
 POLICIES: dict[str, Any] = {"global": global_threshold, "fan-in": fan_in, "calibrated": calibrated,
@@ -274,7 +288,7 @@ POLICIES: dict[str, Any] = {"global": global_threshold, "fan-in": fan_in, "calib
 def make_policy(name: str, *, threshold: float = 1e-6, reference_fan_in: int | None = None,
                 fan_in_exponent: float = 0.5, target_flip_ratio: float | None = None,
                 thresholds_csv: str | Path | None = None, fan_ins: Iterable[int] | None = None,
-                **calibrated_options: Any) -> ThresholdPolicy:
+                report_run: str | None = None, **calibrated_options: Any) -> ThresholdPolicy:
     """Build a policy from command-line style options (``bnn-probe train --threshold-policy ...``).
 
     ``fan-in`` without ``reference_fan_in`` takes the geometric mean of ``fan_ins`` (the model's fan-ins), so the
@@ -300,7 +314,7 @@ def make_policy(name: str, *, threshold: float = 1e-6, reference_fan_in: int | N
     if name == "from-report":
         if thresholds_csv is None:
             raise BnnProbeError("--threshold-policy from-report needs --thresholds-csv PATH")
-        return from_report(thresholds_csv)
+        return from_report(thresholds_csv, report_run)
     raise BnnProbeError(f"unknown threshold policy {name!r}: choose one of {', '.join(POLICY_NAMES)}")
 
 
