@@ -1,0 +1,269 @@
+"""Report section: do per-layer Bop thresholds help? A comparison of threshold policies over seeds.
+
+For runs that differ in their threshold policy (``global`` at several τ, ``fan-in``, ``calibrated``,
+``from-report``), Bop2ndOrder, latent Adam and the no-batch-norm variant, grouped by (dataset, model, variant)
+with the seeds as replicates:
+
+* validation accuracy: mean over seeds and its 95 % t-interval (mean ± t_{n−1, 0.975} · s/√n);
+* spread of per-layer flip ratios within a run: the coefficient of variation across layers,
+  CV = std_l(r_l) / mean_l(r_l) (population std over the L binary layers, r_l the layer's mean flip ratio over the
+  analysed window), then its mean and t-interval over seeds;
+* the share of frozen weights per layer: weights that never flipped during the run (the ``weight_flips`` table's
+  ``flips_per_weight == 0`` share at the last step), mean over seeds;
+* a verdict per (dataset, model): each Bop per-layer policy against the best global τ of that dataset and model
+  (by mean accuracy). The statistic is the difference in mean validation accuracy, with a Welch t-interval.
+  "supported" when some per-layer policy's interval lies above 0; "not supported" when every per-layer policy's
+  interval lies below +``negligible`` (no gain worth having); otherwise "inconclusive". Choosing the best of the
+  global τ values on the same data favours the global policy, so a "supported" here is conservative.
+
+The variant of a run is ``config["variant"]`` when the runner or study set it, else derived from the config
+(``global τ=1e-06``, ``fan-in a=0.5``, ``calibrated r*=0.001``, ``from-report``, ``Bop2ndOrder``, ``latent``,
+with `` no-BN scale=fan_in`` appended for runs without batch norm).
+
+Example:
+    >>> from bnn_probe.reports.synthetic import make_run
+    >>> runs = [make_run(f"g{s}", seed=s, config={"variant": "global", "dataset": "d", "model": "m", "seed": s})
+    ...         for s in range(3)]
+    >>> res = policy_comparison(runs)
+    >>> res.table[["variant", "n_seeds"]].values.tolist()
+    [['global', 3]]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import stats as _st
+
+from . import stats
+from .frames import config, family, meta, run_name
+from .thresholds import layer_table
+from .training import runs_table
+
+PER_LAYER_POLICIES = ("fan-in", "calibrated", "from-report")
+NEGLIGIBLE_ACCURACY = 0.005  # half a percentage point
+
+
+def variant(run) -> str:
+    """The label grouping a run with its seed replicates (see the module docstring)."""
+    c = config(run)
+    if c.get("variant"):
+        return str(c["variant"])
+    fam = family(run)
+    pol = c.get("threshold_policy")
+    if isinstance(pol, dict):
+        pol = pol.get("name")
+    if fam == "latent":
+        label = f"latent {c.get('optimizer', '')}".strip()
+    elif fam == "bop2nd":
+        label = f"Bop2ndOrder τ={c.get('threshold', '')}"
+    elif pol in (None, "", "global"):
+        tau = c.get("threshold")
+        if tau is None:
+            groups = (meta(run).get("optimizer") or {}).get("groups") or [{}]
+            tau = groups[0].get("threshold", "")
+        label = f"global τ={tau}"
+    elif pol == "fan-in":
+        label = f"fan-in a={c.get('fan_in_exponent', 0.5)}"
+    elif pol == "calibrated":
+        label = f"calibrated r*={c.get('target_flip_ratio', '')}"
+    else:
+        label = str(pol)
+    if c.get("batch_norm") is False:
+        label += f" no-BN scale={c.get('weight_scale', 'none')}"
+    return label
+
+
+def policy_of(run) -> str:
+    """The threshold policy name of a Bop run (``global`` when none is recorded), ``""`` for other families."""
+    if family(run) not in ("bop", "bop2nd"):
+        return ""
+    c = config(run)
+    pol = c.get("threshold_policy") or "global"
+    return str(pol.get("name", "global") if isinstance(pol, dict) else pol)
+
+
+def cv(values) -> float:
+    """Coefficient of variation std/mean (population std) of the finite values; nan for fewer than 2 or mean 0.
+
+    >>> round(cv([1.0, 3.0]), 6)   # std 1, mean 2
+    0.5
+    """
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size < 2 or v.mean() == 0:
+        return math.nan
+    return float(v.std() / v.mean())
+
+
+def t_interval(values, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, lo, hi): mean ± t_{n−1} · s / √n over the finite values (nan interval for n < 2).
+
+    >>> [round(x, 4) for x in t_interval([1.0, 2.0, 3.0])]   # s = 1, t_{2,0.975} = 4.3027
+    [2.0, -0.4841, 4.4841]
+    """
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return math.nan, math.nan, math.nan
+    m = float(v.mean())
+    if v.size < 2:
+        return m, math.nan, math.nan
+    h = float(_st.t.ppf(1 - (1 - level) / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+    return m, m - h, m + h
+
+
+def welch_interval(a, b, level: float = 0.95) -> tuple[float, float, float]:
+    """Difference of means mean(a) − mean(b) with a Welch t-interval (nan when either has fewer than 2 values)."""
+    a = np.asarray(a, dtype=float)
+    b = np.asarray(b, dtype=float)
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    if a.size == 0 or b.size == 0:
+        return math.nan, math.nan, math.nan
+    d = float(a.mean() - b.mean())
+    if a.size < 2 or b.size < 2:
+        return d, math.nan, math.nan
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return d, d, d
+    df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+    h = float(_st.t.ppf(1 - (1 - level) / 2, df) * se)
+    return d, d - h, d + h
+
+
+@dataclass
+class PolicyComparison:
+    runs: pd.DataFrame  # run, dataset, model, variant, policy, family, seed, val_accuracy, flip_ratio_cv
+    table: pd.DataFrame  # dataset, model, variant, policy, n_seeds, val_acc_mean/lo/hi, cv_mean/lo/hi
+    frozen: pd.DataFrame  # dataset, model, variant, layer, fan_in, frozen_share (mean over seeds), n_seeds
+    verdicts: list[stats.Verdict] = field(default_factory=list)
+
+
+def policy_comparison(runs, window: float = 0.5, negligible: float = NEGLIGIBLE_ACCURACY) -> PolicyComparison:
+    """The comparison described in the module docstring, from run logs (anything shaped like a ``Run``)."""
+    runs = list(runs)
+    layers = layer_table(runs, window)
+    acc, _ = runs_table(runs)
+    acc = acc.set_index("run")["final_val_accuracy"] if len(acc) else pd.Series(dtype=float)
+    rows = []
+    for run in runs:
+        name = run_name(run)
+        c = config(run)
+        lt = layers[layers["run"] == name]
+        rows.append({"run": name, "dataset": str(c.get("dataset", "")), "model": str(c.get("model", "")),
+                     "variant": variant(run), "policy": policy_of(run), "family": family(run),
+                     "seed": c.get("seed", ""), "val_accuracy": float(acc.get(name, math.nan)),
+                     "flip_ratio_cv": cv(lt["flip_ratio"]) if len(lt) else math.nan})
+    per_run = pd.DataFrame(rows, columns=["run", "dataset", "model", "variant", "policy", "family", "seed",
+                                          "val_accuracy", "flip_ratio_cv"])
+    keys = ["dataset", "model", "variant"]
+    out = []
+    for (ds, mo, va), sub in per_run.groupby(keys, sort=False):
+        am, alo, ahi = t_interval(sub["val_accuracy"])
+        cm, clo, chi = t_interval(sub["flip_ratio_cv"])
+        out.append({"dataset": ds, "model": mo, "variant": va, "policy": sub["policy"].iloc[0],
+                    "family": sub["family"].iloc[0], "n_seeds": len(sub), "val_acc_mean": am, "val_acc_lo": alo,
+                    "val_acc_hi": ahi, "cv_mean": cm, "cv_lo": clo, "cv_hi": chi})
+    table = pd.DataFrame(out, columns=["dataset", "model", "variant", "policy", "family", "n_seeds", "val_acc_mean",
+                                       "val_acc_lo", "val_acc_hi", "cv_mean", "cv_lo", "cv_hi"])
+    lay = layers.merge(per_run[["run", *keys]], on="run", how="left")
+    if len(lay):
+        frozen = (lay.groupby([*keys, "layer"], sort=False)
+                  .agg(fan_in=("fan_in", "first"), frozen_share=("never_flipped", "mean"),
+                       flip_ratio=("flip_ratio", "mean"), n_seeds=("run", "nunique"))
+                  .reset_index())
+    else:
+        frozen = pd.DataFrame(columns=[*keys, "layer", "fan_in", "frozen_share", "flip_ratio", "n_seeds"])
+    verdicts = [_verdict(per_run, table, ds, mo, negligible) for (ds, mo) in
+                dict.fromkeys(zip(table["dataset"], table["model"], strict=True))]
+    return PolicyComparison(per_run, table, frozen, verdicts)
+
+
+def _verdict(per_run: pd.DataFrame, table: pd.DataFrame, ds: str, mo: str, negligible: float) -> stats.Verdict:
+    claim = f"Per-layer Bop thresholds raise validation accuracy over the best global τ ({ds}, {mo})"
+    here = per_run[(per_run["dataset"] == ds) & (per_run["model"] == mo) & (per_run["family"] == "bop")]
+    tab = table[(table["dataset"] == ds) & (table["model"] == mo) & (table["family"] == "bop")]
+    glob = tab[(tab["policy"] == "global") & ~tab["variant"].str.contains("no-BN")]
+    per = tab[tab["policy"].isin(PER_LAYER_POLICIES) & ~tab["variant"].str.contains("no-BN")]
+    name = "difference in mean validation accuracy (per-layer − best global τ)"
+    method = "Welch t-interval over seeds; best global τ chosen by mean accuracy on the same runs"
+    if glob.empty or per.empty:
+        return stats.Verdict(claim, stats.INCONCLUSIVE, None, None, len(here), sorted(here["run"]), name, method,
+                             "needs Bop runs with a global τ and with a per-layer policy", "thresholds")
+    best = glob.sort_values("val_acc_mean", ascending=False)["variant"].iloc[0]
+    base = here[here["variant"] == best]["val_accuracy"]
+    diffs = []
+    for va in per["variant"]:
+        d, lo, hi = welch_interval(here[here["variant"] == va]["val_accuracy"], base)
+        diffs.append((d, lo, hi, va))
+    finite = [x for x in diffs if math.isfinite(x[1])]
+    used = sorted(here[here["variant"].isin([best, *per["variant"]])]["run"])
+    if not finite:
+        return stats.Verdict(claim, stats.INCONCLUSIVE, diffs[0][0], None, len(used), used, name, method,
+                             "fewer than 2 seeds per variant", "thresholds")
+    top = max(finite, key=lambda x: x[0])
+    if any(lo > 0 for _, lo, _, _ in finite):
+        win = max((x for x in finite if x[1] > 0), key=lambda x: x[1])
+        return stats.Verdict(claim, stats.SUPPORTED, win[0], (win[1], win[2]), len(used), used, name, method,
+                             f"{win[3]} beats {best}: the interval lies above 0", "thresholds")
+    if all(hi < negligible for _, _, hi, _ in finite):
+        return stats.Verdict(claim, stats.NOT_SUPPORTED, top[0], (top[1], top[2]), len(used), used, name, method,
+                             f"no per-layer policy's interval reaches a gain of {negligible:g} over {best} "
+                             f"(best: {top[3]})", "thresholds")
+    return stats.Verdict(claim, stats.INCONCLUSIVE, top[0], (top[1], top[2]), len(used), used, name, method,
+                         f"the intervals include 0 and gains above {negligible:g} (best: {top[3]} vs {best})",
+                         "thresholds")
+
+
+def cv_reduction(runs_before, runs_after, window: float = 0.5) -> pd.DataFrame:
+    """Per pair (global-τ run, the from-report run fed its recommendation): CV of per-layer flip ratios before and
+    after and their ratio (the issue's acceptance: ratio ≤ 0.5)."""
+    before = layer_table(list(runs_before), window)
+    after = layer_table(list(runs_after), window)
+    rows = []
+    for rb, ra in zip(runs_before, runs_after, strict=True):
+        nb, na = run_name(rb), run_name(ra)
+        cb, ca = cv(before[before["run"] == nb]["flip_ratio"]), cv(after[after["run"] == na]["flip_ratio"])
+        rows.append({"run_global": nb, "run_from_report": na, "cv_global": cb, "cv_from_report": ca,
+                     "ratio": ca / cb if cb else math.nan})
+    return pd.DataFrame(rows, columns=["run_global", "run_from_report", "cv_global", "cv_from_report", "ratio"])
+
+
+def markdown(res: PolicyComparison) -> str:
+    """The section as Markdown (tables and verdicts); numbers only formatted, not computed."""
+    lines = ["## Threshold policies", ""]
+    if res.table.empty:
+        return "\n".join([*lines, "No runs to compare.", ""])
+    lines += ["| dataset | model | variant | seeds | val. accuracy (95 % CI) | CV of layer flip ratios (95 % CI) |",
+              "|---|---|---|---|---|---|"]
+    for r in res.table.itertuples(index=False):
+        acc = _ci(r.val_acc_mean, r.val_acc_lo, r.val_acc_hi, 100, " %")
+        spread = _ci(r.cv_mean, r.cv_lo, r.cv_hi, 1, "")
+        lines.append(f"| {r.dataset} | {r.model} | {r.variant} | {r.n_seeds} | {acc} | {spread} |")
+    lines += ["", "Share of frozen weights (never flipped) per layer, mean over seeds:", "",
+              "| dataset | model | variant | layer | fan-in | frozen | flip ratio |", "|---|---|---|---|---|---|---|"]
+    for r in res.frozen.itertuples(index=False):
+        lines.append(f"| {r.dataset} | {r.model} | {r.variant} | {r.layer} | {r.fan_in} | "
+                     f"{_pct(r.frozen_share)} | {r.flip_ratio:.3g} |")
+    lines += [""]
+    for v in res.verdicts:
+        iv = "" if v.interval is None else f", 95 % CI [{v.interval[0]:+.4f}, {v.interval[1]:+.4f}]"
+        st = "n/a" if v.statistic is None else f"{v.statistic:+.4f}"
+        lines.append(f"- **{v.verdict}** — {v.claim}: {v.statistic_name} {st}{iv}, n = {v.n} runs. {v.reason}.")
+    return "\n".join([*lines, ""])
+
+
+def _pct(x: float) -> str:
+    return "n/a" if not math.isfinite(float(x)) else f"{100 * float(x):.1f} %"
+
+
+def _ci(m: float, lo: float, hi: float, k: float, unit: str) -> str:
+    if not math.isfinite(m):
+        return "n/a"
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{k * m:.3g}{unit}"
+    return f"{k * m:.3g}{unit} [{k * lo:.3g}, {k * hi:.3g}]"

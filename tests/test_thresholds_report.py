@@ -1,0 +1,85 @@
+"""The threshold-policy comparison section (bnn_probe.reports.threshold_policies) on synthetic runs with known
+accuracies and flip-ratio spreads."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bnn_probe.reports import stats
+from bnn_probe.reports import threshold_policies as TP
+from bnn_probe.reports.synthetic import make_run
+
+
+def _run(name, seed, acc, cfg, **kw):
+    r = make_run(name, seed=seed, n_steps=60, n_tracked=4, config=cfg, **kw)
+    r.train = r.train.copy()
+    r.train.loc[r.train.index[-1], "val_accuracy"] = acc
+    return r
+
+
+def test_cv_t_interval_and_welch_hand_computed():
+    assert TP.cv([2.0, 2.0, 2.0]) == 0.0
+    assert TP.cv([1.0, 2.0, 3.0, 6.0]) == pytest.approx(math.sqrt(3.5) / 3)  # mean 3, population var 3.5
+    assert math.isnan(TP.cv([1.0]))
+    m, lo, hi = TP.t_interval([0.9, 0.92, 0.94])
+    assert m == pytest.approx(0.92) and hi - m == pytest.approx(4.302653 * 0.02 / math.sqrt(3), rel=1e-5)
+    d, lo, hi = TP.welch_interval([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])  # equal variances 1, n=3: df = 4
+    assert d == 1.0 and hi - d == pytest.approx(2.776445 * math.sqrt(2 / 3), rel=1e-5)
+
+
+def test_variant_labels_from_config():
+    def v(cfg, family="bop"):
+        return TP.variant(make_run("x", family=family, n_steps=10, n_tracked=1, config=cfg))
+    assert v({"threshold_policy": "global", "threshold": 1e-6}) == "global τ=1e-06"
+    assert v({"threshold_policy": "fan-in", "fan_in_exponent": 0.5}) == "fan-in a=0.5"
+    assert v({"threshold_policy": {"name": "calibrated"}, "target_flip_ratio": 1e-3}) == "calibrated r*=0.001"
+    assert v({"threshold_policy": "global", "threshold": 1e-6, "batch_norm": False, "weight_scale": "fan_in"}) \
+        == "global τ=1e-06 no-BN scale=fan_in"
+    assert v({}, family="latent") == "latent adam"
+    assert v({"variant": "mine"}) == "mine"
+
+
+def _study(gain):
+    runs = []
+    for s in range(4):
+        base = 0.90 + 0.002 * s
+        runs.append(_run(f"g1-{s}", s, base, {"threshold_policy": "global", "threshold": 1e-6}, m_slope=-0.5))
+        runs.append(_run(f"g2-{s}", s, base - 0.05, {"threshold_policy": "global", "threshold": 1e-5},
+                         threshold=1e-5, m_slope=-0.5))
+        runs.append(_run(f"f-{s}", s, base + gain + 0.001 * (-1) ** s, {"threshold_policy": "fan-in"}, m_slope=0.0))
+    return runs
+
+
+def test_comparison_table_and_supported_verdict():
+    res = TP.policy_comparison(_study(gain=0.03))
+    t = res.table.set_index("variant")
+    assert list(t.index) == ["global τ=1e-06", "global τ=1e-05", "fan-in a=0.5"]
+    assert (t["n_seeds"] == 4).all()
+    assert t.loc["global τ=1e-06", "val_acc_mean"] == pytest.approx(0.903)
+    assert t.loc["fan-in a=0.5", "val_acc_mean"] == pytest.approx(0.933)
+    # flip ratios: |m| ∝ fan_in^-0.5 under one τ spreads them across layers; m_slope = 0 gives equal ones
+    assert t.loc["fan-in a=0.5", "cv_mean"] < 0.2 < t.loc["global τ=1e-06", "cv_mean"]
+    (v,) = res.verdicts
+    assert v.verdict == stats.SUPPORTED and v.statistic == pytest.approx(0.03, abs=1e-9)
+    assert "beats global τ=1e-06" in v.reason
+    assert set(res.frozen["layer"]) == {"fc1.weight", "fc2.weight", "fc3.weight", "fc4.weight"}
+    assert res.frozen["frozen_share"].between(0, 1).all()
+    md = TP.markdown(res)
+    assert "## Threshold policies" in md and "**supported**" in md and "93.3 %" in md
+
+
+def test_comparison_not_supported_and_inconclusive():
+    assert TP.policy_comparison(_study(gain=-0.03)).verdicts[0].verdict == stats.NOT_SUPPORTED
+    runs = [r for r in _study(gain=0.0) if not r.name.startswith("f-") or r.name == "f-0"]
+    (v,) = TP.policy_comparison(runs).verdicts
+    assert v.verdict == stats.INCONCLUSIVE and "fewer than 2 seeds" in v.reason
+
+
+def test_cv_reduction_pairs():
+    before = [_run(f"g{s}", s, 0.9, {}, m_slope=-0.5) for s in range(2)]
+    after = [_run(f"r{s}", s, 0.9, {}, m_slope=0.0) for s in range(2)]
+    red = TP.cv_reduction(before, after)
+    assert list(red["run_global"]) == ["g0", "g1"]
+    assert (red["ratio"] < 0.5).all()
