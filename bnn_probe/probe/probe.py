@@ -1,0 +1,386 @@
+"""``attach`` and :class:`Probe`: optimizer step hooks that measure the binary weights and write the run log.
+
+Two lines in any training loop::
+
+    probe = bnn_probe.attach(model, optimizer, "runs/x")
+    for x, y in data:
+        ...; optimizer.step()           # the probe measures after every step
+        probe.log(loss=loss.item())     # optional training metrics
+    probe.close()
+
+The pre-step hook remembers sign(w_{t−1}) (latent layers: w̃_{t−1}); the post-step hook measures on the device,
+appends to device buffers, and every ``flush_every_steps`` steps or ``flush_secs`` seconds writes Parquet parts.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import platform
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ..runlog.schema import FORMAT, HIST_EDGES, SCHEMA_VERSION
+from ..runlog.writer import RunWriter, now_iso
+from .binary_detect import BinarySpec, LayerInfo, leaf_optimizers, resolve_layers
+from .context import LayerState, StepContext
+from .histograms import Histograms, Snapshots
+from .quantities import QUANTILES, Quantity, default_quantities
+from .recorder import MISSING_INT, Recorder
+from .samplers import FlipEvents, Tracked
+from .schedules import Schedule, as_schedule
+
+__all__ = ["Probe", "attach"]
+
+Cadence = int | Schedule | Callable[[int], bool] | None
+_HYPER_KEYS = ("gamma", "threshold", "lr", "sigma")
+
+
+def _dist_rank_world(rank: int | None) -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        if rank is None:
+            rank = torch.distributed.get_rank()
+    return (0 if rank is None else int(rank)), world
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, bool | int | str) or v is None:
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return _jsonable(v.item())
+    return repr(v)
+
+
+def _sample_indices(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    if k >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=gen)[:k].sort().values
+
+
+class Probe:
+    """Measures the binary weights at every optimizer step and writes the run log (see :func:`attach`)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.PathLike,
+                 binary: BinarySpec = None, every: Cadence = 1, hist_every: Cadence = 100,
+                 snapshot_every: Cadence = 1000, track: int = 64, track_every: Cadence = 1,
+                 events_per_layer: int = 16, events_every: Cadence = None, quantile_sample: int = 4096,
+                 flush_every_steps: int = 1000, flush_secs: float = 10.0, tensorboard: bool = True,
+                 tb_every: Cadence = None, config: dict | None = None, tag: str | None = None,
+                 rank: int | None = None, resume: bool = False, seed: int = 0, sign_hash: bool = True,
+                 buffer_steps: int = 256) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.logdir = os.fspath(logdir)
+        self.layers: list[LayerInfo] = resolve_layers(model, optimizer, binary)
+        self.rank, self.world_size = _dist_rank_world(rank)
+        self.active = self.rank == 0
+        self.step = 0
+        self.every = as_schedule(every)
+        self.hist_every = as_schedule(hist_every)
+        self.snapshot_every = as_schedule(snapshot_every)
+        self.track = int(track)
+        self.track_every = as_schedule(track_every if self.track > 0 else 0)
+        self.events_per_layer = int(events_per_layer)
+        self.events_every = as_schedule(every if events_every is None else events_every) \
+            if self.events_per_layer > 0 else as_schedule(0)
+        self.tb_every = as_schedule(tb_every) if tb_every is not None else None
+        self.quantile_sample = int(quantile_sample)
+        self.flush_every_steps = int(flush_every_steps)
+        self.flush_secs = float(flush_secs)
+        self.seed = int(seed)
+        self.sign_hash = bool(sign_hash)
+        self.config = dict(config or {})
+        self.tag = tag
+        self.status = "running"
+        self._closed = False
+        self._callbacks: list[tuple[Schedule, Callable[[Probe, int], None]]] = []
+        self._handles: list[Any] = []
+        self.quantities: list[Quantity] = default_quantities(sign_hash)
+        self._int_q = [q for q in self.quantities if q.int_columns]
+        self._float_q = [q for q in self.quantities if not q.int_columns]
+        self._tracked, self._hists, self._snaps = Tracked(), Histograms(HIST_EDGES), Snapshots()
+        if self.active:
+            self._setup_writer(tensorboard, resume, buffer_steps)
+            self._handles.append(optimizer.register_step_pre_hook(self._pre_hook))
+        self._handles.append(optimizer.register_step_post_hook(self._post_hook))
+        if self.active:
+            atexit.register(_flush_at_exit, weakref.ref(self))
+
+    # ------------------------------------------------------------------ setup
+    def _setup_writer(self, tensorboard: bool, resume: bool, buffer_steps: int) -> None:
+        gen = torch.Generator().manual_seed(self.seed)
+        self.states: list[LayerState] = []
+        for layer in self.layers:
+            n = layer.n
+            q_idx = None if n <= self.quantile_sample else _sample_indices(n, self.quantile_sample, gen)
+            t_idx = _sample_indices(n, self.track, gen)
+            st = LayerState(layer, q_idx, t_idx, self.sign_hash)
+            if layer.family != "latent":
+                ost = layer.optimizer.state.get(layer.param, {})
+                ctx = StepContext(st, 0, self.optimizer)
+                st.prev_above = ctx.above if "exp_avg" in ost else torch.zeros_like(st.sign0)
+            self.states.append(st)
+        dev = self.layers[0].param.device
+        self._event_gen = torch.Generator(device=dev).manual_seed(self.seed + 1)
+        self._events = FlipEvents(self.events_per_layer, self._event_gen)
+        self._missing_hash = torch.tensor(MISSING_INT, dtype=torch.int64, device=dev)
+        self.writer = RunWriter(self.logdir, tensorboard=tensorboard, resume=resume)
+        self.rec = Recorder(self.writer, [ly.name for ly in self.layers], [ly.n for ly in self.layers],
+                            [ly.family for ly in self.layers], buffer_steps=buffer_steps, tb_every=self.tb_every)
+        self.rec.events_per_layer = self.events_per_layer
+        off = 0
+        for st in self.states:
+            idx = st.t_idx.cpu().numpy()
+            self.rec.track_layout.append((off, idx))
+            off += len(idx)
+        self.created_at = now_iso()
+        self._last_flush_step = 0
+        self._last_flush_time = time.monotonic()
+        self.writer.write_table("layers", self._layers_frame())
+        self._write_meta()
+
+    def _layers_frame(self) -> pd.DataFrame:
+        rows = []
+        for ly in self.layers:
+            fi, fo = ly.fans
+            g = ly.group
+            rows.append({"layer": ly.name, "fan_in": fi, "fan_out": fo, "n_weights": ly.n, "shape": ly.shape,
+                         "module_type": ly.module_type, "group": ly.group_index, "family": ly.family,
+                         **{k: float(g[k]) if isinstance(g.get(k), int | float) else math.nan for k in _HYPER_KEYS},
+                         "optimizer": type(ly.optimizer).__name__, "layer_index": ly.index})
+        return pd.DataFrame(rows)
+
+    def _meta(self) -> dict[str, Any]:
+        import bnn_probe
+
+        fams = sorted({ly.family for ly in self.layers})
+        groups = []
+        gi = 0
+        for leaf in leaf_optimizers(self.optimizer):
+            for g in leaf.param_groups:
+                groups.append({"index": gi, "optimizer": type(leaf).__name__, "n_params": len(g["params"]),
+                               **{k: _jsonable(v) for k, v in g.items() if k != "params"}})
+                gi += 1
+        n_bin = sum(ly.n for ly in self.layers)
+        probe_opts = {
+            "every": self.every.to_dict(), "hist_every": self.hist_every.to_dict(),
+            "snapshot_every": self.snapshot_every.to_dict(), "track": self.track,
+            "track_every": self.track_every.to_dict(), "events_per_layer": self.events_per_layer,
+            "events_every": self.events_every.to_dict(), "quantile_sample": self.quantile_sample,
+            "quantiles": list(QUANTILES), "flush_every_steps": self.flush_every_steps, "flush_secs": self.flush_secs,
+            "seed": self.seed, "sign_hash": self.sign_hash,
+            "tb_every": self.tb_every.to_dict() if self.tb_every else None, "hist_edges": HIST_EDGES,
+        }
+        return {
+            "format": FORMAT, "schema_version": SCHEMA_VERSION, "bnn_probe_version": bnn_probe.__version__,
+            "torch_version": torch.__version__, "python_version": platform.python_version(),
+            "status": self.status, "created_at": self.created_at, "updated_at": now_iso(),
+            "finished_at": now_iso() if self.status != "running" else None, "last_step": self._last_flush_step,
+            "family": fams[0] if len(fams) == 1 else "mixed",
+            "optimizer": {"class": type(self.optimizer).__name__, "groups": groups},
+            "model": {"class": type(self.model).__name__, "n_binary_weights": n_bin,
+                      "n_parameters": sum(p.numel() for p in self.model.parameters())},
+            "layers": [ly.name for ly in self.layers], "device": str(self.layers[0].param.device),
+            "probe": probe_opts, "config": self.config, "tag": self.tag, "world_size": self.world_size,
+        }
+
+    def _write_meta(self) -> None:
+        self.writer.write_meta(self._meta())
+
+    # ------------------------------------------------------------------ hooks
+    def _pre_hook(self, optimizer, args, kwargs) -> None:
+        for st in self.states:
+            st.before_step()
+
+    def _post_hook(self, optimizer, args, kwargs) -> None:
+        self.step += 1
+        t = self.step
+        if self.active:
+            self._measure(t)
+        for sched, fn in self._callbacks:
+            if sched(t):
+                fn(self, t)
+        if self.active:
+            if self.rec.pending() >= self.rec.buffer_steps:
+                self.rec.drain()
+            if t - self._last_flush_step >= self.flush_every_steps or \
+                    time.monotonic() - self._last_flush_time >= self.flush_secs:
+                self.flush()
+
+    def _measure(self, t: int) -> None:
+        log, trk, ev = self.every(t), self.track_every(t), self.events_every(t)
+        hist, snap = self.hist_every(t), self.snapshot_every(t)
+        ints: list[torch.Tensor] = []
+        floats: list[torch.Tensor] = []
+        cols_per_layer: list[tuple[str, ...]] = []
+        trk_s, trk_i, ev_i, ev_f = [], [], [], []
+        for li, st in enumerate(self.states):
+            ctx = StepContext(st, t, self.optimizer)
+            if log:
+                for q in self._int_q:
+                    ints.extend(q.compute(ctx))
+                if not self.sign_hash:
+                    ints.append(self._missing_hash)
+                cols: list[str] = []
+                for q in self._float_q:
+                    if q.applies(ctx):
+                        floats.extend(q.compute(ctx))
+                        cols.extend(q.columns)
+                cols_per_layer.append(tuple(cols))
+            if ev:
+                a, b = self._events.compute(ctx)
+                ev_i.append(a)
+                ev_f.append(b)
+            if trk:
+                a, b = self._tracked.compute(ctx)
+                trk_s.append(a)
+                trk_i.append(b)
+            if hist:
+                for q, (c, s) in self._hists.compute(ctx).items():
+                    self.rec.add_hist(t, li, q, c, s)
+            if snap:
+                self.rec.add_snapshot(t, li, self._snaps.compute(ctx))
+            ctx.commit()
+        if log:
+            int_vec = torch.stack(ints)
+            key = tuple(cols_per_layer)
+            dev = int_vec.device
+            fvec = torch.full((len(self.states) * len(Recorder.FLOAT_COLUMNS),), math.nan, dtype=torch.float64,
+                              device=dev)
+            if floats:
+                pos = self.rec.float_positions(key, [list(c) for c in cols_per_layer], dev)
+                fvec.index_copy_(0, pos, torch.cat([f.reshape(-1) for f in floats]))
+            self.rec.add_steps(t, int_vec, fvec, self._hyper())
+        if ev:
+            self.rec.add_events(t, torch.cat(ev_i), torch.cat(ev_f))
+        if trk:
+            self.rec.add_tracked(t, torch.cat(trk_s), torch.cat(trk_i))
+
+    def _hyper(self) -> np.ndarray:
+        out = np.full((len(self.layers), 4), math.nan)
+        for li, ly in enumerate(self.layers):
+            g = ly.group
+            for j, k in enumerate(_HYPER_KEYS):
+                v = g.get(k)
+                if isinstance(v, int | float):
+                    out[li, j] = v
+                elif isinstance(v, torch.Tensor) and v.numel() == 1 and v.device.type == "cpu":
+                    out[li, j] = float(v)
+        return out
+
+    # ------------------------------------------------------------------ public API
+    def add_callback(self, fn: Callable[[Probe, int], None], every: Cadence = 1) -> None:
+        """Call ``fn(probe, step)`` after the steps ``every`` selects, on every rank (e.g. a cross-rank check).
+        The every-step path adds no synchronisation; a callback that needs one should use a sparse schedule."""
+        self._callbacks.append((as_schedule(every), fn))
+
+    def log(self, step: int | None = None, epoch: int | None = None, **scalars: float) -> None:
+        """Training metrics (loss=…, accuracy=…) for the ``train`` table; ``step`` defaults to :attr:`step`."""
+        if not self.active or self._closed:
+            return
+        self.rec.add_train(self.step if step is None else int(step), None if epoch is None else int(epoch), scalars)
+
+    def flush(self) -> None:
+        """Write every pending row now (new Parquet parts, weight_flips.parquet, meta.json)."""
+        if not self.active:
+            return
+        self.rec.flush()
+        self.rec.write_weight_flips(self.step, [st.count for st in self.states])
+        self._last_flush_step = self.step
+        self._last_flush_time = time.monotonic()
+        self._write_meta()
+
+    def close(self, status: str = "finished") -> None:
+        """Flush, mark the run ``status`` ("finished" or "failed"), remove the hooks. Safe to call twice."""
+        if self._closed:
+            return
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self.active:
+            self.status = status
+            try:
+                self.flush()
+            finally:
+                self.writer.close()
+        self._closed = True
+
+    def __enter__(self) -> Probe:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.close("failed" if exc_type is not None else "finished")
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step counter, per-weight counters and masks, sample indices, RNG state, running means (CPU tensors)."""
+        sd: dict[str, Any] = {"version": 1, "step": self.step, "seed": self.seed}
+        if self.active:
+            sd["layers"] = {st.layer.name: st.state_dict() for st in self.states}
+            sd["run_sum"] = self.rec.run_sum.tolist()
+            sd["run_n"] = self.rec.run_n.tolist()
+            sd["event_gen"] = self._event_gen.get_state()
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (for a resumed run; attach with ``resume=True`` to append to its log)."""
+        self.step = int(sd["step"])
+        if not self.active or "layers" not in sd:
+            return
+        for st in self.states:
+            if st.layer.name not in sd["layers"]:
+                from ..errors import BnnProbeError
+
+                raise BnnProbeError(f"probe state has no layer {st.layer.name!r}: is it from another model?")
+            st.load_state_dict(sd["layers"][st.layer.name])
+        self.rec.run_sum = np.asarray(sd["run_sum"], dtype=float)
+        self.rec.run_n = np.asarray(sd["run_n"], dtype=np.int64)
+        self._event_gen.set_state(sd["event_gen"])
+        off = 0
+        self.rec.track_layout = []
+        for st in self.states:
+            idx = st.t_idx.cpu().numpy()
+            self.rec.track_layout.append((off, idx))
+            off += len(idx)
+        self._last_flush_step = self.step
+
+    def __repr__(self) -> str:
+        return f"Probe({self.logdir!r}, step={self.step}, layers={len(self.layers)}, rank={self.rank})"
+
+
+def _flush_at_exit(ref: weakref.ref) -> None:
+    probe = ref()
+    if probe is not None and not probe._closed:
+        try:
+            probe.flush()
+        except Exception:  # noqa: BLE001 - never fail interpreter shutdown
+            pass
+
+
+def attach(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.PathLike, **options: Any) -> Probe:
+    """Attach a :class:`Probe` to ``optimizer`` (its step hooks) measuring the binary weights of ``model``.
+
+    Options (defaults): ``binary=None`` (names, predicate ``(name, param) -> bool``, or None = auto-detect),
+    ``every=1`` (steps table), ``hist_every=100``, ``snapshot_every=1000``, ``track=64``, ``track_every=1``,
+    ``events_per_layer=16``, ``events_every=every``, ``quantile_sample=4096``, ``flush_every_steps=1000``,
+    ``flush_secs=10.0``, ``tensorboard=True``, ``tb_every=None`` (= every logged step), ``config=None``, ``tag=None``,
+    ``rank=None`` (from torch.distributed), ``resume=False``, ``seed=0``, ``sign_hash=True``, ``buffer_steps=256``.
+    Cadences take an int n (every n-th step; 0 = never) or a schedule (``Every``, ``LogSpaced``).
+
+    >>> probe = attach(model, opt, "runs/x")   # doctest: +SKIP
+    """
+    return Probe(model, optimizer, logdir, **options)

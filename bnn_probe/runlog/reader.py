@@ -1,0 +1,171 @@
+"""Reads a run directory back: :func:`load_run` → :class:`Run` (metadata + pandas DataFrames), :func:`find_runs`.
+
+Example:
+    >>> run = load_run("runs/x")          # doctest: +SKIP
+    >>> run.steps.groupby("layer").flip_ratio.mean()   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from ..errors import RunLogError
+from .schema import FORMAT, SCHEMA_VERSION, conform, empty_frame
+
+__all__ = ["Run", "load_run", "find_runs", "read_meta"]
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """Parse and check ``meta.json`` (one-line :class:`RunLogError` when missing, unreadable or newer)."""
+    f = path / "meta.json"
+    if not path.exists():
+        raise RunLogError(f"run directory not found: {path}")
+    if not path.is_dir() or not f.exists():
+        raise RunLogError(f"not a bnn-probe run directory (no meta.json): {path}")
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise RunLogError(f"unreadable meta.json in {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise RunLogError(f"not a bnn-probe run directory (meta.json format is not {FORMAT!r}): {path}")
+    ver = meta.get("schema_version")
+    if not isinstance(ver, int):
+        raise RunLogError(f"unreadable meta.json in {path}: schema_version missing or not an integer")
+    if ver > SCHEMA_VERSION:
+        raise RunLogError(f"{path} was written by a newer bnn-probe (schema {ver} > {SCHEMA_VERSION}): "
+                          "upgrade bnn-probe")
+    return meta
+
+
+def _read_file(f: Path) -> pd.DataFrame | None:
+    try:
+        return pq.read_table(f).to_pandas()
+    except Exception as e:  # noqa: BLE001 - any broken part is skipped, named in the warning
+        why = str(e).splitlines()[0] if str(e) else ""
+        warnings.warn(f"skipping unreadable run-log part {f}: {type(e).__name__}: {why}", RuntimeWarning,
+                      stacklevel=3)
+        return None
+
+
+def _read_parts(path: Path, table: str) -> pd.DataFrame:
+    d = path / table
+    files = sorted(d.glob("part-*.parquet")) if d.is_dir() else []
+    frames = [df for f in files if (df := _read_file(f)) is not None and len(df)]
+    if not frames:
+        return empty_frame(table)
+    return conform(pd.concat(frames, ignore_index=True), table)
+
+
+def _read_single(path: Path, table: str) -> pd.DataFrame:
+    f = path / f"{table}.parquet"
+    if not f.exists():
+        return empty_frame(table)
+    df = _read_file(f)
+    return empty_frame(table) if df is None else conform(df, table)
+
+
+class Run:
+    """One run directory: ``meta`` (dict) and DataFrames read lazily (empty with the documented columns if absent).
+
+    Per-step tables that a resumed run logged twice keep the last row written for each key.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.meta: dict[str, Any] = read_meta(self.path)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, status={self.status!r}, last_step={self.meta.get('last_step')})"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def status(self) -> str:
+        return str(self.meta.get("status", "unknown"))
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+    @cached_property
+    def layers(self) -> pd.DataFrame:
+        return _read_single(self.path, "layers")
+
+    @cached_property
+    def steps(self) -> pd.DataFrame:
+        df = _read_parts(self.path, "steps")
+        return _dedupe(df, ["step", "layer"])
+
+    @cached_property
+    def tracked(self) -> pd.DataFrame:
+        return _dedupe(_read_parts(self.path, "tracked"), ["step", "layer", "index"])
+
+    @cached_property
+    def events(self) -> pd.DataFrame:
+        return _dedupe(_read_parts(self.path, "events"), ["step", "layer", "index"])
+
+    @cached_property
+    def hists(self) -> pd.DataFrame:
+        return _dedupe(_read_parts(self.path, "hists"), ["step", "layer", "quantity", "bin"])
+
+    @cached_property
+    def snapshots(self) -> pd.DataFrame:
+        return _dedupe(_read_parts(self.path, "snapshots"), ["step", "layer"])
+
+    @cached_property
+    def weight_flips(self) -> pd.DataFrame:
+        return _read_single(self.path, "weight_flips")
+
+    @cached_property
+    def train_long(self) -> pd.DataFrame:
+        """``probe.log(...)`` rows as written: step, epoch, name, value."""
+        return _read_parts(self.path, "train")
+
+    @cached_property
+    def train(self) -> pd.DataFrame:
+        """Training metrics, wide: one row per (step, epoch), one column per logged name (last value wins)."""
+        long = self.train_long
+        if long.empty:
+            return pd.DataFrame({"step": pd.Series(dtype="Int64"), "epoch": pd.Series(dtype="Int64")})
+        wide = (long.groupby(["step", "epoch", "name"], dropna=False, sort=False)["value"].last()
+                .unstack("name").reset_index())
+        wide.columns.name = None
+        wide = wide.sort_values(["step", "epoch"], na_position="first", kind="stable").reset_index(drop=True)
+        wide["step"] = wide["step"].astype("Int64")
+        wide["epoch"] = wide["epoch"].astype("Int64")
+        return wide
+
+
+def _dedupe(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    if df.empty:
+        return df
+    if df.duplicated(keys, keep="last").any():
+        df = df.drop_duplicates(keys, keep="last")
+    return df.sort_values(keys[:2], kind="stable").reset_index(drop=True)
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """Open a run directory; raises :class:`~bnn_probe.errors.RunLogError` (one line) if it is missing, not a run,
+    unreadable or of a newer schema version."""
+    return Run(path)
+
+
+def find_runs(path: str | os.PathLike) -> list[Path]:
+    """``[path]`` if ``path`` is a run directory, else every run directory below it (sorted); RunLogError if
+    ``path`` does not exist."""
+    p = Path(path)
+    if not p.exists():
+        raise RunLogError(f"path not found: {p}")
+    if (p / "meta.json").is_file():
+        return [p]
+    return sorted(f.parent for f in p.rglob("meta.json") if f.is_file())
