@@ -1,0 +1,233 @@
+"""Build a report directory: analyses → tables (CSV) → figures (PNG) → verdicts.json → report.html / report.md."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .. import __version__
+from . import figures as F
+from . import inertia, pairs, thresholds, training
+from .frames import family, meta, run_name
+from .load import load_runs
+from .render import Document, Section, render_html, render_markdown
+from .stats import Verdict
+
+FORMATS = ("html", "md")
+
+
+@dataclass
+class ReportOptions:
+    k: int | None = None  # horizon of "flip within the next k steps" (None: 10 × tracking cadence)
+    window: float = 0.5  # analysed window: the last fraction of each run's steps
+    target_flip_ratio: float | None = None  # None: per run, the median layer flip ratio over the window
+    chatter_min_flips: int = thresholds.CHATTER_MIN_FLIPS
+    n_boot: int = 1000
+
+
+@dataclass
+class ReportResult:
+    out_dir: Path
+    verdicts: list[Verdict]
+    warnings: list[str]
+    files: list[Path] = field(default_factory=list)
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_")[:60] or "x"
+
+
+class _Writer:
+    def __init__(self, out: Path):
+        self.out = out
+        (out / "figures").mkdir(parents=True, exist_ok=True)
+        (out / "tables").mkdir(parents=True, exist_ok=True)
+        self.files: list[Path] = []
+
+    def csv(self, name: str, df: pd.DataFrame) -> str:
+        p = self.out / "tables" / f"{name}.csv"
+        df.to_csv(p, index=False)
+        self.files.append(p)
+        return f"tables/{name}.csv"
+
+    def fig(self, name: str) -> Path:
+        return self.out / "figures" / f"{name}.png"
+
+
+def build_report(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, options: ReportOptions | None = None,
+                 strict: bool = True) -> Path:
+    """Write a report for the given runs (run directories, folders of runs, or loaded Run objects) into ``out_dir``.
+
+    Returns the path of ``report.html`` (or of ``out_dir`` when HTML is not among ``formats``).
+    """
+    res = generate(runs_or_paths, out_dir, formats, progress, options, strict)
+    html = res.out_dir / "report.html"
+    return html if "html" in formats else res.out_dir
+
+
+def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, options: ReportOptions | None = None,
+          strict: bool = True) -> ReportResult:
+    opt = options or ReportOptions()
+    formats = tuple(formats)
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        from ..errors import BnnProbeError
+
+        raise BnnProbeError(f"unknown report format(s) {', '.join(bad)} (choose from {', '.join(FORMATS)})")
+    if isinstance(runs_or_paths, str | Path) or not hasattr(runs_or_paths, "__iter__"):
+        runs_or_paths = [runs_or_paths]
+    show = progress and sys.stderr.isatty()
+    bar = tqdm(total=9, desc="report", unit="stage", disable=not show, leave=False)
+
+    def stage(name: str) -> None:
+        bar.set_postfix_str(name)
+        bar.update(1)
+
+    runs = load_runs(runs_or_paths, strict=strict)
+    stage("loaded runs")
+    out = Path(out_dir)
+    w = _Writer(out)
+    # ---------------------------------------------------------------- analyses
+    tr = training.analyse_training(runs)
+    stage("training")
+    fp = inertia.flip_probability(runs, k=opt.k, n_boot=opt.n_boot)
+    inertia_v = inertia.inertia_verdicts(fp, [family(r) for r in runs])
+    sched = inertia.schedule_effect(runs)
+    fams = inertia.family_distributions(runs)
+    stage("inertia")
+    pair_results, pair_notes = pairs.pair_verdicts(runs)
+    stage("pairs")
+    lt = thresholds.layer_table(runs, window=opt.window, chatter_min=opt.chatter_min_flips)
+    law = thresholds.fan_in_law(lt)
+    rec = thresholds.recommended_thresholds(lt, opt.target_flip_ratio)
+    stage("thresholds")
+    verdicts = inertia_v + [p.verdict for p in pair_results] + [sched.verdict] + law.verdicts
+    warnings = list(tr.warnings)
+
+    # ---------------------------------------------------------------- sections
+    s_runs = Section("1. Runs", anchor="runs")
+    for wmsg in tr.warnings:
+        s_runs.warning(wmsg)
+    s_runs.table(tr.runs, "Runs", w.csv("runs", tr.runs))
+    s_runs.figure(F.training_curves(tr.curves, w.fig("training_curves")), "Loss and accuracy curves")
+    w.csv("training_curves", tr.curves)
+    s_runs.text("Flip ratio on the paper's log scale π_t = log(#flipped_t/#weights + e^−9); e^−9 is the floor "
+                "(no flips). Curves are averaged over at most 400 step bins.")
+    s_runs.figure(F.network_flip_ratio(tr.network_flips, w.fig("flip_ratio_network")),
+                  "Whole-network flip ratio over time")
+    w.csv("flip_ratio_network", tr.network_flips)
+    s_runs.figure(F.layer_flip_ratio(tr.layer_flips, w.fig("flip_ratio_layers")), "Flip ratio per layer over time")
+    w.csv("flip_ratio_layers", tr.layer_flips)
+    stage("figures: runs")
+
+    s_in = Section("2. The inertia interpretation", anchor="inertia")
+    s_in.text("Inertia is how far a weight is from flipping: |w̃| for latent weights, τ − w·m for Bop (distance of "
+              "the momentum to the threshold). If the interpretation holds, weights with larger inertia flip less "
+              "often in the following k steps.")
+    s_in.verdicts(inertia_v)
+    if fp.k:
+        s_in.text("Horizon k per run: " + ", ".join(f"{r}: {k}" for r, k in fp.k.items()) +
+                  ". Bins are inertia deciles per (run, layer); intervals: bootstrap (1000 resamples) of the "
+                  "proportion in each bin.")
+    for n in fp.notes:
+        s_in.text(n)
+    s_in.figure(F.inertia_flip_probability(fp.bins, w.fig("inertia_flip_probability")),
+                "P(flip within the next k steps) by inertia decile, with bootstrap 95 % intervals")
+    s_in.table(fp.correlations, "Spearman correlation of inertia and flipping per (run, layer)",
+               w.csv("inertia_correlations", fp.correlations))
+    w.csv("inertia_bins", fp.bins)
+    s_in.text("Pairs: runs marked as a Theorem 1 pair or a τ = 0 pair (config pair/pair_role, or a tag containing "
+              "theorem1 / tau0) must have identical binary trajectories; compared exactly by the per-step sign hash "
+              "of every layer.")
+    pair_rows = []
+    for p in pair_results:
+        c = p.comparison
+        pair_rows.append({"pair": p.pair.name, "kind": p.pair.kind, "run_a": run_name(p.pair.a),
+                          "run_b": run_name(p.pair.b), "verdict": p.verdict.verdict,
+                          "first_difference_step": None if c is None else c.first_difference_step,
+                          "steps_compared": None if c is None else c.n_steps_compared,
+                          "max_hamming": None if c is None else c.max_hamming})
+        if c is not None and len(c.hamming):
+            name = f"hamming_{_slug(p.pair.name)}"
+            s_in.figure(F.hamming(c.hamming, f"pair {p.pair.name}: Hamming distance", w.fig(name)),
+                        f"Hamming distance between the binary weights of pair {p.pair.name}")
+            w.csv(name, c.hamming)
+    s_in.verdicts([p.verdict for p in pair_results])
+    if not pair_results:
+        s_in.text("No Theorem 1 or τ = 0 pair among these runs.")
+    for n in pair_notes:
+        s_in.text(n)
+    pair_df = pd.DataFrame(pair_rows)
+    s_in.table(pair_df, "Pairs", w.csv("pairs", pair_df))
+    s_in.text("Schedules: flip ratio against the learning rate (latent) or γ (Bop) in force, over 20 step windows "
+              "per run. Decaying the learning rate adds inertia, so the flip ratio should fall with it; the "
+              "correlation is observational (confounded with training time).")
+    s_in.verdicts([sched.verdict])
+    s_in.figure(F.schedule_scatter(sched.table, w.fig("schedule")), "Flip ratio against the lr / γ in force")
+    w.csv("schedule", sched.table)
+    w.csv("schedule_correlations", sched.correlations)
+    s_in.figure(F.family_distributions(fams.flip_ratio, fams.inertia, w.fig("families")),
+                "Bop against latent-weight runs: flip ratio per step and inertia of the tracked weights")
+    s_in.table(fams.summary, "Distributions per family", w.csv("family_distributions", fams.summary))
+    stage("figures: inertia")
+
+    s_th = Section("3. Per-layer threshold needs", anchor="thresholds")
+    for run in dict.fromkeys(tr.layer_flips["run"]) if len(tr.layer_flips) else []:
+        s_th.figure(F.flip_heatmap(tr.layer_flips, run, w.fig(f"flip_heatmap_{_slug(run)}")),
+                    f"{run}: flip ratio per layer over time, layers ordered by fan-in")
+    s_th.figure(F.quantile_ranges(lt, w.fig("abs_m_over_tau"), "abs_m_rel", "|m|/τ per layer (Bop)",
+                                  "|m| / τ (q05–q95, q25–q75, median)"), "Distribution of |m|/τ per layer (Bop)")
+    s_th.figure(F.quantile_ranges(lt, w.fig("abs_latent"), "abs_w", "|w̃| per layer (latent)",
+                                  "|w̃| (q05–q95, q25–q75, median)"), "Distribution of |w̃| per layer (latent)")
+    s_th.figure(F.never_chatter(lt, w.fig("never_chatter")),
+                f"Share of weights that never flipped, and that flipped ≥ {opt.chatter_min_flips} times (chatter)")
+    s_th.table(lt, f"Per-layer summary over the last {opt.window:.0%} of each run", w.csv("layers", lt))
+    s_th.text("The fan-in law: with batch norm after a layer of fan-in n, the gradient per binary weight and so |m| "
+              "scale like n^−0.5 (science.md, question A). Slopes are OLS fits of the logs over layers with an "
+              "intercept per run; intervals from the regression standard error (t distribution).")
+    s_th.verdicts(law.verdicts)
+    s_th.figure(F.fan_in_law(law.points, law.fit, w.fig("fan_in_law")),
+                "Median |m| and flip ratio against fan-in (log–log), fitted slopes and the −0.5 reference")
+    s_th.table(law.slopes, "Fan-in law slopes", w.csv("fan_in_law_slopes", law.slopes))
+    w.csv("fan_in_law_points", law.points)
+    tcols = ["layer", "fan_in", "n_weights", "flip_ratio", "recommended_threshold", "run", "family", "threshold",
+             "ratio_to_current", "bound"]
+    rtab = rec.table[tcols]
+    tgt = ", ".join(f"{r}: {t:.3g}" for r, t in rec.target.items())
+    s_th.text("Recommended per-layer thresholds: the τ that would give each layer the target flip ratio "
+              f"(target per run: {tgt or '—'}). " + rec.method)
+    s_th.figure(F.thresholds(rec.table, w.fig("thresholds")), "Recommended vs current thresholds")
+    s_th.table(rtab, "Recommended thresholds", w.csv("thresholds", rtab))
+    s_th.code(rec.snippet, "Ready-to-paste parameter groups", lang="python")
+    stage("figures: thresholds")
+
+    s_app = Section("4. Appendix: configurations and versions", anchor="appendix")
+    for run in runs:
+        m = meta(run)
+        keep = {k: m.get(k) for k in ("status", "family", "last_step", "bnn_probe_version", "torch_version",
+                                      "python_version", "versions", "optimizer", "model", "config", "tag", "probe")
+                if k in m}
+        s_app.code(json.dumps(keep, indent=1, default=str), f"{run_name(run)}: {getattr(run, 'path', '')}", lang="json")
+
+    vtab = pd.DataFrame([v.to_json() for v in verdicts])
+    w.csv("verdicts", vtab)
+    (out / "verdicts.json").write_text(json.dumps([v.to_json() for v in verdicts], indent=1, default=str) + "\n")
+    now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    doc = Document(title="bnn-probe report", subtitle=f"{len(runs)} run(s) · bnn-probe {__version__} · {now}",
+                   warnings=warnings, verdicts=verdicts, sections=[s_runs, s_in, s_th, s_app])
+    if "html" in formats:
+        (out / "report.html").write_text(render_html(doc), encoding="utf-8")
+    if "md" in formats:
+        (out / "report.md").write_text(render_markdown(doc, out), encoding="utf-8")
+    stage("rendered")
+    bar.close()
+    return ReportResult(out, verdicts, warnings, w.files)
+
+

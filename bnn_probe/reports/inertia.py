@@ -1,0 +1,231 @@
+"""Section 2 of a report: the inertia interpretation of latent weights (Helwegen et al. 2019), tested on the logs.
+
+* :func:`flip_probability` — P(flip within the next k steps) by inertia bins, from the ``tracked`` table, with
+  bootstrap intervals, and a Spearman correlation of inertia with the flip outcome per (run, layer).
+* :func:`inertia_verdicts` — pooled correlation per family → verdict on "larger inertia, fewer flips".
+* :func:`schedule_effect` — flip ratio against the learning rate / γ in force.
+* :func:`family_distributions` — flip-ratio and inertia distributions of Bop and latent runs side by side.
+
+Inertia (docs/runlog-format.md): latent runs |w̃_t|; Bop runs τ − w_t·m_t (distance to the flip threshold).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from . import stats
+from .frames import BOP_FAMILIES, concat, family, frame, network_flips, pi_metric, run_name
+
+MAX_TRACKED_ROWS = 200_000
+FAMILY_LABEL = {"bop": "Bop", "bop2nd": "Bop2ndOrder", "latent": "latent-weight"}
+
+
+@dataclass
+class FlipProbability:
+    bins: pd.DataFrame  # run, family, layer, bin, inertia_mid, inertia_lo, inertia_hi, flips, n, p_flip, ci_lo, ci_hi
+    correlations: pd.DataFrame  # run, family, layer, rho, ci_lo, ci_hi, n_weights, n_rows, n_flips, k
+    k: dict = field(default_factory=dict)  # run -> k used
+    notes: list[str] = field(default_factory=list)
+
+
+def _default_k(steps: np.ndarray, cadence: float) -> int:
+    span = float(steps.max() - steps.min()) if steps.size else 0.0
+    k = 10 * cadence
+    if span > 0:
+        k = min(k, max(cadence, span / 4))
+    return max(1, int(round(k)))
+
+
+def flip_outcomes(tracked: pd.DataFrame, k: int | None = None, max_rows: int = MAX_TRACKED_ROWS,
+                  seed: int = 0) -> tuple[pd.DataFrame, int]:
+    """For each tracked (step, layer, index) row: did the weight's sign change within the next k steps?
+
+    A sign change between consecutive tracked samples s_prev < s is counted at step s. Rows whose horizon
+    step + k runs past the weight's last tracked sample without a change are censored (dropped).
+    With more than ``max_rows`` rows, whole weights are subsampled (their time series kept intact).
+    Returns (DataFrame with layer, index, step, inertia, flipped; the k used).
+    """
+    cols = ["layer", "index", "step", "inertia", "flipped"]
+    if tracked.empty or not {"step", "layer", "index", "sign", "inertia"} <= set(tracked.columns):
+        return pd.DataFrame(columns=cols), k or 0
+    df = tracked[["layer", "index", "step", "sign", "inertia"]]
+    if len(df) > max_rows:
+        keys = df[["layer", "index"]].drop_duplicates()
+        frac = max_rows / len(df)
+        keep = keys.sample(frac=frac, random_state=seed)
+        df = df.merge(keep, on=["layer", "index"])
+    df = df.sort_values(["layer", "index", "step"], kind="stable").reset_index(drop=True)
+    gid = df.groupby(["layer", "index"], sort=False).ngroup().to_numpy()
+    step = df["step"].to_numpy(dtype=np.int64)
+    sign = df["sign"].to_numpy()
+    same = np.r_[False, gid[1:] == gid[:-1]]
+    changed = same & np.r_[False, sign[1:] != sign[:-1]]
+    dstep = np.diff(step)[same[1:]]
+    cadence = float(np.median(dstep)) if dstep.size else 1.0
+    if k is None:
+        k = _default_k(step, cadence)
+    change_step = pd.Series(np.where(changed, step, np.nan))
+    nxt = change_step.groupby(gid).shift(-1).groupby(gid).bfill().to_numpy()
+    last = pd.Series(step).groupby(gid).transform("max").to_numpy()
+    flipped = np.isfinite(nxt) & (nxt - step <= k)
+    observable = flipped | (step + k <= last)
+    out = df.loc[observable, ["layer", "index", "step", "inertia"]].assign(flipped=flipped[observable])
+    out = out[np.isfinite(out["inertia"].to_numpy(dtype=float))]
+    return out.reset_index(drop=True), int(k)
+
+
+def flip_probability(runs, k: int | None = None, n_bins: int = 10, n_boot: int = 1000,
+                     max_rows: int = MAX_TRACKED_ROWS) -> FlipProbability:
+    bins_out, corr_out, ks, notes = [], [], {}, []
+    for run in runs:
+        name, fam = run_name(run), family(run)
+        out, kk = flip_outcomes(frame(run, "tracked"), k, max_rows)
+        if out.empty:
+            notes.append(f"{name}: no tracked weights with an observable horizon; skipped")
+            continue
+        ks[name] = kk
+        pct = out.groupby("layer")["inertia"].rank(pct=True, method="average")
+        out = out.assign(bin=np.clip(np.ceil(pct.to_numpy() * n_bins).astype(int) - 1, 0, n_bins - 1))
+        g = out.groupby(["layer", "bin"]).agg(flips=("flipped", "sum"), n=("flipped", "size"),
+                                              inertia_mid=("inertia", "median"), inertia_lo=("inertia", "min"),
+                                              inertia_hi=("inertia", "max")).reset_index()
+        g["p_flip"] = g["flips"] / g["n"]
+        lo, hi = stats.bootstrap_proportion_ci(g["flips"], g["n"], n_boot=n_boot)
+        bins_out.append(g.assign(ci_lo=lo, ci_hi=hi, run=name, family=fam, k=kk))
+        for layer, sub in out.groupby("layer", sort=False):
+            n_w = int(sub["index"].nunique())
+            c = stats.spearman_ci(sub["inertia"], sub["flipped"].astype(float), n_eff=n_w)
+            corr_out.append({"run": name, "family": fam, "layer": layer, "rho": c.rho, "ci_lo": c.interval[0],
+                             "ci_hi": c.interval[1], "n_weights": n_w, "n_rows": len(sub),
+                             "n_flips": int(sub["flipped"].sum()), "k": kk})
+    bins = pd.concat(bins_out, ignore_index=True) if bins_out else pd.DataFrame(
+        columns=["layer", "bin", "flips", "n", "inertia_mid", "inertia_lo", "inertia_hi", "p_flip", "ci_lo", "ci_hi",
+                 "run", "family", "k"])
+    corr = pd.DataFrame(corr_out, columns=["run", "family", "layer", "rho", "ci_lo", "ci_hi", "n_weights", "n_rows",
+                                           "n_flips", "k"])
+    return FlipProbability(bins, corr, ks, notes)
+
+
+def inertia_verdicts(fp: FlipProbability, families, min_weights: int = 30, min_flips: int = 5,
+                     negligible: float = 0.05) -> list[stats.Verdict]:
+    """One verdict per family group present among the runs (latent; Bop/Bop2ndOrder) on "larger inertia, fewer
+    flips". ``families``: the families of all runs in the report (a group without runs gets no verdict)."""
+    out = []
+    groups = {"latent": ["latent"], "Bop": list(BOP_FAMILIES)}
+    families = set(families)
+    for label, fams in groups.items():
+        if not families & set(fams):
+            continue
+        sub = fp.correlations[fp.correlations["family"].isin(fams)]
+        claim = f"Larger inertia, fewer flips ({label} runs): P(flip within k steps) falls as inertia grows"
+        method = ("Spearman rho between inertia and 'flipped within k steps' per (run, layer), Fisher-z interval "
+                  "with n = tracked weights; pooled over layers and runs by inverse-variance weighting of atanh(rho)")
+        runs = sorted(set(sub["run"]))
+        if sub.empty:
+            out.append(stats.Verdict(claim, stats.INCONCLUSIVE, None, None, 0, runs, "Spearman rho", method,
+                                     "no tracked weights in the logs", "inertia"))
+            continue
+        pooled = stats.pooled_fisher(sub["rho"], sub["n_weights"])
+        n_flips = int(sub["n_flips"].sum())
+        n_w = int(sub["n_weights"].sum())
+        verdict, reason = stats.verdict_negative(pooled.rho, pooled.interval, n_w, min_weights, negligible)
+        if n_flips < min_flips:
+            verdict, reason = stats.INCONCLUSIVE, f"only {n_flips} flips among the tracked weights (< {min_flips})"
+        out.append(stats.Verdict(claim, verdict, pooled.rho, pooled.interval, n_w, runs, "Spearman rho (pooled)",
+                                 method, reason, "inertia"))
+    return out
+
+
+@dataclass
+class ScheduleEffect:
+    table: pd.DataFrame  # run, family, param, window, step, value, flip_ratio, pi
+    correlations: pd.DataFrame  # run, family, param, rho, ci_lo, ci_hi, n
+    verdict: stats.Verdict | None
+
+
+def schedule_effect(runs, n_windows: int = 20, negligible: float = 0.1) -> ScheduleEffect:
+    """Flip ratio against the lr (latent) or γ (Bop) in force, averaged over ``n_windows`` step windows per run.
+
+    Only runs whose parameter changes over time enter. The correlation is observational: it is confounded with
+    training time (flip ratios also fall as a network converges); the report says so.
+    """
+    rows, corrs = [], []
+    for run in runs:
+        steps = frame(run, "steps")
+        fam = family(run)
+        param = "gamma" if fam in BOP_FAMILIES else "lr"
+        if steps.empty or param not in steps or steps[param].nunique(dropna=True) < 2:
+            continue
+        nf = network_flips(steps, frame(run, "layers"))
+        hp = steps.groupby("step")[param].median()
+        nf = nf.assign(value=nf["step"].map(hp))
+        smin, smax = nf["step"].min(), nf["step"].max()
+        width = (smax - smin + 1) / n_windows
+        nf = nf.assign(window=((nf["step"] - smin) // width).astype(int))
+        w = nf.groupby("window").agg(step=("step", "mean"), value=("value", "mean"), flips=("flips", "sum"),
+                                     n_weights=("n_weights", "sum")).reset_index()
+        w["flip_ratio"] = w["flips"] / w["n_weights"]
+        w["pi"] = pi_metric(w["flip_ratio"])
+        rows.append(w.assign(run=run_name(run), family=fam, param=param))
+        c = stats.spearman_ci(w["value"], w["flip_ratio"])
+        corrs.append({"run": run_name(run), "family": fam, "param": param, "rho": c.rho, "ci_lo": c.interval[0],
+                      "ci_hi": c.interval[1], "n": c.n})
+    table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
+        columns=["window", "step", "value", "flips", "n_weights", "flip_ratio", "pi", "run", "family", "param"])
+    corr = pd.DataFrame(corrs, columns=["run", "family", "param", "rho", "ci_lo", "ci_hi", "n"])
+    claim = "Decaying the learning rate / γ adds inertia: the flip ratio falls with the lr/γ in force"
+    method = ("Spearman rho between the lr/γ in force and the network flip ratio over 20 step windows per run, "
+              "Fisher-z interval, pooled over runs; observational (confounded with training time)")
+    if corr.empty:
+        verdict = stats.Verdict(claim, stats.INCONCLUSIVE, None, None, 0, [], "Spearman rho", method,
+                                "no run with a changing lr/γ", "inertia")
+    else:
+        pooled = stats.pooled_fisher(corr["rho"], corr["n"])
+        v, reason = stats.verdict_negative(-pooled.rho, (-pooled.interval[1], -pooled.interval[0]), pooled.n, 8,
+                                           negligible)
+        verdict = stats.Verdict(claim, v, pooled.rho, pooled.interval, pooled.n, sorted(corr["run"]),
+                                "Spearman rho (pooled)", method, reason.replace("below 0", "above 0"), "inertia")
+    return ScheduleEffect(table, corr, verdict)
+
+
+@dataclass
+class FamilyDistributions:
+    flip_ratio: pd.DataFrame  # run, family, step, flip_ratio, pi (network, per step; subsampled)
+    inertia: pd.DataFrame  # run, family, layer, inertia (tracked sample; subsampled)
+    summary: pd.DataFrame  # family, quantity, n, q05, q25, q50, q75, q95
+
+
+def family_distributions(runs, max_points: int = 5000, seed: int = 0) -> FamilyDistributions:
+    fr, inert = [], []
+    for run in runs:
+        name, fam = run_name(run), family(run)
+        steps = frame(run, "steps")
+        if not steps.empty:
+            nf = network_flips(steps, frame(run, "layers"))
+            if len(nf) > max_points:
+                nf = nf.sample(max_points, random_state=seed)
+            fr.append(nf[["step", "flip_ratio"]].assign(run=name, family=fam, pi=pi_metric(nf["flip_ratio"])))
+        tr = frame(run, "tracked")
+        if not tr.empty and "inertia" in tr:
+            t = tr[["layer", "inertia"]]
+            if len(t) > max_points:
+                t = t.sample(max_points, random_state=seed)
+            inert.append(t.assign(run=name, family=fam))
+    fr_df = concat(fr, ["step", "flip_ratio", "run", "family", "pi"])
+    in_df = concat(inert, ["layer", "inertia", "run", "family"])
+    summ = []
+    for q, df, col in (("flip_ratio", fr_df, "flip_ratio"), ("inertia", in_df, "inertia")):
+        for fam, sub in df.groupby("family"):
+            v = sub[col].to_numpy(dtype=float)
+            v = v[np.isfinite(v)]
+            if v.size == 0:
+                continue
+            qs = np.quantile(v, [0.05, 0.25, 0.5, 0.75, 0.95])
+            summ.append({"family": fam, "quantity": q, "n": int(v.size),
+                         **{f"q{int(p * 100):02d}": x for p, x in zip([0.05, 0.25, 0.5, 0.75, 0.95], qs, strict=True)}})
+    summary = pd.DataFrame(summ, columns=["family", "quantity", "n", "q05", "q25", "q50", "q75", "q95"])
+    return FamilyDistributions(fr_df, in_df, summary)
+
