@@ -1,0 +1,108 @@
+"""Shared checks for bnn_probe's optimizers: hyperparameters, gradients, binary weights, and the ``lr``/``gamma`` alias.
+
+LR schedulers and Bop
+---------------------
+torch's LR schedulers (``StepLR``, ``CosineAnnealingLR``, ``ReduceLROnPlateau``, …) read and write
+``param_group["lr"]``. In Bop and Bop2ndOrder the rate that plays that role is γ (``gamma``), so every param group is a
+:class:`GammaGroup`: a ``dict`` in which ``"lr"`` and ``"gamma"`` are two names of one value. Writing either key writes
+both; both are always present, so a scheduler driving ``"lr"`` drives γ, and a reader of ``"gamma"`` (the probe)
+sees the value in force. ``state_dict()`` stores both keys; ``load_state_dict()`` restores the alias (a saved group
+whose two values disagree is refused with a ValueError).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+from torch import Tensor
+
+ALIASES: tuple[str, str] = ("gamma", "lr")
+
+
+def check_hparam(name: str, value: Any, *, upper: float | None = None) -> float:
+    """Return ``value`` as a float, or raise ``ValueError`` naming ``name`` when it is not a finite number in
+    ``[0, upper]``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | Tensor):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if value < 0:
+        raise ValueError(f"{name} must be non-negative, got {value}")
+    if upper is not None and value > upper:
+        raise ValueError(f"{name} must be at most {upper}, got {value}")
+    return value
+
+
+class GammaGroup(dict):
+    """A param group in which ``"lr"`` is an alias of ``"gamma"`` (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        self.update(*args, **kwargs)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if key in ALIASES:
+            dict.__setitem__(self, "gamma", value)
+            dict.__setitem__(self, "lr", value)
+        else:
+            dict.__setitem__(self, key, value)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        items = dict(*args, **kwargs)
+        if "gamma" in items and "lr" in items and _differ(items["gamma"], items["lr"]):
+            raise ValueError(f"param group gives gamma={items['gamma']!r} and lr={items['lr']!r}; in Bop 'lr' is an "
+                             f"alias of 'gamma' (for LR schedulers): give one of them, or equal values")
+        for k, v in items.items():
+            self[k] = v
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key in ALIASES:
+            other = ALIASES[1 - ALIASES.index(key)]
+            if key not in self:
+                self[key] = dict.__getitem__(self, other) if other in self else default
+            return self[key]
+        return dict.setdefault(self, key, default)
+
+    def __reduce__(self):  # pickling / deepcopy keep the alias
+        return (GammaGroup, (dict(self),))
+
+
+def _differ(a: Any, b: Any) -> bool:
+    try:
+        return bool(a != b)
+    except Exception:  # tensors of several elements etc.
+        return True
+
+
+def param_label(group: dict, index: int, group_index: int) -> str:
+    """How an error message names a parameter: its name when the optimizer was given named parameters, else its
+    position and shape."""
+    p = group["params"][index]
+    names = group.get("param_names")
+    if names is not None and index < len(names):
+        return f"parameter {names[index]!r} (shape {tuple(p.shape)})"
+    return f"param_groups[{group_index}]['params'][{index}] (shape {tuple(p.shape)})"
+
+
+def check_grad(grad: Tensor, group: dict, index: int, group_index: int, optimizer: str) -> None:
+    if grad.is_sparse:
+        raise ValueError(f"{optimizer} does not support sparse gradients: {param_label(group, index, group_index)} "
+                         f"has a sparse gradient")
+
+
+def check_binary_values(p: Tensor, group: dict, index: int, group_index: int, optimizer: str) -> None:
+    """Raise ``ValueError`` when ``p`` holds anything other than ±1 (Bop flips signs: it needs binary weights)."""
+    with torch.no_grad():
+        ok = bool(((p == 1) | (p == -1)).all())
+    if not ok:
+        bad = p.detach()[(p != 1) & (p != -1)].flatten()[:3].tolist()
+        raise ValueError(f"{optimizer}(check_binary=True): {param_label(group, index, group_index)} is not binary "
+                         f"(values other than ±1, e.g. {bad}); initialise it with bnn_probe.optim.binary_init_")

@@ -1,0 +1,253 @@
+"""Bop, the latent-free Binary OPtimizer (Helwegen et al., "Latent Weights Do Not Exist: Rethinking Binarized Neural
+Network Optimization", NeurIPS 2019, arXiv 1906.02107; Algorithm 1).
+
+For every binary weight w ∈ {−1, +1}, Bop keeps one real number, the exponential moving average m of its gradient:
+
+    m_t = (1 − γ) · m_{t−1} + γ · g_t            (m_0 = 0, no bias correction)
+    w_t = −w_{t−1}   if  w_{t−1} · m_t > τ       (strict: w · m = τ does not flip)
+    w_t =  w_{t−1}   otherwise
+
+γ (``gamma``, adaptivity rate) and τ (``threshold``) are per parameter group, so a per-layer threshold is a param
+group. Defaults are larq's (γ = 1e-4, τ = 1e-8). Give Bop only the binary weights; real-valued parameters (batch norm,
+biases) go to an ordinary optimizer — :class:`bnn_probe.optim.CaseOptimizer` / :func:`bnn_probe.optim.bnn_optimizer`
+put both behind one object. Initialise binary weights with :func:`bnn_probe.optim.binary_init_`.
+
+LR schedulers drive γ: in every param group ``"lr"`` is an alias of ``"gamma"`` (writing either writes both; see
+``bnn_probe.optim._validate``), so ``StepLR(bop, 100, 0.1)`` decays γ ×0.1 every 100 steps and ``group["gamma"]``
+always holds the value in force.
+
+Implementations (chosen like torch's ``foreach``/``fused``; all give the same flips and the same m up to the
+rounding of ``γ·g``, which the compiler may fuse into an FMA; with γ a power of two they agree bit for bit):
+
+* ``foreach=False``: a plain Python loop over tensors (``mul_``, ``add_``, one ``torch.where`` per tensor); the
+  reference.
+* ``foreach=True`` (default): eager ``torch._foreach_*`` ops over all tensors at once, no compiler. On CPU the
+  tensors are cut into cache-sized blocks so its 5 elementwise passes run out of cache rather than memory.
+  Bit-identical to the loop.
+* ``fused=True``: one pass per tensor (read g, m, w; write m, w), a ``torch.compile``d kernel (C++/OpenMP on CPU,
+  Triton on GPU). Compiled once per process on first use (seconds); if compilation is unavailable or fails it warns
+  once and falls back to the eager ``foreach`` path.
+
+Example:
+    >>> import torch
+    >>> from bnn_probe.models import BinaryMLP
+    >>> from bnn_probe.nn import binary_parameters
+    >>> from bnn_probe.optim import Bop, binary_init_
+    >>> model = BinaryMLP(8, [16], 2)
+    >>> binary_init_(model, seed=0)  # doctest: +ELLIPSIS
+    [...]
+    >>> opt = Bop(binary_parameters(model), gamma=1e-3, threshold=1e-6)
+    >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)  # drives Bop's γ
+    >>> model(torch.randn(4, 8)).pow(2).mean().backward()
+    >>> opt.step(); sched.step()
+    >>> round(opt.param_groups[0]["gamma"], 12)
+    0.0001
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._validate import GammaGroup, check_binary_values, check_grad, check_hparam
+
+__all__ = ["Bop", "bop_step_loop", "bop_step_foreach", "bop_step_fused"]
+
+# Elements per cache block for the eager CPU path: 2^18 float32 = 1 MiB per tensor, so w, m, g and two temporaries
+# of one block fit in a core's L2. Measured in benchmarks/bench_bop.py.
+CPU_BLOCK = 1 << 18
+
+
+class Bop(Optimizer):
+    """Bop (Helwegen et al. 2019): flip w iff w · m_t > τ, with m_t = (1 − γ) m_{t−1} + γ g_t.
+
+    Args:
+        params: binary weights (±1), or param groups (dicts) with their own ``gamma``/``threshold``.
+        gamma: adaptivity rate γ ∈ [0, 1] (``lr`` is an alias, for LR schedulers).
+        threshold: flip threshold τ ≥ 0.
+        check_binary: at the first step, raise ``ValueError`` if a weight is not exactly ±1.
+        foreach: eager multi-tensor path (default when ``fused`` is not set).
+        fused: one compiled pass per tensor (``torch.compile``), eager fallback if compiling fails.
+
+    State: ``state[p]["exp_avg"]`` = m. Class attribute ``bnn_family = "bop"``.
+    """
+
+    bnn_family = "bop"
+
+    def __init__(self, params: Iterable[Any], gamma: float = 1e-4, threshold: float = 1e-8, *,
+                 check_binary: bool = False, foreach: bool | None = None, fused: bool | None = None) -> None:
+        gamma = check_hparam("gamma", gamma, upper=1.0)
+        threshold = check_hparam("threshold", threshold)
+        if foreach and fused:
+            raise ValueError("foreach and fused cannot both be True")
+        defaults = dict(gamma=gamma, lr=gamma, threshold=threshold, check_binary=bool(check_binary),
+                        foreach=foreach, fused=fused)
+        super().__init__(params, defaults)
+
+    # --- param groups: validate, and keep "lr" an alias of "gamma" ---------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = GammaGroup(param_group)
+        for key, default in self.defaults.items():
+            group.setdefault(key, default)
+        _check_group(group)
+        super().add_param_group(group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.param_groups = [g if isinstance(g, GammaGroup) else GammaGroup(g) for g in self.param_groups]
+
+    # --- the step ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One Bop step on every parameter that has a gradient. Returns ``closure()`` when given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        name = type(self).__name__
+        for gi, group in enumerate(self.param_groups):
+            gamma, threshold = _check_group(group, gi)
+            ws, ms, gs = [], [], []
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                check_grad(p.grad, group, i, gi, name)
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    if group["check_binary"]:
+                        check_binary_values(p, group, i, gi, name)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                ws.append(p)
+                ms.append(state["exp_avg"])
+                gs.append(p.grad)
+            if not ws:
+                continue
+            if group["fused"]:
+                bop_step_fused(ws, ms, gs, gamma, threshold)
+            elif group["foreach"] is False:
+                bop_step_loop(ws, ms, gs, gamma, threshold)
+            else:
+                bop_step_foreach(ws, ms, gs, gamma, threshold)
+        return loss
+
+
+def _check_group(group: dict[str, Any], index: int | None = None) -> tuple[float, float]:
+    where = "" if index is None else f" (param_groups[{index}])"
+    if not isinstance(group, GammaGroup) and "lr" in group and group["lr"] != group["gamma"]:
+        raise ValueError(f"param group{where} has lr={group['lr']!r} but gamma={group['gamma']!r}: in Bop 'lr' is an "
+                         f"alias of 'gamma'; set one of them")
+    gamma = check_hparam(f"gamma{where}", group["gamma"], upper=1.0)
+    threshold = check_hparam(f"threshold{where}", group["threshold"])
+    if group.get("foreach") and group.get("fused"):
+        raise ValueError(f"foreach and fused cannot both be True{where}")
+    return gamma, threshold
+
+
+# --- implementations (functional; all update ws and ms in place) -----------------------------------------------------
+def bop_step_loop(ws: list[Tensor], ms: list[Tensor], gs: list[Tensor], gamma: float, threshold: float) -> None:
+    """Reference: one tensor at a time, ``m ← (1−γ)m + γg``; ``w ← where(w·m > τ, −w, w)``."""
+    for w, m, g in zip(ws, ms, gs, strict=True):
+        m.mul_(1.0 - gamma).add_(g, alpha=gamma)
+        w.copy_(torch.where(w * m > threshold, -w, w))
+
+
+def _foreach_wave(ws: list[Tensor], ms: list[Tensor], gs: list[Tensor], gamma: float, threshold: float) -> None:
+    torch._foreach_mul_(ms, 1.0 - gamma)
+    torch._foreach_add_(ms, gs, alpha=gamma)
+    # flag = [w·m > τ] as 0./1., then w ← w − 2·w·flag, i.e. −w where flagged (exact for any w).
+    x = torch._foreach_mul(ws, ms)
+    if ws[0].device.type == "cpu":  # one in-place compare per block (fewest passes; blocks are few and large)
+        for xc in x:
+            xc.gt_(threshold)
+    else:  # all-foreach: [x − τ > 0] = clamp(sign(x − τ), min=0); with gradual underflow fl(a − b) > 0 ⇔ a > b
+        torch._foreach_sub_(x, threshold)
+        torch._foreach_sign_(x)
+        torch._foreach_clamp_min_(x, 0.0)
+    torch._foreach_addcmul_(ws, ws, x, value=-2.0)
+
+
+def bop_step_foreach(ws: list[Tensor], ms: list[Tensor], gs: list[Tensor], gamma: float, threshold: float,
+                     block: int = CPU_BLOCK) -> None:
+    """Eager multi-tensor Bop step. CPU tensors are processed in waves of contiguous blocks of about ``block``
+    elements (cache blocking); other devices in one wave of whole tensors."""
+    cpu = [i for i, w in enumerate(ws) if w.device.type == "cpu"]
+    other = [i for i, w in enumerate(ws) if w.device.type != "cpu"]
+    if other:
+        _foreach_wave([ws[i] for i in other], [ms[i] for i in other], [gs[i] for i in other], gamma, threshold)
+    wave: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+    size = 0
+    for i in cpu:
+        w, m, g = ws[i], ms[i], gs[i]
+        if w.numel() > block and w.is_contiguous() and m.is_contiguous() and g.is_contiguous():
+            parts = zip(w.view(-1).split(block), m.view(-1).split(block), g.view(-1).split(block), strict=True)
+        else:
+            parts = [(w, m, g)]
+        for wp, mp, gp in parts:
+            wave[0].append(wp)
+            wave[1].append(mp)
+            wave[2].append(gp)
+            size += wp.numel()
+            if size >= block:
+                _foreach_wave(*wave, gamma, threshold)
+                wave, size = ([], [], []), 0
+    if size:
+        _foreach_wave(*wave, gamma, threshold)
+
+
+def _bop_kernel(w: Tensor, m: Tensor, g: Tensor, one_minus_gamma: Tensor, gamma: Tensor, threshold: Tensor) -> None:
+    m_new = m * one_minus_gamma + g * gamma
+    w_new = torch.where(w * m_new > threshold, -w, w)
+    m.copy_(m_new)
+    w.copy_(w_new)
+
+
+class CompiledKernel:
+    """A ``torch.compile``d in-place kernel with a process-wide fallback: the first failure to compile or run warns
+    once and makes :meth:`__call__` return False from then on, so callers use their eager path."""
+
+    def __init__(self, fn: Callable[..., None], name: str) -> None:
+        self.fn, self.name = fn, name
+        self.compiled: Callable[..., None] | None = None
+        self.error: str | None = None
+
+    def __call__(self, *args: Any) -> bool:
+        if self.error is not None:
+            return False
+        try:
+            if self.compiled is None:
+                self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+            self.compiled(*args)
+            return True
+        except Exception as e:  # no C++ compiler, no Triton, unsupported platform, …
+            self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            warnings.warn(f"{self.name}(fused=True): torch.compile is unavailable ({self.error}); "
+                          f"using the eager foreach path instead", RuntimeWarning, stacklevel=3)
+            return False
+
+
+_FUSED_BOP = CompiledKernel(_bop_kernel, "Bop")
+
+
+def _scalars(like: Tensor, *values: float) -> list[Tensor]:
+    return [torch.tensor(v, dtype=like.dtype, device=like.device) for v in values]
+
+
+def bop_step_fused(ws: list[Tensor], ms: list[Tensor], gs: list[Tensor], gamma: float, threshold: float) -> None:
+    """One compiled pass per tensor over flattened views; falls back to :func:`bop_step_foreach` (for this tensor and
+    the rest) when compiling is unavailable. Non-contiguous tensors take the loop path."""
+    scalars: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for k, (w, m, g) in enumerate(zip(ws, ms, gs, strict=True)):
+        if not (w.is_contiguous() and m.is_contiguous() and g.is_contiguous()):
+            bop_step_loop([w], [m], [g], gamma, threshold)
+            continue
+        key = (w.device, w.dtype)
+        if key not in scalars:
+            scalars[key] = _scalars(w, 1.0 - gamma, gamma, threshold)
+        if not _FUSED_BOP(w.view(-1), m.view(-1), g.view(-1), *scalars[key]):
+            bop_step_foreach(ws[k:], ms[k:], gs[k:], gamma, threshold)
+            return

@@ -1,0 +1,213 @@
+"""Bop2ndOrder: Bop with the gradient's second moment (Suarez-Ramirez et al., "A Bop and Beyond: A Second Order
+Optimizer for Binarized Neural Networks", CVPR Workshops 2021, arXiv 2104.05124).
+
+For every binary weight w ∈ {−1, +1} two real numbers, the first and second moments of its gradient:
+
+    m_t = (1 − γ) · m_{t−1} + γ · g_t          (= m_{t−1} + γ (g_t − m_{t−1}))
+    v_t = (1 − σ) · v_{t−1} + σ · g_t²         (= v_{t−1} + σ (g_t² − v_{t−1}))
+    m̂_t = m_t / (sqrt(v_t) + ε)                                   (bias_correction=False, the "biased" form)
+    m̂_t = (m_t / γ) / (sqrt(v_t / σ) + ε)                         (bias_correction=True, the "unbiased" variant)
+    w_t = −w_{t−1}  iff  w_{t−1} · m̂_t > τ    (strict)
+
+m_0 = v_0 = 0. The "unbiased" form is the one science.md gives for the paper's variant: m and v divided by their
+rates γ and σ (not Adam's 1 − (1 − γ)^t). Because m is normalised by sqrt(v), one τ means roughly the same thing in
+every layer. All hyperparameters are per param group; ``"lr"`` is an alias of ``"gamma"`` so LR schedulers drive γ
+(see :mod:`bnn_probe.optim.bop`). State: ``exp_avg`` (m) and ``exp_avg_sq`` (v); ``bnn_family = "bop2nd"``.
+
+``foreach`` (default): eager ``torch._foreach_*`` over all tensors; ``foreach=False``: a loop over tensors
+(bit-identical); ``fused=True``: one ``torch.compile``d pass per tensor (m̂ equal up to
+rounding), eager fallback.
+
+Example:
+    >>> import torch
+    >>> from bnn_probe.optim import Bop2ndOrder
+    >>> w = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
+    >>> opt = Bop2ndOrder([w], gamma=0.5, sigma=0.5, threshold=0.5)
+    >>> w.grad = torch.tensor([2.0, 2.0]); opt.step()
+    >>> w.data  # m̂ = 1/(sqrt(2)+ε) ≈ 0.707 > 0.5 for w=+1: flips
+    tensor([-1., -1.])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._validate import GammaGroup, check_binary_values, check_grad, check_hparam
+from .bop import CompiledKernel, _scalars
+
+__all__ = ["Bop2ndOrder"]
+
+
+class Bop2ndOrder(Optimizer):
+    """Bop2ndOrder (Suarez-Ramirez et al. 2021): flip w iff w · m̂_t > τ (see the module docstring for m̂).
+
+    Args:
+        params: binary weights (±1) or param groups.
+        gamma: first-moment rate γ ∈ [0, 1] (``lr`` is an alias, for LR schedulers).
+        sigma: second-moment rate σ ∈ [0, 1].
+        threshold: τ ≥ 0, compared with the normalised momentum m̂.
+        eps: ε ≥ 0 in the denominator.
+        bias_correction: use the "unbiased" m̂ = (m/γ)/(sqrt(v/σ)+ε) (needs γ > 0 and σ > 0).
+        check_binary, foreach, fused: as in :class:`~bnn_probe.optim.Bop`.
+    """
+
+    bnn_family = "bop2nd"
+
+    def __init__(self, params: Iterable[Any], gamma: float = 1e-4, sigma: float = 1e-4, threshold: float = 1e-8,
+                 eps: float = 1e-10, bias_correction: bool = False, *, check_binary: bool = False,
+                 foreach: bool | None = None, fused: bool | None = None) -> None:
+        defaults = dict(gamma=gamma, lr=gamma, sigma=sigma, threshold=threshold, eps=eps,
+                        bias_correction=bool(bias_correction), check_binary=bool(check_binary),
+                        foreach=foreach, fused=fused)
+        _check_group(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = GammaGroup(param_group)
+        for key, default in self.defaults.items():
+            group.setdefault(key, default)
+        _check_group(group)
+        super().add_param_group(group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.param_groups = [g if isinstance(g, GammaGroup) else GammaGroup(g) for g in self.param_groups]
+
+    def _group_of(self, p: Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise ValueError(f"tensor of shape {tuple(p.shape)} is not a parameter of this optimizer")
+
+    @torch.no_grad()
+    def normalized_momentum(self, p: Tensor) -> Tensor:
+        """m̂ of ``p``, the quantity the flip rule compares with τ (zeros before the first step)."""
+        group = self._group_of(p)
+        state = self.state.get(p, {})
+        if "exp_avg" not in state:
+            return torch.zeros_like(p)
+        return _normalized([state["exp_avg"]], [state["exp_avg_sq"]], *_check_group(group)[:2], group["eps"],
+                           group["bias_correction"])[0]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One Bop2ndOrder step on every parameter that has a gradient. Returns ``closure()`` when given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        name = type(self).__name__
+        for gi, group in enumerate(self.param_groups):
+            gamma, sigma, threshold, eps = _check_group(group, gi)
+            ws, ms, vs, gs = [], [], [], []
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                check_grad(p.grad, group, i, gi, name)
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    if group["check_binary"]:
+                        check_binary_values(p, group, i, gi, name)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                ws.append(p)
+                ms.append(state["exp_avg"])
+                vs.append(state["exp_avg_sq"])
+                gs.append(p.grad)
+            if not ws:
+                continue
+            args = (ws, ms, vs, gs, gamma, sigma, threshold, eps, group["bias_correction"])
+            if group["fused"]:
+                _step_fused(*args)
+            elif group["foreach"] is False:
+                for w, m, v, g in zip(ws, ms, vs, gs, strict=True):
+                    _step_eager([w], [m], [v], [g], *args[4:])
+            else:
+                _step_eager(*args)
+        return loss
+
+
+def _check_group(group: dict[str, Any], index: int | None = None) -> tuple[float, float, float, float]:
+    where = "" if index is None else f" (param_groups[{index}])"
+    if not isinstance(group, GammaGroup) and "lr" in group and group["lr"] != group["gamma"]:
+        raise ValueError(f"param group{where} has lr={group['lr']!r} but gamma={group['gamma']!r}: 'lr' is an alias "
+                         f"of 'gamma'; set one of them")
+    gamma = check_hparam(f"gamma{where}", group["gamma"], upper=1.0)
+    sigma = check_hparam(f"sigma{where}", group["sigma"], upper=1.0)
+    threshold = check_hparam(f"threshold{where}", group["threshold"])
+    eps = check_hparam(f"eps{where}", group["eps"])
+    if group.get("bias_correction") and (gamma == 0 or sigma == 0):
+        raise ValueError(f"bias_correction=True divides by gamma and sigma: both must be positive, got gamma={gamma}, "
+                         f"sigma={sigma}{where}")
+    if group.get("foreach") and group.get("fused"):
+        raise ValueError(f"foreach and fused cannot both be True{where}")
+    return gamma, sigma, threshold, eps
+
+
+def _normalized(ms: list[Tensor], vs: list[Tensor], gamma: float, sigma: float, eps: float,
+                bias_correction: bool) -> list[Tensor]:
+    if bias_correction:
+        num = torch._foreach_div(ms, gamma)
+        den = torch._foreach_div(vs, sigma)
+        torch._foreach_sqrt_(den)
+    else:
+        num = ms
+        den = torch._foreach_sqrt(vs)
+    torch._foreach_add_(den, eps)
+    return torch._foreach_div(num, den)
+
+
+def _step_eager(ws: list[Tensor], ms: list[Tensor], vs: list[Tensor], gs: list[Tensor], gamma: float, sigma: float,
+                threshold: float, eps: float, bias_correction: bool) -> None:
+    torch._foreach_mul_(ms, 1.0 - gamma)
+    torch._foreach_add_(ms, gs, alpha=gamma)
+    torch._foreach_mul_(vs, 1.0 - sigma)
+    torch._foreach_addcmul_(vs, gs, gs, value=sigma)
+    x = _normalized(ms, vs, gamma, sigma, eps, bias_correction)
+    torch._foreach_mul_(x, ws)  # x = w·m̂
+    for xc in x:  # flag = [w·m̂ > τ] as 0./1.
+        xc.gt_(threshold)
+    torch._foreach_addcmul_(ws, ws, x, value=-2.0)  # w ← −w where flagged
+
+
+def _kernel(w: Tensor, m: Tensor, v: Tensor, g: Tensor, omg: Tensor, gamma: Tensor, oms: Tensor, sigma: Tensor,
+            threshold: Tensor, eps: Tensor) -> None:
+    m_new = m * omg + g * gamma
+    v_new = v * oms + g * g * sigma
+    mhat = m_new / (torch.sqrt(v_new) + eps)
+    w_new = torch.where(w * mhat > threshold, -w, w)
+    m.copy_(m_new)
+    v.copy_(v_new)
+    w.copy_(w_new)
+
+
+def _kernel_unbiased(w: Tensor, m: Tensor, v: Tensor, g: Tensor, omg: Tensor, gamma: Tensor, oms: Tensor,
+                     sigma: Tensor, threshold: Tensor, eps: Tensor) -> None:
+    m_new = m * omg + g * gamma
+    v_new = v * oms + g * g * sigma
+    mhat = (m_new / gamma) / (torch.sqrt(v_new / sigma) + eps)
+    w_new = torch.where(w * mhat > threshold, -w, w)
+    m.copy_(m_new)
+    v.copy_(v_new)
+    w.copy_(w_new)
+
+
+_FUSED = {False: CompiledKernel(_kernel, "Bop2ndOrder"), True: CompiledKernel(_kernel_unbiased, "Bop2ndOrder")}
+
+
+def _step_fused(ws: list[Tensor], ms: list[Tensor], vs: list[Tensor], gs: list[Tensor], gamma: float, sigma: float,
+                threshold: float, eps: float, bias_correction: bool) -> None:
+    kernel = _FUSED[bool(bias_correction)]
+    for k, (w, m, v, g) in enumerate(zip(ws, ms, vs, gs, strict=True)):
+        if not all(t.is_contiguous() for t in (w, m, v, g)):
+            _step_eager([w], [m], [v], [g], gamma, sigma, threshold, eps, bias_correction)
+            continue
+        sc = _scalars(w, 1.0 - gamma, gamma, 1.0 - sigma, sigma, threshold, eps)
+        if not kernel(w.view(-1), m.view(-1), v.view(-1), g.view(-1), *sc):
+            _step_eager(ws[k:], ms[k:], vs[k:], gs[k:], gamma, sigma, threshold, eps, bias_correction)
+            return
