@@ -22,7 +22,7 @@ def test_global_is_reachable_by_its_keyword_name():
 def test_global_and_fan_in_thresholds_hand_computed():
     model = BinaryMLP(64, [2048, 64, 1024], 10)
     groups = T.global_threshold(1e-6).param_groups(named_binary_parameters(model), gamma=1e-3)
-    assert [g["layer"] for g in groups] == ["fc1", "fc2", "fc3", "fc4"]
+    assert [g["layer"] for g in groups] == ["fc1.weight", "fc2.weight", "fc3.weight", "fc4.weight"]
     assert [g["fan_in"] for g in groups] == [64, 2048, 64, 1024]
     assert all(g["threshold"] == 1e-6 and g["gamma"] == 1e-3 for g in groups)
 
@@ -31,8 +31,8 @@ def test_global_and_fan_in_thresholds_hand_computed():
     # τ_l = 1e-6 · (64 / n_l)^0.5: n = 64 → 1e-6; 2048 → 1e-6/√32 = 1.767767e-7; 1024 → 1e-6/4 = 2.5e-7
     assert taus == pytest.approx([1e-6, 1.7677669529663689e-07, 1e-6, 2.5e-7], rel=1e-12)
     assert pol.describe() == {"name": "fan-in", "args": {"threshold": 1e-6, "reference_fan_in": 64, "exponent": 0.5},
-                              "thresholds": {"fc1": 1e-6, "fc2": pytest.approx(1.7677669529663689e-07),
-                                             "fc3": 1e-6, "fc4": 2.5e-7}}
+                              "thresholds": {"fc1.weight": 1e-6, "fc2.weight": pytest.approx(1.7677669529663689e-07),
+                                             "fc3.weight": 1e-6, "fc4.weight": 2.5e-7}}
     # exponent 1: τ ∝ 1/n
     taus1 = [g["threshold"] for g in T.fan_in(2e-6, 128, exponent=1.0).param_groups(named_binary_parameters(model))]
     assert taus1 == pytest.approx([4e-6, 1.25e-7, 4e-6, 2.5e-7])
@@ -42,7 +42,7 @@ def test_conv_fan_in_uses_kernel_size():
     model = BinaryCNN1d(channels=4, hidden=16)
     groups = T.global_threshold(0.0).param_groups(named_binary_parameters(model))
     # conv1 1→4 k5: 5; conv2 4→8 k3: 12; conv3 8→8 k3: 24; fc1: 8·10 = 80; fc2: 16
-    assert {g["layer"]: g["fan_in"] for g in groups} == {
+    assert {T.layer_name(g["layer"]): g["fan_in"] for g in groups} == {
         "features.conv1": 5, "features.conv2": 12, "features.conv3": 24, "classifier.fc1": 80, "classifier.fc2": 16}
 
 
@@ -164,7 +164,11 @@ def test_controller_converges_to_known_threshold_without_oscillation(beta):
         assert e[first + 100:].abs().max() < math.log(1.1)
         big = e[e.abs() > math.log(1.25)]
         assert int((big[1:].sign() != big[:-1].sign()).sum()) <= 2
-    assert ctl.history[-1][1]["l0"] == pytest.approx(traj[-1, 0].item())
+    # history (step s, τ) is the τ in force from step s + 1 on: traj[s] holds what step s + 1 used
+    for s, taus in ctl.history[1:]:
+        if s < len(traj):
+            assert traj[s, 0].item() == taus["l0"] and traj[s, 1].item() == taus["l1"]
+            assert traj[s - 1, 0].item() != taus["l0"] or traj[s - 1, 1].item() != taus["l1"]
 
 
 def test_controller_multiplicative_updates_are_bounded():

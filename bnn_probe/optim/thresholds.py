@@ -16,8 +16,8 @@ policy              τ_l for binary layer l (fan-in n_l = ``torch.nn.init._calcu
 ``global`` is a Python keyword, so the callable is :func:`global_threshold`; ``getattr(thresholds, "global")``
 and ``POLICIES["global"]`` name the same function.
 
-Each group also carries ``"layer"`` (the layer name: the parameter name without its trailing ``.weight``) and
-``"fan_in"``, so the probe and the run log can say which τ belongs to which layer. :meth:`ThresholdPolicy.describe`
+Each group also carries ``"layer"`` (the parameter's name, e.g. ``"fc2.weight"``, as the probe and the run log name
+layers) and ``"fan_in"``, so the log can say which τ belongs to which layer. :meth:`ThresholdPolicy.describe`
 gives a JSON-able record (policy name, arguments and τ_l per layer) for the run's ``config``.
 
 The calibrated controller (:class:`FlipRatioController`) updates ``group["threshold"]`` in place after the
@@ -34,7 +34,7 @@ Example:
     >>> policy = thresholds.fan_in(1e-6, reference_fan_in=64)
     >>> groups = policy.param_groups(named_binary_parameters(model))
     >>> [(g["layer"], g["fan_in"], round(g["threshold"], 9)) for g in groups]
-    [('fc1', 64, 1e-06), ('fc2', 256, 5e-07), ('fc3', 16, 2e-06)]
+    [('fc1.weight', 64, 1e-06), ('fc2.weight', 256, 5e-07), ('fc3.weight', 16, 2e-06)]
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class ThresholdPolicy:
         groups: list[dict[str, Any]] = []
         self.thresholds = {}
         for name, p in named_params:
-            layer, n = layer_name(name), layer_fan_in(p)
+            layer, n = name, layer_fan_in(p)
             tau = self.threshold_for(layer, n)
             self.thresholds[layer] = tau
             groups.append({"params": [p], "threshold": tau, "layer": layer, "fan_in": n, **group_options})
@@ -270,6 +270,7 @@ def from_report(path: str | Path, run: str | None = None) -> ThresholdPolicy:
     normalized = {layer_name(k): v for k, v in table.items()}
 
     def rule(layer: str, n: int) -> float:
+        layer = layer_name(layer)
         if layer not in normalized:
             raise BnnProbeError(f"{path}: no recommended threshold for layer {layer!r} "
                                 f"(the file has {', '.join(sorted(normalized))})")
@@ -356,16 +357,20 @@ class FlipRatioController:
     stops it chasing the sampling noise of a window's flip count. Measuring over whole windows at a fixed τ
     (instead of an EMA across updates) keeps stale flip counts from an old τ out of the error signal.
 
-    The controller writes ``group["threshold"]`` in place; :attr:`history` holds ``(step, {layer: τ})`` after each
-    update (plus the start), and the probe logs the τ in force per step in the steps table's ``threshold`` column.
+    The controller writes ``group["threshold"]`` in place, at the start of the step after the window closes (in the
+    pre-step hook), so whatever reads the group after a step — the probe's post-step hook, in whichever order the
+    hooks run — sees the τ that step used; the steps table's ``threshold`` column is then the τ trajectory per layer.
+    :attr:`history` holds ``(step, {layer: τ})`` for every update (τ in force from step + 1 on) plus the start.
 
     Example:
         >>> import torch
         >>> w = torch.nn.Parameter(torch.ones(100))
         >>> opt = torch.optim.SGD([{"params": [w], "threshold": 1.0, "layer": "w"}], lr=0.0)
         >>> ctl = FlipRatioController(opt, target_flip_ratio=0.01, every=1, min_flips=1)
-        >>> opt.step()        # no flip: r̂ = ½ flip / 100 = 0.005 < r*: log τ -= 0.5 · log 2
-        >>> round(opt.param_groups[0]["threshold"], 4)
+        >>> opt.step()        # no flip: r̂ = ½ flip / 100 = 0.005 < r*: log τ -= 0.5 · log 2 from the next step on
+        >>> round(ctl.history[-1][1]["w"], 4), opt.param_groups[0]["threshold"]
+        (0.7071, 1.0)
+        >>> opt.step(); round(opt.param_groups[0]["threshold"], 4)
         0.7071
     """
 
@@ -397,6 +402,7 @@ class FlipRatioController:
         self._window_len = [max(self.every, self.every * math.ceil(self.min_flips / (self.target * n * self.every)))
                             for n in self.n_weights]
         self._window = [0] * len(self.groups)
+        self._pending: dict[int, float] = {}
         self.step_count = 0
         self._trust = [self.max_step] * len(self.groups)
         self._last_err_sign = [0] * len(self.groups)
@@ -410,12 +416,16 @@ class FlipRatioController:
         self._posts_seen = 0
 
     def thresholds(self) -> dict[str, float]:
-        """Current τ per layer."""
+        """τ per layer currently in the optimizer's groups (an update decided at a step applies from the next)."""
         return {layer: float(g["threshold"]) for layer, g in zip(self.layers, self.groups, strict=True)}
 
     @torch.no_grad()
     def _pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._posts_seen == 0:
+            if self._pending:  # apply the last window's update now: the τ in a group is the τ its step used
+                for i, tau in self._pending.items():
+                    self.groups[i]["threshold"] = tau
+                self._pending = {}
             self._signs = [[p.detach() >= 0 for p in g["params"]] for g in self.groups]
 
     @torch.no_grad()
@@ -450,7 +460,7 @@ class FlipRatioController:
             sgn = 1 if err > 0 else -1
             delta = sgn * min(self.gain * abs(err), self._trust[i])
             log_tau = min(max(math.log(g["threshold"]) + delta, self.log_min), self.log_max)
-            g["threshold"] = math.exp(log_tau)
+            self._pending[i] = math.exp(log_tau)
             changed = True
             if self._last_err_sign[i] == -sgn:
                 self._trust[i] = max(0.5 * self._trust[i], self.min_step)
@@ -458,7 +468,8 @@ class FlipRatioController:
                 self._trust[i] = min(1.2 * self._trust[i], self.max_step)
             self._last_err_sign[i] = sgn
         if changed:
-            self.history.append((self.step_count, self.thresholds()))
+            now = self.thresholds()
+            self.history.append((self.step_count, {**now, **{self.layers[i]: t for i, t in self._pending.items()}}))
 
     def state_dict(self) -> dict[str, Any]:
         """Controller state for resumed runs (the thresholds themselves live in the optimizer's groups)."""
