@@ -330,6 +330,7 @@ class Probe:
         """Step counter, per-weight counters and masks, sample indices, RNG state, running means (CPU tensors)."""
         sd: dict[str, Any] = {"version": 1, "step": self.step, "seed": self.seed}
         if self.active:
+            self.rec.drain()  # running means are accumulated on the host at drain time
             sd["layers"] = {st.layer.name: st.state_dict() for st in self.states}
             sd["run_sum"] = self.rec.run_sum.tolist()
             sd["run_n"] = self.rec.run_n.tolist()

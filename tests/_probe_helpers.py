@@ -1,0 +1,80 @@
+"""Helpers for the probe tests: minimal Bop / Bop2ndOrder (used until bnn_probe.optim lands) and a one-layer model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bnn_probe.nn import mark_binary
+
+try:  # the real optimizers, once they exist
+    from bnn_probe.optim import Bop as _RealBop  # type: ignore[attr-defined]
+except Exception:  # noqa: BLE001
+    _RealBop = None
+
+
+class MiniBop(torch.optim.Optimizer):
+    """m ← (1−γ) m + γ g; flip w where w·m > τ."""
+
+    bnn_family = "bop"
+
+    def __init__(self, params, gamma: float = 0.5, threshold: float = 0.1) -> None:
+        super().__init__(params, {"gamma": gamma, "threshold": threshold})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if "exp_avg" not in st:
+                    st["exp_avg"] = torch.zeros_like(p)
+                m = st["exp_avg"]
+                m.mul_(1 - g["gamma"]).add_(p.grad, alpha=g["gamma"])
+                p.copy_(torch.where(p * m > g["threshold"], -p, p))
+
+
+class MiniBop2nd(torch.optim.Optimizer):
+    """m ← m + γ(g − m), v ← v + σ(g² − v); flip where w·m/(sqrt(v)+eps) > τ."""
+
+    bnn_family = "bop2nd"
+
+    def __init__(self, params, gamma: float = 0.5, sigma: float = 0.5, threshold: float = 0.5,
+                 eps: float = 1e-10) -> None:
+        super().__init__(params, {"gamma": gamma, "sigma": sigma, "threshold": threshold, "eps": eps,
+                                  "bias_correction": False})
+
+    def normalized_momentum(self, p):
+        st = self.state[p]
+        g = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        return st["exp_avg"] / (st["exp_avg_sq"].sqrt() + g["eps"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if "exp_avg" not in st:
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+                st["exp_avg"].add_(p.grad - st["exp_avg"], alpha=g["gamma"])
+                st["exp_avg_sq"].add_(p.grad * p.grad - st["exp_avg_sq"], alpha=g["sigma"])
+                mh = self.normalized_momentum(p)
+                p.copy_(torch.where(p * mh > g["threshold"], -p, p))
+
+
+class OneLayer(nn.Module):
+    """A single binary parameter ``w`` (marked binary) of a given initial value, plus a real bias."""
+
+    def __init__(self, w0: torch.Tensor) -> None:
+        super().__init__()
+        self.w = mark_binary(nn.Parameter(w0.clone()))
+        self.b = nn.Parameter(torch.zeros(1))
+
+
+def set_grad(model: OneLayer, g: torch.Tensor) -> None:
+    model.w.grad = g.clone()
+    model.b.grad = torch.zeros(1)
