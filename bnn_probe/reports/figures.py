@@ -34,7 +34,9 @@ def _figure(path: Path, ncols: int = 1, nrows: int = 1, width: float = 7.0, heig
     set_style()
     fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, **kw)
     try:
-        yield fig, axes
+        with warnings.catch_warnings():  # library deprecation chatter (seaborn on newer matplotlib)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield fig, axes
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, format="png")

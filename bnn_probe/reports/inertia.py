@@ -110,7 +110,7 @@ def flip_probability(runs, k: int | None = None, n_bins: int = 10, n_boot: int =
 
 
 def inertia_verdicts(fp: FlipProbability, families, min_weights: int = 30, min_flips: int = 5,
-                     negligible: float = 0.05) -> list[stats.Verdict]:
+                     negligible: float = 0.1) -> list[stats.Verdict]:
     """One verdict per family group present among the runs (latent; Bop/Bop2ndOrder) on "larger inertia, fewer
     flips". ``families``: the families of all runs in the report (a group without runs gets no verdict)."""
     out = []

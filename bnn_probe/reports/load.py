@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -62,4 +63,4 @@ def touch(run, tables=ALL_TABLES, strict: bool = True) -> None:
         msg = str(w.message).splitlines()[0]
         if strict and "unreadable" in msg:
             raise BnnProbeError(f"{msg} (corrupted log; rerun with --skip-broken to analyse the readable parts)")
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        sys.stderr.write(f"Warning: {msg}\n")

@@ -152,3 +152,34 @@ def make_run(name: str = "run", family: str = "bop", layers=DEFAULT_LAYERS, n_st
             "bnn_probe_version": "0.1.0", "torch_version": "synthetic", "python_version": "3"}
     return SyntheticRun(meta=meta, name=name, layers=lay, steps=steps, train=train, tracked=tracked,
                         snapshots=snapshots, weight_flips=weight_flips, path=f"<synthetic:{name}>")
+
+
+def write_run(run: SyntheticRun, path, parts: int = 2, tensorboard: bool = False):
+    """Write ``run`` as a run directory with the real run-log writer (:class:`bnn_probe.runlog.RunWriter`).
+
+    Per-step tables are split into ``parts`` Parquet parts, as a probe's flushes would. Returns the path.
+    """
+    from pathlib import Path
+
+    from ..runlog import RunWriter
+
+    w = RunWriter(path, tensorboard=tensorboard)
+    try:
+        w.write_table("layers", run.layers.assign(shape=run.layers["shape"].astype(str)))
+        for table in ("steps", "tracked", "events", "hists", "snapshots"):
+            df = getattr(run, table)
+            if df is None or df.empty:
+                continue
+            edges = np.linspace(df["step"].min(), df["step"].max() + 1, parts + 1)
+            for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+                w.append(table, df[(df["step"] >= lo) & (df["step"] < hi)])
+        if not run.train.empty:
+            cols = [c for c in run.train.columns if c not in ("step", "epoch")]
+            w.append("train", run.train.melt(id_vars=["step", "epoch"], value_vars=cols, var_name="name",
+                                             value_name="value"))
+        if not run.weight_flips.empty:
+            w.write_table("weight_flips", run.weight_flips)
+        w.write_meta(run.meta)
+    finally:
+        w.close()
+    return Path(path)

@@ -1,0 +1,153 @@
+"""``bnn-probe report``, ``bnn-probe compare`` and ``bnn-probe summary``."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import warnings
+
+import click
+
+from ..errors import BnnProbeError
+
+
+def _formats(value: str) -> tuple[str, ...]:
+    from ..reports import FORMATS
+
+    fmts = tuple(f.strip().lower() for f in value.split(",") if f.strip())
+    bad = [f for f in fmts if f not in FORMATS]
+    if not fmts or bad:
+        raise BnnProbeError(f"--format takes a comma-separated list of {', '.join(FORMATS)}, got {value!r}")
+    return fmts
+
+
+def _warn_unfinished(runs) -> None:
+    for r in runs:
+        st = getattr(r, "status", "unknown")
+        if st != "finished":
+            click.echo(f"Warning: run {r.name} did not finish (status: {st}, last step "
+                       f"{r.meta.get('last_step')}); reported up to its last flush.", err=True)
+
+
+@click.command("report")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="Report directory to write (report.html, report.md, figures/, tables/, verdicts.json).")
+@click.option("--format", "fmt", default="html,md", show_default=True, help="Comma-separated: html, md.")
+@click.option("--k", "k", type=int, default=None,
+              help="Horizon of 'flip within the next k steps' [default: 10 x the tracking cadence].")
+@click.option("--window", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
+              help="Analysed window: the last fraction of each run's steps (per-layer and threshold sections).")
+@click.option("--target-flip-ratio", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Target of the recommended thresholds [default: per run, the median layer flip ratio].")
+@click.option("--skip-broken", is_flag=True, help="Skip unreadable Parquet parts (with a warning) instead of failing.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def report(runs, out, fmt, k, window, target_flip_ratio, skip_broken, quiet):
+    """Turn run logs (RUN_OR_FOLDER...: run directories or folders holding runs) into a report with verdicts."""
+    from ..reports import ReportOptions, generate
+    from ..reports.load import load_runs
+
+    formats = _formats(fmt)
+    if k is not None and k < 1:
+        raise BnnProbeError(f"--k must be a positive number of steps, got {k}")
+    loaded = load_runs(runs, strict=not skip_broken)
+    _warn_unfinished(loaded)
+    opts = ReportOptions(k=k, window=window, target_flip_ratio=target_flip_ratio)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=FutureWarning)
+        res = generate(loaded, out, formats, progress=not quiet, options=opts, strict=not skip_broken)
+    counts = {}
+    for v in res.verdicts:
+        counts[v.verdict] = counts.get(v.verdict, 0) + 1
+    summary = ", ".join(f"{n} {v}" for v, n in counts.items())
+    main = res.out_dir / ("report.html" if "html" in formats else "report.md")
+    click.echo(f"Wrote {main} ({len(loaded)} run(s); verdicts: {summary or 'none'})")
+
+
+@click.command("compare")
+@click.argument("run_a", type=click.Path(path_type=str))
+@click.argument("run_b", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@click.option("--skip-broken", is_flag=True, help="Skip unreadable Parquet parts instead of failing.")
+def compare(run_a, run_b, as_json, skip_broken):
+    """Compare the binary-weight trajectories of two runs of one architecture."""
+    from ..reports import compare_runs
+    from ..reports.load import load_runs
+
+    tables = ("layers", "steps", "snapshots")
+    a = load_runs([run_a], tables, strict=not skip_broken)
+    b = load_runs([run_b], tables, strict=not skip_broken)
+    if len(a) != 1 or len(b) != 1:
+        raise BnnProbeError("compare takes two run directories (not folders of several runs)")
+    c = compare_runs(a[0], b[0])
+    if as_json:
+        click.echo(json.dumps(c.to_json(), indent=1))
+        return
+    _warn_unfinished([a[0], b[0]])
+    click.echo(f"{c.run_a} vs {c.run_b}: {c.n_steps_compared} common steps with sign hashes")
+    if c.n_compared == 0:
+        click.echo("  no step to compare (no sign_hash in the common steps)")
+    elif c.first_difference_step is None:
+        click.echo("  binary weights identical at every compared step")
+    else:
+        click.echo(f"  first step at which the binary weights differ: {c.first_difference_step}")
+        for layer, s in sorted(c.first_difference_by_layer.items(), key=lambda kv: kv[1]):
+            click.echo(f"    {layer}: from step {s}")
+    if len(c.hamming):
+        click.echo(f"  Hamming distance (snapshots): max {c.max_hamming} weights")
+        last = c.hamming[c.hamming["step"] == c.hamming["step"].max()]
+        for r in last.itertuples(index=False):
+            click.echo(f"    step {r.step} {r.layer}: {r.hamming} ({r.fraction:.2%})")
+    for n in c.notes:
+        click.echo(f"  note: {n}")
+
+
+def _f(x, spec: str) -> str:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return "—"
+    return "—" if math.isnan(x) else format(x, spec)
+
+
+@click.command("summary")
+@click.argument("run", type=click.Path(path_type=str))
+@click.option("--skip-broken", is_flag=True, help="Skip unreadable Parquet parts instead of failing.")
+def summary(run, skip_broken):
+    """Print a terminal table of one run: status, steps, accuracy, per-layer flip ratios."""
+    from ..reports import training
+    from ..reports.frames import frame
+    from ..reports.load import load_runs
+    from ..reports.thresholds import layer_table
+
+    runs = load_runs([run], ("layers", "steps", "train", "weight_flips"), strict=not skip_broken)
+    if len(runs) != 1:
+        raise BnnProbeError(f"{run} holds {len(runs)} runs: give one run directory")
+    r = runs[0]
+    table, warns = training.runs_table(runs)
+    row = table.iloc[0]
+    out = sys.stdout
+    click.echo(f"run       {row['run']}  ({getattr(r, 'path', '')})", file=out)
+    click.echo(f"status    {row['status']}" + ("" if row["status"] == "finished" else "   ⚠ did not finish"))
+    click.echo(f"family    {row['family']}  optimizer {row['optimizer']}  model {row['model']}  "
+               f"dataset {row['dataset'] or '—'}")
+    click.echo(f"steps     {row['steps']}")
+    click.echo(f"accuracy  train {_f(row['final_train_accuracy'], '.4f')}  val {_f(row['final_val_accuracy'], '.4f')}")
+    steps = frame(r, "steps")
+    if steps.empty:
+        click.echo("no per-layer rows logged yet")
+        return
+    lt = layer_table(runs, window=1.0)
+    last = layer_table(runs, window=0.1)
+    last = last.set_index("layer")["flip_ratio"]
+    click.echo("")
+    head = f"{'layer':<28} {'fan_in':>7} {'weights':>9} {'flip ratio':>11} {'last 10%':>10} {'never':>7} {'chatter':>8}"
+    click.echo(head)
+    click.echo("-" * len(head))
+    for t in lt.itertuples(index=False):
+        click.echo(f"{str(t.layer)[:28]:<28} {_f(t.fan_in, '.0f'):>7} {_f(t.n_weights, '.0f'):>9} "
+                   f"{_f(t.flip_ratio, '.3e'):>11} {_f(last.get(t.layer), '.3e'):>10} "
+                   f"{_f(t.never_flipped, '.1%'):>7} {_f(t.chattering, '.1%'):>8}")
+    for w in warns:
+        click.echo(f"Warning: {w}", err=True)

@@ -1,0 +1,218 @@
+"""Analyses on synthetic logs whose right answers are known (including inconclusive ones)."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bnn_probe.errors import BnnProbeError
+from bnn_probe.reports import inertia, pairs, stats, thresholds, training
+from bnn_probe.reports.synthetic import make_run
+
+SMALL = {"n_steps": 80, "n_tracked": 32}
+
+
+def _fams(runs):
+    return [r.meta["family"] for r in runs]
+
+
+# ------------------------------------------------------------------ inertia
+
+def test_flip_outcomes_by_hand():
+    # one weight tracked every 2 steps; sign changes between steps 4 and 6
+    tr = pd.DataFrame({"step": [2, 4, 6, 8, 10], "layer": "l", "index": 0, "sign": [1, 1, -1, -1, -1],
+                       "inertia": [5.0, 1.0, 9.0, 9.0, 9.0]})
+    out, k = inertia.flip_outcomes(tr, k=2)
+    assert k == 2
+    # step 2: next change at 6 (> 2+2): no; step 4: change at 6: yes; 6, 8: no change before the end;
+    # step 10: horizon past the last sample, no change seen -> censored (dropped)
+    assert out["step"].tolist() == [2, 4, 6, 8]
+    assert out["flipped"].tolist() == [False, True, False, False]
+    out4, _ = inertia.flip_outcomes(tr, k=4)
+    assert out4.set_index("step")["flipped"].to_dict() == {2: True, 4: True, 6: False}
+
+
+def test_inertia_effect_supported_and_bins_fall():
+    runs = [make_run("bop", inertia_effect=1.5, seed=1, **SMALL),
+            make_run("lat", family="latent", inertia_effect=1.5, seed=2, **SMALL)]
+    fp = inertia.flip_probability(runs, n_boot=200)
+    vs = {v.claim.split("(")[1].split()[0]: v for v in inertia.inertia_verdicts(fp, _fams(runs))}
+    assert set(vs) == {"latent", "Bop"}
+    for v in vs.values():
+        assert v.verdict == stats.SUPPORTED, v
+        assert v.statistic < 0 and v.interval[1] < 0 and v.n == 4 * 32
+    b = fp.bins[(fp.bins["run"] == "bop") & (fp.bins["layer"] == "fc1.weight")].sort_values("bin")
+    assert b["p_flip"].iloc[0] > b["p_flip"].iloc[-1]
+    assert (b["ci_lo"] <= b["p_flip"]).all() and (b["p_flip"] <= b["ci_hi"]).all()
+
+
+def test_no_inertia_effect_is_not_supported_with_enough_weights():
+    runs = [make_run("flat", family="latent", inertia_effect=0.0, seed=3, n_steps=60, n_tracked=400)]
+    fp = inertia.flip_probability(runs, n_boot=100)
+    (v,) = inertia.inertia_verdicts(fp, _fams(runs))
+    assert v.verdict == stats.NOT_SUPPORTED, v
+    assert v.interval[0] > -0.1
+
+
+def test_too_few_tracked_weights_is_inconclusive():
+    runs = [make_run("tiny", inertia_effect=1.5, seed=4, n_steps=40, n_tracked=4,
+                     layers=(("fc1.weight", 64, 256),))]
+    fp = inertia.flip_probability(runs, n_boot=100)
+    (v,) = inertia.inertia_verdicts(fp, _fams(runs))
+    assert v.verdict == stats.INCONCLUSIVE and v.n == 4
+
+
+def test_no_tracked_table_is_inconclusive_and_quiet():
+    run = make_run("none", **SMALL)
+    run.tracked = pd.DataFrame()
+    fp = inertia.flip_probability([run])
+    assert fp.bins.empty and fp.correlations.empty
+    (v,) = inertia.inertia_verdicts(fp, ["bop"])
+    assert v.verdict == stats.INCONCLUSIVE and v.n == 0
+
+
+def test_schedule_effect():
+    runs = [make_run("s", family="latent", schedule="step", seed=5, **SMALL)]
+    se = inertia.schedule_effect(runs)
+    assert se.verdict.verdict == stats.SUPPORTED and se.verdict.statistic > 0
+    flat = inertia.schedule_effect([make_run("c", seed=5, **SMALL)])
+    assert flat.verdict.verdict == stats.INCONCLUSIVE and flat.verdict.n == 0
+
+
+def test_family_distributions_side_by_side():
+    fd = inertia.family_distributions([make_run("b", **SMALL), make_run("l", family="latent", **SMALL)])
+    assert set(fd.summary["family"]) == {"bop", "latent"}
+    assert set(fd.summary["quantity"]) == {"flip_ratio", "inertia"}
+
+
+# ------------------------------------------------------------------ thresholds / fan-in law
+
+def _law(runs):
+    return thresholds.fan_in_law(thresholds.layer_table(runs))
+
+
+def test_fan_in_law_minus_half_supported():
+    law = _law([make_run("a", seed=1, **SMALL), make_run("b", seed=2, **SMALL)])
+    v = {x.claim.split(":")[0].split(" (")[0]: x for x in law.verdicts}
+    wide = v["Wide layers need a smaller threshold than thin layers"]
+    assert wide.verdict == stats.SUPPORTED and wide.statistic == pytest.approx(-0.5, abs=0.03)
+    assert wide.n == 8
+    assert v["|m| scales like fan_in^-0.5, the batch-norm prediction"].verdict == stats.SUPPORTED
+    assert v["Under one threshold, wide layers flip less than thin layers"].verdict == stats.SUPPORTED
+
+
+def test_fan_in_law_flat_is_not_supported():
+    law = _law([make_run("a", m_slope=0.0, seed=1, **SMALL), make_run("b", m_slope=0.0, seed=2, **SMALL)])
+    wide = law.verdicts[0]
+    assert wide.verdict == stats.NOT_SUPPORTED, wide
+    assert law.verdicts[1].verdict == stats.NOT_SUPPORTED  # -0.5 excluded
+
+
+def test_fan_in_law_two_layers_is_inconclusive():
+    law = _law([make_run("a", layers=(("a.weight", 64, 4096), ("b.weight", 1024, 8192)), **SMALL)])
+    assert all(v.verdict == stats.INCONCLUSIVE for v in law.verdicts)
+    assert "distinct fan-in" in law.verdicts[0].reason
+
+
+def test_fan_in_law_latent_only_is_inconclusive():
+    law = _law([make_run("l", family="latent", **SMALL)])
+    (v,) = law.verdicts
+    assert v.verdict == stats.INCONCLUSIVE and v.n == 0
+
+
+def test_recommended_thresholds_follow_the_fan_in_law():
+    lt = thresholds.layer_table([make_run("a", seed=1, noise=0.0, **SMALL)])
+    rec = thresholds.recommended_thresholds(lt)
+    t = rec.table
+    assert list(t.columns[:5]) == ["run", "family", "layer", "fan_in", "n_weights"]
+    slope = np.polyfit(np.log(t["fan_in"].astype(float)), np.log(t["recommended_threshold"].astype(float)), 1)[0]
+    assert slope == pytest.approx(-0.5, abs=0.05)
+    # the layer at the target flip ratio keeps (about) its threshold; explicit target 0 flips -> inf excluded
+    assert rec.target["a"] == pytest.approx(float(np.median(t["flip_ratio"])))
+    assert "thresholds = {" in rec.snippet and "bnn_probe.optim.Bop(" in rec.snippet
+
+
+def test_tail_prob_and_inverse_round_trip():
+    q = np.array([1.0, 2.0, 4.0, 8.0, 16.0])
+    for x in (0.5, 1.0, 3.0, 8.0, 12.0, 40.0):
+        g, _ = thresholds.tail_prob(x, q)
+        x2, _ = thresholds.tail_inverse(g, q)
+        assert x2 == pytest.approx(x, rel=1e-9)
+    assert thresholds.tail_prob(4.0, q)[0] == pytest.approx(0.5)
+    assert thresholds.tail_inverse(0.01, q)[1].startswith("extrapolated")
+
+
+def test_thresholds_table_is_readable_by_the_from_report_policy(tmp_path):
+    from bnn_probe.optim.thresholds import read_thresholds_csv
+
+    lt = thresholds.layer_table([make_run("a", **SMALL)])
+    rec = thresholds.recommended_thresholds(lt)
+    p = tmp_path / "thresholds.csv"
+    rec.table[["layer", "fan_in", "n_weights", "flip_ratio", "recommended_threshold", "run", "bound"]].to_csv(
+        p, index=False)
+    got = read_thresholds_csv(p)
+    assert set(got) == set(rec.table["layer"]) and all(v > 0 for v in got.values())
+
+
+def test_layer_table_never_flipped_and_chatter():
+    lt = thresholds.layer_table([make_run("a", **SMALL)], chatter_min=3)
+    assert lt["never_flipped"].between(0, 1).all() and lt["chattering"].between(0, 1).all()
+    # wide layers (fewer flips) have more weights that never flipped
+    assert lt.sort_values("fan_in")["never_flipped"].is_monotonic_increasing
+
+
+# ------------------------------------------------------------------ pairs / compare
+
+def test_compare_identical_and_diverging():
+    a = make_run("a", seed=1, snapshot_every=20, **SMALL)
+    same = make_run("b", seed=2, trajectory_seed=1, snapshot_every=20, **SMALL)
+    late = make_run("c", seed=3, trajectory_seed=1, diverge_at=33, snapshot_every=20, **SMALL)
+    c = pairs.compare_runs(a, same)
+    assert c.first_difference_step is None and c.max_hamming == 0 and c.n_compared == 80 * 4
+    d = pairs.compare_runs(a, late)
+    assert d.first_difference_step == 33
+    assert set(d.first_difference_by_layer.values()) == {33}
+    assert d.max_hamming > 0
+    h = d.hamming.groupby("step")["hamming"].sum()
+    assert h.loc[20] == 0 and h.loc[40] > 0
+
+
+def test_compare_different_architectures_raises():
+    a = make_run("a", **SMALL)
+    b = make_run("b", layers=(("fc1.weight", 64, 4096),), **SMALL)
+    with pytest.raises(BnnProbeError, match="different architectures"):
+        pairs.compare_runs(a, b)
+
+
+def test_pairs_from_config_and_tags():
+    runs = [make_run("t1a", seed=1, config={"pair": "theorem1", "pair_role": "a"}, **SMALL),
+            make_run("t1b", seed=2, trajectory_seed=1, config={"pair": "theorem1", "pair_role": "b"}, **SMALL),
+            make_run("bop0", seed=3, tag="tau0", **SMALL),
+            make_run("lat0", seed=4, family="latent", tag="tau0-latent", **SMALL),
+            make_run("other", seed=5, **SMALL)]
+    res, notes = pairs.pair_verdicts(runs)
+    by = {r.pair.kind: r for r in res}
+    assert set(by) == {"theorem1", "tau0"} and not notes
+    assert by["theorem1"].verdict.verdict == stats.SUPPORTED
+    assert by["theorem1"].verdict.interval[1] == 1.0 and by["theorem1"].verdict.n == 320
+    assert by["tau0"].verdict.verdict == stats.NOT_SUPPORTED
+    assert by["tau0"].comparison.first_difference_step == 1
+
+
+def test_pair_without_hashes_is_inconclusive():
+    a = make_run("a", config={"pair": "p", "pair_role": "a"}, **SMALL)
+    b = make_run("b", trajectory_seed=0, config={"pair": "p", "pair_role": "b"}, **SMALL)
+    a.steps = a.steps.assign(sign_hash=pd.array([pd.NA] * len(a.steps), dtype="Int64"))
+    (r,), _ = pairs.pair_verdicts([a, b])
+    assert r.verdict.verdict == stats.INCONCLUSIVE and r.verdict.n == 0
+
+
+# ------------------------------------------------------------------ training
+
+def test_runs_table_marks_unfinished_runs():
+    tr = training.analyse_training([make_run("ok", **SMALL), make_run("killed", status="running", **SMALL)])
+    assert tr.runs.set_index("run").loc["killed", "status"] == "running"
+    assert len(tr.warnings) == 1 and "killed" in tr.warnings[0]
+    assert {"train_loss", "train_accuracy", "val_accuracy"} <= set(tr.curves["metric"])
+    assert np.allclose(tr.network_flips["pi"], np.log(tr.network_flips["flip_ratio"] + math.exp(-9)))
