@@ -62,11 +62,16 @@ def _reference(grads, gamma=GAMMA, tau=TAU):
     return rows, events, tracked, count, w, m
 
 
-@pytest.fixture()
-def bop_run(tmp_path):
+@pytest.fixture(params=["mini", "bnn_probe.optim.Bop"])
+def bop_run(tmp_path, request):
     grads = _grads()
     model = OneLayer(_w0())
-    opt = MiniBop([model.w], gamma=GAMMA, threshold=TAU)
+    if request.param == "mini":
+        opt = MiniBop([model.w], gamma=GAMMA, threshold=TAU)
+    else:
+        from bnn_probe.optim import Bop
+
+        opt = Bop([model.w], gamma=GAMMA, threshold=TAU)
     with bnn_probe.attach(model, opt, tmp_path / "run", hist_every=2, snapshot_every=2, track=100,
                           events_per_layer=100, tensorboard=False) as probe:
         for g in grads:
@@ -81,6 +86,7 @@ def test_layer_table(bop_run):
     row = run.layers.iloc[0]
     assert (row.layer, row.fan_in, row.fan_out, row.n_weights, row["shape"]) == ("w", 4, 3, 12, "3x4")
     assert row.family == "bop" and row.gamma == GAMMA and row.threshold == TAU and np.isnan(row.sigma)
+    assert row.group == 0
     assert run.meta["family"] == "bop" and run.meta["model"]["n_binary_weights"] == 12
     assert run.status == "finished" and run.finished and run.meta["last_step"] == STEPS
 
@@ -177,10 +183,16 @@ def test_sign_hash_equal_iff_signs_equal(tmp_path):
         assert (a.sign_hash == b.sign_hash) == (b.flips == 0)
 
 
-def test_bop2nd_uses_normalised_momentum(tmp_path):
+@pytest.mark.parametrize("real", [False, True])
+def test_bop2nd_uses_normalised_momentum(tmp_path, real):
     grads = _grads()
     model = OneLayer(_w0())
-    opt = MiniBop2nd([model.w], gamma=0.5, sigma=0.5, threshold=0.5)
+    if real:
+        from bnn_probe.optim import Bop2ndOrder
+
+        opt = Bop2ndOrder([model.w], gamma=0.5, sigma=0.5, threshold=0.5)
+    else:
+        opt = MiniBop2nd([model.w], gamma=0.5, sigma=0.5, threshold=0.5)
     with bnn_probe.attach(model, opt, tmp_path / "run", tensorboard=False, events_per_layer=100, track=100):
         for g in grads:
             set_grad(model, g)

@@ -107,3 +107,25 @@ def test_nonzero_rank_writes_nothing(tmp_path):
     probe.close()
     assert probe.step == 4 and calls == [2, 4]
     assert not (tmp_path / "run").exists()
+
+
+def test_case_optimizer_bop_plus_adam(tmp_path):
+    from bnn_probe.models import BinaryMLP
+    from bnn_probe.nn import binary_parameters
+    from bnn_probe.optim import Bop, CaseOptimizer, binary_init_
+
+    model = BinaryMLP(8, [6], 3)
+    binary_init_(model, seed=0)
+    bins = {id(p) for p in binary_parameters(model)}
+    opt = CaseOptimizer(Bop(binary_parameters(model), gamma=0.1, threshold=1e-3),
+                        torch.optim.Adam([p for p in model.parameters() if id(p) not in bins], lr=1e-2))
+    with bnn_probe.attach(model, opt, tmp_path / "run", tensorboard=False) as probe:
+        for _ in range(3):
+            loss = model(torch.randn(5, 8)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    run = bnn_probe.load_run(tmp_path / "run")
+    assert probe.step == 3 and run.layers.family.tolist() == ["bop", "bop"]
+    assert run.meta["optimizer"]["class"] == "CaseOptimizer" and run.meta["family"] == "bop"
+    assert len(run.steps) == 6 and run.steps.above_threshold.notna().all()

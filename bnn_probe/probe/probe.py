@@ -50,7 +50,9 @@ def _dist_rank_world(rank: int | None) -> tuple[int, int]:
         world = torch.distributed.get_world_size()
         if rank is None:
             rank = torch.distributed.get_rank()
-    return (0 if rank is None else int(rank)), world
+    if rank is None:  # torchrun, attached before init_process_group: only RANK 0 may write
+        rank = int(os.environ.get("RANK", "0"))
+    return int(rank), world
 
 
 def _jsonable(v: Any) -> Any:
@@ -113,10 +115,15 @@ class Probe:
         self._int_q = [q for q in self.quantities if q.int_columns]
         self._float_q = [q for q in self.quantities if not q.int_columns]
         self._tracked, self._hists, self._snaps = Tracked(), Histograms(HIST_EDGES), Snapshots()
+        self._applicable: list[list[Quantity]] | None = None
         if self.active:
             self._setup_writer(tensorboard, resume, buffer_steps)
             self._handles.append(optimizer.register_step_pre_hook(self._pre_hook))
         self._handles.append(optimizer.register_step_post_hook(self._post_hook))
+        if self.world_size > 1:  # cross-rank sign-hash check on the hist_every schedule (probe/distributed.py)
+            from .distributed import install_rank_check
+
+            install_rank_check(self)
         if self.active:
             atexit.register(_flush_at_exit, weakref.ref(self))
 
@@ -222,6 +229,9 @@ class Probe:
                 self.flush()
 
     def _measure(self, t: int) -> None:
+        if self._applicable is None:  # which quantities apply to which layer: fixed for the run
+            self._applicable = [[q for q in self._float_q if q.applies(StepContext(st, t, self.optimizer))]
+                                for st in self.states]
         log, trk, ev = self.every(t), self.track_every(t), self.events_every(t)
         hist, snap = self.hist_every(t), self.snapshot_every(t)
         ints: list[torch.Tensor] = []
@@ -236,10 +246,9 @@ class Probe:
                 if not self.sign_hash:
                     ints.append(self._missing_hash)
                 cols: list[str] = []
-                for q in self._float_q:
-                    if q.applies(ctx):
-                        floats.extend(q.compute(ctx))
-                        cols.extend(q.columns)
+                for q in self._applicable[li]:
+                    floats.extend(q.compute(ctx))
+                    cols.extend(q.columns)
                 cols_per_layer.append(tuple(cols))
             if ev:
                 a, b = self._events.compute(ctx)

@@ -1,0 +1,143 @@
+"""Probe overhead: training-step time with the probe attached / without, alternating on/off repetitions in one run.
+
+    python benchmarks/bench_probe.py [--device cuda] [--quick] [--profile]
+
+Cases: BinaryNet full width (32×32×3 random inputs, batch 50, Bop on the binary weights + Adam on the rest),
+probe at its defaults and with histograms every 16 steps; the small binary MLP on scikit-learn digits (worst case:
+tiny steps). Reports the median per-step time of each mode, the ratio, and the log's bytes per (step, layer) row.
+Attach/close and the final flush are outside the timed window; periodic drains inside it are timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import bnn_probe
+from bnn_probe.models import BinaryMLP, BinaryNet
+from bnn_probe.nn import binary_parameters
+from bnn_probe.optim import Bop, binary_init_
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_case(name: str, dev: torch.device):
+    torch.manual_seed(0)
+    if name == "binarynet":
+        model = BinaryNet().to(dev)
+        x = torch.randn(50, 3, 32, 32, device=dev)
+        y = torch.randint(0, 10, (50,), device=dev)
+        batches = [(x, y)]
+    else:
+        from sklearn.datasets import load_digits
+
+        X, Y = load_digits(return_X_y=True)
+        X = torch.tensor(X / 16.0, dtype=torch.float32, device=dev)
+        Y = torch.tensor(Y, device=dev)
+        model = BinaryMLP(64, [256, 256], 10).to(dev)
+        g = torch.Generator().manual_seed(0)
+        batches = [(X[i], Y[i]) for i in (torch.randint(0, len(X), (64,), generator=g) for _ in range(8))]
+    binary_init_(model, seed=0)
+    bins = binary_parameters(model)
+    ids = {id(p) for p in bins}
+    bop = Bop(bins, gamma=1e-4 if name == "binarynet" else 1e-3, threshold=1e-8 if name == "binarynet" else 1e-6)
+    adam = torch.optim.Adam([p for p in model.parameters() if id(p) not in ids], lr=1e-2)
+    return model, bop, adam, batches
+
+
+def train_steps(model, bop, adam, batches, k: int, dev) -> float:
+    _sync(dev)
+    t0 = time.perf_counter()
+    for i in range(k):
+        x, y = batches[i % len(batches)]
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        bop.zero_grad(set_to_none=True)
+        adam.zero_grad(set_to_none=True)
+        loss.backward()
+        bop.step()
+        adam.step()
+    _sync(dev)
+    return (time.perf_counter() - t0) / k
+
+
+def bench(name: str, dev, reps: int, k: int, warmup: int, probe_opts: dict, root: Path, label: str = "") -> dict:
+    model, bop, adam, batches = make_case(name, dev)
+    train_steps(model, bop, adam, batches, warmup, dev)
+    off, on = [], []
+    rows = 0
+    bytes_steps = 0
+    for r in range(reps):
+        off.append(train_steps(model, bop, adam, batches, k, dev))
+        logdir = root / f"{label or name}-{r}"
+        probe = bnn_probe.attach(model, bop, logdir, **probe_opts)
+        train_steps(model, bop, adam, batches, 1, dev)  # first step after attach allocates the probe's buffers
+        on.append(train_steps(model, bop, adam, batches, k, dev))
+        probe.close()
+        run = bnn_probe.load_run(logdir)
+        rows += len(run.steps)
+        bytes_steps += sum(f.stat().st_size for f in (logdir / "steps").glob("*.parquet"))
+    t_off, t_on = statistics.median(off), statistics.median(on)
+    return {"case": name, "opts": probe_opts, "off_ms": 1e3 * t_off, "on_ms": 1e3 * t_on, "ratio": t_on / t_off,
+            "ratios": [b / a for a, b in zip(off, on, strict=True)], "bytes_per_step_row": bytes_steps / max(rows, 1),
+            "rows": rows}
+
+
+def profile(dev, root: Path, k: int) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    model, bop, adam, batches = make_case("binarynet", dev)
+    train_steps(model, bop, adam, batches, 2, dev)
+    probe = bnn_probe.attach(model, bop, root / "prof", tensorboard=False)
+    train_steps(model, bop, adam, batches, 2, dev)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with tprofile(activities=acts) as prof:
+        train_steps(model, bop, adam, batches, k, dev)
+    probe.close()
+    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true", help="few steps (CPU smoke run)")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler table of probe-on BinaryNet steps")
+    ap.add_argument("--cases", default="binarynet,binarynet_hist16,mlp_digits")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    gpu = dev.type == "cuda"
+    reps, k, warm = (3, 2, 1) if args.quick else ((7, 30, 10) if gpu else (3, 5, 2))
+    mlp_reps, mlp_k = (3, 20) if args.quick else ((7, 200) if gpu else (5, 100))
+    print(f"device={dev} torch={torch.__version__}" + (f" gpu={torch.cuda.get_device_name()}" if gpu else ""))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for case in args.cases.split(","):
+            if case == "binarynet":
+                res = bench("binarynet", dev, reps, k, warm, {}, root)
+            elif case == "binarynet_hist16":
+                res = bench("binarynet", dev, reps, k, warm, {"hist_every": 16}, root, "hist16")
+                res["case"] = "binarynet_hist16"
+            elif case == "mlp_digits":
+                res = bench("mlp", dev, mlp_reps, mlp_k, 20, {}, root)
+                res["case"] = "mlp_digits"
+            else:
+                raise SystemExit(f"unknown case {case}")
+            print(f"{res['case']:18s} off {res['off_ms']:8.3f} ms  on {res['on_ms']:8.3f} ms  ratio {res['ratio']:.3f}"
+                  f"  (per rep: {', '.join(f'{r:.3f}' for r in res['ratios'])})"
+                  f"  bytes/(step,layer) row {res['bytes_per_step_row']:.1f} over {res['rows']} rows", flush=True)
+        if args.profile:
+            profile(dev, root, 5)
+
+
+if __name__ == "__main__":
+    main()
