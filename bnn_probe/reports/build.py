@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class ReportResult:
     verdicts: list[Verdict]
     warnings: list[str]
     files: list[Path] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)  # seconds per stage
 
 
 def _slug(s: str) -> str:
@@ -85,8 +87,13 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
         runs_or_paths = [runs_or_paths]
     show = progress and sys.stderr.isatty()
     bar = tqdm(total=9, desc="report", unit="stage", disable=not show, leave=False)
+    timings: dict[str, float] = {}
+    clock = [time.perf_counter()]
 
     def stage(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = round(now - clock[0], 3)
+        clock[0] = now
         bar.set_postfix_str(name)
         bar.update(1)
 
@@ -228,6 +235,6 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
         (out / "report.md").write_text(render_markdown(doc, out), encoding="utf-8")
     stage("rendered")
     bar.close()
-    return ReportResult(out, verdicts, warnings, w.files)
+    return ReportResult(out, verdicts, warnings, w.files, timings)
 
 

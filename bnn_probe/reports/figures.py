@@ -22,11 +22,12 @@ import seaborn as sns  # noqa: E402
 
 MAX_PANELS = 6
 PI_LABEL = "π = log(flip ratio + e⁻⁹)"
+RAW = {"estimator": None, "errorbar": None}  # lines draw the prepared values: no aggregation, no bootstrap
 
 
 def set_style() -> None:
     sns.set_theme(style="whitegrid", context="paper", palette="colorblind", font_scale=1.0)
-    plt.rcParams.update({"figure.dpi": 100, "savefig.dpi": 100, "savefig.bbox": "tight"})
+    plt.rcParams.update({"figure.dpi": 100, "savefig.dpi": 100})
 
 
 @contextlib.contextmanager
@@ -70,7 +71,7 @@ def training_curves(curves: pd.DataFrame, path: Path) -> Path | None:
     metrics = list(dict.fromkeys(curves["metric"]))[:4]
     with _figure(path, ncols=len(metrics), width=3.2 * len(metrics), height=3.0) as (fig, axes):
         for ax, metric in zip(axes[0], metrics, strict=False):
-            sns.lineplot(data=curves[curves["metric"] == metric], x="step", y="value", hue="run", ax=ax,
+            sns.lineplot(data=curves[curves["metric"] == metric], x="step", y="value", hue="run", ax=ax, **RAW,
                          legend=ax is axes[0][0])
             ax.set_title(metric)
             ax.set_ylabel("")
@@ -83,7 +84,7 @@ def network_flip_ratio(net: pd.DataFrame, path: Path) -> Path | None:
         return None
     with _figure(path) as (fig, axes):
         ax = axes[0][0]
-        sns.lineplot(data=net, x="step", y="pi", hue="run", ax=ax, linewidth=1)
+        sns.lineplot(data=net, x="step", y="pi", hue="run", ax=ax, linewidth=1, **RAW)
         ax.set_ylabel(PI_LABEL)
         ax.set_title("Whole-network flip ratio")
     return path
@@ -97,7 +98,7 @@ def layer_flip_ratio(lay: pd.DataFrame, path: Path) -> Path | None:
     with _figure(path, ncols=len(runs), width=min(3.4 * len(runs), 14), height=3.2, sharey=True) as (fig, axes):
         for ax, run in zip(axes[0], runs, strict=False):
             sub = lay[lay["run"] == run].sort_values(["fan_in", "layer"], kind="stable")
-            sns.lineplot(data=sub, x="step", y="pi", hue="layer", ax=ax, linewidth=0.8, legend=ax is axes[0][0])
+            sns.lineplot(data=sub, x="step", y="pi", hue="layer", ax=ax, linewidth=0.8, legend=ax is axes[0][0], **RAW)
             ax.set_title(run)
             ax.set_ylabel(PI_LABEL)
         if axes[0][0].get_legend() is not None:
@@ -284,7 +285,7 @@ def hamming(ham: pd.DataFrame, title: str, path: Path) -> Path | None:
         return None
     with _figure(path, width=6) as (fig, axes):
         ax = axes[0][0]
-        sns.lineplot(data=ham, x="step", y="fraction", hue="layer", marker="o", ax=ax)
+        sns.lineplot(data=ham, x="step", y="fraction", hue="layer", marker="o", ax=ax, **RAW)
         ax.set_ylabel("Hamming distance / weights")
         ax.set_title(title)
     return path

@@ -51,29 +51,43 @@ def flip_outcomes(tracked: pd.DataFrame, k: int | None = None, max_rows: int = M
     cols = ["layer", "index", "step", "inertia", "flipped"]
     if tracked.empty or not {"step", "layer", "index", "sign", "inertia"} <= set(tracked.columns):
         return pd.DataFrame(columns=cols), k or 0
-    df = tracked[["layer", "index", "step", "sign", "inertia"]]
-    if len(df) > max_rows:
-        keys = df[["layer", "index"]].drop_duplicates()
-        frac = max_rows / len(df)
-        keep = keys.sample(frac=frac, random_state=seed)
-        df = df.merge(keep, on=["layer", "index"])
-    df = df.sort_values(["layer", "index", "step"], kind="stable").reset_index(drop=True)
-    gid = df.groupby(["layer", "index"], sort=False).ngroup().to_numpy()
-    step = df["step"].to_numpy(dtype=np.int64)
-    sign = df["sign"].to_numpy()
-    same = np.r_[False, gid[1:] == gid[:-1]]
+    codes, names = pd.factorize(tracked["layer"], sort=False)
+    key = (codes.astype(np.int64) << 32) | tracked["index"].to_numpy(dtype=np.int64)
+    step = tracked["step"].to_numpy(dtype=np.int64)
+    sign = tracked["sign"].to_numpy()
+    inert = tracked["inertia"].to_numpy(dtype=float)
+    if len(key) > max_rows:  # subsample whole weights, keeping their time series
+        ukeys = np.unique(key)
+        rng = np.random.default_rng(seed)
+        keep = rng.choice(ukeys, size=max(1, int(len(ukeys) * max_rows / len(key))), replace=False)
+        m = np.isin(key, keep)
+        key, step, sign, inert = key[m], step[m], sign[m], inert[m]
+    order = np.lexsort((step, key))
+    key, step, sign, inert = key[order], step[order], sign[order], inert[order]
+    n = key.size
+    same = np.r_[False, key[1:] == key[:-1]]
     changed = same & np.r_[False, sign[1:] != sign[:-1]]
     dstep = np.diff(step)[same[1:]]
     cadence = float(np.median(dstep)) if dstep.size else 1.0
     if k is None:
         k = _default_k(step, cadence)
-    change_step = pd.Series(np.where(changed, step, np.nan))
-    nxt = change_step.groupby(gid).shift(-1).groupby(gid).bfill().to_numpy()
-    last = pd.Series(step).groupby(gid).transform("max").to_numpy()
-    flipped = np.isfinite(nxt) & (nxt - step <= k)
-    observable = flipped | (step + k <= last)
-    out = df.loc[observable, ["layer", "index", "step", "inertia"]].assign(flipped=flipped[observable])
-    out = out[np.isfinite(out["inertia"].to_numpy(dtype=float))]
+    # next sign change after row i, within the same weight
+    cpos = np.flatnonzero(changed)
+    j = np.searchsorted(cpos, np.arange(n), side="right")
+    has = j < cpos.size
+    nxt_pos = np.where(has, cpos[np.minimum(j, max(cpos.size - 1, 0))] if cpos.size else 0, -1)
+    has &= (nxt_pos >= 0) & (key[np.maximum(nxt_pos, 0)] == key)
+    nxt = np.where(has, step[np.maximum(nxt_pos, 0)], np.iinfo(np.int64).max)
+    # last tracked step of each weight
+    ends = np.r_[np.flatnonzero(key[1:] != key[:-1]), n - 1]
+    last = step[ends[np.searchsorted(ends, np.arange(n))]]
+    flipped = has & (nxt - step <= k)
+    observable = (flipped | (step + k <= last)) & np.isfinite(inert)
+    codes_s = (key >> 32).astype(np.int64)[observable]
+    out = pd.DataFrame({"layer": pd.Categorical.from_codes(codes_s, categories=names).astype(str)
+                        if len(codes_s) else pd.Series([], dtype=str),
+                        "index": (key & 0xFFFFFFFF)[observable], "step": step[observable],
+                        "inertia": inert[observable], "flipped": flipped[observable]})
     return out.reset_index(drop=True), int(k)
 
 

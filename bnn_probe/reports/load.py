@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import BnnProbeError
 
 ALL_TABLES = ("layers", "steps", "train", "tracked", "events", "hists", "snapshots", "weight_flips")
+REPORT_TABLES = ("layers", "steps", "train", "tracked", "snapshots", "weight_flips")  # what the report reads
 
 
 def _is_pathlike(x) -> bool:
@@ -34,7 +35,7 @@ def resolve(paths) -> list[Path]:
     return out
 
 
-def load_runs(items, tables=ALL_TABLES, strict: bool = True) -> list:
+def load_runs(items, tables=REPORT_TABLES, strict: bool = True) -> list:
     """Load runs and read ``tables`` now. With ``strict``, a broken Parquet part is a one-line error (a run killed
     mid-training has no broken parts: parts are written atomically); without, it is skipped with the reader's
     warning."""
