@@ -1,0 +1,153 @@
+"""``bnn-probe train``: one reference run with the probe attached (the options are :class:`TrainConfig`'s fields)."""
+
+from __future__ import annotations
+
+import math
+
+import click
+
+from ..errors import BnnProbeError
+
+_AUTO = "auto per optimizer, see docs/training.md"
+
+
+def _choice_help(text: str, choices: tuple[str, ...]) -> str:
+    return f"{text} One of: {', '.join(choices)}."
+
+
+# Choices are validated by TrainConfig (one-line error, exit 2) rather than click.Choice (a usage block).
+MODELS = ("mlp", "binarynet", "cnn1d")
+DATASETS = ("digits", "mnist1d", "cifar10")
+OPTIMIZERS = ("bop", "bop2nd", "latent-adam", "latent-sgd")
+
+
+def train_options(f):
+    """The run options shared by ``train`` (decorator)."""
+    opts = [
+        click.option("--model", default="mlp", show_default=True, metavar="[mlp|binarynet|cnn1d]",
+                     help=_choice_help("Reference model.", MODELS)),
+        click.option("--widths", default="256,256", show_default=True,
+                     help="MLP hidden widths, comma-separated (e.g. 2048,64,1024)."),
+        click.option("--width-multiplier", type=float, default=1.0, show_default=True,
+                     help="BinaryNet channel/unit multiplier (1 = the paper's 14M binary weights; 0.125 for CPU)."),
+        click.option("--batch-norm/--no-batch-norm", default=True, show_default=True,
+                     help="Batch norm after every binary layer."),
+        click.option("--weight-scale", default="none", show_default=True, metavar="[none|mean|fan_in]",
+                     help="Binary weight scaling (use mean or fan_in with --no-batch-norm)."),
+        click.option("--dataset", default="digits", show_default=True, metavar="[digits|mnist1d|cifar10]",
+                     help=_choice_help("Dataset (digits and mnist1d need no download).", DATASETS)),
+        click.option("--data-dir", default=None, type=click.Path(path_type=str),
+                     help="CIFAR-10 python-version folder (data_batch_1..5, test_batch)."),
+        click.option("--optimizer", default="bop", show_default=True,
+                     metavar="[bop|bop2nd|latent-adam|latent-sgd]",
+                     help=_choice_help("Optimizer of the binary weights.", OPTIMIZERS)),
+        click.option("--gamma", type=float, default=None, help="Bop adaptivity rate γ [default: 1e-4, the paper's]."),
+        click.option("--threshold", type=float, default=None, help="Bop threshold τ [default: 1e-8, the paper's]."),
+        click.option("--sigma", type=float, default=None, help="Bop2ndOrder second-moment rate σ [default: 1e-4]."),
+        click.option("--lr", type=float, default=None,
+                     help="Latent-weight learning rate [default: latent-adam 1e-3 (paper), latent-sgd 0.1], "
+                          "multiplied per layer by BinaryNet's Glorot factor unless --no-glorot-lr."),
+        click.option("--lr-real", type=float, default=1e-2, show_default=True,
+                     help="Adam learning rate of the real-valued parameters (batch norm, biases)."),
+        click.option("--decay-every", type=int, default=0, show_default=True,
+                     help="Multiply γ, lr and lr-real by --decay-factor every N epochs (0 = constant; "
+                          "paper: 100 of 500)."),
+        click.option("--decay-factor", type=float, default=0.1, show_default=True, help="Step-decay factor."),
+        click.option("--clip/--no-clip", default=None,
+                     help="Latent optimizers: clip latent weights to [-1, 1] after every step [default: clip]."),
+        click.option("--ste", default="clipped", show_default=True, metavar="[clipped|identity]",
+                     help="Weight straight-through estimator: clipped (1[|w|<=1]) or identity."),
+        click.option("--init-scale", type=float, default=None,
+                     help="Latent optimizers: initial |w| ~ U(0, s] [default: Glorot bound sqrt(6/(fan_in+fan_out)) "
+                          "per layer]. Signs are the same ±1 draw Bop starts from."),
+        click.option("--glorot-lr/--no-glorot-lr", default=None,
+                     help="Latent optimizers: BinaryNet per-layer lr factor 1/sqrt(1.5/(fan_in+fan_out)) "
+                          "[default: on]."),
+        click.option("--momentum", type=float, default=None, help="latent-sgd momentum [default: 0]."),
+        click.option("--decoupled-decay", type=float, default=None,
+                     help="latent-sgd decoupled decay d: w <- (1 - lr*d) w before each step [default: 0]. "
+                          "d = 1 with lr = γ is Bop at τ = 0."),
+        click.option("--weight-decay", type=float, default=0.0, show_default=True,
+                     help="L2 weight decay of the real-valued parameters (and of latent weights for latent "
+                          "optimizers)."),
+        click.option("--epochs", type=int, default=20, show_default=True, help="Training epochs."),
+        click.option("--batch-size", type=int, default=50, show_default=True, help="Batch size (paper: 50)."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the model, the initial signs and the batch order."),
+        click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, cuda:1, ...)."),
+        click.option("--threads", type=int, default=None,
+                     help="torch CPU threads [default: torch's choice]. 1 is fastest for small models on a busy "
+                          "machine."),
+        click.option("--probe-every", type=int, default=1, show_default=True,
+                     help="Probe: log the per-layer steps table every N steps."),
+        click.option("--hist-every", type=int, default=100, show_default=True,
+                     help="Probe: histograms every N steps (0 = never)."),
+        click.option("--snapshot-every", type=int, default=1000, show_default=True,
+                     help="Probe: packed sign snapshots every N steps (0 = never)."),
+        click.option("--track", type=int, default=64, show_default=True,
+                     help="Probe: weights tracked per layer (inertia and sign over time)."),
+        click.option("--tag", default=None, help="Free text stored in the run's metadata."),
+        click.option("--pair", default=None, help="Pair name for paired runs (report: theorem1*/tau0* pairs)."),
+        click.option("--pair-role", default=None, metavar="[a|b]", help="This run's role in --pair."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def config_from_options(opts: dict) -> object:
+    """Build a :class:`bnn_probe.train.TrainConfig` from the click options (validation happens at resolve)."""
+    from ..train import TrainConfig, parse_widths
+
+    widths = parse_widths(opts["widths"]) if opts["model"] == "mlp" else ()
+    return TrainConfig(
+        model=opts["model"], widths=widths, width_multiplier=opts["width_multiplier"],
+        batch_norm=opts["batch_norm"], weight_scale=opts["weight_scale"], dataset=opts["dataset"],
+        data_dir=opts["data_dir"], optimizer=opts["optimizer"], gamma=opts["gamma"], threshold=opts["threshold"],
+        sigma=opts["sigma"], lr=opts["lr"], lr_real=opts["lr_real"], decay_every=opts["decay_every"],
+        decay_factor=opts["decay_factor"], clip=opts["clip"], ste=opts["ste"], init_scale=opts["init_scale"],
+        glorot_lr=opts["glorot_lr"], momentum=opts["momentum"], decoupled_decay=opts["decoupled_decay"],
+        weight_decay=opts["weight_decay"], epochs=opts["epochs"], batch_size=opts["batch_size"], seed=opts["seed"],
+        device=opts["device"], probe_every=opts["probe_every"], hist_every=opts["hist_every"],
+        snapshot_every=opts["snapshot_every"], track=opts["track"], tag=opts["tag"], pair=opts["pair"],
+        pair_role=opts["pair_role"],
+    )
+
+
+@click.command("train")
+@train_options
+@click.option("--out", default=None, type=click.Path(path_type=str),
+              help="Run directory [default: runs/<dataset>-<model>-<optimizer>-s<seed>]. Never overwritten "
+                   "silently.")
+@click.option("--overwrite", is_flag=True, help="Replace a previous run in --out.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar [default: only when stderr is a terminal].")
+def train(out, overwrite, progress, threads, **opts):
+    """Train one reference model with the probe attached; log per-layer flips, momentum/inertia and the
+    train/validation loss and accuracy into a run directory."""
+    import torch
+
+    from ..train import train as run_train
+
+    if threads is not None:
+        if threads < 1:
+            raise BnnProbeError(f"--threads must be a positive integer, got {threads}")
+        torch.set_num_threads(threads)
+    config = config_from_options(opts).resolved()
+    if out is None:
+        out = f"runs/{config.dataset}-{config.model}-{config.optimizer}-s{config.seed}"
+    path = run_train(config, out, progress=progress, overwrite=overwrite)
+    _print_result(path)
+
+
+def _print_result(path) -> None:
+    from ..runlog import load_run
+
+    try:
+        tr = load_run(path).train
+        acc = tr["val_accuracy"].dropna() if "val_accuracy" in tr else []
+        last = float(acc.iloc[-1]) if len(acc) else math.nan
+    except Exception:  # noqa: BLE001 - the summary line is a courtesy
+        last = math.nan
+    suffix = "" if math.isnan(last) else f" (final validation accuracy {100 * last:.1f} %)"
+    click.echo(f"{path}{suffix}")

@@ -1,0 +1,387 @@
+"""Study presets: named grids of :class:`~bnn_probe.train.TrainConfig` runs, written side by side and reported.
+
+A study is registered under a name with :func:`register_study`; its builder turns :class:`StudyOptions` (dataset,
+epochs, seeds, quick) into a list of :class:`RunSpec` (a run name and its config). :func:`run_study` trains the runs
+(in parallel processes with ``jobs > 1``) into ``out/<run name>/`` and builds the report into ``out/report/``.
+
+Studies (docs/training.md gives every run's options):
+
+* ``hyperparams`` — Fig. 1 of Helwegen et al. 2019: Bop with γ ∈ {1e-2, 1e-3, 1e-4} at τ = 1e-6 and
+  τ ∈ {0, 1e-6, 1e-5} at γ = 1e-3 (five runs per seed; γ = 1e-3, τ = 1e-6 is shared). The paper's values are used
+  unscaled: on the embedded datasets they already give distinct flip rates and trainable models (docs/results.md).
+* ``inertia`` — Bop; latent Adam with clipping; latent SGD; the Theorem-1 pair (latent SGD, identity STE, no clipping,
+  (lr, init) and (C·lr, C·init) with C = 2^5); the τ = 0 pair (Bop with τ = 0 and latent SGD with step γ, decoupled
+  decay γ and initial magnitudes 1e-20, γ = 2^-10 so both forms round alike). Pairs carry ``config["pair"]`` and
+  ``config["pair_role"]`` ("a"/"b") and a ``tag`` naming the pair kind.
+* ``thresholds`` — reserved: arrives with the per-layer threshold issue.
+* ``all`` — the main job: a short version of every available study (one report).
+
+Issue 6 (per-layer thresholds) replaces the reserved entry with ``@register_study("thresholds", ...)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import BnnProbeError
+from .train import TrainConfig
+
+__all__ = ["RunSpec", "StudyOptions", "Study", "STUDIES", "register_study", "reserve_study", "get_study",
+           "plan_study", "run_study", "parse_seeds", "study_names"]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a study: its directory name under the study folder and its options."""
+
+    name: str
+    config: TrainConfig
+
+
+@dataclass(frozen=True)
+class StudyOptions:
+    """Options every study takes.
+
+    Attributes:
+        dataset: ``digits`` (default), ``mnist1d`` or ``cifar10``.
+        epochs: epochs per run; ``None`` = the study's default (shorter with ``quick``).
+        seeds: one run of each grid point per seed.
+        quick: CI-sized version (fewer epochs, probe histograms off).
+        data_dir: CIFAR-10 folder.
+        model: reference model (``mlp`` default; ``cnn1d`` suits mnist1d).
+        widths: MLP hidden widths.
+        device: torch device.
+    """
+
+    dataset: str = "digits"
+    epochs: int | None = None
+    seeds: tuple[int, ...] = (0,)
+    quick: bool = False
+    data_dir: str | None = None
+    model: str = "mlp"
+    widths: tuple[int, ...] = (256, 256)
+    device: str = "cpu"
+
+    def base(self, seed: int, default_epochs: int, quick_epochs: int) -> TrainConfig:
+        """The study's base config for ``seed``."""
+        epochs = self.epochs if self.epochs is not None else (quick_epochs if self.quick else default_epochs)
+        return TrainConfig(model=self.model, widths=tuple(self.widths), dataset=self.dataset, data_dir=self.data_dir,
+                           epochs=epochs, seed=seed, device=self.device)
+
+
+@dataclass
+class Study:
+    """A named grid: ``build(options) -> [RunSpec]``. A reserved study has no builder and a ``reserved`` message."""
+
+    name: str
+    description: str
+    build: Callable[[StudyOptions], list[RunSpec]] | None = None
+    reserved: str | None = None
+    in_all: bool = True
+    all_epochs: int = 8  # epochs of this study's short version inside ``all``
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+STUDIES: dict[str, Study] = {}
+
+
+def register_study(name: str, description: str, *, in_all: bool = True, all_epochs: int = 8):
+    """Decorator registering ``build(options) -> list[RunSpec]`` as study ``name`` (replaces a reserved entry)."""
+
+    def deco(fn: Callable[[StudyOptions], list[RunSpec]]) -> Callable[[StudyOptions], list[RunSpec]]:
+        STUDIES[name] = Study(name, description, fn, None, in_all, all_epochs)
+        return fn
+
+    return deco
+
+
+def reserve_study(name: str, description: str, message: str) -> None:
+    """Register a name whose study is not available yet (``bnn-probe study NAME`` explains ``message``)."""
+    STUDIES[name] = Study(name, description, None, message, in_all=False)
+
+
+def study_names() -> list[str]:
+    """Every registered study name, plus ``all``."""
+    return [*STUDIES, "all"]
+
+
+def get_study(name: str) -> Study:
+    if name == "all":
+        return Study("all", "a short version of every available study, one report", _build_all)
+    if name not in STUDIES:
+        raise BnnProbeError(f"unknown study {name!r}: choose one of {', '.join(study_names())}")
+    st = STUDIES[name]
+    if st.build is None:
+        raise BnnProbeError(f"study {name!r} is not available yet: {st.reserved}")
+    return st
+
+
+def parse_seeds(text: str | int | Sequence[int]) -> tuple[int, ...]:
+    """``"0,1,2"`` → (0, 1, 2); an int n → (0, …, n−1) only when given as an int.
+
+    >>> parse_seeds("3,4"), parse_seeds(2)
+    ((3, 4), (0, 1))
+    """
+    if isinstance(text, int):
+        if text < 1:
+            raise BnnProbeError(f"--seeds needs at least one seed, got {text}")
+        return tuple(range(text))
+    items = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
+    try:
+        seeds = tuple(int(s) for s in items)
+    except (TypeError, ValueError):
+        raise BnnProbeError(f"--seeds must be comma-separated integers like 0,1,2; got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise BnnProbeError(f"--seeds must be distinct non-negative integers like 0,1,2; got {text!r}")
+    return seeds
+
+
+def _fmt(x: float) -> str:
+    """Compact float for run names: 1e-3 → '1e-3', 0 → '0'."""
+    if x == 0:
+        return "0"
+    m, e = f"{x:.0e}".split("e")
+    return f"{m}e{int(e)}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the studies
+
+HYPER_GAMMAS = (1e-2, 1e-3, 1e-4)
+HYPER_TAUS = (0.0, 1e-6, 1e-5)
+THEOREM1_C = 2 ** 5
+TAU0_GAMMA = 2.0 ** -10
+
+
+@register_study("hyperparams", "Bop γ ∈ {1e-2, 1e-3, 1e-4} at τ = 1e-6, τ ∈ {0, 1e-6, 1e-5} at γ = 1e-3 "
+                "(paper Fig. 1)", all_epochs=8)
+def _hyperparams(o: StudyOptions) -> list[RunSpec]:
+    runs: list[RunSpec] = []
+    for seed in o.seeds:
+        base = o.base(seed, default_epochs=20, quick_epochs=2)
+        grid = [(g, 1e-6) for g in HYPER_GAMMAS] + [(1e-3, t) for t in HYPER_TAUS if t != 1e-6]
+        for gamma, tau in grid:
+            cfg = replace(base, optimizer="bop", gamma=gamma, threshold=tau, tag="hyperparams")
+            runs.append(RunSpec(f"bop-g{_fmt(gamma)}-t{_fmt(tau)}-s{seed}", cfg))
+    return runs
+
+
+@register_study("inertia", "Bop, latent Adam (clipped), latent SGD, the Theorem-1 pair and the τ = 0 pair",
+                all_epochs=8)
+def _inertia(o: StudyOptions) -> list[RunSpec]:
+    runs: list[RunSpec] = []
+    for seed in o.seeds:
+        base = replace(o.base(seed, default_epochs=20, quick_epochs=2), tag="inertia")
+        runs.append(RunSpec(f"bop-s{seed}", replace(base, optimizer="bop", gamma=1e-3, threshold=1e-6)))
+        runs.append(RunSpec(f"latent-adam-clip-s{seed}", replace(base, optimizer="latent-adam", clip=True)))
+        runs.append(RunSpec(f"latent-sgd-s{seed}", replace(base, optimizer="latent-sgd", clip=True)))
+        lr, init = 1e-2, 5e-2
+        th1 = replace(base, optimizer="latent-sgd", ste="identity", clip=False, momentum=0.0, glorot_lr=True,
+                      pair=f"theorem1-s{seed}", tag="theorem1")
+        runs.append(RunSpec(f"theorem1-a-s{seed}", replace(th1, lr=lr, init_scale=init, pair_role="a")))
+        runs.append(RunSpec(f"theorem1-b-s{seed}", replace(th1, lr=THEOREM1_C * lr, init_scale=THEOREM1_C * init,
+                                                          pair_role="b")))
+        tau0 = replace(base, ste="identity", pair=f"tau0-s{seed}", tag="tau0")
+        runs.append(RunSpec(f"tau0-bop-s{seed}", replace(tau0, optimizer="bop", gamma=TAU0_GAMMA, threshold=0.0,
+                                                        pair_role="a")))
+        runs.append(RunSpec(f"tau0-latent-sgd-s{seed}", replace(
+            tau0, optimizer="latent-sgd", lr=TAU0_GAMMA, decoupled_decay=1.0, momentum=0.0, clip=False,
+            glorot_lr=False, init_scale=1e-20, pair_role="b")))
+    return runs
+
+
+reserve_study("thresholds", "per-layer thresholds: wide vs thin layers (question A)",
+              "it arrives with the per-layer threshold issue (threshold policies and their study)")
+
+
+def _build_all(o: StudyOptions) -> list[RunSpec]:
+    runs: list[RunSpec] = []
+    for name, st in STUDIES.items():
+        if st.build is None or not st.in_all:
+            continue
+        epochs = o.epochs if o.epochs is not None else (2 if o.quick else st.all_epochs)
+        sub = st.build(replace(o, epochs=epochs))
+        runs.extend(RunSpec(f"{name}-{r.name}", r.config) for r in sub)
+    return runs
+
+
+def plan_study(name: str, options: StudyOptions) -> list[RunSpec]:
+    """The runs of study ``name`` (validated: names unique, configs resolvable)."""
+    specs = get_study(name).build(options)  # type: ignore[misc]
+    seen: set[str] = set()
+    out = []
+    for s in specs:
+        if s.name in seen:
+            raise BnnProbeError(f"study {name!r} defines run {s.name!r} twice")
+        seen.add(s.name)
+        cfg = s.config
+        if options.quick:
+            cfg = replace(cfg, hist_every=0 if cfg.hist_every == 100 else cfg.hist_every)
+        cfg.resolved()  # raises a one-line error for bad options
+        out.append(RunSpec(s.name, cfg))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# running
+
+_DATA_CACHE: dict[tuple, Any] = {}
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+
+
+def _data_for(cfg: TrainConfig):
+    from .data import load_dataset
+
+    key = (cfg.dataset, cfg.data_dir, cfg.model == "binarynet")
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = load_dataset(cfg.dataset, cfg.data_dir, layout="image" if key[2] else "flat")
+    return _DATA_CACHE[key]
+
+
+def _run_one(name: str, config: dict[str, Any], out: str, overwrite: bool, progress: bool) -> dict[str, Any]:
+    """Train one run (in a worker process or in-process); returns a small JSON-able summary."""
+    from .train import train
+
+    cfg = TrainConfig.from_dict(config)
+    t0 = time.perf_counter()
+    path = train(cfg, out, progress=progress, overwrite=overwrite, data=_data_for(cfg))
+    return {"name": name, "path": str(path), "seconds": time.perf_counter() - t0, "reused": False}
+
+
+def _existing(path: Path, config: TrainConfig) -> str:
+    """'absent', 'same' (a finished run with this config) or 'other'."""
+    meta = path / "meta.json"
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return "absent"
+    try:
+        m = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return "other"
+    same = m.get("status") == "finished" and m.get("config") == config.resolved().to_dict()
+    return "same" if same else "other"
+
+
+def run_study(name: str, out: str | Path, options: StudyOptions = StudyOptions(), jobs: int = 1,
+              progress: bool | None = None, overwrite: bool = False, report: bool = True,
+              echo: Callable[[str], None] | None = None) -> Path:
+    """Train every run of study ``name`` into ``out/<run>/`` and report them into ``out/report/``.
+
+    A finished run already in ``out`` with the same options is reused (so an interrupted study resumes); another run
+    in its place is an error unless ``overwrite``. With ``jobs > 1`` runs train in that many spawned processes, each
+    with ``max(1, cpu_count // jobs)`` torch threads. Returns the report's ``report.html`` (or ``out`` when
+    ``report`` is False).
+    """
+    echo = echo or (lambda s: print(s, file=sys.stderr))
+    if jobs < 1:
+        raise BnnProbeError(f"--jobs must be a positive integer, got {jobs}")
+    specs = plan_study(name, options)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    todo, results = [], []
+    for s in specs:
+        state = _existing(out / s.name, s.config)
+        if state == "same" and not overwrite:
+            results.append({"name": s.name, "path": str(out / s.name), "seconds": 0.0, "reused": True})
+        elif state == "other" and not overwrite:
+            raise FileExistsError(f"{out / s.name} holds another run; choose another --out or pass --overwrite")
+        else:
+            todo.append(s)
+    out.mkdir(parents=True, exist_ok=True)
+    show = sys.stderr.isatty() if progress is None else progress
+    t0 = time.perf_counter()
+    if results:
+        echo(f"reusing {len(results)} finished run(s) in {out}")
+    if jobs == 1 or len(todo) <= 1:
+        for s in todo:
+            results.append(_run_one(s.name, s.config.to_dict(), str(out / s.name), overwrite, show))
+    else:
+        results.extend(_run_parallel(todo, out, jobs, overwrite, show))
+    echo(f"trained {len(todo)} run(s) in {time.perf_counter() - t0:.1f} s")
+    if not report:
+        return out
+    return _report(out, [out / s.name for s in specs], show, echo)
+
+
+def _run_parallel(todo: list[RunSpec], out: Path, jobs: int, overwrite: bool, show: bool) -> list[dict[str, Any]]:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from tqdm.auto import tqdm
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    results = []
+    bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not show, leave=False)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(threads,)) as ex:
+        futs = {ex.submit(_run_one, s.name, s.config.to_dict(), str(out / s.name), overwrite, False): s
+                for s in todo}
+        try:
+            for f in as_completed(futs):
+                results.append(f.result())
+                bar.update(1)
+                bar.set_postfix_str(futs[f].name, refresh=False)
+        except BaseException:
+            for f in futs:
+                f.cancel()
+            raise
+        finally:
+            bar.close()
+    return results
+
+
+def _report(out: Path, runs: list[Path], show: bool, echo: Callable[[str], None]) -> Path:
+    try:
+        from .reports import build_report
+    except ImportError:
+        echo(f"runs are in {out}; the report is not available in this version (bnn_probe.reports missing), "
+             f"so no report was built")
+        return out
+    import warnings
+
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=FutureWarning)
+        try:
+            path = build_report(runs, out / "report", progress=show)
+        except BnnProbeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the runs are safe; say where the report failed in one line
+            import traceback
+
+            tb = traceback.extract_tb(e.__traceback__)[-1]
+            where = f"{Path(tb.filename).name}:{tb.lineno}"
+            raise BnnProbeError(f"the runs are in {out}, but building the report failed ({type(e).__name__}: {e} "
+                                f"at {where}); retry with: bnn-probe report {out} --out {out / 'report'}") from e
+    echo(f"report built in {time.perf_counter() - t0:.1f} s")
+    return Path(path)
+
+
+def summarize(out: str | Path, runs: Sequence[RunSpec]) -> list[dict[str, Any]]:
+    """Final validation accuracy and mean flip ratio per run of a finished study (for tables)."""
+    from .runlog import load_run
+
+    rows = []
+    for s in runs:
+        r = load_run(Path(out) / s.name)
+        tr, st = r.train, r.steps
+        acc = tr["val_accuracy"].dropna() if "val_accuracy" in tr else []
+        n_weights = int(r.layers["n_weights"].sum()) if len(r.layers) else 0
+        n_steps = int(st["step"].nunique()) if len(st) else 0
+        flips = float(st["flips"].sum()) / (n_steps * n_weights) if n_steps and n_weights else math.nan
+        rows.append({"run": s.name, "val_accuracy": float(acc.iloc[-1]) if len(acc) else math.nan,
+                     "flip_ratio": flips})
+    return rows

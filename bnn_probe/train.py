@@ -1,0 +1,542 @@
+"""The reference training loop behind ``bnn-probe train`` and the study presets.
+
+One run = one :class:`TrainConfig`: build the data (:mod:`bnn_probe.data`) and a reference model
+(:func:`bnn_probe.models.build_model`), initialise the binary weights, build the optimizer
+(:func:`build_optimizer`), attach the probe (:func:`bnn_probe.attach`) and train, logging the per-step training loss
+and the per-epoch train/validation loss and accuracy through ``probe.log``. Every option is stored in the run's
+``meta.json`` under ``config`` (resolved: defaults that depend on the optimizer are filled in).
+
+Python use::
+
+    from bnn_probe.train import TrainConfig, train
+    path = train(TrainConfig(optimizer="bop", gamma=1e-3, threshold=1e-6, epochs=5), "runs/bop")
+
+Defaults (docs/training.md explains each): the paper's CIFAR-10 recipe (Helwegen et al. 2019, Sec. 5.2) —
+γ = 1e-4, τ = 1e-8, batch 50, Adam 1e-2 for the real-valued parameters, latent baseline Adam 1e-3 with Glorot
+learning-rate scaling and clipping — on the embedded ``digits`` data with a 64-256-256-10 binary MLP for 20 epochs.
+The learning-rate/γ decay (×0.1 every 100 of 500 epochs in the paper) is off by default (``decay_every=0``).
+
+Seams for later work: :func:`build_optimizer` takes an optional threshold ``policy`` (per-layer τ param groups,
+:mod:`bnn_probe.optim.thresholds`); :class:`TrainState` holds everything a resumed or distributed run needs (model,
+optimizer, probe, epoch/step counters, the batch-order generator) and :func:`run_epoch` advances it by one epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data import DATASETS, Dataset, load_dataset
+from .errors import BnnProbeError
+from .models import MODEL_NAMES, build_model
+from .nn import STE_MODES, named_binary_parameters
+
+__all__ = [
+    "TrainConfig",
+    "TrainState",
+    "OPTIMIZERS",
+    "DecoupledSGD",
+    "StepDecay",
+    "parse_widths",
+    "build_optimizer",
+    "init_binary_weights",
+    "setup",
+    "run_epoch",
+    "evaluate",
+    "train",
+    "prepare_out_dir",
+]
+
+OPTIMIZERS: tuple[str, ...] = ("bop", "bop2nd", "latent-adam", "latent-sgd")
+BOP_OPTIMIZERS: tuple[str, ...] = ("bop", "bop2nd")
+LATENT_OPTIMIZERS: tuple[str, ...] = ("latent-adam", "latent-sgd")
+DEFAULT_LR = {"latent-adam": 1e-3, "latent-sgd": 1e-1}
+EVAL_BATCH = 1000
+
+
+def parse_widths(text: str | Sequence[int] | None) -> tuple[int, ...]:
+    """``"2048,64,1024"`` → ``(2048, 64, 1024)``; raises :class:`BnnProbeError` on anything else.
+
+    >>> parse_widths("256, 32")
+    (256, 32)
+    """
+    if text is None:
+        return ()
+    if not isinstance(text, str):
+        items = list(text)
+    else:
+        items = [s.strip() for s in text.split(",")]
+    try:
+        widths = tuple(int(s) for s in items)
+    except (TypeError, ValueError):
+        raise BnnProbeError(f"--widths must be comma-separated positive integers like 2048,64,1024; got {text!r}") \
+            from None
+    if not widths or any(w <= 0 for w in widths):
+        raise BnnProbeError(f"--widths must be comma-separated positive integers like 2048,64,1024; got {text!r}")
+    return widths
+
+
+@dataclass
+class TrainConfig:
+    """Every option of one training run (the ``bnn-probe train`` options, one field each).
+
+    Fields left ``None`` get a default that depends on the optimizer when the run starts (:meth:`resolved`); options
+    that do not apply to the chosen optimizer are stored as ``None`` (e.g. ``gamma`` for latent-weight runs).
+    """
+
+    # model and data
+    model: str = "mlp"
+    widths: tuple[int, ...] = (256, 256)
+    width_multiplier: float = 1.0
+    batch_norm: bool = True
+    weight_scale: str = "none"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    # optimizer
+    optimizer: str = "bop"
+    gamma: float | None = None  # Bop/Bop2ndOrder: 1e-4 (paper)
+    threshold: float | None = None  # Bop/Bop2ndOrder: 1e-8 (paper)
+    sigma: float | None = None  # Bop2ndOrder: 1e-4
+    lr: float | None = None  # latent weights: Adam 1e-3 (paper), SGD 1e-1 (both Glorot-scaled by default)
+    lr_real: float = 1e-2  # Adam for batch norm and biases (paper)
+    decay_every: int = 0  # epochs between ×decay_factor steps of γ, lr and lr_real; 0 = constant
+    decay_factor: float = 0.1
+    clip: bool | None = None  # latent: clip to [-1, 1] after every step (default True)
+    ste: str = "clipped"
+    init_scale: float | None = None  # latent: |w̃_0| ~ U(0, s]; None = Glorot bound sqrt(6/(fan_in+fan_out))
+    glorot_lr: bool | None = None  # latent: BinaryNet per-layer lr scaling (default on)
+    momentum: float | None = None  # latent-sgd momentum (default 0)
+    decoupled_decay: float | None = None  # latent-sgd: w̃ ← (1 − lr·d) w̃ before each step (default 0)
+    weight_decay: float = 0.0  # L2 on the real-valued parameters (and on latent weights for latent optimizers)
+    # schedule
+    epochs: int = 20
+    batch_size: int = 50
+    seed: int = 0
+    device: str = "cpu"
+    # probe cadence
+    probe_every: int = 1
+    hist_every: int = 100
+    snapshot_every: int = 1000
+    track: int = 64
+    # bookkeeping
+    tag: str | None = None
+    pair: str | None = None
+    pair_role: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> TrainConfig:
+        """A validated copy with the optimizer-dependent defaults filled in (raises :class:`BnnProbeError`)."""
+        c = replace(self, widths=parse_widths(self.widths) if self.model == "mlp" else tuple(self.widths or ()),
+                    extra=dict(self.extra))
+        _validate(c)
+        bop, latent = c.optimizer in BOP_OPTIMIZERS, c.optimizer in LATENT_OPTIMIZERS
+        sgd = c.optimizer == "latent-sgd"
+        c.gamma = (1e-4 if c.gamma is None else float(c.gamma)) if bop else None
+        c.threshold = (1e-8 if c.threshold is None else float(c.threshold)) if bop else None
+        c.sigma = (1e-4 if c.sigma is None else float(c.sigma)) if c.optimizer == "bop2nd" else None
+        c.lr = (DEFAULT_LR[c.optimizer] if c.lr is None else float(c.lr)) if latent else None
+        c.clip = (True if c.clip is None else bool(c.clip)) if latent else None
+        c.init_scale = (None if c.init_scale is None else float(c.init_scale)) if latent else None
+        c.glorot_lr = (True if c.glorot_lr is None else bool(c.glorot_lr)) if latent else None
+        c.momentum = (0.0 if c.momentum is None else float(c.momentum)) if sgd else None
+        c.decoupled_decay = (0.0 if c.decoupled_decay is None else float(c.decoupled_decay)) if sgd else None
+        if c.model != "mlp":
+            c.widths = ()
+        return c
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (stored as the run's ``config``)."""
+        d = asdict(self)
+        d["widths"] = list(d["widths"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict` (unknown keys are refused)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise BnnProbeError(f"unknown training options: {', '.join(unknown)}")
+        d = dict(d)
+        if "widths" in d and d["widths"] is not None:
+            d["widths"] = tuple(d["widths"])
+        return cls(**d)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise BnnProbeError(message)
+
+
+def _validate(c: TrainConfig) -> None:
+    _check(c.model in MODEL_NAMES, f"unknown model {c.model!r}: choose one of {', '.join(MODEL_NAMES)}")
+    _check(c.dataset in DATASETS, f"unknown dataset {c.dataset!r}: choose one of {', '.join(DATASETS)}")
+    _check(c.optimizer in OPTIMIZERS, f"unknown optimizer {c.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    _check(c.ste in STE_MODES, f"unknown STE {c.ste!r}: choose one of {', '.join(STE_MODES)}")
+    _check(isinstance(c.epochs, int) and c.epochs >= 0, f"--epochs must be a non-negative integer, got {c.epochs}")
+    _check(isinstance(c.batch_size, int) and c.batch_size >= 2, f"--batch-size must be at least 2, got {c.batch_size}")
+    _check(c.width_multiplier > 0, f"--width-multiplier must be positive, got {c.width_multiplier}")
+    _check(c.decay_every >= 0, f"--decay-every must be a non-negative number of epochs, got {c.decay_every}")
+    _check(0 < c.decay_factor <= 1, f"--decay-factor must be in (0, 1], got {c.decay_factor}")
+    for name in ("gamma", "threshold", "sigma", "lr", "lr_real", "init_scale", "momentum", "decoupled_decay",
+                 "weight_decay"):
+        v = getattr(c, name)
+        _check(v is None or (isinstance(v, int | float) and math.isfinite(v) and v >= 0),
+               f"--{name.replace('_', '-')} must be a non-negative number, got {v}")
+    _check(c.gamma is None or c.gamma <= 1, f"--gamma must be at most 1, got {c.gamma}")
+    _check(c.sigma is None or c.sigma <= 1, f"--sigma must be at most 1, got {c.sigma}")
+    _check(c.init_scale is None or c.init_scale > 0, "--init-scale must be positive")
+    for name in ("probe_every", "hist_every", "snapshot_every", "track"):
+        v = getattr(c, name)
+        _check(isinstance(v, int) and v >= 0, f"--{name.replace('_', '-')} must be a non-negative integer, got {v}")
+    _check(c.pair_role in (None, "a", "b"), f"pair_role must be 'a' or 'b', got {c.pair_role!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# optimizers
+
+
+class DecoupledSGD(torch.optim.SGD):
+    """``torch.optim.SGD`` plus a decoupled decay ``decoupled_decay`` = d per group, applied before the SGD step:
+
+        w̃ ← (1 − lr·d) · w̃,   then   w̃ ← w̃ − lr · g   (with momentum/weight decay as torch's SGD)
+
+    With lr = γ, d = 1 and no momentum this is w̃_t = (1 − γ) w̃_{t−1} − γ g_t, the latent-weight form of Bop at
+    τ = 0 (science.md): w̃ = −m exactly when both start from zero, computed with the same ``mul_``/``add_`` ops as
+    :class:`bnn_probe.optim.Bop`.
+    """
+
+    def __init__(self, params, lr: float = 1e-2, momentum: float = 0.0, weight_decay: float = 0.0,
+                 decoupled_decay: float = 0.0) -> None:
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        for g in self.param_groups:
+            g.setdefault("decoupled_decay", float(decoupled_decay))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        for g in self.param_groups:
+            d = g.get("decoupled_decay", 0.0)
+            if d:
+                ps = [p for p in g["params"] if p.grad is not None]
+                if ps:
+                    torch._foreach_mul_(ps, 1.0 - g["lr"] * d)
+        return super().step(closure)
+
+
+def _binary_groups(model: nn.Module, config: TrainConfig, policy: Any | None) -> list[dict[str, Any]]:
+    """One param group per binary layer, carrying ``layer`` (the parameter's name, as the probe logs it)."""
+    named = list(named_binary_parameters(model))
+    if not named:
+        raise BnnProbeError(f"model {config.model!r} has no binary parameters")
+    if config.optimizer in BOP_OPTIMIZERS:
+        from .optim import thresholds
+
+        pol = policy if policy is not None else thresholds.global_threshold(config.threshold)
+        opts: dict[str, Any] = {"gamma": config.gamma}
+        if config.optimizer == "bop2nd":
+            opts["sigma"] = config.sigma
+        return pol.param_groups(named, **opts)
+    from .optim import glorot_lr_scale
+
+    groups = []
+    for name, p in named:
+        scale = glorot_lr_scale(p) if config.glorot_lr else 1.0
+        groups.append({"params": [p], "lr": config.lr * scale, "lr_scale": scale, "layer": name})
+    return groups
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig, policy: Any | None = None) -> torch.optim.Optimizer:
+    """The optimizer of a run: a :class:`bnn_probe.optim.CaseOptimizer` with the binary weights' optimizer first
+    (one param group per binary layer) and Adam(``lr_real``) for every other parameter (batch norm, biases).
+
+    * ``bop`` / ``bop2nd``: :class:`~bnn_probe.optim.Bop` / :class:`~bnn_probe.optim.Bop2ndOrder` with ``gamma``,
+      ``threshold`` (``sigma``); per-layer τ come from ``policy`` (a
+      :class:`bnn_probe.optim.thresholds.ThresholdPolicy`; default: one global τ = ``config.threshold``).
+    * ``latent-adam``: Adam(``lr``, Glorot-scaled per layer when ``glorot_lr``), coupled ``weight_decay``.
+    * ``latent-sgd``: :class:`DecoupledSGD` (``lr``, ``momentum``, ``weight_decay``, ``decoupled_decay``).
+    * latent optimizers with ``clip``: a :class:`~bnn_probe.optim.LatentClipper` (bound 1) on the wrapper, so the
+      probe sees the clip bound (``optimizer.bnn_clip_value``) and measures after clipping.
+
+    ``config`` must be :meth:`TrainConfig.resolved`.
+    """
+    from .optim import Bop, Bop2ndOrder, CaseOptimizer, LatentClipper
+
+    groups = _binary_groups(model, config, policy)
+    binary_ids = {id(p) for g in groups for p in g["params"]}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in binary_ids]
+    if config.optimizer == "bop":
+        bin_opt: torch.optim.Optimizer = Bop(groups, gamma=config.gamma, threshold=config.threshold)
+    elif config.optimizer == "bop2nd":
+        bin_opt = Bop2ndOrder(groups, gamma=config.gamma, sigma=config.sigma, threshold=config.threshold)
+    elif config.optimizer == "latent-adam":
+        bin_opt = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        bin_opt = DecoupledSGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                               decoupled_decay=config.decoupled_decay)
+    children = [bin_opt]
+    if rest:
+        children.append(torch.optim.Adam(rest, lr=config.lr_real, weight_decay=config.weight_decay))
+    opt = CaseOptimizer(*children)
+    if config.optimizer in LATENT_OPTIMIZERS:
+        if config.clip:
+            LatentClipper(opt, bound=1.0)
+        else:
+            opt.bnn_clip_value = None  # type: ignore[attr-defined]
+    return opt
+
+
+class StepDecay:
+    """Step decay of every param group's rate (Bop's γ — ``lr`` is its alias — and the Adam/SGD learning rates):
+    rate(epoch) = rate_0 · factor^⌊epoch / every⌋ (the paper: ×0.1 every 100 epochs). ``every = 0``: constant.
+
+    Stateless apart from the initial rates, so a resumed run only needs the epoch.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, every: int, factor: float) -> None:
+        self.optimizer, self.every, self.factor = optimizer, int(every), float(factor)
+        self.base = [float(g["lr"]) for g in optimizer.param_groups]
+
+    def multiplier(self, epoch: int) -> float:
+        return self.factor ** (epoch // self.every) if self.every > 0 else 1.0
+
+    def apply(self, epoch: int) -> None:
+        """Set every group's rate for ``epoch`` (0-based)."""
+        k = self.multiplier(epoch)
+        for g, base in zip(self.optimizer.param_groups, self.base, strict=True):
+            g["lr"] = base * k
+
+
+@torch.no_grad()
+def init_binary_weights(model: nn.Module, config: TrainConfig) -> None:
+    """Initial binary weights. Every optimizer starts from the same signs for a seed: ±1 drawn by
+    :func:`bnn_probe.optim.binary_init_` from a generator seeded with ``seed``.
+
+    Latent optimizers multiply them by magnitudes |w̃_0| = s·u, u ~ U(0, 1] drawn from a second seeded generator,
+    s = ``init_scale`` or, when it is ``None``, the Glorot-uniform bound sqrt(6 / (fan_in + fan_out)) of each layer
+    (BinaryNet's initialisation). Scaling ``init_scale`` by a power of two scales w̃_0 exactly (Theorem 1 pairs).
+    """
+    from .optim import binary_init_
+
+    params = [p for _, p in named_binary_parameters(model)]
+    binary_init_(params, seed=config.seed)
+    if config.optimizer in LATENT_OPTIMIZERS:
+        g = torch.Generator().manual_seed(config.seed + 7919)
+        for p in params:
+            if config.init_scale is None:
+                fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(p)
+                s = math.sqrt(6.0 / (fan_in + fan_out))
+            else:
+                s = config.init_scale
+            u = 1.0 - torch.rand(p.shape, generator=g)  # (0, 1]: never a zero magnitude (sign(0) = +1)
+            p.mul_((u * s).to(p.device, p.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class TrainState:
+    """Everything a run's loop needs, in one place (what a resumed or distributed run would save/restore)."""
+
+    config: TrainConfig
+    out_dir: Path
+    data: Dataset
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: StepDecay
+    probe: Any
+    generator: torch.Generator  # batch order
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    history: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = EVAL_BATCH) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` (eval mode) on ``(x, y)``."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    for i in range(0, len(x), batch_size):
+        out = model(x[i:i + batch_size])
+        yy = y[i:i + batch_size]
+        loss_sum += F.cross_entropy(out, yy, reduction="sum").double()
+        correct += (out.argmax(1) == yy).sum()
+    model.train(was_training)
+    n = max(1, len(x))
+    return float(loss_sum) / n, float(correct) / n
+
+
+def prepare_out_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Check that ``out_dir`` may receive a new run: absent or empty, or (with ``overwrite``) a previous run that is
+    then removed. A folder holding anything else is never touched."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        is_run = (out / "meta.json").is_file()
+        if not is_run:
+            raise FileExistsError(f"{out} is not empty and holds no run; choose another --out")
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a run; choose another --out or pass --overwrite")
+        shutil.rmtree(out)
+    return out
+
+
+def setup(config: TrainConfig, out_dir: str | Path, overwrite: bool = False, policy: Any | None = None,
+          data: Dataset | None = None, **probe_options: Any) -> TrainState:
+    """Resolve the config, load data, build and initialise the model and optimizer, attach the probe."""
+    import bnn_probe
+
+    c = config.resolved()
+    device = torch.device(c.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BnnProbeError(f"--device {c.device}: CUDA is not available on this machine")
+    out = prepare_out_dir(out_dir, overwrite)
+    if data is None:
+        data = load_dataset(c.dataset, c.data_dir, layout="image" if c.model == "binarynet" else "flat")
+    data = data.to(device)
+    torch.manual_seed(c.seed)
+    try:
+        model = build_model(c.model, in_shape=data.in_shape, num_classes=data.num_classes, widths=c.widths or None,
+                            width_multiplier=c.width_multiplier, batch_norm=c.batch_norm, ste=c.ste,
+                            scale=c.weight_scale)
+    except ValueError as e:
+        raise BnnProbeError(str(e)) from None
+    model.to(device)
+    init_binary_weights(model, c)
+    optimizer = build_optimizer(model, c, policy)
+    schedule = StepDecay(optimizer, c.decay_every, c.decay_factor)
+    options = dict(every=c.probe_every, hist_every=c.hist_every, snapshot_every=c.snapshot_every, track=c.track,
+                   config=c.to_dict(), tag=c.tag, seed=c.seed)
+    options.update(probe_options)
+    out.mkdir(parents=True, exist_ok=True)
+    probe = bnn_probe.attach(model, optimizer, out, **options)
+    generator = torch.Generator().manual_seed(c.seed * 2 + 1)
+    return TrainState(c, out, data, model, optimizer, schedule, probe, generator)
+
+
+class _Bar:
+    """tqdm over steps with loss and flip ratio; disabled (and free) when not on a terminal or not wanted."""
+
+    def __init__(self, state: TrainState, progress: bool | None) -> None:
+        from tqdm.auto import tqdm
+
+        if progress is None:
+            progress = sys.stderr.isatty()
+        total = state.config.epochs * state.data.steps_per_epoch(state.config.batch_size)
+        self.bar = tqdm(total=total, initial=state.step, disable=not progress, unit="step", leave=False,
+                        desc=state.out_dir.name, dynamic_ncols=True)
+        self.enabled = not self.bar.disable
+        self.every = max(1, total // 200) if total else 1
+        self.params = [p for _, p in named_binary_parameters(state.model)]
+        self.n = max(1, sum(p.numel() for p in self.params))
+        self._signs: list[Tensor] | None = None
+
+    def before_step(self, step: int) -> None:
+        if self.enabled and step % self.every == 0:
+            self._signs = [p.detach() >= 0 for p in self.params]
+
+    def after_step(self, step: int, loss: Tensor) -> None:
+        if not self.enabled:
+            return
+        self.bar.update(1)
+        if self._signs is not None:
+            flips = sum(int(((p.detach() >= 0) != s).sum()) for p, s in zip(self.params, self._signs, strict=True))
+            self.bar.set_postfix(loss=f"{float(loss):.3f}", flips=f"{flips / self.n:.1e}", refresh=False)
+            self._signs = None
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_epoch(state: TrainState, bar: _Bar | None = None) -> dict[str, float]:
+    """Train one epoch (updates ``state.step``/``state.epoch``), log per-step ``train_loss`` and the epoch's
+    ``train_loss_epoch``, ``train_accuracy`` (running, training mode), ``val_loss``, ``val_accuracy`` and the rates
+    in force (``gamma`` for Bop runs, ``lr`` for latent ones, ``lr_real``)."""
+    c, model, opt, probe = state.config, state.model, state.optimizer, state.probe
+    epoch = state.epoch
+    state.schedule.apply(epoch)
+    model.train()
+    losses: list[Tensor] = []
+    correct = torch.zeros((), dtype=torch.int64, device=state.data.device)
+    seen = 0
+    first_step = state.step + 1
+    for x, y in state.data.batches(c.batch_size, state.generator):
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        step = state.step + 1
+        if bar is not None:
+            bar.before_step(step)
+        opt.step()
+        state.step = step
+        d = loss.detach()
+        losses.append(d)
+        correct += (out.detach().argmax(1) == y).sum()
+        seen += len(y)
+        if bar is not None:
+            bar.after_step(step, d)
+    if losses:
+        per_step = torch.stack(losses).tolist()
+        for i, v in enumerate(per_step):
+            probe.log(step=first_step + i, epoch=epoch, train_loss=v)
+    state.epoch = epoch + 1
+    val_loss, val_acc = evaluate(model, state.data.x_val, state.data.y_val)
+    groups = opt.param_groups
+    metrics = {
+        "train_loss_epoch": sum(per_step) / len(per_step) if losses else math.nan,
+        "train_accuracy": float(correct) / max(1, seen),
+        "val_loss": val_loss,
+        "val_accuracy": val_acc,
+        ("gamma" if c.optimizer in BOP_OPTIMIZERS else "lr"): float(groups[0]["lr"]),
+    }
+    if len(groups) > 1 and "layer" not in groups[-1]:
+        metrics["lr_real"] = float(groups[-1]["lr"])
+    probe.log(step=state.step, epoch=state.epoch, **metrics)
+    state.history.append({"epoch": state.epoch, "step": state.step, **metrics})
+    return metrics
+
+
+def train(config: TrainConfig, out_dir: str | Path, progress: bool | None = None, overwrite: bool = False,
+          policy: Any | None = None, data: Dataset | None = None, **probe_options: Any) -> Path:
+    """Train one run into ``out_dir`` and return its path.
+
+    Args:
+        config: the run's options (defaults filled in by :meth:`TrainConfig.resolved`).
+        out_dir: the run directory: must not exist, be empty, or (with ``overwrite``) hold a previous run.
+        progress: show a tqdm bar; ``None`` = only when stderr is a terminal.
+        overwrite: replace a previous run in ``out_dir``.
+        policy: per-layer threshold policy for Bop runs (see :func:`build_optimizer`).
+        data: an already loaded :class:`~bnn_probe.data.Dataset` (saves reloading it across runs).
+        probe_options: extra :func:`bnn_probe.attach` options (e.g. ``flush_secs``, ``tensorboard``).
+
+    The run is marked ``failed`` in its log if training raises, ``finished`` otherwise.
+    """
+    state = setup(config, out_dir, overwrite=overwrite, policy=policy, data=data, **probe_options)
+    bar = _Bar(state, progress)
+    t0 = time.perf_counter()
+    try:
+        while state.epoch < state.config.epochs:
+            run_epoch(state, bar)
+    except BaseException:
+        bar.close()
+        state.probe.close("failed")
+        raise
+    bar.close()
+    state.probe.log(step=state.step, epoch=state.epoch, wall_seconds=time.perf_counter() - t0)
+    state.probe.close("finished")
+    return state.out_dir
