@@ -1,0 +1,130 @@
+"""Study registry and runner: grids, pair tagging, reserved names, reuse of finished runs, parallel jobs, report."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bnn_probe import studies
+from bnn_probe.errors import BnnProbeError
+from bnn_probe.studies import STUDIES, StudyOptions, parse_seeds, plan_study, run_study
+
+TINY = StudyOptions(epochs=1, widths=(16,))
+
+
+def test_hyperparams_grid_is_fig1():
+    specs = plan_study("hyperparams", StudyOptions(seeds=(0, 1)))
+    assert len(specs) == 10
+    pts = {(s.config.gamma, s.config.threshold) for s in specs}
+    assert pts == {(1e-2, 1e-6), (1e-3, 1e-6), (1e-4, 1e-6), (1e-3, 0.0), (1e-3, 1e-5)}
+    assert all(s.config.optimizer == "bop" and s.config.epochs == 20 for s in specs)
+    assert "bop-g1e-2-t1e-6-s1" in {s.name for s in specs}
+
+
+def test_inertia_runs_and_pairs():
+    specs = {s.name: s.config for s in plan_study("inertia", StudyOptions())}
+    assert set(specs) == {"bop-s0", "latent-adam-clip-s0", "latent-sgd-s0", "theorem1-a-s0", "theorem1-b-s0",
+                          "tau0-bop-s0", "tau0-latent-sgd-s0"}
+    a, b = specs["theorem1-a-s0"], specs["theorem1-b-s0"]
+    c = studies.THEOREM1_C
+    assert c & (c - 1) == 0  # a power of two
+    assert (b.lr, b.init_scale) == (c * a.lr, c * a.init_scale)
+    for cfg in (a, b):
+        assert (cfg.optimizer, cfg.ste, cfg.clip, cfg.pair) == ("latent-sgd", "identity", False, "theorem1-s0")
+    assert (a.pair_role, b.pair_role) == ("a", "b")
+    bop, sgd = specs["tau0-bop-s0"], specs["tau0-latent-sgd-s0"]
+    assert (bop.optimizer, bop.threshold, bop.pair_role) == ("bop", 0.0, "a")
+    assert (sgd.lr, sgd.decoupled_decay, sgd.momentum, sgd.clip) == (bop.gamma, 1.0, 0.0, False)
+    assert sgd.pair == bop.pair == "tau0-s0"
+    assert specs["latent-adam-clip-s0"].clip is True
+
+
+def test_thresholds_is_reserved_and_unknown_names_fail():
+    assert "thresholds" in STUDIES and "thresholds" in studies.study_names()
+    with pytest.raises(BnnProbeError, match="not available yet.*per-layer threshold"):
+        plan_study("thresholds", StudyOptions())
+    with pytest.raises(BnnProbeError, match="unknown study 'nope'"):
+        plan_study("nope", StudyOptions())
+
+
+def test_all_is_a_short_version_of_every_available_study():
+    specs = plan_study("all", StudyOptions())
+    names = [s.name for s in specs]
+    assert len(names) == 12 and len(set(names)) == 12
+    assert {n.split("-")[0] for n in names} == {"hyperparams", "inertia"}
+    assert {s.config.epochs for s in specs} == {8}
+    quick = plan_study("all", StudyOptions(quick=True))
+    assert {s.config.epochs for s in quick} == {2} and {s.config.hist_every for s in quick} == {0}
+    assert {s.config.epochs for s in plan_study("all", StudyOptions(epochs=3))} == {3}
+
+
+def test_parse_seeds():
+    assert parse_seeds("0,1,2") == (0, 1, 2)
+    for bad in ("a", "1,1", "-1", ""):
+        with pytest.raises(BnnProbeError):
+            parse_seeds(bad)
+
+
+def test_register_study_extends_the_registry(monkeypatch):
+    monkeypatch.setitem(STUDIES, "mini", STUDIES["hyperparams"])
+
+    @studies.register_study("mini", "test study", in_all=False)
+    def _mini(o):
+        return [studies.RunSpec("one", o.base(0, 1, 1))]
+
+    assert [s.name for s in plan_study("mini", StudyOptions())] == ["one"]
+    assert all(not n.startswith("mini-") for n in (s.name for s in plan_study("all", StudyOptions())))
+
+
+def test_run_study_reuses_finished_runs_and_refuses_others(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_report(runs, out_dir, progress=True):
+        calls.append([Path(r).name for r in runs])
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "report.html").write_text("<html></html>")
+        return Path(out_dir) / "report.html"
+
+    import bnn_probe.reports as reports
+
+    monkeypatch.setattr(reports, "build_report", fake_report)
+    msgs = []
+    path = run_study("hyperparams", tmp_path / "s", TINY, progress=False, echo=msgs.append)
+    assert path == tmp_path / "s" / "report" / "report.html"
+    assert len(calls) == 1 and len(calls[0]) == 5
+    assert all((tmp_path / "s" / n / "meta.json").exists() for n in calls[0])
+    run_study("hyperparams", tmp_path / "s", TINY, progress=False, echo=msgs.append)
+    assert any("reusing 5 finished run(s)" in m for m in msgs)
+    with pytest.raises(FileExistsError, match="holds another run"):
+        run_study("hyperparams", tmp_path / "s", StudyOptions(epochs=1, widths=(8,)), progress=False,
+                  echo=msgs.append)
+
+
+def test_report_failure_is_one_line(tmp_path, monkeypatch):
+    import bnn_probe.reports as reports
+
+    def broken(runs, out_dir, progress=True):
+        raise ValueError("math domain error")
+
+    monkeypatch.setattr(reports, "build_report", broken)
+    with pytest.raises(BnnProbeError, match="runs are in .*building the report failed.*ValueError") as e:
+        run_study("hyperparams", tmp_path / "s", TINY, progress=False, echo=lambda s: None)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_parallel_jobs_give_the_same_runs_as_serial(tmp_path):
+    import bnn_probe
+
+    opts = StudyOptions(epochs=1, widths=(16,))
+    run_study("inertia", tmp_path / "p", opts, jobs=2, progress=False, report=False, echo=lambda s: None)
+    for s in plan_study("inertia", opts)[:2]:  # two of the runs again, in-process
+        studies._run_one(s.name, s.config.to_dict(), str(tmp_path / "q" / s.name), False, False)
+        a = bnn_probe.load_run(tmp_path / "p" / s.name)
+        b = bnn_probe.load_run(tmp_path / "q" / s.name)
+        assert a.status == "finished"
+        assert a.steps[["step", "layer", "sign_hash"]].equals(b.steps[["step", "layer", "sign_hash"]])
+        assert a.train.dropna(subset=["val_accuracy"])["val_accuracy"].equals(
+            b.train.dropna(subset=["val_accuracy"])["val_accuracy"])
+    assert len(list((tmp_path / "p").iterdir())) == 7
+    assert json.loads((tmp_path / "p" / "tau0-bop-s0" / "meta.json").read_text())["config"]["pair_role"] == "a"
