@@ -1,0 +1,210 @@
+"""Bop against its formulas on tiny hand-computed tensors (γ and τ powers of two: every value exact in float32)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import bnn_probe.optim.bop as bop_mod
+from bnn_probe.optim import Bop
+from bnn_probe.optim.bop import CompiledKernel, bop_step_foreach, bop_step_loop
+
+IMPLS = [dict(foreach=False), dict(foreach=True)]
+
+# γ = 1/2, τ = 1/4, w_0 = [1, -1, 1, -1, 1]; m_t = m_{t-1}/2 + g_t/2; flip iff w·m > 1/4.
+GRADS = [[1.0, 1.0, 0.5, -1.0, 0.0], [1.0, -1.0, 0.5, 0.0, -2.0], [-4.0, -1.0, 0.0, 0.0, 0.0]]
+# step 1: m = [.5, .5, .25, -.5, 0],    w·m = [.5, -.5, .25(boundary), .5, 0]  -> flip 0, 3
+# step 2: m = [.75, -.25, .375, -.25, -1], w·m = [-.75, .25(boundary), .375, -.25, -1] -> flip 2
+# step 3: m = [-1.625, -.625, .1875, -.125, -.5], w·m = [1.625, .625, -.1875, -.125, -.5] -> flip 0, 1
+EXPECTED_M = [[0.5, 0.5, 0.25, -0.5, 0.0], [0.75, -0.25, 0.375, -0.25, -1.0], [-1.625, -0.625, 0.1875, -0.125, -0.5]]
+EXPECTED_W = [[-1.0, -1.0, 1.0, 1.0, 1.0], [-1.0, -1.0, -1.0, 1.0, 1.0], [1.0, 1.0, -1.0, 1.0, 1.0]]
+
+
+def _param(values) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.tensor(values, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["loop", "foreach"])
+def test_hand_computed_steps_with_flips_and_boundary(impl):
+    w = _param([1.0, -1.0, 1.0, -1.0, 1.0])
+    opt = Bop([w], gamma=0.5, threshold=0.25, **impl)
+    for g, m_exp, w_exp in zip(GRADS, EXPECTED_M, EXPECTED_W, strict=True):
+        w.grad = torch.tensor(g)
+        opt.step()
+        assert torch.equal(opt.state[w]["exp_avg"], torch.tensor(m_exp))
+        assert torch.equal(w.detach(), torch.tensor(w_exp))
+
+
+def test_boundary_exactly_at_threshold_does_not_flip():
+    w = _param([1.0, -1.0])
+    opt = Bop([w], gamma=2.0**-3, threshold=2.0**-5)
+    w.grad = torch.tensor([0.25, -0.25])  # m = γ g = ±2^-5, w·m = 2^-5 = τ exactly
+    opt.step()
+    assert torch.equal(w.detach(), torch.tensor([1.0, -1.0]))
+    w.grad = torch.tensor([2.0**-5 + 2.0**-20, -(2.0**-5 + 2.0**-20)])  # m = ±(2^-5 + 2^-23): w·m just above τ
+    opt.step()
+    assert torch.equal(w.detach(), torch.tensor([-1.0, 1.0]))
+
+
+def test_per_group_hyperparameters():
+    a, b = _param([1.0, 1.0]), _param([1.0, 1.0])
+    opt = Bop([{"params": [a], "threshold": 0.5}, {"params": [b], "gamma": 0.25}], gamma=0.5, threshold=0.125)
+    assert opt.param_groups[0]["gamma"] == 0.5 and opt.param_groups[0]["threshold"] == 0.5
+    assert opt.param_groups[1]["gamma"] == 0.25 and opt.param_groups[1]["threshold"] == 0.125
+    a.grad = torch.tensor([1.0, 0.5])
+    b.grad = torch.tensor([1.0, 0.25])
+    opt.step()
+    assert torch.equal(opt.state[a]["exp_avg"], torch.tensor([0.5, 0.25]))  # γ = 1/2
+    assert torch.equal(a.detach(), torch.tensor([1.0, 1.0]))  # 0.5 and 0.25 are not > τ = 0.5
+    assert torch.equal(opt.state[b]["exp_avg"], torch.tensor([0.25, 0.0625]))  # γ = 1/4
+    assert torch.equal(b.detach(), torch.tensor([-1.0, 1.0]))  # 0.25 > 0.125 flips, 0.0625 does not
+
+
+def test_steplr_drives_gamma_and_gamma_key_follows():
+    w = _param([1.0])
+    opt = Bop([w], gamma=0.5, threshold=10.0)  # huge τ: no flips, only m
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    seen, ms = [], []
+    for _ in range(4):
+        seen.append(opt.param_groups[0]["gamma"])
+        w.grad = torch.tensor([1.0])
+        opt.step()
+        sched.step()
+        ms.append(opt.state[w]["exp_avg"].item())
+    assert seen == [0.5, 0.5, 0.25, 0.25]
+    # m: .5, .75, then γ = 1/4: .75·.75 + .25 = .8125, .8125·.75 + .25 = .859375
+    assert ms == [0.5, 0.75, 0.8125, 0.859375]
+    assert opt.param_groups[0]["lr"] == opt.param_groups[0]["gamma"] == 0.125
+
+
+def test_lr_alias_both_ways_and_state_dict_roundtrip():
+    w = _param([1.0, -1.0])
+    opt = Bop([w], gamma=0.5)
+    group = opt.param_groups[0]
+    group["gamma"] = 0.25
+    assert group["lr"] == 0.25
+    group["lr"] = 0.125
+    assert group["gamma"] == 0.125
+    w.grad = torch.tensor([1.0, 1.0])
+    opt.step()
+    assert torch.equal(opt.state[w]["exp_avg"], torch.tensor([0.125, 0.125]))
+    sd = copy.deepcopy(opt.state_dict())
+    other = Bop([w], gamma=0.5)
+    other.load_state_dict(sd)
+    other.param_groups[0]["lr"] = 0.0625
+    assert other.param_groups[0]["gamma"] == 0.0625
+    assert torch.equal(other.state[w]["exp_avg"], torch.tensor([0.125, 0.125]))
+    sd["param_groups"][0]["lr"] = 0.5  # gamma 0.125 in the same saved group: contradictory
+    with pytest.raises(ValueError, match="alias"):
+        other.load_state_dict(sd)
+    with pytest.raises(ValueError, match="alias"):
+        Bop([{"params": [w], "lr": 0.1, "gamma": 0.2}])
+    assert Bop([{"params": [w], "lr": 0.1}]).param_groups[0]["gamma"] == 0.1
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(gamma=-1e-4), "gamma"), (dict(gamma=math.nan), "gamma"), (dict(gamma=math.inf), "gamma"),
+    (dict(gamma=1.5), "gamma"), (dict(threshold=-1e-8), "threshold"), (dict(threshold=math.inf), "threshold"),
+    (dict(threshold=math.nan), "threshold"),
+])
+def test_bad_hyperparameters_raise_naming_them(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        Bop([_param([1.0])], **kwargs)
+
+
+def test_bad_group_hyperparameter_and_scheduler_set_value():
+    w = _param([1.0])
+    with pytest.raises(ValueError, match="threshold"):
+        Bop([{"params": [w], "threshold": -1.0}])
+    opt = Bop([w])
+    opt.param_groups[0]["gamma"] = float("nan")
+    w.grad = torch.tensor([1.0])
+    with pytest.raises(ValueError, match=r"gamma \(param_groups\[0\]\)"):
+        opt.step()
+
+
+def test_check_binary_names_the_parameter():
+    w = torch.nn.Parameter(torch.tensor([1.0, 0.5, -1.0]))
+    opt = Bop([("fc1.weight", w)], check_binary=True)
+    w.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="fc1.weight"):
+        opt.step()
+    assert torch.equal(w.detach(), torch.tensor([1.0, 0.5, -1.0]))  # nothing was changed
+    v = _param([1.0, -1.0])
+    opt = Bop([v], check_binary=True)
+    v.grad = torch.ones(2)
+    opt.step()  # binary: fine
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\]"):
+        u = _param([0.0])
+        o = Bop([u], check_binary=True)
+        u.grad = torch.ones(1)
+        o.step()
+
+
+def test_sparse_gradient_raises():
+    w = _param([1.0, -1.0])
+    opt = Bop([w])
+    w.grad = torch.tensor([1.0, 0.0]).to_sparse()
+    with pytest.raises(ValueError, match="sparse"):
+        opt.step()
+
+
+def test_skips_params_without_grad_and_returns_closure_loss():
+    a, b = _param([1.0]), _param([1.0])
+    opt = Bop([a, b], gamma=0.5, threshold=0.0)
+    a.grad = torch.tensor([1.0])
+    loss = opt.step(lambda: torch.tensor(3.0))
+    assert loss.item() == 3.0
+    assert b not in opt.state and a.item() == -1.0 and b.item() == 1.0
+    assert Bop.bnn_family == "bop"
+
+
+def test_foreach_is_bit_identical_to_loop_on_random_data():
+    torch.manual_seed(0)
+    shapes = [(7, 3), (300,), (5, 4, 3, 3), (1,)]
+    ws = [torch.randint(0, 2, s).float() * 2 - 1 for s in shapes]
+    ms = [torch.zeros(s) for s in shapes]
+    w2, m2 = [w.clone() for w in ws], [m.clone() for m in ms]
+    for _ in range(20):
+        gs = [torch.randn(s) for s in shapes]
+        bop_step_loop(ws, ms, gs, 0.3, 0.05)
+        bop_step_foreach(w2, m2, gs, 0.3, 0.05, block=64)  # small blocks: exercises the cache blocking
+        for a, b in zip(ws + ms, w2 + m2, strict=True):
+            assert torch.equal(a, b)
+    assert any((w != 1).any() for w in ws)
+
+
+def test_fused_falls_back_to_eager_when_compile_fails(monkeypatch):
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(bop_mod, "_FUSED_BOP", CompiledKernel(bop_mod._bop_kernel, "Bop"))
+    w = _param([1.0, -1.0, 1.0, -1.0, 1.0])
+    opt = Bop([w], gamma=0.5, threshold=0.25, fused=True)
+    for i, g in enumerate(GRADS):
+        w.grad = torch.tensor(g)
+        if i == 0:
+            with pytest.warns(RuntimeWarning, match="no compiler here"):
+                opt.step()
+        else:
+            opt.step()
+        assert torch.equal(w.detach(), torch.tensor(EXPECTED_W[i]))
+    with pytest.raises(ValueError, match="foreach and fused"):
+        Bop([w], foreach=True, fused=True)
+
+
+@pytest.mark.slow
+def test_fused_compiled_matches_hand_computation():
+    """The torch.compile path (compiles once, ~10-20 s on 2 CPU cores)."""
+    w = _param([1.0, -1.0, 1.0, -1.0, 1.0])
+    opt = Bop([w], gamma=0.5, threshold=0.25, fused=True)
+    for g, m_exp, w_exp in zip(GRADS, EXPECTED_M, EXPECTED_W, strict=True):
+        w.grad = torch.tensor(g)
+        opt.step()
+        assert torch.equal(opt.state[w]["exp_avg"], torch.tensor(m_exp))
+        assert torch.equal(w.detach(), torch.tensor(w_exp))
+    assert bop_mod._FUSED_BOP.error is None  # it really ran compiled
