@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "DistInfo", "init_distributed", "shard", "global_mean_loss", "SyncBatchNormCPU", "sync_batchnorm", "wrap_ddp",
-    "AMP_MODES", "autocast", "grad_scaler", "compile_model", "unwrap",
+    "AMP_MODES", "autocast", "grad_scaler", "compile_model", "unwrap", "Runtime",
 ]
 
 AMP_MODES: tuple[str, ...] = ("none", "bf16", "fp16")
@@ -217,3 +217,49 @@ def compile_model(model: nn.Module, enabled: bool = True, **options) -> nn.Modul
     """``torch.compile(model, **options)`` when ``enabled``. The probe's hooks sit on the optimizer, so it works the
     same with a compiled model; attach it to the uncompiled module (:func:`unwrap`) for clean layer names."""
     return torch.compile(model, **options) if enabled else model
+
+
+class Runtime:
+    """How a training loop runs one step: sharding, DDP, autocast, GradScaler, torch.compile (the runner's seam).
+
+    ``step(model, optimizer, x, y)`` takes a *global* batch and returns ``(out, y_shard, loss)``: this rank's shard
+    goes through ``forward`` (DDP- and/or compile-wrapped ``model``) under ``autocast``, the loss is
+    :func:`global_mean_loss`, backward (scaled for fp16), then the optimizer steps (``scaler.step`` for fp16).
+    With one process, no AMP and no compile it is exactly ``F.cross_entropy(model(x), y)``, backward, step.
+    """
+
+    def __init__(self, model: nn.Module, info: DistInfo, amp: str = "none", compile: bool = False) -> None:
+        if amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+        self.info, self.amp = info, amp
+        self.forward = compile_model(wrap_ddp(model, info), compile)
+        self.scaler = grad_scaler(info.device, amp)
+
+    def step(self, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        info = self.info
+        xs, ys = shard(x, y, info.rank, info.world)
+        with autocast(info.device, self.amp):
+            out = self.forward(xs)
+            loss = global_mean_loss(out, ys, len(y), info.world)
+        optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        return out, ys, loss
+
+    def reduce_epoch(self, losses: Tensor, correct: Tensor, seen: int) -> tuple[Tensor, Tensor, int]:
+        """Global per-step mean losses and accuracy counts of an epoch (one ``all_reduce`` per epoch): each rank's
+        loss is ``Σ_shard CE · N / B``, so the sum over ranks divided by N is the global-batch mean."""
+        if not self.info.distributed:
+            return losses, correct, seen
+        buf = torch.cat([losses.double().reshape(-1), correct.double().reshape(1),
+                         torch.tensor([float(seen)], dtype=torch.float64, device=losses.device)])
+        if torch.distributed.get_backend() == "gloo":
+            buf = buf.cpu()
+        torch.distributed.all_reduce(buf)
+        n = losses.numel()
+        return (buf[:n] / self.info.world).to(losses.device), buf[n].round().long(), int(buf[n + 1].item())

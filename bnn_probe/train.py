@@ -54,6 +54,7 @@ __all__ = [
     "run_epoch",
     "evaluate",
     "train",
+    "resume_training",
     "prepare_out_dir",
 ]
 
@@ -123,6 +124,8 @@ class TrainConfig:
     batch_size: int = 50
     seed: int = 0
     device: str = "cpu"
+    amp: str = "none"  # autocast: none, bf16, fp16 (bnn_probe.parallel; weights and optimizer state stay fp32)
+    compile: bool = False  # torch.compile the model's forward
     # probe cadence
     probe_every: int = 1
     hist_every: int = 100
@@ -200,6 +203,7 @@ def _validate(c: TrainConfig) -> None:
         v = getattr(c, name)
         _check(isinstance(v, int) and v >= 0, f"--{name.replace('_', '-')} must be a non-negative integer, got {v}")
     _check(c.pair_role in (None, "a", "b"), f"pair_role must be 'a' or 'b', got {c.pair_role!r}")
+    _check(c.amp in ("none", "bf16", "fp16"), f"--amp must be none, bf16 or fp16, got {c.amp!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -360,6 +364,7 @@ class TrainState:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
     history: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics
+    runtime: Any = None  # bnn_probe.parallel.Runtime: DDP shard, autocast, compile (None: plain one-process step)
 
 
 @torch.no_grad()
@@ -396,15 +401,20 @@ def prepare_out_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
 
 
 def setup(config: TrainConfig, out_dir: str | Path, overwrite: bool = False, policy: Any | None = None,
-          data: Dataset | None = None, **probe_options: Any) -> TrainState:
-    """Resolve the config, load data, build and initialise the model and optimizer, attach the probe."""
+          data: Dataset | None = None, resume: bool = False, **probe_options: Any) -> TrainState:
+    """Resolve the config, load data, build and initialise the model and optimizer, attach the probe.
+    Under torchrun, join the process group (docs/distributed.md); ``resume``: append to the run in ``out_dir``."""
     import bnn_probe
+
+    from .parallel import Runtime, init_distributed, sync_batchnorm
 
     c = config.resolved()
     device = torch.device(c.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BnnProbeError(f"--device {c.device}: CUDA is not available on this machine")
-    out = prepare_out_dir(out_dir, overwrite)
+    info = init_distributed(c.device)
+    device = torch.device(info.device)
+    out = prepare_out_dir(out_dir, overwrite) if info.is_main and not resume else Path(out_dir)
     if data is None:
         data = load_dataset(c.dataset, c.data_dir, layout="image" if c.model == "binarynet" else "flat")
     data = data.to(device)
@@ -417,15 +427,19 @@ def setup(config: TrainConfig, out_dir: str | Path, overwrite: bool = False, pol
         raise BnnProbeError(str(e)) from None
     model.to(device)
     init_binary_weights(model, c)
+    if info.distributed:
+        model = sync_batchnorm(model, device)
     optimizer = build_optimizer(model, c, policy)
     schedule = StepDecay(optimizer, c.decay_every, c.decay_factor)
     options = dict(every=c.probe_every, hist_every=c.hist_every, snapshot_every=c.snapshot_every, track=c.track,
                    config=c.to_dict(), tag=c.tag, seed=c.seed)
     options.update(probe_options)
-    out.mkdir(parents=True, exist_ok=True)
-    probe = bnn_probe.attach(model, optimizer, out, **options)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    probe = bnn_probe.attach(model, optimizer, out, resume=resume, **options)
     generator = torch.Generator().manual_seed(c.seed * 2 + 1)
-    return TrainState(c, out, data, model, optimizer, schedule, probe, generator)
+    return TrainState(c, out, data, model, optimizer, schedule, probe, generator,
+                      runtime=Runtime(model, info, c.amp, c.compile))
 
 
 class _Bar:
@@ -475,14 +489,17 @@ def run_epoch(state: TrainState, bar: _Bar | None = None) -> dict[str, float]:
     seen = 0
     first_step = state.step + 1
     for x, y in state.data.batches(c.batch_size, state.generator):
-        out = model(x)
-        loss = F.cross_entropy(out, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         step = state.step + 1
         if bar is not None:
             bar.before_step(step)
-        opt.step()
+        if state.runtime is not None:  # this rank's shard, autocast, DDP/compile, (scaled) backward and step
+            out, y, loss = state.runtime.step(opt, x, y)
+        else:
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
         state.step = step
         d = loss.detach()
         losses.append(d)
@@ -490,6 +507,9 @@ def run_epoch(state: TrainState, bar: _Bar | None = None) -> dict[str, float]:
         seen += len(y)
         if bar is not None:
             bar.after_step(step, d)
+    if state.runtime is not None and losses:  # under DDP: global-batch losses and accuracy (one all_reduce)
+        stacked, correct, seen = state.runtime.reduce_epoch(torch.stack(losses), correct, seen)
+        losses = list(stacked)
     if losses:
         per_step = torch.stack(losses).tolist()
         for i, v in enumerate(per_step):
@@ -512,7 +532,8 @@ def run_epoch(state: TrainState, bar: _Bar | None = None) -> dict[str, float]:
 
 
 def train(config: TrainConfig, out_dir: str | Path, progress: bool | None = None, overwrite: bool = False,
-          policy: Any | None = None, data: Dataset | None = None, **probe_options: Any) -> Path:
+          policy: Any | None = None, data: Dataset | None = None, checkpoint_every: int = 1,
+          **probe_options: Any) -> Path:
     """Train one run into ``out_dir`` and return its path.
 
     Args:
@@ -522,16 +543,42 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool | None = None
         overwrite: replace a previous run in ``out_dir``.
         policy: per-layer threshold policy for Bop runs (see :func:`build_optimizer`).
         data: an already loaded :class:`~bnn_probe.data.Dataset` (saves reloading it across runs).
+        checkpoint_every: write ``out_dir/checkpoint.pt`` after setup and every this many epochs (0 = never), for
+            :func:`resume_training` (:mod:`bnn_probe.resume`).
         probe_options: extra :func:`bnn_probe.attach` options (e.g. ``flush_secs``, ``tensorboard``).
 
     The run is marked ``failed`` in its log if training raises, ``finished`` otherwise.
     """
     state = setup(config, out_dir, overwrite=overwrite, policy=policy, data=data, **probe_options)
+    return _train_loop(state, progress, checkpoint_every)
+
+
+def resume_training(out_dir: str | Path, progress: bool | None = None, policy: Any | None = None,
+                    data: Dataset | None = None, checkpoint_every: int = 1, **probe_options: Any) -> Path:
+    """Continue the run in ``out_dir`` from its last checkpoint with the options it was started with (from step 0
+    when it was killed before its first checkpoint). See :mod:`bnn_probe.resume` and docs/distributed.md."""
+    from .resume import load_checkpoint, restore, resume_config
+
+    config = TrainConfig.from_dict(resume_config(out_dir))
+    state = setup(config, out_dir, policy=policy, data=data, resume=True, **probe_options)
+    ckpt = load_checkpoint(out_dir, map_location=state.data.device)
+    if ckpt is not None:
+        restore(state, ckpt)
+    return _train_loop(state, progress, checkpoint_every, fresh=ckpt is None)
+
+
+def _train_loop(state: TrainState, progress: bool | None, checkpoint_every: int, fresh: bool = True) -> Path:
+    from .resume import save_checkpoint
+
     bar = _Bar(state, progress)
     t0 = time.perf_counter()
     try:
+        if checkpoint_every > 0 and fresh and state.step == 0:
+            save_checkpoint(state)
         while state.epoch < state.config.epochs:
             run_epoch(state, bar)
+            if checkpoint_every > 0 and state.epoch % checkpoint_every == 0:
+                save_checkpoint(state)
     except BaseException:
         bar.close()
         state.probe.close("failed")

@@ -122,22 +122,44 @@ def config_from_options(opts: dict) -> object:
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in --out.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar [default: only when stderr is a terminal].")
-def train(out, overwrite, progress, threads, **opts):
+@click.option("--amp", default="none", show_default=True, type=click.Choice(["none", "bf16", "fp16"]),
+              help="Mixed-precision forward (autocast); binary weights and optimizer state stay fp32. fp16: CUDA.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--checkpoint-every", type=int, default=1, show_default=True,
+              help="Write <out>/checkpoint.pt every N epochs (0 = never), for --resume.")
+@click.option("--resume", default=None, type=click.Path(path_type=str, file_okay=False),
+              help="Continue the run in this directory from its last checkpoint, with the options it was started "
+                   "with (other run options are ignored). Under torchrun too (docs/distributed.md).")
+def train(out, overwrite, progress, threads, amp, compile_, checkpoint_every, resume, **opts):
     """Train one reference model with the probe attached; log per-layer flips, momentum/inertia and the
-    train/validation loss and accuracy into a run directory."""
+    train/validation loss and accuracy into a run directory.
+
+    Runs unchanged under ``torchrun --nproc-per-node N``: --batch-size is then the global batch."""
+    from dataclasses import replace
+
     import torch
 
+    from ..probe.distributed import is_rank_zero
+    from ..train import resume_training
     from ..train import train as run_train
 
     if threads is not None:
         if threads < 1:
             raise BnnProbeError(f"--threads must be a positive integer, got {threads}")
         torch.set_num_threads(threads)
-    config = config_from_options(opts).resolved()
-    if out is None:
-        out = f"runs/{config.dataset}-{config.model}-{config.optimizer}-s{config.seed}"
-    path = run_train(config, out, progress=progress, overwrite=overwrite)
-    _print_result(path)
+    if checkpoint_every < 0:
+        raise BnnProbeError(f"--checkpoint-every must be a non-negative number of epochs, got {checkpoint_every}")
+    if resume is not None:
+        path = resume_training(resume, progress=progress, checkpoint_every=checkpoint_every)
+    else:
+        config = replace(config_from_options(opts), amp=amp, compile=compile_).resolved()
+        if out is None:
+            out = f"runs/{config.dataset}-{config.model}-{config.optimizer}-s{config.seed}"
+        path = run_train(config, out, progress=progress, overwrite=overwrite, checkpoint_every=checkpoint_every)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if is_rank_zero():
+        _print_result(path)
 
 
 def _print_result(path) -> None:
