@@ -1,0 +1,130 @@
+"""Bop step time vs torch.optim.Adam(foreach=True), and Bop's memory bandwidth vs Tensor.copy_, in one run.
+
+Parameters: the binary-weight shapes of BinaryNet at full width (14,022,016 weights, bnn_probe.models.BinaryNet()).
+Variants: Bop ``foreach=False`` (plain per-tensor loop, one torch.where per tensor), ``foreach=True`` (eager
+torch._foreach_*, cache-blocked on CPU), ``fused=True`` (torch.compile'd one-pass kernel), and Adam(foreach=True)
+on the same shapes. All steps go through the optimizers' ``step()`` (Python overhead included). Timings are
+interleaved round by round and the median is reported.
+
+Bandwidth: a Bop step must read g, m, w and write m, w: 5 floats = 20 bytes per weight. Its effective bandwidth is
+20·N / t, compared with ``dst.copy_(src)`` moving the same number of bytes (src and dst of 2.5·N floats each).
+
+    python benchmarks/bench_bop.py                 # CPU, ~1 minute (most of it compiling the fused kernel once)
+    python benchmarks/bench_bop.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+from bnn_probe.models import BinaryNet
+from bnn_probe.nn import binary_parameters
+from bnn_probe.optim import Bop
+
+
+def binarynet_shapes() -> list[tuple[int, ...]]:
+    with torch.device("meta"):
+        model = BinaryNet()
+    return [tuple(p.shape) for p in binary_parameters(model)]
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def make_params(shapes, device, gen, binary: bool) -> list[torch.nn.Parameter]:
+    params = []
+    for s in shapes:
+        if binary:
+            data = (torch.randint(0, 2, s, generator=gen) * 2 - 1).float()
+        else:
+            data = torch.randn(s, generator=gen) * 0.1
+        p = torch.nn.Parameter(data.to(device))
+        p.grad = (torch.randn(s, generator=gen) * 1e-3).to(device)
+        params.append(p)
+    return params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rounds", type=int, default=15, help="timed rounds (median reported)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--no-fused", action="store_true", help="skip the torch.compile variant")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    shapes = binarynet_shapes()
+    n = sum(torch.Size(s).numel() for s in shapes)
+    gen = torch.Generator().manual_seed(0)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    adam_params = make_params(shapes, device, gen, binary=False)
+    adam = torch.optim.Adam(adam_params, lr=1e-3, foreach=True)
+    variants: dict[str, object] = {"Adam(foreach=True)": adam.step}
+    # γ = 1e-4, τ = 1e-8 (larq defaults); m starts at 0, so the first steps flip nothing; pre-fill m so flips happen
+    for name, kw in [("Bop loop (foreach=False)", dict(foreach=False)), ("Bop foreach=True", dict(foreach=True)),
+                     ("Bop fused=True", dict(fused=True))]:
+        if "fused" in kw and args.no_fused:
+            continue
+        ps = make_params(shapes, device, gen, binary=True)
+        opt = Bop(ps, gamma=1e-4, threshold=1e-8, **kw)
+        for p in ps:
+            opt.state[p]["exp_avg"] = (torch.randn(p.shape, generator=gen) * 1e-6).to(device)
+        variants[name] = opt.step
+    src = torch.randn(int(2.5 * n), generator=gen).to(device)
+    dst = torch.empty_like(src)
+    variants["copy_ (same bytes)"] = lambda: dst.copy_(src)
+
+    t0 = time.perf_counter()
+    for f in variants.values():  # warm-up (compiles the fused kernel)
+        f()
+        f()
+    sync()
+    warm = time.perf_counter() - t0
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.rounds):
+        for k, f in variants.items():
+            sync()
+            t = time.perf_counter()
+            f()
+            sync()
+            times[k].append(time.perf_counter() - t)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    bop_bytes = 20 * n
+    copy_bw = bop_bytes / med["copy_ (same bytes)"]
+    threads = torch.get_num_threads()
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {threads} threads"
+    print(f"# {dev}; torch {torch.__version__}; {n:,} binary weights (BinaryNet, full width); "
+          f"{args.rounds} rounds, median; warm-up incl. compile {warm:.1f} s")
+    print(f"{'variant':28s} {'ms/step':>9s} {'× Adam':>8s} {'GB/s':>7s} {'% copy_ BW':>11s}")
+    for k, t in med.items():
+        bw = bop_bytes / t
+        ratio = t / med["Adam(foreach=True)"]
+        pct = "" if not k.startswith("Bop") and not k.startswith("copy") else f"{100 * bw / copy_bw:10.0f}%"
+        gbs = f"{bw / 1e9:7.1f}" if k.startswith(("Bop", "copy")) else f"{'':7s}"
+        print(f"{k:28s} {1e3 * t:9.2f} {ratio:8.3f} {gbs} {pct}")
+    spread = {k: (min(v) * 1e3, max(v) * 1e3) for k, v in times.items()}
+    print("# min/max ms: " + "; ".join(f"{k}: {a:.1f}/{b:.1f}" for k, (a, b) in spread.items()))
+
+
+if __name__ == "__main__":
+    main()
