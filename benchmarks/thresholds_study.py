@@ -128,18 +128,23 @@ def sweep(args) -> None:
 
 
 def feedback(args) -> None:
-    """global-τ run → report → from_report run, same model/data/seed; CV of per-layer flip ratios before/after."""
+    """global-τ run → report → from_report run, same model/data/seed; CV of per-layer flip ratios before/after.
+    With ``--rounds 2`` the from-report run's own report is fed back once more (``from_report_r2_s<seed>``)."""
     from bnn_probe.reports import build_report
     for s in range(args.seeds):
-        base = Path(args.out) / args.dataset / f"global_s{s}"
-        train_run(base, args.dataset, s, args.epochs, policy={"name": "global", "threshold": args.tau},
+        prev = Path(args.out) / args.dataset / f"global_s{s}"
+        train_run(prev, args.dataset, s, args.epochs, policy={"name": "global", "threshold": args.tau},
                   threshold=args.tau, variant=f"global τ={args.tau:g}")
-        rep = Path(args.out) / args.dataset / f"report_s{s}"
-        build_report([base], rep, formats=("md",), progress=False)
-        run_name = bnn_probe.load_run(base).name
-        train_run(Path(args.out) / args.dataset / f"from_report_s{s}", args.dataset, s, args.epochs,
-                  policy={"name": "from-report", "thresholds_csv": str(rep / "tables" / "thresholds.csv"),
-                          "report_run": run_name}, variant="from-report")
+        for k in range(1, args.rounds + 1):
+            tag = "" if k == 1 else f"_r{k}"
+            rep = Path(args.out) / args.dataset / f"report{tag}_s{s}"
+            if not (rep / "tables" / "thresholds.csv").exists():
+                build_report([prev], rep, formats=("md",), progress=False)
+            nxt = Path(args.out) / args.dataset / f"from_report{tag}_s{s}"
+            train_run(nxt, args.dataset, s, args.epochs,
+                      policy={"name": "from-report", "thresholds_csv": str(rep / "tables" / "thresholds.csv"),
+                              "report_run": bnn_probe.load_run(prev).name}, variant=f"from-report round {k}")
+            prev = nxt
         print(f"feedback {args.dataset} seed {s} done", flush=True)
 
 
@@ -169,6 +174,12 @@ def analyse(args) -> None:
         after = [bnn_probe.load_run(ds_dir / f"from_report_s{s}") for s in seeds]
         print(f"## feedback {ds_dir.name}")
         print(cv_reduction(before, after).to_string(index=False))
+        r2 = [s for s in seeds if (ds_dir / f"from_report_r2_s{s}" / "meta.json").exists()]
+        if r2:
+            print("round 2 (fed the round-1 run's report), against the global run:")
+            red = cv_reduction([bnn_probe.load_run(ds_dir / f"global_s{s}") for s in r2],
+                               [bnn_probe.load_run(ds_dir / f"from_report_r2_s{s}") for s in r2])
+            print(red.to_string(index=False))
         lt = layer_table(before + after)
         print(lt[["run", "layer", "fan_in", "flip_ratio", "threshold", "never_flipped"]].to_string(index=False))
         for r in before + after:
@@ -191,6 +202,7 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--tau", type=float, default=1e-6)
     ap.add_argument("--widths", type=int, nargs="+", default=[64, 256, 1024, 4096])
+    ap.add_argument("--rounds", type=int, default=1, help="feedback: report → from-report rounds")
     ap.add_argument("--quick", action="store_true", help="1 seed, 2 epochs")
     args = ap.parse_args(argv)
     if args.quick:
