@@ -150,3 +150,33 @@ def test_flips_match_single_process(ddp_runs):
     assert r0["hashes"] == single  # rank 0 (untouched by the planted flip) ends with the one-process binary weights
     print(f"DDP vs 1-process flips: {int((diff == 0).sum())}/{len(diff)} (step, layer) rows equal; "
           f"total flips {int(ddp.sum())} vs {int(one.sum())}")
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_matches_one_process(tmp_path):
+    """`bnn-probe train` unchanged under torchrun (2 gloo processes): --batch-size is the global batch."""
+    import subprocess
+    import sys
+
+    args = ["train", "--widths", "32", "--epochs", "2", "--batch-size", "96", "--gamma", "1e-3", "--threshold",
+            "1e-6", "--threads", "1", "--no-progress", "--hist-every", "10"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "-m", "bnn_probe.cli", *args, "--out", str(tmp_path / "ddp")], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, "-m", "bnn_probe.cli", *args, "--out", str(tmp_path / "one")], check=True,
+                   env=env, timeout=300)
+    ddp, one = bnn_probe.load_run(tmp_path / "ddp"), bnn_probe.load_run(tmp_path / "one")
+    assert ddp.status == one.status == "finished"
+    assert ddp.meta["world_size"] == 2 and one.meta["world_size"] == 1
+    a = ddp.steps.set_index(["step", "layer"])["flips"]
+    b = one.steps.set_index(["step", "layer"])["flips"]
+    assert a.index.equals(b.index) and b.sum() > 0
+    diff = (a - b).abs()
+    assert diff.sum() <= max(2, int(0.01 * b.sum())), diff[diff > 0]
+    assert (ddp.train["rank_divergence"].dropna() == 0).all() and ddp.train["rank_divergence"].notna().sum() >= 2
+    # the logged per-step loss is the global-batch mean, as in the one-process run
+    la = ddp.train.dropna(subset=["train_loss"])["train_loss"].to_numpy()
+    lb = one.train.dropna(subset=["train_loss"])["train_loss"].to_numpy()
+    assert len(la) == len(lb) and abs(la - lb).max() < 1e-4
+    print(f"torchrun CLI: {int((diff == 0).sum())}/{len(diff)} (step, layer) flip counts equal; "
+          f"total {int(a.sum())} vs {int(b.sum())}; max |Δ train_loss| {abs(la - lb).max():.2e}")
