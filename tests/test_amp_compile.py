@@ -97,3 +97,60 @@ def test_compiled_model_with_probe(tmp_path):
     probe = bnn_probe.attach(compile_model(model2), opt2, tmp_path / "wrapped", tensorboard=False)
     assert [ly.name for ly in probe.layers] == ["_orig_mod.fc1.weight", "_orig_mod.fc2.weight"]
     probe.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_autocast_with_probe(tmp_path, amp):
+    """CUDA autocast (fp16 with a GradScaler): binary weights, gradients and Bop state stay fp32; the probe logs."""
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = BinaryMLP(64, [256, 256], 10).to(dev)
+    binary_init_(model, seed=0)
+    opt = bnn_optimizer(model, gamma=1e-3, threshold=1e-6)
+    probe = bnn_probe.attach(model, opt, tmp_path / amp, tensorboard=False, hist_every=5)
+    scaler = grad_scaler(dev, amp)
+    d = load_digits().to(dev)
+    for x, y in list(d.batches(64, torch.Generator().manual_seed(0)))[:STEPS]:
+        with autocast(dev, amp):
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+        assert out.dtype == (torch.bfloat16 if amp == "bf16" else torch.float16)
+        opt.zero_grad()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    probe.close()
+    for p in binary_parameters(model):
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32
+        assert torch.equal(p.abs(), torch.ones_like(p))
+        assert opt.state[p]["exp_avg"].dtype == torch.float32
+    run = bnn_probe.load_run(tmp_path / amp)
+    assert run.status == "finished" and run.steps["step"].max() == probe.step >= STEPS - 3  # fp16 may skip a few
+    assert run.steps["flips"].sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compiled_model_with_probe(tmp_path):
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = BinaryMLP(64, [256, 256], 10).to(dev)
+    binary_init_(model, seed=0)
+    opt = bnn_optimizer(model, gamma=1e-3, threshold=1e-6)
+    compiled = compile_model(model)
+    probe = bnn_probe.attach(model, opt, tmp_path / "c", tensorboard=False)
+    d = load_digits().to(dev)
+    for x, y in list(d.batches(64, torch.Generator().manual_seed(0)))[:STEPS]:
+        loss = F.cross_entropy(compiled(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    probe.close()
+    run = bnn_probe.load_run(tmp_path / "c")
+    assert run.steps["step"].max() == STEPS and run.steps["flips"].sum() > 0
