@@ -107,6 +107,10 @@ class TrainConfig:
     optimizer: str = "bop"
     gamma: float | None = None  # Bop/Bop2ndOrder: 1e-4 (paper)
     threshold: float | None = None  # Bop/Bop2ndOrder: 1e-8 (paper)
+    threshold_policy: str = "global"  # per-layer τ: global, fan-in, calibrated, from-report (optim.thresholds)
+    fan_in_exponent: float = 0.5  # fan-in policy: τ_l = τ · (n_ref / n_l)^a
+    target_flip_ratio: float | None = None  # calibrated policy: the flip ratio each layer is held at
+    thresholds_csv: str | None = None  # from-report policy: a report's tables/thresholds.csv (PATH#RUN picks a run)
     sigma: float | None = None  # Bop2ndOrder: 1e-4
     lr: float | None = None  # latent weights: Adam 1e-3 (paper), SGD 1e-1 (both Glorot-scaled by default)
     lr_real: float = 1e-2  # Adam for batch norm and biases (paper)
@@ -204,6 +208,8 @@ def _validate(c: TrainConfig) -> None:
         _check(isinstance(v, int) and v >= 0, f"--{name.replace('_', '-')} must be a non-negative integer, got {v}")
     _check(c.pair_role in (None, "a", "b"), f"pair_role must be 'a' or 'b', got {c.pair_role!r}")
     _check(c.amp in ("none", "bf16", "fp16"), f"--amp must be none, bf16 or fp16, got {c.amp!r}")
+    _check(c.threshold_policy in ("global", "fan-in", "calibrated", "from-report"),
+           f"--threshold-policy must be global, fan-in, calibrated or from-report, got {c.threshold_policy!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -429,10 +435,20 @@ def setup(config: TrainConfig, out_dir: str | Path, overwrite: bool = False, pol
     init_binary_weights(model, c)
     if info.distributed:
         model = sync_batchnorm(model, device)
+    if policy is None and c.optimizer in BOP_OPTIMIZERS and c.threshold_policy != "global":
+        from .optim.thresholds import policy_for_model
+
+        policy = policy_for_model(model, c.threshold_policy, threshold=c.threshold, fan_in_exponent=c.fan_in_exponent,
+                                  target_flip_ratio=c.target_flip_ratio, thresholds_csv=c.thresholds_csv)
     optimizer = build_optimizer(model, c, policy)
+    if policy is not None:
+        policy.attach(optimizer)  # the calibrated policy's flip-ratio controller (no-op for the others)
     schedule = StepDecay(optimizer, c.decay_every, c.decay_factor)
+    cfg = c.to_dict()
+    if policy is not None:  # the policy and its per-layer τ, in the run's config
+        cfg["extra"] = {**cfg["extra"], "threshold_policy": policy.describe()}
     options = dict(every=c.probe_every, hist_every=c.hist_every, snapshot_every=c.snapshot_every, track=c.track,
-                   config=c.to_dict(), tag=c.tag, seed=c.seed)
+                   config=cfg, tag=c.tag, seed=c.seed)
     options.update(probe_options)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)

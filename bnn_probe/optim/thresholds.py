@@ -62,6 +62,7 @@ __all__ = [
     "calibrated",
     "from_report",
     "make_policy",
+    "policy_for_model",
     "layer_name",
     "layer_fan_in",
     "read_thresholds_csv",
@@ -317,6 +318,26 @@ def make_policy(name: str, *, threshold: float = 1e-6, reference_fan_in: int | N
             raise BnnProbeError("--threshold-policy from-report needs --thresholds-csv PATH")
         return from_report(thresholds_csv, report_run)
     raise BnnProbeError(f"unknown threshold policy {name!r}: choose one of {', '.join(POLICY_NAMES)}")
+
+
+def policy_for_model(model: nn.Module, name: str, *, threshold: float = 1e-6, fan_in_exponent: float = 0.5,
+                     target_flip_ratio: float | None = None, thresholds_csv: str | Path | None = None
+                     ) -> ThresholdPolicy:
+    """:func:`make_policy` for a model, from ``bnn-probe train`` options: ``fan-in`` takes the geometric mean of the
+    model's binary fan-ins as n_ref; ``--thresholds-csv PATH#RUN`` picks run RUN of a multi-run report table.
+
+    >>> from bnn_probe.models import BinaryMLP
+    >>> policy_for_model(BinaryMLP(64, [1024], 16), "fan-in", threshold=1e-6).args["reference_fan_in"]
+    256
+    """
+    from ..nn import binary_parameters
+
+    run = None
+    if thresholds_csv is not None and "#" in str(thresholds_csv):
+        thresholds_csv, run = str(thresholds_csv).rsplit("#", 1)
+    return make_policy(name, threshold=threshold, fan_in_exponent=fan_in_exponent,
+                       target_flip_ratio=target_flip_ratio, thresholds_csv=thresholds_csv, report_run=run,
+                       fan_ins=[layer_fan_in(p) for p in binary_parameters(model)])
 
 
 def _threshold_groups(optimizer: Any) -> list[dict[str, Any]]:
