@@ -31,11 +31,9 @@ from torch import nn
 from ..runlog.schema import FORMAT, HIST_EDGES, SCHEMA_VERSION
 from ..runlog.writer import RunWriter, now_iso
 from .binary_detect import BinarySpec, LayerInfo, leaf_optimizers, resolve_layers
-from .context import LayerState, StepContext
-from .histograms import Histograms, Snapshots
-from .quantities import QUANTILES, Quantity, default_quantities
-from .recorder import MISSING_INT, Recorder
-from .samplers import FlipEvents, Tracked
+from .flat import FlatGroup, group_layers
+from .quantities import QUANTILES
+from .recorder import Recorder
 from .schedules import Schedule, as_schedule
 
 __all__ = ["Probe", "attach"]
@@ -111,11 +109,6 @@ class Probe:
         self._closed = False
         self._callbacks: list[tuple[Schedule, Callable[[Probe, int], None]]] = []
         self._handles: list[Any] = []
-        self.quantities: list[Quantity] = default_quantities(sign_hash)
-        self._int_q = [q for q in self.quantities if q.int_columns]
-        self._float_q = [q for q in self.quantities if not q.int_columns]
-        self._tracked, self._hists, self._snaps = Tracked(), Histograms(HIST_EDGES), Snapshots()
-        self._applicable: list[list[Quantity]] | None = None
         if self.active:
             self._setup_writer(tensorboard, resume, buffer_steps)
             self._handles.append(optimizer.register_step_pre_hook(self._pre_hook))
@@ -130,35 +123,60 @@ class Probe:
     # ------------------------------------------------------------------ setup
     def _setup_writer(self, tensorboard: bool, resume: bool, buffer_steps: int) -> None:
         gen = torch.Generator().manual_seed(self.seed)
-        self.states: list[LayerState] = []
-        for layer in self.layers:
+        q_idx: list[torch.Tensor | None] = []
+        t_idx: list[torch.Tensor] = []
+        for layer in self.layers:  # the same draws, in the same order, as ever: samples are part of the log
             n = layer.n
-            q_idx = None if n <= self.quantile_sample else _sample_indices(n, self.quantile_sample, gen)
-            t_idx = _sample_indices(n, self.track, gen)
-            st = LayerState(layer, q_idx, t_idx, self.sign_hash)
-            if layer.family != "latent":
-                ost = layer.optimizer.state.get(layer.param, {})
-                ctx = StepContext(st, 0, self.optimizer)
-                st.prev_above = ctx.above if "exp_avg" in ost else torch.zeros_like(st.sign0)
-            self.states.append(st)
+            q_idx.append(None if n <= self.quantile_sample else _sample_indices(n, self.quantile_sample, gen))
+            t_idx.append(_sample_indices(n, self.track, gen))
         dev = self.layers[0].param.device
         self._event_gen = torch.Generator(device=dev).manual_seed(self.seed + 1)
-        self._events = FlipEvents(self.events_per_layer, self._event_gen)
-        self._missing_hash = torch.tensor(MISSING_INT, dtype=torch.int64, device=dev)
+        self.groups: list[FlatGroup] = []
+        for rows in group_layers(self.layers):
+            grp = FlatGroup([self.layers[i] for i in rows], rows, [q_idx[i] for i in rows], [t_idx[i] for i in rows],
+                            self.optimizer, self.sign_hash, self.events_per_layer, Recorder.FLOAT_COLUMNS)
+            grp.gen = self._event_gen if grp.device == dev else torch.Generator(device=grp.device).manual_seed(
+                self.seed + 1)
+            self.groups.append(grp)
+        self._dev = dev
+        order = [i for g in self.groups for i in g.rows]
+        L = len(self.layers)
+        self._perm = None if order == list(range(L)) else torch.tensor(np.argsort(order), device=dev)
+        if self._perm is not None:  # tracked rows: group order → layer order
+            sizes = {i: g.t_sizes[k] for g in self.groups for k, i in enumerate(g.rows)}
+            starts, off = {}, 0
+            for i in order:
+                starts[i] = off
+                off += sizes[i]
+            self._tperm = torch.cat([torch.arange(starts[i], starts[i] + sizes[i]) for i in range(L)]).to(dev)
+            e = self.events_per_layer
+            self._eperm = torch.cat([torch.arange(order.index(i) * e, order.index(i) * e + e)
+                                     for i in range(L)]).to(dev)
         self.writer = RunWriter(self.logdir, tensorboard=tensorboard, resume=resume)
         self.rec = Recorder(self.writer, [ly.name for ly in self.layers], [ly.n for ly in self.layers],
                             [ly.family for ly in self.layers], buffer_steps=buffer_steps, tb_every=self.tb_every)
         self.rec.events_per_layer = self.events_per_layer
-        off = 0
-        for st in self.states:
-            idx = st.t_idx.cpu().numpy()
-            self.rec.track_layout.append((off, idx))
-            off += len(idx)
+        self._set_track_layout()
         self.created_at = now_iso()
         self._last_flush_step = 0
         self._last_flush_time = time.monotonic()
         self.writer.write_table("layers", self._layers_frame())
         self._write_meta()
+
+    def _layer_state(self, i: int) -> tuple[FlatGroup, int]:
+        for g in self.groups:
+            if i in g.rows:
+                return g, g.rows.index(i)
+        raise KeyError(i)
+
+    def _set_track_layout(self) -> None:
+        self.rec.track_layout = []
+        off = 0
+        for i in range(len(self.layers)):
+            g, k = self._layer_state(i)
+            idx = g.t_idx[k].cpu().numpy()
+            self.rec.track_layout.append((off, idx))
+            off += len(idx)
 
     def _layers_frame(self) -> pd.DataFrame:
         rows = []
@@ -210,8 +228,8 @@ class Probe:
 
     # ------------------------------------------------------------------ hooks
     def _pre_hook(self, optimizer, args, kwargs) -> None:
-        for st in self.states:
-            st.before_step()
+        for g in self.groups:
+            g.before_step()
 
     def _post_hook(self, optimizer, args, kwargs) -> None:
         self.step += 1
@@ -228,56 +246,35 @@ class Probe:
                     time.monotonic() - self._last_flush_time >= self.flush_secs:
                 self.flush()
 
+    def _cat(self, parts: list[torch.Tensor], perm: torch.Tensor | None) -> torch.Tensor:
+        if len(parts) == 1:
+            return parts[0]
+        x = torch.cat([p.to(self._dev) for p in parts])
+        return x if perm is None else x.index_select(0, perm)
+
     def _measure(self, t: int) -> None:
-        if self._applicable is None:  # which quantities apply to which layer: fixed for the run
-            self._applicable = [[q for q in self._float_q if q.applies(StepContext(st, t, self.optimizer))]
-                                for st in self.states]
         log, trk, ev = self.every(t), self.track_every(t), self.events_every(t)
         hist, snap = self.hist_every(t), self.snapshot_every(t)
-        ints: list[torch.Tensor] = []
-        floats: list[torch.Tensor] = []
-        cols_per_layer: list[tuple[str, ...]] = []
-        trk_s, trk_i, ev_i, ev_f = [], [], [], []
-        for li, st in enumerate(self.states):
-            ctx = StepContext(st, t, self.optimizer)
-            if log:
-                for q in self._int_q:
-                    ints.extend(q.compute(ctx))
-                if not self.sign_hash:
-                    ints.append(self._missing_hash)
-                cols: list[str] = []
-                for q in self._applicable[li]:
-                    floats.extend(q.compute(ctx))
-                    cols.extend(q.columns)
-                cols_per_layer.append(tuple(cols))
-            if ev:
-                a, b = self._events.compute(ctx)
-                ev_i.append(a)
-                ev_f.append(b)
-            if trk:
-                a, b = self._tracked.compute(ctx)
-                trk_s.append(a)
-                trk_i.append(b)
-            if hist:
-                for q, (c, s) in self._hists.compute(ctx).items():
-                    self.rec.add_hist(t, li, q, c, s)
-            if snap:
-                self.rec.add_snapshot(t, li, self._snaps.compute(ctx))
-            ctx.commit()
+        outs = [g.measure(t, log, trk, ev, hist, snap) for g in self.groups]
         if log:
-            int_vec = torch.stack(ints)
-            key = tuple(cols_per_layer)
-            dev = int_vec.device
-            fvec = torch.full((len(self.states) * len(Recorder.FLOAT_COLUMNS),), math.nan, dtype=torch.float64,
-                              device=dev)
-            if floats:
-                pos = self.rec.float_positions(key, [list(c) for c in cols_per_layer], dev)
-                fvec.index_copy_(0, pos, torch.cat([f.reshape(-1) for f in floats]))
-            self.rec.add_steps(t, int_vec, fvec, self._hyper())
-        if ev:
-            self.rec.add_events(t, torch.cat(ev_i), torch.cat(ev_f))
+            ints = self._cat([o["ints"] for o in outs], self._perm)
+            floats = self._cat([o["floats"] for o in outs], self._perm)
+            self.rec.add_steps(t, ints, floats, self._hyper())
+        if ev and self.events_per_layer > 0:
+            a = self._cat([o["events"][0] for o in outs], getattr(self, "_eperm", None))
+            b = self._cat([o["events"][1] for o in outs], getattr(self, "_eperm", None))
+            self.rec.add_events(t, a, b)
         if trk:
-            self.rec.add_tracked(t, torch.cat(trk_s), torch.cat(trk_i))
+            a = self._cat([o["tracked"][0] for o in outs], getattr(self, "_tperm", None))
+            b = self._cat([o["tracked"][1] for o in outs], getattr(self, "_tperm", None))
+            self.rec.add_tracked(t, a, b)
+        for g, o in zip(self.groups, outs, strict=True):
+            for q, (cnt, stats, rows) in o.get("hists", {}).items():
+                for k in rows:
+                    self.rec.add_hist(t, g.rows[k], q, cnt[k], stats[k])
+            if snap:
+                for k, li in enumerate(g.rows):
+                    self.rec.add_snapshot(t, li, g.layer_slice(o["snap"], k))
 
     def _hyper(self) -> np.ndarray:
         out = np.full((len(self.layers), 4), math.nan)
@@ -308,7 +305,8 @@ class Probe:
         if not self.active:
             return
         self.rec.flush()
-        self.rec.write_weight_flips(self.step, [st.count for st in self.states])
+        self.rec.write_weight_flips(self.step, [g.layer_slice(g.count, k) for i in range(len(self.layers))
+                                                for g, k in [self._layer_state(i)]])
         self._last_flush_step = self.step
         self._last_flush_time = time.monotonic()
         self._write_meta()
@@ -340,7 +338,15 @@ class Probe:
         sd: dict[str, Any] = {"version": 1, "step": self.step, "seed": self.seed}
         if self.active:
             self.rec.drain()  # running means are accumulated on the host at drain time
-            sd["layers"] = {st.layer.name: st.state_dict() for st in self.states}
+            layers = {}
+            for i, ly in enumerate(self.layers):
+                g, k = self._layer_state(i)
+                cpu = {name: (None if v is None else v.detach().cpu().clone()) for name, v in (
+                    ("sign0", g.layer_slice(g.sign0, k)), ("count", g.layer_slice(g.count, k)),
+                    ("last", g.layer_slice(g.last, k)), ("prev_above", g.layer_slice(g.prev_above, k)),
+                    ("q_idx", g.q_idx[k]), ("t_idx", g.t_idx[k]))}
+                layers[ly.name] = cpu
+            sd["layers"] = layers
             sd["run_sum"] = self.rec.run_sum.tolist()
             sd["run_n"] = self.rec.run_n.tolist()
             sd["event_gen"] = self._event_gen.get_state()
@@ -351,21 +357,26 @@ class Probe:
         self.step = int(sd["step"])
         if not self.active or "layers" not in sd:
             return
-        for st in self.states:
-            if st.layer.name not in sd["layers"]:
+        for ly in self.layers:
+            if ly.name not in sd["layers"]:
                 from ..errors import BnnProbeError
 
-                raise BnnProbeError(f"probe state has no layer {st.layer.name!r}: is it from another model?")
-            st.load_state_dict(sd["layers"][st.layer.name])
+                raise BnnProbeError(f"probe state has no layer {ly.name!r}: is it from another model?")
+        for g in self.groups:
+            q_idx, t_idx = [], []
+            for k, ly in enumerate(g.layers):
+                st = sd["layers"][ly.name]
+                for name in ("sign0", "count", "last", "prev_above"):
+                    dst = g.layer_slice(getattr(g, name), k)
+                    if dst is not None and st.get(name) is not None:
+                        dst.copy_(st[name].reshape(-1))
+                q_idx.append(st.get("q_idx"))
+                t_idx.append(st["t_idx"])
+            g.set_samples(q_idx, t_idx)
         self.rec.run_sum = np.asarray(sd["run_sum"], dtype=float)
         self.rec.run_n = np.asarray(sd["run_n"], dtype=np.int64)
         self._event_gen.set_state(sd["event_gen"])
-        off = 0
-        self.rec.track_layout = []
-        for st in self.states:
-            idx = st.t_idx.cpu().numpy()
-            self.rec.track_layout.append((off, idx))
-            off += len(idx)
+        self._set_track_layout()
         self._last_flush_step = self.step
 
     def __repr__(self) -> str:

@@ -1,0 +1,550 @@
+"""The probe's hot path: every binary layer measured at once on one flat tensor per (device, family, dtype) group.
+
+Per step the weights of all layers of a group are concatenated into one flat tensor (one ``torch.cat`` into a
+preallocated buffer), likewise m (Bop: ``exp_avg``; Bop2ndOrder: the normalised m̂) and the gradients, so the
+number of kernel launches per step does not grow with the number of layers:
+
+* per-layer counts (flips, c2i_diff, non-finite gradients, flip_now, above_threshold, settled, crossings,
+  at_clip): each weight gets a small bit code (one bit per mask), ``layer · 2^B + code`` is histogrammed in one
+  ``bincount`` (CPU) / ``histc`` (CUDA: ``bincount`` would synchronise), and one matrix product turns the
+  [layers, 2^B] histogram into every count;
+* ``sign_hash``: one int64 ``cumsum`` of r_i·[w_i ≥ 0], differenced at the layer ends (exact, wrapping);
+* means: ``torch._foreach_norm(…, 1, dtype=float64)`` over the per-layer views (one fused call);
+* quantiles: one gather of the fixed per-layer samples into [layers, K] (padded with NaN), one sort, one gather;
+* tracked weights and flip events: one gather / one vectorised stratified sample for all layers.
+
+τ, γ, clip values and the like are read from the param groups every step (host floats); when they are the same for
+every layer of the group they enter as Python scalars (bitwise the same arithmetic as the per-layer reference in
+:mod:`bnn_probe.probe.quantities`), otherwise as per-weight device vectors rebuilt only when a value changes. No
+``.item()``, no host synchronisation on the every-step path. Definitions: docs/quantities.md; the per-layer
+reference implementation (``StepContext`` + ``quantities``) is what tests/test_probe_flat.py compares against.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .binary_detect import LayerInfo, clip_value_of
+from .context import hash_coefficients, normalize_2nd
+from .quantities import QUANTILES
+
+__all__ = ["FlatGroup", "group_layers"]
+
+_NAN = float("nan")
+# bit codes of the per-weight masks (Bop family / latent)
+_BOP_BITS = ("flipped", "c2i", "finite", "gt", "lt", "above", "prev_above")
+_LAT_BITS = ("flipped", "c2i", "finite", "at_clip")
+
+
+def _count_matrix(bits: Sequence[str], columns: dict[str, callable]) -> Tensor:
+    """[2^B, C] float64: column c is 1 at the codes where the predicate ``columns[c](bits of code)`` holds."""
+    nb = 1 << len(bits)
+    rows = []
+    for code in range(nb):
+        b = {name: bool(code >> k & 1) for k, name in enumerate(bits)}
+        rows.append([1.0 if f(b) else 0.0 for f in columns.values()])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+_BOP_COUNTS = {
+    "flips": lambda b: b["flipped"],
+    "c2i_diff": lambda b: b["c2i"],
+    "nonfinite_grads": lambda b: not b["finite"],
+    # w_{t-1}·m_t > τ: w_{t-1} = w_t where unchanged, −w_t where flipped (so w_{t-1}·m_t = −w_t·m_t there)
+    "flip_now": lambda b: (b["gt"] and not b["flipped"]) or (b["lt"] and b["flipped"]),
+    "above_threshold": lambda b: b["above"],
+    "settled": lambda b: b["lt"],
+    "crossings_up": lambda b: b["above"] and not b["prev_above"],
+    "crossings_down": lambda b: b["prev_above"] and not b["above"],
+}
+_LAT_COUNTS = {
+    "flips": lambda b: b["flipped"],
+    "c2i_diff": lambda b: b["c2i"],
+    "nonfinite_grads": lambda b: not b["finite"],
+    "at_clip": lambda b: b["at_clip"],
+}
+
+
+def _flat(t: Tensor) -> Tensor:
+    t = t.detach()
+    return t.view(-1) if t.is_contiguous() else t.reshape(-1)
+
+
+def _to_dev(values, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small host list as a device tensor without a host synchronisation (pinned, non-blocking on CUDA)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def group_layers(layers: list[LayerInfo]) -> list[list[int]]:
+    """Layer indices grouped by (device, family, dtype), each group in layer order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, ly in enumerate(layers):
+        groups.setdefault((str(ly.param.device), ly.family, ly.param.dtype), []).append(i)
+    return list(groups.values())
+
+
+class FlatGroup:
+    """Flat device state and the vectorised per-step measurement of a group of layers of one family."""
+
+    def __init__(self, layers: list[LayerInfo], rows: list[int], q_idx: list[Tensor | None], t_idx: list[Tensor],
+                 probed: torch.optim.Optimizer, sign_hash: bool, events_per_layer: int,
+                 float_columns: Sequence[str]) -> None:
+        self.layers, self.rows, self.probed = layers, rows, probed
+        self.family = layers[0].family
+        self.bop = self.family != "latent"
+        p0 = layers[0].param
+        self.device, self.dtype = p0.device, p0.dtype
+        dev = self.device
+        self.ns = [ly.n for ly in layers]
+        self.L, self.N = len(layers), sum(self.ns)
+        offs = [0]
+        for n in self.ns:
+            offs.append(offs[-1] + n)
+        self.offsets = offs[:-1]
+        self.lengths = torch.tensor(self.ns, dtype=torch.int64, device=dev)
+        self.n_f = self.lengths.to(torch.float64)
+        self.starts = torch.tensor(self.offsets, dtype=torch.int64, device=dev)
+        self.ends = self.starts + self.lengths - 1
+        self.layer_id = torch.repeat_interleave(torch.arange(self.L), torch.tensor(self.ns)).to(dev)
+        self.bits = _BOP_BITS if self.bop else _LAT_BITS
+        self.NB = 1 << len(self.bits)
+        counts = _BOP_COUNTS if self.bop else _LAT_COUNTS
+        self.count_cols = list(counts)
+        self.count_mat = _count_matrix(self.bits, counts).to(dev)
+        self.use_histc = dev.type != "cpu"
+        big = max(self.ns) >= 2**24 or self.L * self.NB >= 2**24
+        if self.use_histc:
+            self.code_base = (self.layer_id * self.NB).to(torch.float64 if big else torch.float32)
+        else:
+            self.code_base = (self.layer_id * self.NB).to(torch.int32 if self.L * self.NB < 2**31 else torch.int64)
+        self.code = torch.empty(self.N, dtype=torch.uint8, device=dev)
+        self.sign_hash = sign_hash
+        self.E = int(events_per_layer)
+        # float columns: Bop family writes the first 16, latent the last 9 (checked against the recorder's order)
+        fc = list(float_columns)
+        self.n_float = len(fc)
+        bop_cols = ["flip_now", "above_threshold", "settled", "crossings_up", "crossings_down", "abs_m_mean",
+                    *[f"abs_m_q{round(q * 100):02d}" for q in QUANTILES],
+                    *[f"wm_q{round(q * 100):02d}" for q in QUANTILES]]
+        lat_cols = ["abs_w_mean", *[f"abs_w_q{round(q * 100):02d}" for q in QUANTILES], "at_clip", "adam_step_q50",
+                    "adam_step_q95"]
+        if fc != bop_cols + lat_cols:  # pragma: no cover - schema and probe out of step
+            raise RuntimeError(f"steps float columns changed: {fc}")
+        self.n_bop_cols, self.n_lat_cols = len(bop_cols), len(lat_cols)
+        # buffers
+        w = self.cat_w()
+        self.wbuf = w.clone() if self.N else w
+        self.sign0 = w >= 0
+        self.prev_sign = self.sign0.clone()
+        self.sign = torch.empty_like(self.sign0)
+        self.flipped = torch.empty_like(self.sign0)
+        self.prev_w = w.clone() if not self.bop else None
+        self.count = torch.zeros(self.N, dtype=torch.int32, device=dev)
+        self.last = torch.zeros(self.N, dtype=torch.int32, device=dev)
+        self.mix = torch.cat([hash_coefficients(n, dev) for n in self.ns]) if sign_hash else None
+        self.missing_hash = torch.full((self.L, 1), -(2**63), dtype=torch.int64, device=dev)
+        self.nan_bop = torch.full((self.L, self.n_bop_cols), _NAN, dtype=torch.float64, device=dev)
+        self.nan_lat = torch.full((self.L, self.n_lat_cols), _NAN, dtype=torch.float64, device=dev)
+        self._zeros: dict[int, Tensor] = {}
+        self._hyper_key: tuple | None = None
+        self.set_samples(q_idx, t_idx)
+        self.adam = [isinstance(ly.optimizer, (torch.optim.Adam, torch.optim.AdamW)) for ly in layers]
+        self.prev_above: Tensor | None = None
+        if self.bop:
+            self._read_hyper()
+            m = self.cat_m()
+            above = self._above(m.abs())
+            for li, ly in enumerate(layers):
+                if "exp_avg" not in ly.optimizer.state.get(ly.param, {}):
+                    above[self.offsets[li]:self.offsets[li] + self.ns[li]] = False
+            self.prev_above = above
+
+    # ------------------------------------------------------------------ samples
+    def set_samples(self, q_idx: list[Tensor | None], t_idx: list[Tensor]) -> None:
+        """Fixed quantile samples (None = all weights) and tracked weights, per layer (flat indices)."""
+        dev = self.device
+        self.q_idx = [None if q is None else q.to(dev) for q in q_idx]
+        self.t_idx = [t.to(dev) for t in t_idx]
+        ks = [self.ns[i] if q is None else len(q) for i, q in enumerate(q_idx)]
+        K = max(ks) if ks else 0
+        sel = torch.zeros(self.L, K, dtype=torch.int64)
+        pad = torch.zeros(self.L, K, dtype=torch.bool)
+        for li, q in enumerate(q_idx):
+            idx = torch.arange(self.ns[li]) if q is None else q.cpu()
+            sel[li, :len(idx)] = idx + self.offsets[li]
+            pad[li, len(idx):] = True
+        self.qsel = sel.to(dev)
+        self.qpad = pad.to(dev) if bool(pad.any()) else None
+        self.qpos, self.qfrac = self._positions(ks, QUANTILES)
+        self.apos, self.afrac = self._positions(ks, (0.5, 0.95))
+        self.tsel = torch.cat([t.cpu() + o for t, o in zip(t_idx, self.offsets, strict=True)]).to(dev)
+        self.t_layer = torch.cat([torch.full((len(t),), li, dtype=torch.int64) for li, t in enumerate(t_idx)]).to(dev)
+        self.t_sizes = [len(t) for t in t_idx]
+
+    def _positions(self, ks: list[int], qs: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+        """numpy-"linear" positions: [L, 2Q] (lo then hi indices into each sorted row) and [L, Q] fractions."""
+        lo_hi, frac = [], []
+        for k in ks:
+            pos = torch.tensor(qs, dtype=torch.float64) * max(k - 1, 0)
+            lo = pos.floor()
+            lo_hi.append(torch.cat([lo, pos.ceil()]).long())
+            frac.append(pos - lo)
+        return torch.stack(lo_hi).to(self.device), torch.stack(frac).to(self.device)
+
+    def _quantiles(self, x: Tensor, pos: Tensor, frac: Tensor) -> Tensor:
+        """x: [..., L, K] samples (NaN-padded) → [..., L, Q] quantiles (float64), one sort for all rows."""
+        v = x.sort(dim=-1).values.gather(-1, pos.expand(*x.shape[:-1], pos.shape[-1])).double()
+        q = frac.shape[-1]
+        lo, hi = v[..., :q], v[..., q:]
+        return lo + (hi - lo) * frac
+
+    def _sample(self, x: Tensor) -> Tensor:
+        s = x[self.qsel]
+        if self.qpad is not None:
+            s.masked_fill_(self.qpad, _NAN)
+        return s
+
+    # ------------------------------------------------------------------ flat views
+    def cat_w(self, out: Tensor | None = None) -> Tensor:
+        views = [_flat(ly.param) for ly in self.layers]
+        return torch.cat(views, out=out) if out is not None else torch.cat(views)
+
+    def _zeros_like_layer(self, li: int) -> Tensor:
+        z = self._zeros.get(li)
+        if z is None:
+            z = self._zeros[li] = torch.zeros(self.ns[li], dtype=self.dtype, device=self.device)
+        return z
+
+    def _state_views(self, key: str) -> tuple[list[Tensor], list[int]]:
+        views, missing = [], []
+        for li, ly in enumerate(self.layers):
+            st = ly.optimizer.state.get(ly.param)
+            t = st.get(key) if st else None
+            if t is None:
+                missing.append(li)
+                views.append(self._zeros_like_layer(li))
+            else:
+                views.append(_flat(t))
+        return views, missing
+
+    def cat_m(self) -> Tensor:
+        """m_t (Bop) or m̂_t (Bop2ndOrder) of every layer, flat (zeros for a layer without optimizer state)."""
+        ms, missing = self._state_views("exp_avg")
+        self.m_missing = missing
+        if self.family != "bop2nd":
+            self.m_raw = torch.cat(ms)
+            return self.m_raw
+        vs, _ = self._state_views("exp_avg_sq")
+        self.m_raw, self.v_raw = torch.cat(ms), torch.cat(vs)
+        if self._uniform_2nd is not None:
+            gamma, sigma, eps, bc = self._uniform_2nd
+            group = {"gamma": gamma, "sigma": sigma, "eps": eps, "bias_correction": bc}
+            out = normalize_2nd(self.m_raw, self.v_raw, group)
+        else:
+            out = torch.cat([normalize_2nd(m, v, ly.group) for m, v, ly in zip(ms, vs, self.layers, strict=True)])
+        if missing:
+            for li in missing:
+                out[self.offsets[li]:self.offsets[li] + self.ns[li]] = 0
+        return out
+
+    def cat_g(self) -> Tensor:
+        views = []
+        self.g_missing = []
+        for li, ly in enumerate(self.layers):
+            g = ly.param.grad
+            if g is None:
+                self.g_missing.append(li)
+                views.append(self._zeros_like_layer(li))
+            else:
+                views.append(_flat(g))
+        return torch.cat(views)
+
+    # ------------------------------------------------------------------ hyperparameters
+    def _read_hyper(self) -> None:
+        """Read τ (γ, σ, eps, clip …) from the groups; rebuild device vectors only when a value changed."""
+        groups = [ly.group for ly in self.layers]
+        if self.bop:
+            key = tuple((float(g.get("threshold", _NAN)), float(g.get("gamma", _NAN)), float(g.get("sigma", _NAN)),
+                         float(g.get("eps", 1e-10)), bool(g.get("bias_correction", False))) for g in groups)
+        else:
+            key = tuple(clip_value_of(self.probed, ly.optimizer) for ly in self.layers)
+        if key == self._hyper_key:
+            return
+        self._hyper_key = key
+        dev, L = self.device, self.L
+        if self.bop:
+            taus = [k[0] for k in key]
+            self.tau_l = _to_dev(taus, torch.float64, dev)  # for inertia τ − w·m (float64, like the reference)
+            self.tau_nan = any(t != t for t in taus)
+            if len(set(taus)) == 1 and not self.tau_nan:
+                self.tau, self.ntau = taus[0], -taus[0]
+            else:
+                t32 = _to_dev(taus, self.dtype, dev)
+                self.tau = t32[self.layer_id]
+                self.ntau = -self.tau
+            self.tau_valid = None if not self.tau_nan else \
+                _to_dev([t == t for t in taus], torch.bool, dev)[self.layer_id]
+            self.tau_pos = [t > 0 for t in taus]
+            gammas = [k[1] for k in key]
+            sigmas = [k[2] for k in key]
+            self.g32 = _to_dev(gammas, self.dtype, dev)
+            self.omg32 = _to_dev([1 - g for g in gammas], self.dtype, dev)
+            self.gamma_one = _to_dev([g == 1 for g in gammas], torch.bool, dev)
+            self.s32 = _to_dev(sigmas, self.dtype, dev)
+            self.oms32 = _to_dev([1 - s for s in sigmas], self.dtype, dev)
+            self.sigma_one = _to_dev([s == 1 for s in sigmas], torch.bool, dev)
+            self.eps32 = _to_dev([k[3] for k in key], self.dtype, dev)
+            self.bc = _to_dev([k[4] for k in key], torch.bool, dev)
+            self._uniform_2nd = key[0][1:] if len({k[1:] for k in key}) == 1 else None
+        else:
+            clips = [math.nan if c is None else float(c) for c in key]
+            self.clip_any = any(c is not None for c in key)
+            self.clip_none_rows = [li for li, c in enumerate(key) if c is None]
+            if len(set(key)) == 1:
+                self.clip = clips[0]
+            else:
+                self.clip = _to_dev(clips, self.dtype, dev)[self.layer_id]
+        del L
+
+    def _above(self, abs_m: Tensor) -> Tensor:
+        return torch.gt(abs_m, self.tau)
+
+    # ------------------------------------------------------------------ per step
+    def before_step(self) -> None:
+        """Pre-step hook: sign(w_{t−1}) (Bop family) or w̃_{t−1} (latent), for every layer in one cat (+ compare)."""
+        if self.bop:
+            torch.ge(self.cat_w(out=self.wbuf), 0, out=self.prev_sign)
+        else:
+            self.cat_w(out=self.prev_w)
+
+    def measure(self, t: int, log: bool, trk: bool, ev: bool, hist: bool, snap: bool) -> dict:
+        """Everything of step t for this group (device tensors, rows in group order); updates the counters."""
+        out: dict = {}
+        self._read_hyper()
+        w = self.cat_w(out=self.wbuf)
+        sign = torch.ge(w, 0, out=self.sign)
+        prev_sign = self.prev_sign if self.bop else torch.ge(self.prev_w, 0)
+        flipped = torch.ne(sign, prev_sign, out=self.flipped)
+        above = m = wm = abs_m = g = None
+        if self.bop:
+            m = self.cat_m()
+            abs_m = m.abs()
+            above = self._above(abs_m)
+            if log or trk or ev or hist:
+                wm = w * m
+        if log:
+            g = self.cat_g()
+            out["ints"], out["floats"] = self._steps(w, sign, flipped, m, wm, abs_m, above, g)
+        if ev and self.E > 0:
+            out["events"] = self._events(t, w, flipped, m, g)
+        if trk:
+            out["tracked"] = self._tracked(w, sign, m)
+        if hist:
+            out["hists"] = self._hists(w, wm, abs_m)
+        if snap:
+            out["snap"] = sign.clone()
+        # commit: per-weight counters, |m| > τ for the next step's crossings
+        self.count.add_(flipped)
+        self.last.masked_fill_(flipped, t)
+        if self.bop:
+            self.prev_above = above if self.tau_valid is None else torch.where(self.tau_valid, above, self.prev_above)
+        return out
+
+    def _codes(self, masks: list[Tensor]) -> Tensor:
+        code = self.code
+        torch.add(masks[0].view(torch.uint8), masks[1].view(torch.uint8), alpha=2, out=code)
+        for k, mk in enumerate(masks[2:], start=2):
+            code.add_(mk.view(torch.uint8), alpha=1 << k)
+        if self.use_histc:
+            idx = torch.add(self.code_base, code)
+            nb = self.L * self.NB
+            h = torch.histc(idx, bins=nb, min=0, max=nb)
+        else:
+            h = torch.bincount(torch.add(self.code_base, code), minlength=self.L * self.NB)
+        return h.view(self.L, self.NB).to(torch.float64) @ self.count_mat  # [L, C] exact counts
+
+    def _steps(self, w, sign, flipped, m, wm, abs_m, above, g) -> tuple[Tensor, Tensor]:
+        c2i = torch.ne(sign, self.sign0)
+        finite = torch.isfinite(g)
+        if self.bop:
+            gt = torch.gt(wm, self.tau)
+            lt = torch.lt(wm, self.ntau)
+            counts = self._codes([flipped, c2i, finite, gt, lt, above, self.prev_above])
+        else:
+            if self.clip_any:
+                at_clip = torch.ge(w.abs(), self.clip)
+            else:
+                at_clip = torch.zeros_like(flipped)
+            counts = self._codes([flipped, c2i, finite, at_clip])
+        ints3 = counts[:, :3].to(torch.int64)
+        if self.sign_hash:
+            cs = torch.cumsum(torch.mul(self.mix, sign), 0, dtype=torch.int64).index_select(0, self.ends)
+            h = torch.diff(cs, prepend=cs.new_zeros(1)).unsqueeze(1)
+        else:
+            h = self.missing_hash
+        ints = torch.cat([ints3, h], 1)
+        x = m if self.bop else w
+        mean = torch.stack(torch._foreach_norm(list(x.split(self.ns)), 1, dtype=torch.float64)) / self.n_f
+        if self.bop:
+            q = self._quantiles(torch.stack([self._sample(abs_m), self._sample(wm)]), self.qpos, self.qfrac)
+            floats = torch.cat([counts[:, 3:8], mean.unsqueeze(1), q[0], q[1], self.nan_lat], 1)
+        else:
+            q = self._quantiles(self._sample(w).abs(), self.qpos, self.qfrac)
+            at = counts[:, 3:4]
+            if not self.clip_any:
+                at = self.nan_lat[:, :1]
+            elif self.clip_none_rows:
+                at = at.clone()
+                at[self.clip_none_rows] = _NAN
+            floats = torch.cat([self.nan_bop, mean.unsqueeze(1), q, at, self._adam_step()], 1)
+        return ints, floats
+
+    def _adam_step(self) -> Tensor:
+        """[L, 2] quantiles (0.5, 0.95) of |m̂/(sqrt(v̂)+eps)| on the sample; NaN where not Adam / no state yet."""
+        if not any(self.adam):
+            return self.nan_lat[:, :2]
+        ms, missing = self._state_views("exp_avg")
+        vs, _ = self._state_views("exp_avg_sq")
+        b1s, b2s, epss, steps = [], [], [], []
+        dev_steps = False
+        for li, ly in enumerate(self.layers):
+            g = ly.group
+            b1, b2 = g["betas"] if self.adam[li] else (0.0, 0.0)
+            b1s.append(float(b1))
+            b2s.append(float(b2))
+            epss.append(float(g.get("eps", 0.0)))
+            st = ly.optimizer.state.get(ly.param, {})
+            k = st.get("step", 1.0)
+            if isinstance(k, Tensor) and k.device.type != "cpu":
+                dev_steps = True
+            steps.append(k)
+        dev = self.device
+        if dev_steps:
+            k = torch.stack([s.to(dev, torch.float64).reshape(()) if isinstance(s, Tensor)
+                             else torch.tensor(float(s), dtype=torch.float64, device=dev) for s in steps])
+            bc1 = 1 - _to_dev(b1s, torch.float64, dev) ** k
+            bc2 = 1 - _to_dev(b2s, torch.float64, dev) ** k
+        else:
+            kf = [float(s) for s in steps]
+            bc1 = _to_dev([1 - b ** k for b, k in zip(b1s, kf, strict=True)], torch.float64, dev)
+            bc2 = _to_dev([1 - b ** k for b, k in zip(b2s, kf, strict=True)], torch.float64, dev)
+        eps = _to_dev(epss, torch.float64, dev)
+        mm = self._sample(torch.cat(ms)).double() / bc1.unsqueeze(1)
+        vv = self._sample(torch.cat(vs)).double() / bc2.unsqueeze(1)
+        u = (mm / (vv.sqrt() + eps.unsqueeze(1))).abs()
+        out = self._quantiles(u, self.apos, self.afrac)
+        bad = sorted(set(missing) | {li for li, a in enumerate(self.adam) if not a})
+        if bad:
+            out[bad] = _NAN
+        return out
+
+    def _tracked(self, w: Tensor, sign: Tensor, m: Tensor | None) -> tuple[Tensor, Tensor]:
+        idx = self.tsel
+        s = torch.where(sign[idx], 1, -1)
+        if self.bop:
+            inertia = self.tau_l[self.t_layer] - (w[idx] * m[idx]).double()
+        else:
+            inertia = w[idx].abs().double()
+        return s, inertia
+
+    def _events(self, t: int, w: Tensor, flipped: Tensor, m: Tensor | None, g: Tensor | None):
+        """Up to E flipped weights per layer, stratified (samplers.sample_flipped, all layers at once)."""
+        E, L, dev = self.E, self.L, self.device
+        c = torch.cumsum(flipped, 0, dtype=torch.int64)
+        c_end = c.index_select(0, self.ends)
+        c_prev = torch.cat([c_end.new_zeros(1), c_end[:-1]])
+        f = (c_end - c_prev).unsqueeze(1)  # [L, 1] flips per layer
+        j = torch.arange(E, device=dev, dtype=torch.float64)
+        u = torch.rand(L, E, generator=self.gen, device=dev, dtype=torch.float64)
+        ranks = torch.where(f <= E, j + 1, torch.floor((j + u) * f / E) + 1).to(torch.int64)
+        valid = ranks <= f
+        gidx = torch.searchsorted(c, ranks + c_prev.unsqueeze(1)).clamp_max(self.N - 1)
+        safe = torch.where(valid, gidx, self.starts.unsqueeze(1)).reshape(-1)
+        local = torch.where(valid, gidx - self.starts.unsqueeze(1), -1).reshape(-1)
+        last = self.last[safe].to(torch.int64)
+        since = torch.where(last > 0, t - last, -1)
+        if self.bop:
+            inertia = self._inertia_before(safe, m, g)
+        else:
+            inertia = self.prev_w[safe].abs().double()
+        inertia = torch.where(valid.reshape(-1), inertia, _NAN)
+        return torch.stack([local, since], 1), inertia
+
+    def _inertia_before(self, safe: Tensor, m: Tensor, g: Tensor | None) -> Tensor:
+        """τ − w_{t−1}·m_{t−1} at ``safe``; m_{t−1} (and v_{t−1}) reconstructed from Bop's update (context.py)."""
+        lay = self.layer_id[safe]
+        if g is None:
+            g = self.cat_g()
+        mi = self.m_raw[safe]
+        gi = g[safe]
+        mp = torch.where(self.gamma_one[lay], _NAN, (mi - self.g32[lay] * gi) / self.omg32[lay])
+        if self.g_missing:  # no gradient: m_{t−1} = m_t
+            nog = torch.zeros(self.L, dtype=torch.bool)
+            nog[self.g_missing] = True
+            nog = nog.to(self.device)[lay]
+            mp = torch.where(nog, mi, mp)
+        else:
+            nog = None
+        if self.family == "bop2nd":
+            vi = self.v_raw[safe]
+            vp = torch.where(self.sigma_one[lay], _NAN, (vi - self.s32[lay] * gi * gi) / self.oms32[lay]).clamp_min(0)
+            if nog is not None:
+                vp = torch.where(nog, vi, vp)
+            bc = self.bc[lay]
+            num = torch.where(bc, mp / self.g32[lay], mp)
+            den = torch.where(bc, (vp / self.s32[lay]).sqrt(), vp.sqrt()) + self.eps32[lay]
+            mp = num / den
+        if self.m_missing:
+            miss = torch.zeros(self.L, dtype=torch.bool)
+            miss[self.m_missing] = True
+            mp = torch.where(miss.to(self.device)[lay], 0.0, mp)
+        w_prev = torch.where(self.prev_sign[safe], 1.0, -1.0).to(self.dtype)
+        return self.tau_l[lay] - (w_prev * mp).double()
+
+    def _hists(self, w: Tensor, wm: Tensor | None, abs_m: Tensor | None) -> dict[str, tuple[Tensor, Tensor, list]]:
+        """{quantity: (counts [L, bins] int64, stats [L, 4] float64, layer rows that have it)} (histograms.py)."""
+        from ..runlog.schema import HIST_EDGES
+
+        xs: dict[str, tuple[Tensor, list[int]]] = {}
+        allrows = list(range(self.L))
+        if not self.bop:
+            xs["abs_w"] = (w.abs(), allrows)
+        else:
+            pos = [li for li in allrows if self.tau_pos[li]]
+            if pos:
+                xs["abs_m_rel"] = (abs_m / self.tau, pos)
+                xs["wm_rel"] = (wm / self.tau, pos)
+            xs["abs_m"] = (abs_m, allrows)
+        out = {}
+        for q, (x, rows) in xs.items():
+            x = x.double()
+            edges = self._edges(q, HIST_EDGES[q])
+            nb = edges.numel() + 1
+            b = torch.bucketize(x, edges, right=True) + self.layer_id * nb
+            if self.use_histc:
+                cnt = torch.histc(b.double(), bins=self.L * nb, min=0, max=self.L * nb).to(torch.int64)
+            else:
+                cnt = torch.bincount(b, minlength=self.L * nb)
+            stats = torch.stack([torch.segment_reduce(x, r, lengths=self.lengths) for r in ("min", "max", "sum")] +
+                                [torch.segment_reduce(x * x, "sum", lengths=self.lengths)], 1)
+            out[q] = (cnt.view(self.L, nb), stats, rows)
+        return out
+
+    def _edges(self, q: str, edges: list[float]) -> Tensor:
+        cache = self.__dict__.setdefault("_edge_cache", {})
+        if q not in cache:
+            cache[q] = torch.tensor(edges, dtype=torch.float64, device=self.device)
+        return cache[q]
+
+    # ------------------------------------------------------------------ per-layer views (state_dict, flush)
+    def layer_slice(self, t: Tensor | None, li: int) -> Tensor | None:
+        if t is None:
+            return None
+        return t[self.offsets[li]:self.offsets[li] + self.ns[li]]

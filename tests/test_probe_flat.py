@@ -1,0 +1,150 @@
+"""The vectorised probe (probe/flat.py) against the per-layer reference (context.StepContext + quantities) on
+multi-layer models: several layers of different sizes (some above ``quantile_sample``), per-layer τ, Bop2ndOrder with
+bias correction, latent SGD with clipping, Adam, and a mixed Bop + latent CaseOptimizer (several flat groups)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import bnn_probe
+from bnn_probe.nn import mark_binary
+from bnn_probe.probe.context import LayerState, StepContext
+from bnn_probe.probe.quantities import default_quantities
+from bnn_probe.probe.samplers import Tracked
+
+SHAPES = [(6, 5), (40, 30), (3, 3, 2, 2), (7,)]
+
+
+class Multi(nn.Module):
+    def __init__(self, seed: int, latent: bool = False) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        for i, s in enumerate(SHAPES):
+            w = torch.randn(s, generator=g)
+            w = w * 0.3 if latent else torch.where(w >= 0, 1.0, -1.0)
+            setattr(self, f"w{i}", mark_binary(nn.Parameter(w)))
+
+
+class Reference:
+    """The probe's former per-layer computation, run from optimizer hooks next to the probe."""
+
+    def __init__(self, probe, optimizer) -> None:
+        self.probe = probe
+        self.rows: dict[tuple[int, str], dict[str, float]] = {}
+        self.tracked: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
+        self.states = []
+        for i, ly in enumerate(probe.layers):
+            g, k = probe._layer_state(i)
+            st = LayerState(ly, g.q_idx[k], g.t_idx[k])
+            if ly.family != "latent":
+                ctx = StepContext(st, 0, optimizer)
+                st.prev_above = ctx.above if "exp_avg" in ly.optimizer.state.get(ly.param, {}) \
+                    else torch.zeros_like(st.sign0)
+            self.states.append(st)
+        self.t = 0
+        optimizer.register_step_pre_hook(self.pre)
+        optimizer.register_step_post_hook(self.post)
+        self.opt = optimizer
+
+    def pre(self, *a) -> None:
+        for st in self.states:
+            st.before_step()
+
+    def post(self, *a) -> None:
+        self.t += 1
+        qs = default_quantities(True)
+        for st in self.states:
+            ctx = StepContext(st, self.t, self.opt)
+            row: dict[str, float] = {}
+            for q in qs:
+                if not q.applies(ctx):
+                    continue
+                vals = torch.cat([v.reshape(-1).double() for v in q.compute(ctx)]).tolist()
+                cols = list(q.columns)
+                assert len(vals) == len(cols), (q.name, len(vals), len(cols))
+                row.update(dict(zip(cols, vals, strict=True)))
+            self.rows[(self.t, st.layer.name)] = row
+            s, inert = Tracked().compute(ctx)
+            self.tracked[(self.t, st.layer.name)] = (s.numpy(), inert.numpy())
+            ctx.commit()
+
+
+def _check(run, ref: Reference) -> None:
+    steps = run.steps.set_index(["step", "layer"])
+    assert len(steps) == len(ref.rows) > 0
+    for key, row in ref.rows.items():
+        got = steps.loc[key]
+        for c, v in row.items():
+            if math.isnan(v):
+                assert pd.isna(got[c]), (key, c)
+            else:
+                assert not pd.isna(got[c]), (key, c)
+                assert float(got[c]) == pytest.approx(v, rel=1e-12, abs=1e-300), (key, c, got[c], v)
+    tr = run.tracked
+    for (t, name), (s, inert) in ref.tracked.items():
+        sub = tr[(tr.step == t) & (tr.layer == name)]
+        assert sub.sign.tolist() == s.tolist()
+        np.testing.assert_allclose(sub.inertia.to_numpy(), inert, rtol=1e-12)
+
+
+def _train(model, opt, steps: int = 6, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g) * 0.5
+        opt.step()
+
+
+@pytest.mark.parametrize("kind", ["bop", "bop_per_layer_tau", "bop2nd_bc", "sgd_clip", "adam", "mixed"])
+def test_flat_equals_per_layer_reference(tmp_path, kind):
+    from bnn_probe.optim import Bop, Bop2ndOrder, CaseOptimizer
+
+    latent = kind in ("sgd_clip", "adam")
+    model = Multi(1, latent=latent)
+    ps = list(model.parameters())
+    if kind == "bop":
+        opt = Bop(ps, gamma=0.3, threshold=0.05)
+    elif kind == "bop_per_layer_tau":
+        opt = Bop([{"params": [p], "threshold": 0.02 * (i + 1), "gamma": 0.2 + 0.1 * i} for i, p in enumerate(ps)])
+    elif kind == "bop2nd_bc":
+        opt = Bop2ndOrder(ps, gamma=0.3, sigma=0.2, threshold=0.5, bias_correction=True)
+    elif kind == "sgd_clip":
+        opt = torch.optim.SGD(ps, lr=0.2)
+
+        def clip(o, a, k):
+            with torch.no_grad():
+                for p in ps:
+                    p.clamp_(-0.25, 0.25)
+        opt.register_step_post_hook(clip)
+        opt.bnn_clip_value = 0.25
+    elif kind == "adam":
+        opt = torch.optim.Adam(ps, lr=0.05)
+    else:
+        lat = [ps[1], ps[3]]
+        with torch.no_grad():
+            for p in lat:
+                p.mul_(0.3)
+        opt = CaseOptimizer(Bop([ps[0], ps[2]], gamma=0.3, threshold=0.05), torch.optim.SGD(lat, lr=0.2))
+    probe = bnn_probe.attach(model, opt, tmp_path / "run", tensorboard=False, quantile_sample=100, track=8,
+                             events_per_layer=2000, hist_every=3)
+    if kind == "mixed":
+        assert len(probe.groups) == 2
+    ref = Reference(probe, opt)
+    _train(model, opt)
+    probe.close()
+    run = bnn_probe.load_run(tmp_path / "run")
+    _check(run, ref)
+    # every flip is an event (events_per_layer exceeds every layer's size); weight_flips match the flips column
+    flips = run.steps.groupby("layer").flips.sum()
+    assert run.events.groupby("layer").size().reindex(flips.index, fill_value=0).tolist() == flips.tolist()
+    assert flips.sum() > 0
+    wf = run.weight_flips
+    tot = (wf.flips_per_weight * wf.n).groupby(wf.layer).sum()
+    assert tot.reindex(flips.index).tolist() == flips.tolist()
+    assert not run.hists.empty
