@@ -13,10 +13,10 @@ Studies (docs/training.md gives every run's options):
   (lr, init) and (C·lr, C·init) with C = 2^5); the τ = 0 pair (Bop with τ = 0 and latent SGD with step γ, decoupled
   decay γ and initial magnitudes 1e-20, γ = 2^-10 so both forms round alike). Pairs carry ``config["pair"]`` and
   ``config["pair_role"]`` ("a"/"b") and a ``tag`` naming the pair kind.
-* ``thresholds`` — reserved: arrives with the per-layer threshold issue.
+* ``thresholds`` — per-layer thresholds (question A; docs/thresholds.md): Bop with global τ ∈ {2e-7, 1e-6, 5e-6},
+  ``fan-in`` and ``calibrated`` (r* = 1e-3) policies, Bop2ndOrder (τ = 1e-3), latent Adam, Bop without batch norm
+  (weights scaled by fan_in^−1/2), and a width sweep (MLP in → W → 256 → classes, W ∈ {64, 256, 1024, 4096}).
 * ``all`` — the main job: a short version of every available study (one report).
-
-Issue 6 (per-layer thresholds) replaces the reserved entry with ``@register_study("thresholds", ...)``.
 """
 
 from __future__ import annotations
@@ -198,8 +198,34 @@ def _inertia(o: StudyOptions) -> list[RunSpec]:
     return runs
 
 
-reserve_study("thresholds", "per-layer thresholds: wide vs thin layers (question A)",
-              "it arrives with the per-layer threshold issue (threshold policies and their study)")
+THRESHOLD_TAUS = (2e-7, 1e-6, 5e-6)
+SWEEP_WIDTHS = (64, 256, 1024, 4096)
+SWEEP_WIDTHS_QUICK = (32, 64, 128, 256)
+
+
+@register_study("thresholds", "per-layer thresholds (question A): Bop with global τ ×3, fan-in, calibrated; "
+                "Bop2ndOrder; latent Adam; no batch norm; a width sweep of MLP in → W → 256 → classes", all_epochs=8)
+def _thresholds(o: StudyOptions) -> list[RunSpec]:
+    """docs/thresholds.md and docs/findings.md. MLP default widths become the wide/thin 2048, 64, 1024; γ = 1e-3,
+    batch 64. The sweep varies fc2's fan-in W at fixed depth and fan-out (256)."""
+    widths = (2048, 64, 1024) if o.model == "mlp" and tuple(o.widths) == (256, 256) else tuple(o.widths)
+    runs: list[RunSpec] = []
+    for seed in o.seeds:
+        base = replace(o.base(seed, default_epochs=10, quick_epochs=2), widths=widths, gamma=1e-3, batch_size=64,
+                       tag="thresholds")
+        bop = replace(base, optimizer="bop", threshold=1e-6)
+        for tau in THRESHOLD_TAUS:
+            runs.append(RunSpec(f"global-t{_fmt(tau)}-s{seed}", replace(bop, threshold=tau)))
+        runs.append(RunSpec(f"fan-in-s{seed}", replace(bop, threshold_policy="fan-in", fan_in_exponent=0.5)))
+        runs.append(RunSpec(f"calibrated-s{seed}", replace(bop, threshold_policy="calibrated",
+                                                           target_flip_ratio=1e-3)))
+        runs.append(RunSpec(f"bop2nd-s{seed}", replace(base, optimizer="bop2nd", threshold=1e-3)))
+        runs.append(RunSpec(f"latent-adam-s{seed}", replace(base, optimizer="latent-adam")))
+        runs.append(RunSpec(f"no-bn-s{seed}", replace(bop, batch_norm=False, weight_scale="fan_in")))
+        for w in SWEEP_WIDTHS_QUICK if o.quick else SWEEP_WIDTHS:
+            runs.append(RunSpec(f"sweep-w{w}-s{seed}", replace(bop, model="mlp", widths=(w, 256),
+                                                               tag="thresholds-sweep")))
+    return runs
 
 
 def _build_all(o: StudyOptions) -> list[RunSpec]:

@@ -70,7 +70,7 @@ def test_study_help_lists_studies(capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["thresholds"], "not available yet"),
+    (["thresholds", "--widths", "64,,8"], "--widths must be"),
     (["nope"], "unknown study 'nope'"),
     (["hyperparams", "--seeds", "a"], "--seeds must be"),
     (["hyperparams", "--jobs", "0"], "--jobs must be a positive integer"),

@@ -39,10 +39,13 @@ def test_inertia_runs_and_pairs():
     assert specs["latent-adam-clip-s0"].clip is True
 
 
-def test_thresholds_is_reserved_and_unknown_names_fail():
+def test_thresholds_grid_and_unknown_names_fail():
     assert "thresholds" in STUDIES and "thresholds" in studies.study_names()
-    with pytest.raises(BnnProbeError, match="not available yet.*per-layer threshold"):
-        plan_study("thresholds", StudyOptions())
+    specs = {s.name: s.config for s in plan_study("thresholds", StudyOptions())}
+    assert len(specs) == 12 and specs["fan-in-s0"].widths == (2048, 64, 1024)
+    assert specs["calibrated-s0"].threshold_policy == "calibrated" and specs["calibrated-s0"].target_flip_ratio == 1e-3
+    assert (specs["no-bn-s0"].batch_norm, specs["no-bn-s0"].weight_scale) == (False, "fan_in")
+    assert [specs[f"sweep-w{w}-s0"].widths for w in (64, 256, 1024, 4096)] == [(w, 256) for w in (64, 256, 1024, 4096)]
     with pytest.raises(BnnProbeError, match="unknown study 'nope'"):
         plan_study("nope", StudyOptions())
 
@@ -50,8 +53,8 @@ def test_thresholds_is_reserved_and_unknown_names_fail():
 def test_all_is_a_short_version_of_every_available_study():
     specs = plan_study("all", StudyOptions())
     names = [s.name for s in specs]
-    assert len(names) == 12 and len(set(names)) == 12
-    assert {n.split("-")[0] for n in names} == {"hyperparams", "inertia"}
+    assert len(names) == 24 and len(set(names)) == 24
+    assert {n.split("-")[0] for n in names} == {"hyperparams", "inertia", "thresholds"}
     assert {s.config.epochs for s in specs} == {8}
     quick = plan_study("all", StudyOptions(quick=True))
     assert {s.config.epochs for s in quick} == {2} and {s.config.hist_every for s in quick} == {0}
