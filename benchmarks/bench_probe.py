@@ -1,11 +1,13 @@
 """Probe overhead: training-step time with the probe attached / without, alternating on/off repetitions in one run.
 
-    python benchmarks/bench_probe.py [--device cuda] [--quick] [--profile]
+    python benchmarks/bench_probe.py [--device cuda] [--quick] [--profile] [--ops] [--threads 1]
 
 Cases: BinaryNet full width (32×32×3 random inputs, batch 50, Bop on the binary weights + Adam on the rest),
 probe at its defaults and with histograms every 16 steps; the small binary MLP on scikit-learn digits (worst case:
 tiny steps). Reports the median per-step time of each mode, the ratio, and the log's bytes per (step, layer) row.
 Attach/close and the final flush are outside the timed window; periodic drains inside it are timed.
+``--ops`` counts the probe's dispatcher-level ATen calls per step (probe on minus probe off, MLP and BinaryNet);
+``--threads N`` sets ``torch.set_num_threads(N)`` (CPU comparisons: 1).
 """
 
 from __future__ import annotations
@@ -106,21 +108,61 @@ def profile(dev, root: Path, k: int) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=25))
 
 
+def op_counts(dev, root: Path, name: str, k: int = 8) -> float:
+    """Dispatcher-level ATen calls per step made by the probe (probe-on steps minus probe-off steps)."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c: collections.Counter = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.c[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    model, bop, adam, batches = make_case(name, dev)
+    train_steps(model, bop, adam, batches, 2, dev)
+    with Count() as off:
+        train_steps(model, bop, adam, batches, k, dev)
+    probe = bnn_probe.attach(model, bop, root / f"ops-{name}", tensorboard=False)
+    train_steps(model, bop, adam, batches, 2, dev)
+    with Count() as on:
+        train_steps(model, bop, adam, batches, k, dev)
+    probe.close()
+    diff = on.c.copy()
+    diff.subtract(off.c)
+    per = sum(diff.values()) / k
+    top = ", ".join(f"{n} {v / k:.3g}" for n, v in diff.most_common(12) if v > 0)
+    print(f"{name}: {len(probe.layers)} binary layers, {per:.1f} probe ATen calls per step ({top})", flush=True)
+    return per
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="few steps (CPU smoke run)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of probe-on BinaryNet steps")
     ap.add_argument("--cases", default="binarynet,binarynet_hist16,mlp_digits")
+    ap.add_argument("--ops", action="store_true", help="count the probe's ATen calls per step")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     gpu = dev.type == "cuda"
     reps, k, warm = (3, 2, 1) if args.quick else ((7, 30, 10) if gpu else (3, 5, 2))
     mlp_reps, mlp_k = (3, 20) if args.quick else ((7, 200) if gpu else (5, 100))
-    print(f"device={dev} torch={torch.__version__}" + (f" gpu={torch.cuda.get_device_name()}" if gpu else ""))
+    print(f"device={dev} torch={torch.__version__} threads={torch.get_num_threads()}"
+          + (f" gpu={torch.cuda.get_device_name()}" if gpu else ""))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        if args.ops:
+            for name in ("mlp", "binarynet"):
+                op_counts(dev, root, name)
         for case in args.cases.split(","):
             if case == "binarynet":
                 res = bench("binarynet", dev, reps, k, warm, {}, root)

@@ -169,6 +169,8 @@ class Recorder:
         batch, self._tracked = self._tracked, []
         steps = np.array([b[0] for b in batch], dtype=np.int64)
         signs = torch.stack([b[1] for b in batch]).cpu().numpy()
+        if signs.dtype == np.bool_:  # the probe hands over sign(w) ≥ 0 as bool; written as ±1
+            signs = np.where(signs, 1, -1).astype(np.int8)
         inertia = torch.stack([b[2] for b in batch]).cpu().numpy()
         S, T = signs.shape
         layer = np.concatenate([np.full(len(idx), li) for li, (_, idx) in enumerate(self.track_layout)])
