@@ -13,7 +13,8 @@ from bnn_probe.reports.synthetic import make_run
 
 
 def _run(name, seed, acc, cfg, **kw):
-    r = make_run(name, seed=seed, n_steps=60, n_tracked=4, config=cfg, **kw)
+    kw.setdefault("n_tracked", 4)
+    r = make_run(name, seed=seed, n_steps=60, config=cfg, **kw)
     r.train = r.train.copy()
     r.train.loc[r.train.index[-1], "val_accuracy"] = acc
     return r
@@ -83,3 +84,34 @@ def test_cv_reduction_pairs():
     red = TP.cv_reduction(before, after)
     assert list(red["run_global"]) == ["g0", "g1"]
     assert (red["ratio"] < 0.5).all()
+
+
+@pytest.mark.slow
+def test_width_sweep_slope_and_report_section(tmp_path):
+    from bnn_probe.reports import build_report
+
+    runs = []
+    for s in range(2):
+        for w in (64, 256, 1024, 4096):
+            # the second layer has fan-in W; |m| ∝ fan_in^-0.5 in the synthetic log
+            layers = (("fc1.weight", 64, 64 * w), ("fc2.weight", w, w * 256), ("fc3.weight", 256, 2560))
+            runs.append(make_run(f"W{w}-s{s}", seed=s, n_steps=40, n_tracked=2, layers=layers, m_slope=-0.5,
+                                 noise=0.01, tag="thresholds-sweep", config={"seed": s}))
+    sw = TP.width_sweep(runs)
+    assert list(sw.points["layer"].unique()) == ["fc2.weight"] and len(sw.points) == 8
+    m = sw.slopes.set_index("quantity").loc["median |m|"]
+    assert m["slope"] == pytest.approx(-0.5, abs=0.02) and m["ci_lo"] < -0.5 < m["ci_hi"] and m["n"] == 8
+    # the report gains the section, with its tables, when runs hold a sweep or per-layer policies
+    small = [r for r in runs if r.name.endswith("-s0")]
+    small += [_run(f"{k}-{s}", s, 0.9, {"threshold_policy": k}, n_tracked=2) for k in ("global", "fan-in")
+              for s in range(2)]
+    build_report(small, tmp_path / "rep", formats=("md",), progress=False)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "Per-layer threshold policies compared" in md and "Width sweep slopes" in md
+    for t in ("threshold_policies", "threshold_policies_layers", "width_sweep_slopes", "width_sweep_points"):
+        assert (tmp_path / "rep" / "tables" / f"{t}.csv").exists()
+    verdicts = (tmp_path / "rep" / "verdicts.json").read_text()
+    assert "Per-layer Bop thresholds raise validation accuracy" in verdicts
+    # and not otherwise
+    build_report([make_run("plain", n_steps=20, n_tracked=2)], tmp_path / "rep2", formats=("md",), progress=False)
+    assert "Per-layer threshold policies compared" not in (tmp_path / "rep2" / "report.md").read_text()

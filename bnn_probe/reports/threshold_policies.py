@@ -77,6 +77,21 @@ def variant(run) -> str:
     return label
 
 
+def model_label(run) -> str:
+    """``config["model"]``, with the MLP widths when the config has them (``"mlp [2048, 64, 1024]"``)."""
+    c = config(run)
+    model = str(c.get("model", ""))
+    widths = c.get("widths")
+    if widths and "[" not in model:
+        model = f"{model} {list(widths)}"
+    return model
+
+
+def is_sweep(run) -> bool:
+    """A run of the controlled width sweep (tag ``thresholds-sweep``, or a config variant starting with "sweep")."""
+    return meta(run).get("tag") == "thresholds-sweep" or str(config(run).get("variant", "")).startswith("sweep")
+
+
 def policy_of(run) -> str:
     """The threshold policy name of a Bop run (``global`` when none is recorded), ``""`` for other families."""
     if family(run) not in ("bop", "bop2nd"):
@@ -145,7 +160,7 @@ class PolicyComparison:
 
 def policy_comparison(runs, window: float = 0.5, negligible: float = NEGLIGIBLE_ACCURACY) -> PolicyComparison:
     """The comparison described in the module docstring, from run logs (anything shaped like a ``Run``)."""
-    runs = list(runs)
+    runs = [r for r in runs if not is_sweep(r)]
     layers = layer_table(runs, window)
     acc, _ = runs_table(runs)
     acc = acc.set_index("run")["final_val_accuracy"] if len(acc) else pd.Series(dtype=float)
@@ -154,7 +169,7 @@ def policy_comparison(runs, window: float = 0.5, negligible: float = NEGLIGIBLE_
         name = run_name(run)
         c = config(run)
         lt = layers[layers["run"] == name]
-        rows.append({"run": name, "dataset": str(c.get("dataset", "")), "model": str(c.get("model", "")),
+        rows.append({"run": name, "dataset": str(c.get("dataset", "")), "model": model_label(run),
                      "variant": variant(run), "policy": policy_of(run), "family": family(run),
                      "seed": c.get("seed", ""), "val_accuracy": float(acc.get(name, math.nan)),
                      "flip_ratio_cv": cv(lt["flip_ratio"]) if len(lt) else math.nan})
@@ -179,7 +194,8 @@ def policy_comparison(runs, window: float = 0.5, negligible: float = NEGLIGIBLE_
     else:
         frozen = pd.DataFrame(columns=[*keys, "layer", "fan_in", "frozen_share", "flip_ratio", "n_seeds"])
     verdicts = [_verdict(per_run, table, ds, mo, negligible) for (ds, mo) in
-                dict.fromkeys(zip(table["dataset"], table["model"], strict=True))]
+                dict.fromkeys(zip(table["dataset"], table["model"], strict=True))
+                if table[(table["dataset"] == ds) & (table["model"] == mo)]["policy"].isin(PER_LAYER_POLICIES).any()]
     return PolicyComparison(per_run, table, frozen, verdicts)
 
 
@@ -231,6 +247,88 @@ def cv_reduction(runs_before, runs_after, window: float = 0.5) -> pd.DataFrame:
         rows.append({"run_global": nb, "run_from_report": na, "cv_global": cb, "cv_from_report": ca,
                      "ratio": ca / cb if cb else math.nan})
     return pd.DataFrame(rows, columns=["run_global", "run_from_report", "cv_global", "cv_from_report", "ratio"])
+
+
+@dataclass
+class WidthSweep:
+    points: pd.DataFrame  # dataset, run, seed, layer, fan_in, abs_m_q50, flip_ratio, never_flipped
+    slopes: pd.DataFrame  # dataset, quantity, slope, ci_lo, ci_hi, n, df, widths
+
+
+def width_sweep(runs, window: float = 0.5) -> WidthSweep:
+    """The controlled width sweep: in every sweep run, the second binary layer (fan-in = the varied width W,
+    fixed depth and fan-out); per dataset, OLS slopes of log median |m| and of log(flip ratio + e^−9) against
+    log W with an intercept per seed and a t-interval (:func:`bnn_probe.reports.stats.loglog_slope`)."""
+    runs = [r for r in runs if is_sweep(r)]
+    cols = ["dataset", "run", "seed", "layer", "fan_in", "abs_m_q50", "flip_ratio", "never_flipped"]
+    scols = ["dataset", "quantity", "slope", "ci_lo", "ci_hi", "n", "df", "widths"]
+    if not runs:
+        return WidthSweep(pd.DataFrame(columns=cols), pd.DataFrame(columns=scols))
+    lt = layer_table(runs, window)
+    pts = []
+    for run in runs:
+        name = run_name(run)
+        lay = lt[lt["run"] == name]
+        order = list(frame_layers(run))
+        if len(order) < 2 or lay.empty:
+            continue
+        row = lay[lay["layer"] == order[1]]
+        if row.empty:
+            continue
+        r = row.iloc[0]
+        pts.append({"dataset": str(config(run).get("dataset", "")), "run": name, "seed": config(run).get("seed", ""),
+                    "layer": r["layer"], "fan_in": r["fan_in"], "abs_m_q50": r.get("abs_m_q50", math.nan),
+                    "flip_ratio": r["flip_ratio"], "never_flipped": r.get("never_flipped", math.nan)})
+    points = pd.DataFrame(pts, columns=cols)
+    slopes = []
+    for ds, sub in points.groupby("dataset", sort=True):
+        for q, y in (("median |m|", sub["abs_m_q50"]), ("flip ratio", sub["flip_ratio"] + math.exp(-9))):
+            sl = stats.loglog_slope(sub["fan_in"], y, sub["seed"].astype(str))
+            slopes.append({"dataset": ds, "quantity": q, "slope": sl.slope, "ci_lo": sl.interval[0],
+                           "ci_hi": sl.interval[1], "n": sl.n, "df": sl.df,
+                           "widths": ",".join(str(int(w)) for w in sorted(sub["fan_in"].unique()))})
+    return WidthSweep(points, pd.DataFrame(slopes, columns=scols))
+
+
+def frame_layers(run) -> list[str]:
+    """The run's binary layers in model order (the layers table's row order)."""
+    from .frames import frame
+
+    lay = frame(run, "layers")
+    return list(lay["layer"]) if "layer" in lay else []
+
+
+def section(runs, csv, window: float = 0.5):
+    """The report section (``bnn_probe.reports.render.Section``) and its verdicts, or ``(None, [])`` when the runs
+    hold neither a per-layer policy nor a width sweep. ``csv(name, df) -> relative path`` writes a table."""
+    from .render import Section
+
+    runs = list(runs)
+    has_policy = any(policy_of(r) in PER_LAYER_POLICIES for r in runs)
+    sweep = width_sweep(runs, window)
+    if not has_policy and sweep.points.empty:
+        return None, []
+    sec = Section("3b. Per-layer threshold policies compared", anchor="threshold-policies")
+    verdicts: list[stats.Verdict] = []
+    if has_policy:
+        res = policy_comparison(runs, window)
+        verdicts = res.verdicts
+        sec.text("Runs grouped by (dataset, model, variant), seeds as replicates. Accuracy: final validation "
+                 "accuracy, mean and 95 % t-interval over seeds. Spread: coefficient of variation of the per-layer "
+                 "flip ratios (mean over the last part of each run) across layers, std/mean. Frozen: share of "
+                 "weights that never flipped. Verdict: each per-layer policy against the best global τ (by mean "
+                 "accuracy), Welch t-interval of the accuracy difference.")
+        sec.verdicts(res.verdicts)
+        sec.table(res.table, "Threshold policies: accuracy and spread of flip ratios",
+                  csv("threshold_policies", res.table))
+        sec.table(res.frozen, "Frozen weights and flip ratio per layer", csv("threshold_policies_layers", res.frozen))
+    if not sweep.points.empty:
+        sec.text("Controlled width sweep: the layer after the varied hidden width W (fan-in W; depth and fan-out "
+                 "fixed). Slopes of log median |m| and log flip ratio against log W, intercept per seed, "
+                 "t-interval. The batch-norm argument predicts −0.5 for |m|.")
+        sec.table(sweep.slopes, "Width sweep slopes", csv("width_sweep_slopes", sweep.slopes))
+        sec.table(sweep.points, "Width sweep points", csv("width_sweep_points", sweep.points))
+    return sec, verdicts
 
 
 def markdown(res: PolicyComparison) -> str:
