@@ -162,7 +162,7 @@ TAU0_GAMMA = 2.0 ** -10
 
 
 @register_study("hyperparams", "Bop γ ∈ {1e-2, 1e-3, 1e-4} at τ = 1e-6, τ ∈ {0, 1e-6, 1e-5} at γ = 1e-3 "
-                "(paper Fig. 1)", all_epochs=8)
+                "(paper Fig. 1)", all_epochs=6)
 def _hyperparams(o: StudyOptions) -> list[RunSpec]:
     runs: list[RunSpec] = []
     for seed in o.seeds:
@@ -175,7 +175,7 @@ def _hyperparams(o: StudyOptions) -> list[RunSpec]:
 
 
 @register_study("inertia", "Bop, latent Adam (clipped), latent SGD, the Theorem-1 pair and the τ = 0 pair",
-                all_epochs=8)
+                all_epochs=6)
 def _inertia(o: StudyOptions) -> list[RunSpec]:
     runs: list[RunSpec] = []
     for seed in o.seeds:
@@ -204,7 +204,7 @@ SWEEP_WIDTHS_QUICK = (32, 64, 128, 256)
 
 
 @register_study("thresholds", "per-layer thresholds (question A): Bop with global τ ×3, fan-in, calibrated; "
-                "Bop2ndOrder; latent Adam; no batch norm; a width sweep of MLP in → W → 256 → classes", all_epochs=8)
+                "Bop2ndOrder; latent Adam; no batch norm; a width sweep of MLP in → W → 256 → classes", all_epochs=4)
 def _thresholds(o: StudyOptions) -> list[RunSpec]:
     """docs/thresholds.md and docs/findings.md. MLP default widths become the wide/thin 2048, 64, 1024; γ = 1e-3,
     batch 64. The sweep varies fc2's fan-in W at fixed depth and fan-out (256)."""
@@ -229,12 +229,14 @@ def _thresholds(o: StudyOptions) -> list[RunSpec]:
 
 
 def _build_all(o: StudyOptions) -> list[RunSpec]:
+    """Every available study in its short form: the study's ``all_epochs`` (2 with ``quick``) and its quick grid
+    (e.g. the thresholds width sweep over small widths), so the main job fits in 3 minutes on 2 cores."""
     runs: list[RunSpec] = []
     for name, st in STUDIES.items():
         if st.build is None or not st.in_all:
             continue
         epochs = o.epochs if o.epochs is not None else (2 if o.quick else st.all_epochs)
-        sub = st.build(replace(o, epochs=epochs))
+        sub = st.build(replace(o, epochs=epochs, quick=True))
         runs.extend(RunSpec(f"{name}-{r.name}", r.config) for r in sub)
     return runs
 
@@ -283,12 +285,14 @@ def _run_one(name: str, config: dict[str, Any], out: str, overwrite: bool, progr
 
     cfg = TrainConfig.from_dict(config)
     t0 = time.perf_counter()
-    path = train(cfg, out, progress=progress, overwrite=overwrite, data=_data_for(cfg))
+    # No checkpoints: an interrupted study run is retrained from scratch (it is short), not resumed.
+    path = train(cfg, out, progress=progress, overwrite=overwrite, data=_data_for(cfg), checkpoint_every=0)
     return {"name": name, "path": str(path), "seconds": time.perf_counter() - t0, "reused": False}
 
 
 def _existing(path: Path, config: TrainConfig) -> str:
-    """'absent', 'same' (a finished run with this config) or 'other'."""
+    """'absent', 'same' (a finished run with this config), 'unfinished' (this config, not finished: a run of this
+    study that was interrupted) or 'other'."""
     meta = path / "meta.json"
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return "absent"
@@ -296,8 +300,9 @@ def _existing(path: Path, config: TrainConfig) -> str:
         m = json.loads(meta.read_text())
     except (OSError, ValueError):
         return "other"
-    same = m.get("status") == "finished" and m.get("config") == config.resolved().to_dict()
-    return "same" if same else "other"
+    if m.get("config") != config.resolved().to_dict():
+        return "other"
+    return "same" if m.get("status") == "finished" else "unfinished"
 
 
 def run_study(name: str, out: str | Path, options: StudyOptions = StudyOptions(), jobs: int = 1,
@@ -305,19 +310,21 @@ def run_study(name: str, out: str | Path, options: StudyOptions = StudyOptions()
               echo: Callable[[str], None] | None = None) -> Path:
     """Train every run of study ``name`` into ``out/<run>/`` and report them into ``out/report/``.
 
-    A finished run already in ``out`` with the same options is reused (so an interrupted study resumes); another run
-    in its place is an error unless ``overwrite``. With ``jobs > 1`` runs train in that many spawned processes, each
-    with ``max(1, cpu_count // jobs)`` torch threads. Returns the report's ``report.html`` (or ``out`` when
+    A finished run already in ``out`` with the same options is reused and an unfinished one retrained (so an
+    interrupted study resumes); another run in its place is an error unless ``overwrite``. With ``jobs > 1`` runs
+    train in that many spawned processes, each with ``max(1, cpu_count // jobs)`` torch threads; ``jobs = 0``: one
+    process per CPU core. With one job the runs train in this process (torch's thread setting). Returns the report's
+    ``report.html`` (or ``out`` when
     ``report`` is False).
     """
     echo = echo or (lambda s: print(s, file=sys.stderr))
-    if jobs < 1:
-        raise BnnProbeError(f"--jobs must be a positive integer, got {jobs}")
+    if jobs < 0:
+        raise BnnProbeError(f"--jobs must be a positive integer (0 = one per CPU core), got {jobs}")
     specs = plan_study(name, options)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
-    todo, results = [], []
+    todo, results, redo = [], [], set()
     for s in specs:
         state = _existing(out / s.name, s.config)
         if state == "same" and not overwrite:
@@ -326,23 +333,29 @@ def run_study(name: str, out: str | Path, options: StudyOptions = StudyOptions()
             raise FileExistsError(f"{out / s.name} holds another run; choose another --out or pass --overwrite")
         else:
             todo.append(s)
+            if state != "absent":
+                redo.add(s.name)
     out.mkdir(parents=True, exist_ok=True)
     show = sys.stderr.isatty() if progress is None else progress
     t0 = time.perf_counter()
     if results:
         echo(f"reusing {len(results)} finished run(s) in {out}")
-    if jobs == 1 or len(todo) <= 1:
+    if redo:
+        echo(f"retraining {len(redo)} unfinished or replaced run(s)")
+    jobs = jobs or (os.cpu_count() or 1)
+    jobs = max(1, min(jobs, len(todo)))
+    if jobs == 1:
         for s in todo:
-            results.append(_run_one(s.name, s.config.to_dict(), str(out / s.name), overwrite, show))
+            results.append(_run_one(s.name, s.config.to_dict(), str(out / s.name), s.name in redo, show))
     else:
-        results.extend(_run_parallel(todo, out, jobs, overwrite, show))
+        results.extend(_run_parallel(todo, out, jobs, redo, show))
     echo(f"trained {len(todo)} run(s) in {time.perf_counter() - t0:.1f} s")
     if not report:
         return out
     return _report(out, [out / s.name for s in specs], show, echo)
 
 
-def _run_parallel(todo: list[RunSpec], out: Path, jobs: int, overwrite: bool, show: bool) -> list[dict[str, Any]]:
+def _run_parallel(todo: list[RunSpec], out: Path, jobs: int, redo: set[str], show: bool) -> list[dict[str, Any]]:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -353,7 +366,7 @@ def _run_parallel(todo: list[RunSpec], out: Path, jobs: int, overwrite: bool, sh
     bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not show, leave=False)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                              initargs=(threads,)) as ex:
-        futs = {ex.submit(_run_one, s.name, s.config.to_dict(), str(out / s.name), overwrite, False): s
+        futs = {ex.submit(_run_one, s.name, s.config.to_dict(), str(out / s.name), s.name in redo, False): s
                 for s in todo}
         try:
             for f in as_completed(futs):

@@ -73,7 +73,7 @@ def test_study_help_lists_studies(capsys):
     (["thresholds", "--widths", "64,,8"], "--widths must be"),
     (["nope"], "unknown study 'nope'"),
     (["hyperparams", "--seeds", "a"], "--seeds must be"),
-    (["hyperparams", "--jobs", "0"], "--jobs must be a positive integer"),
+    (["hyperparams", "--jobs", "-1"], "--jobs must be a non-negative integer"),
     (["hyperparams", "--epochs", "-1"], "--epochs must be a non-negative integer"),
 ])
 def test_study_bad_input(tmp_path, capsys, args, message):
@@ -84,7 +84,7 @@ def test_study_bad_input(tmp_path, capsys, args, message):
 def test_study_trains_runs_side_by_side(tmp_path, capsys):
     out = tmp_path / "s"
     code, stdout, err = _run(["study", "hyperparams", "--out", str(out), "--epochs", "1", "--widths", "16",
-                              "--no-report", "--no-progress"], capsys)
+                              "--jobs", "1", "--no-report", "--no-progress"], capsys)
     assert code == 0 and stdout.strip() == str(out)
     assert len([p for p in out.iterdir() if (p / "meta.json").exists()]) == 5
     assert "trained 5 run(s)" in err

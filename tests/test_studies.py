@@ -55,7 +55,10 @@ def test_all_is_a_short_version_of_every_available_study():
     names = [s.name for s in specs]
     assert len(names) == 24 and len(set(names)) == 24
     assert {n.split("-")[0] for n in names} == {"hyperparams", "inertia", "thresholds"}
-    assert {s.config.epochs for s in specs} == {8}
+    epochs = {n.split("-")[0]: s.config.epochs for n, s in zip(names, specs, strict=True)}
+    assert epochs == {"hyperparams": 6, "inertia": 6, "thresholds": 4}
+    sweep = [s.config.widths[0] for s in specs if "-sweep-" in s.name]
+    assert max(sweep) <= 256  # the quick grid of the thresholds width sweep
     quick = plan_study("all", StudyOptions(quick=True))
     assert {s.config.epochs for s in quick} == {2} and {s.config.hist_every for s in quick} == {0}
     assert {s.config.epochs for s in plan_study("all", StudyOptions(epochs=3))} == {3}
@@ -98,6 +101,12 @@ def test_run_study_reuses_finished_runs_and_refuses_others(tmp_path, monkeypatch
     assert all((tmp_path / "s" / n / "meta.json").exists() for n in calls[0])
     run_study("hyperparams", tmp_path / "s", TINY, progress=False, echo=msgs.append)
     assert any("reusing 5 finished run(s)" in m for m in msgs)
+    meta = tmp_path / "s" / calls[0][0] / "meta.json"
+    m = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**m, "status": "running"}))  # as if killed
+    run_study("hyperparams", tmp_path / "s", TINY, progress=False, echo=msgs.append)
+    assert any("retraining 1 unfinished" in m for m in msgs)
+    assert json.loads(meta.read_text())["status"] == "finished"
     with pytest.raises(FileExistsError, match="holds another run"):
         run_study("hyperparams", tmp_path / "s", StudyOptions(epochs=1, widths=(8,)), progress=False,
                   echo=msgs.append)
@@ -120,7 +129,7 @@ def test_parallel_jobs_give_the_same_runs_as_serial(tmp_path):
     import bnn_probe
 
     opts = StudyOptions(epochs=1, widths=(16,))
-    run_study("inertia", tmp_path / "p", opts, jobs=2, progress=False, report=False, echo=lambda s: None)
+    run_study("inertia", tmp_path / "p", opts, jobs=0, progress=False, report=False, echo=lambda s: None)
     for s in plan_study("inertia", opts)[:2]:  # two of the runs again, in-process
         studies._run_one(s.name, s.config.to_dict(), str(tmp_path / "q" / s.name), False, False)
         a = bnn_probe.load_run(tmp_path / "p" / s.name)

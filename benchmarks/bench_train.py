@@ -1,0 +1,110 @@
+"""Speed of the training runner against a bare loop doing the same training (no probe, no progress bar).
+
+Both sides use the same data, model, initialisation, optimizer (``build_optimizer``), batch order and per-epoch
+validation; the runner adds the probe (``bnn_probe.attach``, its defaults or the cadence given) and its logging.
+Timed: the epochs (training + validation), plus the probe's final flush for the runner. Setup (data, model,
+optimizer, attach) is not timed. Repeats are interleaved (runner, bare, runner, bare, ...) and the median is taken,
+so a busy machine slows both sides alike.
+
+    python benchmarks/bench_train.py                       # the cases of RESULTS.md
+    python benchmarks/bench_train.py --case digits-mlp --repeats 5 --threads 1
+
+Prints one JSON line per case: steps/s of both, and the ratio (bare steps/s ÷ runner steps/s; goal ≤ 1.10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bnn_probe.data import load_dataset
+from bnn_probe.models import build_model
+from bnn_probe.train import StepDecay, TrainConfig, build_optimizer, evaluate, init_binary_weights, run_epoch, setup
+
+CASES = {
+    # the default run: digits, 64-256-256-10 MLP, Bop, batch 50
+    "digits-mlp": TrainConfig(epochs=3),
+    # the default run with a sparser probe cadence
+    "digits-mlp-probe10": TrainConfig(epochs=3, probe_every=10, hist_every=1000, snapshot_every=0),
+    # a wide MLP: compute per step grows, the probe's per-layer work does not (much)
+    "digits-mlp-wide": TrainConfig(epochs=2, widths=(2048, 2048)),
+    # MNIST-1D with the 1-D conv net
+    "mnist1d-cnn1d": TrainConfig(epochs=1, dataset="mnist1d", model="cnn1d"),
+}
+
+
+def bare(cfg: TrainConfig, data) -> tuple[float, int]:
+    """The same training without probe or progress bar; returns (seconds, steps)."""
+    c = cfg.resolved()
+    torch.manual_seed(c.seed)
+    model = build_model(c.model, in_shape=data.in_shape, num_classes=data.num_classes, widths=c.widths or None,
+                        width_multiplier=c.width_multiplier, batch_norm=c.batch_norm, ste=c.ste, scale=c.weight_scale)
+    init_binary_weights(model, c)
+    opt = build_optimizer(model, c)
+    sched = StepDecay(opt, c.decay_every, c.decay_factor)
+    gen = torch.Generator().manual_seed(c.seed * 2 + 1)
+    steps = 0
+    t0 = time.perf_counter()
+    for epoch in range(c.epochs):
+        sched.apply(epoch)
+        model.train()
+        losses = []
+        for x, y in data.batches(c.batch_size, gen):
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+            steps += 1
+        torch.stack(losses).tolist()
+        evaluate(model, data.x_val, data.y_val)
+    return time.perf_counter() - t0, steps
+
+
+def runner(cfg: TrainConfig, data, root: Path, k: int) -> tuple[float, int]:
+    """The runner's loop (``setup`` untimed, then ``run_epoch`` per epoch and the probe's close)."""
+    state = setup(cfg, root / f"run{k}", data=data, tensorboard=True)
+    t0 = time.perf_counter()
+    while state.epoch < state.config.epochs:
+        run_epoch(state)
+    state.probe.close()
+    return time.perf_counter() - t0, state.step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", action="append", choices=sorted(CASES), help="case(s) to run [default: all]")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    for name in args.case or list(CASES):
+        cfg = CASES[name]
+        data = load_dataset(cfg.dataset, layout="flat")
+        with tempfile.TemporaryDirectory() as tmp:
+            bare(replace(cfg, epochs=1), data)  # warm-up (allocations, first-call costs)
+            runner(replace(cfg, epochs=1), data, Path(tmp), -1)
+            rs, bs = [], []
+            for k in range(args.repeats):
+                t, n = runner(cfg, data, Path(tmp), k)
+                rs.append(n / t)
+                t, n = bare(cfg, data)
+                bs.append(n / t)
+        r, b = statistics.median(rs), statistics.median(bs)
+        print(json.dumps({"case": name, "steps": n, "threads": args.threads, "repeats": args.repeats,
+                          "runner_steps_per_s": round(r, 1), "bare_steps_per_s": round(b, 1),
+                          "ratio": round(b / r, 3), "runner_all": [round(x, 1) for x in rs],
+                          "bare_all": [round(x, 1) for x in bs]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
