@@ -63,3 +63,17 @@ def test_controller_inside_case_optimizer_counts_each_step_once():
     ctl = pol.attach(opt)
     _train(model, opt, 7)
     assert ctl.step_count == 7 and len(ctl.history) > 1
+
+
+def test_controller_follows_groups_replaced_by_load_state_dict():
+    model = BinaryMLP(16, [64, 8], 4)
+    binary_init_(model, seed=0)
+    pol = T.calibrated(0.05, initial_threshold=1e-6, every=1, min_flips=1)
+    opt = Bop(pol.param_groups(named_binary_parameters(model), gamma=1e-2))
+    ctl = pol.attach(opt)
+    _train(model, opt, 3)
+    opt.load_state_dict(opt.state_dict())  # torch builds new param-group dicts here (as a resumed run does)
+    before = [g["threshold"] for g in opt.param_groups]
+    _train(model, opt, 3)
+    assert [g["threshold"] for g in opt.param_groups] != before  # the controller still steers the live groups
+    assert ctl.thresholds() == {g["layer"]: g["threshold"] for g in opt.param_groups}

@@ -407,10 +407,12 @@ class FlipRatioController:
         self.every, self.gain, self.max_step, self.min_step = int(every), float(gain), float(max_step), float(min_step)
         self.deadband = float(deadband)
         self.log_min, self.log_max = math.log(min_threshold), math.log(max_threshold)
-        self.groups = _threshold_groups(optimizer)
-        if not self.groups:
+        self.optimizer = optimizer
+        groups = _threshold_groups(optimizer)
+        if not groups:
             raise BnnProbeError("the optimizer has no parameter group with a 'threshold' to calibrate")
-        self.layers = [str(g.get("layer", f"group{i}")) for i, g in enumerate(self.groups)]
+        self._n_groups = len(groups)
+        self.layers = [str(g.get("layer", f"group{i}")) for i, g in enumerate(groups)]
         self.n_weights = [sum(p.numel() for p in g["params"]) for g in self.groups]
         for g in self.groups:
             if g["threshold"] <= 0:
@@ -436,6 +438,15 @@ class FlipRatioController:
         self._n_hooked = len(self._handles) // 2
         self._posts_seen = 0
 
+    @property
+    def groups(self) -> list[dict[str, Any]]:
+        """The optimizer's param groups with a threshold, looked up afresh (``load_state_dict`` replaces them)."""
+        groups = _threshold_groups(self.optimizer)
+        if len(groups) != self._n_groups:
+            raise BnnProbeError(f"the optimizer now has {len(groups)} thresholded param groups, the controller was "
+                                f"built for {self._n_groups}")
+        return groups
+
     def thresholds(self) -> dict[str, float]:
         """τ per layer currently in the optimizer's groups (an update decided at a step applies from the next)."""
         return {layer: float(g["threshold"]) for layer, g in zip(self.layers, self.groups, strict=True)}
@@ -444,8 +455,9 @@ class FlipRatioController:
     def _pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._posts_seen == 0:
             if self._pending:  # apply the last window's update now: the τ in a group is the τ its step used
+                groups = self.groups
                 for i, tau in self._pending.items():
-                    self.groups[i]["threshold"] = tau
+                    groups[i]["threshold"] = tau
                 self._pending = {}
             self._signs = [[p.detach() >= 0 for p in g["params"]] for g in self.groups]
 
