@@ -16,7 +16,10 @@ number of kernel launches per step does not grow with the number of layers:
 τ, γ, clip values and the like are read from the param groups every step (host floats); when they are the same for
 every layer of the group they enter as Python scalars (bitwise the same arithmetic as the per-layer reference in
 :mod:`bnn_probe.probe.quantities`), otherwise as per-weight device vectors rebuilt only when a value changes. No
-``.item()``, no host synchronisation on the every-step path. Definitions: docs/quantities.md; the per-layer
+``.item()``, no host synchronisation on the every-step path. On CPU (where the device is the host) the
+comparisons, ``isfinite``, the sign hash, the means and the quantile sort go through numpy on the same memory
+(bitwise the same comparisons; float64 segment sums), because torch 2.13's CPU kernels for these are far slower.
+Definitions: docs/quantities.md; the per-layer
 reference implementation (``StepContext`` + ``quantities``) is what tests/test_probe_flat.py compares against.
 """
 
@@ -93,6 +96,35 @@ class _Views:
             self.fixed = all(t.is_contiguous() for t in ts)
             self.key = key
         return self.views
+
+
+_NP_CMP = {"ge": np.greater_equal, "gt": np.greater, "lt": np.less}
+_NP_FLOATS = (torch.float32, torch.float64)
+
+
+def _np_ok(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in _NP_FLOATS
+
+
+def _cmp(op: str, x: Tensor, s: float | Tensor, out: Tensor | None = None) -> Tensor:
+    """``torch.<op>(x, s)`` → bool. On CPU through numpy (SIMD; torch 2.13's CPU compare-to-bool kernels are ~20x
+    slower): same IEEE comparison in x's dtype (a Python scalar is rounded to that dtype first, as torch does)."""
+    if _np_ok(x) and (not isinstance(s, Tensor) or s.dtype == x.dtype):
+        if out is None:
+            out = torch.empty(x.shape, dtype=torch.bool)
+        xn = x.numpy()
+        _NP_CMP[op](xn, s.numpy() if isinstance(s, Tensor) else xn.dtype.type(s), out=out.numpy())
+        return out
+    fn = getattr(torch, op)
+    return fn(x, s) if out is None else fn(x, s, out=out)
+
+
+def _isfinite(x: Tensor) -> Tensor:
+    if _np_ok(x):
+        out = torch.empty(x.shape, dtype=torch.bool)
+        np.isfinite(x.numpy(), out=out.numpy())
+        return out
+    return torch.isfinite(x)
 
 
 def _to_dev(values, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -181,6 +213,8 @@ class FlatGroup:
         self.nan_bop = torch.full((self.L, self.n_bop_cols), _NAN, dtype=torch.float64, device=dev)
         self.nan_lat = torch.full((self.L, self.n_lat_cols), _NAN, dtype=torch.float64, device=dev)
         self._zeros: dict[int, Tensor] = {}
+        self._bufs: dict[str, Tensor] = {}
+        self._flip = 0
         self.set_samples(q_idx, t_idx)
         self.adam = [isinstance(ly.optimizer, (torch.optim.Adam, torch.optim.AdamW)) for ly in layers]
         self.prev_above: Tensor | None = None
@@ -283,7 +317,7 @@ class FlatGroup:
         ms, missing = self._state_views("exp_avg")
         self.m_missing = missing
         if self.family != "bop2nd":
-            return torch.cat(ms)
+            return torch.cat(ms, out=self._buf("m", self.dtype))
         vs, _ = self._state_views("exp_avg_sq")
         if self._uniform_2nd is not None:
             gamma, sigma, eps, bc = self._uniform_2nd
@@ -306,7 +340,14 @@ class FlatGroup:
                 views.append(self._zeros_like_layer(li))
             else:
                 views.append(_flat(g))
-        return torch.cat(views)
+        return torch.cat(views, out=self._buf("g", self.dtype))
+
+    def _buf(self, name: str, dtype: torch.dtype) -> Tensor:
+        """A preallocated flat buffer (large fresh allocations cost page faults on CPU every step)."""
+        b = self._bufs.get(name)
+        if b is None:
+            b = self._bufs[name] = torch.empty(self.N, dtype=dtype, device=self.device)
+        return b
 
     # ------------------------------------------------------------------ hyperparameters
     def _read_hyper(self) -> None:
@@ -346,14 +387,14 @@ class FlatGroup:
             else:
                 self.clip = _to_dev(clips, self.dtype, dev)[self.layer_id]
 
-    def _above(self, abs_m: Tensor) -> Tensor:
-        return torch.gt(abs_m, self.tau)
+    def _above(self, abs_m: Tensor, out: Tensor | None = None) -> Tensor:
+        return _cmp("gt", abs_m, self.tau, out)
 
     # ------------------------------------------------------------------ per step
     def before_step(self) -> None:
         """Pre-step hook: sign(w_{t−1}) (Bop family) or w̃_{t−1} (latent), for every layer in one cat (+ compare)."""
         if self.bop:
-            torch.ge(self.cat_w(out=self.wbuf), 0, out=self.prev_sign)
+            _cmp("ge", self.cat_w(out=self.wbuf), 0.0, self.prev_sign)
         else:
             self.cat_w(out=self.prev_w)
 
@@ -362,15 +403,16 @@ class FlatGroup:
         out: dict = {}
         self._read_hyper()
         w = self.cat_w(out=self.wbuf)
-        sign = torch.ge(w, 0, out=self.sign)
+        sign = _cmp("ge", w, 0.0, self.sign)
         prev_sign = self.prev_sign if self.bop else torch.ge(self.prev_w, 0)
         flipped = torch.ne(sign, prev_sign, out=self.flipped)
         above = m = wm = abs_m = g = None
         if self.bop:
             m = self.cat_m()
-            abs_m = m.abs()
-            above = self._above(abs_m)
-            wm = w * m
+            abs_m = torch.abs(m, out=self._buf("abs_m", m.dtype))
+            k = self._flip = 1 - self._flip  # above and w·m are kept for one more step: two buffers each
+            above = self._above(abs_m, self._buf(f"above{k}", torch.bool))
+            wm = torch.mul(w, m, out=self._buf(f"wm{k}", m.dtype))
         if log:
             g = self.cat_g()
             out["ints"], out["floats"] = self._steps(w, sign, flipped, m, wm, abs_m, above, g)
@@ -405,10 +447,10 @@ class FlatGroup:
 
     def _steps(self, w, sign, flipped, m, wm, abs_m, above, g) -> tuple[Tensor, Tensor]:
         c2i = torch.ne(sign, self.sign0)
-        finite = torch.isfinite(g)
+        finite = _isfinite(g)
         if self.bop:
-            gt = torch.gt(wm, self.tau)
-            lt = torch.lt(wm, self.ntau)
+            gt = _cmp("gt", wm, self.tau)
+            lt = _cmp("lt", wm, self.ntau)
             counts = self._codes([flipped, c2i, finite, gt, lt, above, self.prev_above])
         else:
             if self.clip_any:
@@ -418,14 +460,22 @@ class FlatGroup:
             counts = self._codes([flipped, c2i, finite, at_clip])
         ints3 = counts[:, :3].to(torch.int64)
         if self.sign_hash:
-            torch.cumsum(torch.mul(self.mix, sign), 0, dtype=torch.int64, out=self.hbuf[1:])
-            b = self.hbuf.index_select(0, self.bounds)
-            h = (b[self.L:] - b[:self.L]).unsqueeze(1)
+            if self.device.type == "cpu":  # exact int64 segment sums in one numpy call
+                h = torch.from_numpy(np.add.reduceat(np.multiply(self.mix.numpy(), sign.numpy()),
+                                                     self.starts.numpy(), dtype=np.int64)).unsqueeze(1)
+            else:
+                torch.cumsum(torch.mul(self.mix, sign), 0, dtype=torch.int64, out=self.hbuf[1:])
+                b = self.hbuf.index_select(0, self.bounds)
+                h = (b[self.L:] - b[:self.L]).unsqueeze(1)
         else:
             h = self.missing_hash
         ints = torch.cat([ints3, h], 1)
         x = m if self.bop else w
-        mean = torch.stack(torch._foreach_norm(list(x.split(self.ns)), 1, dtype=torch.float64)).div_(self.n_f)
+        if _np_ok(x):  # segment sums of |x| in float64, one numpy call
+            ax = abs_m if self.bop else torch.abs(w, out=self._buf("abs_w", w.dtype))
+            mean = torch.from_numpy(np.add.reduceat(ax.numpy(), self.starts.numpy(), dtype=np.float64)).div_(self.n_f)
+        else:
+            mean = torch.stack(torch._foreach_norm(list(x.split(self.ns)), 1, dtype=torch.float64)).div_(self.n_f)
         if self.bop:
             q = self._quantiles(self._sample2(abs_m, wm), self.qpos, self.qfrac)
             floats = torch.cat([counts[:, 3:8], mean.unsqueeze(1), q[0], q[1], self.nan_lat], 1)
