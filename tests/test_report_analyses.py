@@ -143,6 +143,16 @@ def test_tail_prob_and_inverse_round_trip():
     assert thresholds.tail_inverse(0.01, q)[1].startswith("extrapolated")
 
 
+def test_tail_prob_with_zero_quantiles():
+    """Weights with zero gradient keep m = 0, so the low |m| quantiles can be exactly 0 (digits' constant pixels).
+    The segment from 0 is linear: G(x) = 0.75 + (0.5 - 0.75) · x / 5e-7 between the q25 = 0 and q50 = 5e-7 knots."""
+    q = np.array([0.0, 0.0, 5e-7, 1e-6, 3e-6])
+    g, flag = thresholds.tail_prob(4e-7, q)
+    assert g == pytest.approx(0.75 - 0.25 * 0.8) and flag == ""
+    assert thresholds.tail_inverse(g, q)[0] == pytest.approx(4e-7)
+    assert thresholds.tail_prob(1e-6, np.zeros(5)) == (0.0, "all |m| quantiles are 0")
+
+
 def test_thresholds_table_is_readable_by_the_from_report_policy(tmp_path):
     from bnn_probe.optim.thresholds import read_thresholds_csv
 

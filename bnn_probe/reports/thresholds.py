@@ -192,12 +192,16 @@ def tail_prob(x: float, q: np.ndarray) -> tuple[float, str]:
     if x <= kx[0]:
         return 1 - (1 - kg[0]) * x / kx[0] if kx[0] > 0 else kg[0], ""
     if x > kx[-1]:
+        if kx[-1] <= 0:  # every recorded quantile of |m| is 0: no weight moves
+            return 0.0, "all |m| quantiles are 0"
         a = _tail_exponent(kx, kg)
         return float(kg[-1] * (x / kx[-1]) ** (-a)), "extrapolated"
     i = int(np.searchsorted(kx, x, side="right")) - 1
     i = min(max(i, 0), len(kx) - 2)
     if kx[i + 1] <= kx[i]:
         return float(kg[i + 1]), ""
+    if kx[i] <= 0:  # segment starting at |m| = 0 (weights with zero gradient): linear in x, no log of 0
+        return float(kg[i] + (kg[i + 1] - kg[i]) * x / kx[i + 1]), ""
     t = (math.log(x) - math.log(kx[i])) / (math.log(kx[i + 1]) - math.log(kx[i]))
     return float(math.exp(math.log(kg[i]) + t * (math.log(kg[i + 1]) - math.log(kg[i])))), ""
 
@@ -223,8 +227,10 @@ def tail_inverse(gt: float, q: np.ndarray) -> tuple[float, str]:
     # kg decreasing: find segment with kg[i] >= gt >= kg[i+1]
     i = int(np.searchsorted(-kg, -gt, side="right")) - 1
     i = min(max(i, 0), len(kg) - 2)
-    if kx[i] <= 0 or kx[i + 1] <= kx[i]:
+    if kx[i + 1] <= kx[i]:
         return float(kx[i + 1]), ""
+    if kx[i] <= 0:  # the linear segment of tail_prob that starts at |m| = 0
+        return float(kx[i + 1] * (kg[i] - gt) / (kg[i] - kg[i + 1])), ""
     t = (math.log(gt) - math.log(kg[i])) / (math.log(kg[i + 1]) - math.log(kg[i]))
     return float(math.exp(math.log(kx[i]) + t * (math.log(kx[i + 1]) - math.log(kx[i])))), ""
 
