@@ -101,6 +101,14 @@ def test_width_sweep_slope_and_report_section(tmp_path):
     assert list(sw.points["layer"].unique()) == ["fc2.weight"] and len(sw.points) == 8
     m = sw.slopes.set_index("quantity").loc["median |m|"]
     assert m["slope"] == pytest.approx(-0.5, abs=0.02) and m["ci_lo"] < -0.5 < m["ci_hi"] and m["n"] == 8
+    # the controlled sweep answers both fan-in claims: |m| falls with W, and at the batch-norm rate −0.5
+    wide, law = TP.sweep_verdicts(sw)
+    assert wide.verdict == "supported" and "falls with W" in wide.claim and wide.n == 8
+    assert law.verdict == "supported" and law.interval[0] < -0.5 < law.interval[1]
+    flat = TP.WidthSweep(sw.points, sw.slopes.assign(slope=0.01, ci_lo=-0.02, ci_hi=0.04))
+    assert [v.verdict for v in TP.sweep_verdicts(flat)] == ["not supported", "not supported"]
+    few = TP.WidthSweep(sw.points, sw.slopes.assign(widths="64,256"))
+    assert [v.verdict for v in TP.sweep_verdicts(few)] == ["inconclusive", "inconclusive"]
     # the report gains the section, with its tables, when runs hold a sweep or per-layer policies
     small = [r for r in runs if r.name.endswith("-s0")]
     small += [_run(f"{k}-{s}", s, 0.9, {"threshold_policy": k}, n_tracked=2) for k in ("global", "fan-in")
@@ -112,6 +120,7 @@ def test_width_sweep_slope_and_report_section(tmp_path):
         assert (tmp_path / "rep" / "tables" / f"{t}.csv").exists()
     verdicts = (tmp_path / "rep" / "verdicts.json").read_text()
     assert "Per-layer Bop thresholds raise validation accuracy" in verdicts
+    assert "Controlled width sweep" in verdicts
     # and not otherwise
     build_report([make_run("plain", n_steps=20, n_tracked=2)], tmp_path / "rep2", formats=("md",), progress=False)
     assert "Per-layer threshold policies compared" not in (tmp_path / "rep2" / "report.md").read_text()

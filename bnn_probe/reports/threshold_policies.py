@@ -40,7 +40,7 @@ from scipy import stats as _st
 
 from . import stats
 from .frames import config, family, meta, run_name
-from .thresholds import layer_table
+from .thresholds import layer_table, prediction_verdict
 from .training import runs_table
 
 PER_LAYER_POLICIES = ("fan-in", "calibrated", "from-report")
@@ -290,6 +290,32 @@ def width_sweep(runs, window: float = 0.5) -> WidthSweep:
     return WidthSweep(points, pd.DataFrame(slopes, columns=scols))
 
 
+def sweep_verdicts(sweep: WidthSweep, min_widths: int = 3, negligible: float = 0.1) -> list[stats.Verdict]:
+    """Per dataset, from the controlled width sweep's |m| slope: "wide layers need a smaller threshold" (the slope
+    is negative) and "|m| scales like fan_in^-0.5" — the same claims as the pooled fan-in law, measured apart from
+    depth and fan-out."""
+    out: list[stats.Verdict] = []
+    pts = sweep.points
+    for _, row in sweep.slopes[sweep.slopes["quantity"] == "median |m|"].iterrows():
+        ds = row["dataset"]
+        runs = sorted(pts.loc[pts["dataset"] == ds, "run"])
+        n_w = len(str(row["widths"]).split(","))
+        interval = (float(row["ci_lo"]), float(row["ci_hi"]))
+        few = f"only {n_w} widths (< {min_widths})" if n_w < min_widths else ""
+        v, why = stats.verdict_negative(float(row["slope"]), interval, n_w, min_widths, negligible)
+        name = "slope of log median |m| vs log W (controlled width sweep)"
+        method = "OLS of log median |m| of the layer after width W on log W, intercept per seed, t-interval"
+        out.append(stats.Verdict(
+            f"Controlled width sweep ({ds}): wide layers need a smaller threshold — |m| of the layer after width W "
+            f"falls with W", v, float(row["slope"]), interval, int(row["n"]), runs, name, method, few or why,
+            "thresholds"))
+        v, why = prediction_verdict(interval, few)
+        out.append(stats.Verdict(
+            f"Controlled width sweep ({ds}): |m| scales like W^-0.5, the batch-norm prediction", v,
+            float(row["slope"]), interval, int(row["n"]), runs, name, method, why, "thresholds"))
+    return out
+
+
 def frame_layers(run) -> list[str]:
     """The run's binary layers in model order (the layers table's row order)."""
     from .frames import frame
@@ -323,6 +349,9 @@ def section(runs, csv, window: float = 0.5):
                   csv("threshold_policies", res.table))
         sec.table(res.frozen, "Frozen weights and flip ratio per layer", csv("threshold_policies_layers", res.frozen))
     if not sweep.points.empty:
+        sv = sweep_verdicts(sweep)
+        verdicts = verdicts + sv
+        sec.verdicts(sv)
         sec.text("Controlled width sweep: the layer after the varied hidden width W (fan-in W; depth and fan-out "
                  "fixed). Slopes of log median |m| and log flip ratio against log W, intercept per seed, "
                  "t-interval. The batch-norm argument predicts −0.5 for |m|.")

@@ -121,6 +121,20 @@ def _fit_lines(fam: str, sub: pd.DataFrame, quantity: str, s: stats.Slope) -> li
     return rows
 
 
+def prediction_verdict(interval, too_little: str = "", max_halfwidth: float = 0.25) -> tuple[str, str]:
+    """Verdict on "the slope equals the batch-norm prediction −0.5": supported when the interval contains −0.5 and
+    is narrower than ±max_halfwidth, not supported when it excludes −0.5, inconclusive otherwise (or when
+    ``too_little`` names why the data cannot decide)."""
+    lo, hi = (math.nan, math.nan) if interval is None else interval
+    if too_little or not (math.isfinite(lo) and math.isfinite(hi)):
+        return stats.INCONCLUSIVE, too_little or "no slope estimate"
+    if not (lo <= PREDICTION <= hi):
+        return stats.NOT_SUPPORTED, "the interval excludes -0.5"
+    if (hi - lo) / 2 <= max_halfwidth:
+        return stats.SUPPORTED, f"the interval contains -0.5 and is narrower than ±{max_halfwidth}"
+    return stats.INCONCLUSIVE, f"the interval contains -0.5 but is wider than ±{max_halfwidth}"
+
+
 def fan_in_law(table: pd.DataFrame, min_fan_ins: int = 3, negligible: float = 0.1,
                max_halfwidth: float = 0.25) -> FanInLaw:
     """Fan-in law per Bop family from :func:`layer_table`'s rows."""
@@ -149,15 +163,7 @@ def fan_in_law(table: pd.DataFrame, min_fan_ins: int = 3, negligible: float = 0.
             v, s_m.slope, s_m.interval, s_m.n, runs, "slope of log median |m| vs log fan_in", s_m.method,
             why_few if few else why, "thresholds"))
 
-        lo, hi = s_m.interval
-        if few or not (math.isfinite(lo) and math.isfinite(hi)):
-            v, why = stats.INCONCLUSIVE, why_few if few else "no slope estimate"
-        elif not (lo <= PREDICTION <= hi):
-            v, why = stats.NOT_SUPPORTED, "the interval excludes -0.5"
-        elif (hi - lo) / 2 <= max_halfwidth:
-            v, why = stats.SUPPORTED, f"the interval contains -0.5 and is narrower than ±{max_halfwidth}"
-        else:
-            v, why = stats.INCONCLUSIVE, f"the interval contains -0.5 but is wider than ±{max_halfwidth}"
+        v, why = prediction_verdict(s_m.interval, why_few if few else "", max_halfwidth)
         verdicts.append(stats.Verdict(
             f"|m| scales like fan_in^-0.5, the batch-norm prediction ({label})", v, s_m.slope, s_m.interval, s_m.n,
             runs, "slope of log median |m| vs log fan_in", s_m.method, why, "thresholds"))
