@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 ALIASES: tuple[str, str] = ("gamma", "lr")
 
@@ -106,3 +108,22 @@ def check_binary_values(p: Tensor, group: dict, index: int, group_index: int, op
         bad = p.detach()[(p != 1) & (p != -1)].flatten()[:3].tolist()
         raise ValueError(f"{optimizer}(check_binary=True): {param_label(group, index, group_index)} is not binary "
                          f"(values other than ±1, e.g. {bad}); initialise it with bnn_probe.optim.binary_init_")
+
+
+class GammaAliasOptimizer(Optimizer):
+    """Base of the Bop family: every param group is a :class:`GammaGroup` (``"lr"`` ≡ ``"gamma"``, so LR schedulers
+    drive γ), filled with the defaults and checked by the subclass's ``validate_group(group)`` when added and after
+    ``load_state_dict``."""
+
+    validate_group: Callable[..., Any]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = GammaGroup(param_group)
+        for key, default in self.defaults.items():
+            group.setdefault(key, default)
+        type(self).validate_group(group)
+        super().add_param_group(group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.param_groups = [g if isinstance(g, GammaGroup) else GammaGroup(g) for g in self.param_groups]

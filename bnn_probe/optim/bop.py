@@ -52,9 +52,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from ._validate import GammaGroup, check_binary_values, check_grad, check_hparam
+from ._validate import GammaAliasOptimizer, GammaGroup, check_binary_values, check_grad, check_hparam
 
 __all__ = ["Bop", "bop_step_loop", "bop_step_foreach", "bop_step_fused"]
 
@@ -63,7 +62,7 @@ __all__ = ["Bop", "bop_step_loop", "bop_step_foreach", "bop_step_fused"]
 CPU_BLOCK = 1 << 18
 
 
-class Bop(Optimizer):
+class Bop(GammaAliasOptimizer):
     """Bop (Helwegen et al. 2019): flip w iff w · m_t > τ, with m_t = (1 − γ) m_{t−1} + γ g_t.
 
     Args:
@@ -88,18 +87,6 @@ class Bop(Optimizer):
         defaults = dict(gamma=gamma, lr=gamma, threshold=threshold, check_binary=bool(check_binary),
                         foreach=foreach, fused=fused)
         super().__init__(params, defaults)
-
-    # --- param groups: validate, and keep "lr" an alias of "gamma" ---------------------------------------------------
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        group = GammaGroup(param_group)
-        for key, default in self.defaults.items():
-            group.setdefault(key, default)
-        _check_group(group)
-        super().add_param_group(group)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.param_groups = [g if isinstance(g, GammaGroup) else GammaGroup(g) for g in self.param_groups]
 
     # --- the step ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -251,3 +238,6 @@ def bop_step_fused(ws: list[Tensor], ms: list[Tensor], gs: list[Tensor], gamma: 
         if not _FUSED_BOP(w.view(-1), m.view(-1), g.view(-1), *scalars[key]):
             bop_step_foreach(ws[k:], ms[k:], gs[k:], gamma, threshold)
             return
+
+
+Bop.validate_group = staticmethod(_check_group)

@@ -35,15 +35,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from ._validate import GammaGroup, check_binary_values, check_grad, check_hparam
+from ._validate import GammaAliasOptimizer, GammaGroup, check_binary_values, check_grad, check_hparam
 from .bop import CompiledKernel, _scalars
 
 __all__ = ["Bop2ndOrder"]
 
 
-class Bop2ndOrder(Optimizer):
+class Bop2ndOrder(GammaAliasOptimizer):
     """Bop2ndOrder (Suarez-Ramirez et al. 2021): flip w iff w · m̂_t > τ (see the module docstring for m̂).
 
     Args:
@@ -67,16 +66,6 @@ class Bop2ndOrder(Optimizer):
         _check_group(defaults)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        group = GammaGroup(param_group)
-        for key, default in self.defaults.items():
-            group.setdefault(key, default)
-        _check_group(group)
-        super().add_param_group(group)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.param_groups = [g if isinstance(g, GammaGroup) else GammaGroup(g) for g in self.param_groups]
 
     def _group_of(self, p: Tensor) -> dict[str, Any]:
         for group in self.param_groups:
@@ -211,3 +200,6 @@ def _step_fused(ws: list[Tensor], ms: list[Tensor], vs: list[Tensor], gs: list[T
         if not kernel(w.view(-1), m.view(-1), v.view(-1), g.view(-1), *sc):
             _step_eager(ws[k:], ms[k:], vs[k:], gs[k:], gamma, sigma, threshold, eps, bias_correction)
             return
+
+
+Bop2ndOrder.validate_group = staticmethod(_check_group)
