@@ -14,3 +14,14 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def run_cli(argv, capsys):
+    """Run ``bnn-probe`` in-process; returns (exit code, stdout, stderr). A normal return counts as exit code 0."""
+    from bnn_probe.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err

@@ -3,23 +3,16 @@
 import json
 
 import pytest
-
-from bnn_probe.cli import main
+from conftest import run_cli
 
 TINY = ["--widths", "16", "--batch-size", "200", "--epochs", "1", "--hist-every", "0", "--no-progress"]
 
 
-def _run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
 
 
 def test_train_writes_a_run_and_stores_every_option(tmp_path, capsys):
     out = tmp_path / "run"
-    code, stdout, _ = _run(["train", *TINY, "--optimizer", "latent-sgd", "--momentum", "0.9", "--no-clip",
+    code, stdout, _ = run_cli(["train", *TINY, "--optimizer", "latent-sgd", "--momentum", "0.9", "--no-clip",
                             "--ste", "identity", "--init-scale", "0.5", "--tag", "t1", "--pair", "p",
                             "--pair-role", "b", "--decay-every", "1", "--threads", "1", "--out", str(out)], capsys)
     assert code == 0 and str(out) in stdout and "validation accuracy" in stdout
@@ -39,7 +32,7 @@ def test_train_writes_a_run_and_stores_every_option(tmp_path, capsys):
     (["--threads", "0"], "--threads must be a positive integer"),
 ])
 def test_train_bad_input_is_one_line_exit_2(tmp_path, capsys, args, message):
-    code, _, err = _run(["train", *TINY, "--out", str(tmp_path / "r"), *args], capsys)
+    code, _, err = run_cli(["train", *TINY, "--out", str(tmp_path / "r"), *args], capsys)
     assert code == 2
     assert err.startswith("Error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "r").exists()
@@ -47,15 +40,15 @@ def test_train_bad_input_is_one_line_exit_2(tmp_path, capsys, args, message):
 
 def test_train_refuses_an_existing_run_unless_overwrite(tmp_path, capsys):
     out = str(tmp_path / "r")
-    assert _run(["train", *TINY, "--out", out], capsys)[0] == 0
-    code, _, err = _run(["train", *TINY, "--out", out], capsys)
+    assert run_cli(["train", *TINY, "--out", out], capsys)[0] == 0
+    code, _, err = run_cli(["train", *TINY, "--out", out], capsys)
     assert code == 2 and "already holds a run" in err and err.count("\n") == 1
-    assert _run(["train", *TINY, "--out", out, "--overwrite", "--seed", "2"], capsys)[0] == 0
+    assert run_cli(["train", *TINY, "--out", out, "--overwrite", "--seed", "2"], capsys)[0] == 0
     assert json.loads((tmp_path / "r" / "meta.json").read_text())["config"]["seed"] == 2
 
 
 def test_train_help_documents_defaults(capsys):
-    code, out, _ = _run(["train", "--help"], capsys)
+    code, out, _ = run_cli(["train", "--help"], capsys)
     assert code == 0
     for text in ("--gamma", "1e-4", "--threshold", "1e-8", "--lr-real", "0.01", "--batch-size", "50",
                  "--decay-every", "--clip / --no-clip", "--init-scale", "--probe-every", "--tag"):
@@ -63,7 +56,7 @@ def test_train_help_documents_defaults(capsys):
 
 
 def test_study_help_lists_studies(capsys):
-    code, out, _ = _run(["study", "--help"], capsys)
+    code, out, _ = run_cli(["study", "--help"], capsys)
     assert code == 0
     for name in ("hyperparams", "inertia", "thresholds", "all", "--jobs", "--quick", "--seeds"):
         assert name in out
@@ -77,13 +70,13 @@ def test_study_help_lists_studies(capsys):
     (["hyperparams", "--epochs", "-1"], "--epochs must be a non-negative integer"),
 ])
 def test_study_bad_input(tmp_path, capsys, args, message):
-    code, _, err = _run(["study", *args, "--out", str(tmp_path / "s")], capsys)
+    code, _, err = run_cli(["study", *args, "--out", str(tmp_path / "s")], capsys)
     assert code == 2 and message in err and err.count("\n") == 1
 
 
 def test_study_trains_runs_side_by_side(tmp_path, capsys):
     out = tmp_path / "s"
-    code, stdout, err = _run(["study", "hyperparams", "--out", str(out), "--epochs", "1", "--widths", "16",
+    code, stdout, err = run_cli(["study", "hyperparams", "--out", str(out), "--epochs", "1", "--widths", "16",
                               "--jobs", "1", "--no-report", "--no-progress"], capsys)
     assert code == 0 and stdout.strip() == str(out)
     assert len([p for p in out.iterdir() if (p / "meta.json").exists()]) == 5

@@ -6,24 +6,18 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import run_cli
 
 import bnn_probe
-from bnn_probe.cli import main
 
 TINY = ["--widths", "64,8", "--batch-size", "100", "--epochs", "1", "--hist-every", "0", "--no-progress",
         "--threads", "1", "--gamma", "1e-3", "--threshold", "1e-6"]
 
 
-def _run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
 
 
 def test_calibrated_and_fan_in_from_the_cli(tmp_path, capsys):
-    code, _, err = _run(["train", *TINY, "--epochs", "2", "--threshold-policy", "calibrated", "--target-flip-ratio",
+    code, _, err = run_cli(["train", *TINY, "--epochs", "2", "--threshold-policy", "calibrated", "--target-flip-ratio",
                          "1e-2", "--out", str(tmp_path / "cal")], capsys)
     assert code == 0, err
     run = bnn_probe.load_run(tmp_path / "cal")
@@ -32,7 +26,7 @@ def test_calibrated_and_fan_in_from_the_cli(tmp_path, capsys):
     assert cfg["extra"]["threshold_policy"]["controller"]["target_flip_ratio"] == 1e-2
     assert run.steps["threshold"].nunique() > 1  # the controller moved τ, and the probe logged it
 
-    code, _, err = _run(["train", *TINY, "--threshold-policy", "fan-in", "--fan-in-exponent", "1",
+    code, _, err = run_cli(["train", *TINY, "--threshold-policy", "fan-in", "--fan-in-exponent", "1",
                          "--out", str(tmp_path / "fan")], capsys)
     assert code == 0, err
     pol = json.loads((tmp_path / "fan" / "meta.json").read_text())["config"]["extra"]["threshold_policy"]
@@ -42,13 +36,13 @@ def test_calibrated_and_fan_in_from_the_cli(tmp_path, capsys):
 
 
 def test_from_report_round_trip(tmp_path, capsys):
-    code, _, err = _run(["train", *TINY, "--out", str(tmp_path / "g")], capsys)
+    code, _, err = run_cli(["train", *TINY, "--out", str(tmp_path / "g")], capsys)
     assert code == 0, err
-    code, _, err = _run(["report", str(tmp_path / "g"), "--out", str(tmp_path / "rep"), "--format", "md"], capsys)
+    code, _, err = run_cli(["report", str(tmp_path / "g"), "--out", str(tmp_path / "rep"), "--format", "md"], capsys)
     assert code == 0, err
     import pandas as pd
     rec = pd.read_csv(tmp_path / "rep" / "tables" / "thresholds.csv").set_index("layer")["recommended_threshold"]
-    code, _, err = _run(["train", *TINY, "--threshold-policy", "from-report", "--thresholds-csv",
+    code, _, err = run_cli(["train", *TINY, "--threshold-policy", "from-report", "--thresholds-csv",
                          str(tmp_path / "rep"), "--out", str(tmp_path / "r")], capsys)
     assert code == 0, err
     used = bnn_probe.load_run(tmp_path / "r").steps.groupby("layer")["threshold"].first()
@@ -62,5 +56,5 @@ def test_from_report_round_trip(tmp_path, capsys):
     (["--threshold-policy", "calibrated", "--target-flip-ratio", "2"], "below 1"),
 ])
 def test_policy_errors_are_one_line(tmp_path, capsys, args, message):
-    code, _, err = _run(["train", *TINY, *args, "--out", str(tmp_path / "x")], capsys)
+    code, _, err = run_cli(["train", *TINY, *args, "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and message in err and err.count("\n") == 1
