@@ -127,6 +127,14 @@ def _isfinite(x: Tensor) -> Tensor:
     return torch.isfinite(x)
 
 
+def _ne(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """``torch.ne(a, b, out=out)`` for bool tensors; numpy on CPU (same result, far fewer cycles on big tensors)."""
+    if out.device.type == "cpu":
+        np.not_equal(a.numpy(), b.numpy(), out=out.numpy())
+        return out
+    return torch.ne(a, b, out=out)
+
+
 def _to_dev(values, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A small host list as a device tensor without a host synchronisation (pinned, non-blocking on CUDA)."""
     t = torch.tensor(values, dtype=dtype)
@@ -180,6 +188,9 @@ class FlatGroup:
         else:
             self.code_base = (self.layer_id * self.NB).to(torch.int32 if self.L * self.NB < 2**31 else torch.int64)
         self.code = torch.empty(self.N, dtype=torch.uint8, device=dev)
+        self.cpu = dev.type == "cpu"
+        self.bounds_np = self.bounds.numpy() if self.cpu else None
+        self.layer_ends = [o + n for o, n in zip(self.offsets, self.ns, strict=True)]
         self.sign_hash = sign_hash
         self.E = int(events_per_layer)
         # float columns: Bop family writes the first 16, latent the last 9 (checked against the recorder's order)
@@ -200,6 +211,7 @@ class FlatGroup:
         self.prev_sign = self.sign0.clone()
         self.sign = torch.empty_like(self.sign0)
         self.flipped = torch.empty_like(self.sign0)
+        self.c2ibuf = torch.empty_like(self.sign0)
         self.prev_w = w.clone() if not self.bop else None
         self.count = torch.zeros(self.N, dtype=torch.int32, device=dev)
         self.last = torch.zeros(self.N, dtype=torch.int32, device=dev)
@@ -405,7 +417,9 @@ class FlatGroup:
         w = self.cat_w(out=self.wbuf)
         sign = _cmp("ge", w, 0.0, self.sign)
         prev_sign = self.prev_sign if self.bop else torch.ge(self.prev_w, 0)
-        flipped = torch.ne(sign, prev_sign, out=self.flipped)
+        flipped = _ne(sign, prev_sign, self.flipped)
+        # CPU: the flipped weights' indices once per step (flips are sparse): counters and events index them directly
+        fidx = np.flatnonzero(flipped.numpy()) if self.cpu else None
         above = m = wm = abs_m = g = None
         if self.bop:
             m = self.cat_m()
@@ -417,7 +431,7 @@ class FlatGroup:
             g = self.cat_g()
             out["ints"], out["floats"] = self._steps(w, sign, flipped, m, wm, abs_m, above, g)
         if ev and self.E > 0:
-            out["events"] = self._events(t, flipped)
+            out["events"] = self._events(t, flipped, fidx)
         if trk:
             out["tracked"] = self._tracked(w, sign, wm)
         if hist:
@@ -425,14 +439,20 @@ class FlatGroup:
         if snap:
             out["snap"] = sign.clone()
         # commit: per-weight counters, |m| > τ for the next step's crossings
-        self.count.add_(flipped)
-        self.last.masked_fill_(flipped, t)
+        if fidx is not None:  # same values as the device path below, touching only the flipped weights
+            self.count.numpy()[fidx] += 1
+            self.last.numpy()[fidx] = t
+        else:
+            self.count.add_(flipped)
+            self.last.masked_fill_(flipped, t)
         if self.bop:
             self.prev_above = above if self.tau_valid is None else torch.where(self.tau_valid, above, self.prev_above)
             self.wm_prev = wm
         return out
 
     def _codes(self, masks: list[Tensor]) -> Tensor:
+        if self.cpu:
+            return self._codes_cpu(masks)
         code = self.code
         torch.add(masks[0].view(torch.uint8), masks[1].view(torch.uint8), alpha=2, out=code)
         for k, mk in enumerate(masks[2:], start=2):
@@ -445,8 +465,25 @@ class FlatGroup:
             h = torch.bincount(torch.add(self.code_base, code), minlength=self.L * self.NB)
         return h.view(self.L, self.NB).to(torch.float64) @ self.count_mat  # [L, C] exact counts
 
+    def _codes_cpu(self, masks: list[Tensor]) -> Tensor:
+        """CPU: code = Σ_k mask_k·2^k built with shifts and ors on 8 codes at a time (uint64 words: each byte stays
+        below 2^B ≤ 128, so no bit crosses into the next byte), then one uint8 ``bincount`` per layer."""
+        code = self.code.numpy()
+        n8 = self.N & ~7
+        ms = [m.numpy() for m in masks]
+        for a, sl in ((np.uint64, slice(0, n8)), (np.uint8, slice(n8, self.N))):
+            c = code[sl].view(a)
+            np.copyto(c, ms[-1][sl].view(a))
+            for m in ms[-2::-1]:
+                np.left_shift(c, 1, out=c, casting="unsafe")
+                np.bitwise_or(c, m[sl].view(a), out=c)
+        ct, nb = self.code, self.NB
+        h = torch.stack([torch.bincount(ct[s:e], minlength=nb) for s, e in zip(self.offsets, self.layer_ends,
+                                                                              strict=True)])
+        return h.to(torch.float64) @ self.count_mat  # [L, C] exact counts
+
     def _steps(self, w, sign, flipped, m, wm, abs_m, above, g) -> tuple[Tensor, Tensor]:
-        c2i = torch.ne(sign, self.sign0)
+        c2i = _ne(sign, self.sign0, self.c2ibuf)
         finite = _isfinite(g)
         if self.bop:
             gt = _cmp("gt", wm, self.tau)
@@ -461,8 +498,8 @@ class FlatGroup:
         ints3 = counts[:, :3].to(torch.int64)
         if self.sign_hash:
             if self.device.type == "cpu":  # exact int64 segment sums in one numpy call
-                h = torch.from_numpy(np.add.reduceat(np.multiply(self.mix.numpy(), sign.numpy()),
-                                                     self.starts.numpy(), dtype=np.int64)).unsqueeze(1)
+                hb = np.multiply(self.mix.numpy(), sign.numpy(), out=self.hbuf.numpy()[:self.N])
+                h = torch.from_numpy(np.add.reduceat(hb, self.starts.numpy(), dtype=np.int64)).unsqueeze(1)
             else:
                 torch.cumsum(torch.mul(self.mix, sign), 0, dtype=torch.int64, out=self.hbuf[1:])
                 b = self.hbuf.index_select(0, self.bounds)
@@ -537,22 +574,29 @@ class FlatGroup:
         wt = w[idx]
         return wt >= 0, wt.abs().double()
 
-    def _events(self, t: int, flipped: Tensor) -> tuple[Tensor, Tensor]:
+    def _events(self, t: int, flipped: Tensor, fidx: np.ndarray | None = None) -> tuple[Tensor, Tensor]:
         """Up to E flipped weights per layer, stratified (samplers.sample_flipped, all layers at once).
 
         Inertia just before the step: latent |w̃_{t−1}| (the pre-step copy); Bop family τ − w_{t−1}·m_{t−1} with
         w_{t−1}·m_{t−1} kept from the previous step's measurement (at attach: the optimizer state then)."""
         E, L, dev = self.E, self.L, self.device
         cb = self.cbuf
-        torch.cumsum(flipped, 0, dtype=torch.int32, out=cb[1:])
-        b = cb.index_select(0, self.bounds)
+        if fidx is not None:  # CPU: flips before each bound by binary search in the flipped indices (= the cumsum)
+            b = torch.from_numpy(np.searchsorted(fidx, self.bounds_np).astype(np.int32))
+        else:
+            torch.cumsum(flipped, 0, dtype=torch.int32, out=cb[1:])
+            b = cb.index_select(0, self.bounds)
         c_prev = b[:L].unsqueeze(1)
         f = b[L:].unsqueeze(1) - c_prev  # [L, 1] flips per layer
         u = torch.rand(L, E, generator=self.gen, device=dev, dtype=torch.float64)
         strat = u.add_(self.ev_j).mul_(f).div_(E).floor_().add_(1)
         ranks = torch.where(f <= E, self.ev_j1, strat).to(torch.int32)
         valid = ranks <= f
-        gidx = torch.searchsorted(cb[1:], ranks.add_(c_prev)).clamp_max_(self.N - 1)
+        if fidx is not None:  # the r-th flipped weight overall is fidx[r − 1] (invalid ranks are masked below)
+            r = ranks.add_(c_prev).to(torch.int64).sub_(1).clamp_(0, max(len(fidx) - 1, 0))
+            gidx = torch.from_numpy(fidx)[r] if len(fidx) else torch.zeros_like(r)
+        else:
+            gidx = torch.searchsorted(cb[1:], ranks.add_(c_prev)).clamp_max_(self.N - 1)
         st = self.starts.unsqueeze(1)
         safe = torch.where(valid, gidx, st).view(-1)
         local = torch.where(valid, gidx.sub_(st), -1).view(-1)
