@@ -230,6 +230,7 @@ class FlatGroup:
         self.set_samples(q_idx, t_idx)
         self.adam = [isinstance(ly.optimizer, (torch.optim.Adam, torch.optim.AdamW)) for ly in layers]
         self.prev_above: Tensor | None = None
+        self.wm_prev: Tensor | None = None
         if self.bop:
             self._read_hyper()
             m = self.cat_m()
