@@ -577,7 +577,7 @@ def resume_training(out_dir: str | Path, progress: bool | None = None, policy: A
 
     config = TrainConfig.from_dict(resume_config(out_dir))
     state = setup(config, out_dir, policy=policy, data=data, resume=True, **probe_options)
-    ckpt = load_checkpoint(out_dir, map_location=state.data.device)
+    ckpt = load_checkpoint(out_dir)  # on the CPU: RNG states must stay CPU tensors; restore() moves the rest
     if ckpt is not None:
         restore(state, ckpt)
     return _train_loop(state, progress, checkpoint_every, fresh=ckpt is None)

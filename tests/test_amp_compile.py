@@ -154,3 +154,20 @@ def test_cuda_compiled_model_with_probe(tmp_path):
     probe.close()
     run = bnn_probe.load_run(tmp_path / "c")
     assert run.steps["step"].max() == STEPS and run.steps["flips"].sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("ste, expected", [("clipped", [0.0, 2.0, 3.0, 4.0, 5.0, 0.0]),
+                                           ("identity", [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])])
+def test_cuda_compiled_ste_gradient(ste, expected):
+    """Regression: with ``torch.where(x >= 0, 1.0, -1.0)`` as the forward of the STE's autograd.Function,
+    torch.compile on CUDA (torch 2.11, H200) returned an all-zero gradient and Bop never flipped."""
+    from bnn_probe.nn import binarize
+
+    w = torch.tensor([2.5, -0.7, -0.5, 0.125, 0.0, -1.5], device="cuda", requires_grad=True)
+    coef = torch.arange(1.0, 7.0, device="cuda")
+    y = torch.compile(lambda t: binarize(t, ste))(w)
+    (y * coef).sum().backward()
+    assert y.tolist() == [1.0, -1.0, -1.0, 1.0, 1.0, -1.0]
+    assert w.grad.tolist() == expected

@@ -376,7 +376,7 @@ class Probe:
             g.set_samples(q_idx, t_idx)
         self.rec.run_sum = np.asarray(sd["run_sum"], dtype=float)
         self.rec.run_n = np.asarray(sd["run_n"], dtype=np.int64)
-        self._event_gen.set_state(sd["event_gen"])
+        self._event_gen.set_state(sd["event_gen"].cpu())  # a checkpoint loaded with map_location="cuda" moves it
         self._set_track_layout()
         self._last_flush_step = self.step
 
