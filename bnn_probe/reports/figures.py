@@ -21,6 +21,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 MAX_PANELS = 6
+MAX_LEGEND = 12  # most runs named in one legend
 PI_LABEL = "π = log(flip ratio + e⁻⁹)"
 RAW = {"estimator": None, "errorbar": None}  # lines draw the prepared values: no aggregation, no bootstrap
 
@@ -38,11 +39,20 @@ def _figure(path: Path, ncols: int = 1, nrows: int = 1, width: float = 7.0, heig
         with warnings.catch_warnings():  # library deprecation chatter (seaborn on newer matplotlib)
             warnings.simplefilter("ignore", DeprecationWarning)
             yield fig, axes
+        for ax in axes.flat:
+            if not ax.has_data() and not ax.get_title():
+                ax.set_visible(False)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, format="png")
     finally:
         plt.close(fig)
+
+
+def _panel_grid(n: int, max_cols: int = 3) -> tuple[int, int]:
+    """(rows, columns) for n per-run panels, at most ``max_cols`` wide so titles and legends keep their room."""
+    ncols = max(1, min(n, max_cols))
+    return -(-n // ncols), ncols
 
 
 def instrument(fn):
@@ -69,12 +79,17 @@ def training_curves(curves: pd.DataFrame, path: Path) -> Path | None:
     if _empty(curves):
         return None
     metrics = list(dict.fromkeys(curves["metric"]))[:4]
-    with _figure(path, ncols=len(metrics), width=3.2 * len(metrics), height=3.0) as (fig, axes):
+    n_runs = curves["run"].nunique()
+    legend = n_runs <= MAX_LEGEND  # beyond that the colours cannot be told apart: the CSV names the runs
+    with _figure(path, ncols=len(metrics), width=3.2 * len(metrics) + (2.2 if legend else 0), height=3.0) as (fig,
+                                                                                                        axes):
         for ax, metric in zip(axes[0], metrics, strict=False):
             sns.lineplot(data=curves[curves["metric"] == metric], x="step", y="value", hue="run", ax=ax, **RAW,
-                         legend=ax is axes[0][0])
-            ax.set_title(metric)
+                         legend=legend and ax is axes[0][-1])
+            ax.set_title(metric if legend else f"{metric} ({n_runs} runs)")
             ax.set_ylabel("")
+        if legend and axes[0][-1].get_legend() is not None:
+            sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1), fontsize=6, title_fontsize=7)
     return path
 
 
@@ -95,8 +110,9 @@ def layer_flip_ratio(lay: pd.DataFrame, path: Path) -> Path | None:
     if _empty(lay):
         return None
     runs = list(dict.fromkeys(lay["run"]))[:MAX_PANELS]
-    with _figure(path, ncols=len(runs), width=min(3.4 * len(runs), 14), height=3.2, sharey=True) as (fig, axes):
-        for ax, run in zip(axes[0], runs, strict=False):
+    nrows, ncols = _panel_grid(len(runs))
+    with _figure(path, ncols=ncols, nrows=nrows, width=4.2 * ncols, height=3.2 * nrows, sharey=True) as (fig, axes):
+        for ax, run in zip(axes.flat, runs, strict=False):
             sub = lay[lay["run"] == run].sort_values(["fan_in", "layer"], kind="stable")
             sns.lineplot(data=sub, x="step", y="pi", hue="layer", ax=ax, linewidth=0.8, legend=ax is axes[0][0], **RAW)
             ax.set_title(run)
@@ -134,8 +150,9 @@ def inertia_flip_probability(bins: pd.DataFrame, path: Path) -> Path | None:
     if _empty(bins):
         return None
     runs = list(dict.fromkeys(bins["run"]))[:MAX_PANELS]
-    with _figure(path, ncols=len(runs), width=min(3.6 * len(runs), 14), height=3.3) as (fig, axes):
-        for ax, run in zip(axes[0], runs, strict=False):
+    nrows, ncols = _panel_grid(len(runs))
+    with _figure(path, ncols=ncols, nrows=nrows, width=4.4 * ncols, height=3.3 * nrows) as (fig, axes):
+        for ax, run in zip(axes.flat, runs, strict=False):
             sub = bins[bins["run"] == run]
             for i, (layer, s) in enumerate(sub.groupby("layer", sort=False)):
                 c = sns.color_palette()[i % 10]
