@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .binary_detect import LayerInfo, clip_value_of
 from .context import hash_coefficients, normalize_2nd
+from .fused import make_step_fn, maybe_compile
 from .quantities import QUANTILES
 
 __all__ = ["FlatGroup", "group_layers"]
@@ -156,7 +157,9 @@ class FlatGroup:
 
     def __init__(self, layers: list[LayerInfo], rows: list[int], q_idx: list[Tensor | None], t_idx: list[Tensor],
                  probed: torch.optim.Optimizer, sign_hash: bool, events_per_layer: int,
-                 float_columns: Sequence[str]) -> None:
+                 float_columns: Sequence[str], device_path: bool | None = None, compile_probe: bool = False) -> None:
+        """``device_path``: measure with the pure-torch step of probe/fused.py (None: on any device but the CPU;
+        True also on the CPU, for tests); ``compile_probe``: ``torch.compile`` that step (implies the device path)."""
         self.layers, self.rows, self.probed = layers, rows, probed
         self.family = layers[0].family
         self.bop = self.family != "latent"
@@ -188,7 +191,9 @@ class FlatGroup:
         else:
             self.code_base = (self.layer_id * self.NB).to(torch.int32 if self.L * self.NB < 2**31 else torch.int64)
         self.code = torch.empty(self.N, dtype=torch.uint8, device=dev)
-        self.cpu = dev.type == "cpu"
+        self.fused = bool(compile_probe) or (dev.type != "cpu" if device_path is None else bool(device_path))
+        self.cpu = not self.fused  # the numpy path (CPU tensors only)
+        self.code_base_f = (self.layer_id * self.NB).to(torch.float64 if big else torch.float32) + 0.5
         self.bounds_np = self.bounds.numpy() if self.cpu else None
         self.layer_ends = [o + n for o, n in zip(self.offsets, self.ns, strict=True)]
         self.sign_hash = sign_hash
@@ -212,7 +217,7 @@ class FlatGroup:
         self.sign = torch.empty_like(self.sign0)
         self.flipped = torch.empty_like(self.sign0)
         self.c2ibuf = torch.empty_like(self.sign0)
-        self.prev_w = w.clone() if not self.bop else None
+        self.prev_w = w.clone() if not self.bop or self.fused else None
         self.count = torch.zeros(self.N, dtype=torch.int32, device=dev)
         self.last = torch.zeros(self.N, dtype=torch.int32, device=dev)
         self.mix = torch.cat([hash_coefficients(n, dev) for n in self.ns]) if sign_hash else None
@@ -240,6 +245,13 @@ class FlatGroup:
                     above[self.offsets[li]:self.offsets[li] + self.ns[li]] = False
             self.prev_above = above
             self.wm_prev = w * m  # w_{t−1}·m_{t−1} for the next step's flip events (the state at attach)
+        if self.fused:
+            self.t_dev = torch.zeros((), dtype=torch.int32, device=dev)
+            self.u0 = torch.zeros(self.L, self.E, dtype=torch.float64, device=dev)
+            self.g0 = torch.zeros(self.N, dtype=self.dtype, device=dev)
+            self.compile_probe = bool(compile_probe)
+            self._step = maybe_compile(make_step_fn(self.bop, self.ns, len(self.bits), self.E, sign_hash, True),
+                                       self.compile_probe)
 
     # ------------------------------------------------------------------ samples
     def set_samples(self, q_idx: list[Tensor | None], t_idx: list[Tensor]) -> None:
@@ -257,6 +269,7 @@ class FlatGroup:
             pad[li, len(idx):] = True
         self.qsel = sel.to(dev)
         self.qpad = pad.to(dev) if bool(pad.any()) else None
+        self.qpad_t = pad.to(dev)  # the device path masks always (static graph)
         self.qpos, self.qfrac = self._positions(ks, QUANTILES)
         self.apos, self.afrac = self._positions(ks, (0.5, 0.95))
         self.tsel = torch.cat([t.cpu() + o for t, o in zip(t_idx, self.offsets, strict=True)]).to(dev)
@@ -378,6 +391,7 @@ class FlatGroup:
         if self.bop:
             taus = [k[0] for k in key]
             self.tau_l = _to_dev(taus, torch.float64, dev)  # for inertia τ − w·m (float64, like the reference)
+            self.tau32_l = _to_dev(taus, self.dtype, dev)  # per layer, in the weights' dtype (device path)
             self.tau_t = self.tau_l[self.t_layer]
             self.tau_e = self.tau_l[self.ev_layer]
             self.tau_nan = any(t != t for t in taus)
@@ -395,6 +409,8 @@ class FlatGroup:
             clips = [math.nan if c is None else float(c) for c in key]
             self.clip_any = any(c is not None for c in key)
             self.clip_none_rows = [li for li, c in enumerate(key) if c is None]
+            self.clip32_l = _to_dev(clips, self.dtype, dev)
+            self.clip_valid_l = _to_dev([c is not None for c in key], torch.bool, dev)
             if len(set(key)) == 1:
                 self.clip = clips[0]
             else:
@@ -406,13 +422,15 @@ class FlatGroup:
     # ------------------------------------------------------------------ per step
     def before_step(self) -> None:
         """Pre-step hook: sign(w_{t−1}) (Bop family) or w̃_{t−1} (latent), for every layer in one cat (+ compare)."""
-        if self.bop:
+        if self.bop and not self.fused:
             _cmp("ge", self.cat_w(out=self.wbuf), 0.0, self.prev_sign)
         else:
             self.cat_w(out=self.prev_w)
 
     def measure(self, t: int, log: bool, trk: bool, ev: bool, hist: bool, snap: bool) -> dict:
         """Everything of step t for this group (device tensors, rows in group order); updates the counters."""
+        if self.fused:
+            return self._measure_fused(t, log, trk, ev, hist, snap)
         out: dict = {}
         self._read_hyper()
         w = self.cat_w(out=self.wbuf)
@@ -450,6 +468,47 @@ class FlatGroup:
             self.prev_above = above if self.tau_valid is None else torch.where(self.tau_valid, above, self.prev_above)
             self.wm_prev = wm
         return out
+
+    def _measure_fused(self, t: int, log: bool, trk: bool, ev: bool, hist: bool, snap: bool) -> dict:
+        """The device path: flat cats (eager), then the pure step of probe/fused.py (eager or compiled), which
+        updates counters, last-flip steps, |m| > τ and w·m in place; histograms and snapshots (rare) eagerly."""
+        self._read_hyper()
+        s = self._fused_inputs()
+        w = s["w"] = self.cat_w(out=self.wbuf)
+        m = None
+        if self.bop:
+            m = s["m"] = self.cat_m()
+        if log:
+            s["g"] = self.cat_g()
+            if not self.bop:
+                s["adam"] = self._adam_step()
+        self.t_dev.fill_(t)
+        ev = ev and self.E > 0
+        if ev:
+            s["u"] = torch.rand(self.L, self.E, generator=self.gen, device=self.device, dtype=torch.float64)
+        out = self._step(s, log, trk, ev)
+        if hist:
+            out["hists"] = self._hists(w, w * m if self.bop else None, m.abs() if self.bop else None)
+        if snap:
+            out["snap"] = w >= 0
+        return out
+
+    def _fused_inputs(self) -> dict:
+        """The tensors of the fused step, with the same keys every step (a stable graph signature)."""
+        s = {"w": self.wbuf, "prev_w": self.prev_w, "g": self.g0, "u": self.u0, "t": self.t_dev, "sign0": self.sign0,
+             "count": self.count, "last": self.last, "layer_id": self.layer_id, "code_base": self.code_base_f,
+             "count_mat": self.count_mat, "bounds": self.bounds, "starts": self.starts, "n_f": self.n_f,
+             "qsel": self.qsel, "qpad": self.qpad_t, "qpos": self.qpos, "qfrac": self.qfrac, "tsel": self.tsel,
+             "ev_j": self.ev_j, "ev_j1": self.ev_j1, "missing_hash": self.missing_hash}
+        if self.sign_hash:
+            s["mix"] = self.mix
+        if self.bop:
+            s.update(m=self.g0, tau32=self.tau32_l, tau64=self.tau_l, tau_t=self.tau_t, tau_e=self.tau_e,
+                     prev_above=self.prev_above, wm_prev=self.wm_prev, nan_lat=self.nan_lat)
+        else:
+            s.update(clip32=self.clip32_l, clip_valid=self.clip_valid_l, nan_bop=self.nan_bop,
+                     adam=self.nan_lat[:, :2])
+        return s
 
     def _codes(self, masks: list[Tensor]) -> Tensor:
         if self.cpu:

@@ -81,7 +81,8 @@ class Probe:
                  flush_every_steps: int = 1000, flush_secs: float = 10.0, tensorboard: bool = True,
                  tb_every: Cadence = None, config: dict | None = None, tag: str | None = None,
                  rank: int | None = None, resume: bool = False, seed: int = 0, sign_hash: bool = True,
-                 buffer_steps: int = 256) -> None:
+                 buffer_steps: int = 256, compile_probe: bool | None = None,
+                 device_path: bool | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.logdir = os.fspath(logdir)
@@ -105,6 +106,9 @@ class Probe:
         self.sign_hash = bool(sign_hash)
         self.config = dict(config or {})
         self.tag = tag
+        dev0 = self.layers[0].param.device
+        self.compile_probe = dev0.type == "cuda" if compile_probe is None else bool(compile_probe)
+        self.device_path = self.compile_probe or (dev0.type != "cpu" if device_path is None else bool(device_path))
         self.status = "running"
         self._closed = False
         self._callbacks: list[tuple[Schedule, Callable[[Probe, int], None]]] = []
@@ -134,7 +138,8 @@ class Probe:
         self.groups: list[FlatGroup] = []
         for rows in group_layers(self.layers):
             grp = FlatGroup([self.layers[i] for i in rows], rows, [q_idx[i] for i in rows], [t_idx[i] for i in rows],
-                            self.optimizer, self.sign_hash, self.events_per_layer, Recorder.FLOAT_COLUMNS)
+                            self.optimizer, self.sign_hash, self.events_per_layer, Recorder.FLOAT_COLUMNS,
+                            device_path=self.device_path, compile_probe=self.compile_probe)
             grp.gen = self._event_gen if grp.device == dev else torch.Generator(device=grp.device).manual_seed(
                 self.seed + 1)
             self.groups.append(grp)
@@ -207,7 +212,8 @@ class Probe:
             "track_every": self.track_every.to_dict(), "events_per_layer": self.events_per_layer,
             "events_every": self.events_every.to_dict(), "quantile_sample": self.quantile_sample,
             "quantiles": list(QUANTILES), "flush_every_steps": self.flush_every_steps, "flush_secs": self.flush_secs,
-            "seed": self.seed, "sign_hash": self.sign_hash,
+            "seed": self.seed, "sign_hash": self.sign_hash, "compile_probe": self.compile_probe,
+            "device_path": self.device_path,
             "tb_every": self.tb_every.to_dict() if self.tb_every else None, "hist_edges": HIST_EDGES,
         }
         return {
@@ -400,7 +406,11 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.
     ``every=1`` (steps table), ``hist_every=100``, ``snapshot_every=1000``, ``track=64``, ``track_every=1``,
     ``events_per_layer=16``, ``events_every=every``, ``quantile_sample=4096``, ``flush_every_steps=1000``,
     ``flush_secs=10.0``, ``tensorboard=True``, ``tb_every=None`` (= every logged step), ``config=None``, ``tag=None``,
-    ``rank=None`` (from torch.distributed), ``resume=False``, ``seed=0``, ``sign_hash=True``, ``buffer_steps=256``.
+    ``rank=None`` (from torch.distributed), ``resume=False``, ``seed=0``, ``sign_hash=True``, ``buffer_steps=256``,
+    ``compile_probe=None`` (``torch.compile`` the every-step measurement: None = on for CUDA, off otherwise; a compile
+    failure warns once and measures eagerly), ``device_path=None`` (the pure-torch measurement of probe/fused.py:
+    None = on any device but the CPU, where numpy is faster; True forces it on the CPU; implied by compile_probe).
+    The logged values do not depend on these two options.
     Cadences take an int n (every n-th step; 0 = never) or a schedule (``Every``, ``LogSpaced``).
 
     >>> probe = attach(model, opt, "runs/x")   # doctest: +SKIP

@@ -1,0 +1,159 @@
+"""The probe's every-step device computation as one pure function of tensors (optionally ``torch.compile``-d).
+
+:func:`make_step_fn` returns ``step(s, log, trk, ev)`` for one flat group (probe/flat.py): ``s`` is a dict of tensors
+(this step's flat w, m, g and pre-step weights, τ / clip per layer, the step index as a 0-d tensor, the event
+sampler's uniforms, the fixed index tensors, and the persistent per-weight state: counters, last flip step, |m| > τ
+mask and w·m of the previous step, which the function updates in place). Everything that varies by step enters as a
+tensor and the Python constants (layer sizes, bits, E) are closed over, so a compiled ``step`` has static shapes, no
+data-dependent control flow and compiles once per (group layout, log/trk/ev combination) — not per step.
+
+The arithmetic is the device path of the probe (same comparisons in the weights' dtype, float64 where the CPU path
+uses float64), so the values are those of the CPU (numpy) path: integer columns exactly, floats to rounding of the
+float64 segment sums (tests/test_probe_flat.py, tests/test_probe_compiled.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["make_step_fn", "maybe_compile"]
+
+_NAN = float("nan")
+
+
+def _quantiles(x: Tensor, pos: Tensor, frac: Tensor) -> Tensor:
+    """x: [..., L, K] samples (NaN-padded) → [..., L, Q] numpy-"linear" quantiles (float64)."""
+    v = x.sort(dim=-1).values
+    v = v.gather(-1, pos.expand(*x.shape[:-1], pos.shape[-1])).double()
+    q = frac.shape[-1]
+    lo, hi = v[..., :q], v[..., q:]
+    return lo + (hi - lo) * frac
+
+
+def make_step_fn(bop: bool, ns: list[int], n_bits: int, events: int, sign_hash: bool, has_pad: bool) -> Callable:
+    """The pure every-step function of one group (see the module docstring); constants only are closed over."""
+    ns = tuple(int(n) for n in ns)
+    L, N, NB, E = len(ns), sum(ns), 1 << n_bits, int(events)
+
+    def _sample(s: dict, x: Tensor) -> Tensor:
+        v = x[s["qsel"]]
+        return torch.where(s["qpad"], _NAN, v) if has_pad else v
+
+    def _layer_abs_mean(s: dict, ax: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():  # per-layer float64 sums (fused by Inductor)
+            sums = torch.stack([a.sum(dtype=torch.float64) for a in ax.split(ns)])
+        else:  # eager: one fused foreach call instead of 2·L ops
+            sums = torch.stack(torch._foreach_norm(list(ax.split(ns)), 1, dtype=torch.float64))
+        return sums / s["n_f"]
+
+    def _counts(s: dict, masks: list[Tensor]) -> Tensor:
+        code = masks[0].to(torch.uint8)
+        for k, mk in enumerate(masks[1:], start=1):
+            code = code + (mk.to(torch.uint8) << k)
+        idx = s["code_base"] + code  # layer·2^B + code + 0.5: the centre of its histc bin (no rounding at an edge)
+        h = torch.histc(idx, bins=L * NB, min=0, max=L * NB)
+        return h.view(L, NB).to(torch.float64) @ s["count_mat"]  # [L, C] exact counts
+
+    def _hash(s: dict, sign: Tensor) -> Tensor:
+        if not sign_hash:
+            return s["missing_hash"]
+        cs = torch.cumsum(s["mix"] * sign, 0, dtype=torch.int64)  # exact, wrapping
+        cs = torch.cat([cs.new_zeros(1), cs])
+        b = cs[s["bounds"]]
+        return (b[L:] - b[:L]).unsqueeze(1)
+
+    def _events(s: dict, flipped: Tensor, inertia_of: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        cb = torch.cumsum(flipped, 0, dtype=torch.int32)
+        b = torch.cat([cb.new_zeros(1), cb])[s["bounds"]]
+        c_prev = b[:L].unsqueeze(1)
+        f = b[L:].unsqueeze(1) - c_prev  # [L, 1] flips per layer
+        strat = ((s["u"] + s["ev_j"]) * f / E).floor() + 1
+        ranks = torch.where(f <= E, s["ev_j1"], strat).to(torch.int32)
+        valid = ranks <= f
+        gidx = torch.searchsorted(cb, ranks + c_prev).clamp_max(N - 1)
+        st = s["starts"].unsqueeze(1)
+        safe = torch.where(valid, gidx, st).view(-1)
+        local = torch.where(valid, gidx - st, -1).view(-1)
+        last = s["last"][safe]
+        since = torch.where(last > 0, s["t"] - last, -1)
+        inertia = torch.where(valid.view(-1), inertia_of(safe), _NAN)
+        return torch.stack([local, since.to(torch.int64)], 1), inertia
+
+    def step(s: dict, log: bool, trk: bool, ev: bool) -> dict:
+        out: dict = {}
+        w = s["w"]
+        sign = w >= 0
+        flipped = sign != (s["prev_w"] >= 0)
+        if bop:
+            m = s["m"]
+            tau = s["tau32"][s["layer_id"]]
+            abs_m = m.abs()
+            above = abs_m > tau
+            wm = w * m
+            if log:
+                c2i = sign != s["sign0"]
+                finite = torch.isfinite(s["g"])
+                counts = _counts(s, [flipped, c2i, finite, wm > tau, wm < -tau, above, s["prev_above"]])
+                ints = torch.cat([counts[:, :3].to(torch.int64), _hash(s, sign)], 1)
+                mean = _layer_abs_mean(s, abs_m)
+                q = _quantiles(torch.stack([_sample(s, abs_m), _sample(s, wm)]), s["qpos"], s["qfrac"])
+                out["ints"] = ints
+                out["floats"] = torch.cat([counts[:, 3:8], mean.unsqueeze(1), q[0], q[1], s["nan_lat"]], 1)
+            if ev and E > 0:
+                wm_prev = s["wm_prev"]
+                out["events"] = _events(s, flipped, lambda i: s["tau_e"] - wm_prev[i].double())
+            if trk:
+                idx = s["tsel"]
+                out["tracked"] = (sign[idx], s["tau_t"] - wm[idx].double())
+            # commit: |m_t| > τ (kept where τ is NaN) and w_t·m_t for the next step
+            tau64 = s["tau64"][s["layer_id"]]
+            s["prev_above"].copy_(torch.where(tau64 == tau64, above, s["prev_above"]))
+            s["wm_prev"].copy_(wm)
+        else:
+            if log:
+                c2i = sign != s["sign0"]
+                finite = torch.isfinite(s["g"])
+                abs_w = w.abs()
+                at_clip = abs_w >= s["clip32"][s["layer_id"]]  # NaN clip (none): never
+                counts = _counts(s, [flipped, c2i, finite, at_clip])
+                ints = torch.cat([counts[:, :3].to(torch.int64), _hash(s, sign)], 1)
+                mean = _layer_abs_mean(s, abs_w)
+                q = _quantiles(_sample(s, w).abs(), s["qpos"], s["qfrac"])
+                at = torch.where(s["clip_valid"].unsqueeze(1), counts[:, 3:4], _NAN)
+                out["ints"] = ints
+                out["floats"] = torch.cat([s["nan_bop"], mean.unsqueeze(1), q, at, s["adam"]], 1)
+            if ev and E > 0:
+                prev_w = s["prev_w"]
+                out["events"] = _events(s, flipped, lambda i: prev_w[i].abs().double())
+            if trk:
+                wt = w[s["tsel"]]
+                out["tracked"] = (wt >= 0, wt.abs().double())
+        s["count"].add_(flipped)
+        s["last"].copy_(torch.where(flipped, s["t"], s["last"]))
+        return out
+
+    return step
+
+
+class maybe_compile:  # noqa: N801 - used like a function
+    """``torch.compile(fn, dynamic=False, fullgraph=True)``; on any failure to compile, one warning and ``fn`` eager."""
+
+    def __init__(self, fn: Callable, compile: bool) -> None:
+        self.eager = fn
+        self.fn = torch.compile(fn, dynamic=False, fullgraph=True) if compile else fn
+        self.compiled = compile
+
+    def __call__(self, *args, **kwargs):
+        if not self.compiled:
+            return self.eager(*args, **kwargs)
+        try:
+            return self.fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - compile errors surface at the first call (before any mutation)
+            warnings.warn("bnn-probe: torch.compile of the probe's step failed, measuring eagerly instead "
+                          f"({exc!r:.300})", RuntimeWarning, stacklevel=2)
+            self.fn, self.compiled = self.eager, False
+            return self.eager(*args, **kwargs)
