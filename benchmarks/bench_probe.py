@@ -1,6 +1,7 @@
 """Probe overhead: training-step time with the probe attached / without, alternating on/off repetitions in one run.
 
     python benchmarks/bench_probe.py [--device cuda] [--quick] [--profile] [--ops] [--threads 1]
+                                     [--compile-probe auto|on|off] [--device-path]
 
 Cases: BinaryNet full width (32×32×3 random inputs, batch 50, Bop on the binary weights + Adam on the rest),
 probe at its defaults and with histograms every 16 steps; the small binary MLP on scikit-learn digits (worst case:
@@ -8,6 +9,9 @@ tiny steps). Reports the median per-step time of each mode, the ratio, and the l
 Attach/close and the final flush are outside the timed window; periodic drains inside it are timed.
 ``--ops`` counts the probe's dispatcher-level ATen calls per step (probe on minus probe off, MLP and BinaryNet);
 ``--threads N`` sets ``torch.set_num_threads(N)`` (CPU comparisons: 1).
+``--compile-probe`` is attach's ``compile_probe`` (auto: compiled on CUDA, not on CPU); ``--device-path`` forces the
+pure-torch measurement on CPU too. The first probe-on step after attach (where the probe's step is compiled) is
+outside the timed window; its time is printed ("first step").
 """
 
 from __future__ import annotations
@@ -73,15 +77,19 @@ def train_steps(model, bop, adam, batches, k: int, dev) -> float:
 def bench(name: str, dev, reps: int, k: int, warmup: int, probe_opts: dict, root: Path, label: str = "") -> dict:
     model, bop, adam, batches = make_case(name, dev)
     train_steps(model, bop, adam, batches, warmup, dev)
-    off, on = [], []
+    off, on, first = [], [], []
     rows = 0
     bytes_steps = 0
     for r in range(reps):
         off.append(train_steps(model, bop, adam, batches, k, dev))
         logdir = root / f"{label or name}-{r}"
         probe = bnn_probe.attach(model, bop, logdir, **probe_opts)
-        train_steps(model, bop, adam, batches, 1, dev)  # first step after attach allocates the probe's buffers
+        # first step after attach allocates the probe's buffers and compiles its step (compile_probe): not timed
+        first.append(train_steps(model, bop, adam, batches, 1, dev))
         on.append(train_steps(model, bop, adam, batches, k, dev))
+        path = "compiled" if all(g.fused and g._step.compiled for g in probe.groups) else \
+            "device-eager" if all(g.fused for g in probe.groups) else "cpu-numpy" if not any(
+                g.fused for g in probe.groups) else "mixed"
         probe.close()
         run = bnn_probe.load_run(logdir)
         rows += len(run.steps)
@@ -89,7 +97,7 @@ def bench(name: str, dev, reps: int, k: int, warmup: int, probe_opts: dict, root
     t_off, t_on = statistics.median(off), statistics.median(on)
     return {"case": name, "opts": probe_opts, "off_ms": 1e3 * t_off, "on_ms": 1e3 * t_on, "ratio": t_on / t_off,
             "ratios": [b / a for a, b in zip(off, on, strict=True)], "bytes_per_step_row": bytes_steps / max(rows, 1),
-            "rows": rows}
+            "rows": rows, "path": path, "first_ms": [1e3 * f for f in first]}
 
 
 def profile(dev, root: Path, k: int) -> None:
@@ -148,7 +156,15 @@ def main() -> None:
     ap.add_argument("--cases", default="binarynet,binarynet_hist16,mlp_digits")
     ap.add_argument("--ops", action="store_true", help="count the probe's ATen calls per step")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    ap.add_argument("--compile-probe", choices=("auto", "on", "off"), default="auto",
+                    help="attach(compile_probe=...): auto = compiled on CUDA, eager on CPU")
+    ap.add_argument("--device-path", action="store_true", help="attach(device_path=True): pure-torch path on CPU")
     args = ap.parse_args()
+    popts: dict = {}
+    if args.compile_probe != "auto":
+        popts["compile_probe"] = args.compile_probe == "on"
+    if args.device_path:
+        popts["device_path"] = True
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -165,18 +181,21 @@ def main() -> None:
                 op_counts(dev, root, name)
         for case in args.cases.split(","):
             if case == "binarynet":
-                res = bench("binarynet", dev, reps, k, warm, {}, root)
+                res = bench("binarynet", dev, reps, k, warm, dict(popts), root)
             elif case == "binarynet_hist16":
-                res = bench("binarynet", dev, reps, k, warm, {"hist_every": 16}, root, "hist16")
+                res = bench("binarynet", dev, reps, k, warm, {"hist_every": 16, **popts}, root, "hist16")
                 res["case"] = "binarynet_hist16"
             elif case == "mlp_digits":
-                res = bench("mlp", dev, mlp_reps, mlp_k, 20, {}, root)
+                res = bench("mlp", dev, mlp_reps, mlp_k, 20, dict(popts), root)
                 res["case"] = "mlp_digits"
             else:
                 raise SystemExit(f"unknown case {case}")
             print(f"{res['case']:18s} off {res['off_ms']:8.3f} ms  on {res['on_ms']:8.3f} ms  ratio {res['ratio']:.3f}"
                   f"  (per rep: {', '.join(f'{r:.3f}' for r in res['ratios'])})"
-                  f"  bytes/(step,layer) row {res['bytes_per_step_row']:.1f} over {res['rows']} rows", flush=True)
+                  f"  bytes/(step,layer) row {res['bytes_per_step_row']:.1f} over {res['rows']} rows"
+                  f"  [probe path {res['path']}, first step after attach (not timed"
+                  f"{', incl. compile' if res['path'] == 'compiled' else ''}) {res['first_ms'][0]:.0f} ms, later reps "
+                  f"{', '.join(f'{x:.0f}' for x in res['first_ms'][1:])} ms]", flush=True)
         if args.profile:
             profile(dev, root, 5)
 
