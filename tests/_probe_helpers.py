@@ -78,3 +78,53 @@ class OneLayer(nn.Module):
 def set_grad(model: OneLayer, g: torch.Tensor) -> None:
     model.w.grad = g.clone()
     model.b.grad = torch.zeros(1)
+
+
+SHAPES = [(6, 5), (40, 30), (3, 3, 2, 2), (7,)]  # four binary "layers" of different ranks and sizes
+MULTI_KINDS = ["bop", "bop_per_layer_tau", "bop2nd_bc", "sgd_clip", "adam", "mixed"]
+
+
+class Multi(nn.Module):
+    """Parameters w0…w3 of SHAPES, marked binary: ±1 (Bop) or 0.3·N(0, 1) (latent)."""
+
+    def __init__(self, seed: int, latent: bool = False) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        for i, s in enumerate(SHAPES):
+            w = torch.randn(s, generator=g)
+            w = w * 0.3 if latent else torch.where(w >= 0, 1.0, -1.0)
+            setattr(self, f"w{i}", mark_binary(nn.Parameter(w)))
+
+
+def multi_setup(kind: str):
+    """A Multi model and its optimizer for one of MULTI_KINDS (per-layer τ, Bop2ndOrder with bias correction,
+    SGD with clipping at ``opt.bnn_clip_value``, Adam, or Bop + SGD in a CaseOptimizer)."""
+    from bnn_probe.optim import Bop, Bop2ndOrder, CaseOptimizer
+
+    latent = kind in ("sgd_clip", "adam")
+    model = Multi(1, latent=latent)
+    ps = list(model.parameters())
+    if kind == "bop":
+        opt = Bop(ps, gamma=0.3, threshold=0.05)
+    elif kind == "bop_per_layer_tau":
+        opt = Bop([{"params": [p], "threshold": 0.02 * (i + 1), "gamma": 0.2 + 0.1 * i} for i, p in enumerate(ps)])
+    elif kind == "bop2nd_bc":
+        opt = Bop2ndOrder(ps, gamma=0.3, sigma=0.2, threshold=0.5, bias_correction=True)
+    elif kind == "sgd_clip":
+        opt = torch.optim.SGD(ps, lr=0.2)
+
+        def clip(o, a, k):
+            with torch.no_grad():
+                for p in ps:
+                    p.clamp_(-opt.bnn_clip_value, opt.bnn_clip_value)
+        opt.register_step_post_hook(clip)
+        opt.bnn_clip_value = 0.25
+    elif kind == "adam":
+        opt = torch.optim.Adam(ps, lr=0.05)
+    else:
+        lat = [ps[1], ps[3]]
+        with torch.no_grad():
+            for p in lat:
+                p.mul_(0.3)
+        opt = CaseOptimizer(Bop([ps[0], ps[2]], gamma=0.3, threshold=0.05), torch.optim.SGD(lat, lr=0.2))
+    return model, opt

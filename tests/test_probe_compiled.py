@@ -7,60 +7,16 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-from torch import nn
+from _probe_helpers import MULTI_KINDS, multi_setup
 
 import bnn_probe
-from bnn_probe.nn import mark_binary
-from bnn_probe.optim import Bop, Bop2ndOrder, CaseOptimizer
-
-SHAPES = [(6, 5), (40, 30), (3, 3, 2, 2), (7,)]  # as tests/test_probe_flat.py
-
-
-class Multi(nn.Module):
-    def __init__(self, seed: int, latent: bool = False) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        for i, s in enumerate(SHAPES):
-            w = torch.randn(s, generator=g)
-            w = w * 0.3 if latent else torch.where(w >= 0, 1.0, -1.0)
-            setattr(self, f"w{i}", mark_binary(nn.Parameter(w)))
 
 OPTS = {"tensorboard": False, "quantile_sample": 100, "track": 8, "events_per_layer": 2000, "hist_every": 3,
         "snapshot_every": 4}
 
 
-def _setup(kind: str):
-    latent = kind in ("sgd_clip", "adam")
-    model = Multi(1, latent=latent)
-    ps = list(model.parameters())
-    if kind == "bop":
-        opt = Bop(ps, gamma=0.3, threshold=0.05)
-    elif kind == "bop_per_layer_tau":
-        opt = Bop([{"params": [p], "threshold": 0.02 * (i + 1), "gamma": 0.2 + 0.1 * i} for i, p in enumerate(ps)])
-    elif kind == "bop2nd_bc":
-        opt = Bop2ndOrder(ps, gamma=0.3, sigma=0.2, threshold=0.5, bias_correction=True)
-    elif kind == "sgd_clip":
-        opt = torch.optim.SGD(ps, lr=0.2)
-
-        def clip(o, a, k):
-            with torch.no_grad():
-                for p in ps:
-                    p.clamp_(-opt.bnn_clip_value, opt.bnn_clip_value)
-        opt.register_step_post_hook(clip)
-        opt.bnn_clip_value = 0.25
-    elif kind == "adam":
-        opt = torch.optim.Adam(ps, lr=0.05)
-    else:
-        lat = [ps[1], ps[3]]
-        with torch.no_grad():
-            for p in lat:
-                p.mul_(0.3)
-        opt = CaseOptimizer(Bop([ps[0], ps[2]], gamma=0.3, threshold=0.05), torch.optim.SGD(lat, lr=0.2))
-    return model, opt
-
-
 def _run(path, kind: str, steps: int, vary: bool = False, **opts):
-    model, opt = _setup(kind)
+    model, opt = multi_setup(kind)
     probe = bnn_probe.attach(model, opt, path, **OPTS, **opts)
     sched = torch.optim.lr_scheduler.StepLR(opt, 3, gamma=0.7) if vary and kind == "adam" else None
     g = torch.Generator().manual_seed(0)
@@ -95,7 +51,7 @@ def _same(a, b) -> None:
     pd.testing.assert_frame_equal(a.steps[ints], b.steps[ints], check_exact=True)  # integer columns: exactly
 
 
-@pytest.mark.parametrize("kind", ["bop", "bop_per_layer_tau", "bop2nd_bc", "sgd_clip", "adam", "mixed"])
+@pytest.mark.parametrize("kind", MULTI_KINDS)
 def test_forced_device_path_equals_cpu_path(tmp_path, kind):
     pc, cpu = _run(tmp_path / "cpu", kind, 6)
     pd_, dev = _run(tmp_path / "dev", kind, 6, device_path=True)

@@ -10,25 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch import nn
+from _probe_helpers import MULTI_KINDS, multi_setup
 
 import bnn_probe
-from bnn_probe.nn import mark_binary
 from bnn_probe.probe.context import LayerState, StepContext
 from bnn_probe.probe.quantities import default_quantities
 from bnn_probe.probe.samplers import Tracked
-
-SHAPES = [(6, 5), (40, 30), (3, 3, 2, 2), (7,)]
-
-
-class Multi(nn.Module):
-    def __init__(self, seed: int, latent: bool = False) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        for i, s in enumerate(SHAPES):
-            w = torch.randn(s, generator=g)
-            w = w * 0.3 if latent else torch.where(w >= 0, 1.0, -1.0)
-            setattr(self, f"w{i}", mark_binary(nn.Parameter(w)))
 
 
 class Reference:
@@ -101,36 +88,9 @@ def _train(model, opt, steps: int = 6, seed: int = 0) -> None:
         opt.step()
 
 
-@pytest.mark.parametrize("kind", ["bop", "bop_per_layer_tau", "bop2nd_bc", "sgd_clip", "adam", "mixed"])
+@pytest.mark.parametrize("kind", MULTI_KINDS)
 def test_flat_equals_per_layer_reference(tmp_path, kind):
-    from bnn_probe.optim import Bop, Bop2ndOrder, CaseOptimizer
-
-    latent = kind in ("sgd_clip", "adam")
-    model = Multi(1, latent=latent)
-    ps = list(model.parameters())
-    if kind == "bop":
-        opt = Bop(ps, gamma=0.3, threshold=0.05)
-    elif kind == "bop_per_layer_tau":
-        opt = Bop([{"params": [p], "threshold": 0.02 * (i + 1), "gamma": 0.2 + 0.1 * i} for i, p in enumerate(ps)])
-    elif kind == "bop2nd_bc":
-        opt = Bop2ndOrder(ps, gamma=0.3, sigma=0.2, threshold=0.5, bias_correction=True)
-    elif kind == "sgd_clip":
-        opt = torch.optim.SGD(ps, lr=0.2)
-
-        def clip(o, a, k):
-            with torch.no_grad():
-                for p in ps:
-                    p.clamp_(-0.25, 0.25)
-        opt.register_step_post_hook(clip)
-        opt.bnn_clip_value = 0.25
-    elif kind == "adam":
-        opt = torch.optim.Adam(ps, lr=0.05)
-    else:
-        lat = [ps[1], ps[3]]
-        with torch.no_grad():
-            for p in lat:
-                p.mul_(0.3)
-        opt = CaseOptimizer(Bop([ps[0], ps[2]], gamma=0.3, threshold=0.05), torch.optim.SGD(lat, lr=0.2))
+    model, opt = multi_setup(kind)
     probe = bnn_probe.attach(model, opt, tmp_path / "run", tensorboard=False, quantile_sample=100, track=8,
                              events_per_layer=2000, hist_every=3)
     if kind == "mixed":
