@@ -226,3 +226,19 @@ def test_runs_table_marks_unfinished_runs():
     assert len(tr.warnings) == 1 and "killed" in tr.warnings[0]
     assert {"train_loss", "train_accuracy", "val_accuracy"} <= set(tr.curves["metric"])
     assert np.allclose(tr.network_flips["pi"], np.log(tr.network_flips["flip_ratio"] + math.exp(-9)))
+
+
+def test_fan_in_law_flip_ratio_claim_ignores_runs_with_per_layer_thresholds():
+    # one run whose layers have different τ (e.g. the fan-in policy): the flip-ratio slope falls steeply, but the
+    # claim is "under one threshold", so this run cannot decide it; the |m| claims still use it
+    fan = [16.0, 64.0, 256.0, 1024.0]
+    tab = pd.DataFrame({"run": "p", "family": "bop", "layer": [f"l{i}" for i in range(4)], "fan_in": fan,
+                        "abs_m_q50": [f ** -0.5 for f in fan], "flip_ratio": [1e-2 / f for f in fan],
+                        "threshold": [1e-3 * f ** -0.5 for f in fan]})
+    v = {x.claim.split(" (")[0]: x for x in thresholds.fan_in_law(tab).verdicts}
+    assert v["Wide layers need a smaller threshold than thin layers"].verdict == stats.SUPPORTED
+    flip = v["Under one threshold, wide layers flip less than thin layers"]
+    assert flip.verdict == stats.INCONCLUSIVE and flip.n == 0 and "one threshold" in flip.reason
+    # the same run under one global τ decides it
+    v = {x.claim.split(" (")[0]: x for x in thresholds.fan_in_law(tab.assign(threshold=1e-6)).verdicts}
+    assert v["Under one threshold, wide layers flip less than thin layers"].verdict == stats.SUPPORTED

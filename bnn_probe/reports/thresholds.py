@@ -9,8 +9,8 @@
 Method of the recommendation ("tail matching", documented in docs/reports.md): a weight flips when w·m > τ. Write
 P(w·m > τ) = c_l · G_l(τ), with G_l(x) = P(|m| > x) the layer's |m| tail (from the recorded quantiles
 abs_m_q05…q95, medians over the window; log-linear interpolation between them, linear from (0, 1) to q05, power-law
-extrapolation beyond q95) and c_l the share of weights above threshold whose momentum points against the weight's
-sign. c_l is estimated from the observed flip ratio, c_l = flip_ratio_l / G_l(τ_l), and assumed not to depend on τ;
+extrapolation beyond q95) and c_l the share of weights above threshold whose momentum points along the weight (w·m > 0,
+the side that flips). c_l is estimated from the observed flip ratio, c_l = flip_ratio_l / G_l(τ_l), and assumed not to depend on τ;
 the recommended τ*_l solves c_l · G_l(τ*_l) = target. ``bound`` says when τ* lies outside the recorded quantiles
 (extrapolated) or cannot be reached.
 """
@@ -139,6 +139,11 @@ def fan_in_law(table: pd.DataFrame, min_fan_ins: int = 3, negligible: float = 0.
                max_halfwidth: float = 0.25) -> FanInLaw:
     """Fan-in law per Bop family from :func:`layer_table`'s rows."""
     pts = table[table["family"].isin(BOP_FAMILIES)]
+    # "under one threshold": only runs whose layers share one τ (or whose τ is unknown) enter the flip-ratio slope
+    if "threshold" in pts:
+        per_layer_tau = pts.groupby("run")["threshold"].transform(lambda t: t.dropna().nunique() > 1)
+    else:
+        per_layer_tau = pd.Series(False, index=pts.index)
     cols = ["run", "family", "layer", "fan_in", "abs_m_q50", "flip_ratio"]
     pts = pts[[c for c in cols if c in pts]].copy()
     if "abs_m_q50" not in pts:
@@ -149,7 +154,9 @@ def fan_in_law(table: pd.DataFrame, min_fan_ins: int = 3, negligible: float = 0.
         runs = sorted(set(sub["run"]))
         n_fan = int(sub["fan_in"].nunique())
         s_m = stats.loglog_slope(sub["fan_in"], sub["abs_m_q50"], sub["run"])
-        s_f = stats.loglog_slope(sub["fan_in"], sub["flip_ratio"] + math.exp(-9), sub["run"])
+        one_tau = sub[~per_layer_tau.loc[sub.index].to_numpy(dtype=bool)]
+        s_f = stats.loglog_slope(one_tau["fan_in"], one_tau["flip_ratio"] + math.exp(-9), one_tau["run"])
+        n_fan_f = int(one_tau["fan_in"].nunique())
         for q, s in (("median |m|", s_m), ("flip ratio", s_f)):
             fit += _fit_lines(fam, sub, q, s)
             slopes.append({"family": fam, "quantity": q, "slope": s.slope, "ci_lo": s.interval[0],
@@ -168,10 +175,14 @@ def fan_in_law(table: pd.DataFrame, min_fan_ins: int = 3, negligible: float = 0.
             f"|m| scales like fan_in^-0.5, the batch-norm prediction ({label})", v, s_m.slope, s_m.interval, s_m.n,
             runs, "slope of log median |m| vs log fan_in", s_m.method, why, "thresholds"))
 
-        v, why = stats.verdict_negative(s_f.slope, s_f.interval, n_fan, min_fan_ins, negligible)
+        v, why = stats.verdict_negative(s_f.slope, s_f.interval, n_fan_f, min_fan_ins, negligible)
+        if one_tau.empty:
+            why = "no run with one threshold for all its layers"
+        elif n_fan_f < min_fan_ins:
+            why = f"only {n_fan_f} distinct fan-in values among runs with one threshold (< {min_fan_ins})"
         verdicts.append(stats.Verdict(
             f"Under one threshold, wide layers flip less than thin layers ({label})", v, s_f.slope, s_f.interval,
-            s_f.n, runs, "slope of log(flip ratio + e^-9) vs log fan_in", s_f.method, why_few if few else why,
+            s_f.n, sorted(set(one_tau["run"])), "slope of log(flip ratio + e^-9) vs log fan_in", s_f.method, why,
             "thresholds"))
     if pts.empty:
         verdicts.append(stats.Verdict(
