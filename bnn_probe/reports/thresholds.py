@@ -10,9 +10,9 @@ Method of the recommendation ("tail matching", documented in docs/reports.md): a
 P(w·m > τ) = c_l · G_l(τ), with G_l(x) = P(|m| > x) the layer's |m| tail (from the recorded quantiles
 abs_m_q05…q95, medians over the window; log-linear interpolation between them, linear from (0, 1) to q05, power-law
 extrapolation beyond q95) and c_l the share of weights above threshold whose momentum points along the weight (w·m > 0,
-the side that flips). c_l is estimated from the observed flip ratio, c_l = flip_ratio_l / G_l(τ_l), and assumed not to depend on τ;
-the recommended τ*_l solves c_l · G_l(τ*_l) = target. ``bound`` says when τ* lies outside the recorded quantiles
-(extrapolated) or cannot be reached.
+the side that flips). c_l is estimated from the observed flip ratio, c_l = flip_ratio_l / G_l(τ_l), and assumed
+not to depend on τ; the recommended τ*_l solves c_l · G_l(τ*_l) = target. ``bound`` says when τ* lies outside the
+recorded quantiles (extrapolated) or cannot be reached.
 """
 
 from __future__ import annotations
