@@ -124,3 +124,23 @@ def test_width_sweep_slope_and_report_section(tmp_path):
     # and not otherwise
     build_report([make_run("plain", n_steps=20, n_tracked=2)], tmp_path / "rep2", formats=("md",), progress=False)
     assert "Per-layer threshold policies compared" not in (tmp_path / "rep2" / "report.md").read_text()
+
+
+def test_policy_verdict_is_not_not_supported_while_a_policy_cannot_be_tested():
+    import pandas as pd
+
+    # fan-in: 3 seeds, no gain over the global τ; calibrated: a single seed (no interval) -> cannot decide
+    rows = [("g", "global τ=1e-6", "global", a) for a in (0.800, 0.801, 0.799)]
+    rows += [("f", "fan-in a=0.5", "fan-in", a) for a in (0.780, 0.781, 0.779)]
+    rows += [("c", "calibrated r*=1e-3", "calibrated", 0.95)]
+    per_run = pd.DataFrame([{"run": f"{k}{i}", "dataset": "d", "model": "m", "variant": va, "policy": po,
+                             "family": "bop", "seed": i, "val_accuracy": a}
+                            for i, (k, va, po, a) in enumerate(rows)])
+    table = (per_run.groupby(["dataset", "model", "variant", "policy", "family"], sort=False)["val_accuracy"]
+             .mean().rename("val_acc_mean").reset_index())
+    v = TP._verdict(per_run, table, "d", "m", TP.NEGLIGIBLE_ACCURACY)
+    assert v.verdict == stats.INCONCLUSIVE, v
+    # with the untestable policy gone, the same data say "not supported"
+    keep = per_run["policy"] != "calibrated"
+    v = TP._verdict(per_run[keep], table[table["policy"] != "calibrated"], "d", "m", TP.NEGLIGIBLE_ACCURACY)
+    assert v.verdict == stats.NOT_SUPPORTED, v

@@ -226,6 +226,11 @@ def _verdict(per_run: pd.DataFrame, table: pd.DataFrame, ds: str, mo: str, negli
         win = max((x for x in finite if x[1] > 0), key=lambda x: x[1])
         return stats.Verdict(claim, stats.SUPPORTED, win[0], (win[1], win[2]), len(used), used, name, method,
                              f"{win[3]} beats {best}: the interval lies above 0", "thresholds")
+    untested = [x[3] for x in diffs if not math.isfinite(x[1])]
+    if all(hi < negligible for _, _, hi, _ in finite) and untested:
+        return stats.Verdict(claim, stats.INCONCLUSIVE, top[0], (top[1], top[2]), len(used), used, name, method,
+                             f"no tested policy reaches a gain of {negligible:g} over {best}, but "
+                             f"{', '.join(untested)} has fewer than 2 seeds (no interval)", "thresholds")
     if all(hi < negligible for _, _, hi, _ in finite):
         return stats.Verdict(claim, stats.NOT_SUPPORTED, top[0], (top[1], top[2]), len(used), used, name, method,
                              f"no per-layer policy's interval reaches a gain of {negligible:g} over {best} "
