@@ -80,3 +80,19 @@ def test_verdict_json_has_the_contract_keys():
     assert d["interval"] == [-0.6, None]
     with pytest.raises(ValueError):
         stats.Verdict("c", "maybe", None, None, 0)
+
+
+def test_cluster_bootstrap_resamples_weights_not_rows():
+    """Two weights, one never flips and one always does (10 rows each): the pooled proportion is 0.5, but with two
+    independent units a resample holds both (0.5), or one twice (0 or 1), each with probability 1/4 — the 95 %
+    interval is [0, 1]. A row-level bootstrap (20 'independent' rows) would claim about [0.3, 0.7]."""
+    from bnn_probe.reports.stats import bootstrap_proportion_ci, cluster_bootstrap_ratio_ci
+
+    assert cluster_bootstrap_ratio_ci([0, 10], [10, 10], n_boot=2000) == (0.0, 1.0)
+    lo, hi = bootstrap_proportion_ci([10], [20], n_boot=2000)
+    assert 0.2 < lo[0] < 0.5 < hi[0] < 0.8 and hi[0] - lo[0] < 0.5
+    # many independent weights with the same pooled proportion: a narrow interval around it
+    k, n = [1] * 200 + [0] * 200, [2] * 400
+    lo, hi = cluster_bootstrap_ratio_ci(k, n, n_boot=2000)
+    assert 0.2 < lo < 0.25 < hi < 0.3
+    assert cluster_bootstrap_ratio_ci([], []) != cluster_bootstrap_ratio_ci([], [])  # (nan, nan)

@@ -142,8 +142,8 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
     if fp.k:
         s_in.text("Horizon k per run: " + ", ".join(f"{r}: {k}" for r, k in fp.k.items()) +
                   ". Bins are inertia deciles per (run, layer); intervals: bootstrap (1000 resamples) of the "
-                  "proportion in each bin, over (step, weight) rows; rows of one weight are correlated, so these "
-                  "intervals are descriptive and too narrow. The verdict counts tracked weights, not rows.")
+                  "proportion in each bin resampling whole tracked weights (a weight's rows are correlated, so "
+                  "weights, not rows, are the independent units). The verdict counts tracked weights, not rows.")
     for n in fp.notes:
         s_in.text(n)
     s_in.figure(F.inertia_flip_probability(fp.bins, w.fig("inertia_flip_probability")),

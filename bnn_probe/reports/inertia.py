@@ -107,8 +107,15 @@ def flip_probability(runs, k: int | None = None, n_bins: int = 10, n_boot: int =
                                               inertia_mid=("inertia", "median"), inertia_lo=("inertia", "min"),
                                               inertia_hi=("inertia", "max")).reset_index()
         g["p_flip"] = g["flips"] / g["n"]
-        lo, hi = stats.bootstrap_proportion_ci(g["flips"], g["n"], n_boot=n_boot)
-        bins_out.append(g.assign(ci_lo=lo, ci_hi=hi, run=name, family=fam, k=kk))
+        # intervals resample whole tracked weights (a weight's rows are correlated), per (layer, bin)
+        per_w = out.groupby(["layer", "bin", "index"], sort=False)["flipped"].agg(["sum", "size"])
+        ci = {key: stats.cluster_bootstrap_ratio_ci(sub["sum"], sub["size"], n_boot=n_boot)
+              for key, sub in per_w.groupby(level=["layer", "bin"], sort=False)}
+        lo = [ci[(lay, b)][0] for lay, b in zip(g["layer"], g["bin"], strict=True)]
+        hi = [ci[(lay, b)][1] for lay, b in zip(g["layer"], g["bin"], strict=True)]
+        bins_out.append(g.assign(ci_lo=lo, ci_hi=hi, n_weights=per_w.groupby(level=["layer", "bin"]).size()
+                                 .reindex(pd.MultiIndex.from_frame(g[["layer", "bin"]])).to_numpy(),
+                                 run=name, family=fam, k=kk))
         for layer, sub in out.groupby("layer", sort=False):
             n_w = int(sub["index"].nunique())
             c = stats.spearman_ci(sub["inertia"], sub["flipped"].astype(float), n_eff=n_w)
@@ -117,7 +124,7 @@ def flip_probability(runs, k: int | None = None, n_bins: int = 10, n_boot: int =
                              "n_flips": int(sub["flipped"].sum()), "k": kk})
     bins = pd.concat(bins_out, ignore_index=True) if bins_out else pd.DataFrame(
         columns=["layer", "bin", "flips", "n", "inertia_mid", "inertia_lo", "inertia_hi", "p_flip", "ci_lo", "ci_hi",
-                 "run", "family", "k"])
+                 "n_weights", "run", "family", "k"])
     corr = pd.DataFrame(corr_out, columns=["run", "family", "layer", "rho", "ci_lo", "ci_hi", "n_weights", "n_rows",
                                            "n_flips", "k"])
     return FlipProbability(bins, corr, ks, notes)

@@ -95,6 +95,31 @@ def bootstrap_proportion_ci(k, n, n_boot: int = 2000, level: float = 0.95, seed:
     return lo, hi
 
 
+def cluster_bootstrap_ratio_ci(k, n, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of the pooled proportion Σk/Σn, resampling whole clusters with replacement.
+
+    ``k[j]``, ``n[j]``: successes and trials of cluster j (e.g. one tracked weight's flips and rows in an inertia
+    bin). Rows of one cluster are correlated, so clusters, not rows, are the independent units: each resample
+    draws m = len(k) clusters with replacement (multinomial counts c) and computes Σ c_j k_j / Σ c_j n_j.
+    Returns (nan, nan) without data; a single cluster gives a zero-width interval at its proportion.
+
+    >>> cluster_bootstrap_ratio_ci([1, 1], [2, 2])
+    (0.5, 0.5)
+    """
+    k = np.asarray(k, dtype=float)
+    n = np.asarray(n, dtype=float)
+    m = k.size
+    if m == 0 or n.sum() <= 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(m, np.full(m, 1.0 / m), size=n_boot).astype(float)
+    den = counts @ n
+    ratio = np.divide(counts @ k, den, out=np.full(n_boot, math.nan), where=den > 0)
+    a = (1 - level) / 2
+    lo, hi = np.nanquantile(ratio, [a, 1 - a])
+    return (float(lo), float(hi))
+
+
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """Exact binomial interval for a proportion k/n."""
     if n <= 0:
