@@ -144,3 +144,10 @@ def test_policy_verdict_is_not_not_supported_while_a_policy_cannot_be_tested():
     keep = per_run["policy"] != "calibrated"
     v = TP._verdict(per_run[keep], table[table["policy"] != "calibrated"], "d", "m", TP.NEGLIGIBLE_ACCURACY)
     assert v.verdict == stats.NOT_SUPPORTED, v
+
+
+def test_welch_interval_claims_no_interval_without_spread():
+    d, lo, hi = TP.welch_interval([0.9, 0.9, 0.9], [0.8, 0.8, 0.8])
+    assert d == pytest.approx(0.1) and math.isnan(lo) and math.isnan(hi)
+    d, lo, hi = TP.welch_interval([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])  # means differ by 1, se = sqrt(2/3)
+    assert d == pytest.approx(1.0) and lo < 1.0 < hi and hi - 1.0 == pytest.approx(1.0 - lo)

@@ -132,7 +132,8 @@ def t_interval(values, level: float = 0.95) -> tuple[float, float, float]:
 
 
 def welch_interval(a, b, level: float = 0.95) -> tuple[float, float, float]:
-    """Difference of means mean(a) − mean(b) with a Welch t-interval (nan when either has fewer than 2 values)."""
+    """Difference of means mean(a) − mean(b) with a Welch t-interval (nan when either has fewer than 2 values, or
+    when neither varies: zero observed spread is no evidence of zero uncertainty, so no interval is claimed)."""
     a = np.asarray(a, dtype=float)
     b = np.asarray(b, dtype=float)
     a, b = a[np.isfinite(a)], b[np.isfinite(b)]
@@ -143,8 +144,8 @@ def welch_interval(a, b, level: float = 0.95) -> tuple[float, float, float]:
         return d, math.nan, math.nan
     va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
     se = math.sqrt(va + vb)
-    if se == 0:
-        return d, d, d
+    if se <= 1e-12 * max(1.0, abs(float(a.mean())), abs(float(b.mean()))):  # no spread beyond float rounding
+        return d, math.nan, math.nan
     df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
     h = float(_st.t.ppf(1 - (1 - level) / 2, df) * se)
     return d, d - h, d + h
