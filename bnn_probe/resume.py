@@ -129,6 +129,14 @@ def resume_config(run_dir: str | os.PathLike) -> dict[str, Any]:
         cfg = None
     if not isinstance(cfg, dict) or not cfg:
         raise BnnProbeError(f"--resume {run_dir}: its meta.json records no training options to resume with")
+    from dataclasses import fields
+
+    from .train import TrainConfig
+
+    unknown = sorted(set(cfg) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise BnnProbeError(f"--resume {run_dir}: not a run of `bnn-probe train` (its config has "
+                            f"{', '.join(map(str, unknown[:5]))}); only runs of bnn-probe train or a study can resume")
     return cfg
 
 

@@ -324,6 +324,9 @@ def run_study(name: str, out: str | Path, options: StudyOptions = StudyOptions()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
+    if (out / "meta.json").is_file():
+        raise FileExistsError(f"{out} is a run directory (it has a meta.json), not a study folder: choose another "
+                              "--out")
     todo, results, redo = [], [], set()
     for s in specs:
         state = _existing(out / s.name, s.config)

@@ -208,6 +208,10 @@ def _validate(c: TrainConfig) -> None:
         _check(isinstance(v, int) and v >= 0, f"--{name.replace('_', '-')} must be a non-negative integer, got {v}")
     _check(c.pair_role in (None, "a", "b"), f"pair_role must be 'a' or 'b', got {c.pair_role!r}")
     _check(c.amp in ("none", "bf16", "fp16"), f"--amp must be none, bf16 or fp16, got {c.amp!r}")
+    try:
+        torch.device(c.device)
+    except (RuntimeError, ValueError, TypeError):
+        raise BnnProbeError(f"--device must be a torch device like cpu, cuda or cuda:1, got {c.device!r}") from None
     _check(c.threshold_policy in ("global", "fan-in", "calibrated", "from-report"),
            f"--threshold-policy must be global, fan-in, calibrated or from-report, got {c.threshold_policy!r}")
 

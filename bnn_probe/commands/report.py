@@ -6,6 +6,7 @@ import json
 import math
 import sys
 import warnings
+from pathlib import Path
 
 import click
 
@@ -80,6 +81,9 @@ def compare(run_a, run_b, as_json, skip_broken):
     b = load_runs([run_b], tables, strict=not skip_broken)
     if len(a) != 1 or len(b) != 1:
         raise BnnProbeError("compare takes two run directories (not folders of several runs)")
+    if Path(a[0].path).resolve() == Path(b[0].path).resolve():  # allowed (a sanity check), but never silently
+        click.echo(f"Warning: RUN_A and RUN_B are the same run directory ({a[0].path}): the comparison is trivially "
+                   "identical; give two different runs", err=True)
     c = compare_runs(a[0], b[0])
     if as_json:
         click.echo(json.dumps(c.to_json(), indent=1))

@@ -90,7 +90,8 @@ def train_options(f):
                      help="torch CPU threads [default: torch's choice]. 1 is fastest for small models on a busy "
                           "machine."),
         click.option("--probe-every", type=int, default=1, show_default=True,
-                     help="Probe: log the per-layer steps table every N steps."),
+                     help="Probe: log the per-layer steps table every N steps (0 = never: reports then lack flip "
+                          "ratios)."),
         click.option("--hist-every", type=int, default=100, show_default=True,
                      help="Probe: histograms every N steps (0 = never)."),
         click.option("--snapshot-every", type=int, default=1000, show_default=True,

@@ -17,6 +17,22 @@ def _is_pathlike(x) -> bool:
     return isinstance(x, str | os.PathLike)
 
 
+def _runs_without_meta(p: Path, found: list[Path]) -> list[Path]:
+    """Folders at or below ``p`` that hold a run's tables (``layers.parquet`` or ``steps/``) but no ``meta.json``
+    and lie outside every run in ``found``: without this check a run whose meta.json was lost would silently drop
+    out of a report of its folder."""
+    if not p.is_dir():
+        return []
+    marks = [f.parent for f in p.rglob("layers.parquet") if f.is_file()]
+    marks += [d.parent for d in p.rglob("steps") if d.is_dir() and any(d.glob("part-*.parquet"))]
+    out = []
+    for d in sorted(set(marks)):
+        if (d / "meta.json").is_file() or any(d == r or r in d.parents for r in found):
+            continue
+        out.append(d)
+    return out
+
+
 def resolve(paths) -> list[Path]:
     """Run directories named by ``paths`` (a run directory, or a folder holding runs)."""
     from ..runlog import find_runs
@@ -29,6 +45,12 @@ def resolve(paths) -> list[Path]:
         if p.is_dir() and not any(p.iterdir()):
             raise BnnProbeError(f"empty folder: {p} (give a run directory or a folder of runs)")
         found = find_runs(p)
+        orphans = _runs_without_meta(p, found)
+        if orphans:
+            o = orphans[0]
+            what = "restore its meta.json" if o == p else f"restore its meta.json, or move {o} out of {p}"
+            more = f" ({len(orphans)} such folders)" if len(orphans) > 1 else ""
+            raise BnnProbeError(f"{o} holds run-log tables but no meta.json (deleted or not yet written): {what}{more}")
         if not found:
             raise BnnProbeError(f"no bnn-probe runs in {p} (no meta.json found below it)")
         out += [f for f in found if f not in out]
@@ -63,5 +85,6 @@ def touch(run, tables=ALL_TABLES, strict: bool = True) -> None:
     for w in caught:
         msg = str(w.message).splitlines()[0]
         if strict and "unreadable" in msg:
+            msg = msg.removeprefix("skipping ")  # strict: the part is not skipped, the command stops
             raise BnnProbeError(f"{msg} (corrupted log; rerun with --skip-broken to analyse the readable parts)")
         sys.stderr.write(f"Warning: {msg}\n")
