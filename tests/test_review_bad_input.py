@@ -82,3 +82,12 @@ def test_resume_of_a_run_not_made_by_train_says_so(runs, tmp_path, capsys):
     (run / "meta.json").write_text(json.dumps(meta))
     code, _, err = _cli(capsys, "train", "--resume", str(run))
     assert code == 2 and "not a run of `bnn-probe train`" in err
+
+
+def test_compare_with_an_empty_steps_table_says_so_instead_of_nan(runs, tmp_path, capsys):
+    run = tmp_path / "a"
+    shutil.copytree(runs / "study" / "a", run)
+    for part in (run / "steps").glob("part-*.parquet"):
+        part.write_bytes(b"broken")
+    code, out, _ = _cli(capsys, "compare", str(run), str(runs / "study" / "b"), "--skip-broken")
+    assert code == 0 and "no per-step rows in a" in out and "nan" not in out

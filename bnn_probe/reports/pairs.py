@@ -96,7 +96,11 @@ def compare_runs(a, b) -> Comparison:
         if len(diff):
             first = int(diff["step"].min())
             by_layer = {str(k): int(v) for k, v in diff.groupby("layer")["step"].min().items()}
-        if sa["step"].max() != sb["step"].max():
+        empty = [getattr(r, "name", "?") for r, s in ((a, sa), (b, sb)) if s.empty]
+        if empty:
+            notes.append(f"no per-step rows in {' and '.join(empty)} (nothing logged, or its parts were unreadable "
+                         "and skipped): nothing to compare")
+        elif sa["step"].max() != sb["step"].max():
             notes.append(f"the runs have different lengths (last steps {sa['step'].max()} and {sb['step'].max()}); "
                          "compared over the common steps")
     else:
