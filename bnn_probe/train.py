@@ -192,6 +192,9 @@ def _validate(c: TrainConfig) -> None:
     _check(c.ste in STE_MODES, f"unknown STE {c.ste!r}: choose one of {', '.join(STE_MODES)}")
     _check(isinstance(c.epochs, int) and c.epochs >= 0, f"--epochs must be a non-negative integer, got {c.epochs}")
     _check(isinstance(c.batch_size, int) and c.batch_size >= 2, f"--batch-size must be at least 2, got {c.batch_size}")
+    _check(isinstance(c.seed, int) and c.seed >= 0, f"--seed must be a non-negative integer, got {c.seed}")
+    _check(c.data_dir is None or c.dataset == "cifar10",
+           f"--data-dir is only read for --dataset cifar10 ({c.dataset} needs no files): drop it or use cifar10")
     _check(c.width_multiplier > 0, f"--width-multiplier must be positive, got {c.width_multiplier}")
     _check(c.decay_every >= 0, f"--decay-every must be a non-negative number of epochs, got {c.decay_every}")
     _check(0 < c.decay_factor <= 1, f"--decay-factor must be in (0, 1], got {c.decay_factor}")

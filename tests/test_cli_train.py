@@ -30,6 +30,8 @@ def test_train_writes_a_run_and_stores_every_option(tmp_path, capsys):
     (["--epochs", "-3"], "--epochs must be a non-negative integer"),
     (["--dataset", "cifar10", "--data-dir", "nowhere"], "data_batch_1"),
     (["--threads", "0"], "--threads must be a positive integer"),
+    (["--seed", "-1"], "--seed must be a non-negative integer"),
+    (["--data-dir", "somewhere"], "--data-dir is only read for --dataset cifar10"),
 ])
 def test_train_bad_input_is_one_line_exit_2(tmp_path, capsys, args, message):
     code, _, err = run_cli(["train", *TINY, "--out", str(tmp_path / "r"), *args], capsys)
