@@ -24,4 +24,5 @@ def run_cli(argv, capsys):
         main(argv)
         raise SystemExit(0)
     out, err = capsys.readouterr()
+    assert "Traceback" not in err, err
     return e.value.code, out, err

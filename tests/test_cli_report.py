@@ -3,19 +3,15 @@
 import json
 
 import pytest
+from conftest import run_cli
 
-from bnn_probe.cli import main
 from bnn_probe.reports.synthetic import make_run, write_run
 
 SMALL = {"n_steps": 40, "n_tracked": 8}
 
 
 def _run_cli(capsys, *args):
-    with pytest.raises(SystemExit) as e:
-        main(list(args))
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
+    return run_cli(list(args), capsys)
 
 
 @pytest.fixture(scope="module")
