@@ -86,3 +86,13 @@ def test_compare_with_an_empty_steps_table_says_so_instead_of_nan(runs, tmp_path
         part.write_bytes(b"broken")
     code, out, _ = _cli(capsys, "compare", str(run), str(runs / "study" / "b"), "--skip-broken")
     assert code == 0 and "no per-step rows in a" in out and "nan" not in out
+
+
+def test_summary_of_a_finished_run_without_readable_steps_says_so(tmp_path, capsys):
+    """A finished run whose every steps part is unreadable must not be described as a live run."""
+    run = make_run("r", **SMALL)
+    d = write_run(run, tmp_path)
+    for part in (d / "steps").glob("*.parquet"):
+        part.write_bytes(b"not parquet")
+    code, out, _ = _cli(capsys, "summary", str(d), "--skip-broken")
+    assert code == 0 and "no per-layer rows readable" in out and "logged yet" not in out

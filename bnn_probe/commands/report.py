@@ -140,7 +140,8 @@ def summary(run, skip_broken):
     click.echo(f"accuracy  train {_f(row['final_train_accuracy'], '.4f')}  val {_f(row['final_val_accuracy'], '.4f')}")
     steps = frame(r, "steps")
     if steps.empty:
-        click.echo("no per-layer rows logged yet")
+        click.echo("no per-layer rows logged yet" if row["status"] == "running" else
+                   "no per-layer rows readable (nothing logged, or its parts were skipped as unreadable)")
         return
     lt = layer_table(runs, window=1.0)
     last = layer_table(runs, window=0.1)

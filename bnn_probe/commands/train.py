@@ -137,7 +137,8 @@ def config_from_options(opts: dict) -> object:
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar [default: only when stderr is a terminal].")
 @click.option("--amp", default="none", show_default=True, type=click.Choice(["none", "bf16", "fp16"]),
-              help="Mixed-precision forward (autocast); binary weights and optimizer state stay fp32. fp16: CUDA.")
+              help="Mixed-precision forward (autocast); binary weights and optimizer state stay fp32. fp16 adds a "
+                   "GradScaler and is meant for CUDA (on the CPU it runs, slowly); bf16 works on both.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--checkpoint-every", type=int, default=1, show_default=True,
               help="Write <out>/checkpoint.pt every N epochs (0 = never), for --resume.")

@@ -273,7 +273,8 @@ def fan_in_law(points: pd.DataFrame, fit: pd.DataFrame, path: Path) -> Path | No
                 ax.set_yscale("log")
             ax.set_xlabel("fan-in")
             ax.set_ylabel(lab)
-            ax.legend(fontsize=6)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6)
     return path
 
 
