@@ -110,6 +110,21 @@ def check_binary_values(p: Tensor, group: dict, index: int, group_index: int, op
                          f"(values other than ±1, e.g. {bad}); initialise it with bnn_probe.optim.binary_init_")
 
 
+def check_bop_group(group: dict[str, Any], index: int | None, optimizer: str) -> tuple[str, float, float]:
+    """The checks every Bop-family group shares: ``lr`` agrees with ``gamma`` (unless the group is a
+    :class:`GammaGroup`, where they are one value), γ ∈ [0, 1], τ ≥ 0, not both ``foreach`` and ``fused``.
+    Returns (``where``, the group's place for messages; γ; τ)."""
+    where = "" if index is None else f" (param_groups[{index}])"
+    if not isinstance(group, GammaGroup) and "lr" in group and group["lr"] != group["gamma"]:
+        raise ValueError(f"param group{where} has lr={group['lr']!r} but gamma={group['gamma']!r}: in {optimizer} "
+                         f"'lr' is an alias of 'gamma'; set one of them")
+    gamma = check_hparam(f"gamma{where}", group["gamma"], upper=1.0)
+    threshold = check_hparam(f"threshold{where}", group["threshold"])
+    if group.get("foreach") and group.get("fused"):
+        raise ValueError(f"foreach and fused cannot both be True{where}")
+    return where, gamma, threshold
+
+
 class GammaAliasOptimizer(Optimizer):
     """Base of the Bop family: every param group is a :class:`GammaGroup` (``"lr"`` ≡ ``"gamma"``, so LR schedulers
     drive γ), filled with the defaults and checked by the subclass's ``validate_group(group)`` when added and after
@@ -127,3 +142,27 @@ class GammaAliasOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.param_groups = [g if isinstance(g, GammaGroup) else GammaGroup(g) for g in self.param_groups]
+
+    def _gather(self, group: dict[str, Any], group_index: int, state_keys: tuple[str, ...]
+                ) -> tuple[list[Tensor], list[list[Tensor]], list[Tensor]]:
+        """The group's parameters that have a gradient (checked), their state tensors under ``state_keys``
+        (created as zeros at the first step, after ``check_binary``) and their gradients: (ws, [per key], gs)."""
+        name = type(self).__name__
+        ws: list[Tensor] = []
+        states: list[list[Tensor]] = [[] for _ in state_keys]
+        gs: list[Tensor] = []
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            check_grad(p.grad, group, i, group_index, name)
+            state = self.state[p]
+            if state_keys[0] not in state:
+                if group["check_binary"]:
+                    check_binary_values(p, group, i, group_index, name)
+                for key in state_keys:
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            ws.append(p)
+            for out, key in zip(states, state_keys, strict=True):
+                out.append(state[key])
+            gs.append(p.grad)
+        return ws, states, gs

@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._validate import GammaAliasOptimizer, GammaGroup, check_binary_values, check_grad, check_hparam
+from ._validate import GammaAliasOptimizer, check_bop_group, check_hparam
 
 __all__ = ["Bop", "bop_step_loop", "bop_step_foreach", "bop_step_fused"]
 
@@ -96,22 +96,9 @@ class Bop(GammaAliasOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        name = type(self).__name__
         for gi, group in enumerate(self.param_groups):
             gamma, threshold = _check_group(group, gi)
-            ws, ms, gs = [], [], []
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                check_grad(p.grad, group, i, gi, name)
-                state = self.state[p]
-                if "exp_avg" not in state:
-                    if group["check_binary"]:
-                        check_binary_values(p, group, i, gi, name)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                ws.append(p)
-                ms.append(state["exp_avg"])
-                gs.append(p.grad)
+            ws, (ms,), gs = self._gather(group, gi, ("exp_avg",))
             if not ws:
                 continue
             if group["fused"]:
@@ -124,14 +111,7 @@ class Bop(GammaAliasOptimizer):
 
 
 def _check_group(group: dict[str, Any], index: int | None = None) -> tuple[float, float]:
-    where = "" if index is None else f" (param_groups[{index}])"
-    if not isinstance(group, GammaGroup) and "lr" in group and group["lr"] != group["gamma"]:
-        raise ValueError(f"param group{where} has lr={group['lr']!r} but gamma={group['gamma']!r}: in Bop 'lr' is an "
-                         f"alias of 'gamma'; set one of them")
-    gamma = check_hparam(f"gamma{where}", group["gamma"], upper=1.0)
-    threshold = check_hparam(f"threshold{where}", group["threshold"])
-    if group.get("foreach") and group.get("fused"):
-        raise ValueError(f"foreach and fused cannot both be True{where}")
+    _, gamma, threshold = check_bop_group(group, index, "Bop")
     return gamma, threshold
 
 

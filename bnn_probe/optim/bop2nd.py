@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._validate import GammaAliasOptimizer, GammaGroup, check_binary_values, check_grad, check_hparam
+from ._validate import GammaAliasOptimizer, check_bop_group, check_hparam
 from .bop import CompiledKernel, _scalars
 
 __all__ = ["Bop2ndOrder"]
@@ -90,24 +90,9 @@ class Bop2ndOrder(GammaAliasOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        name = type(self).__name__
         for gi, group in enumerate(self.param_groups):
             gamma, sigma, threshold, eps = _check_group(group, gi)
-            ws, ms, vs, gs = [], [], [], []
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                check_grad(p.grad, group, i, gi, name)
-                state = self.state[p]
-                if "exp_avg" not in state:
-                    if group["check_binary"]:
-                        check_binary_values(p, group, i, gi, name)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                ws.append(p)
-                ms.append(state["exp_avg"])
-                vs.append(state["exp_avg_sq"])
-                gs.append(p.grad)
+            ws, (ms, vs), gs = self._gather(group, gi, ("exp_avg", "exp_avg_sq"))
             if not ws:
                 continue
             args = (ws, ms, vs, gs, gamma, sigma, threshold, eps, group["bias_correction"])
@@ -122,19 +107,12 @@ class Bop2ndOrder(GammaAliasOptimizer):
 
 
 def _check_group(group: dict[str, Any], index: int | None = None) -> tuple[float, float, float, float]:
-    where = "" if index is None else f" (param_groups[{index}])"
-    if not isinstance(group, GammaGroup) and "lr" in group and group["lr"] != group["gamma"]:
-        raise ValueError(f"param group{where} has lr={group['lr']!r} but gamma={group['gamma']!r}: 'lr' is an alias "
-                         f"of 'gamma'; set one of them")
-    gamma = check_hparam(f"gamma{where}", group["gamma"], upper=1.0)
+    where, gamma, threshold = check_bop_group(group, index, "Bop2ndOrder")
     sigma = check_hparam(f"sigma{where}", group["sigma"], upper=1.0)
-    threshold = check_hparam(f"threshold{where}", group["threshold"])
     eps = check_hparam(f"eps{where}", group["eps"])
     if group.get("bias_correction") and (gamma == 0 or sigma == 0):
         raise ValueError(f"bias_correction=True divides by gamma and sigma: both must be positive, got gamma={gamma}, "
                          f"sigma={sigma}{where}")
-    if group.get("foreach") and group.get("fused"):
-        raise ValueError(f"foreach and fused cannot both be True{where}")
     return gamma, sigma, threshold, eps
 
 
