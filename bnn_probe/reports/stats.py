@@ -32,6 +32,7 @@ class Verdict:
     method: str = ""
     reason: str = ""
     section: str = ""
+    id: str = ""  # stable identifier of the claim (e.g. "inertia.magnitude_reset"); a contract of verdicts.json
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
