@@ -138,6 +138,7 @@ def summary(run, skip_broken):
                f"dataset {row['dataset'] or '—'}")
     click.echo(f"steps     {row['steps']}")
     click.echo(f"accuracy  train {_f(row['final_train_accuracy'], '.4f')}  val {_f(row['final_val_accuracy'], '.4f')}")
+    _probe_warnings(r)
     steps = frame(r, "steps")
     if steps.empty:
         click.echo("no per-layer rows logged yet" if row["status"] == "running" else
@@ -156,3 +157,13 @@ def summary(run, skip_broken):
                    f"{_f(t.never_flipped, '.1%'):>7} {_f(t.chattering, '.1%'):>8}")
     for w in warns:
         click.echo(f"Warning: {w}", err=True)
+
+
+def _probe_warnings(run) -> None:
+    """The probe's run checks from meta.json (docs/runlog-format.md), one line each."""
+    from ..reports.run_warnings import BLOCKING, run_warnings
+
+    for w in run_warnings(run):
+        tag = "excluded from report verdicts" if w["kind"] in BLOCKING else "flagged in reports"
+        click.echo(f"Warning: probe check {w['kind']} ({tag}): {w.get('layer', '?')}: {w.get('message', '')}",
+                   err=True)
