@@ -55,11 +55,16 @@ def _load(spec: Adapter | str) -> Adapter:
 
 def find_binary_layers(model: nn.Module) -> dict[int, tuple[str, Binarizer]]:
     """``id(parameter) → (library, binarizer)`` for every binary layer an adapter recognises in ``model``
-    (libraries not imported are skipped; the first adapter to claim a parameter wins)."""
+    (libraries not imported, or whose modules the adapter cannot import, are skipped; the first adapter to claim a
+    parameter wins)."""
     out: dict[int, tuple[str, Binarizer]] = {}
     for lib, spec in list(ADAPTERS.items()):
         if lib not in sys.modules:
             continue
-        for _module, p, b in _load(spec)(model):
+        try:
+            found = _load(spec)(model)
+        except ImportError:  # another package of that name, or a version whose layout the adapter does not know
+            continue
+        for _module, p, b in found:
             out.setdefault(id(p), (lib, b))
     return out
