@@ -146,3 +146,29 @@ def test_brevitas_const_scale_under_bop_warns(tmp_path):
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
     kinds = {(w["kind"], w["layer"]) for w in meta["warnings"]}
     assert ("non_binary_weights", "4.weight") in kinds and ("non_binary_weights", "7.weight") in kinds
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_bnn_under_bop_dead_straight_through(tmp_path, center):
+    """bnn's STE passes no gradient where |w| >= 1: without centring, ±1 weights under Bop never get one."""
+    pytest.importorskip("bnn")
+    from bnn_probe.optim import Bop, CaseOptimizer
+
+    model = bnn_net(center_weights=center)
+    bins = [model[2].weight, model[6].weight]
+    with torch.no_grad():
+        for p in bins:
+            p.copy_(torch.where(p >= 0, 1.0, -1.0))
+    rest = [p for p in model.parameters() if all(p is not q for q in bins)]
+    opt = CaseOptimizer(Bop(bins, gamma=1e-3, threshold=1e-6), torch.optim.Adam(rest, lr=1e-2))
+    probe = bnn_probe.attach(model, opt, tmp_path / "run", tensorboard=False, check_every=2)
+    train(model, opt, 8)
+    probe.close()
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    steps = pd.read_parquet(tmp_path / "run" / "steps")
+    kinds = {(w["kind"], w["layer"]) for w in meta["warnings"]}
+    if center:
+        assert kinds == set() and steps.flips.sum() > 0
+    else:
+        assert kinds == {("dead_gradients", "2.weight"), ("dead_gradients", "6.weight")}
+        assert steps.flips.sum() == 0
