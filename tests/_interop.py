@@ -119,15 +119,33 @@ def bnn_net(center_weights: bool = True, compute_alpha: bool = False) -> nn.Modu
     return prepare_binary_model(model, bc, ignore_layers_name=["_last_"])
 
 
-def brevitas_net() -> nn.Module:
+def brevitas_binary_per_channel():
+    """A brevitas binary weight quantizer scaled per output channel by mean |w| (XNOR-Net's α), clamp not in place."""
+    from brevitas.core.function_wrapper import TensorClamp
+    from brevitas.inject.enum import ScalingImplType
+    from brevitas.quant import SignedBinaryWeightPerTensorConst
+
+    class SignedBinaryWeightPerChannelMean(SignedBinaryWeightPerTensorConst):
+        scaling_impl_type = ScalingImplType.STATS
+        scaling_stats_op = "AVE"
+        scaling_per_output_channel = True
+        tensor_clamp_impl = TensorClamp
+
+    return SignedBinaryWeightPerChannelMean
+
+
+def brevitas_net(per_channel: bool = False) -> nn.Module:
+    """Two binary QuantLinear layers: ``SignedBinaryWeightPerTensorConst`` (scale 0.1, clamps the weight in place),
+    or with ``per_channel`` the quantizer of :func:`brevitas_binary_per_channel`."""
     import brevitas.nn as qnn
     from brevitas.quant import SignedBinaryActPerTensorConst, SignedBinaryWeightPerTensorConst
 
+    wq = brevitas_binary_per_channel() if per_channel else SignedBinaryWeightPerTensorConst
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.BatchNorm1d(128),
                          qnn.QuantIdentity(act_quant=SignedBinaryActPerTensorConst),
-                         qnn.QuantLinear(128, 128, bias=False, weight_quant=SignedBinaryWeightPerTensorConst),
+                         qnn.QuantLinear(128, 128, bias=False, weight_quant=wq),
                          nn.BatchNorm1d(128), qnn.QuantIdentity(act_quant=SignedBinaryActPerTensorConst),
-                         qnn.QuantLinear(128, 10, bias=False, weight_quant=SignedBinaryWeightPerTensorConst))
+                         qnn.QuantLinear(128, 10, bias=False, weight_quant=wq))
 
 
 def binary_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:

@@ -129,6 +129,19 @@ def test_brevitas_flips_equal_forward_recount(tmp_path):
                                                                    ("changed_outside_step", "7.weight")}
 
 
+def test_brevitas_per_channel_scale(tmp_path):
+    pytest.importorskip("brevitas")
+    model = brevitas_net(per_channel=True)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    probe, meta, layers = _check(model, opt, tmp_path, ["4.weight", "7.weight"])
+    assert meta["warnings"] == []  # this quantizer clamps a copy, not the parameter
+    scales = pd.read_parquet(tmp_path / "run" / "scales")
+    last = scales[scales.step == scales.step.max()].set_index("layer")
+    w = model[7].weight.detach().abs().mean(1).double()
+    assert last.loc["7.weight", "scale_mean"] == pytest.approx(float(w.mean()), rel=1e-6)
+    assert last.loc["7.weight", "scale_max"] == pytest.approx(float(w.max()), rel=1e-6)
+
+
 def test_brevitas_const_scale_under_bop_warns(tmp_path):
     pytest.importorskip("brevitas")
     from bnn_probe.optim import Bop, CaseOptimizer
