@@ -194,3 +194,27 @@ def test_third_party_bop_missing_keys_raise(tmp_path):
     with pytest.raises(BnnProbeError, match="no momentum key 'exp_avg'.*keys: m"):
         opt.step()
     probe.close("failed")
+
+
+@pytest.mark.slow
+def test_compiled_step_with_binarizers_equals_cpu_path(tmp_path):
+    """torch.compile of the fused step with the binarizer stage's inputs (signs, margins): same log as the CPU path,
+    compiled (no eager fallback)."""
+    from test_probe_compiled import _no_compile_warning, _same
+
+    runs, probes = {}, {}
+    for label, opts in (("cpu", {}), ("comp", {"compile_probe": True})):
+        model, opt = multi_setup("mixed")
+        ctx = _no_compile_warning() if opts else None
+        if ctx:
+            ctx.__enter__()
+        probe = bnn_probe.attach(model, opt, tmp_path / label, tensorboard=False, quantile_sample=100, track=8,
+                                 events_per_layer=2000, hist_every=3, snapshot_every=4, binarizer=_mapping(model),
+                                 **opts)
+        _train(model, opt)
+        probe.close()
+        if ctx:
+            ctx.__exit__(None, None, None)
+        runs[label], probes[label] = bnn_probe.load_run(tmp_path / label), probe
+    assert all(g.fused and g._step.compiled and g.any_custom for g in probes["comp"].groups)
+    _same(runs["cpu"], runs["comp"])

@@ -119,7 +119,7 @@ def _f(x, spec: str) -> str:
 @click.argument("run", type=click.Path(path_type=str))
 @click.option("--skip-broken", is_flag=True, help="Skip unreadable Parquet parts instead of failing.")
 def summary(run, skip_broken):
-    """Print a terminal table of one run: status, steps, accuracy, per-layer flip ratios."""
+    """Print a terminal table of one run: status, steps, accuracy, per-layer flip ratios, the probe's warnings."""
     from ..reports import training
     from ..reports.frames import frame
     from ..reports.load import load_runs
