@@ -21,6 +21,13 @@ comparisons, ``isfinite``, the sign hash, the means and the quantile sort go thr
 (bitwise the same comparisons; float64 segment sums), because torch 2.13's CPU kernels for these are far slower.
 Definitions: docs/quantities.md; the per-layer
 reference implementation (``StepContext`` + ``quantities``) is what tests/test_probe_flat.py compares against.
+
+Binarizer stage (probe/binarizers.py): every sign above is b(w), the layer's binarizer, computed by
+:meth:`FlatGroup.binarize` from the flat weights (after the step, before it, and at attach) before anything is
+counted; latent inertia comes from :meth:`FlatGroup.margin`. With bnn-probe's sign for every layer of a group
+(``any_custom`` False) the stage is the single comparison ``w ≥ 0`` of the flat tensor and nothing else changes;
+otherwise each non-default layer is binarized on its view in the parameter's shape (the device path then receives
+the signs and margins as inputs of the fused step instead of computing ``w ≥ 0`` itself).
 """
 
 from __future__ import annotations
