@@ -161,6 +161,8 @@ def test_third_party_bop_keys(tmp_path):
     undeclared = bnn_probe.attach(model, opt, tmp_path / "r0", tensorboard=False)
     assert {ly.family for ly in undeclared.layers} == {"latent"}  # without family=, an unknown optimizer is latent
     undeclared.close()
+    kinds = {(w["kind"], w["layer"]) for w in undeclared.checks.warnings}
+    assert kinds == {("undeclared_bop", f"w{i}") for i in range(4)}
     probe = bnn_probe.attach(model, opt, tmp_path / "r", tensorboard=False, family="bop", momentum_key="m",
                              threshold_key="tau", gamma_key="g")
     assert {ly.family for ly in probe.layers} == {"bop"}
@@ -173,6 +175,7 @@ def test_third_party_bop_keys(tmp_path):
         for name, p in model.named_parameters():
             expect.append((t, name, int((opt.state[p]["m"].abs() > 0.05).sum())))
     probe.close()
+    assert probe.checks.warnings == []
     run = bnn_probe.load_run(tmp_path / "r")
     got = [(int(r.step), r.layer, int(r.above_threshold)) for r in run.steps.itertuples()]
     assert sorted(got) == sorted(expect) and sum(e[2] for e in expect) > 0

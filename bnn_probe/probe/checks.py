@@ -15,6 +15,9 @@ Kinds:
   |w̃| quantiles are read before that change.
 * ``nonfinite_state`` — NaN/Inf in a tensor of the optimizer state of the layer.
 * ``binarizer_zeros`` — the binarizer maps some weights to 0 (``torch.sign``): counted as −1 by the flips.
+* ``undeclared_bop`` — at attach, a layer measured as latent has only ±1 weights and an optimizer from outside
+  ``torch.optim``: probably a Bop-like optimizer the probe was not told about (``attach(..., family="bop",
+  momentum_key=...)``); its inertia and |w̃| columns then describe nothing.
 
 Checks run on the ``check_every`` cadence (device tensors, read at each flush); the forward-pass check runs once.
 """
@@ -34,7 +37,7 @@ from .binary_detect import BOP_FAMILIES, LayerInfo
 __all__ = ["RunChecks", "WARNING_KINDS"]
 
 WARNING_KINDS = ("not_binarized", "dead_gradients", "non_binary_weights", "changed_outside_step", "nonfinite_state",
-                 "binarizer_zeros")
+                 "binarizer_zeros", "undeclared_bop")
 _F = torch.nn.functional
 #: ops that consume a weight as is: a parameter passed to one of them directly is not binarized
 _RAW_OPS = {_F.linear, _F.conv1d, _F.conv2d, _F.conv3d, _F.conv_transpose1d, _F.conv_transpose2d,
@@ -87,6 +90,12 @@ class RunChecks:
     def at_attach(self, model: nn.Module) -> None:
         """Static checks, and the one-shot forward hooks of the ``not_binarized`` check."""
         for ly in self.layers:
+            w = ly.param.detach()
+            if ly.family == "latent" and not type(ly.optimizer).__module__.startswith("torch.optim") and w.numel() \
+                    and bool((w.abs() == 1).all()):
+                self.warn("undeclared_bop", ly.name, 0,
+                          f"all weights are ±1 and {type(ly.optimizer).__name__} is not a torch optimizer: if it flips "
+                          "weights Bop-style, attach(..., family='bop', momentum_key=..., threshold_key=...) says so")
             if ly.family in BOP_FAMILIES:
                 s = ly.binarizer.scale(ly.param.detach())
                 if s is not None and bool(((s - 1).abs() > 1e-6).any()):
