@@ -137,3 +137,17 @@ def test_checks_off(tmp_path):
     _steps(model, opt, 4, grad=lambda p: torch.zeros_like(p))
     probe.close()
     assert _kinds(tmp_path / "r") == set()
+
+
+def test_resume_keeps_earlier_warnings(tmp_path):
+    model = Multi(0)
+    opt = MiniBop(model.parameters(), gamma=0.5, threshold=0.1)
+    probe = bnn_probe.attach(model, opt, tmp_path / "r", tensorboard=False, check_every=1)
+    _steps(model, opt, 4, grad=lambda p: torch.zeros_like(p) if p is model.w1 else torch.ones_like(p))
+    sd = probe.state_dict()
+    probe.close()
+    probe = bnn_probe.attach(model, opt, tmp_path / "r", tensorboard=False, check_every=1, resume=True)
+    probe.load_state_dict(sd)
+    _steps(model, opt, 2, grad=lambda p: torch.ones_like(p))
+    probe.close()
+    assert _kinds(tmp_path / "r") == {("dead_gradients", "w1")}

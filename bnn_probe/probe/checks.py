@@ -86,6 +86,13 @@ class RunChecks:
         self._seen.add((kind, layer))
         self.warnings.append({"kind": kind, "layer": layer, "step": int(step), "message": message})
 
+    def restore(self, warnings: object) -> None:
+        """Keep the warnings of an earlier segment of a resumed run (its meta.json), skipping malformed entries."""
+        for w in warnings if isinstance(warnings, list) else []:
+            if isinstance(w, dict) and isinstance(w.get("kind"), str) and isinstance(w.get("layer"), str):
+                step = w.get("step")
+                self.warn(w["kind"], w["layer"], step if isinstance(step, int) else 0, str(w.get("message", "")))
+
     # ------------------------------------------------------------------ at attach
     def at_attach(self, model: nn.Module) -> None:
         """Static checks, and the one-shot forward hooks of the ``not_binarized`` check."""

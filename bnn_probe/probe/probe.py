@@ -15,6 +15,7 @@ appends to device buffers, and every ``flush_every_steps`` steps or ``flush_secs
 from __future__ import annotations
 
 import atexit
+import json
 import math
 import os
 import platform
@@ -178,6 +179,12 @@ class Probe:
         self._last_flush_step = 0
         self._last_flush_time = time.monotonic()
         self.checks = RunChecks(self.layers, self.groups, self.check_every)
+        if resume:  # the earlier segment's warnings stay in meta.json
+            try:
+                with open(os.path.join(self.logdir, "meta.json"), encoding="utf-8") as f:
+                    self.checks.restore(json.load(f).get("warnings"))
+            except (OSError, ValueError, AttributeError):
+                pass
         self.checks.at_attach(self.model)
         self.writer.write_table("layers", self._layers_frame())
         self._write_meta()
