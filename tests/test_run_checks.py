@@ -63,11 +63,22 @@ def test_no_warnings_on_a_clean_run(tmp_path):
     assert _kinds(tmp_path / "r") == set()
 
 
-def test_dead_gradients(tmp_path):
+def _bop(path, dead: str | None = None, steps: int = 4, **opts):
+    """Multi(0) under MiniBop, gradients 1 (or 0 for parameter ``dead``, "all" for every one), probe attached."""
     model = Multi(0)
     opt = MiniBop(model.parameters(), gamma=0.5, threshold=0.1)
-    probe = bnn_probe.attach(model, opt, tmp_path / "r", tensorboard=False, check_every=1)
-    _steps(model, opt, 4, grad=lambda p: torch.zeros_like(p) if p is model.w1 else torch.ones_like(p))
+    probe = bnn_probe.attach(model, opt, path, tensorboard=False, **{"check_every": 1, **opts})
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def grad(p):
+        return torch.zeros_like(p) if dead in ("all", names[id(p)]) else torch.ones_like(p)
+
+    _steps(model, opt, steps, grad=grad)
+    return model, opt, probe
+
+
+def test_dead_gradients(tmp_path):
+    _, _, probe = _bop(tmp_path / "r", dead="w1")
     probe.close()
     assert _kinds(tmp_path / "r") == {("dead_gradients", "w1")}
 
@@ -104,10 +115,7 @@ def test_non_binary_weights_under_bop_and_binarizer_zeros(tmp_path):
 
 
 def _run(path, dead: bool) -> None:
-    model = Multi(0)
-    opt = MiniBop(model.parameters(), gamma=0.5, threshold=0.1)
-    probe = bnn_probe.attach(model, opt, path, tensorboard=False, check_every=1)
-    _steps(model, opt, 4, grad=(lambda p: torch.zeros_like(p)) if dead else None)
+    _, _, probe = _bop(path, dead="all" if dead else None)
     probe.log(loss=1.0)
     probe.close()
 
@@ -131,19 +139,13 @@ def test_summary_and_report_show_and_exclude(tmp_path, capsys):
 
 
 def test_checks_off(tmp_path):
-    model = Multi(0)
-    opt = MiniBop(model.parameters(), gamma=0.5, threshold=0.1)
-    probe = bnn_probe.attach(model, opt, tmp_path / "r", tensorboard=False, check_every=0)
-    _steps(model, opt, 4, grad=lambda p: torch.zeros_like(p))
+    _, _, probe = _bop(tmp_path / "r", dead="all", check_every=0)
     probe.close()
     assert _kinds(tmp_path / "r") == set()
 
 
 def test_resume_keeps_earlier_warnings(tmp_path):
-    model = Multi(0)
-    opt = MiniBop(model.parameters(), gamma=0.5, threshold=0.1)
-    probe = bnn_probe.attach(model, opt, tmp_path / "r", tensorboard=False, check_every=1)
-    _steps(model, opt, 4, grad=lambda p: torch.zeros_like(p) if p is model.w1 else torch.ones_like(p))
+    model, opt, probe = _bop(tmp_path / "r", dead="w1")
     sd = probe.state_dict()
     probe.close()
     probe = bnn_probe.attach(model, opt, tmp_path / "r", tensorboard=False, check_every=1, resume=True)
