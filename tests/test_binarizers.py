@@ -221,3 +221,15 @@ def test_compiled_step_with_binarizers_equals_cpu_path(tmp_path):
         runs[label], probes[label] = bnn_probe.load_run(tmp_path / label), probe
     assert all(g.fused and g._step.compiled and g.any_custom for g in probes["comp"].groups)
     _same(runs["cpu"], runs["comp"])
+
+
+def test_lightning_select_optimizer_passes_family():
+    pytest.importorskip("lightning")
+    from bnn_probe.integrations.lightning import select_optimizer
+
+    model = nn.Linear(4, 3)
+    adam, bop = torch.optim.Adam([model.bias], lr=0.1), LarqBop([model.weight])
+    with pytest.raises(BnnProbeError, match="none of the Trainer's 2 optimizers"):
+        select_optimizer(model, [adam, bop])
+    assert select_optimizer(model, [adam, bop], family="bop", momentum_key="m", threshold_key="tau",
+                            gamma_key="g") is bop
