@@ -153,3 +153,23 @@ def test_resume_keeps_earlier_warnings(tmp_path):
     _steps(model, opt, 2, grad=lambda p: torch.ones_like(p))
     probe.close()
     assert _kinds(tmp_path / "r") == {("dead_gradients", "w1")}
+
+
+class _Transposed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(3, 4))
+        self.b = nn.Parameter(torch.randn(3, 4))
+        self.c = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        return x @ self.a.T + torch.matmul(x, self.b.t().contiguous()) + x @ torch.sign(self.c).T
+
+
+def test_too_broad_selection_sees_through_reshapes(tmp_path):
+    model = _Transposed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = bnn_probe.attach(model, opt, tmp_path / "r", tensorboard=False, binary=["a", "b", "c"])
+    model(torch.randn(2, 4))
+    probe.close()
+    assert _kinds(tmp_path / "r") == {("not_binarized", "a"), ("not_binarized", "b")}

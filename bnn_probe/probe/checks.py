@@ -38,30 +38,39 @@ __all__ = ["RunChecks", "WARNING_KINDS"]
 
 WARNING_KINDS = ("not_binarized", "dead_gradients", "non_binary_weights", "changed_outside_step", "nonfinite_state",
                  "binarizer_zeros", "undeclared_bop")
-_F = torch.nn.functional
-#: ops that consume a weight as is: a parameter passed to one of them directly is not binarized
-_RAW_OPS = {_F.linear, _F.conv1d, _F.conv2d, _F.conv3d, _F.conv_transpose1d, _F.conv_transpose2d,
-            _F.conv_transpose3d, _F.batch_norm, _F.layer_norm, _F.group_norm, _F.instance_norm, _F.embedding,
-            torch.matmul, torch.mm, torch.addmm, torch.bmm, torch.einsum, torch.conv2d, torch.conv1d,
-            torch.conv3d, torch.batch_norm, torch.layer_norm, torch.group_norm, torch.embedding}
+#: ops (by name: function, method or operator) that consume a weight as is: a parameter passed to one of them
+#: directly, or only reshaped/cast (:data:`_SAME_VALUES`), is not binarized
+_RAW_OPS = {"linear", "bilinear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+            "conv_transpose3d", "batch_norm", "layer_norm", "group_norm", "instance_norm", "embedding", "matmul",
+            "__matmul__", "__rmatmul__", "mm", "addmm", "bmm", "baddbmm", "einsum", "tensordot"}
+_SAME_VALUES = {"t", "T", "mT", "transpose", "view", "reshape", "permute", "contiguous", "to", "float", "double",
+                "half", "bfloat16", "expand", "unsqueeze", "squeeze", "flatten", "__getitem__"}
 _DEAD_FRACTION, _DEAD_MIN_CHECKS, _DEAD_M_REL = 0.9, 3, 1e-6
 _COLS = ("max_abs_g", "max_abs_m", "nonfinite_state", "non_pm1", "zeros")
 
 
 class _RawUse(TorchFunctionMode):
-    """Records which of ``params`` are passed unchanged to an op of :data:`_RAW_OPS`."""
+    """Records which of ``params`` are passed unchanged (or only reshaped/cast, :data:`_SAME_VALUES`) to an op of
+    :data:`_RAW_OPS`. Derived tensors are kept alive until the mode exits, so their ids are not reused meanwhile."""
 
     def __init__(self, params: dict[int, str]) -> None:
         super().__init__()
-        self.params, self.raw = params, set()
+        self.params, self.raw = dict(params), set()
+        self._keep: list = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _RAW_OPS:
-            for a in (*args, *kwargs.values()):
-                if id(a) in self.params:
-                    self.raw.add(self.params[id(a)])
-        return func(*args, **kwargs)
+        names = [self.params[id(a)] for a in (*args, *kwargs.values()) if id(a) in self.params]
+        op = getattr(func, "__name__", "")
+        if op == "__get__":  # a property such as Tensor.T
+            op = getattr(getattr(func, "__self__", None), "__name__", "")
+        if names and op in _RAW_OPS:
+            self.raw.update(names)
+        out = func(*args, **kwargs)
+        if names and op in _SAME_VALUES and isinstance(out, Tensor):
+            self.params[id(out)] = names[0]
+            self._keep.append(out)
+        return out
 
 
 class RunChecks:
