@@ -4,8 +4,9 @@ Each finding is a warning ``{"kind", "layer", "step", "message"}`` (one per kind
 seen), written to meta.json ``"warnings"`` (docs/runlog-format.md) and shown by ``bnn-probe summary`` and the report.
 Kinds:
 
-* ``not_binarized`` — a selected parameter goes unchanged into a linear/convolution/normalisation op in its module's
-  first forward pass after attach: it is not used through a binarizer (a too-broad ``binary=`` selection).
+* ``not_binarized`` — a selected parameter goes unchanged (or only reshaped/cast) into a linear/convolution/matmul/
+  normalisation op in its module's first forward pass after attach: it is not used through a binarizer (a too-broad
+  ``binary=`` selection). Only uses inside the owning module's forward are seen.
 * ``dead_gradients`` — in ≥ 90 % of ≥ 3 check steps the layer's gradient is exactly 0 everywhere, or (Bop family,
   τ > 0) max|m| ≤ 1e-6·τ: no weight can flip (e.g. a clipped straight-through estimator on ±1 weights).
 * ``non_binary_weights`` — a Bop-family layer whose weights are not all ±1, or whose forward pass multiplies b(w)
