@@ -233,3 +233,19 @@ def test_lightning_select_optimizer_passes_family():
         select_optimizer(model, [adam, bop])
     assert select_optimizer(model, [adam, bop], family="bop", momentum_key="m", threshold_key="tau",
                             gamma_key="g") is bop
+
+
+def test_declared_family_applies_to_the_third_party_optimizer_only(tmp_path):
+    from bnn_probe.optim import CaseOptimizer
+
+    model = _Net()
+    bop = LarqBop([model.conv.weight, model.fc.weight])
+    rest = [p for n, p in model.named_parameters() if n not in ("conv.weight", "fc.weight")]
+    opt = CaseOptimizer(bop, torch.optim.Adam(rest, lr=0.1))
+    probe = bnn_probe.attach(model, opt, tmp_path / "r", tensorboard=False, family="bop", momentum_key="m",
+                             threshold_key="tau", gamma_key="g")
+    assert [(ly.name, ly.family) for ly in probe.layers] == [("conv.weight", "bop"), ("fc.weight", "bop")]
+    probe.close()
+    with pytest.raises(BnnProbeError, match="every optimizer given is torch.optim's own"):
+        bnn_probe.attach(model, torch.optim.Adam(model.parameters()), tmp_path / "r2", tensorboard=False,
+                         family="bop")

@@ -129,7 +129,8 @@ def resolve_layers(model: nn.Module, optimizer: torch.optim.Optimizer, binary: B
     optimizer). ``binarizer``: b(w) for every selected layer, or a mapping name → binarizer (default: the adapter's,
     else bnn-probe's sign). ``family="bop"``/``"bop2nd"`` declares a third-party Bop-like optimizer whose state key of
     m is ``momentum_key`` (default ``"exp_avg"``) and whose param-group keys of τ and γ are ``threshold_key`` and
-    ``gamma_key`` (default ``"threshold"``, ``"gamma"``).
+    ``gamma_key`` (default ``"threshold"``, ``"gamma"``); in a CaseOptimizer it applies to the optimizers that are not
+    torch.optim's own (an Adam for the batch-norm parameters stays latent).
     """
     from ..integrations.registry import find_binary_layers
 
@@ -144,8 +145,15 @@ def resolve_layers(model: nn.Module, optimizer: torch.optim.Optimizer, binary: B
     adapted = find_binary_layers(model)  # id(param) -> (library, binarizer)
     sources: dict[int, str] = {}
 
+    def declared(leaf: torch.optim.Optimizer) -> bool:  # family= is about third-party optimizers, not torch's own
+        return family is not None and not type(leaf).__module__.startswith("torch.optim")
+
     def fam(leaf: torch.optim.Optimizer) -> str:
-        return family if family is not None else family_of(leaf)
+        return family if declared(leaf) else family_of(leaf)
+
+    if family is not None and not any(declared(leaf) for leaf in leaf_optimizers(optimizer)):
+        raise BnnProbeError(f"family={family!r} declares a third-party optimizer, but every optimizer given is "
+                            "torch.optim's own; attach the probe to the optimizer (or CaseOptimizer) that holds it")
 
     if binary is None:
         chosen = {id(p) for _, p in named_binary_parameters(model)}
