@@ -121,7 +121,7 @@ def test_brevitas_flips_equal_forward_recount(tmp_path):
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     probe, meta, layers = _check(model, opt, tmp_path, ["4.weight", "7.weight"])
     assert set(layers.module_type) == {"brevitas.QuantLinear"}
-    scales = pd.read_parquet(tmp_path / "run" / "scales")
+    scales = bnn_probe.load_run(tmp_path / "run").scales
     assert set(scales.layer) == {"4.weight", "7.weight"}
     assert scales.scale_mean.tolist() == pytest.approx([0.1] * len(scales))
     # SignedBinaryWeightPerTensorConst clamps the weight parameter in place to [-0.1, 0.1] in every forward pass

@@ -29,7 +29,9 @@ class _Net(nn.Module):
 
 def _kinds(path) -> set[tuple[str, str]]:
     meta = json.loads((path / "meta.json").read_text())
-    return {(w["kind"], w["layer"]) for w in meta["warnings"]}
+    kinds = {(w["kind"], w["layer"]) for w in meta["warnings"]}
+    assert {(w["kind"], w["layer"]) for w in bnn_probe.load_run(path).warnings} == kinds
+    return kinds
 
 
 def _steps(model, opt, n, grad=None, between=None):
