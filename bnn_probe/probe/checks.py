@@ -26,6 +26,7 @@ Checks run on the ``check_every`` cadence (device tensors, read at each flush); 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -47,7 +48,6 @@ _RAW_OPS = {"linear", "bilinear", "conv1d", "conv2d", "conv3d", "conv_transpose1
 _SAME_VALUES = {"t", "T", "mT", "transpose", "view", "reshape", "permute", "contiguous", "to", "float", "double",
                 "half", "bfloat16", "expand", "unsqueeze", "squeeze", "flatten", "__getitem__"}
 _DEAD_FRACTION, _DEAD_MIN_CHECKS, _DEAD_M_REL = 0.9, 3, 1e-6
-_COLS = ("max_abs_g", "max_abs_m", "nonfinite_state", "non_pm1", "zeros")
 
 
 class _RawUse(TorchFunctionMode):
@@ -77,7 +77,9 @@ class _RawUse(TorchFunctionMode):
 class RunChecks:
     """The checks of one probe (see the module docstring); ``warnings`` is what meta.json records."""
 
-    def __init__(self, layers: list[LayerInfo], groups: list, schedule) -> None:
+    def __init__(self, layers: list[LayerInfo], groups: list, schedule: Callable[[int], bool]) -> None:
+        """``groups``: the probe's FlatGroups (their ``wbuf`` holds w_t after each measurement); ``schedule``: the
+        ``check_every`` cadence."""
         self.layers, self.groups, self.schedule = layers, groups, schedule
         self.warnings: list[dict[str, Any]] = []
         self._seen: set[tuple[str, str]] = set()
@@ -87,7 +89,6 @@ class RunChecks:
         self._dead = [[0, 0] for _ in layers]  # [dead checks, checks] per layer
         self._pending_change = 0
         self._hooks: list[Any] = []
-        self.scale_rows: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ recording
     def warn(self, kind: str, layer: str, step: int, message: str) -> None:
