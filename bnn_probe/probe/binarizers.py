@@ -110,7 +110,7 @@ class Sign(Binarizer):
 class Centered(Binarizer):
     """b(w) = sign(w − mean(w, dim)) (XNOR-Net binarizer with centred weights, e.g. bnn's ``center_weights=True``).
 
-    ``alpha=True`` also records XNOR-Net's α = ‖w_c − mean‖₁ / n_c per output channel c (Rastegari et al. 2016, Eq. 3;
+    ``alpha=True`` also records XNOR-Net's α = ‖w_c − mean‖₁ / n_c per output channel c (Rastegari et al. 2016;
     n_c = weights per output channel) as the layer's scale. Margin (latent inertia): |w − mean(w, dim)|."""
 
     def __init__(self, dim: int | None = 1, zero: int = 0, alpha: bool = False) -> None:
