@@ -244,8 +244,6 @@ def _validate(c: TrainConfig) -> None:
         _check(v is None or _finite(v), f"--{name.replace('_', '-')} must be a finite number, got {v}")
     _check(c.width_multiplier <= MAX_WIDTH_MULTIPLIER,
            f"--width-multiplier must be at most {MAX_WIDTH_MULTIPLIER}, got {c.width_multiplier}")
-    _check(c.target_flip_ratio is None or 0 < c.target_flip_ratio <= 1,
-           f"--target-flip-ratio must be in (0, 1], got {c.target_flip_ratio}")
     _check(c.momentum is None or (_finite(c.momentum) and c.momentum < 1), f"--momentum must be below 1, got "
                                                                           f"{c.momentum}")
     _check(c.data_dir is None or c.dataset == "cifar10",

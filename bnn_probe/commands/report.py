@@ -76,13 +76,14 @@ def report(runs, out, fmt, k, window, target_flip_ratio, skip_broken, quiet):
 def compare(run_a, run_b, as_json, skip_broken):
     """Compare the binary-weight trajectories of two runs of one architecture."""
     from ..reports import compare_runs
-    from ..reports.load import load_runs
+    from ..reports.load import load_runs, unique_names
 
     tables = ("layers", "steps", "snapshots")
     a = load_runs([run_a], tables, strict=not skip_broken)
     b = load_runs([run_b], tables, strict=not skip_broken)
     if len(a) != 1 or len(b) != 1:
         raise BnnProbeError("compare takes two run directories (not folders of several runs)")
+    unique_names([a[0], b[0]])  # s1/x and s2/x are not both called x
     if Path(a[0].path).resolve() == Path(b[0].path).resolve():  # allowed (a sanity check), but never silently
         click.echo(terminal_safe(f"Warning: RUN_A and RUN_B are the same run directory ({a[0].path}): the "
                                  "comparison is trivially identical; give two different runs"), err=True)

@@ -83,7 +83,8 @@ def unique_keys(paths: list[Path]) -> list[str]:
     """A name per run folder that no other folder of ``paths`` has: the folder's name, or, where two share it, the
     shortest tail of their paths that tells them apart (``s1/x`` and ``s2/x``); ``#2``, ``#3`` if even the full
     paths agree."""
-    parts = [Path(p).resolve().parts if str(p) and not str(p).startswith("<") else (str(p),) for p in paths]
+    parts = [Path(p).resolve().parts[1:] if str(p) and not str(p).startswith("<") else (str(p),) for p in paths]
+    parts = [pp or ("/",) for pp in parts]
     keys = ["/".join(pp[-1:]) for pp in parts]
     for depth in range(2, max((len(pp) for pp in parts), default=1) + 1):
         dup = {k for k in keys if keys.count(k) > 1}
@@ -105,8 +106,9 @@ def unique_names(runs: list) -> None:
     if len(set(names)) == len(names):
         return
     with_path = [i for i, r in enumerate(runs) if getattr(r, "path", None) is not None]
+    clash = [names.count(n) > 1 for n in names]
     for i, k in zip(with_path, unique_keys([runs[i].path for i in with_path]), strict=True):
-        names[i] = k if names.count(names[i]) > 1 else names[i]
+        names[i] = k if clash[i] else names[i]
     seen: dict[str, int] = {}
     for i, n in enumerate(names):
         seen[n] = seen.get(n, 0) + 1
