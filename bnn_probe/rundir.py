@@ -152,7 +152,8 @@ class RunLock:
     """An exclusive lock on a run folder (``flock`` on ``<run>/.bnn-probe.lock``) held while this process writes it.
 
     ``RunLock(run_dir)`` takes the lock or raises :class:`BnnProbeError` (one line) when another process holds it.
-    :meth:`release` (or the end of a ``with`` block) gives it back; the lock file stays (it is owned by bnn-probe).
+    :meth:`release` (or the end of a ``with`` block, or garbage collection) gives it back; the lock file stays (it is
+    owned by bnn-probe).
     Where ``fcntl`` does not exist (Windows) the lock is a no-op.
     """
 
@@ -184,6 +185,9 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor releases the flock
             self.fd = None
+
+    def __del__(self) -> None:  # a TrainState dropped without running its loop gives the lock back
+        self.release()
 
     def __enter__(self) -> RunLock:
         return self

@@ -40,6 +40,7 @@ from .errors import BnnProbeError
 from .models import MODEL_NAMES, build_model
 from .nn import STE_MODES, named_binary_parameters
 from .rundir import LOCK_NAME, OwnedFiles, RunLock, is_run_folder, owned_files, remove_owned
+from .safe_text import terminal_safe
 
 __all__ = [
     "TrainConfig",
@@ -481,7 +482,7 @@ def _replace_run(out: Path, overwrite: bool) -> None:
         return
     remove_owned(plan)
     if plan.foreign:
-        names = ", ".join(str(p.relative_to(out)) for p in plan.foreign[:5])
+        names = terminal_safe(", ".join(str(p.relative_to(out)) for p in plan.foreign[:5]), one_line=True)
         more = f" and {len(plan.foreign) - 5} more" if len(plan.foreign) > 5 else ""
         sys.stderr.write(f"Warning: --overwrite kept {len(plan.foreign)} file(s) in {out} that bnn-probe did not "
                          f"write: {names}{more}\n")
