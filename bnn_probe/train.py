@@ -717,7 +717,10 @@ def resume_training(out_dir: str | Path, progress: bool | None = None, policy: A
 
 
 def _mark_failed(state: TrainState) -> None:
-    """Close the probe as ``failed``; when the disk is full, at least try to write the status into meta.json."""
+    """Close the probe as ``failed``; when the disk is full, at least write the status into meta.json (rewritten
+    whole if a temporary file fits, else patched in place: :func:`bnn_probe.runlog.writer.mark_status_in_place`)."""
+    from .runlog.writer import mark_status_in_place
+
     probe = state.probe
     try:
         probe.close("failed")
@@ -725,8 +728,8 @@ def _mark_failed(state: TrainState) -> None:
         probe._closed = True
         try:
             probe._write_meta()
-        except Exception:  # noqa: BLE001 - nothing more can be written
-            pass
+        except Exception:  # noqa: BLE001 - no room for a temporary file
+            mark_status_in_place(Path(state.out_dir) / "meta.json", "failed")
 
 
 def _train_loop(state: TrainState, progress: bool | None, checkpoint_every: int, fresh: bool = True) -> Path:

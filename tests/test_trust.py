@@ -409,6 +409,31 @@ def test_disk_full_while_training_is_one_line_and_marks_the_run_failed(tmp_path,
     assert not [p for p in run.rglob("*.tmp")]
 
 
+def test_a_full_disk_that_cannot_take_a_new_meta_json_still_marks_the_run_failed(tmp_path, capsys, monkeypatch):
+    from bnn_probe.runlog import writer
+
+    full = {"now": False}
+    real_tmp = writer.tmp_path
+
+    def no_room(path):  # no temporary file fits once the disk is full
+        if full["now"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_tmp(path)
+
+    def checkpoint_fills_the_disk(*a, **k):
+        full["now"] = True
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer, "tmp_path", no_room)
+    monkeypatch.setattr(torch, "save", checkpoint_fills_the_disk)
+    run = tmp_path / "run"
+    code, _, err = _train(tmp_path, capsys, run)
+    _one_line_error(code, err, "No space left on device")
+    text = (run / "meta.json").read_text()
+    assert json.loads(text, parse_constant=pytest.fail)["status"] == "failed"  # patched in place, still strict JSON
+    assert '"status": "failed" ' in text
+
+
 def test_disk_full_while_checkpointing_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
     def full(obj, f, *a, **k):
         f.write(b"PK")

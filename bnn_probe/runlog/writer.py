@@ -25,7 +25,7 @@ from ..errors import BnnProbeError
 from ..rundir import tmp_path
 from .schema import PART_TABLES, conform
 
-__all__ = ["RunWriter", "now_iso", "atomic_write_json", "strict_json"]
+__all__ = ["RunWriter", "now_iso", "atomic_write_json", "strict_json", "mark_status_in_place"]
 
 _PART = re.compile(r"part-(\d+)\.parquet$")
 
@@ -48,6 +48,27 @@ def atomic_write_json(path: Path, obj: dict[str, Any]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def mark_status_in_place(meta_path: Path, status: str) -> bool:
+    """Overwrite the ``"status": "running"`` of ``meta_path`` with ``status`` byte for byte in place (padded with
+    spaces), allocating no disk space: the way to mark a run failed when the disk is full and no temporary file can
+    be written. Returns False when the file holds no such field or cannot be written."""
+    try:
+        data = meta_path.read_bytes()
+        m = re.search(rb'"status": ("running")', data)
+        new = json.dumps(status).encode()
+        if m is None or len(new) > len(m.group(1)):
+            return False
+        fd = os.open(meta_path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            os.pwrite(fd, new.ljust(len(m.group(1))), m.start(1))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    return True
 
 
 def strict_json(o: Any) -> Any:
