@@ -519,3 +519,26 @@ def test_a_steps_part_with_a_string_step_column_is_one_line_or_skipped(tmp_path,
         _one_line_error(*run_cli(cmd, capsys)[::2], "column 'step'", "--skip-broken")
         code, _, err = run_cli([*cmd, "--skip-broken"], capsys)
         assert code == 0 and f"Warning: skipping unreadable run-log part {part}" in err
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"epochs": "5"}, "--epochs must be a non-negative integer"),
+    ({"widths": "abc"}, "--widths must be comma-separated positive integers"),
+    ({"extra": 5}, "option extra must be a mapping"),
+    ({"batch_norm": "yes"}, "option batch_norm must be true or false"),
+    ({"width_multiplier": 1e309}, "must be a finite number"),
+])
+def test_resume_of_a_meta_json_with_wrong_typed_options_is_one_line(tmp_path, capsys, config, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    meta = {"format": "bnn-probe-run", "schema_version": 1, "config": {"widths": [8], "epochs": 1, **config}}
+    (run / "meta.json").write_text(json.dumps(meta))
+    _one_line_error(*run_cli(["train", "--resume", str(run)], capsys)[::2], message)
+    assert sorted(p.name for p in run.iterdir()) == [".bnn-probe.lock", "meta.json"]
+
+
+def test_compare_tells_runs_of_the_same_folder_name_apart(tmp_path, capsys):
+    write_run(make_run("x", seed=1, **SMALL), tmp_path / "s1" / "x")
+    write_run(make_run("x", seed=2, **SMALL), tmp_path / "s2" / "x")
+    code, out, err = run_cli(["compare", str(tmp_path / "s1" / "x"), str(tmp_path / "s2" / "x")], capsys)
+    assert code == 0 and out.startswith("s1/x vs s2/x:"), out + err

@@ -134,7 +134,9 @@ def config_from_options(opts: dict) -> object:
 @click.option("--out", default=None, type=click.Path(path_type=str),
               help="Run directory [default: runs/<dataset>-<model>-<optimizer>-s<seed>]. Never overwritten "
                    "silently.")
-@click.option("--overwrite", is_flag=True, help="Replace a previous run in --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a previous bnn-probe run in --out: only the files bnn-probe wrote are deleted (others are "
+                   "kept), and only once the new run's data and model are ready; links are refused.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar [default: only when stderr is a terminal].")
 @click.option("--amp", default="none", show_default=True, type=click.Choice(["none", "bf16", "fp16"]),
