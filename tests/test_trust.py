@@ -242,6 +242,11 @@ def test_unique_keys():
     assert unique_keys(["/a/s1/x", "/a/s2/x", "/b/y"]) == ["s1/x", "s2/x", "y"]
     assert unique_keys(["/a/s1/x", "/b/s1/x"]) == ["a/s1/x", "b/s1/x"]
     assert unique_keys(["/a/x", "/a/x"]) == ["a/x", "a/x#2"]
+    from bnn_probe.reports.load import unique_names
+
+    runs = [make_run(n, **SMALL) for n in ("x", "x", "y")]  # objects without a folder: numbered
+    unique_names(runs)
+    assert [r.name for r in runs] == ["x", "x#2", "y"]
 
 
 # ---------------------------------------------------------------------------------------------------- non-finite grads

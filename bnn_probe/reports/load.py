@@ -83,8 +83,7 @@ def unique_keys(paths: list[Path]) -> list[str]:
     """A name per run folder that no other folder of ``paths`` has: the folder's name, or, where two share it, the
     shortest tail of their paths that tells them apart (``s1/x`` and ``s2/x``); ``#2``, ``#3`` if even the full
     paths agree."""
-    parts = [Path(p).resolve().parts[1:] if str(p) and not str(p).startswith("<") else (str(p),) for p in paths]
-    parts = [pp or ("/",) for pp in parts]
+    parts = [Path(p).resolve().parts[1:] or ("/",) for p in paths]
     keys = ["/".join(pp[-1:]) for pp in parts]
     for depth in range(2, max((len(pp) for pp in parts), default=1) + 1):
         dup = {k for k in keys if keys.count(k) > 1}
@@ -101,11 +100,12 @@ def unique_keys(paths: list[Path]) -> list[str]:
 
 def unique_names(runs: list) -> None:
     """Make ``run.name`` unique among ``runs`` (analyses key tables, figures and verdicts on it): runs read from
-    folders get :func:`unique_keys` of their paths where names collide; other run objects a ``#n`` suffix."""
+    folders get :func:`unique_keys` of their paths where names collide; other run objects (no folder) a ``#n``
+    suffix."""
     names = [str(getattr(r, "name", "") or "run") for r in runs]
     if len(set(names)) == len(names):
         return
-    with_path = [i for i, r in enumerate(runs) if getattr(r, "path", None) is not None]
+    with_path = [i for i, r in enumerate(runs) if getattr(r, "path", None) and Path(r.path).is_dir()]
     clash = [names.count(n) > 1 for n in names]
     for i, k in zip(with_path, unique_keys([runs[i].path for i in with_path]), strict=True):
         names[i] = k if clash[i] else names[i]
