@@ -291,6 +291,12 @@ def test_nan_in_training_leaves_bop_state_finite_and_summary_and_report_warn(tmp
     st = bop.state[p]
     assert torch.isfinite(st["exp_avg"]).all()
     assert st["nonfinite_skipped"] == 100 * state.step
+    import bnn_probe
+
+    steps = bnn_probe.load_run(tmp_path / "run").steps
+    mine = steps[steps["layer"] == state.probe.layers[0].name]
+    assert (mine["nonfinite_grads"] == 100).all() and len(mine) == state.step  # the probe logs them every step
+    assert mine["abs_m_mean"].notna().all()  # the momentum stays finite: no NaN statistics from then on
     code, _, err = run_cli(["summary", str(tmp_path / "run")], capsys)
     assert code == 0 and f"had {100 * state.step} non-finite gradient entries" in err
     code, _, err = run_cli(["report", str(tmp_path / "run"), "--out", str(tmp_path / "rep"), "--format", "md",
