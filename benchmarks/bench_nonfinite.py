@@ -24,8 +24,12 @@ from bnn_probe.optim import bop as bop_mod
 from bnn_probe.optim import bop2nd as bop2nd_mod
 
 
-def _passthrough(optimizer, ws, states, gs, masked_step):
+def _passthrough(optimizer, ws, states, gs, masked_step, bad):
     return ws, states, gs
+
+
+def _nothing(optimizer):
+    return set()
 
 
 def main() -> None:
@@ -43,11 +47,11 @@ def main() -> None:
         for w in ws:
             w.grad = torch.randn_like(w) * 1e-3
         opt = cls(ws, gamma=1e-3, threshold=1e-6)
-        checked = mod.skip_nonfinite
+        checked = mod.skip_nonfinite, mod.nonfinite_params
         times: dict[str, list[float]] = {"checked": [], "unchecked": []}
         for r in range(args.rounds + 2):
             for label in (("checked", "unchecked") if r % 2 else ("unchecked", "checked")):  # alternate the order
-                mod.skip_nonfinite = checked if label == "checked" else _passthrough
+                mod.skip_nonfinite, mod.nonfinite_params = checked if label == "checked" else (_passthrough, _nothing)
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -56,7 +60,7 @@ def main() -> None:
                     torch.cuda.synchronize()
                 if r >= 2:  # two warm-up rounds
                     times[label].append(time.perf_counter() - t0)
-        mod.skip_nonfinite = checked
+        mod.skip_nonfinite, mod.nonfinite_params = checked
         a, b = statistics.median(times["checked"]), statistics.median(times["unchecked"])
         print(f"{cls.__name__:12s} step with check {a * 1e3:8.2f} ms, without {b * 1e3:8.2f} ms, ratio {a / b:.2f}")
 

@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from ._validate import GammaAliasOptimizer, check_bop_group, check_hparam
-from .nonfinite import skip_nonfinite
+from .nonfinite import nonfinite_params, skip_nonfinite
 
 __all__ = ["Bop", "bop_step_loop", "bop_step_foreach", "bop_step_fused"]
 
@@ -101,9 +101,11 @@ class Bop(GammaAliasOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        bad = nonfinite_params(self)  # NaN/±inf gradient entries are skipped (optim/nonfinite.py)
         for gi, group in enumerate(self.param_groups):
             gamma, threshold = _check_group(group, gi)
-            ws, (ms,), gs = skip_nonfinite(self, *self._gather(group, gi, ("exp_avg",)), _masked(gamma, threshold))
+            ws, (ms,), gs = skip_nonfinite(self, *self._gather(group, gi, ("exp_avg",)), _masked(gamma, threshold),
+                                           bad)
             if not ws:
                 continue
             if group["fused"]:

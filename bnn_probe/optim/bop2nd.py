@@ -41,7 +41,7 @@ from torch import Tensor
 
 from ._validate import GammaAliasOptimizer, check_bop_group, check_hparam
 from .bop import CompiledKernel, _scalars
-from .nonfinite import skip_nonfinite
+from .nonfinite import nonfinite_params, skip_nonfinite
 
 __all__ = ["Bop2ndOrder"]
 
@@ -94,10 +94,11 @@ class Bop2ndOrder(GammaAliasOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        bad = nonfinite_params(self)  # NaN/±inf gradient entries are skipped (optim/nonfinite.py)
         for gi, group in enumerate(self.param_groups):
             gamma, sigma, threshold, eps = _check_group(group, gi)
             ws, (ms, vs), gs = skip_nonfinite(self, *self._gather(group, gi, ("exp_avg", "exp_avg_sq")),
-                                              _masked(gamma, sigma, threshold, eps, group["bias_correction"]))
+                                              _masked(gamma, sigma, threshold, eps, group["bias_correction"]), bad)
             if not ws:
                 continue
             args = (ws, ms, vs, gs, gamma, sigma, threshold, eps, group["bias_correction"])

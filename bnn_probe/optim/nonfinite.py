@@ -7,8 +7,9 @@ step: its m (and Bop2ndOrder's v) keep their previous values, its sign is decide
 the optimizer adds one to ``state[p]["nonfinite_skipped"]`` (an int, saved with the optimizer's state). Finite entries
 are updated exactly as without the check (bit for bit).
 
-Cost: one multi-tensor norm of the gradients and one host synchronisation per step (:func:`nonfinite_tensors`); the
-masked update runs only for the tensors that hold a non-finite entry. The probe logs the same entries per step as
+Cost: one multi-tensor norm of the gradients and one host synchronisation per step and device, for all param groups
+together (:func:`nonfinite_params`); the masked update runs only for the tensors that hold a non-finite entry
+(benchmarks/bench_nonfinite.py measures the cost). The probe logs the same entries per step as
 ``nonfinite_grads`` (docs/quantities.md); ``bnn-probe summary`` and the report warn when a run has any.
 """
 
@@ -20,14 +21,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["STATE_KEY", "nonfinite_tensors", "skip_nonfinite"]
+__all__ = ["STATE_KEY", "nonfinite_tensors", "nonfinite_params", "skip_nonfinite"]
 
 STATE_KEY = "nonfinite_skipped"
 
 
 def nonfinite_tensors(gs: list[Tensor]) -> list[int]:
     """Indices of the gradients that may hold a NaN or ±inf: a non-finite 2-norm (a NaN/inf entry, or finite values
-    whose norm overflows; the masked update then finds no entry to skip and equals the plain one)."""
+    whose norm overflows; the masked update then finds no entry to skip and equals the plain one). One multi-tensor
+    norm and one host synchronisation per device."""
     if not gs:
         return []
     by_device: dict[torch.device, list[int]] = {}
@@ -41,21 +43,30 @@ def nonfinite_tensors(gs: list[Tensor]) -> list[int]:
     return sorted(bad)
 
 
+def nonfinite_params(optimizer: torch.optim.Optimizer) -> set[int]:
+    """``id`` of every parameter of ``optimizer`` whose gradient may hold a NaN or ±inf (checked for all param
+    groups at once, so a step synchronises once, not once per group)."""
+    ps = [p for group in optimizer.param_groups for p in group["params"]
+          if p.grad is not None and p.grad.layout == torch.strided and p.grad.is_floating_point()]  # others: refused
+    # by the optimizer's own gradient check
+    return {id(ps[i]) for i in nonfinite_tensors([p.grad for p in ps])}
+
+
 def skip_nonfinite(optimizer: torch.optim.Optimizer, ws: list[Tensor], states: list[list[Tensor]], gs: list[Tensor],
-                   masked_step: Callable[[Tensor, list[Tensor], Tensor, Tensor], None]
+                   masked_step: Callable[[Tensor, list[Tensor], Tensor, Tensor], None], bad: set[int]
                    ) -> tuple[list[Tensor], list[list[Tensor]], list[Tensor]]:
-    """Run ``masked_step(w, [state tensors], g_finite, ok)`` for every tensor holding a non-finite gradient entry
-    (``g_finite``: those entries set to 0; ``ok``: the finite mask), count the skipped entries in
-    ``optimizer.state[w][STATE_KEY]``, and return the other tensors for the optimizer's fast path."""
-    bad = nonfinite_tensors(gs)
-    if not bad:
+    """Run ``masked_step(w, [state tensors], g_finite, ok)`` for every parameter in ``ws`` whose id is in ``bad``
+    (:func:`nonfinite_params`; ``g_finite``: the non-finite entries set to 0; ``ok``: the finite mask), count the
+    skipped entries in ``optimizer.state[w][STATE_KEY]``, and return the other tensors for the fast path."""
+    rows = [i for i, w in enumerate(ws) if id(w) in bad]
+    if not rows:
         return ws, states, gs
-    for i in bad:
+    for i in rows:
         g = gs[i]
         ok = torch.isfinite(g)
         masked_step(ws[i], [s[i] for s in states], torch.where(ok, g, torch.zeros((), dtype=g.dtype,
                                                                                    device=g.device)), ok)
         st: dict[str, Any] = optimizer.state[ws[i]]
         st[STATE_KEY] = int(st.get(STATE_KEY, 0)) + int((~ok).sum())
-    keep = [i for i in range(len(ws)) if i not in set(bad)]
+    keep = [i for i in range(len(ws)) if i not in set(rows)]
     return [ws[i] for i in keep], [[s[i] for i in keep] for s in states], [gs[i] for i in keep]
