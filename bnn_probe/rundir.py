@@ -33,6 +33,8 @@ __all__ = ["LOCK_NAME", "RUN_FILES", "RUN_TABLE_DIRS", "RunLock", "OwnedFiles", 
            "tmp_path", "is_run_folder"]
 
 LOCK_NAME = ".bnn-probe.lock"
+# Every file a run writes at its top level, and its table folders: a new file a run writes must be added here, or
+# --overwrite keeps (and reports) it as a file bnn-probe did not write.
 RUN_FILES = ("meta.json", "layers.parquet", "weight_flips.parquet", "checkpoint.pt", LOCK_NAME)
 RUN_TABLE_DIRS = ("steps", "tracked", "events", "hists", "snapshots", "train")
 _TMP = re.compile(r"^\.(?P<name>.+?)(\.\d+)?\.tmp$")

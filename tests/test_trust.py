@@ -553,3 +553,10 @@ def test_compare_tells_runs_of_the_same_folder_name_apart(tmp_path, capsys):
     write_run(make_run("x", seed=2, **SMALL), tmp_path / "s2" / "x")
     code, out, err = run_cli(["compare", str(tmp_path / "s1" / "x"), str(tmp_path / "s2" / "x")], capsys)
     assert code == 0 and out.startswith("s1/x vs s2/x:"), out + err
+
+
+def test_the_owned_table_folders_are_the_run_log_tables():
+    from bnn_probe.rundir import RUN_TABLE_DIRS
+    from bnn_probe.runlog.schema import PART_TABLES
+
+    assert set(RUN_TABLE_DIRS) == set(PART_TABLES)
