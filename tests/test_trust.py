@@ -560,3 +560,22 @@ def test_the_owned_table_folders_are_the_run_log_tables():
     from bnn_probe.runlog.schema import PART_TABLES
 
     assert set(RUN_TABLE_DIRS) == set(PART_TABLES)
+
+
+def test_a_resume_while_another_process_writes_the_run_is_refused(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    assert _train(tmp_path, capsys, run)[0] == 0
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from bnn_probe.rundir import RunLock; "
+                               f"lock = RunLock({str(run)!r}); print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = run_cli(["train", "--resume", str(run)], capsys)
+        _one_line_error(code, err, f"another bnn-probe process (pid {holder.pid})")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_cli(["train", "--resume", str(run)], capsys)[0] == 0  # the lock ended with its process
