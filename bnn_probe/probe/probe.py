@@ -20,8 +20,10 @@ import math
 import os
 import platform
 import time
+import uuid
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -171,6 +173,8 @@ class Probe:
             self._eperm = torch.cat([torch.arange(order.index(i) * e, order.index(i) * e + e)
                                      for i in range(L)]).to(dev)
         self.writer = RunWriter(self.logdir, tensorboard=tensorboard, resume=resume)
+        self.run_id = _previous_run_id(self.writer.path) if resume else None
+        self.run_id = self.run_id or uuid.uuid4().hex  # identifies the run: a resume checks its checkpoint's
         self.rec = Recorder(self.writer, [ly.name for ly in self.layers], [ly.n for ly in self.layers],
                             [ly.family for ly in self.layers], buffer_steps=buffer_steps, tb_every=self.tb_every)
         self.rec.events_per_layer = self.events_per_layer
@@ -254,6 +258,7 @@ class Probe:
                       "n_parameters": sum(p.numel() for p in self.model.parameters())},
             "layers": [ly.name for ly in self.layers], "device": str(self.layers[0].param.device),
             "probe": probe_opts, "config": self.config, "tag": self.tag, "world_size": self.world_size,
+            "run_id": self.run_id,
             "warnings": list(self.checks.warnings) if hasattr(self, "checks") else [],
         }
 
@@ -421,6 +426,15 @@ class Probe:
 
     def __repr__(self) -> str:
         return f"Probe({self.logdir!r}, step={self.step}, layers={len(self.layers)}, rank={self.rank})"
+
+
+def _previous_run_id(path: Path) -> str | None:
+    """The ``run_id`` of the run a resumed probe appends to (None for runs written before run ids existed)."""
+    try:
+        rid = json.loads((path / "meta.json").read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return rid if isinstance(rid, str) else None
 
 
 def _flush_at_exit(ref: weakref.ref) -> None:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from . import figures as F
 from . import inertia, pairs, run_warnings, threshold_policies, thresholds, training
+from .atomic import report_folder
 from .frames import family, meta, run_name
 from .load import load_runs
 from .render import Document, Section, render_html, render_markdown
@@ -75,7 +76,19 @@ def build_report(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True,
 
 
 def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, options: ReportOptions | None = None,
-          strict: bool = True) -> ReportResult:
+             strict: bool = True) -> ReportResult:
+    """Write the report into a temporary sibling of ``out_dir`` and move it into place (:mod:`.atomic`): ``out_dir``
+    holds the previous report or the new one, never a mix; a write error (disk full) is one line."""
+    out = Path(out_dir)
+    with report_folder(out) as tmp:
+        res = _generate(runs_or_paths, tmp, formats, progress, options, strict)
+    res.files = [out / Path(f).relative_to(tmp) for f in res.files]
+    res.out_dir = out
+    return res
+
+
+def _generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, options: ReportOptions | None = None,
+              strict: bool = True) -> ReportResult:
     opt = options or ReportOptions()
     formats = tuple(formats)
     bad = [f for f in formats if f not in FORMATS]
