@@ -195,6 +195,29 @@ def _inertia(o: StudyOptions) -> list[RunSpec]:
         runs.append(RunSpec(f"tau0-latent-sgd-s{seed}", replace(
             tau0, optimizer="latent-sgd", lr=TAU0_GAMMA, decoupled_decay=1.0, momentum=0.0, clip=False,
             glorot_lr=False, init_scale=1e-20, pair_role="b")))
+    runs += intervention_runs(o)  # magnitude-reset pairs; their latent arms also log the latent network
+    return runs
+
+
+RESET_ARMS = (("latent-adam", "constant"), ("latent-adam", "shuffle"), ("bop", "zero"))
+
+
+def intervention_runs(o: StudyOptions, arms: Sequence[tuple[str, str]] = RESET_ARMS) -> list[RunSpec]:
+    """The magnitude-reset pairs (docs/reports.md): for every seed and (optimizer, mode) of ``arms`` a control and a
+    reset run, identical until T = half of the run's optimizer steps; then the reset arm resets the inertia
+    (:func:`bnn_probe.interventions.reset_inertia`). Latent Adam clips; Bop uses γ = 1e-3, τ = 1e-6. Every latent
+    run logs its latent network each epoch (``latent_eval``)."""
+    runs: list[RunSpec] = []
+    for seed in o.seeds:
+        base = replace(o.base(seed, default_epochs=20, quick_epochs=2), tag="magnitude-reset")
+        t = max(1, base.epochs * _data_for(base).steps_per_epoch(base.batch_size) // 2)
+        for optimizer, mode in arms:
+            cfg = replace(base, optimizer=optimizer, **({"gamma": 1e-3, "threshold": 1e-6} if optimizer == "bop"
+                                                        else {"clip": True}))
+            pair = f"reset-{optimizer}-{mode}-s{seed}"
+            for role in ("control", "reset"):
+                iv = {"pair": pair, "role": role, "step": t, "mode": mode}
+                runs.append(RunSpec(f"reset-{optimizer}-{mode}-{role}-s{seed}", replace(cfg, intervention=iv)))
     return runs
 
 
