@@ -17,8 +17,9 @@ Statistics, per condition (the pairs' shared options, mode and T), one pair per 
   lies inside (−δ, δ)); lasting damage when the 90 % interval lies below −δ (one-sided 5 % test of d < −δ);
 * flip burst: e_t = flip ratio(reset) − flip ratio(control) of the whole network at step t > T;
   ``excess_flips`` = Σ e_t over the burst window (the first quarter of the steps after T, at least 10 steps): the
-  extra flips per weight (negative: a freeze); ``peak_excess`` = the largest |e_t| with its sign;
-  ``decay_steps`` = the first d from which the cumulative Σ_{T<t≤T+d} e_t stays within 10 % of its window total.
+  extra flips per weight (negative: a freeze); ``peak_excess`` = the e_t of largest |e_t| in the window;
+  ``decay_steps`` = the half-decay time: steps after T until the 5-step moving average of |e_t| first falls to
+  half its maximum (searched after the maximum, over the rest of the run; NaN: not within the run).
   A burst "was there" when the 95 % t-interval of ``excess_flips`` over seeds excludes 0.
 
 Decision rule: < 3 pairs → inconclusive; lasting damage → not supported; equivalent and a burst → supported;
@@ -48,6 +49,7 @@ MARGIN = 0.02  # accuracy: two percentage points
 FINAL_EVALS = 3
 MIN_SEEDS = 3
 BURST_MIN_STEPS = 10
+SMOOTH_STEPS = 5
 _IGNORED = {"seed", "tag", "pair", "pair_role", "intervention", "extra", "device", "amp", "compile", "probe_every",
             "hist_every", "snapshot_every", "track", "latent_eval", "data_dir"}
 
@@ -138,15 +140,16 @@ def _burst(pair: ResetPair) -> tuple[float, float, float, pd.DataFrame]:
     after = both[both["step"] > pair.step]
     if after.empty:
         return math.nan, math.nan, math.nan, both
-    width = max(BURST_MIN_STEPS, len(after) // 4)
-    win = after.head(width)
-    e = (win["reset"] - win["control"]).to_numpy(float)
+    e_all = (after["reset"] - after["control"]).to_numpy(float)
+    e = e_all[:max(BURST_MIN_STEPS, len(after) // 4)]
     total = float(e.sum())
     peak = float(e[np.argmax(np.abs(e))]) if e.size else math.nan
-    cum = np.cumsum(e)
-    off = np.abs(cum - total) > 0.1 * abs(total)
-    decay = float(np.nonzero(off)[0].max() + 2) if off.any() else 1.0
-    return total, peak, (decay if total != 0 else math.nan), both
+    k = min(SMOOTH_STEPS, e_all.size)
+    smooth = np.convolve(np.abs(e_all), np.ones(k) / k, mode="valid")  # smooth[i]: mean |e| over steps T+1+i…
+    top = int(np.argmax(smooth))
+    below = np.nonzero(smooth[top:] <= smooth[top] / 2)[0] if smooth[top] > 0 else np.array([], dtype=int)
+    decay = float(top + below[0] + 1) if below.size else math.nan
+    return total, peak, decay, both
 
 
 @dataclass
@@ -183,7 +186,7 @@ def analyse_resets(runs) -> ResetAnalysis:
                                                 "reset_step": p.step, "step": s["step"].to_numpy(), "quantity": q,
                                                 "value": s[q].to_numpy(float)}))
             span = max(BURST_MIN_STEPS, (int(both["step"].max()) - p.step) // 4) if len(both) else 0
-            near = both[(both["step"] > p.step - span) & (both["step"] <= p.step + span)]
+            near = both[both["step"] > p.step - span]
             curves.append(pd.DataFrame({"label": p.label, "pair": p.name, "seed": p.seed, "arm": arm,
                                         "reset_step": p.step, "step": near["step"].to_numpy(), "quantity": "flip_ratio",
                                         "value": near[arm].to_numpy(float)}))
@@ -205,10 +208,11 @@ def reset_verdicts(table: pd.DataFrame, margin: float = MARGIN, min_seeds: int =
         equivalent = math.isfinite(lo) and lo > -margin and hi < margin
         damage = math.isfinite(hi) and hi < -margin
         label = str(g["label"].iloc[0])
-        decay = float(g["decay_steps"].median()) if g["decay_steps"].notna().any() else math.nan
+        decays = ", ".join("—" if math.isnan(d) else f"{d:.0f}" for d in g["decay_steps"])
         facts = (f"final accuracy reset − control {m:+.4f} (90 % CI [{lo:+.4f}, {hi:+.4f}]), loss {lm:+.4f} "
                  f"([{llo:+.4f}, {lhi:+.4f}]); excess flips per weight after T {bm:+.3g} (95 % CI [{blo:+.3g}, "
-                 f"{bhi:+.3g}]), median decay {decay:.0f} steps")
+                 f"{bhi:+.3g}]); half-decay of the flip-ratio difference per seed: {decays} steps (—: not within "
+                 "the run)")
         if n < min_seeds:
             verdict, reason = INCONCLUSIVE, f"{n} seed(s) < {min_seeds}: {facts}"
         elif damage:
