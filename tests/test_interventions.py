@@ -284,3 +284,26 @@ def test_null_control_real_valued_network_is_not_supported(tmp_path):
     [v] = reset_verdicts(res.pairs)
     assert v.verdict == "not supported", v.reason
     assert v.interval[1] < -0.02
+
+
+def test_intervention_runs_of_the_inertia_study():
+    from bnn_probe.studies import StudyOptions, intervention_runs, plan_study
+
+    specs = intervention_runs(StudyOptions(seeds=(0, 1, 2), epochs=4))
+    assert len(specs) == 18
+    names = {s.name for s in plan_study("inertia", StudyOptions(seeds=(0, 1, 2), epochs=4))}
+    assert {s.name for s in specs} <= names
+    steps = 4 * 29 // 2  # digits: 1437 training samples, batch 50 -> 29 steps per epoch; T = half of the run
+    by_pair: dict[str, dict[str, object]] = {}
+    for s in specs:
+        iv = s.config.intervention
+        assert iv["step"] == steps
+        by_pair.setdefault(iv["pair"], {})[iv["role"]] = s.config
+    assert len(by_pair) == 9
+    for arms in by_pair.values():
+        c, r = arms["control"], arms["reset"]
+        from dataclasses import replace
+
+        assert replace(c, intervention=None) == replace(r, intervention=None)  # same options and seed
+    assert {(s.config.optimizer, s.config.intervention["mode"]) for s in specs} == {
+        ("latent-adam", "constant"), ("latent-adam", "shuffle"), ("bop", "zero")}
