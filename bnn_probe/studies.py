@@ -12,7 +12,8 @@ Studies (docs/training.md gives every run's options):
 * ``inertia`` — Bop; latent Adam with clipping; latent SGD; the Theorem-1 pair (latent SGD, identity STE, no clipping,
   (lr, init) and (C·lr, C·init) with C = 2^5); the τ = 0 pair (Bop with τ = 0 and latent SGD with step γ, decoupled
   decay γ and initial magnitudes 1e-20, γ = 2^-10 so both forms round alike). Pairs carry ``config["pair"]`` and
-  ``config["pair_role"]`` ("a"/"b") and a ``tag`` naming the pair kind.
+  ``config["pair_role"]`` ("a"/"b") and a ``tag`` naming the pair kind. Magnitude-reset pairs
+  (:func:`intervention_runs`): control and reset arms sharing a seed, ``config["intervention"]``.
 * ``thresholds`` — per-layer thresholds (question A; docs/thresholds.md): Bop with global τ ∈ {2e-7, 1e-6, 5e-6},
   ``fan-in`` and ``calibrated`` (r* = 1e-3) policies, Bop2ndOrder (τ = 1e-3), latent Adam, Bop without batch norm
   (weights scaled by fan_in^−1/2), and a width sweep (MLP in → W → 256 → classes, W ∈ {64, 256, 1024, 4096}).
@@ -174,8 +175,8 @@ def _hyperparams(o: StudyOptions) -> list[RunSpec]:
     return runs
 
 
-@register_study("inertia", "Bop, latent Adam (clipped), latent SGD, the Theorem-1 pair and the τ = 0 pair",
-                all_epochs=6)
+@register_study("inertia", "Bop, latent Adam (clipped), latent SGD, the Theorem-1 pair, the τ = 0 pair and the "
+                "magnitude-reset pairs", all_epochs=6)
 def _inertia(o: StudyOptions) -> list[RunSpec]:
     runs: list[RunSpec] = []
     for seed in o.seeds:
