@@ -105,15 +105,14 @@ def train_options(f):
                      help="Magnitude-reset experiment: after optimizer step T reset the inertia of every binary "
                           "weight, signs kept (bnn_probe.interventions.reset_inertia); with --intervention-role "
                           "control only mark step T. Run both arms with the same seed."),
-        click.option("--reset-inertia-mode", default="constant", show_default=True,
-                     metavar="[constant|shuffle|zero]",
+        click.option("--reset-inertia-mode", default=None, metavar="[constant|shuffle|zero]",
                      help="Latent: |w̃| ← layer mean (constant) or permuted in the layer (shuffle). Bop: m ← 0 "
-                          "(zero), |m| ← layer mean or permuted, sign of m kept."),
+                          "(zero), |m| ← layer mean or permuted, sign of m kept [default: constant]."),
         click.option("--intervention-pair", default=None,
                      help="Name shared by the control and reset arms [default: "
                           "<dataset>-<model>-<optimizer>-<mode>-T<step>-s<seed>]."),
-        click.option("--intervention-role", default="reset", show_default=True, metavar="[control|reset]",
-                     help="This run's arm of the magnitude-reset pair (needs --reset-inertia-step)."),
+        click.option("--intervention-role", default=None, metavar="[control|reset]",
+                     help="This run's arm of the magnitude-reset pair (needs --reset-inertia-step) [default: reset]."),
         click.option("--latent-eval/--no-latent-eval", default=None,
                      help="Latent optimizers: every epoch, evaluate the latent network (w̃/mean|w̃| in place of "
                           "sign w̃) and log the per-layer approximation error [default: on]."),
@@ -148,11 +147,15 @@ def _intervention(opts: dict) -> dict | None:
     """The run config's ``intervention`` entry from the --reset-inertia-* options (None without a step)."""
     step = opts["reset_inertia_step"]
     if step is None:
+        given = [f"--{k.replace('_', '-')}" for k in ("reset_inertia_mode", "intervention_pair", "intervention_role")
+                 if opts[k] is not None]
+        if given:
+            raise BnnProbeError(f"{', '.join(given)} need(s) --reset-inertia-step T (the step of the reset)")
         return None
-    mode = opts["reset_inertia_mode"]
+    mode = opts["reset_inertia_mode"] or "constant"
     pair = opts["intervention_pair"] or f"{opts['dataset']}-{opts['model']}-{opts['optimizer']}-{mode}-T{step}-" \
                                         f"s{opts['seed']}"
-    return {"pair": pair, "role": opts["intervention_role"], "step": step, "mode": mode}
+    return {"pair": pair, "role": opts["intervention_role"] or "reset", "step": step, "mode": mode}
 
 
 @click.command("train")
