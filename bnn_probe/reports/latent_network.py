@@ -52,7 +52,7 @@ def _eligible(run) -> bool:
 def analyse_latent(runs) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(per-run table, long curves table, notes). Reset arms of magnitude-reset pairs are left out (perturbed);
     a second run of the same condition and seed (e.g. a control arm and a plain run) is counted once."""
-    rows, curves, notes = [], [], []
+    rows, curves, notes, repeats = [], [], [], []
     seen: set[tuple[str, int]] = set()
     bop = [run_name(r) for r in runs if family(r) in ("bop", "bop2nd")]
     if bop:
@@ -63,7 +63,7 @@ def analyse_latent(runs) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
             continue
         cond, seed = condition_key(r), int(config(r).get("seed") or 0)
         if (cond, seed) in seen:
-            notes.append(f"{run_name(r)} repeats seed {seed} of its condition (same options): counted once")
+            repeats.append(run_name(r))
             continue
         seen.add((cond, seed))
         tr = frame(r, "train").sort_values("step", kind="stable")
@@ -85,6 +85,9 @@ def analyse_latent(runs) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
             curves.append(pd.DataFrame({"label": lab, "run": run_name(r), "seed": seed, "step": ev["step"].to_numpy(),
                                         "quantity": "approx_error", "series": c.removeprefix(_ERR),
                                         "value": ev[c].to_numpy(float)}))
+    if repeats:
+        notes.append(f"{len(repeats)} run(s) repeat the options and seed of a run above (e.g. a control arm and a "
+                     f"plain run: one trajectory) and are counted once: {', '.join(repeats)}")
     cols = ["label", "run", "seed", "step", "quantity", "series", "value"]
     return (pd.DataFrame(rows), pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=cols),
             notes)
