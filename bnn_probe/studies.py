@@ -201,13 +201,16 @@ def _inertia(o: StudyOptions) -> list[RunSpec]:
 
 
 RESET_ARMS = (("latent-adam", "constant"), ("latent-adam", "shuffle"), ("bop", "zero"))
+RESET_ARMS_QUICK = (("latent-adam", "constant"), ("bop", "zero"))
 
 
-def intervention_runs(o: StudyOptions, arms: Sequence[tuple[str, str]] = RESET_ARMS) -> list[RunSpec]:
-    """The magnitude-reset pairs (docs/reports.md): for every seed and (optimizer, mode) of ``arms`` a control and a
-    reset run, identical until T = half of the run's optimizer steps; then the reset arm resets the inertia
-    (:func:`bnn_probe.interventions.reset_inertia`). Latent Adam clips; Bop uses γ = 1e-3, τ = 1e-6. Every latent
-    run logs its latent network each epoch (``latent_eval``)."""
+def intervention_runs(o: StudyOptions, arms: Sequence[tuple[str, str]] | None = None) -> list[RunSpec]:
+    """The magnitude-reset pairs (docs/reports.md): for every seed and (optimizer, mode) of ``arms`` (default
+    :data:`RESET_ARMS`, with ``quick`` :data:`RESET_ARMS_QUICK`) a control and a reset run, identical until T = half
+    of the run's optimizer steps; then the reset arm resets the inertia (:func:`bnn_probe.interventions.reset_inertia`).
+    Latent Adam clips; Bop uses γ = 1e-3, τ = 1e-6. Every latent run logs its latent network each epoch
+    (``latent_eval``)."""
+    arms = arms if arms is not None else (RESET_ARMS_QUICK if o.quick else RESET_ARMS)
     runs: list[RunSpec] = []
     for seed in o.seeds:
         base = replace(o.base(seed, default_epochs=20, quick_epochs=2), tag="magnitude-reset")

@@ -72,9 +72,10 @@ def test_runner_logs_latent_network_only_for_latent_runs(tmp_path):
     assert "latent_val_accuracy" not in off.train
 
 
-def _synthetic(tmp_path, seed: int, gap: float, err_trend: float, name: str = "lat"):
+def _synthetic(tmp_path, seed: int, gap: float, err_trend: float, name: str = "lat", lr: float = 1e-3,
+               trajectory_seed: int | None = None):
     r = make_run(f"{name}-s{seed}", family="latent", n_steps=100, seed=seed, n_tracked=4,
-                 config={"optimizer": "latent-adam", "seed": seed})
+                 trajectory_seed=trajectory_seed, config={"optimizer": "latent-adam", "seed": seed, "lr": lr})
     steps = np.arange(10, 101, 10)
     rng = np.random.default_rng(seed)
     acc = 0.9 + 0.003 * rng.standard_normal(steps.size)
@@ -112,3 +113,8 @@ def test_same_seed_counted_once_and_bop_skipped(tmp_path):
     assert len(table) == 1
     assert any("counted once" in n for n in notes) and any("no latent network" in n for n in notes)
     assert set(curves["quantity"]) == {"val_accuracy", "approx_error"}
+    # another condition (lr) with the very same binary trajectory (a Theorem-1 pair) is counted once too
+    twin = _synthetic(tmp_path / "t", 0, 0.0, 0.0, name="c", lr=2e-3, trajectory_seed=0)
+    other = _synthetic(tmp_path / "o", 0, 0.0, 0.0, name="d", lr=2e-3, trajectory_seed=99)
+    table, _, notes = analyse_latent([runs[0], twin, other])
+    assert table["run"].tolist() == ["a-0", "d-0"]

@@ -54,7 +54,7 @@ def test_thresholds_grid_and_unknown_names_fail():
 def test_all_is_a_short_version_of_every_available_study():
     specs = plan_study("all", StudyOptions())
     names = [s.name for s in specs]
-    assert len(names) == 30 and len(set(names)) == 30
+    assert len(names) == 28 and len(set(names)) == 28
     assert {n.split("-")[0] for n in names} == {"hyperparams", "inertia", "thresholds"}
     epochs = {n.split("-")[0]: s.config.epochs for n, s in zip(names, specs, strict=True)}
     assert epochs == {"hyperparams": 6, "inertia": 6, "thresholds": 4}

@@ -49,11 +49,21 @@ def _eligible(run) -> bool:
     return "latent_val_accuracy" in tr and not (isinstance(iv, dict) and iv.get("role") == "reset")
 
 
+def _trajectory(run) -> int | None:
+    """A fingerprint of the run's binary trajectory (every logged per-layer sign hash), None without hashes."""
+    st = frame(run, "steps")
+    if st.empty or "sign_hash" not in st or st["sign_hash"].isna().any():
+        return None
+    return hash(tuple(st.sort_values(["step", "layer"], kind="stable")["sign_hash"].astype("int64").tolist()))
+
+
 def analyse_latent(runs) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(per-run table, long curves table, notes). Reset arms of magnitude-reset pairs are left out (perturbed);
-    a second run of the same condition and seed (e.g. a control arm and a plain run) is counted once."""
+    a second run of the same condition and seed (e.g. a control arm and a plain run), or with the same binary
+    trajectory as a run already counted (e.g. the two runs of a Theorem-1 pair), is counted once."""
     rows, curves, notes, repeats = [], [], [], []
     seen: set[tuple[str, int]] = set()
+    trajectories: set[int] = set()
     bop = [run_name(r) for r in runs if family(r) in ("bop", "bop2nd")]
     if bop:
         notes.append("Bop-family runs have no latent network (m is a moving average of gradients, not a weight the "
@@ -62,10 +72,13 @@ def analyse_latent(runs) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
         if not _eligible(r):
             continue
         cond, seed = condition_key(r), int(config(r).get("seed") or 0)
-        if (cond, seed) in seen:
+        fp = _trajectory(r)
+        if (cond, seed) in seen or (fp is not None and fp in trajectories):
             repeats.append(run_name(r))
             continue
         seen.add((cond, seed))
+        if fp is not None:
+            trajectories.add(fp)
         tr = frame(r, "train").sort_values("step", kind="stable")
         errs = [c for c in tr.columns if c.startswith(_ERR)]
         ev = tr[["step", "val_accuracy", "latent_val_accuracy", *errs]].dropna(subset=["latent_val_accuracy"])
@@ -86,8 +99,9 @@ def analyse_latent(runs) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
                                         "quantity": "approx_error", "series": c.removeprefix(_ERR),
                                         "value": ev[c].to_numpy(float)}))
     if repeats:
-        notes.append(f"{len(repeats)} run(s) repeat the options and seed of a run above (e.g. a control arm and a "
-                     f"plain run: one trajectory) and are counted once: {', '.join(repeats)}")
+        notes.append(f"{len(repeats)} run(s) repeat a run above — the same options and seed (e.g. a control arm and "
+                     f"a plain run) or the same binary trajectory (e.g. a Theorem-1 pair) — and are counted once: "
+                     f"{', '.join(repeats)}")
     cols = ["label", "run", "seed", "step", "quantity", "series", "value"]
     return (pd.DataFrame(rows), pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=cols),
             notes)
