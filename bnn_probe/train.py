@@ -515,7 +515,10 @@ class _Bar:
 def run_epoch(state: TrainState, bar: _Bar | None = None) -> dict[str, float]:
     """Train one epoch (updates ``state.step``/``state.epoch``), log per-step ``train_loss`` and the epoch's
     ``train_loss_epoch``, ``train_accuracy`` (running, training mode), ``val_loss``, ``val_accuracy`` and the rates
-    in force (``gamma`` for Bop runs, ``lr`` for latent ones, ``lr_real``)."""
+    in force (``gamma`` for Bop runs, ``lr`` for latent ones, ``lr_real``); with ``latent_eval`` also the latent
+    network's ``latent_val_loss``, ``latent_val_accuracy`` and ``approx_error/<layer>``
+    (:func:`bnn_probe.latent_network.latent_network_metrics`). A config ``intervention`` resets the inertia (or, in
+    the control arm, marks the step) right after its step T (:func:`bnn_probe.interventions.apply_intervention`)."""
     c, model, opt, probe = state.config, state.model, state.optimizer, state.probe
     epoch = state.epoch
     state.schedule.apply(epoch)
