@@ -138,10 +138,11 @@ def latent_verdicts(table: pd.DataFrame, margin: float = MARGIN, min_seeds: int 
             claim=f"{g['label'].iloc[0]}: the latent weights are not a real-valued model that the binary network "
                   "approximates (the latent network is not at least as accurate, or ‖w̃ − α·sign(w̃)‖/‖w̃‖ does not "
                   "shrink)",
-            verdict=verdict, statistic=m, interval=(lo, hi), n=n, runs=g["run"].tolist(),
-            statistic_name="final accuracy latent − binary network (mean over seeds)",
-            method=f"paired within runs, over seeds; 90 % t-interval against the margin {margin:g} (one-sided 5 % "
-                   "tests); approximation-error change final − first, 95 % t-interval; condition: " + cond,
+            verdict=verdict, statistic=m, interval=t_interval(g["accuracy_diff"], 0.95)[1:3], n=n,
+            runs=g["run"].tolist(), statistic_name="final accuracy latent − binary network (mean over seeds)",
+            method=f"paired within runs, over seeds; interval: 95 % t-interval; the decision uses the 90 % t-interval "
+                   f"(in the reason) against the margin {margin:g} (one-sided 5 % tests); approximation-error change "
+                   "final − first, 95 % t-interval; condition: " + cond,
             reason=reason, section="inertia", id="inertia.latent_network"))
     return out
 
