@@ -309,3 +309,19 @@ def test_intervention_runs_of_the_inertia_study():
         assert replace(c, intervention=None) == replace(r, intervention=None)  # same options and seed
     assert {(s.config.optimizer, s.config.intervention["mode"]) for s in specs} == {
         ("latent-adam", "constant"), ("latent-adam", "shuffle"), ("bop", "zero")}
+
+
+def test_a_resumed_probe_keeps_the_interventions(tmp_path):
+    model = BinaryMLP(6, [5], 3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    probe = bnn_probe.attach(model, opt, tmp_path / "r", tensorboard=False)
+    model(torch.randn(8, 6)).sum().backward()
+    opt.step()
+    reset_inertia(opt, mode="constant")
+    probe.close()
+    again = bnn_probe.attach(model, opt, tmp_path / "r", tensorboard=False, resume=True)
+    again.load_state_dict(probe.state_dict())
+    again.mark_intervention("reset_inertia", step=1, mode="constant", seed=0, n_changed=0)  # the same step redone
+    again.close()
+    meta = json.loads((tmp_path / "r" / "meta.json").read_text())
+    assert [(e["step"], e["kind"], e["n_changed"]) for e in meta["interventions"]] == [(1, "reset_inertia", 0)]
