@@ -46,7 +46,8 @@ _ERR = "approx_error/"
 def _eligible(run) -> bool:
     tr = frame(run, "train")
     iv = config(run).get("intervention")
-    return "latent_val_accuracy" in tr and not (isinstance(iv, dict) and iv.get("role") == "reset")
+    reset_arm = isinstance(iv, dict) and iv.get("role") == "reset"
+    return {"latent_val_accuracy", "val_accuracy", "step"} <= set(tr.columns) and not reset_arm
 
 
 def _trajectory(run) -> int | None:
