@@ -16,8 +16,9 @@ Statistics, per condition (the pairs' shared options, mode and T), one pair per 
 * TOST for equivalence of the mean paired difference to 0 within ±:data:`MARGIN` (α = 0.05: the 90 % t-interval
   lies inside (−δ, δ)); lasting damage when the 90 % interval lies below −δ (one-sided 5 % test of d < −δ);
 * flip burst: e_t = flip ratio(reset) − flip ratio(control) of the whole network at step t > T;
-  ``excess_flips`` = Σ e_t over the burst window (the first quarter of the steps after T, at least 10 steps): the
-  extra flips per weight (negative: a freeze); ``peak_excess`` = the e_t of largest |e_t| in the window;
+  ``excess_flips`` = Σ e_t over the burst window (the first quarter of the logged steps after T, at least 10): the
+  extra flips per weight (negative: a freeze; a sum over logged steps, so every step with the runner's
+  ``probe_every = 1``); ``peak_excess`` = the e_t of largest |e_t| in the window;
   ``decay_steps`` = the half-decay time: steps after T until the 5-step moving average of |e_t| first falls to
   half its maximum (searched after the maximum, over the rest of the run; NaN: not within the run).
   A burst "was there" when the 95 % t-interval of ``excess_flips`` over seeds excludes 0.
