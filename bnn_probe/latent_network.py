@@ -21,7 +21,8 @@ the binary network sign(w̃) approximates it; Helwegen et al. (2019, Sec. 3) arg
 The Bop family has no latent network: its state m is an exponential moving average of gradients, not a weight the
 binary one approximates (Helwegen et al. 2019), so nothing here applies to it.
 
-:func:`latent_network_metrics` returns the train-table entries the runner logs every epoch for latent-weight runs:
+:func:`latent_network_metrics` returns the train-table entries the runner logs every epoch for latent-weight runs
+with ``latent_eval`` (``--latent-eval``):
 ``latent_val_loss``, ``latent_val_accuracy`` and ``approx_error/<layer>`` (docs/runlog-format.md).
 """
 

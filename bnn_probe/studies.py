@@ -208,8 +208,7 @@ def intervention_runs(o: StudyOptions, arms: Sequence[tuple[str, str]] | None = 
     """The magnitude-reset pairs (docs/reports.md): for every seed and (optimizer, mode) of ``arms`` (default
     :data:`RESET_ARMS`, with ``quick`` :data:`RESET_ARMS_QUICK`) a control and a reset run, identical until T = half
     of the run's optimizer steps; then the reset arm resets the inertia (:func:`bnn_probe.interventions.reset_inertia`).
-    Latent Adam clips; Bop uses γ = 1e-3, τ = 1e-6. Every latent run logs its latent network each epoch
-    (``latent_eval``)."""
+    Latent Adam clips and logs its latent network each epoch (``latent_eval``); Bop uses γ = 1e-3, τ = 1e-6."""
     arms = arms if arms is not None else (RESET_ARMS_QUICK if o.quick else RESET_ARMS)
     runs: list[RunSpec] = []
     for seed in o.seeds:
@@ -217,7 +216,7 @@ def intervention_runs(o: StudyOptions, arms: Sequence[tuple[str, str]] | None = 
         t = max(1, base.epochs * _data_for(base).steps_per_epoch(base.batch_size) // 2)
         for optimizer, mode in arms:
             cfg = replace(base, optimizer=optimizer, **({"gamma": 1e-3, "threshold": 1e-6} if optimizer == "bop"
-                                                        else {"clip": True}))
+                                                        else {"clip": True, "latent_eval": True}))
             pair = f"reset-{optimizer}-{mode}-s{seed}"
             for role in ("control", "reset"):
                 iv = {"pair": pair, "role": role, "step": t, "mode": mode}

@@ -144,7 +144,7 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     # experiments on the inertia interpretation (bnn_probe.interventions, bnn_probe.latent_network)
     intervention: dict[str, Any] | None = None  # {"pair", "role": control|reset, "step": T, "mode"}: reset at step T
-    latent_eval: bool | None = None  # latent: evaluate the latent network every epoch (default on)
+    latent_eval: bool | None = None  # latent: evaluate the latent network every epoch (default off)
 
     def resolved(self) -> TrainConfig:
         """A validated copy with the optimizer-dependent defaults filled in (raises :class:`BnnProbeError`)."""
@@ -162,7 +162,7 @@ class TrainConfig:
         c.glorot_lr = (True if c.glorot_lr is None else bool(c.glorot_lr)) if latent else None
         c.momentum = (0.0 if c.momentum is None else float(c.momentum)) if sgd else None
         c.decoupled_decay = (0.0 if c.decoupled_decay is None else float(c.decoupled_decay)) if sgd else None
-        c.latent_eval = (True if c.latent_eval is None else bool(c.latent_eval)) if latent else None
+        c.latent_eval = bool(c.latent_eval) if latent else None
         if c.model != "mlp":
             c.widths = ()
         return c

@@ -307,6 +307,7 @@ def test_intervention_runs_of_the_inertia_study():
         from dataclasses import replace
 
         assert replace(c, intervention=None) == replace(r, intervention=None)  # same options and seed
+    assert all(s.config.latent_eval is (s.config.optimizer == "latent-adam" or None) for s in specs)
     assert {(s.config.optimizer, s.config.intervention["mode"]) for s in specs} == {
         ("latent-adam", "constant"), ("latent-adam", "shuffle"), ("bop", "zero")}
 

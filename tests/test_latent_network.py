@@ -61,14 +61,14 @@ def test_metrics_keys_and_recalibration_leave_the_model_alone():
 
 def test_runner_logs_latent_network_only_for_latent_runs(tmp_path):
     cfg = TrainConfig(widths=(16,), epochs=2, batch_size=200, snapshot_every=0, hist_every=0, track=4)
-    lat = load_run(train(TrainConfig(**{**cfg.__dict__, "optimizer": "latent-sgd"}), tmp_path / "l",
-                         checkpoint_every=0))
+    lat = load_run(train(TrainConfig(**{**cfg.__dict__, "optimizer": "latent-sgd", "latent_eval": True}),
+                         tmp_path / "l", checkpoint_every=0))
     assert lat.train["latent_val_accuracy"].notna().sum() == 2
     assert {"approx_error/fc1.weight", "approx_error/fc2.weight"} <= set(lat.train.columns)
-    bop = load_run(train(cfg, tmp_path / "b", checkpoint_every=0))
-    assert "latent_val_accuracy" not in bop.train
-    off = load_run(train(TrainConfig(**{**cfg.__dict__, "optimizer": "latent-adam", "latent_eval": False}),
-                         tmp_path / "o", checkpoint_every=0))
+    bop = load_run(train(TrainConfig(**{**cfg.__dict__, "latent_eval": True}), tmp_path / "b", checkpoint_every=0))
+    assert "latent_val_accuracy" not in bop.train and bop.meta["config"]["latent_eval"] is None  # no analogue
+    off = load_run(train(TrainConfig(**{**cfg.__dict__, "optimizer": "latent-adam"}), tmp_path / "o",
+                         checkpoint_every=0))  # off by default
     assert "latent_val_accuracy" not in off.train
 
 

@@ -115,7 +115,8 @@ def train_options(f):
                      help="This run's arm of the magnitude-reset pair (needs --reset-inertia-step) [default: reset]."),
         click.option("--latent-eval/--no-latent-eval", default=None,
                      help="Latent optimizers: every epoch, evaluate the latent network (w̃/mean|w̃| in place of "
-                          "sign w̃) and log the per-layer approximation error [default: on]."),
+                          "sign w̃) and log the per-layer approximation error [default: off; on in the inertia "
+                          "study's magnitude-reset runs]."),
     ]
     for opt in reversed(opts):
         f = opt(f)
