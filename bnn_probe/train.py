@@ -444,6 +444,10 @@ def setup(config: TrainConfig, out_dir: str | Path, overwrite: bool = False, pol
     if data is None:
         data = load_dataset(c.dataset, c.data_dir, layout="image" if c.model == "binarynet" else "flat")
     data = data.to(device)
+    total = c.epochs * data.steps_per_epoch(c.batch_size)
+    if c.intervention and c.intervention["step"] >= total:
+        raise BnnProbeError(f"--reset-inertia-step {c.intervention['step']} is not before the run's last step "
+                            f"({total} = {c.epochs} epochs × {data.steps_per_epoch(c.batch_size)} steps)")
     torch.manual_seed(c.seed)
     try:
         model = build_model(c.model, in_shape=data.in_shape, num_classes=data.num_classes, widths=c.widths or None,

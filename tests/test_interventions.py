@@ -176,6 +176,8 @@ def test_cli_options_and_bad_input(tmp_path, capsys):
     code, _, err = run_cli([*common, "--reset-inertia-step", "3", "--intervention-role", "treated",
                             "--out", str(tmp_path / "c")], capsys)
     assert code == 2 and "control or reset" in err
+    code, _, err = run_cli([*common, "--reset-inertia-step", "8", "--out", str(tmp_path / "f")], capsys)
+    assert code == 2 and "not before the run's last step (8 = 1 epochs × 8 steps)" in err
     code, _, err = run_cli([*common, "--intervention-role", "control", "--out", str(tmp_path / "e")], capsys)
     assert code == 2 and "need(s) --reset-inertia-step" in err
     code, _, err = run_cli([*common, "--optimizer", "bop", "--reset-inertia-step", "3", "--reset-inertia-mode",
