@@ -176,3 +176,15 @@ def test_too_broad_selection_sees_through_reshapes(tmp_path):
     model(torch.randn(2, 4))
     probe.close()
     assert _kinds(tmp_path / "r") == {("not_binarized", "a"), ("not_binarized", "b")}
+
+
+def test_declared_intervention_is_not_a_change_outside_step(tmp_path):
+    from bnn_probe.interventions import reset_inertia
+
+    model = Multi(0, latent=True)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    probe = bnn_probe.attach(model, opt, tmp_path / "r", tensorboard=False, check_every=1)
+    _steps(model, opt, 3, between=lambda t: reset_inertia(opt, mode="constant") if t == 1 else None)
+    probe.close()
+    assert _kinds(tmp_path / "r") == set()
+    assert [e["kind"] for e in probe.interventions] == ["reset_inertia"]

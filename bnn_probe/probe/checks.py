@@ -156,6 +156,11 @@ class RunChecks:
             h.remove()
         self._hooks.clear()
 
+    def declared_change(self) -> None:
+        """The weights were changed on purpose since the last measurement (``Probe.mark_intervention``): the
+        pending ``changed_outside_step`` comparison is dropped."""
+        self._pending_change = 0
+
     # ------------------------------------------------------------------ per step (check cadence only)
     def pre_step(self) -> None:
         """Before step t + 1: did the weights change since the measurement of a check step t?"""

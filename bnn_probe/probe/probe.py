@@ -352,6 +352,7 @@ class Probe:
         self.interventions = [e for e in self.interventions if (e.get("step"), e.get("kind")) !=
                               (entry["step"], entry["kind"])] + [entry]  # a resumed run may redo a step
         if self.active and not self._closed:
+            self.checks.declared_change()  # a declared change between steps is not `changed_outside_step`
             self._write_meta()
 
     def flush(self) -> None:
