@@ -290,6 +290,19 @@ def _run_one(name: str, config: dict[str, Any], out: str, overwrite: bool, progr
     return {"name": name, "path": str(path), "seconds": time.perf_counter() - t0, "reused": False}
 
 
+# entries of ``config["extra"]`` that training itself records (derived from the other options, e.g. the per-layer τ
+# of a threshold policy): a finished run's stored config has them, the planned config does not
+_RECORDED_EXTRA = ("threshold_policy",)
+
+
+def _comparable(config: Any) -> Any:
+    """A run config without the entries training adds to ``extra``, to compare a stored run with a planned one."""
+    if not isinstance(config, dict) or not isinstance(config.get("extra"), dict):
+        return config
+    extra = {k: v for k, v in config["extra"].items() if k not in _RECORDED_EXTRA}
+    return {**config, "extra": extra}
+
+
 def _existing(path: Path, config: TrainConfig) -> str:
     """'absent', 'same' (a finished run with this config), 'unfinished' (this config, not finished: a run of this
     study that was interrupted) or 'other'."""
@@ -300,7 +313,7 @@ def _existing(path: Path, config: TrainConfig) -> str:
         m = json.loads(meta.read_text())
     except (OSError, ValueError):
         return "other"
-    if m.get("config") != config.resolved().to_dict():
+    if _comparable(m.get("config")) != _comparable(config.resolved().to_dict()):
         return "other"
     return "same" if m.get("status") == "finished" else "unfinished"
 
