@@ -13,9 +13,9 @@ Studies (docs/training.md gives every run's options):
   (lr, init) and (C·lr, C·init) with C = 2^5); the τ = 0 pair (Bop with τ = 0 and latent SGD with step γ, decoupled
   decay γ and initial magnitudes 1e-20, γ = 2^-10 so both forms round alike). Pairs carry ``config["pair"]`` and
   ``config["pair_role"]`` ("a"/"b") and a ``tag`` naming the pair kind.
-* ``thresholds`` — per-layer thresholds (question A; docs/thresholds.md): Bop with global τ ∈ {2e-7, 1e-6, 5e-6},
-  ``fan-in`` and ``calibrated`` (r* = 1e-3) policies, Bop2ndOrder (τ = 1e-3), latent Adam, Bop without batch norm
-  (weights scaled by fan_in^−1/2), and a width sweep (MLP in → W → 256 → classes, W ∈ {64, 256, 1024, 4096}).
+* ``thresholds`` — per-layer thresholds (wide vs thin layers; docs/thresholds.md): Bop with global
+  τ ∈ {2e-7, 1e-6, 5e-6}, ``fan-in`` and ``calibrated`` (r* = 1e-3) policies, Bop2ndOrder (τ = 1e-3), latent
+  Adam, Bop without batch norm (weights scaled by fan_in^−1/2), and a width sweep (MLP in → W → 256 → classes, W ∈ {64, 256, 1024, 4096}).
 * ``all`` — the main job: a short version of every available study (one report).
 """
 
@@ -203,7 +203,7 @@ SWEEP_WIDTHS = (64, 256, 1024, 4096)
 SWEEP_WIDTHS_QUICK = (32, 64, 128, 256)
 
 
-@register_study("thresholds", "per-layer thresholds (question A): Bop with global τ ×3, fan-in, calibrated; "
+@register_study("thresholds", "per-layer thresholds (wide vs thin layers): Bop with global τ ×3, fan-in, calibrated; "
                 "Bop2ndOrder; latent Adam; no batch norm; a width sweep of MLP in → W → 256 → classes", all_epochs=4)
 def _thresholds(o: StudyOptions) -> list[RunSpec]:
     """docs/thresholds.md and docs/findings.md. MLP default widths become the wide/thin 2048, 64, 1024; γ = 1e-3,
