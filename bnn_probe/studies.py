@@ -15,7 +15,8 @@ Studies (docs/training.md gives every run's options):
   ``config["pair_role"]`` ("a"/"b") and a ``tag`` naming the pair kind.
 * ``thresholds`` — per-layer thresholds (wide vs thin layers; docs/thresholds.md): Bop with global
   τ ∈ {2e-7, 1e-6, 5e-6}, ``fan-in`` and ``calibrated`` (r* = 1e-3) policies, Bop2ndOrder (τ = 1e-3), latent
-  Adam, Bop without batch norm (weights scaled by fan_in^−1/2), and a width sweep (MLP in → W → 256 → classes, W ∈ {64, 256, 1024, 4096}).
+  Adam, Bop without batch norm (weights scaled by fan_in^−1/2), and a width sweep (MLP in → W → 256 → classes,
+  W ∈ {64, 256, 1024, 4096}).
 * ``all`` — the main job: a short version of every available study (one report).
 """
 
