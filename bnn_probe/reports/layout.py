@@ -33,7 +33,8 @@ def default_ids(inertia_v: list[Verdict], pair_results, sched: Verdict | None, l
     for v in inertia_v:
         v.id = v.id or "inertia.flip_probability"
     for p in pair_results:
-        p.verdict.id = p.verdict.id or ("tau0.equivalence" if p.pair.kind == "tau0" else f"{p.pair.kind}.pair")
+        if p.verdict is not None:  # a pair that is a code check carries no verdict
+            p.verdict.id = p.verdict.id or ("tau0.equivalence" if p.pair.kind == "tau0" else f"{p.pair.kind}.pair")
     if sched is not None:
         sched.id = sched.id or "schedules.flip_ratio"
     for v in law:
