@@ -457,7 +457,8 @@ def thresholds(rec: pd.DataFrame, path: Path) -> Path | None:
 @instrument
 def accuracy_vs_hyperparameters(runs: pd.DataFrame, path: Path) -> Path | None:
     """Final held-out accuracy of the Bop-family runs against γ and against τ (categorical axes: the values the
-    runs used, sorted; a per-layer τ range is its own category). One colour per run group."""
+    runs used, sorted; Bop2ndOrder's τ and a per-layer τ range are categories of their own). One colour per run
+    group."""
     if _empty(runs) or "final_val_accuracy" not in runs:
         return None
     t = runs[runs["optimizer"].astype(str).str.startswith("bop") & runs["final_val_accuracy"].notna()].copy()
@@ -466,8 +467,15 @@ def accuracy_vs_hyperparameters(runs: pd.DataFrame, path: Path) -> Path | None:
     t["group"] = t["tag"].where(t["tag"].astype(str) != "", t["optimizer"])
     with _figure(path, ncols=2, width=8.6, height=2.8, sharey=True) as (fig, axes):
         for ax, col, lab in ((axes[0][0], "gamma", "γ"), (axes[0][1], "threshold", "τ (a range: per-layer τ)")):
-            vals = t[col].map(lambda v: (0, float(v), f"{float(v):.2g}") if isinstance(v, int | float) and
-                              not (isinstance(v, float) and math.isnan(v)) else (1, math.inf, str(v)))
+            def cat(v, opt, col=col):  # τ of Bop2ndOrder is on the m̂ scale: its own category, never mixed with Bop's
+                tail = " (bop2nd)" if col == "threshold" and opt == "bop2nd" else ""
+                with contextlib.suppress(TypeError, ValueError):
+                    v = float(v)  # numbers read back from a CSV are text
+                if isinstance(v, float) and not math.isnan(v):
+                    return (int(bool(tail)), float(v), f"{float(v):.2g}{tail}")
+                return (2, math.inf, str(v))
+
+            vals = pd.Series([cat(v, o) for v, o in zip(t[col], t["optimizer"], strict=True)], index=t.index)
             cats = sorted(set(vals))
             x = vals.map({c: i for i, c in enumerate(cats)})
             for i, g in enumerate(dict.fromkeys(t["group"])):
