@@ -243,7 +243,10 @@ def _md_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _md_verdicts(vs: list[Verdict]) -> str:
+def _md_verdicts(vs: list[Verdict], compact: bool = False) -> str:
+    if compact:  # the answers: claim, id and statistic; reason, method and runs are in the verdict's section
+        return "\n".join(f"- **{v.verdict}** — {v.claim}" + (f" (`{v.id}`)" if v.id else "") +
+                         f". {verdict_sentence(v)}." for v in vs)
     return "\n".join(f"- **{v.verdict}** — {v.claim}" + (f" (`{v.id}`)" if v.id else "") +
                      f". {verdict_sentence(v)}. {v.reason}. *Method:* {v.method}. *Runs:* {_runs_list(v) or '—'}"
                      for v in vs)
@@ -291,7 +294,7 @@ def render_markdown(doc: Document, out_dir: Path) -> str:
             out += [f"> {n}\n" for n in a.notes]
             if a.figure is not None:
                 out += [f"![{a.figure_caption}]({_rel(a.figure, out_dir)})", ""]
-            out += [_md_verdicts(a.verdicts), ""] if a.verdicts else []
+            out += [_md_verdicts(a.verdicts, compact=True), ""] if a.verdicts else []
     else:
         out += ["## Verdicts", "", _md_verdicts(doc.verdicts), ""]
     if doc.how_to_read:
