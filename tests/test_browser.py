@@ -58,10 +58,13 @@ def test_report_renders_in_chromium_with_all_figures(tmp_path):
     assert f'data-images="{n_expected}"' in tag and f'data-images-ok="{n_expected}"' in tag
 
 
-# measures the laid-out page once it has loaded: its height, the elements wider than the window, decoded images
+# measures the laid-out page once it has loaded: its height, then, with every <details> opened, the elements wider
+# than the window; and the decoded images
 MEASURE = """<script>
 window.addEventListener('load', () => {
   const vw = document.documentElement.clientWidth;
+  document.body.dataset.height = String(document.documentElement.scrollHeight);
+  document.querySelectorAll('details').forEach(d => { d.open = true; });  // collapsed tables must fit too
   const wide = [];
   for (const e of document.querySelectorAll('body *')) {
     const r = e.getBoundingClientRect();
@@ -69,7 +72,6 @@ window.addEventListener('load', () => {
   }
   const imgs = Array.from(document.images);
   const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
-  document.body.dataset.height = String(document.documentElement.scrollHeight);
   document.body.dataset.scrollWidth = String(document.documentElement.scrollWidth);
   document.body.dataset.viewport = String(vw);
   document.body.dataset.wide = String(wide.length) + ' ' + wide.slice(0, 5).join(' ');
