@@ -101,10 +101,14 @@ def test_accuracy_is_found_under_any_documented_name(name):
 def test_config_differences_per_group_and_shared_options():
     runs = [make_run(f"a{i}", seed=i, tag="grid", config={"gamma": g}, **SMALL) for i, g in enumerate((1e-3, 1e-2))]
     runs.append(make_run("b", seed=5, tag="other", config={"gamma": 1e-3, "clip": True}, **SMALL))
+    for r, c in zip(runs, (3, 10, 10), strict=True):  # what the study set in extra tells runs apart too
+        r.meta["config"]["extra"] = {"theorem1": {"C": c}, "threshold_policy": {"thresholds": {"fc1": r.name}}}
     groups, shared = config_differences(runs)
     assert [g for g, _, _ in groups] == ["grid", "other"]
     grid = groups[0][1]
     assert list(grid["run"]) == ["a0", "a1"] and "gamma" in grid.columns and "clip" not in grid.columns
+    assert list(grid["theorem1.C"]) == [3, 10]
+    assert not any("threshold_policy" in c for c in grid.columns)  # recorded by training, per run: in meta.json
     assert groups[1][2].get("clip") is True  # what sets the group apart from the other runs
     assert shared.get("dataset") == "digits" and "gamma" not in shared
     assert compact_mapping({"a": 10, "b": 10}) == "10 (all 2 runs)"

@@ -108,11 +108,12 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
 def config_differences(runs) -> tuple[list[tuple[str, pd.DataFrame, dict[str, object]]], dict[str, object]]:
     """Per run group (the tag, i.e. the study that made the runs): (group, runs × the options that differ inside
     the group, the options the group's runs share but other runs do not), and the options every run shares.
-    ``extra`` entries (e.g. the per-layer τ a threshold policy chose) are left to meta.json."""
+    ``extra`` entries are shown without their prefix, except what a threshold policy recorded (its per-layer τ, in
+    meta.json)."""
     from .training import run_group
 
-    flats = [{k: v for k, v in _flatten(meta(r).get("config") or {}).items()
-              if k not in _CONFIG_SKIP and not k.startswith("extra.")} for r in runs]
+    flats = [{k.removeprefix("extra."): v for k, v in _flatten(meta(r).get("config") or {}).items()
+              if k not in _CONFIG_SKIP and not k.startswith("extra.threshold_policy")} for r in runs]
     keys = list(dict.fromkeys(k for f in flats for k in f))
 
     def differs(fs: list[dict]) -> list[str]:
