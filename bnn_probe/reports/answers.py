@@ -209,11 +209,27 @@ def build_answers(verdicts: list[Verdict], figure: Callable[[str], Path | None])
             if p is not None and any(v.id.startswith(prefix) for v in vs):
                 fig, cap = p, f"figures/{name} — the figure behind {prefix.rstrip('.')}"
                 break
-        sentences = _dedupe([plain(v) for v in vs]) or ["No run in this report tests this question."]
-        out.append(Answer(q.title, vs, sentences, fig, cap, disagreements(vs)))
+        out.append(Answer(q.title, vs, _sentences(vs), fig, cap, disagreements(vs)))
     other = [v for v in verdicts if not question_of(v)]
     if other:
-        out.append(Answer("Other verdicts", other, _dedupe([plain(v) for v in other]), None, "", disagreements(other)))
+        out.append(Answer("Other verdicts", other, _sentences(other), None, "", disagreements(other)))
+    return out
+
+
+def _sentences(vs: list[Verdict]) -> list[str]:
+    """Plain words for the decided verdicts, and one line counting the undecided ones (listed with their reasons
+    under the answer)."""
+    if not vs:
+        return ["No run in this report tests this question."]
+    decided = [v for v in vs if v.verdict != INCONCLUSIVE]
+    out = _dedupe([plain(v) for v in decided])
+    n = len(vs) - len(decided)
+    if n and not decided:
+        out.append(f"Nothing could be decided on these runs: all {n} verdict(s) are inconclusive (each says why, "
+                   "e.g. too few seeds).")
+    elif n:
+        out.append(f"{n} further claim(s) could not be decided on these runs (each inconclusive verdict says why, "
+                   "e.g. too few seeds).")
     return out
 
 

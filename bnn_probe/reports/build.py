@@ -18,7 +18,7 @@ from . import figures as F
 from . import inertia, pairs, threshold_policies, thresholds, training
 from .answers import HOW_TO_READ, build_answers
 from .frames import family, run_name
-from .layout import compact_mapping, default_ids, layers_view, run_details, runs_view
+from .layout import MAX_OPEN_ROWS, compact_mapping, default_ids, layers_view, panels, run_details, runs_view
 from .load import load_runs
 from .render import Document, Section, render_html, render_markdown
 from .stats import Verdict
@@ -42,6 +42,10 @@ class ReportResult:
     warnings: list[str]
     files: list[Path] = field(default_factory=list)
     timings: dict = field(default_factory=dict)  # seconds per stage
+
+
+def _n_runs(df: pd.DataFrame) -> int:
+    return int(df["run"].nunique()) if "run" in df else 0
 
 
 def _slug(s: str) -> str:
@@ -136,7 +140,7 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
     w.csv("runs", tr.runs)
     s_runs.table(runs_view(tr.runs), "Runs (optimizer: what trains the binary weights; τ: a range when layers "
                  "differ; accuracy: the last logged value of the metric named in the CSV's accuracy_metric)",
-                 "tables/runs.csv", open=True)
+                 "tables/runs.csv", open=len(tr.runs) <= MAX_OPEN_ROWS)
     s_runs.figure(F.training_curves(tr.curves, w.fig("training_curves")),
                   "Accuracy and loss per run, one row per study group (a metric logged a few times is drawn as "
                   "points)")
@@ -148,8 +152,8 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
     s_runs.figure(F.network_flip_ratio(tr.network_flips, w.fig("flip_ratio_network")),
                   "Whole-network flip ratio over time, one panel per study group, every run a line")
     w.csv("flip_ratio_network", tr.network_flips)
-    s_runs.figure(F.layer_flip_ratio(tr.layer_flips, w.fig("flip_ratio_layers")),
-                  "Flip ratio per layer over time, every run a panel (layers coloured thin → wide)")
+    panels(s_runs, F.layer_flip_ratio(tr.layer_flips, w.fig("flip_ratio_layers")),
+           "Flip ratio per layer over time, every run a panel (layers coloured thin → wide)", _n_runs(tr.layer_flips))
     w.csv("flip_ratio_layers", tr.layer_flips)
     stage("figures: runs")
 
@@ -168,8 +172,8 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
     s_in.figure(F.inertia_flip_probability(fp.bins, w.fig("inertia_flip_probability")),
                 "P(flip within the next k steps) by inertia decile: every (run, layer) is one line, one panel per "
                 "family (a summary; the bins' bootstrap intervals are in tables/inertia_bins.csv)")
-    s_in.figure(F.latent_inertia(tr.latent_inertia, w.fig("latent_inertia")),
-                "Latent-weight magnitude |w̃| (inertia) over time, every latent run a panel")
+    panels(s_in, F.latent_inertia(tr.latent_inertia, w.fig("latent_inertia")),
+           "Latent-weight magnitude |w̃| (inertia) over time, every latent run a panel", _n_runs(tr.latent_inertia))
     w.csv("latent_inertia", tr.latent_inertia)
     s_in.table(fp.correlations, "Spearman correlation of inertia and flipping per (run, layer)",
                w.csv("inertia_correlations", fp.correlations))
@@ -210,15 +214,16 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
     stage("figures: inertia")
 
     s_th = Section("Per-layer threshold needs", anchor="thresholds")
-    s_th.figure(F.quantile_ranges(lt, w.fig("abs_m_over_tau"), "abs_m_rel", "|m|/τ per layer (Bop families)",
-                                  "|m| / τ (q05–q95, q25–q75, median)"),
-                "Distribution of |m|/τ per layer, every Bop-family run a panel (log axis)")
-    s_th.figure(F.quantile_ranges(lt, w.fig("abs_latent"), "abs_w", "|w̃| per layer (latent)",
-                                  "|w̃| (q05–q95, q25–q75, median)"),
-                "Distribution of |w̃| per layer, every latent run a panel (log axis)")
-    s_th.figure(F.never_chatter(lt, w.fig("never_chatter")),
-                f"Share of weights that never flipped, and that flipped ≥ {opt.chatter_min_flips} times (chatter), "
-                "every run a panel")
+    n_bop = _n_runs(lt[lt["family"] != "latent"]) if "family" in lt else _n_runs(lt)
+    panels(s_th, F.quantile_ranges(lt, w.fig("abs_m_over_tau"), "abs_m_rel", "|m|/τ per layer (Bop families)",
+                                   "|m| / τ (q05–q95, q25–q75, median)"),
+           "Distribution of |m|/τ per layer, every Bop-family run a panel (log axis)", n_bop)
+    panels(s_th, F.quantile_ranges(lt, w.fig("abs_latent"), "abs_w", "|w̃| per layer (latent)",
+                                   "|w̃| (q05–q95, q25–q75, median)"),
+           "Distribution of |w̃| per layer, every latent run a panel (log axis)", _n_runs(lt) - n_bop)
+    panels(s_th, F.never_chatter(lt, w.fig("never_chatter")),
+           f"Share of weights that never flipped, and that flipped ≥ {opt.chatter_min_flips} times (chatter), "
+           "every run a panel", _n_runs(lt))
     s_th.table(layers_view(lt), f"Per-layer summary over the last {opt.window:.0%} of each run (main columns; "
                "all in the CSV)", w.csv("layers", lt))
     s_th.text("The fan-in law: with batch norm after a layer of fan-in n, the gradient per binary weight and so |m| "

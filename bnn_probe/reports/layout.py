@@ -28,6 +28,21 @@ LAYERS_COLUMNS = {"run": "run", "layer": "layer", "fan_in": "fan-in", "n_weights
 _CONFIG_SKIP = ("device", "data_dir")
 
 
+MAX_OPEN_PANELS = 12  # a figure with more per-run panels is shown collapsed under its caption
+MAX_OPEN_ROWS = 30  # the runs table is shown open up to this many runs
+
+
+def panels(section: Section, path: Path | None, caption: str, n_panels: int) -> None:
+    """A figure with one panel per run: shown open when it has at most MAX_OPEN_PANELS panels, else collapsed under
+    its caption (every run stays drawn; the page stays short)."""
+    if path is None:
+        return
+    if n_panels > MAX_OPEN_PANELS:
+        section.details(f"{caption} ({n_panels} panels; click to show)").figure(path, caption)
+    else:
+        section.figure(path, caption)
+
+
 def default_ids(inertia_v: list[Verdict], pair_results, sched: Verdict | None, law: list[Verdict]) -> None:
     """Give the built-in analyses' verdicts their stable ids where their module has not set one (in place)."""
     for v in inertia_v:
@@ -147,13 +162,14 @@ def run_details(runs, out: Path, csv) -> Section:
                       open=True)
     if shared:
         sec.text("Shared by every run: " + ", ".join(f"{k} = {_short(v)}" for k, v in shared.items()) + ".")
+    every = sec.details(f"Each run's facts and meta.json ({len(runs)} runs)")
     for run in runs:
         m = meta(run)
         path = getattr(run, "path", None)
         facts = (f"status {m.get('status', '—')}, family {m.get('family', '—')}, last step {m.get('last_step', '—')}, "
                  f"bnn-probe {m.get('bnn_probe_version', '—')}, torch {m.get('torch_version', '—')}, "
                  f"python {m.get('python_version', '—')}" + (f"; folder {path}" if path else ""))
-        d = sec.details(f"{run_name(run)}")
+        d = every.details(f"{run_name(run)}")
         d.text(facts)
         keep = {k: m.get(k) for k in ("status", "family", "last_step", "bnn_probe_version", "torch_version",
                                       "python_version", "versions", "optimizer", "model", "config", "tag", "probe")

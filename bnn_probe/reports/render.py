@@ -199,8 +199,13 @@ def _html_answers(answers) -> str:
                    f"{html.escape(a.figure_caption)}</figcaption></figure>")
         words = "".join(f"<li>{html.escape(s)}</li>" for s in a.sentences)
         notes = "".join(f"<p class='disagree'>{html.escape(n)}</p>" for n in a.notes)
+        decided = [v for v in a.verdicts if v.verdict != "inconclusive"]
+        undecided = [v for v in a.verdicts if v.verdict == "inconclusive"]
+        folded = (f"<details class='undecided'><summary>{len(undecided)} inconclusive verdict(s): what was tested, "
+                  f"and why it could not be decided</summary>{_html_verdicts(undecided, compact=True)}</details>"
+                  if undecided else "")
         cards.append(f"<div class='answer'><h3>{html.escape(a.title)}</h3><ul class='plain'>{words}</ul>{notes}"
-                     f"{fig}{_html_verdicts(a.verdicts, compact=True)}</div>")
+                     f"{fig}{_html_verdicts(decided, compact=True)}{folded}</div>")
     return "<div class='answers'>" + "".join(cards) + "</div>"
 
 
