@@ -245,6 +245,10 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
              "ratio_to_current", "bound"]
     rtab = rec.table[tcols]
     tgt = compact_mapping(rec.target, "{:.3g}")
+    if len(tgt) > 200:  # many runs: the range here, each run's target in a table
+        vals = [float(v) for v in rec.target.values()]
+        targets = pd.DataFrame({"run": list(rec.target), "target_flip_ratio": vals})
+        tgt = f"{min(vals):.3g} to {max(vals):.3g}, each run's in {w.csv('recommended_targets', targets)}"
     s_th.text("Recommended per-layer thresholds: the τ that would give each layer the target flip ratio "
               f"(target per run: {tgt or '—'}). " + rec.method)
     s_th.figure(F.thresholds(rec.table, w.fig("thresholds")),

@@ -162,24 +162,28 @@ def _empty(*dfs) -> bool:
 
 @instrument
 def training_curves(curves: pd.DataFrame, path: Path) -> Path | None:
-    """Small multiples: one row per run group (the study that made the runs), one column per metric (accuracies
-    first, then losses), one line per run with a legend outside the axes."""
+    """Small multiples: one row per run group (the study that made the runs; two groups a row when there are more
+    than four), one column per metric (accuracies first, then losses), one line per run with a legend outside."""
     if _empty(curves):
         return None
-    metrics = _pick_metrics(list(dict.fromkeys(curves["metric"])))
     groups = list(dict.fromkeys(curves["group"])) if "group" in curves else [""]
-    nrows, ncols = len(groups), len(metrics)
-    with _figure(path, ncols=ncols, nrows=nrows, width=PANEL_W * ncols + 1.6, height=PANEL_H * nrows,
-                 sharex="row") as (fig, axes):
-        for r, g in enumerate(groups):
+    per_row = 1 if len(groups) <= 4 else 2  # many groups: two side by side, with two metrics each
+    metrics = _pick_metrics(list(dict.fromkeys(curves["metric"])), 3 if per_row == 1 else 2)
+    nrows, ncols = -(-len(groups) // per_row), len(metrics) * per_row
+    with _figure(path, ncols=ncols, nrows=nrows, width=PANEL_W * ncols + 1.6 * per_row, height=PANEL_H * nrows,
+                 sharex=False) as (fig, axes):
+        for i, g in enumerate(groups):
+            r, c0 = divmod(i, per_row)
+            c0 *= len(metrics)
             sub = curves[curves["group"] == g] if g else curves
             for c, metric in enumerate(metrics):
-                ax = axes[r][c]
+                ax = axes[r][c0 + c]
                 _draw_runs(ax, sub[sub["metric"] == metric], "value", g)
                 ax.set_title(f"{g}: {metric}" if g else metric, fontsize=8)
                 ax.set_xlabel("step" if r == nrows - 1 else "")
+                ax.tick_params(labelsize=7)
                 _few_ticks(ax)
-            _legend_outside(axes[r][-1])
+            _legend_outside(axes[r][c0 + len(metrics) - 1], 6)
     return path
 
 

@@ -30,6 +30,7 @@ _CONFIG_SKIP = ("device", "data_dir")
 
 MAX_OPEN_PANELS = 12  # a figure with more per-run panels is shown collapsed under its caption
 MAX_OPEN_ROWS = 30  # the runs table is shown open up to this many runs
+MAX_OPEN_GROUP_ROWS = 8  # a study group's table of differing options likewise
 
 
 def panels(section: Section, path: Path | None, caption: str, n_panels: int) -> None:
@@ -159,7 +160,7 @@ def run_details(runs, out: Path, csv) -> Section:
         sec.text(f"{g} ({len(table)} run(s)): " + (line or "no option beyond those shared by every run") + ".")
         if len(table.columns) > 1:
             sec.table(table, f"{g}: options that differ between its runs", csv(f"config_{_slug(g)}", table),
-                      open=True)
+                      open=len(table) <= MAX_OPEN_GROUP_ROWS)
     if shared:
         sec.text("Shared by every run: " + ", ".join(f"{k} = {_short(v)}" for k, v in shared.items()) + ".")
     every = sec.details(f"Each run's facts and meta.json ({len(runs)} runs)")
