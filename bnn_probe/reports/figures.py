@@ -135,8 +135,11 @@ def _draw_runs(ax, df: pd.DataFrame, y: str, group: str, x: str = "step") -> Non
 def _pick_metrics(metrics: list[str], most: int = 3) -> list[str]:
     from .training import HELD_OUT_ACCURACY, TRAIN_ACCURACY
 
-    order = [*HELD_OUT_ACCURACY, *TRAIN_ACCURACY, "train_loss", "val_loss", "loss"]
-    chosen = [m for m in order if m in metrics]
+    def first(names) -> list[str]:
+        return [m for m in names if m in metrics][:1]
+
+    held, train, loss = first(HELD_OUT_ACCURACY), first(TRAIN_ACCURACY), first(("train_loss", "val_loss", "loss"))
+    chosen = (held or train) + loss if most == 2 else held + train + loss
     return (chosen or metrics)[:most]
 
 
