@@ -152,8 +152,17 @@ def _html_verdict(v: Verdict, compact: bool = False) -> str:
             f"<details><summary>method, runs</summary>{detail}</details></div>")
 
 
+FOLD_INCONCLUSIVE = 2  # a verdict list with more inconclusive verdicts than this folds them under one line
+
+
 def _html_verdicts(vs: list[Verdict], compact: bool = False) -> str:
-    return "\n".join(_html_verdict(v, compact) for v in vs)
+    undecided = [v for v in vs if v.verdict == "inconclusive"]
+    if compact or len(undecided) <= FOLD_INCONCLUSIVE:
+        return "\n".join(_html_verdict(v, compact) for v in vs)
+    decided = [v for v in vs if v.verdict != "inconclusive"]
+    return ("\n".join(_html_verdict(v) for v in decided) +
+            f"<details class='undecided'><summary>{len(undecided)} inconclusive verdict(s): what was tested, and why "
+            f"it could not be decided</summary>{''.join(_html_verdict(v, True) for v in undecided)}</details>")
 
 
 def _img(path: Path, alt: str) -> str:
