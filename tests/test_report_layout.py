@@ -10,7 +10,7 @@ from PIL import Image
 from bnn_probe.reports import figures as F
 from bnn_probe.reports import generate
 from bnn_probe.reports.answers import build_answers, disagreements, plain, question_of
-from bnn_probe.reports.layout import compact_mapping, config_differences, runs_view
+from bnn_probe.reports.layout import compact_mapping, config_differences, group_notes, runs_view
 from bnn_probe.reports.render import fmt
 from bnn_probe.reports.stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Verdict
 from bnn_probe.reports.synthetic import make_run
@@ -151,3 +151,9 @@ def test_report_has_answers_first_and_per_run_detail_collapsed(tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "../runs/bop/meta.json" in md and '"optimizer": {' not in md  # linked, not pasted
     assert "Q1." in md and "Q2." in md and "unit of replication is the run" in md
+
+
+def test_notes_about_many_runs_become_one_line():
+    notes = ["a: no tracked weights; skipped", "b: no tracked weights; skipped", "c: other", "a general note"]
+    assert group_notes(notes, ["a", "b", "c"]) == ["no tracked weights; skipped (2 runs): a, b", "c: other",
+                                                    "a general note"]

@@ -18,7 +18,16 @@ from . import figures as F
 from . import inertia, pairs, threshold_policies, thresholds, training
 from .answers import HOW_TO_READ, build_answers
 from .frames import family, run_name
-from .layout import MAX_OPEN_ROWS, compact_mapping, default_ids, layers_view, panels, run_details, runs_view
+from .layout import (
+    MAX_OPEN_ROWS,
+    compact_mapping,
+    default_ids,
+    group_notes,
+    layers_view,
+    panels,
+    run_details,
+    runs_view,
+)
 from .load import load_runs
 from .render import Document, Section, render_html, render_markdown
 from .stats import Verdict
@@ -167,7 +176,7 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
                   ". Bins are inertia deciles per (run, layer); intervals: bootstrap (1000 resamples) of the "
                   "proportion in each bin resampling whole tracked weights (a weight's rows are correlated, so "
                   "weights, not rows, are the independent units). The verdict counts tracked weights, not rows.")
-    for n in fp.notes:
+    for n in group_notes(fp.notes, map(run_name, runs)):
         s_in.text(n)
     s_in.figure(F.inertia_flip_probability(fp.bins, w.fig("inertia_flip_probability")),
                 "P(flip within the next k steps) by inertia decile: every (run, layer) is one line, one panel per "
@@ -197,7 +206,7 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
     s_in.verdicts([p.verdict for p in pair_results])
     if not pair_results:
         s_in.text("No Theorem 1 or τ = 0 pair among these runs.")
-    for n in pair_notes:
+    for n in group_notes(pair_notes, map(run_name, runs)):
         s_in.text(n)
     pair_df = pd.DataFrame(pair_rows)
     s_in.table(pair_df, "Pairs", w.csv("pairs", pair_df))

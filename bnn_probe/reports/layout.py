@@ -87,6 +87,25 @@ def layers_view(layers: pd.DataFrame) -> pd.DataFrame:
     return _view(layers, LAYERS_COLUMNS)
 
 
+def group_notes(notes: list[str], names) -> list[str]:
+    """Notes of the form ``"<run>: <message>"`` with one message for several runs become one note naming the runs
+    (``"<message>: a, b, c"``); other notes are kept as they are, in order."""
+    names = {str(n) for n in names}
+    by: dict[str, list[str]] = {}
+    out: list[str | tuple[str]] = []
+    for n in notes:
+        run, sep, msg = n.partition(": ")
+        if sep and run in names:
+            if msg not in by:
+                out.append((msg,))
+            by.setdefault(msg, []).append(run)
+        else:
+            out.append(n)
+    return [x if isinstance(x, str) else
+            (f"{by[x[0]][0]}: {x[0]}" if len(by[x[0]]) == 1 else f"{x[0]} ({len(by[x[0]])} runs): "
+             + ", ".join(by[x[0]])) for x in out]
+
+
 def compact_mapping(d: dict, spec: str = "{}") -> str:
     """``{run: value}`` as text, runs with one value named together: ``10 (all 24 runs)`` or ``a, b: 10; c: 20``."""
     if not d:
