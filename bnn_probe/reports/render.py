@@ -124,11 +124,19 @@ def _runs_list(v: Verdict, most: int = 6) -> str:
 
 # ---------------------------------------------------------------- HTML
 
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
 def _html_table(df: pd.DataFrame, caption: str, open_: bool = False) -> str:
+    """A table that fits the page: headers may break after ``_`` or ``.``, text cells anywhere, numbers never."""
     d = _fmt_df(df)
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in d.columns)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>"
-                   for r in d.itertuples(index=False))
+    head = "".join(f"<th>{html.escape(str(c)).replace('_', '_<wbr>').replace('.', '.<wbr>')}</th>"
+                   for c in d.columns)
+    num = df.head(MAX_TABLE_ROWS).map(_is_number).to_numpy()
+    rows = "".join("<tr>" + "".join(f"<td{' class=n' if num[i, j] else ''}>{html.escape(str(v))}</td>"
+                                    for j, v in enumerate(r)) + "</tr>"
+                   for i, r in enumerate(d.itertuples(index=False)))
     more = f"<p class='note'>{len(df) - MAX_TABLE_ROWS} more rows in the CSV.</p>" if len(df) > MAX_TABLE_ROWS else ""
     table = f"<div class='tw'><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>{more}"
     if len(df) > OPEN_TABLE_ROWS and not open_:
