@@ -45,6 +45,9 @@ def test_verdicts_go_to_their_question_by_id_prefix_and_unknown_ids_still_show(t
                             else None)
     assert answers[1].figure == fig and "width_sweep.png" in answers[1].figure_caption
     assert answers[0].sentences == ["No run in this report tests this question."]
+    figs = {n: tmp_path / n for n in ("magnitude_reset.png", "hazard.png")}
+    answers = build_answers([_v("inertia.magnitude_reset", INCONCLUSIVE), _v("inertia.hazard", SUPPORTED)], figs.get)
+    assert answers[0].figure == figs["hazard.png"]  # the figure of a decided verdict before an undecided one's
 
 
 def test_plain_words_follow_the_outcome_and_fall_back_on_the_claim():

@@ -198,17 +198,18 @@ def _dedupe(sentences: list[str]) -> list[str]:
 def build_answers(verdicts: list[Verdict], figure: Callable[[str], Path | None]) -> list[Answer]:
     """The two questions (and "Other verdicts" when some verdicts belong to neither), each with its verdicts,
     plain-words sentences, disagreement notes and the first drawn figure of the question's preference list whose
-    id prefix matches one of its verdicts. ``figure(name)`` gives the path of a figure file name, or None when the
-    report did not draw it."""
+    id prefix matches one of its decided verdicts (else one of its verdicts). ``figure(name)`` gives the path of a
+    figure file name, or None when the report did not draw it."""
     out = []
     for q in QUESTIONS:
         vs = [v for v in verdicts if question_of(v) == q.key]
         fig, cap = None, ""
-        for prefix, name in q.figures:
-            p = figure(name)
-            if p is not None and any(v.id.startswith(prefix) for v in vs):
-                fig, cap = p, f"figures/{name} — the figure behind {prefix.rstrip('.')}"
-                break
+        decided = [v for v in vs if v.verdict != INCONCLUSIVE]
+        for pool in (decided, vs):  # a figure behind a decided verdict first
+            for prefix, name in q.figures:
+                p = figure(name)
+                if fig is None and p is not None and any(v.id.startswith(prefix) for v in pool):
+                    fig, cap = p, f"figures/{name} — the figure behind {prefix.rstrip('.')}"
         out.append(Answer(q.title, vs, _sentences(vs), fig, cap, disagreements(vs)))
     other = [v for v in verdicts if not question_of(v)]
     if other:
