@@ -97,7 +97,11 @@ def hamming_note(a, b, c) -> str | None:
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @click.option("--skip-broken", is_flag=True, help="Skip unreadable Parquet parts instead of failing.")
 def compare(run_a, run_b, as_json, skip_broken):
-    """Compare the binary-weight trajectories of two runs of one architecture."""
+    """Compare the binary-weight trajectories of two runs of one architecture.
+
+    The first differing step comes from the per-step sign hashes; Hamming distances need sign snapshots at steps
+    both runs share (a note says so when there are none, e.g. runs shorter than --snapshot-every).
+    """
     from ..reports import compare_runs
     from ..reports.load import load_runs
 
