@@ -175,7 +175,7 @@ def run_details(runs, out: Path, csv) -> Section:
     sec = Section("Runs in detail: configurations and versions", anchor="appendix")
     groups, shared = config_differences(runs)
     for g, table, common in groups:
-        line = ", ".join(f"{k} = {_short(v)}" for k, v in common.items())
+        line = ", ".join(f"{k} = {_short(v)}" for k, v in common.items() if v is not None and k != "tag")
         sec.text(f"{g} ({len(table)} run(s)): " + (line or "no option beyond those shared by every run") + ".")
         if len(table.columns) > 1:
             sec.table(table, f"{g}: options that differ between its runs", csv(f"config_{_slug(g)}", table),
