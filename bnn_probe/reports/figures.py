@@ -226,29 +226,6 @@ def layer_flip_ratio(lay: pd.DataFrame, path: Path) -> Path | None:
 
 
 @instrument
-def flip_heatmap(lay: pd.DataFrame, run: str, path: Path) -> Path | None:
-    """Heatmap of π per layer (rows ordered by fan-in) over step bins, for one run."""
-    sub = lay[lay["run"] == run] if not _empty(lay) else lay
-    if _empty(sub):
-        return None
-    order = sub.drop_duplicates("layer").sort_values(["fan_in", "layer"], kind="stable")
-    grid = sub.pivot_table(index="layer", columns="step", values="pi", aggfunc="mean").reindex(order["layer"])
-    labels = [f"{r.layer} (fan-in {int(r.fan_in)})" if pd.notna(r.fan_in) else r.layer
-              for r in order.itertuples(index=False)]
-    with _figure(path, height=max(2.0, 0.35 * len(grid) + 1.2)) as (fig, axes):
-        ax = axes[0][0]
-        sns.heatmap(grid.to_numpy(dtype=float), ax=ax, cmap="viridis", cbar_kws={"label": PI_LABEL},
-                    yticklabels=labels, xticklabels=False)
-        steps = grid.columns.to_numpy()
-        ticks = np.linspace(0, len(steps) - 1, min(6, len(steps))).astype(int)
-        ax.set_xticks(ticks + 0.5)
-        ax.set_xticklabels([f"{steps[i]:.0f}" for i in ticks])
-        ax.set_xlabel("step")
-        ax.set_title(f"{run}: flip ratio per layer (thin → wide)")
-    return path
-
-
-@instrument
 def inertia_flip_probability(bins: pd.DataFrame, path: Path) -> Path | None:
     """One panel per family; every (run, layer) of the family is one line of P(flip within k steps) by inertia
     decile (log y). Summarises without dropping a run; the per-bin intervals are in tables/inertia_bins.csv."""

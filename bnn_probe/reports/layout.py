@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -125,10 +124,6 @@ def _short(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def _slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_")[:40] or "x"
-
-
 def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
     out: dict[str, object] = {}
     for k, v in d.items():
@@ -173,6 +168,8 @@ def run_details(runs, out: Path, csv) -> Section:
     """The last section: the options that differ between runs (a table), the shared ones (one line), and per run a
     collapsed block with its facts and its full meta.json (HTML: inline; Markdown: a link to the file)."""
     sec = Section("Runs in detail: configurations and versions", anchor="appendix")
+    from .build import _slug  # (build imports this module)
+
     groups, shared = config_differences(runs)
     for g, table, common in groups:
         line = ", ".join(f"{k} = {_short(v)}" for k, v in common.items() if v is not None and k != "tag")
