@@ -428,13 +428,15 @@ def _report(out: Path, runs: list[Path], show: bool, echo: Callable[[str], None]
 
 def summarize(out: str | Path, runs: Sequence[RunSpec]) -> list[dict[str, Any]]:
     """Final validation accuracy and mean flip ratio per run of a finished study (for tables)."""
+    from .reports.training import accuracy_metric
     from .runlog import load_run
 
     rows = []
     for s in runs:
         r = load_run(Path(out) / s.name)
         tr, st = r.train, r.steps
-        acc = tr["val_accuracy"].dropna() if "val_accuracy" in tr else []
+        col = accuracy_metric(tr)  # val_accuracy, or another documented name (reports.training.HELD_OUT_ACCURACY)
+        acc = tr[col].dropna() if col else []
         n_weights = int(r.layers["n_weights"].sum()) if len(r.layers) else 0
         n_steps = int(st["step"].nunique()) if len(st) else 0
         flips = float(st["flips"].sum()) / (n_steps * n_weights) if n_steps and n_weights else math.nan
