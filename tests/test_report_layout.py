@@ -48,6 +48,10 @@ def test_verdicts_go_to_their_question_by_id_prefix_and_unknown_ids_still_show(t
     figs = {n: tmp_path / n for n in ("magnitude_reset.png", "hazard.png")}
     answers = build_answers([_v("inertia.magnitude_reset", INCONCLUSIVE), _v("inertia.hazard", SUPPORTED)], figs.get)
     assert answers[0].figure == figs["hazard.png"]  # the figure of a decided verdict before an undecided one's
+    answers = build_answers([_v("thresholds.fan_in_pooled"), _v("thresholds.new"), _v("thresholds.fan_in_controlled")],
+                            figs.get)
+    assert [v.id for v in answers[1].verdicts] == ["thresholds.fan_in_controlled", "thresholds.fan_in_pooled",
+                                                   "thresholds.new"]  # the controlled result first
 
 
 def test_plain_words_follow_the_outcome_and_fall_back_on_the_claim():

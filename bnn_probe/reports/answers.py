@@ -202,7 +202,7 @@ def build_answers(verdicts: list[Verdict], figure: Callable[[str], Path | None])
     figure file name, or None when the report did not draw it."""
     out = []
     for q in QUESTIONS:
-        vs = [v for v in verdicts if question_of(v) == q.key]
+        vs = sorted((v for v in verdicts if question_of(v) == q.key), key=lambda v, q=q: _rank(v, q))
         fig, cap = None, ""
         decided = [v for v in vs if v.verdict != INCONCLUSIVE]
         for pool in (decided, vs):  # a figure behind a decided verdict first
@@ -215,6 +215,12 @@ def build_answers(verdicts: list[Verdict], figure: Callable[[str], Path | None])
     if other:
         out.append(Answer("Other verdicts", other, _sentences(other), None, "", disagreements(other)))
     return out
+
+
+def _rank(v: Verdict, q: Question) -> int:
+    """A verdict's place in its answer: the order of the question's figure list (the claims that answer it most
+    directly first, e.g. the controlled width sweep before the pooled fan-in fit), other ids after."""
+    return next((i for i, (prefix, _) in enumerate(q.figures) if v.id.startswith(prefix)), len(q.figures))
 
 
 def _sentences(vs: list[Verdict]) -> list[str]:
