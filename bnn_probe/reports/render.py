@@ -316,7 +316,12 @@ def render_markdown(doc: Document, out_dir: Path) -> str:
             out += [f"> {n}\n" for n in a.notes]
             if a.figure is not None:
                 out += [f"![{a.figure_caption}]({_rel(a.figure, out_dir)})", ""]
-            out += [_md_verdicts(a.verdicts, compact=True), ""] if a.verdicts else []
+            decided = [v for v in a.verdicts if v.verdict != "inconclusive"]
+            undecided = [v for v in a.verdicts if v.verdict == "inconclusive"]
+            out += [_md_verdicts(decided, compact=True), ""] if decided else []
+            if undecided:  # folded, as in the HTML
+                out += [f"<details><summary>{len(undecided)} inconclusive verdict(s)</summary>", "",
+                        _md_verdicts(undecided, compact=True), "", "</details>", ""]
     else:
         out += ["## Verdicts", "", _md_verdicts(doc.verdicts), ""]
     if doc.how_to_read:
