@@ -547,4 +547,6 @@ def hamming(ham: pd.DataFrame, title: str, path: Path) -> Path | None:
         sns.lineplot(data=ham, x="step", y="fraction", hue="layer", marker="o", ax=ax, **RAW)
         ax.set_ylabel("Hamming distance / weights")
         ax.set_title(title)
+        _few_ticks(ax)
+        _legend_outside(ax)
     return path
