@@ -128,7 +128,8 @@ def _draw_runs(ax, df: pd.DataFrame, y: str, group: str, x: str = "step") -> Non
         if s.empty:
             continue
         ls = "-" if i < 10 else "--"
-        ax.plot(s[x], s[y], ls, color=pal[i % 10], lw=1, marker="o" if len(s) <= 20 else None, ms=3,
+        lw = max(0.8, 1.8 - 0.25 * i)  # earlier runs a little wider: runs that coincide (pairs) both stay visible
+        ax.plot(s[x], s[y], ls, color=pal[i % 10], lw=lw, marker="o" if len(s) <= 20 else None, ms=3 + lw,
                 label=_short(str(run), group))
 
 
