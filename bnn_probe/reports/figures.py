@@ -447,7 +447,7 @@ def accuracy_vs_hyperparameters(runs: pd.DataFrame, path: Path) -> Path | None:
     if _empty(runs) or "final_val_accuracy" not in runs:
         return None
     t = runs[runs["optimizer"].astype(str).str.startswith("bop") & runs["final_val_accuracy"].notna()].copy()
-    if t.empty:
+    if len(t) < 2:  # nothing to compare
         return None
     t["group"] = t["tag"].where(t["tag"].astype(str) != "", t["optimizer"])
     with _figure(path, ncols=2, width=8.6, height=2.8, sharey=True) as (fig, axes):
