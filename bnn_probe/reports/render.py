@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..safe_text import md_code, md_fence, md_link_target, md_text
 from .stats import Verdict
 
 TEMPLATE = Path(__file__).with_name("templates") / "report.html"
@@ -253,7 +254,9 @@ def render_html(doc: Document) -> str:
 # ---------------------------------------------------------------- Markdown
 
 def _md_escape(s: str) -> str:
-    return str(s).replace("|", "\\|").replace("\n", " ")
+    """Every string shown in report.md is literal text (run names, tags, config values and layer names are untrusted
+    input): :func:`bnn_probe.safe_text.md_text`."""
+    return md_text(s)
 
 
 def _md_table(df: pd.DataFrame) -> str:
@@ -266,12 +269,13 @@ def _md_table(df: pd.DataFrame) -> str:
 
 
 def _md_verdicts(vs: list[Verdict], compact: bool = False) -> str:
+    e = _md_escape
     if compact:  # the answers: claim, id and statistic; reason, method and runs are in the verdict's section
-        return "\n".join(f"- **{v.verdict}** — {v.claim}" + (f" (`{v.id}`)" if v.id else "") +
-                         f". {verdict_sentence(v)}." for v in vs)
-    return "\n".join(f"- **{v.verdict}** — {v.claim}" + (f" (`{v.id}`)" if v.id else "") +
-                     f". {verdict_sentence(v)}. {v.reason}. *Method:* {v.method}. *Runs:* {_runs_list(v) or '—'}"
-                     for v in vs)
+        return "\n".join(f"- **{e(v.verdict)}** — {e(v.claim)}" + (f" ({md_code(v.id)})" if v.id else "") +
+                         f". {e(verdict_sentence(v))}." for v in vs)
+    return "\n".join(f"- **{e(v.verdict)}** — {e(v.claim)}" + (f" ({md_code(v.id)})" if v.id else "") +
+                     f". {e(verdict_sentence(v))}. {e(v.reason)}. *Method:* {e(v.method)}. "
+                     f"*Runs:* {e(_runs_list(v)) or '—'}" for v in vs)
 
 
 def _rel(path: Path, out_dir: Path) -> str:
@@ -280,42 +284,44 @@ def _rel(path: Path, out_dir: Path) -> str:
 
 
 def _md_blocks(blocks: list[Block], out_dir: Path) -> list[str]:
+    e = _md_escape
     out: list[str] = []
     for b in blocks:
         if b.only and b.only != "md":
             continue
         if b.kind == "text":
-            out += [b.text, ""]
+            out += [e(b.text), ""]
         elif b.kind == "warning":
-            out += [f"> **Warning:** {b.text}", ""]
+            out += [f"> **Warning:** {e(b.text)}", ""]
         elif b.kind == "figure":
-            out += [f"![{b.text}]({_rel(b.path, out_dir)})", "", f"*{b.text}*", ""]
+            out += [f"![{e(b.text)}]({md_link_target(_rel(b.path, out_dir))})", "", f"*{e(b.text)}*", ""]
         elif b.kind == "table":
-            out += [f"*{b.text}*" + (f" (`{b.csv}`)" if b.csv else ""), "", _md_table(b.table), ""]
+            out += [f"*{e(b.text)}*" + (f" ({md_code(b.csv)})" if b.csv else ""), "", _md_table(b.table), ""]
         elif b.kind == "verdicts":
             out += [_md_verdicts(b.verdicts), ""]
         elif b.kind == "code":
-            out += ([f"*{b.csv}*", ""] if b.csv else []) + [f"```{b.lang}", b.text, "```", ""]
+            out += ([f"*{e(b.csv)}*", ""] if b.csv else []) + [md_fence(b.text, b.lang), ""]
         elif b.kind == "details":
             out += [f"<details><summary>{html.escape(b.text)}</summary>", "", *_md_blocks(b.children, out_dir),
                     "</details>", ""]
         elif b.kind == "link":
-            out += [f"[{b.text}]({b.href})", ""]
+            out += [f"[{e(b.text)}]({md_link_target(b.href)})", ""]
         elif b.kind == "list":
-            out += [f"- {t}" for t in b.text.split("\n")] + [""]
+            out += [f"- {e(t)}" for t in b.text.split("\n")] + [""]
     return out
 
 
 def render_markdown(doc: Document, out_dir: Path) -> str:
-    out = [f"# {doc.title}", "", f"*{doc.subtitle}*", ""]
-    out += [f"> **Warning:** {w}\n" for w in doc.warnings]
+    e = _md_escape
+    out = [f"# {e(doc.title)}", "", f"*{e(doc.subtitle)}*", ""]
+    out += [f"> **Warning:** {e(w)}\n" for w in doc.warnings]
     if doc.answers:
         out += ["## Answers", ""]
         for a in doc.answers:
-            out += [f"### {a.title}", ""] + [f"- {s}" for s in a.sentences] + [""]
-            out += [f"> {n}\n" for n in a.notes]
+            out += [f"### {e(a.title)}", ""] + [f"- {e(s)}" for s in a.sentences] + [""]
+            out += [f"> {e(n)}\n" for n in a.notes]
             if a.figure is not None:
-                out += [f"![{a.figure_caption}]({_rel(a.figure, out_dir)})", ""]
+                out += [f"![{e(a.figure_caption)}]({md_link_target(_rel(a.figure, out_dir))})", ""]
             decided = [v for v in a.verdicts if v.verdict != "inconclusive"]
             undecided = [v for v in a.verdicts if v.verdict == "inconclusive"]
             out += [_md_verdicts(decided, compact=True), ""] if decided else []
@@ -325,9 +331,9 @@ def render_markdown(doc: Document, out_dir: Path) -> str:
     else:
         out += ["## Verdicts", "", _md_verdicts(doc.verdicts), ""]
     if doc.how_to_read:
-        out += ["## How to read this report", ""] + [f"- {t}" for t in doc.how_to_read] + [""]
-    out += ["Contents: " + " · ".join(f"[{s.title}](#{s.anchor})" for s in doc.sections), ""]
+        out += ["## How to read this report", ""] + [f"- {e(t)}" for t in doc.how_to_read] + [""]
+    out += ["Contents: " + " · ".join(f"[{e(s.title)}](#{s.anchor})" for s in doc.sections), ""]
     for s in doc.sections:
-        out += [f"<a id=\"{s.anchor}\"></a>", "", f"## {s.title}", ""]
+        out += [f"<a id=\"{s.anchor}\"></a>", "", f"## {e(s.title)}", ""]
         out += _md_blocks(s.blocks, out_dir)
     return "\n".join(out)
