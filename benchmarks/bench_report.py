@@ -10,7 +10,7 @@ steps, histograms every 100 steps, training metrics every 50 steps, weight_flips
 
     python benchmarks/bench_report.py [--sizes 10000,100000,1000000] [--out /tmp/bench_report]
 
-Goal (issue 5): ≤ 30 s and ≤ 2 GB at 10^6 rows, growing no faster than linearly.
+Goal: ≤ 30 s and ≤ 2 GB at 10^6 rows, growing no faster than linearly.
 """
 
 from __future__ import annotations

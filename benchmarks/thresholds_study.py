@@ -1,4 +1,4 @@
-"""The `thresholds` study (issue 6): threshold policies, the no-batch-norm variant, a controlled width sweep and the
+"""The `thresholds` study: threshold policies, the no-batch-norm variant, a controlled width sweep and the
 from-report feedback test, on digits (MLP 64 → 2048 → 64 → 1024 → 10) and MNIST-1D (1-D conv net).
 
 Every run is trained with the probe attached and written as a run directory; the analyses then read the logs only.

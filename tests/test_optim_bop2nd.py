@@ -1,5 +1,5 @@
-"""Bop2ndOrder against science.md's formulas: a hand-computed step, and several steps against a float64 reference
-written element by element."""
+"""Bop2ndOrder against the formulas of Suarez-Ramirez et al. 2021: a hand-computed step, and several steps against
+a float64 reference written element by element."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_hand_computed_first_step(foreach):
 
 
 def _reference(w0, grads, gamma, sigma, tau, eps, unbiased):
-    """science.md, element by element in float64."""
+    """The paper's update, element by element in float64."""
     w, m, v = list(w0), [0.0] * len(w0), [0.0] * len(w0)
     out = []
     for g in grads:

@@ -12,7 +12,7 @@ For every binary weight w ∈ {−1, +1} two real numbers, the first and second 
 A gradient entry that is NaN or ±inf is skipped: its m and v keep their previous values and
 ``state[p]["nonfinite_skipped"]`` counts it (:mod:`bnn_probe.optim.nonfinite`).
 
-m_0 = v_0 = 0. The "unbiased" form is the one science.md gives for the paper's variant: m and v divided by their
+m_0 = v_0 = 0. The "unbiased" form is the paper's variant (Suarez-Ramirez et al. 2021): m and v divided by their
 rates γ and σ (not Adam's 1 − (1 − γ)^t). Because m is normalised by sqrt(v), one τ means roughly the same thing in
 every layer. All hyperparameters are per param group; ``"lr"`` is an alias of ``"gamma"`` so LR schedulers drive γ
 (see :mod:`bnn_probe.optim.bop`). State: ``exp_avg`` (m) and ``exp_avg_sq`` (v); ``bnn_family = "bop2nd"``.

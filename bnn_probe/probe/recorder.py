@@ -164,6 +164,9 @@ class Recorder:
                 v = cols[q][i * L + li]
                 if v == v:
                     tb.add_scalar(f"{q}/{name}", v, int(s))
+                tau = cols["threshold"][i * L + li]  # the layer's τ in force (Bop families; NaN for latent)
+                if tau == tau:
+                    tb.add_scalar(f"threshold/{name}", tau, int(s))
 
     def _drain_tracked(self) -> None:
         batch, self._tracked = self._tracked, []

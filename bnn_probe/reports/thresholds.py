@@ -1,4 +1,4 @@
-"""Section 3 of a report: per-layer threshold needs (science.md, question A).
+"""Section 3 of a report: per-layer threshold needs (does one global Bop τ serve wide and thin layers?).
 
 * :func:`layer_table` — per (run, layer): fan-in, flip ratio over the analysed window, |m| (Bop) or |w̃| (latent)
   quantiles, the threshold in force, the share of weights that never flipped and of weights that chatter.
