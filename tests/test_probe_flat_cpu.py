@@ -16,12 +16,14 @@ def test_codes_cpu_matches_direct_counts(ns):
     g.layer_ends = [o + n for o, n in zip(g.offsets, ns, strict=True)]
     g.code = torch.empty(g.N, dtype=torch.uint8)
     g.count_mat = _count_matrix(_BOP_BITS, _BOP_COUNTS)
-    masks = [torch.from_numpy(rng.random(g.N) < p) for p in (0.2, 0.5, 0.9, 0.3, 0.3, 0.6, 0.4)]
-    got = g._codes(masks)
-    b = {name: m.numpy() for name, m in zip(_BOP_BITS, masks, strict=True)}
+    masks = [torch.from_numpy(rng.random(g.N) < p) for p in (0.2, 0.5, 0.9, 0.6, 0.4)]
+    field = torch.from_numpy(rng.integers(0, 8, g.N).astype(np.uint8))  # the margin ladder field (0…7)
+    got = g._codes([*masks, field])
+    b = {name: m.numpy() for name, m in zip(_BOP_BITS, masks, strict=False)}
     for li, (s, e) in enumerate(zip(g.offsets, g.layer_ends, strict=True)):
         sl = {k: v[s:e] for k, v in b.items()}
-        want = [sl["flipped"].sum(), sl["c2i"].sum(), (~sl["finite"]).sum(),
-                ((sl["gt"] & ~sl["flipped"]) | (sl["lt"] & sl["flipped"])).sum(), sl["above"].sum(), sl["lt"].sum(),
-                (sl["above"] & ~sl["prev_above"]).sum(), (sl["prev_above"] & ~sl["above"]).sum()]
+        f = field.numpy()[s:e]
+        want = [sl["flipped"].sum(), sl["c2i"].sum(), (~sl["finite"]).sum(), sl["above"].sum(),
+                (sl["above"] & ~sl["prev_above"]).sum(), (sl["prev_above"] & ~sl["above"]).sum(),
+                *[(f > j).sum() for j in range(7)]]
         assert got[li].tolist() == [float(x) for x in want]

@@ -41,6 +41,8 @@ class LayerState:
     * ``sign0`` (bool): sign(w_0) at attach, for C2I.
     * ``count`` (int32): flips of each weight since attach; ``last`` (int32): step of its last flip (0 = never).
     * ``prev_above`` (bool): |m_{t−1}| > τ (Bop family), for threshold crossings.
+    * ``prev_m`` (float): m_{t−1} (Bop; Bop2ndOrder: m̂_{t−1}) as measured at the previous step (at attach: the
+      optimizer state then, zeros without one), for ``step_size``; None until set.
     * ``q_idx``: the fixed quantile sample (None = all weights), ``t_idx``: the tracked weights.
     """
 
@@ -55,6 +57,7 @@ class LayerState:
         self.count = torch.zeros(flat.numel(), dtype=torch.int32, device=dev)
         self.last = torch.zeros(flat.numel(), dtype=torch.int32, device=dev)
         self.prev_above: Tensor | None = None
+        self.prev_m: Tensor | None = None
         self.q_idx = q_idx.to(dev) if q_idx is not None else None
         self.t_idx = t_idx.to(dev)
         self.mix = hash_coefficients(flat.numel(), dev) if sign_hash else None
@@ -152,6 +155,11 @@ class StepContext:
         return self.w * self.m
 
     @cached_property
+    def margin(self) -> Tensor:
+        """The pre-decision margin w_{t−1}·m_t (Bop2ndOrder: w_{t−1}·m̂_t): −w_t·m_t where the sign changed."""
+        return torch.where(self.flipped, -self.wm, self.wm)
+
+    @cached_property
     def abs_m(self) -> Tensor:
         return self.m.abs()
 
@@ -193,14 +201,26 @@ class StepContext:
         w_prev = torch.where(self.prev_sign[idx], 1.0, -1.0).to(self.w.dtype)
         return self.tau - (w_prev * self.prev_momentum_at(idx)).double()
 
+    def step_size_at(self, idx: Tensor) -> Tensor:
+        """|state_t − state_{t−1}| at ``idx`` (float64): latent |w̃_t − w̃_{t−1}|; Bop family |m_t − m_{t−1}|
+        (Bop2ndOrder: m̂), m_{t−1} as measured at the previous step (NaN before any)."""
+        if self.family == "latent":
+            return (self.w[idx].double() - self.state.prev_w[idx].double()).abs()
+        prev = self.state.prev_m
+        if prev is None:
+            return torch.full(idx.shape, float("nan"), dtype=torch.float64, device=self.w.device)
+        return (self.m[idx].double() - prev[idx].double()).abs()
+
     def commit(self) -> None:
-        """End of step: update per-weight flip counters, last-flip steps and the above-threshold mask."""
+        """End of step: update per-weight flip counters, last-flip steps, the above-threshold mask and m_{t−1}."""
         st = self.state
         fl = self.flipped
         st.count.add_(fl)
         st.last.masked_fill_(fl, self.step)
-        if self.family != "latent" and self.tau == self.tau:
-            st.prev_above = self.above
+        if self.family != "latent":
+            st.prev_m = self.m.clone()
+            if self.tau == self.tau:
+                st.prev_above = self.above
 
 
 def normalize_2nd(m: Tensor, v: Tensor, group: dict) -> Tensor:
