@@ -134,7 +134,7 @@ def feedback(args) -> None:
     for s in range(args.seeds):
         prev = Path(args.out) / args.dataset / f"global_s{s}"
         train_run(prev, args.dataset, s, args.epochs, policy={"name": "global", "threshold": args.tau},
-                  threshold=args.tau, variant=f"global τ={args.tau:g}")
+                  threshold=args.tau, variant=f"global τ={args.tau:g}", gamma=args.gamma)
         for k in range(1, args.rounds + 1):
             tag = "" if k == 1 else f"_r{k}"
             rep = Path(args.out) / args.dataset / f"report{tag}_s{s}"
@@ -143,7 +143,8 @@ def feedback(args) -> None:
             nxt = Path(args.out) / args.dataset / f"from_report{tag}_s{s}"
             train_run(nxt, args.dataset, s, args.epochs,
                       policy={"name": "from-report", "thresholds_csv": str(rep / "tables" / "thresholds.csv"),
-                              "report_run": bnn_probe.load_run(prev).name}, variant=f"from-report round {k}")
+                              "report_run": bnn_probe.load_run(prev).name}, variant=f"from-report round {k}",
+                      gamma=args.gamma)
             prev = nxt
         print(f"feedback {args.dataset} seed {s} done", flush=True)
 
@@ -201,6 +202,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--tau", type=float, default=1e-6)
+    ap.add_argument("--gamma", type=float, default=GAMMA, help="feedback: Bop's γ for every run")
     ap.add_argument("--widths", type=int, nargs="+", default=[64, 256, 1024, 4096])
     ap.add_argument("--rounds", type=int, default=1, help="feedback: report → from-report rounds")
     ap.add_argument("--quick", action="store_true", help="1 seed, 2 epochs")

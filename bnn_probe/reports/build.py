@@ -206,7 +206,7 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
     s_th.table(law.slopes, "Fan-in law slopes", w.csv("fan_in_law_slopes", law.slopes))
     w.csv("fan_in_law_points", law.points)
     tcols = ["layer", "fan_in", "n_weights", "flip_ratio", "recommended_threshold", "run", "family", "threshold",
-             "ratio_to_current", "bound"]
+             "ratio_to_current", "bound", "elasticity", "elasticity_at_recommended", "method"]
     rtab = rec.table[tcols]
     tgt = ", ".join(f"{r}: {t:.3g}" for r, t in rec.target.items())
     s_th.text("Recommended per-layer thresholds: the τ that would give each layer the target flip ratio "
