@@ -147,7 +147,7 @@ class StepContext:
             fn = getattr(self.layer.optimizer, "normalized_momentum", None)
             if fn is not None:
                 return fn(self.layer.param).detach().reshape(-1)
-            return normalize_2nd(st["exp_avg"].reshape(-1), st["exp_avg_sq"].reshape(-1), self.group)
+            return normalize_2nd(st["exp_avg"].reshape(-1), st["exp_avg_sq"].reshape(-1), self.group, st)
         return st["exp_avg"].detach().reshape(-1)
 
     @cached_property
@@ -186,7 +186,7 @@ class StepContext:
         if g is not None:
             v = (v - sigma * gi * gi) / (1 - sigma) if sigma != 1 else torch.full_like(v, float("nan"))
             v = v.clamp_min(0)
-        return normalize_2nd(m, v, self.group)
+        return normalize_2nd(m, v, self.group, st, back=1 if g is not None else 0)
 
     def inertia_at(self, idx: Tensor) -> Tensor:
         """Inertia after the step at ``idx``: latent |w̃_t|, Bop family τ − w_t·m_t (float64)."""
@@ -223,9 +223,21 @@ class StepContext:
                 st.prev_above = self.above
 
 
-def normalize_2nd(m: Tensor, v: Tensor, group: dict) -> Tensor:
-    """Bop2ndOrder's normalised momentum: m/(sqrt(v)+eps), or (m/γ)/(sqrt(v/σ)+eps) with ``bias_correction``."""
+def normalize_2nd(m: Tensor, v: Tensor, group: dict, state: dict | None = None, back: int = 0) -> Tensor:
+    """Bop2ndOrder's normalised momentum: m/(sqrt(v)+eps), or (m/γ)/(sqrt(v/σ)+eps) with ``bias_correction``, or
+    (m/c)/(sqrt(v/d)+eps) with ``adam_bias_correction`` (c = 1 − Π(1−γ_s), d = 1 − Π(1−σ_s) from ``state``'s
+    ``bias_prod_m`` / ``bias_prod_v``; ``back=1``: the products of the step before, for m_{t−1}, v_{t−1})."""
     eps = float(group.get("eps", 1e-10))
+    if group.get("adam_bias_correction"):
+        if not state or "bias_prod_m" not in state:
+            return torch.zeros_like(m)
+        pm, pv = float(state["bias_prod_m"]), float(state["bias_prod_v"])
+        if back:
+            pm, pv = pm / (1 - float(group["gamma"])), pv / (1 - float(group["sigma"]))
+        c, d = 1.0 - pm, 1.0 - pv
+        if c <= 0 or d <= 0:  # before the first step: m = v = 0
+            return torch.zeros_like(m)
+        return (m / c) / ((v / d).sqrt() + eps)
     if group.get("bias_correction"):
         return (m / float(group["gamma"])) / ((v / float(group["sigma"])).sqrt() + eps)
     return m / (v.sqrt() + eps)

@@ -360,7 +360,10 @@ class FlatGroup:
                 buf = self._buf("m_alt", self.dtype)
             return torch.cat(ms, out=buf)
         vs, _ = self._state_views("exp_avg_sq")
-        if self._uniform_2nd is not None:
+        if any(ly.group.get("adam_bias_correction") for ly in self.layers):  # divisors kept in the optimizer state
+            out = torch.cat([normalize_2nd(m, v, ly.group, ly.optimizer.state.get(ly.param))
+                             for m, v, ly in zip(ms, vs, self.layers, strict=True)])
+        elif self._uniform_2nd is not None:
             gamma, sigma, eps, bc = self._uniform_2nd
             group = {"gamma": gamma, "sigma": sigma, "eps": eps, "bias_correction": bc}
             out = normalize_2nd(torch.cat(ms), torch.cat(vs), group)
