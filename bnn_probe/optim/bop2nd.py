@@ -12,7 +12,7 @@ For every binary weight w ∈ {−1, +1} two real numbers, the first and second 
     w_t = −w_{t−1}  iff  w_{t−1} · m̂_t > τ    (strict)
 
 m_0 = v_0 = 0. What the paper's "unbiased" variant (Suarez-Ramirez et al. 2021) is: dividing m by γ and v by σ is
-a constant rescaling, (m/γ)/(sqrt(v/σ) + ε) = (√σ/γ) · m/(sqrt(v) + ε·γ/√σ), so the flip rule w·m̂ > τ is the
+a constant rescaling, (m/γ)/(sqrt(v/σ) + ε) = (√σ/γ) · m/(sqrt(v) + ε·√σ), so the flip rule w·m̂ > τ is the
 biased rule with the threshold τ' = τ·γ/√σ and ε' = ε·√σ (up to rounding): it changes the units of τ, and it
 corrects no start-up bias. Adam's correction (Kingma & Ba 2015), which does remove the bias of m_0 = v_0 = 0 in the
 first ~1/γ and ~1/σ steps, is ``adam_bias_correction=True`` (the products Π(1 − γ_s), Π(1 − σ_s) are kept per weight
