@@ -79,3 +79,28 @@ def test_snippet_uses_the_runs_gamma():
     assert "gamma=0.0003)" in rec.snippet and "1e-3" not in rec.snippet
     rec2 = thresholds.recommended_thresholds(thresholds.layer_table([run]), gamma={})
     assert "gamma=YOUR_GAMMA" in rec2.snippet
+
+
+def test_a_version_1_log_stays_readable_and_reports_by_tail_matching(tmp_path):
+    """A schema-1 log (flip_now/settled columns, no margin ladder) loads, and its report's thresholds.csv keeps its
+    leading columns, recommends by the documented fallback and stays readable by the from-report policy."""
+    import pandas as pd
+
+    import bnn_probe
+    from bnn_probe.optim.thresholds import read_thresholds_csv
+    from bnn_probe.reports.build import build_report
+    from bnn_probe.reports.synthetic import write_run
+
+    run = make_run("v1", seed=1, n_steps=30, n_tracked=2, margin_ladder=False)
+    run.steps["flip_now"] = run.steps["flips"].astype(float)
+    run.steps["settled"] = 0.0
+    assert run.meta["schema_version"] == 1
+    write_run(run, tmp_path / "v1")
+    got = bnn_probe.load_run(tmp_path / "v1")
+    assert got.steps["margin_exceed_1"].isna().all() and (got.steps["flip_now"] == got.steps["flips"]).all()
+    assert got.tracked["step_size"].isna().all() and got.steps["c2i_corr"].isna().all()
+    build_report([got], tmp_path / "rep", formats=("md",), progress=False)
+    csv = pd.read_csv(tmp_path / "rep" / "tables" / "thresholds.csv")
+    assert list(csv.columns[:5]) == ["layer", "fan_in", "n_weights", "flip_ratio", "recommended_threshold"]
+    assert set(csv["method"]) == {"tail matching (no margin ladder in the log)"}
+    assert set(read_thresholds_csv(tmp_path / "rep" / "tables" / "thresholds.csv")) == set(csv["layer"])

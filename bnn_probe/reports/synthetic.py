@@ -154,7 +154,7 @@ def make_run(name: str = "run", family: str = "bop", layers=DEFAULT_LAYERS, n_st
     cfg = {"model": "mlp", "dataset": "digits", "optimizer": opt_class.lower(), "gamma": gamma,
            "threshold": threshold, "lr": lr, "seed": seed}
     cfg.update(config or {})
-    meta = {"format": "bnn-probe-run", "schema_version": 1, "status": status, "family": family,
+    meta = {"format": "bnn-probe-run", "schema_version": 2 if margin_ladder else 1, "status": status, "family": family,
             "optimizer": {"class": opt_class, "groups": [{"index": 0, "gamma": gamma, "threshold": threshold}]},
             "model": {"class": "BinaryMLP", "n_binary_weights": int(lay["n_weights"].sum())},
             "config": cfg, "tag": tag, "versions": {"bnn_probe": "synthetic"}, "last_step": S,
