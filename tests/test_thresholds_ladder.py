@@ -104,3 +104,12 @@ def test_a_version_1_log_stays_readable_and_reports_by_tail_matching(tmp_path):
     assert list(csv.columns[:5]) == ["layer", "fan_in", "n_weights", "flip_ratio", "recommended_threshold"]
     assert set(csv["method"]) == {"tail matching (no margin ladder in the log)"}
     assert set(read_thresholds_csv(tmp_path / "rep" / "tables" / "thresholds.csv")) == set(csv["layer"])
+
+
+def test_tail_matching_can_be_forced_for_comparison():
+    run = make_run("f", seed=1, noise=0.0, n_steps=40, n_tracked=2)
+    lt = thresholds.layer_table([run])
+    rec = thresholds.recommended_thresholds(lt, method="tail")
+    assert set(rec.table["method"]) == {"tail matching"} and rec.method.startswith("Tail matching")
+    with pytest.raises(ValueError, match="method"):
+        thresholds.recommended_thresholds(lt, method="ladder-ish")

@@ -330,10 +330,13 @@ class Recommendation:
 
 
 def recommended_thresholds(table: pd.DataFrame, target: float | None = None,
-                           gamma: dict | None = None) -> Recommendation:
+                           gamma: dict | None = None, method: str = "auto") -> Recommendation:
     """Per-layer τ giving the target flip ratio (default: per run, the median layer flip ratio over the window):
-    from the margin ladder where the log has it (:func:`ladder_threshold`), else by tail matching (fallback).
-    ``gamma``: run → Bop's γ, for the snippet (default: the table's ``gamma`` column, if any)."""
+    from the margin ladder where the log has it (:func:`ladder_threshold`), else by tail matching (fallback);
+    ``method="tail"`` forces tail matching (for comparisons). ``gamma``: run → Bop's γ, for the snippet (default:
+    the table's ``gamma`` column, if any)."""
+    if method not in ("auto", "tail"):
+        raise ValueError(f"method must be 'auto' or 'tail', got {method!r}")
     cols = ["run", "family", "layer", "fan_in", "n_weights", "flip_ratio", "threshold", "recommended_threshold",
             "ratio_to_current", "bound", "elasticity", "elasticity_at_recommended", "method"]
     qcols = [f"abs_m_{q}" for q in QUANTILES]
@@ -350,16 +353,16 @@ def recommended_thresholds(table: pd.DataFrame, target: float | None = None,
                 rec, bound = math.nan, ""
                 lad = np.array([d.get(c, math.nan) for c in MARGIN_RATES], dtype=float)
                 e_tau = e_rec = math.nan
-                method = "margin ladder"
-                if np.all(np.isfinite(lad)) and math.isfinite(tau) and tau > 0:
+                how = "margin ladder"
+                if method == "auto" and np.all(np.isfinite(lad)) and math.isfinite(tau) and tau > 0:
                     rec, bound, e_tau, e_rec = ladder_threshold(lad, tau, tgt)
                 elif not np.all(np.isfinite(q)) or not math.isfinite(tau):
-                    method = "none"
+                    how = "none"
                     bound = "no |m| quantiles or threshold"
                 elif fr <= 0:
                     bound = "no flips in the window: τ* < current τ, not estimable"
                 else:
-                    method = "tail matching (no margin ladder in the log)"
+                    how = "tail matching" if method == "tail" else "tail matching (no margin ladder in the log)"
                     g_tau, b1 = tail_prob(tau, q)
                     rec, b2 = tail_inverse(g_tau * tgt / fr, q)
                     bound = "; ".join(b for b in (b1, b2) if b)
@@ -370,7 +373,7 @@ def recommended_thresholds(table: pd.DataFrame, target: float | None = None,
                              "recommended_threshold": rec,
                              "ratio_to_current": rec / tau if tau and math.isfinite(rec) else math.nan,
                              "bound": bound, "elasticity": e_tau, "elasticity_at_recommended": e_rec,
-                             "method": method})
+                             "method": how})
     rec_df = pd.DataFrame(rows, columns=cols)
     if gamma is None and "gamma" in bop:
         gamma = {run: float(np.nanmedian(g.astype(float))) for run, g in bop.groupby("run", sort=False)["gamma"]
