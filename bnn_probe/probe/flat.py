@@ -36,7 +36,7 @@ from torch import Tensor
 from ..runlog.schema import MARGIN_EXCEED, MARGIN_LADDER, MARGIN_Q, MARGIN_QUANTILES
 from .binary_detect import LayerInfo, clip_value_of
 from .context import hash_coefficients, normalize_2nd
-from .fused import make_step_fn, maybe_compile
+from .fused import _at_positions, make_step_fn, maybe_compile
 from .quantities import QUANTILES
 
 __all__ = ["FlatGroup", "group_layers"]
@@ -45,14 +45,6 @@ _NAN = float("nan")
 # bit codes of the per-weight masks (Bop family / latent)
 _BOP_BITS = ("flipped", "c2i", "finite", "above", "prev_above", "l0", "l1", "l2")  # l0..l2: the margin ladder field
 _LAT_BITS = ("flipped", "c2i", "finite", "at_clip")
-
-
-def _at_positions(v: Tensor, pos: Tensor, frac: Tensor) -> Tensor:
-    """v: [..., L, K] sorted samples → [..., L, Q] numpy-"linear" quantiles at the [L, 2Q] positions (float64)."""
-    v = v.gather(-1, pos.expand(*v.shape[:-1], pos.shape[-1])).double()
-    q = frac.shape[-1]
-    lo, hi = v[..., :q], v[..., q:]
-    return lo + (hi - lo) * frac
 
 
 def _count_matrix(bits: Sequence[str], columns: dict[str, callable]) -> Tensor:
