@@ -112,4 +112,22 @@ def test_tail_matching_can_be_forced_for_comparison():
     rec = thresholds.recommended_thresholds(lt, method="tail")
     assert set(rec.table["method"]) == {"tail matching"} and rec.method.startswith("Tail matching")
     with pytest.raises(ValueError, match="method"):
-        thresholds.recommended_thresholds(lt, method="ladder-ish")
+        thresholds.recommended_thresholds(lt, method="auto")
+
+
+def test_report_cli_threshold_method_tail(tmp_path):
+    from click.testing import CliRunner
+
+    from bnn_probe.cli import cli
+    from bnn_probe.reports.synthetic import write_run
+
+    write_run(make_run("c", seed=1, n_steps=20, n_tracked=2), tmp_path / "c")
+    res = CliRunner().invoke(cli, ["report", str(tmp_path / "c"), "--out", str(tmp_path / "rep"), "--format", "md",
+                                    "--quiet", "--threshold-method", "tail"])
+    assert res.exit_code == 0, res.output
+    import pandas as pd
+
+    assert set(pd.read_csv(tmp_path / "rep" / "tables" / "thresholds.csv")["method"]) == {"tail matching"}
+    bad = CliRunner().invoke(cli, ["report", str(tmp_path / "c"), "--out", str(tmp_path / "r2"),
+                                    "--threshold-method", "nope"])
+    assert bad.exit_code == 2

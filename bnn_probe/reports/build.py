@@ -30,6 +30,7 @@ class ReportOptions:
     window: float = 0.5  # analysed window: the last fraction of each run's steps
     target_flip_ratio: float | None = None  # None: per run, the median layer flip ratio over the window
     chatter_min_flips: int = thresholds.CHATTER_MIN_FLIPS
+    threshold_method: str = "ladder"  # recommended thresholds: "ladder" (margin ladder) or "tail" (tail matching)
     n_boot: int = 1000
 
 
@@ -113,7 +114,7 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
     stage("pairs")
     lt = thresholds.layer_table(runs, window=opt.window, chatter_min=opt.chatter_min_flips)
     law = thresholds.fan_in_law(lt)
-    rec = thresholds.recommended_thresholds(lt, opt.target_flip_ratio)
+    rec = thresholds.recommended_thresholds(lt, opt.target_flip_ratio, method=opt.threshold_method)
     stage("thresholds")
     verdicts = inertia_v + [p.verdict for p in pair_results] + [sched.verdict] + law.verdicts
     warnings = list(tr.warnings)

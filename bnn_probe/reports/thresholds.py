@@ -330,13 +330,13 @@ class Recommendation:
 
 
 def recommended_thresholds(table: pd.DataFrame, target: float | None = None,
-                           gamma: dict | None = None, method: str = "auto") -> Recommendation:
+                           gamma: dict | None = None, method: str = "ladder") -> Recommendation:
     """Per-layer τ giving the target flip ratio (default: per run, the median layer flip ratio over the window):
-    from the margin ladder where the log has it (:func:`ladder_threshold`), else by tail matching (fallback);
-    ``method="tail"`` forces tail matching (for comparisons). ``gamma``: run → Bop's γ, for the snippet (default:
-    the table's ``gamma`` column, if any)."""
-    if method not in ("auto", "tail"):
-        raise ValueError(f"method must be 'auto' or 'tail', got {method!r}")
+    ``method="ladder"`` (default): from the margin ladder where the log has it (:func:`ladder_threshold`), else by
+    tail matching (fallback); ``method="tail"``: tail matching for every layer. ``gamma``: run → Bop's γ, for the
+    snippet (default: the table's ``gamma`` column, if any)."""
+    if method not in ("ladder", "tail"):
+        raise ValueError(f"method must be 'ladder' or 'tail', got {method!r}")
     cols = ["run", "family", "layer", "fan_in", "n_weights", "flip_ratio", "threshold", "recommended_threshold",
             "ratio_to_current", "bound", "elasticity", "elasticity_at_recommended", "method"]
     qcols = [f"abs_m_{q}" for q in QUANTILES]
@@ -354,7 +354,7 @@ def recommended_thresholds(table: pd.DataFrame, target: float | None = None,
                 lad = np.array([d.get(c, math.nan) for c in MARGIN_RATES], dtype=float)
                 e_tau = e_rec = math.nan
                 how = "margin ladder"
-                if method == "auto" and np.all(np.isfinite(lad)) and math.isfinite(tau) and tau > 0:
+                if method == "ladder" and np.all(np.isfinite(lad)) and math.isfinite(tau) and tau > 0:
                     rec, bound, e_tau, e_rec = ladder_threshold(lad, tau, tgt)
                 elif not np.all(np.isfinite(q)) or not math.isfinite(tau):
                     how = "none"
