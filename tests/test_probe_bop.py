@@ -126,6 +126,8 @@ def test_bop_events_tracked_weight_flips(bop_run):
         assert (got.step, got["index"]) == (t, i)
         assert got.inertia_before == pytest.approx(inertia, rel=1e-4, abs=1e-6)
         assert got.step_size == pytest.approx(step, rel=1e-5, abs=1e-7)
+        # a flip crosses within one step: τ − w_{t−1}·m_{t−1} < w_{t−1}·(m_t − m_{t−1}) ≤ |m_t − m_{t−1}|
+        assert got.inertia_before <= got.step_size * (1 + 1e-6)
         assert (pd_isna(got.steps_since_last_flip) if since is None else got.steps_since_last_flip == since)
     tr = run.tracked.sort_values(["step", "index"])
     assert len(tr) == len(tracked)

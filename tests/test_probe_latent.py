@@ -73,6 +73,7 @@ def test_latent_sgd_quantities(tmp_path, clip):
         assert ev.inertia_before.tolist() == pytest.approx(w_prev.abs()[idx].tolist(), rel=1e-6)
         step = (w - w_prev).abs()  # step_size of the latent state: |w̃_t − w̃_{t−1}| (0 where clipped in place)
         assert ev.step_size.tolist() == pytest.approx(step[idx].tolist(), rel=1e-5, abs=1e-9)
+        assert (ev.inertia_before <= ev.step_size * (1 + 1e-6)).all()  # |w̃_{t−1}| ≤ |w̃_t − w̃_{t−1}| at a crossing
         since = [pd.NA if last[i] == 0 else t - last[i] for i in idx]
         assert [pd.NA if pd.isna(x) else x for x in ev.steps_since_last_flip] == since
         tr = run.tracked[run.tracked.step == t].sort_values("index")
