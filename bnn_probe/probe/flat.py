@@ -42,6 +42,7 @@ from .quantities import QUANTILES
 __all__ = ["FlatGroup", "group_layers"]
 
 _NAN = float("nan")
+_LADDER_CHUNK = 1 << 16  # weights per chunk of the CPU margin ladder (w·m, count and mask chunks stay in cache)
 # bit codes of the per-weight masks (Bop family / latent)
 _BOP_BITS = ("flipped", "c2i", "finite", "above", "prev_above", "l0", "l1", "l2")  # l0..l2: the margin ladder field
 _LAT_BITS = ("flipped", "c2i", "finite", "at_clip")
@@ -555,39 +556,47 @@ class FlatGroup:
                                                                               strict=True)])
         return h.to(torch.float64) @ self.count_mat  # [L, C] exact counts
 
-    def _margin(self, wm: Tensor, flipped: Tensor, fidx: np.ndarray | None) -> Tensor:
-        """w_{t−1}·m_t: w_t·m_t negated where the sign changed (w_{t−1} = −w_t there)."""
-        if fidx is None:
-            return torch.where(flipped, -wm, wm)
-        x = self._buf("margin", wm.dtype)
-        xn = x.numpy()
-        np.copyto(xn, wm.numpy())
-        xn[fidx] = -xn[fidx]
-        return x
+    def _ladder(self, wm: Tensor, flipped: Tensor, fidx: np.ndarray | None) -> Tensor:
+        """uint8 per weight: the number of ladder points k·τ (k in MARGIN_LADDER) that the margin x = w_{t−1}·m_t
+        exceeds (x > k·τ). x = w_t·m_t where the sign did not change and −w_t·m_t where it did (w_{t−1} = −w_t).
 
-    def _ladder(self, x: Tensor) -> Tensor:
-        """uint8 per weight: the number of ladder points k·τ (k in MARGIN_LADDER) that x exceeds (x > k·τ)."""
+        CPU: the seven comparisons run on w·m in chunks of 2^16 weights (the chunk stays in cache: ~5x faster than
+        seven passes over memory), then the flipped weights (sparse: ``fidx``) are recounted with −w·m. The same
+        IEEE comparisons as ``x > k·τ`` in x's dtype (k·τ rounded to it; exact for these powers of two)."""
         field = self._buf("ladder", torch.uint8)
-        gt = self._buf("ladder_gt", torch.bool)
         uniform = not isinstance(self.tau, Tensor)
-        for j, k in enumerate(MARGIN_LADDER):
-            thr = k * self.tau if uniform else torch.mul(self.tau, k, out=self._buf("ladder_thr", self.tau.dtype))
-            _cmp("gt", x, thr, gt)
-            if j == 0:
-                field.copy_(gt)
-            elif field.device.type == "cpu":
-                np.add(field.numpy(), gt.numpy().view(np.uint8), out=field.numpy())
-            else:
-                field.add_(gt)
+        if fidx is None or not _np_ok(wm) or not (uniform or self.tau.dtype == wm.dtype):
+            x = torch.where(flipped, -wm, wm)
+            field.copy_(x > self.tau * MARGIN_LADDER[0])
+            for k in MARGIN_LADDER[1:]:
+                field.add_(x > self.tau * k)
+            return field
+        xn, fn = wm.numpy(), field.numpy()
+        tn = None if uniform else self.tau.numpy()
+        thr = [xn.dtype.type(k * self.tau) for k in MARGIN_LADDER] if uniform else None
+        c = min(_LADDER_CHUNK, self.N)
+        gb, tb = np.empty(c, np.bool_), np.empty(c, xn.dtype)
+        for s in range(0, self.N, c):
+            e = min(s + c, self.N)
+            xs, fs, gs = xn[s:e], fn[s:e], gb[:e - s]
+            for j, k in enumerate(MARGIN_LADDER):
+                t = thr[j] if uniform else np.multiply(tn[s:e], xn.dtype.type(k), out=tb[:e - s])
+                np.greater(xs, t, out=fs.view(np.bool_) if j == 0 else gs)
+                if j:
+                    np.add(fs, gs.view(np.uint8), out=fs)
+        if len(fidx):
+            xf = -xn[fidx]
+            cnt = np.zeros(len(fidx), np.uint8)
+            for j, k in enumerate(MARGIN_LADDER):
+                cnt += xf > (thr[j] if uniform else tn[fidx] * xn.dtype.type(k))
+            fn[fidx] = cnt
         return field
 
     def _steps(self, w, sign, flipped, m, wm, abs_m, above, g, fidx) -> tuple[Tensor, Tensor]:
         c2i = _ne(sign, self.sign0, self.c2ibuf)
         finite = _isfinite(g)
-        margin = None
         if self.bop:
-            margin = self._margin(wm, flipped, fidx)
-            counts = self._codes([flipped, c2i, finite, above, self.prev_above, self._ladder(margin)])
+            counts = self._codes([flipped, c2i, finite, above, self.prev_above, self._ladder(wm, flipped, fidx)])
         else:
             if self.clip_any:
                 at_clip = torch.ge(w.abs(), self.clip)
@@ -613,7 +622,9 @@ class FlatGroup:
         else:
             mean = torch.stack(torch._foreach_norm(list(x.split(self.ns)), 1, dtype=torch.float64)).div_(self.n_f)
         if self.bop:
-            v = self._sort(self._sample_n(abs_m, wm, margin))  # one sort: |m|, w·m and the margin
+            smp = self._sample_n(abs_m, wm, wm)
+            smp[2] = torch.where(flipped[self.qsel], -smp[2], smp[2])  # the margin w_{t−1}·m_t on the sample
+            v = self._sort(smp)  # one sort: |m|, w·m and the margin
             q = _at_positions(v[:2], self.qpos, self.qfrac)
             qm = _at_positions(v[2], self.mpos, self.mfrac)
             floats = torch.cat([counts[:, 3:13], mean.unsqueeze(1), q[0], q[1], qm, self.nan_lat], 1)
