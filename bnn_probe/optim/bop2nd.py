@@ -11,6 +11,9 @@ For every binary weight w ∈ {−1, +1} two real numbers, the first and second 
           c_t = 1 − Π_{s≤t} (1 − γ_s),  d_t = 1 − Π_{s≤t} (1 − σ_s)   (constant rates: 1 − (1 − γ)^t, 1 − (1 − σ)^t)
     w_t = −w_{t−1}  iff  w_{t−1} · m̂_t > τ    (strict)
 
+A gradient entry that is NaN or ±inf is skipped: its m and v keep their previous values and
+``state[p]["nonfinite_skipped"]`` counts it (:mod:`bnn_probe.optim.nonfinite`).
+
 m_0 = v_0 = 0. What the paper's "unbiased" variant (Suarez-Ramirez et al. 2021) is: dividing m by γ and v by σ is
 a constant rescaling, (m/γ)/(sqrt(v/σ) + ε) = (√σ/γ) · m/(sqrt(v) + ε·√σ), so the flip rule w·m̂ > τ is the
 biased rule with the threshold τ' = τ·γ/√σ and ε' = ε·√σ (up to rounding): it changes the units of τ, and it
@@ -46,6 +49,7 @@ from torch import Tensor
 
 from ._validate import GammaAliasOptimizer, check_bop_group, check_hparam
 from .bop import CompiledKernel, _scalars
+from .nonfinite import nonfinite_params, skip_nonfinite
 
 __all__ = ["Bop2ndOrder"]
 
@@ -106,9 +110,13 @@ class Bop2ndOrder(GammaAliasOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        bad = nonfinite_params(self)  # NaN/±inf gradient entries are skipped (optim/nonfinite.py)
         for gi, group in enumerate(self.param_groups):
             gamma, sigma, threshold, eps = _check_group(group, gi)
-            ws, (ms, vs), gs = self._gather(group, gi, ("exp_avg", "exp_avg_sq"))
+            ws, (ms, vs), gs = skip_nonfinite(self, *self._gather(group, gi, ("exp_avg", "exp_avg_sq")),
+                                              _masked(gamma, sigma, threshold, eps, group["bias_correction"],
+                                                      self.state.__getitem__ if group.get("adam_bias_correction")
+                                                      else None), bad)
             if not ws:
                 continue
             args = (ws, ms, vs, gs, gamma, sigma, threshold, eps, group["bias_correction"])
@@ -153,6 +161,28 @@ def _normalized(ms: list[Tensor], vs: list[Tensor], gamma: float, sigma: float, 
         den = torch._foreach_sqrt(vs)
     torch._foreach_add_(den, eps)
     return torch._foreach_div(num, den)
+
+
+def _masked(gamma: float, sigma: float, threshold: float, eps: float, bias_correction: bool,
+            state_of: Callable[[Tensor], dict] | None = None) -> Callable[[Tensor, list[Tensor], Tensor, Tensor], None]:
+    """The step for a tensor holding non-finite gradient entries: m and v unchanged where ``ok`` is False, the flip
+    rule applied to the resulting m̂ (finite entries as in :func:`_step_eager`). ``state_of``: the optimizer state of
+    a weight tensor, for Adam's correction (its rate products advance for the whole tensor)."""
+
+    def step(w: Tensor, states: list[Tensor], g: Tensor, ok: Tensor) -> None:
+        m, v = states
+        m.copy_(torch.where(ok, m.mul(1.0 - gamma).add_(g, alpha=gamma), m))
+        v.copy_(torch.where(ok, v.mul(1.0 - sigma).addcmul_(g, g, value=sigma), v))
+        c, d, bc = gamma, sigma, bias_correction
+        if state_of is not None:
+            st = state_of(w)
+            st["bias_prod_m"] = st.get("bias_prod_m", 1.0) * (1.0 - gamma)
+            st["bias_prod_v"] = st.get("bias_prod_v", 1.0) * (1.0 - sigma)
+            c, d, bc = 1.0 - st["bias_prod_m"], 1.0 - st["bias_prod_v"], True
+        x = _normalized([m], [v], c, d, eps, bc)[0].mul_(w).gt_(threshold)
+        w.addcmul_(w, x, value=-2.0)
+
+    return step
 
 
 def _step_eager(ws: list[Tensor], ms: list[Tensor], vs: list[Tensor], gs: list[Tensor], gamma: float, sigma: float,

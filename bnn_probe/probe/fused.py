@@ -40,8 +40,13 @@ def _at_positions(v: Tensor, pos: Tensor, frac: Tensor) -> Tensor:
     return lo + (hi - lo) * frac
 
 
-def make_step_fn(bop: bool, ns: list[int], n_bits: int, events: int, sign_hash: bool, has_pad: bool) -> Callable:
-    """The pure every-step function of one group (see the module docstring); constants only are closed over."""
+def make_step_fn(bop: bool, ns: list[int], n_bits: int, events: int, sign_hash: bool, has_pad: bool,
+                 binarized: bool = False) -> Callable:
+    """The pure every-step function of one group (see the module docstring); constants only are closed over.
+
+    ``binarized``: some layer has a binarizer other than bnn-probe's sign (probe/binarizers.py); the binarizer
+    stage then runs before this function and ``s`` carries ``sign``/``prev_sign`` (bool [b(w) = +1] after and before
+    the step) and, for latent groups, ``margin``/``prev_margin`` (the binarizer's margin = latent inertia)."""
     ns = tuple(int(n) for n in ns)
     L, N, NB, E = len(ns), sum(ns), 1 << n_bits, int(events)
 
@@ -92,8 +97,8 @@ def make_step_fn(bop: bool, ns: list[int], n_bits: int, events: int, sign_hash: 
     def step(s: dict, log: bool, trk: bool, ev: bool) -> dict:
         out: dict = {}
         w = s["w"]
-        sign = w >= 0
-        flipped = sign != (s["prev_w"] >= 0)
+        sign = s["sign"] if binarized else w >= 0
+        flipped = sign != (s["prev_sign"] if binarized else s["prev_w"] >= 0)
         if bop:
             m = s["m"]
             tau = s["tau32"][s["layer_id"]]
@@ -147,13 +152,23 @@ def make_step_fn(bop: bool, ns: list[int], n_bits: int, events: int, sign_hash: 
                 out["floats"] = torch.cat([s["nan_bop"], mean.unsqueeze(1), q, at, s["adam"]], 1)
             prev_w = s["prev_w"]
             if ev and E > 0:
-                out["events"] = _events(s, flipped, lambda i: torch.stack(
-                    [prev_w[i].abs().double(), (w[i].double() - prev_w[i].double()).abs()], 1))
+                def step_size(i: Tensor) -> Tensor:
+                    return (w[i].double() - prev_w[i].double()).abs()
+
+                if binarized:
+                    out["events"] = _events(s, flipped, lambda i: torch.stack(
+                        [s["prev_margin"][i].double(), step_size(i)], 1))
+                else:
+                    out["events"] = _events(s, flipped, lambda i: torch.stack(
+                        [prev_w[i].abs().double(), step_size(i)], 1))
             if trk:
                 idx = s["tsel"]
-                wt = w[idx]
-                out["tracked"] = (wt >= 0, torch.stack([wt.abs().double(),
-                                                        (wt.double() - prev_w[idx].double()).abs()], 1))
+                step = (w[idx].double() - prev_w[idx].double()).abs()
+                if binarized:
+                    out["tracked"] = (sign[idx], torch.stack([s["margin"][idx].double(), step], 1))
+                else:
+                    wt = w[idx]
+                    out["tracked"] = (wt >= 0, torch.stack([wt.abs().double(), step], 1))
         s["count"].add_(flipped)
         s["last"].copy_(torch.where(flipped, s["t"], s["last"]))
         return out
