@@ -251,3 +251,15 @@ def test_paper_bias_correction_is_the_biased_rule_with_a_rescaled_threshold():
         assert torch.equal(a.detach(), b.detach())
         flips += int((before != a.detach()).sum())
     assert flips > 0
+
+
+def test_adam_bias_correction_with_a_nonfinite_gradient_entry():
+    """The skipped entry keeps m = v = 0; the others follow Adam's correction, the products advance once per step."""
+    w = _param([1.0, 1.0])
+    opt = Bop2ndOrder([w], gamma=0.1, sigma=0.01, threshold=10.0, eps=0.0, adam_bias_correction=True)
+    w.grad = torch.tensor([2.0, float("nan")])
+    opt.step()
+    st = opt.state[w]
+    assert st["bias_prod_m"] == pytest.approx(0.9) and st["bias_prod_v"] == pytest.approx(0.99)
+    assert st["exp_avg"].tolist()[1] == 0.0 and st["exp_avg_sq"].tolist()[1] == 0.0
+    assert opt.normalized_momentum(w).tolist()[0] == pytest.approx(1.0, rel=1e-5)  # (γg/γ)/sqrt(σg²/σ) = 1
