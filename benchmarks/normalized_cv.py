@@ -74,9 +74,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--only", default=None, help="one configuration: " + ", ".join(CONFIGS))
+    ap.add_argument("--epochs", type=int, default=None, help="override the configuration's epochs")
     a = ap.parse_args(argv)
     names = [a.only] if a.only else list(CONFIGS)
-    frames = [run_config(n, CONFIGS[n], a.out) for n in names]
+    frames = [run_config(n, {**CONFIGS[n], **({"epochs": a.epochs} if a.epochs else {})}, a.out) for n in names]
     df = pd.concat(frames, ignore_index=True)
     pd.set_option("display.width", 200)
     print(df.to_string(index=False, float_format=lambda x: f"{x:.3g}"))

@@ -12,6 +12,7 @@ policy              τ_l for binary layer l (fan-in n_l = ``torch.nn.init._calcu
 ``calibrated``      τ_l starts at τ₀ and is driven online so that layer l's flip ratio stays at r*
 ``from-report``     τ_l = ``recommended_threshold`` of layer l in a report's ``tables/thresholds.csv``
 ``normalized``      τ_l = k · s_l, s_l an online, bias-corrected EMA over steps of layer l's mean |m| (scale-free)
+``one-layer``       τ_l = f · τ for one named layer, τ for every other (the one-layer τ sweep)
 ==================  ===========================================================================================
 
 ``global`` is a Python keyword, so the callable is :func:`global_threshold`; ``getattr(thresholds, "global")``
@@ -63,6 +64,7 @@ __all__ = [
     "calibrated",
     "from_report",
     "normalized",
+    "one_layer",
     "MomentumScaleThreshold",
     "make_policy",
     "policy_for_model",
@@ -71,7 +73,7 @@ __all__ = [
     "read_thresholds_csv",
 ]
 
-POLICY_NAMES: tuple[str, ...] = ("global", "fan-in", "calibrated", "from-report", "normalized")
+POLICY_NAMES: tuple[str, ...] = ("global", "fan-in", "calibrated", "from-report", "normalized", "one-layer")
 THRESHOLDS_CSV_COLUMNS: tuple[str, ...] = ("layer", "recommended_threshold")
 
 
@@ -219,6 +221,39 @@ def calibrated(target_flip_ratio: float, initial_threshold: float = 1e-6, every:
                            controller_options=opts)
 
 
+def one_layer(threshold: float, layer: str, factor: float) -> ThresholdPolicy:
+    """τ_l = ``factor`` · τ for the layer named ``layer`` (``fc2`` or ``fc2.weight``), τ for every other layer: one
+    point of the one-layer τ sweep (``bnn-probe study thresholds``). A model without that layer raises
+    :class:`bnn_probe.errors.BnnProbeError` when the groups are built.
+
+    >>> p = one_layer(1e-6, "fc2", 10.0)
+    >>> p.threshold_for("fc2.weight", 2048), p.threshold_for("fc1.weight", 64)
+    (1e-05, 1e-06)
+    """
+    tau = _check_positive("threshold", threshold)
+    f = _check_positive("factor", factor, allow_zero=False)
+    target = layer_name(str(layer))
+    if not target:
+        raise BnnProbeError("the one-layer policy needs the name of the layer whose τ to scale (--threshold-layer)")
+
+    def rule(name: str, n: int) -> float:
+        return tau * f if layer_name(name) == target else tau
+
+    pol = ThresholdPolicy("one-layer", {"threshold": tau, "layer": target, "factor": f}, rule)
+    build = pol.param_groups
+
+    def param_groups(named_params: Iterable[tuple[str, Tensor]], **group_options: Any) -> list[dict[str, Any]]:
+        groups = build(named_params, **group_options)
+        names = [layer_name(g["layer"]) for g in groups]
+        if target not in names:
+            raise BnnProbeError(f"no binary layer {target!r} to scale the threshold of (the model has "
+                                f"{', '.join(names)})")
+        return groups
+
+    pol.param_groups = param_groups  # type: ignore[method-assign]
+    return pol
+
+
 NORMALIZED_SCALES: tuple[str, ...] = ("mean_abs", "rms")
 DEFAULT_MULTIPLE = 2.0
 
@@ -321,13 +356,14 @@ def from_report(path: str | Path, run: str | None = None) -> ThresholdPolicy:
 
 
 POLICIES: dict[str, Any] = {"global": global_threshold, "fan-in": fan_in, "calibrated": calibrated,
-                            "from-report": from_report, "normalized": normalized}
+                            "from-report": from_report, "normalized": normalized, "one-layer": one_layer}
 
 
 def make_policy(name: str, *, threshold: float = 1e-6, reference_fan_in: int | None = None,
                 fan_in_exponent: float = 0.5, target_flip_ratio: float | None = None,
                 thresholds_csv: str | Path | None = None, fan_ins: Iterable[int] | None = None,
                 report_run: str | None = None, threshold_multiple: float | None = None,
+                threshold_layer: str | None = None, threshold_layer_factor: float = 1.0,
                 **calibrated_options: Any) -> ThresholdPolicy:
     """Build a policy from command-line style options (``bnn-probe train --threshold-policy ...``).
 
@@ -359,12 +395,15 @@ def make_policy(name: str, *, threshold: float = 1e-6, reference_fan_in: int | N
     if name == "normalized":
         k = DEFAULT_MULTIPLE if threshold_multiple is None else threshold_multiple
         return normalized(k, initial_threshold=threshold)
+    if name == "one-layer":
+        return one_layer(threshold, threshold_layer or "", threshold_layer_factor)
     raise BnnProbeError(f"unknown threshold policy {name!r}: choose one of {', '.join(POLICY_NAMES)}")
 
 
 def policy_for_model(model: nn.Module, name: str, *, threshold: float = 1e-6, fan_in_exponent: float = 0.5,
                      target_flip_ratio: float | None = None, thresholds_csv: str | Path | None = None,
-                     threshold_multiple: float | None = None) -> ThresholdPolicy:
+                     threshold_multiple: float | None = None, threshold_layer: str | None = None,
+                     threshold_layer_factor: float = 1.0) -> ThresholdPolicy:
     """:func:`make_policy` for a model, from ``bnn-probe train`` options: ``fan-in`` takes the geometric mean of the
     model's binary fan-ins as n_ref; ``--thresholds-csv PATH#RUN`` picks run RUN of a multi-run report table.
 
@@ -379,7 +418,8 @@ def policy_for_model(model: nn.Module, name: str, *, threshold: float = 1e-6, fa
         thresholds_csv, run = str(thresholds_csv).rsplit("#", 1)
     return make_policy(name, threshold=threshold, fan_in_exponent=fan_in_exponent,
                        target_flip_ratio=target_flip_ratio, thresholds_csv=thresholds_csv, report_run=run,
-                       threshold_multiple=threshold_multiple,
+                       threshold_multiple=threshold_multiple, threshold_layer=threshold_layer,
+                       threshold_layer_factor=threshold_layer_factor,
                        fan_ins=[layer_fan_in(p) for p in binary_parameters(model)])
 
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from . import figures as F
-from . import inertia, pairs, threshold_policies, thresholds, training
+from . import inertia, pairs, tau_sweep, threshold_policies, thresholds, training
 from .frames import family, meta, run_name
 from .load import load_runs
 from .render import Document, Section, render_html, render_markdown
@@ -218,6 +218,8 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
 
     s_pol, pol_verdicts = threshold_policies.section(runs, w.csv, window=opt.window)  # None unless policies/sweep
     verdicts = verdicts + pol_verdicts
+    s_tau, tau_verdicts = tau_sweep.section(runs, w, opt)  # None unless one-layer τ sweep runs
+    verdicts = verdicts + tau_verdicts
 
     s_app = Section("4. Appendix: configurations and versions", anchor="appendix")
     for run in runs:
@@ -233,7 +235,7 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
     now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     doc = Document(title="bnn-probe report", subtitle=f"{len(runs)} run(s) · bnn-probe {__version__} · {now}",
                    warnings=warnings, verdicts=verdicts,
-                   sections=[s_runs, s_in, s_th, *([s_pol] if s_pol else []), s_app])
+                   sections=[s_runs, s_in, s_th, *([s_pol] if s_pol else []), *([s_tau] if s_tau else []), s_app])
     if "html" in formats:
         (out / "report.html").write_text(render_html(doc), encoding="utf-8")
     if "md" in formats:

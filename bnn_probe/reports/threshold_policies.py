@@ -40,6 +40,7 @@ from scipy import stats as _st
 
 from . import stats
 from .frames import config, family, meta, run_name
+from .tau_sweep import is_tau_sweep
 from .thresholds import layer_table, prediction_verdict
 from .training import runs_table
 
@@ -161,7 +162,7 @@ class PolicyComparison:
 
 def policy_comparison(runs, window: float = 0.5, negligible: float = NEGLIGIBLE_ACCURACY) -> PolicyComparison:
     """The comparison described in the module docstring, from run logs (anything shaped like a ``Run``)."""
-    runs = [r for r in runs if not is_sweep(r)]
+    runs = [r for r in runs if not is_sweep(r) and not is_tau_sweep(r)]
     layers = layer_table(runs, window)
     acc, _ = runs_table(runs)
     acc = acc.set_index("run")["final_val_accuracy"] if len(acc) else pd.Series(dtype=float)
