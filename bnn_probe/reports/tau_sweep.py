@@ -169,6 +169,8 @@ def analyse(points: pd.DataFrame, n_boot: int = 1000, negligible: float = NEGLIG
 
 def _paired(pts: pd.DataFrame) -> pd.DataFrame:
     """Per (network, layer, factor ≠ 1): L(f) − L(1) of the same seed, mean and 95 % t-interval over seeds."""
+    from .threshold_policies import t_interval
+
     cols = ["network", "layer", "fan_in", "factor", "n_seeds", "diff_loss", "lo", "hi", "diff_acc"]
     base = pts[pts["factor"] == 1.0].set_index(["network", "layer", "seed"])
     rows = []
@@ -181,24 +183,10 @@ def _paired(pts: pd.DataFrame) -> pd.DataFrame:
         b = base.loc[[(net, layer, s) for s in g["seed"]]]
         d = g["val_loss"].to_numpy(float) - b["val_loss"].to_numpy(float)
         da = g["val_accuracy"].to_numpy(float) - b["val_accuracy"].to_numpy(float)
-        m, lo, hi = _t_interval(d)
+        m, lo, hi = t_interval(d)
         rows.append({"network": net, "layer": layer, "fan_in": g["fan_in"].iloc[0], "factor": f, "n_seeds": len(d),
                      "diff_loss": m, "lo": lo, "hi": hi, "diff_acc": float(np.mean(da))})
     return pd.DataFrame(rows, columns=cols)
-
-
-def _t_interval(v, level: float = 0.95) -> tuple[float, float, float]:
-    from scipy import stats as st
-
-    v = np.asarray(v, dtype=float)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return math.nan, math.nan, math.nan
-    m = float(v.mean())
-    if v.size < 2:
-        return m, math.nan, math.nan
-    h = float(st.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
-    return m, m - h, m + h
 
 
 def _verdict(pts: pd.DataFrame, layers: pd.DataFrame, slope: stats.Slope, negligible: float) -> stats.Verdict:
