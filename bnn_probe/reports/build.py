@@ -112,7 +112,8 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
     pair_results, pair_notes = pairs.pair_verdicts(runs)
     stage("pairs")
     lt = thresholds.layer_table(runs, window=opt.window, chatter_min=opt.chatter_min_flips)
-    law = thresholds.fan_in_law(lt)
+    sweeps = [run_name(r) for r in runs if threshold_policies.is_sweep(r) or tau_sweep.is_tau_sweep(r)]
+    law = thresholds.fan_in_law(lt[~lt["run"].isin(sweeps)])  # the pooled law: layers of the networks as trained
     rec = thresholds.recommended_thresholds(lt, opt.target_flip_ratio)
     stage("thresholds")
     verdicts = inertia_v + [p.verdict for p in pair_results] + [sched.verdict] + law.verdicts
@@ -198,8 +199,12 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
                 f"Share of weights that never flipped, and that flipped ≥ {opt.chatter_min_flips} times (chatter)")
     s_th.table(lt, f"Per-layer summary over the last {opt.window:.0%} of each run", w.csv("layers", lt))
     s_th.text("The fan-in law: with batch norm after a layer of fan-in n, the gradient per binary weight and so |m| "
-              "scale like n^−0.5 (science.md, question A). Slopes are OLS fits of the logs over layers with an "
-              "intercept per run; intervals from the regression standard error (t distribution).")
+              "scale like n^−0.5 (the batch-norm argument for Bop's threshold). Pooled over the layers of the "
+              "networks as trained (sweep runs excluded), with the layer as the unit: per layer the mean of the log "
+              "over the network's runs, then OLS on log fan_in with an intercept per network; t-intervals with df = "
+              "#layers − #networks − 1. This pooled slope mixes width with depth and fan-out (a network's wide "
+              "layer is also at a particular depth, with a particular fan-out), so it does not answer \"does a wider "
+              "layer need a smaller τ?\": the controlled width sweep (section 3b) does, when the runs include it.")
     s_th.verdicts(law.verdicts)
     s_th.figure(F.fan_in_law(law.points, law.fit, w.fig("fan_in_law")),
                 "Median |m| and flip ratio against fan-in (log–log), fitted slopes and the −0.5 reference")
@@ -216,7 +221,7 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
     s_th.code(rec.snippet, "Ready-to-paste parameter groups", lang="python")
     stage("figures: thresholds")
 
-    s_pol, pol_verdicts = threshold_policies.section(runs, w.csv, window=opt.window)  # None unless policies/sweep
+    s_pol, pol_verdicts = threshold_policies.section(runs, w, opt)  # None unless policies/sweep
     verdicts = verdicts + pol_verdicts
     s_tau, tau_verdicts = tau_sweep.section(runs, w, opt)  # None unless one-layer τ sweep runs
     verdicts = verdicts + tau_verdicts
