@@ -123,3 +123,22 @@ def test_study_grid_has_the_quick_and_full_sweeps():
     # the controlled width sweep runs at least 3 seeds even when one is asked for
     sweep = [s for s in plan_study("thresholds", StudyOptions()) if s.name.startswith("sweep-")]
     assert {s.config.seed for s in sweep} == {0, 1, 2}
+
+
+def test_one_layer_policy_scales_only_the_named_layer():
+    from bnn_probe.errors import BnnProbeError
+    from bnn_probe.models import BinaryMLP
+    from bnn_probe.nn import named_binary_parameters
+    from bnn_probe.optim import thresholds as T
+
+    model = BinaryMLP(64, [2048, 64], 10)
+    pol = T.make_policy("one-layer", threshold=1e-6, threshold_layer="fc2.weight", threshold_layer_factor=3.0)
+    taus = {g["layer"]: g["threshold"] for g in pol.param_groups(named_binary_parameters(model))}
+    assert taus == pytest.approx({"fc1.weight": 1e-6, "fc2.weight": 3e-6, "fc3.weight": 1e-6})
+    assert pol.describe()["args"] == {"threshold": 1e-6, "layer": "fc2", "factor": 3.0}
+    with pytest.raises(BnnProbeError, match="no binary layer 'fc9'"):
+        T.one_layer(1e-6, "fc9", 3.0).param_groups(named_binary_parameters(model))
+    with pytest.raises(BnnProbeError):
+        T.one_layer(1e-6, "fc2", 0.0)
+    with pytest.raises(BnnProbeError, match="needs the name"):
+        T.make_policy("one-layer", threshold=1e-6)

@@ -226,9 +226,9 @@ def one_layer(threshold: float, layer: str, factor: float) -> ThresholdPolicy:
     point of the one-layer τ sweep (``bnn-probe study thresholds``). A model without that layer raises
     :class:`bnn_probe.errors.BnnProbeError` when the groups are built.
 
-    >>> p = one_layer(1e-6, "fc2", 10.0)
+    >>> p = one_layer(1e-6, "fc2", 4.0)
     >>> p.threshold_for("fc2.weight", 2048), p.threshold_for("fc1.weight", 64)
-    (1e-05, 1e-06)
+    (4e-06, 1e-06)
     """
     tau = _check_positive("threshold", threshold)
     f = _check_positive("factor", factor, allow_zero=False)
@@ -697,11 +697,11 @@ class MomentumScaleThreshold(_HookedController):
                 vals.append(torch.zeros((), dtype=torch.float64, device=g["params"][0].device))
                 continue
             seen = True
-            if self.scale == "rms":
-                tot = sum(torch.sum(m.double() ** 2) for m in ms)
+            if self.scale == "rms":  # norms in float64 without a float64 copy of m
+                tot = sum(torch.linalg.vector_norm(m, 2, dtype=torch.float64) ** 2 for m in ms)
                 vals.append(torch.sqrt(tot / n))
             else:
-                vals.append(sum(torch.sum(torch.abs(m.double())) for m in ms) / n)
+                vals.append(sum(torch.linalg.vector_norm(m, 1, dtype=torch.float64) for m in ms) / n)
         if not seen:
             return None
         device = vals[0].device
