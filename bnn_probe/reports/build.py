@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from . import figures as F
 from . import inertia, pairs, tau_sweep, threshold_policies, thresholds, training
-from .frames import family, meta, run_name
+from .frames import config, family, meta, run_name
 from .load import load_runs
 from .render import Document, Section, render_html, render_markdown
 from .stats import Verdict
@@ -112,8 +112,10 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
     pair_results, pair_notes = pairs.pair_verdicts(runs)
     stage("pairs")
     lt = thresholds.layer_table(runs, window=opt.window, chatter_min=opt.chatter_min_flips)
-    sweeps = [run_name(r) for r in runs if threshold_policies.is_sweep(r) or tau_sweep.is_tau_sweep(r)]
-    law = thresholds.fan_in_law(lt[~lt["run"].isin(sweeps)])  # the pooled law: layers of the networks as trained
+    # the pooled law: layers of the networks as trained with batch norm (the argument it tests), sweeps excluded
+    apart = [run_name(r) for r in runs if threshold_policies.is_sweep(r) or tau_sweep.is_tau_sweep(r)
+             or config(r).get("batch_norm") is False]
+    law = thresholds.fan_in_law(lt[~lt["run"].isin(apart)])
     rec = thresholds.recommended_thresholds(lt, opt.target_flip_ratio)
     stage("thresholds")
     verdicts = inertia_v + [p.verdict for p in pair_results] + [sched.verdict] + law.verdicts
@@ -200,9 +202,9 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
     s_th.table(lt, f"Per-layer summary over the last {opt.window:.0%} of each run", w.csv("layers", lt))
     s_th.text("The fan-in law: with batch norm after a layer of fan-in n, the gradient per binary weight and so |m| "
               "scale like n^−0.5 (the batch-norm argument for Bop's threshold). Pooled over the layers of the "
-              "networks as trained (sweep runs excluded), with the layer as the unit: per layer the mean of the log "
-              "over the network's runs, then OLS on log fan_in with an intercept per network; t-intervals with df = "
-              "#layers − #networks − 1. This pooled slope mixes width with depth and fan-out (a network's wide "
+              "networks as trained with batch norm (sweep and no-batch-norm runs excluded), with the layer as the "
+              "unit: per layer the mean of the log over the network's runs, then OLS on log fan_in with an "
+              "intercept per network; t-intervals with df = #layers − #networks − 1. This pooled slope mixes width with depth and fan-out (a network's wide "
               "layer is also at a particular depth, with a particular fan-out), so it does not answer \"does a wider "
               "layer need a smaller τ?\": the controlled width sweep (section 3b) does, when the runs include it.")
     s_th.verdicts(law.verdicts)
