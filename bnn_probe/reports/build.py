@@ -205,8 +205,9 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
               "networks as trained with batch norm (sweep and no-batch-norm runs excluded), with the layer as the "
               "unit: per layer the mean of the log over the network's runs, then OLS on log fan_in with an "
               "intercept per network; t-intervals with df = #layers − #networks − 1. This pooled slope mixes "
-              "width with depth and fan-out (a network's wide layer is also at a particular depth, with a particular fan-out), so it does not answer \"does a wider "
-              "layer need a smaller τ?\": the controlled width sweep (section 3b) does, when the runs include it.")
+              "width with depth and fan-out (a network's wide layer is also at a particular depth, with a "
+              "particular fan-out), so it does not answer \"does a wider layer need a smaller τ?\": the controlled "
+              "width sweep (section 3b) does, when the runs include it.")
     s_th.verdicts(law.verdicts)
     s_th.figure(F.fan_in_law(law.points, law.fit, w.fig("fan_in_law")),
                 "Median |m| and flip ratio against fan-in (log–log), fitted slopes and the −0.5 reference")
