@@ -105,6 +105,10 @@ def test_fan_in_law_minus_half_supported():
     law2 = _law([make_run(n, seed=i, **SMALL) for i, n in enumerate("ab")])
     assert all(x.verdict == stats.INCONCLUSIVE for x in law2.verdicts)
     assert "< 3 seeds" in law2.verdicts[0].reason
+    # three runs of ONE seed (other τ, same network) are not three seeds
+    tab = thresholds.layer_table([make_run(n, seed=i, **SMALL) for i, n in enumerate("abc")])
+    law3 = thresholds.fan_in_law(tab, seeds={"a": 0, "b": 0, "c": 0})
+    assert law3.verdicts[0].verdict == stats.INCONCLUSIVE and "1 seed(s)" in law3.verdicts[0].reason
 
 
 def test_fan_in_law_flat_is_not_supported():
@@ -129,7 +133,7 @@ def test_fan_in_law_counts_layers_not_seeds():
                   "flip_ratio": 1e-3, "threshold": 1e-6} for i in range(4)]
     law = thresholds.fan_in_law(pd.DataFrame(rows))
     row = law.slopes.set_index("quantity").loc["median |m|"]
-    assert row["n"] == 4 and row["df"] == 2 and row["n_runs"] == 20
+    assert row["n"] == 4 and row["df"] == 2 and row["n_seeds"] == 20
     # the point estimate is the same either way; the interval is honest about 4 layers
     naive = stats.loglog_slope(pd.DataFrame(rows)["fan_in"], pd.DataFrame(rows)["abs_m_q50"],
                                pd.DataFrame(rows)["run"])

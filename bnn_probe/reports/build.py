@@ -115,7 +115,7 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
     # the pooled law: layers of the networks as trained with batch norm (the argument it tests), sweeps excluded
     apart = [run_name(r) for r in runs if threshold_policies.is_sweep(r) or tau_sweep.is_tau_sweep(r)
              or config(r).get("batch_norm") is False]
-    law = thresholds.fan_in_law(lt[~lt["run"].isin(apart)])
+    law = thresholds.fan_in_law(lt[~lt["run"].isin(apart)], seeds={run_name(r): config(r).get("seed") for r in runs})
     rec = thresholds.recommended_thresholds(lt, opt.target_flip_ratio)
     stage("thresholds")
     verdicts = inertia_v + [p.verdict for p in pair_results] + [sched.verdict] + law.verdicts

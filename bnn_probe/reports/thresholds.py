@@ -92,11 +92,11 @@ def layer_table(runs, window: float = 0.5, chatter_min: int = CHATTER_MIN_FLIPS)
 
 @dataclass
 class FanInLaw:
-    points: pd.DataFrame  # run, family, network, layer, fan_in, abs_m_q50, flip_ratio (one row per run and layer)
-    slopes: pd.DataFrame  # family, quantity, slope, ci_lo, ci_hi, n, df, n_fan_in, n_runs, method
+    points: pd.DataFrame  # run, family, network, layer, fan_in, abs_m_q50, flip_ratio, seed (per run and layer)
+    slopes: pd.DataFrame  # family, quantity, slope, ci_lo, ci_hi, n, df, n_fan_in, n_seeds, method
     verdicts: list[stats.Verdict] = field(default_factory=list)
     fit: pd.DataFrame = field(default_factory=pd.DataFrame)  # family, run (= network), quantity, fan_in, fitted
-    units: pd.DataFrame = field(default_factory=pd.DataFrame)  # family, quantity, network, layer, fan_in, y, n_runs
+    units: pd.DataFrame = field(default_factory=pd.DataFrame)  # family, quantity, network, layer, fan_in, y, n_seeds
 
 
 BN_MARGIN = 0.1  # equivalence margin (slope units) of "the slope equals −0.5" (TOST)
@@ -179,15 +179,16 @@ def bn_equivalence_verdict(slope: stats.Slope, too_little: str = "", margin: flo
 
 
 def _layer_units(sub: pd.DataFrame, col: str, offset: float = 0.0) -> pd.DataFrame:
-    """One row per (network, layer): the mean over that network's runs of log(col + offset)."""
+    """One row per (network, layer): the mean over that network's runs of log(col + offset); ``n_seeds`` counts the
+    distinct seeds among those runs (column ``seed``)."""
     y = np.log(sub[col].astype(float) + offset)
     d = sub.assign(y=y)[np.isfinite(y) & (sub["fan_in"].astype(float) > 0)]
     return (d.groupby(["network", "layer"], sort=True)
-            .agg(fan_in=("fan_in", "first"), y=("y", "mean"), n_runs=("run", "nunique")).reset_index())
+            .agg(fan_in=("fan_in", "first"), y=("y", "mean"), n_seeds=("seed", "nunique")).reset_index())
 
 
 def fan_in_law(table: pd.DataFrame, min_fan_ins: int = 3, negligible: float = 0.1,
-               margin: float = BN_MARGIN, min_seeds: int = MIN_SEEDS) -> FanInLaw:
+               margin: float = BN_MARGIN, min_seeds: int = MIN_SEEDS, seeds: dict | None = None) -> FanInLaw:
     """The pooled fan-in law per Bop family from :func:`layer_table`'s rows, with the LAYER as the unit.
 
     The runs' layers are grouped by network (:func:`network_of`); per (network, layer) the log of the quantity is
@@ -201,7 +202,8 @@ def fan_in_law(table: pd.DataFrame, min_fan_ins: int = 3, negligible: float = 0.
     the latter. Verdicts ``thresholds.fan_in_pooled`` (|m| falls with fan-in), ``thresholds.fan_in_pooled.
     bn_prediction`` (slope −0.5, TOST with margin ``margin``) and ``thresholds.one_tau_wide_flip_less`` (under one
     τ, flip ratio falls with fan-in; only runs with one τ for all layers); inconclusive with fewer than
-    ``min_seeds`` runs of any network or fewer than ``min_fan_ins`` distinct fan-ins.
+    ``min_seeds`` seeds of every network or fewer than ``min_fan_ins`` distinct fan-ins. ``seeds`` maps run → seed
+    (runs of one seed with other τ or γ are not replicates); without it every run counts as its own seed.
     """
     pts = table[table["family"].isin(BOP_FAMILIES)]
     # "under one threshold": only runs whose layers share one τ (or whose τ is unknown) enter the flip-ratio slope
@@ -214,6 +216,7 @@ def fan_in_law(table: pd.DataFrame, min_fan_ins: int = 3, negligible: float = 0.
     if "abs_m_q50" not in pts:
         pts["abs_m_q50"] = np.nan
     pts.insert(2, "network", network_of(pts) if len(pts) else pd.Series(dtype=str))
+    pts["seed"] = pts["run"].map(lambda r: (seeds or {}).get(r, r)).astype(str)
     slopes, verdicts, fit, units_all = [], [], [], []
     method = ("OLS of per-layer means (over each network's runs) of log y on log fan_in; the layer is the unit, "
               "intercept per network; t-interval")
@@ -225,20 +228,20 @@ def fan_in_law(table: pd.DataFrame, min_fan_ins: int = 3, negligible: float = 0.
                                ("flip ratio", one_tau, "flip_ratio", math.exp(-9))):
             u = _layer_units(d, col, off)
             s = stats.linear_slope(np.log(u["fan_in"].astype(float)), u["y"], u["network"], method=method)
-            n_runs = int(u["n_runs"].max()) if len(u) else 0
-            res[q] = (s, u, n_runs, sorted(set(d["run"])))
+            n_seeds = int(u["n_seeds"].max()) if len(u) else 0
+            res[q] = (s, u, n_seeds, sorted(set(d["run"])))
             units_all.append(u.assign(family=fam, quantity=q))
             fit += _fit_lines(fam, u, q, s)
             slopes.append({"family": fam, "quantity": q, "slope": s.slope, "ci_lo": s.interval[0],
                            "ci_hi": s.interval[1], "n": s.n, "df": s.df, "n_fan_in": int(u["fan_in"].nunique()),
-                           "n_runs": n_runs, "method": s.method})
+                           "n_seeds": n_seeds, "method": s.method})
 
-        def why_not(u: pd.DataFrame, n_runs: int, what: str = "") -> str:
+        def why_not(u: pd.DataFrame, n_seeds: int, what: str = "") -> str:
             n_fan = int(u["fan_in"].nunique())
             if n_fan < min_fan_ins:
                 return f"only {n_fan} distinct fan-in values{what} (< {min_fan_ins})"
-            if n_runs < min_seeds:
-                return f"at most {n_runs} run(s) per network{what} (< {min_seeds} seeds)"
+            if n_seeds < min_seeds:
+                return f"at most {n_seeds} seed(s) per network{what} (< {min_seeds} seeds)"
             return ""
 
         s_m, u_m, r_m, runs_m = res["median |m|"]
@@ -269,10 +272,10 @@ def fan_in_law(table: pd.DataFrame, min_fan_ins: int = 3, negligible: float = 0.
             "slope of log median |m| vs log fan_in", "", "no Bop runs with per-layer |m| in the logs", "thresholds",
             id="thresholds.fan_in_pooled"))
     sl = pd.DataFrame(slopes, columns=["family", "quantity", "slope", "ci_lo", "ci_hi", "n", "df", "n_fan_in",
-                                       "n_runs", "method"])
+                                       "n_seeds", "method"])
     fit_df = pd.DataFrame(fit, columns=["family", "run", "quantity", "fan_in", "fitted"])
     units = (pd.concat(units_all, ignore_index=True) if units_all else
-             pd.DataFrame(columns=["network", "layer", "fan_in", "y", "n_runs", "family", "quantity"]))
+             pd.DataFrame(columns=["network", "layer", "fan_in", "y", "n_seeds", "family", "quantity"]))
     return FanInLaw(pts.reset_index(drop=True), sl, verdicts, fit_df, units)
 
 
