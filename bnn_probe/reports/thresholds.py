@@ -2,8 +2,9 @@
 
 * :func:`layer_table` — per (run, layer): fan-in, flip ratio over the analysed window, |m| (Bop) or |w̃| (latent)
   quantiles, the threshold in force, the share of weights that never flipped and of weights that chatter.
-* :func:`fan_in_law` — slopes of log(median |m|) and of log(flip ratio) against log(fan_in), with t-intervals from
-  the regression standard error (intercept per run), set against the batch-norm prediction −0.5; verdicts.
+* :func:`fan_in_law` — slopes of log(median |m|) and of log(flip ratio) against log(fan_in) with the layer as the
+  unit (per-layer means over each network's seeds, intercept per network, t-intervals with df = #layers −
+  #networks − 1), set against the batch-norm prediction −0.5 by TOST (:func:`bn_equivalence_verdict`); verdicts.
 * :func:`recommended_thresholds` — per layer the τ that would give it the target flip ratio.
 
 Method of the recommendation ("tail matching", documented in docs/reports.md): a weight flips when w·m > τ. Write
@@ -129,20 +130,6 @@ def _fit_lines(fam: str, units: pd.DataFrame, quantity: str, s: stats.Slope) -> 
             rows.append({"family": fam, "run": "", "quantity": quantity + " (-0.5 reference)", "fan_in": x,
                          "fitted": math.exp(a + PREDICTION * math.log(x))})
     return rows
-
-
-def prediction_verdict(interval, too_little: str = "", max_halfwidth: float = 0.25) -> tuple[str, str]:
-    """Verdict on "the slope equals the batch-norm prediction −0.5": supported when the interval contains −0.5 and
-    is narrower than ±max_halfwidth, not supported when it excludes −0.5, inconclusive otherwise (or when
-    ``too_little`` names why the data cannot decide). Superseded by :func:`bn_equivalence_verdict` (TOST)."""
-    lo, hi = (math.nan, math.nan) if interval is None else interval
-    if too_little or not (math.isfinite(lo) and math.isfinite(hi)):
-        return stats.INCONCLUSIVE, too_little or "no slope estimate"
-    if not (lo <= PREDICTION <= hi):
-        return stats.NOT_SUPPORTED, "the interval excludes -0.5"
-    if (hi - lo) / 2 <= max_halfwidth:
-        return stats.SUPPORTED, f"the interval contains -0.5 and is narrower than ±{max_halfwidth}"
-    return stats.INCONCLUSIVE, f"the interval contains -0.5 but is wider than ±{max_halfwidth}"
 
 
 def bn_equivalence_verdict(slope: stats.Slope, too_little: str = "", margin: float = BN_MARGIN,
