@@ -97,7 +97,8 @@ def train_options(f):
         click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, cuda:1, ...)."),
         click.option("--threads", type=int, default=None,
                      help="torch CPU threads [default: torch's choice]. 1 is fastest for small models on a busy "
-                          "machine."),
+                          "machine. Recorded (config and checkpoint) and restored by --resume; given with --resume "
+                          "it overrides the recorded count."),
         click.option("--probe-every", type=int, default=1, show_default=True,
                      help="Probe: log the per-layer steps table every N steps (0 = never: reports then lack flip "
                           "ratios)."),
@@ -110,6 +111,22 @@ def train_options(f):
         click.option("--tag", default=None, help="Free text stored in the run's metadata."),
         click.option("--pair", default=None, help="Pair name for paired runs (report: theorem1*/tau0* pairs)."),
         click.option("--pair-role", default=None, metavar="[a|b]", help="This run's role in --pair."),
+        click.option("--reset-inertia-step", type=int, default=None,
+                     help="Magnitude-reset experiment: after optimizer step T reset the inertia of every binary "
+                          "weight, signs kept (bnn_probe.interventions.reset_inertia); with --intervention-role "
+                          "control only mark step T. Run both arms with the same seed."),
+        click.option("--reset-inertia-mode", default=None, metavar="[constant|shuffle|zero]",
+                     help="Latent: |w̃| ← layer mean (constant) or permuted in the layer (shuffle). Bop: m ← 0 "
+                          "(zero), |m| ← layer mean or permuted, sign of m kept [default: constant]."),
+        click.option("--intervention-pair", default=None,
+                     help="Name shared by the control and reset arms [default: "
+                          "<dataset>-<model>-<optimizer>-<mode>-T<step>-s<seed>]."),
+        click.option("--intervention-role", default=None, metavar="[control|reset]",
+                     help="This run's arm of the magnitude-reset pair (needs --reset-inertia-step) [default: reset]."),
+        click.option("--latent-eval/--no-latent-eval", default=None,
+                     help="Latent optimizers: every epoch, evaluate the latent network (w̃/mean|w̃| in place of "
+                          "sign w̃) and log the per-layer approximation error [default: off; on in the inertia "
+                          "study's magnitude-reset runs]."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -135,8 +152,23 @@ def config_from_options(opts: dict) -> object:
         weight_decay=opts["weight_decay"], epochs=opts["epochs"], batch_size=opts["batch_size"], seed=opts["seed"],
         device=opts["device"], probe_every=opts["probe_every"], hist_every=opts["hist_every"],
         snapshot_every=opts["snapshot_every"], track=opts["track"], tag=opts["tag"], pair=opts["pair"],
-        pair_role=opts["pair_role"],
+        pair_role=opts["pair_role"], intervention=_intervention(opts), latent_eval=opts["latent_eval"],
     )
+
+
+def _intervention(opts: dict) -> dict | None:
+    """The run config's ``intervention`` entry from the --reset-inertia-* options (None without a step)."""
+    step = opts["reset_inertia_step"]
+    if step is None:
+        given = [f"--{k.replace('_', '-')}" for k in ("reset_inertia_mode", "intervention_pair", "intervention_role")
+                 if opts[k] is not None]
+        if given:
+            raise BnnProbeError(f"{', '.join(given)} need(s) --reset-inertia-step T (the step of the reset)")
+        return None
+    mode = opts["reset_inertia_mode"] or "constant"
+    pair = opts["intervention_pair"] or f"{opts['dataset']}-{opts['model']}-{opts['optimizer']}-{mode}-T{step}-" \
+                                        f"s{opts['seed']}"
+    return {"pair": pair, "role": opts["intervention_role"] or "reset", "step": step, "mode": mode}
 
 
 @click.command("train")
@@ -144,7 +176,9 @@ def config_from_options(opts: dict) -> object:
 @click.option("--out", default=None, type=click.Path(path_type=str),
               help="Run directory [default: runs/<dataset>-<model>-<optimizer>-s<seed>]. Never overwritten "
                    "silently.")
-@click.option("--overwrite", is_flag=True, help="Replace a previous run in --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a previous bnn-probe run in --out: only the files bnn-probe wrote are deleted (others are "
+                   "kept), and only once the new run's data and model are ready; links are refused.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar [default: only when stderr is a terminal].")
 @click.option("--amp", default="none", show_default=True, type=click.Choice(["none", "bf16", "fp16"]),
@@ -169,16 +203,14 @@ def train(out, overwrite, progress, threads, amp, compile_, checkpoint_every, re
     from ..train import resume_training
     from ..train import train as run_train
 
-    if threads is not None:
-        if threads < 1:
-            raise BnnProbeError(f"--threads must be a positive integer, got {threads}")
-        torch.set_num_threads(threads)
-    if checkpoint_every < 0:
+    if threads is not None and not 1 <= threads <= 4096:
+        raise BnnProbeError(f"--threads must be a positive integer (at most 4096), got {threads}")
+    if not 0 <= checkpoint_every < 2**31:
         raise BnnProbeError(f"--checkpoint-every must be a non-negative number of epochs, got {checkpoint_every}")
     if resume is not None:
-        path = resume_training(resume, progress=progress, checkpoint_every=checkpoint_every)
+        path = resume_training(resume, progress=progress, checkpoint_every=checkpoint_every, threads=threads)
     else:
-        config = replace(config_from_options(opts), amp=amp, compile=compile_).resolved()
+        config = replace(config_from_options(opts), amp=amp, compile=compile_, threads=threads).resolved()
         if out is None:
             out = f"runs/{config.dataset}-{config.model}-{config.optimizer}-s{config.seed}"
         path = run_train(config, out, progress=progress, overwrite=overwrite, checkpoint_every=checkpoint_every)

@@ -15,7 +15,10 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from . import figures as F
-from . import inertia, pairs, tau_sweep, threshold_policies, thresholds, training
+from . import inertia, pairs, run_warnings, tau_sweep, threshold_policies, thresholds, training
+from . import interventions as reset_exp
+from . import latent_network as latent_exp
+from .atomic import report_folder
 from .frames import config, family, meta, run_name
 from .load import load_runs
 from .render import Document, Section, render_html, render_markdown
@@ -75,7 +78,19 @@ def build_report(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True,
 
 
 def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, options: ReportOptions | None = None,
-          strict: bool = True) -> ReportResult:
+             strict: bool = True) -> ReportResult:
+    """Write the report into a temporary sibling of ``out_dir`` and move it into place (:mod:`.atomic`): ``out_dir``
+    holds the previous report or the new one, never a mix; a write error (disk full) is one line."""
+    out = Path(out_dir)
+    with report_folder(out) as tmp:
+        res = _generate(runs_or_paths, tmp, formats, progress, options, strict)
+    res.files = [out / Path(f).relative_to(tmp) for f in res.files]
+    res.out_dir = out
+    return res
+
+
+def _generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, options: ReportOptions | None = None,
+              strict: bool = True) -> ReportResult:
     opt = options or ReportOptions()
     formats = tuple(formats)
     bad = [f for f in formats if f not in FORMATS]
@@ -98,6 +113,7 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
         bar.update(1)
 
     runs = load_runs(runs_or_paths, strict=strict)
+    runs, left_out = run_warnings.exclude_blocking(runs)  # probe warnings: docs/runlog-format.md
     stage("loaded runs")
     out = Path(out_dir)
     w = _Writer(out)
@@ -119,7 +135,7 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
     rec = thresholds.recommended_thresholds(lt, opt.target_flip_ratio)
     stage("thresholds")
     verdicts = inertia_v + [p.verdict for p in pair_results] + [sched.verdict] + law.verdicts
-    warnings = list(tr.warnings)
+    warnings = list(tr.warnings) + left_out + run_warnings.messages(runs)
 
     # ---------------------------------------------------------------- sections
     s_runs = Section("1. Runs", anchor="runs")
@@ -228,6 +244,9 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
     verdicts = verdicts + pol_verdicts
     s_tau, tau_verdicts = tau_sweep.section(runs, w, opt)  # None unless one-layer τ sweep runs
     verdicts = verdicts + tau_verdicts
+    s_reset, v_reset = reset_exp.section(runs, w, opt)  # magnitude-reset pairs (None without them)
+    s_latent, v_latent = latent_exp.section(runs, w, opt)  # latent network of latent-weight runs
+    verdicts = verdicts + v_reset + v_latent
 
     s_app = Section("4. Appendix: configurations and versions", anchor="appendix")
     for run in runs:
@@ -243,7 +262,8 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
     now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     doc = Document(title="bnn-probe report", subtitle=f"{len(runs)} run(s) · bnn-probe {__version__} · {now}",
                    warnings=warnings, verdicts=verdicts,
-                   sections=[s_runs, s_in, s_th, *([s_pol] if s_pol else []), *([s_tau] if s_tau else []), s_app])
+                   sections=[s_runs, s_in, *[s for s in (s_reset, s_latent) if s], s_th, *([s_pol] if s_pol else []),
+                             *([s_tau] if s_tau else []), s_app])
     if "html" in formats:
         (out / "report.html").write_text(render_html(doc), encoding="utf-8")
     if "md" in formats:
