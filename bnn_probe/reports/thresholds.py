@@ -1,18 +1,20 @@
-"""Section 3 of a report: per-layer threshold needs (science.md, question A).
+"""Section 3 of a report: per-layer threshold needs (does one global Bop τ serve wide and thin layers?).
 
 * :func:`layer_table` — per (run, layer): fan-in, flip ratio over the analysed window, |m| (Bop) or |w̃| (latent)
   quantiles, the threshold in force, the share of weights that never flipped and of weights that chatter.
-* :func:`fan_in_law` — slopes of log(median |m|) and of log(flip ratio) against log(fan_in), with t-intervals from
-  the regression standard error (intercept per run), set against the batch-norm prediction −0.5; verdicts.
+* :func:`fan_in_law` — slopes of log(median |m|) and of log(flip ratio) against log(fan_in) with the layer as the
+  unit (per-layer means over each network's seeds, intercept per network, t-intervals with df = #layers −
+  #networks − 1), set against the batch-norm prediction −0.5 by TOST (:func:`bn_equivalence_verdict`); verdicts.
 * :func:`recommended_thresholds` — per layer the τ that would give it the target flip ratio.
 
-Method of the recommendation ("tail matching", documented in docs/reports.md): a weight flips when w·m > τ. Write
-P(w·m > τ) = c_l · G_l(τ), with G_l(x) = P(|m| > x) the layer's |m| tail (from the recorded quantiles
-abs_m_q05…q95, medians over the window; log-linear interpolation between them, linear from (0, 1) to q05, power-law
-extrapolation beyond q95) and c_l the share of weights above threshold whose momentum points along the weight (w·m > 0,
-the side that flips). c_l is estimated from the observed flip ratio, c_l = flip_ratio_l / G_l(τ_l), and assumed
-not to depend on τ; the recommended τ*_l solves c_l · G_l(τ*_l) = target. ``bound`` says when τ* lies outside the
-recorded quantiles (extrapolated) or cannot be reached.
+Method of the recommendation ("margin ladder", documented in docs/reports.md): Bop flips a weight when its
+pre-decision margin x = w_{t−1}·m_t exceeds τ (Helwegen et al. 2019; Bop2ndOrder: with m̂, Suarez-Ramirez et al.
+2021). The probe counts #{x > k·τ} at the ladder k = 1/8 … 8 every step; averaged over the analysed window this is
+the layer's exceedance curve R_l(k·τ). τ*_l is read off it where R_l = target, interpolating log R linearly in log τ
+between the two ladder points around the target (never extrapolated: a target outside the ladder gives the ladder
+end, τ/8 or 8τ, and says so in ``bound``). The elasticity d log R/d log τ at the current τ is the slope between τ/2
+and 2τ. Logs without the ladder (written before it existed) fall back to "tail matching" (:func:`tail_prob`,
+:data:`TAIL_METHOD`), documented as such in the table's ``method`` column.
 """
 
 from __future__ import annotations
@@ -23,18 +25,35 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..runlog.schema import MARGIN_EXCEED, MARGIN_LADDER, MARGIN_LADDER_NAMES
 from . import stats
 from .frames import BOP_FAMILIES, QUANTILE_P, QUANTILES, analysis_window, concat, family, frame, pi_metric, run_name
 
 CHATTER_MIN_FLIPS = 10
-METHOD = (
+MARGIN_RATES = tuple(f"margin_rate_{k}" for k in MARGIN_LADDER_NAMES)
+LADDER_METHOD = (
+    "Margin ladder: Bop flips a weight when its pre-decision margin w_{t−1}·m_t (Bop2ndOrder: w_{t−1}·m̂_t) exceeds τ. "
+    "The probe counts, every step, the weights whose margin exceeds k·τ for k = 1/8, 1/4, 1/2, 1, 2, 4, 8; averaged "
+    "over the analysed window and divided by the layer's size this is the exceedance curve R_l(k·τ) (at k = 1 it is "
+    "the flip ratio). τ*_l is the τ where R_l equals the target, log R interpolated linearly in log τ between the two "
+    "ladder points around the target; it is never extrapolated: a target outside the ladder gives the ladder end "
+    "(τ/8 or 8τ), flagged in 'bound', and feeding the table back again moves τ further. 'elasticity' is "
+    "d log R/d log τ at the current τ (the slope between τ/2 and 2τ). R_l is measured with the m_t of the run at "
+    "its own τ, so it describes that run's margins, not a run at another τ: past the current τ it underestimates, "
+    "below it overestimates the flips another τ would give, and a step of feedback undershoots rather than "
+    "overshoots."
+)
+TAIL_METHOD = (
     "Tail matching: a weight flips when w·m > τ. With G_l(x) = P(|m| > x), the layer's |m| tail interpolated "
     "log-linearly through the recorded quantiles abs_m_q05…q95 (medians over the analysed window; linear from "
     "(0, 1) to q05; power-law extrapolation beyond q95), write P(w·m > τ) = c_l · G_l(τ), where c_l, the share of "
     "above-threshold weights whose momentum points along the weight, is estimated from the observed flip ratio "
     "(c_l = flip_ratio_l / G_l(τ_l)) and assumed not to depend on τ. The recommended τ*_l solves "
-    "c_l · G_l(τ*_l) = target. Column 'bound' flags extrapolated or unreachable values."
+    "c_l · G_l(τ*_l) = target. Column 'bound' flags extrapolated or unreachable values. (Fallback for logs without "
+    "the margin ladder; after Bop's step c_l is not a share of anything fixed — every weight with |m| > τ sits on "
+    "the settled side — and it varies with τ.)"
 )
+METHOD = LADDER_METHOD
 PREDICTION = -0.5
 
 
@@ -50,6 +69,17 @@ def _chatter(wf: pd.DataFrame, chatter_min: int) -> pd.DataFrame:
     out = pd.DataFrame({"never_flipped": never.reindex(tot.index, fill_value=0) / tot,
                         "chattering": chat.reindex(tot.index, fill_value=0) / tot})
     return out.reset_index()
+
+
+def _margin_rates(win: pd.DataFrame, layers: pd.DataFrame) -> pd.DataFrame:
+    """Per layer: mean over the window of margin_exceed_k / n_weights (columns margin_rate_<k>); empty without the
+    ladder columns (logs written before them) or the layer sizes."""
+    if not set(MARGIN_EXCEED) <= set(win.columns) or layers.empty or "n_weights" not in layers:
+        return pd.DataFrame(columns=["layer", *MARGIN_RATES])
+    n = win["layer"].map(layers.set_index("layer")["n_weights"]).astype(float)
+    rates = pd.DataFrame({r: win[c].astype(float) / n for c, r in zip(MARGIN_EXCEED, MARGIN_RATES, strict=True)})
+    rates["layer"] = win["layer"].to_numpy()
+    return rates.groupby("layer")[list(MARGIN_RATES)].mean().reset_index()
 
 
 def layer_table(runs, window: float = 0.5, chatter_min: int = CHATTER_MIN_FLIPS) -> pd.DataFrame:
@@ -68,6 +98,8 @@ def layer_table(runs, window: float = 0.5, chatter_min: int = CHATTER_MIN_FLIPS)
                     cols[f"{pre}_{q}"] = (f"{pre}_{q}", "median")
         if "threshold" in win:
             cols["threshold"] = ("threshold", "median")
+        if "gamma" in win:
+            cols["gamma"] = ("gamma", "median")
         g = win.groupby("layer").agg(**cols).reset_index()
         if not layers.empty:
             keep = [c for c in ("layer", "fan_in", "fan_out", "n_weights") if c in layers]
@@ -75,6 +107,7 @@ def layer_table(runs, window: float = 0.5, chatter_min: int = CHATTER_MIN_FLIPS)
             if "threshold" not in g and "threshold" in layers:
                 g = g.merge(layers[["layer", "threshold"]], on="layer", how="left")
         g = g.merge(_chatter(frame(run, "weight_flips"), chatter_min), on="layer", how="left")
+        g = g.merge(_margin_rates(win, layers), on="layer", how="left")
         g["pi"] = pi_metric(g["flip_ratio"])
         if "threshold" in g and f"abs_m_{QUANTILES[0]}" in g:
             tau = g["threshold"].where(g["threshold"] > 0)
@@ -92,52 +125,105 @@ def layer_table(runs, window: float = 0.5, chatter_min: int = CHATTER_MIN_FLIPS)
 
 @dataclass
 class FanInLaw:
-    points: pd.DataFrame  # run, family, layer, fan_in, abs_m_q50, flip_ratio
-    slopes: pd.DataFrame  # family, quantity, slope, ci_lo, ci_hi, n, df, n_fan_in, method
+    points: pd.DataFrame  # run, family, network, layer, fan_in, abs_m_q50, flip_ratio, seed (per run and layer)
+    slopes: pd.DataFrame  # family, quantity, slope, ci_lo, ci_hi, n, df, n_fan_in, n_seeds, method
     verdicts: list[stats.Verdict] = field(default_factory=list)
-    fit: pd.DataFrame = field(default_factory=pd.DataFrame)  # family, run, quantity, fan_in, fitted (lines to draw)
+    fit: pd.DataFrame = field(default_factory=pd.DataFrame)  # family, run (= network), quantity, fan_in, fitted
+    units: pd.DataFrame = field(default_factory=pd.DataFrame)  # family, quantity, network, layer, fan_in, y, n_seeds
 
 
-def _fit_lines(fam: str, sub: pd.DataFrame, quantity: str, s: stats.Slope) -> list[dict]:
+BN_MARGIN = 0.1  # equivalence margin (slope units) of "the slope equals −0.5" (TOST)
+MIN_SEEDS = 3
+
+
+def network_of(table: pd.DataFrame) -> pd.Series:
+    """Per row of a layer table: its run's architecture, named by the run's (layer, fan-in) list. Runs with the same
+    layers are the same network, whatever their seed, τ or γ: their layers are the same units."""
+    sig = table.groupby("run")[["layer", "fan_in"]].apply(
+        lambda g: ", ".join(f"{layer}:{int(n) if np.isfinite(n) else '?'}" for layer, n in
+                            sorted(zip(g["layer"], g["fan_in"].astype(float), strict=True))))
+    return table["run"].map(sig)
+
+
+def _fit_lines(fam: str, units: pd.DataFrame, quantity: str, s: stats.Slope) -> list[dict]:
+    """Line per network (intercept per network, the common slope), and the −0.5 reference for |m|."""
     rows = []
     if not math.isfinite(s.slope):
         return rows
-    for run, a in s.intercepts.items():
-        f = sub.loc[sub["run"] == run, "fan_in"].astype(float)
-        if f.empty:
-            continue
+    for net, a in s.intercepts.items():
+        f = units.loc[units["network"] == net, "fan_in"].astype(float)
         for x in (f.min(), f.max()):
-            rows.append({"family": fam, "run": run, "quantity": quantity, "fan_in": x,
+            rows.append({"family": fam, "run": net, "quantity": quantity, "fan_in": x,
                          "fitted": math.exp(a + s.slope * math.log(x))})
     if quantity == "median |m|" and rows:
-        lm = np.log(sub["abs_m_q50"].astype(float))
-        lf = np.log(sub["fan_in"].astype(float))
-        ok = np.isfinite(lm) & np.isfinite(lf)
-        if ok.any():
-            a = float(lm[ok].mean() - PREDICTION * lf[ok].mean())
-            for x in (float(np.exp(lf[ok].min())), float(np.exp(lf[ok].max()))):
-                rows.append({"family": fam, "run": "", "quantity": quantity + " (-0.5 reference)", "fan_in": x,
-                             "fitted": math.exp(a + PREDICTION * math.log(x))})
+        lm, lf = units["y"].astype(float), np.log(units["fan_in"].astype(float))
+        a = float(lm.mean() - PREDICTION * lf.mean())
+        for x in (float(np.exp(lf.min())), float(np.exp(lf.max()))):
+            rows.append({"family": fam, "run": "", "quantity": quantity + " (-0.5 reference)", "fan_in": x,
+                         "fitted": math.exp(a + PREDICTION * math.log(x))})
     return rows
 
 
-def prediction_verdict(interval, too_little: str = "", max_halfwidth: float = 0.25) -> tuple[str, str]:
-    """Verdict on "the slope equals the batch-norm prediction −0.5": supported when the interval contains −0.5 and
-    is narrower than ±max_halfwidth, not supported when it excludes −0.5, inconclusive otherwise (or when
-    ``too_little`` names why the data cannot decide)."""
-    lo, hi = (math.nan, math.nan) if interval is None else interval
-    if too_little or not (math.isfinite(lo) and math.isfinite(hi)):
-        return stats.INCONCLUSIVE, too_little or "no slope estimate"
-    if not (lo <= PREDICTION <= hi):
-        return stats.NOT_SUPPORTED, "the interval excludes -0.5"
-    if (hi - lo) / 2 <= max_halfwidth:
-        return stats.SUPPORTED, f"the interval contains -0.5 and is narrower than ±{max_halfwidth}"
-    return stats.INCONCLUSIVE, f"the interval contains -0.5 but is wider than ±{max_halfwidth}"
+def bn_equivalence_verdict(slope: stats.Slope, too_little: str = "", margin: float = BN_MARGIN,
+                           target: float = PREDICTION) -> tuple[str, str, tuple[float, float] | None]:
+    """"The slope equals −0.5" as an equivalence test (two one-sided tests, Schuirmann 1987) with margin δ:
+
+    supported when the 90 % t-interval of the slope lies inside [−0.5 − δ, −0.5 + δ] (both one-sided tests reject at
+    α = 0.05); not supported when the 95 % interval lies entirely outside that band (the slope differs from −0.5 by
+    more than δ); inconclusive otherwise, or when ``too_little`` says why the data cannot decide. Returns (verdict,
+    reason, 90 % interval).
+
+    >>> bn_equivalence_verdict(stats.Slope(-0.48, (-0.52, -0.44), 10, 8, ""))[0]
+    'supported'
+    >>> bn_equivalence_verdict(stats.Slope(-0.1, (-0.2, 0.0), 10, 8, ""))[0]
+    'not supported'
+    """
+    lo95, hi95 = slope.interval
+    if too_little or not (math.isfinite(slope.slope) and math.isfinite(lo95) and slope.df >= 1):
+        return stats.INCONCLUSIVE, too_little or "no slope estimate", None
+    from scipy import stats as st
+
+    se = (hi95 - lo95) / (2 * float(st.t.ppf(0.975, slope.df)))
+    h90 = float(st.t.ppf(0.95, slope.df)) * se
+    lo90, hi90 = slope.slope - h90, slope.slope + h90
+    band = (target - margin, target + margin)
+    if band[0] <= lo90 and hi90 <= band[1]:
+        return (stats.SUPPORTED, f"TOST: the 90 % interval [{lo90:.3f}, {hi90:.3f}] lies within −0.5 ± {margin:g}",
+                (lo90, hi90))
+    if lo95 > band[1] or hi95 < band[0]:
+        return (stats.NOT_SUPPORTED, f"the 95 % interval lies outside −0.5 ± {margin:g} (equivalence margin)",
+                (lo90, hi90))
+    return (stats.INCONCLUSIVE, f"TOST cannot show equivalence within −0.5 ± {margin:g} (90 % interval "
+            f"[{lo90:.3f}, {hi90:.3f}]) nor a difference beyond it", (lo90, hi90))
+
+
+def _layer_units(sub: pd.DataFrame, col: str, offset: float = 0.0) -> pd.DataFrame:
+    """One row per (network, layer): the mean over that network's runs of log(col + offset); ``n_seeds`` counts the
+    distinct seeds among those runs (column ``seed``)."""
+    y = np.log(sub[col].astype(float) + offset)
+    d = sub.assign(y=y)[np.isfinite(y) & (sub["fan_in"].astype(float) > 0)]
+    return (d.groupby(["network", "layer"], sort=True)
+            .agg(fan_in=("fan_in", "first"), y=("y", "mean"), n_seeds=("seed", "nunique")).reset_index())
 
 
 def fan_in_law(table: pd.DataFrame, min_fan_ins: int = 3, negligible: float = 0.1,
-               max_halfwidth: float = 0.25) -> FanInLaw:
-    """Fan-in law per Bop family from :func:`layer_table`'s rows."""
+               margin: float = BN_MARGIN, min_seeds: int = MIN_SEEDS, seeds: dict | None = None) -> FanInLaw:
+    """The pooled fan-in law per Bop family from :func:`layer_table`'s rows, with the LAYER as the unit.
+
+    The runs' layers are grouped by network (:func:`network_of`); per (network, layer) the log of the quantity is
+    averaged over the network's runs (seeds, and τ or γ settings of the same architecture), and the slope is the OLS
+    of those per-layer means on log fan_in with an intercept per network (t-interval, df = #layers − #networks − 1).
+    Seeds of one layer are replicates of that layer, not independent evidence about a between-layer slope.
+
+    The pooled slope mixes fan-in with depth and fan-out (in a network of mixed widths the wide layer is also a
+    particular depth with a particular fan-out), so it answers "do this network's wide layers have smaller |m|?",
+    not "does widening a layer shrink its |m|?"; the controlled width sweep (:mod:`.threshold_policies`) answers
+    the latter. Verdicts ``thresholds.fan_in_pooled`` (|m| falls with fan-in), ``thresholds.fan_in_pooled.
+    bn_prediction`` (slope −0.5, TOST with margin ``margin``) and ``thresholds.one_tau_wide_flip_less`` (under one
+    τ, flip ratio falls with fan-in; only runs with one τ for all layers); inconclusive with fewer than
+    ``min_seeds`` seeds of every network or fewer than ``min_fan_ins`` distinct fan-ins. ``seeds`` maps run → seed
+    (runs of one seed with other τ or γ are not replicates); without it every run counts as its own seed.
+    """
     pts = table[table["family"].isin(BOP_FAMILIES)]
     # "under one threshold": only runs whose layers share one τ (or whose τ is unknown) enter the flip-ratio slope
     if "threshold" in pts:
@@ -148,50 +234,68 @@ def fan_in_law(table: pd.DataFrame, min_fan_ins: int = 3, negligible: float = 0.
     pts = pts[[c for c in cols if c in pts]].copy()
     if "abs_m_q50" not in pts:
         pts["abs_m_q50"] = np.nan
-    slopes, verdicts, fit = [], [], []
+    pts.insert(2, "network", network_of(pts) if len(pts) else pd.Series(dtype=str))
+    pts["seed"] = pts["run"].map(lambda r: (seeds or {}).get(r, r)).astype(str)
+    slopes, verdicts, fit, units_all = [], [], [], []
+    method = ("OLS of per-layer means (over each network's runs) of log y on log fan_in; the layer is the unit, "
+              "intercept per network; t-interval")
     for fam, sub in pts.groupby("family", sort=True):
         label = "Bop2ndOrder, normalised m̂" if fam == "bop2nd" else "Bop"
-        runs = sorted(set(sub["run"]))
-        n_fan = int(sub["fan_in"].nunique())
-        s_m = stats.loglog_slope(sub["fan_in"], sub["abs_m_q50"], sub["run"])
         one_tau = sub[~per_layer_tau.loc[sub.index].to_numpy(dtype=bool)]
-        s_f = stats.loglog_slope(one_tau["fan_in"], one_tau["flip_ratio"] + math.exp(-9), one_tau["run"])
-        n_fan_f = int(one_tau["fan_in"].nunique())
-        for q, s in (("median |m|", s_m), ("flip ratio", s_f)):
-            fit += _fit_lines(fam, sub, q, s)
+        res = {}
+        for q, d, col, off in (("median |m|", sub, "abs_m_q50", 0.0),
+                               ("flip ratio", one_tau, "flip_ratio", math.exp(-9))):
+            u = _layer_units(d, col, off)
+            s = stats.linear_slope(np.log(u["fan_in"].astype(float)), u["y"], u["network"], method=method)
+            n_seeds = int(u["n_seeds"].max()) if len(u) else 0
+            res[q] = (s, u, n_seeds, sorted(set(d["run"])))
+            units_all.append(u.assign(family=fam, quantity=q))
+            fit += _fit_lines(fam, u, q, s)
             slopes.append({"family": fam, "quantity": q, "slope": s.slope, "ci_lo": s.interval[0],
-                           "ci_hi": s.interval[1], "n": s.n, "df": s.df, "n_fan_in": n_fan, "method": s.method})
-        few = n_fan < min_fan_ins
-        why_few = f"only {n_fan} distinct fan-in values (< {min_fan_ins})"
+                           "ci_hi": s.interval[1], "n": s.n, "df": s.df, "n_fan_in": int(u["fan_in"].nunique()),
+                           "n_seeds": n_seeds, "method": s.method})
 
-        v, why = stats.verdict_negative(s_m.slope, s_m.interval, n_fan, min_fan_ins, negligible)
+        def why_not(u: pd.DataFrame, n_seeds: int, what: str = "") -> str:
+            n_fan = int(u["fan_in"].nunique())
+            if n_fan < min_fan_ins:
+                return f"only {n_fan} distinct fan-in values{what} (< {min_fan_ins})"
+            if n_seeds < min_seeds:
+                return f"at most {n_seeds} seed(s) per network{what} (< {min_seeds} seeds)"
+            return ""
+
+        s_m, u_m, r_m, runs_m = res["median |m|"]
+        few = why_not(u_m, r_m)
+        v, why = stats.verdict_negative(s_m.slope, s_m.interval, 0 if few else min_fan_ins, min_fan_ins, negligible)
         verdicts.append(stats.Verdict(
-            f"Wide layers need a smaller threshold than thin layers ({label}): log median |m| falls with log fan_in",
-            v, s_m.slope, s_m.interval, s_m.n, runs, "slope of log median |m| vs log fan_in", s_m.method,
-            why_few if few else why, "thresholds"))
-
-        v, why = prediction_verdict(s_m.interval, why_few if few else "", max_halfwidth)
+            f"Wide layers need a smaller threshold than thin layers ({label}, pooled over the layers of the "
+            f"networks): log median |m| falls with log fan_in", v, s_m.slope, s_m.interval, s_m.n, runs_m,
+            "slope of log median |m| vs log fan_in (layers as units)", s_m.method, few or why, "thresholds",
+            id="thresholds.fan_in_pooled" + ("" if fam == "bop" else f".{fam}")))
+        v, why, _ = bn_equivalence_verdict(s_m, few, margin)
         verdicts.append(stats.Verdict(
-            f"|m| scales like fan_in^-0.5, the batch-norm prediction ({label})", v, s_m.slope, s_m.interval, s_m.n,
-            runs, "slope of log median |m| vs log fan_in", s_m.method, why, "thresholds"))
-
-        v, why = stats.verdict_negative(s_f.slope, s_f.interval, n_fan_f, min_fan_ins, negligible)
-        if one_tau.empty:
-            why = "no run with one threshold for all its layers"
-        elif n_fan_f < min_fan_ins:
-            why = f"only {n_fan_f} distinct fan-in values among runs with one threshold (< {min_fan_ins})"
+            f"|m| scales like fan_in^-0.5, the batch-norm prediction ({label}, pooled)", v, s_m.slope, s_m.interval,
+            s_m.n, runs_m, "slope of log median |m| vs log fan_in (layers as units)", s_m.method, why, "thresholds",
+            id="thresholds.fan_in_pooled.bn_prediction" + ("" if fam == "bop" else f".{fam}")))
+        s_f, u_f, r_f, runs_f = res["flip ratio"]
+        few_f = "no run with one threshold for all its layers" if one_tau.empty else \
+            why_not(u_f, r_f, " among runs with one threshold")
+        v, why = stats.verdict_negative(s_f.slope, s_f.interval, 0 if few_f else min_fan_ins, min_fan_ins,
+                                        negligible)
         verdicts.append(stats.Verdict(
             f"Under one threshold, wide layers flip less than thin layers ({label})", v, s_f.slope, s_f.interval,
-            s_f.n, sorted(set(one_tau["run"])), "slope of log(flip ratio + e^-9) vs log fan_in", s_f.method, why,
-            "thresholds"))
+            s_f.n, runs_f, "slope of log(flip ratio + e^-9) vs log fan_in (layers as units)", s_f.method,
+            few_f or why, "thresholds", id="thresholds.one_tau_wide_flip_less" + ("" if fam == "bop" else f".{fam}")))
     if pts.empty:
         verdicts.append(stats.Verdict(
             "Wide layers need a smaller threshold than thin layers", stats.INCONCLUSIVE, None, None, 0, [],
-            "slope of log median |m| vs log fan_in", "", "no Bop runs with per-layer |m| in the logs", "thresholds"))
+            "slope of log median |m| vs log fan_in", "", "no Bop runs with per-layer |m| in the logs", "thresholds",
+            id="thresholds.fan_in_pooled"))
     sl = pd.DataFrame(slopes, columns=["family", "quantity", "slope", "ci_lo", "ci_hi", "n", "df", "n_fan_in",
-                                       "method"])
+                                       "n_seeds", "method"])
     fit_df = pd.DataFrame(fit, columns=["family", "run", "quantity", "fan_in", "fitted"])
-    return FanInLaw(pts.reset_index(drop=True), sl, verdicts, fit_df)
+    units = (pd.concat(units_all, ignore_index=True) if units_all else
+             pd.DataFrame(columns=["network", "layer", "fan_in", "y", "n_seeds", "family", "quantity"]))
+    return FanInLaw(pts.reset_index(drop=True), sl, verdicts, fit_df, units)
 
 
 def _tail_knots(qrow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -252,6 +356,43 @@ def tail_inverse(gt: float, q: np.ndarray) -> tuple[float, str]:
     return float(math.exp(math.log(kx[i]) + t * (math.log(kx[i + 1]) - math.log(kx[i])))), ""
 
 
+def ladder_threshold(rates, tau: float, target: float) -> tuple[float, str, float, float]:
+    """τ* where the exceedance curve R(k·τ) (``rates`` at the ladder k = 1/8 … 8) equals ``target``.
+
+    Returns (τ*, bound, elasticity at τ, elasticity at τ*). Between two ladder points log R is linear in log τ:
+    τ* = x_j · (x_{j+1}/x_j)^{(log target − log R_j)/(log R_{j+1} − log R_j)}, x_j = k_j·τ; where R_{j+1} = 0 (no
+    weight that far out) R is taken linear in log τ on that segment. A target above R(τ/8) gives τ/8, one below R(8τ)
+    gives 8τ, each named in ``bound`` (never extrapolated). Elasticity d log R/d log τ: at τ the slope between τ/2
+    and 2τ; at τ* the slope of the segment used (NaN where a rate is 0)."""
+    r = np.minimum.accumulate(np.asarray(rates, dtype=float))  # exceedance counts fall along the ladder
+    k = np.asarray(MARGIN_LADDER)
+    nan = math.nan
+    if not (math.isfinite(tau) and tau > 0) or len(r) != len(k) or not np.all(np.isfinite(r)):
+        return nan, "no margin ladder or τ ≤ 0", nan, nan
+    with np.errstate(divide="ignore"):
+        lr = np.where(r > 0, np.log(np.where(r > 0, r, 1.0)), np.nan)
+    lk = np.log(k)
+    i_half, i_two = MARGIN_LADDER.index(0.5), MARGIN_LADDER.index(2.0)
+    e_tau = float((lr[i_two] - lr[i_half]) / (lk[i_two] - lk[i_half]))
+    if not (target > 0):
+        return nan, "target flip ratio 0", e_tau, nan
+    if target > r[0]:
+        return float(k[0] * tau), "at the ladder end τ/8: fewer flips than the target even at τ/8 (τ* < τ/8)", \
+            e_tau, nan
+    if target < r[-1]:
+        return float(k[-1] * tau), "at the ladder end 8τ: more flips than the target even at 8τ (τ* > 8τ)", e_tau, nan
+    j = int(np.nonzero(r >= target)[0][-1])  # last ladder point still at or above the target
+    if r[j] == target or j == len(k) - 1:
+        return float(k[j] * tau), "", e_tau, nan
+    if r[j + 1] > 0:
+        e = float((lr[j + 1] - lr[j]) / (lk[j + 1] - lk[j]))
+        t = (math.log(target) - lr[j]) / (lr[j + 1] - lr[j])
+    else:
+        e = nan
+        t = (r[j] - target) / (r[j] - r[j + 1])
+    return float(tau * math.exp(lk[j] + t * (lk[j + 1] - lk[j]))), "", e_tau, e
+
+
 @dataclass
 class Recommendation:
     table: pd.DataFrame  # run, layer, fan_in, n_weights, flip_ratio, threshold, recommended_threshold, ...
@@ -260,27 +401,40 @@ class Recommendation:
     method: str
 
 
-def recommended_thresholds(table: pd.DataFrame, target: float | None = None) -> Recommendation:
-    """Per-layer τ giving the target flip ratio (default: per run, the median layer flip ratio over the window)."""
+def recommended_thresholds(table: pd.DataFrame, target: float | None = None,
+                           gamma: dict | None = None, method: str = "ladder") -> Recommendation:
+    """Per-layer τ giving the target flip ratio (default: per run, the median layer flip ratio over the window):
+    ``method="ladder"`` (default): from the margin ladder where the log has it (:func:`ladder_threshold`), else by
+    tail matching (fallback); ``method="tail"``: tail matching for every layer. ``gamma``: run → Bop's γ, for the
+    snippet (default: the table's ``gamma`` column, if any)."""
+    if method not in ("ladder", "tail"):
+        raise ValueError(f"method must be 'ladder' or 'tail', got {method!r}")
     cols = ["run", "family", "layer", "fan_in", "n_weights", "flip_ratio", "threshold", "recommended_threshold",
-            "ratio_to_current", "bound"]
+            "ratio_to_current", "bound", "elasticity", "elasticity_at_recommended", "method"]
     qcols = [f"abs_m_{q}" for q in QUANTILES]
     rows, targets = [], {}
     bop = table[table["family"].isin(BOP_FAMILIES)]
-    if set(qcols) <= set(bop.columns):
+    if (set(qcols) | set(MARGIN_RATES)) & set(bop.columns):
         for run, sub in bop.groupby("run", sort=False):
             tgt = float(target) if target is not None else float(np.nanmedian(sub["flip_ratio"]))
             targets[run] = tgt
             for r in sub.itertuples(index=False):
                 d = r._asdict()
-                q = np.array([d[c] for c in qcols], dtype=float)
+                q = np.array([d.get(c, math.nan) for c in qcols], dtype=float)
                 tau, fr = float(d.get("threshold", math.nan)), float(d["flip_ratio"])
                 rec, bound = math.nan, ""
-                if not np.all(np.isfinite(q)) or not math.isfinite(tau):
+                lad = np.array([d.get(c, math.nan) for c in MARGIN_RATES], dtype=float)
+                e_tau = e_rec = math.nan
+                how = "margin ladder"
+                if method == "ladder" and np.all(np.isfinite(lad)) and math.isfinite(tau) and tau > 0:
+                    rec, bound, e_tau, e_rec = ladder_threshold(lad, tau, tgt)
+                elif not np.all(np.isfinite(q)) or not math.isfinite(tau):
+                    how = "none"
                     bound = "no |m| quantiles or threshold"
                 elif fr <= 0:
                     bound = "no flips in the window: τ* < current τ, not estimable"
                 else:
+                    how = "tail matching" if method == "tail" else "tail matching (no margin ladder in the log)"
                     g_tau, b1 = tail_prob(tau, q)
                     rec, b2 = tail_inverse(g_tau * tgt / fr, q)
                     bound = "; ".join(b for b in (b1, b2) if b)
@@ -290,16 +444,27 @@ def recommended_thresholds(table: pd.DataFrame, target: float | None = None) -> 
                              "n_weights": d.get("n_weights"), "flip_ratio": fr, "threshold": tau,
                              "recommended_threshold": rec,
                              "ratio_to_current": rec / tau if tau and math.isfinite(rec) else math.nan,
-                             "bound": bound})
+                             "bound": bound, "elasticity": e_tau, "elasticity_at_recommended": e_rec,
+                             "method": how})
     rec_df = pd.DataFrame(rows, columns=cols)
-    return Recommendation(rec_df, targets, threshold_snippet(rec_df), METHOD)
+    if gamma is None and "gamma" in bop:
+        gamma = {run: float(np.nanmedian(g.astype(float))) for run, g in bop.groupby("run", sort=False)["gamma"]
+                 if np.isfinite(g.astype(float)).any()}
+    methods = set(rec_df["method"])
+    text = TAIL_METHOD if methods and "margin ladder" not in methods else LADDER_METHOD
+    if "margin ladder" in methods and any(m.startswith("tail") for m in methods):
+        text = LADDER_METHOD + " " + TAIL_METHOD
+    return Recommendation(rec_df, targets, threshold_snippet(rec_df, gamma), text)
 
 
-def threshold_snippet(rec: pd.DataFrame) -> str:
-    """Ready-to-paste code giving Bop the recommended per-layer thresholds (one parameter group per layer)."""
+def threshold_snippet(rec: pd.DataFrame, gamma: dict | None = None) -> str:
+    """Ready-to-paste code giving Bop the recommended per-layer thresholds (one parameter group per layer), with the
+    run's own γ (``gamma``: run → γ; "YOUR_GAMMA" when the log does not say)."""
     if rec.empty:
         return ""
     run = rec["run"].iloc[0]
+    g = (gamma or {}).get(run, math.nan)
+    g_txt = f"{g:.3g}" if isinstance(g, float) and math.isfinite(g) else "YOUR_GAMMA"
     sub = rec[(rec["run"] == run) & np.isfinite(rec["recommended_threshold"].astype(float))]
     if sub.empty:
         return ""
@@ -310,11 +475,12 @@ def threshold_snippet(rec: pd.DataFrame) -> str:
     lines += ["}",
               "named = dict(model.named_parameters())",
               "binary_groups = [{\"params\": [named[name]], \"threshold\": tau} for name, tau in thresholds.items()]",
-              f"optimizer = bnn_probe.optim.{opt}(binary_groups, gamma=1e-3)  # keep your gamma",
+              f"optimizer = bnn_probe.optim.{opt}(binary_groups, gamma={g_txt})  # the run's γ",
               "",
               "# or, from this report's table:",
               "# from bnn_probe.optim.thresholds import from_report",
               "# from bnn_probe.nn import named_binary_parameters",
               f"# policy = from_report(\"REPORT_DIR/tables/thresholds.csv\", run={run!r})",
-              f"# optimizer = bnn_probe.optim.{opt}(policy.param_groups(named_binary_parameters(model), gamma=1e-3))"]
+              f"# optimizer = bnn_probe.optim.{opt}(policy.param_groups(named_binary_parameters(model), "
+              f"gamma={g_txt}))"]
     return "\n".join(lines)
