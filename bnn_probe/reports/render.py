@@ -302,7 +302,7 @@ def _md_blocks(blocks: list[Block], out_dir: Path) -> list[str]:
         elif b.kind == "code":
             out += ([f"*{e(b.csv)}*", ""] if b.csv else []) + [md_fence(b.text, b.lang), ""]
         elif b.kind == "details":
-            out += [f"<details><summary>{html.escape(b.text)}</summary>", "", *_md_blocks(b.children, out_dir),
+            out += [f"<details><summary>{e(b.text)}</summary>", "", *_md_blocks(b.children, out_dir),
                     "</details>", ""]
         elif b.kind == "link":
             out += [f"[{e(b.text)}]({md_link_target(b.href)})", ""]
