@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 from .. import __version__
 from . import figures as F
 from . import inertia, pairs, run_warnings, threshold_policies, thresholds, training
+from . import interventions as reset_exp
+from . import latent_network as latent_exp
 from .answers import HOW_TO_READ, build_answers
 from .atomic import report_folder
 from .frames import family, run_name
@@ -292,9 +294,13 @@ def _generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, op
         if s_pol is not None:
             s_pol.figure(F.width_sweep(sweep.points, w.fig("width_sweep")),
                          "Controlled width sweep: the layer after the varied width W, every seed a line")
+    s_reset, v_reset = reset_exp.section(runs, w, opt)  # magnitude-reset pairs (None without them)
+    s_latent, v_latent = latent_exp.section(runs, w, opt)  # latent network of latent-weight runs
+    verdicts = verdicts + v_reset + v_latent
 
     s_app = run_details(runs, out, w.csv)
-    sections = [s_runs, s_in, s_th, *extra_sections, s_app]
+    inertia_parts = [x for x in (s_reset, s_latent) if x]
+    sections = [s_runs, s_in, *inertia_parts, s_th, *extra_sections, s_app]
     for i, sec in enumerate(sections, 1):  # numbered in reading order
         sec.title = f"{i}. " + re.sub(r"^\d+[a-z]?\.\s*", "", sec.title)
 
