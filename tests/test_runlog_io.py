@@ -78,9 +78,9 @@ def test_newer_schema_and_broken_dirs_are_one_line_errors(tmp_path):
     _train(tmp_path / "run", steps=1, tensorboard=False).close()
     meta_path = tmp_path / "run" / "meta.json"
     meta = json.loads(meta_path.read_text())
-    meta["schema_version"] = 2
+    meta["schema_version"] = 3
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(RunLogError, match=r"written by a newer bnn-probe \(schema 2 > 1\): upgrade bnn-probe"):
+    with pytest.raises(RunLogError, match=r"written by a newer bnn-probe \(schema 3 > 2\): upgrade bnn-probe"):
         load_run(tmp_path / "run")
     with pytest.raises(RunLogError, match="not found"):
         load_run(tmp_path / "nope")

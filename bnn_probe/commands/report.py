@@ -44,9 +44,12 @@ def _warn_unfinished(runs) -> None:
               help="Analysed window: the last fraction of each run's steps (per-layer and threshold sections).")
 @click.option("--target-flip-ratio", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Target of the recommended thresholds [default: per run, the median layer flip ratio].")
+@click.option("--threshold-method", type=click.Choice(["ladder", "tail"]), default="ladder", show_default=True,
+              help="How the recommended thresholds are computed: from the measured margin ladder (tail matching "
+                   "for logs without it), or by tail matching of the |m| quantiles (docs/reports.md).")
 @click.option("--skip-broken", is_flag=True, help="Skip unreadable Parquet parts (with a warning) instead of failing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def report(runs, out, fmt, k, window, target_flip_ratio, skip_broken, quiet):
+def report(runs, out, fmt, k, window, target_flip_ratio, threshold_method, skip_broken, quiet):
     """Turn run logs (RUN_OR_FOLDER...: run directories or folders holding runs) into a report with verdicts."""
     from ..reports import ReportOptions, generate
     from ..reports.load import load_runs
@@ -56,7 +59,7 @@ def report(runs, out, fmt, k, window, target_flip_ratio, skip_broken, quiet):
         raise BnnProbeError(f"--k must be a positive number of steps, got {k}")
     loaded = load_runs(runs, strict=not skip_broken)
     _warn_unfinished(loaded)
-    opts = ReportOptions(k=k, window=window, target_flip_ratio=target_flip_ratio)
+    opts = ReportOptions(k=k, window=window, target_flip_ratio=target_flip_ratio, threshold_method=threshold_method)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=FutureWarning)
         res = generate(loaded, out, formats, progress=not quiet, options=opts, strict=not skip_broken)

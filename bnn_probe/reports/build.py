@@ -14,8 +14,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .. import __version__
+from . import feedback, inertia, pairs, run_warnings, threshold_policies, thresholds, training
 from . import figures as F
-from . import inertia, pairs, run_warnings, threshold_policies, thresholds, training
 from . import interventions as reset_exp
 from . import latent_network as latent_exp
 from .answers import HOW_TO_READ, build_answers
@@ -44,6 +44,7 @@ class ReportOptions:
     window: float = 0.5  # analysed window: the last fraction of each run's steps
     target_flip_ratio: float | None = None  # None: per run, the median layer flip ratio over the window
     chatter_min_flips: int = thresholds.CHATTER_MIN_FLIPS
+    threshold_method: str = "ladder"  # recommended thresholds: "ladder" (margin ladder) or "tail" (tail matching)
     n_boot: int = 1000
 
 
@@ -152,7 +153,7 @@ def _generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, op
     stage("pairs")
     lt = thresholds.layer_table(runs, window=opt.window, chatter_min=opt.chatter_min_flips)
     law = thresholds.fan_in_law(lt)
-    rec = thresholds.recommended_thresholds(lt, opt.target_flip_ratio)
+    rec = thresholds.recommended_thresholds(lt, opt.target_flip_ratio, method=opt.threshold_method)
     stage("thresholds")
     default_ids(inertia_v, pair_results, sched.verdict, law.verdicts)
     verdicts = inertia_v + [p.verdict for p in pair_results] + [sched.verdict] + law.verdicts
@@ -267,7 +268,7 @@ def _generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, op
                 "flip-ratio controller)")
     w.csv("thresholds_over_time", tr.thresholds)
     tcols = ["layer", "fan_in", "n_weights", "flip_ratio", "recommended_threshold", "run", "family", "threshold",
-             "ratio_to_current", "bound"]
+             "ratio_to_current", "bound", "elasticity", "elasticity_at_recommended", "method"]
     rtab = rec.table[tcols]
     tgt = compact_mapping(rec.target, "{:.3g}")
     if len(tgt) > 200:  # many runs: the range here, each run's target in a table
@@ -287,20 +288,23 @@ def _generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, op
     s_pol, pol_verdicts = threshold_policies.section(runs, w.csv, window=opt.window)  # None unless policies/sweep
     default_ids([], [], None, pol_verdicts)
     verdicts = verdicts + pol_verdicts
+    s_fb, fb_verdicts = feedback.section(runs, w, opt)  # None unless from-report feedback chains
+    s_reset, v_reset = reset_exp.section(runs, w, opt)  # magnitude-reset pairs (None without them)
+    s_latent, v_latent = latent_exp.section(runs, w, opt)  # latent network of latent-weight runs
+    verdicts = verdicts + fb_verdicts + v_reset + v_latent
+    inertia_sections = [s for s in (s_reset, s_latent) if s is not None]
     if s_pol is not None:
         extra_sections.append(s_pol)
+    if s_fb is not None:
+        extra_sections.append(s_fb)
     if w.drawn("width_sweep") is None:  # unless a section drew it, the controlled sweep's figure
         sweep = threshold_policies.width_sweep(runs, opt.window)
         if s_pol is not None:
             s_pol.figure(F.width_sweep(sweep.points, w.fig("width_sweep")),
                          "Controlled width sweep: the layer after the varied width W, every seed a line")
-    s_reset, v_reset = reset_exp.section(runs, w, opt)  # magnitude-reset pairs (None without them)
-    s_latent, v_latent = latent_exp.section(runs, w, opt)  # latent network of latent-weight runs
-    verdicts = verdicts + v_reset + v_latent
 
     s_app = run_details(runs, out, w.csv)
-    inertia_parts = [x for x in (s_reset, s_latent) if x]
-    sections = [s_runs, s_in, *inertia_parts, s_th, *extra_sections, s_app]
+    sections = [s_runs, s_in, *inertia_sections, s_th, *extra_sections, s_app]
     for i, sec in enumerate(sections, 1):  # numbered in reading order
         sec.title = f"{i}. " + re.sub(r"^\d+[a-z]?\.\s*", "", sec.title)
 
