@@ -150,21 +150,30 @@ def remove_owned(plan: OwnedFiles) -> None:
             pass
 
 
+_HELD: dict[str, list[int]] = {}  # real path of a locked run folder -> [descriptor, holders in this process]
+
+
 class RunLock:
-    """An exclusive lock on a run folder (``flock`` on ``<run>/.bnn-probe.lock``) held while this process writes it.
+    """An exclusive lock on a run folder (``flock`` on ``<run>/.bnn-probe.lock``) held while a process writes it.
 
     ``RunLock(run_dir)`` takes the lock or raises :class:`BnnProbeError` (one line) when another process holds it.
-    :meth:`release` (or the end of a ``with`` block, or garbage collection) gives it back; the lock file stays (it is
-    owned by bnn-probe).
+    Within one process it is re-entrant (the training runner and the probe's :class:`~bnn_probe.runlog.RunWriter`
+    both hold it); the flock is given back when the last holder calls :meth:`release` (or leaves its ``with`` block,
+    or is garbage-collected) and in any case when the process ends. The lock file stays (it is owned by bnn-probe).
     Where ``fcntl`` does not exist (Windows) the lock is a no-op.
     """
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.path = Path(run_dir) / LOCK_NAME
-        self.fd: int | None = None
+        self.key: str | None = None
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
+            return
+        key = os.path.realpath(run_dir)
+        if key in _HELD:
+            _HELD[key][1] += 1
+            self.key = key
             return
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
         try:
@@ -180,13 +189,19 @@ class RunLock:
                                 "wait until it ends, or choose another folder") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
+        _HELD[key] = [fd, 1]
+        self.key = key
 
     def release(self) -> None:
-        """Give the lock back (idempotent)."""
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the flock
-            self.fd = None
+        """Give this holder's share of the lock back (idempotent)."""
+        key, self.key = self.key, None
+        entry = _HELD.get(key) if key is not None else None
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _HELD[key]
+            os.close(entry[0])  # closing the descriptor releases the flock
 
     def __del__(self) -> None:  # a TrainState dropped without running its loop gives the lock back
         self.release()
