@@ -532,14 +532,18 @@ def test_meta_json_is_strict_json(tmp_path):
     assert strict((tmp_path / "m.json").read_text()) == {"a": None, "b": [None, 1.5], "c": None}
 
 
-@pytest.mark.parametrize("field, value", [("status", 5), ("config", "x"), ("last_step", "ten"), ("tag", ["a"]),
-                                          ("optimizer", "bop"), ("layers", {"a": 1})])
-def test_meta_fields_of_the_wrong_type_are_one_line_errors(tmp_path, capsys, field, value):
+@pytest.mark.parametrize("field, value, message", [
+    ("status", 5, "'status' must be a string"), ("config", "x", "'config' must be an object"),
+    ("last_step", "ten", "'last_step' must be an integer"), ("tag", ["a"], "'tag' must be a string"),
+    ("optimizer", "bop", "'optimizer' must be an object"), ("layers", {"a": 1}, "'layers' must be a list"),
+    ("optimizer", {"class": "Bop", "groups": "g"}, "'optimizer.groups' must be a list of objects"),
+])
+def test_meta_fields_of_the_wrong_type_are_one_line_errors(tmp_path, capsys, field, value, message):
     run = write_run(make_run("r", **SMALL), tmp_path / "r")
     meta = json.loads((run / "meta.json").read_text())
     (run / "meta.json").write_text(json.dumps({**meta, field: value}))
     for cmd in (["summary", str(run)], ["report", str(run), "--out", str(tmp_path / "rep"), "--quiet"]):
-        _one_line_error(*run_cli(cmd, capsys)[::2], f"'{field}' must be")
+        _one_line_error(*run_cli(cmd, capsys)[::2], message)
 
 
 def test_a_steps_part_with_a_string_step_column_is_one_line_or_skipped(tmp_path, capsys):
