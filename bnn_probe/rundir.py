@@ -7,11 +7,13 @@ A run folder may hold files its user put there, and may have been written by som
   top-level files it writes (``meta.json``, ``layers.parquet``, ``weight_flips.parquet``, ``checkpoint.pt``, the lock
   file, their temporary names), the ``part-NNNNNN.parquet`` parts of its tables' folders and TensorBoard's event files
   under ``tb/``. ``--overwrite`` deletes these and nothing else, and refuses a folder that is not a run.
-* **No links.** Nothing is followed: a symbolic link where bnn-probe would read or write (the run folder itself, a
-  table folder, an owned file) is refused before anything is deleted, so no file outside the folder is touched.
+* **No links.** ``--overwrite`` follows none: a symbolic link where it would delete or the new run would write (the
+  run folder itself, a table folder, an owned file) is refused before anything is deleted, so no file outside the
+  folder is touched.
 * **One writer.** :class:`RunLock` holds an exclusive ``flock`` on ``<run>/.bnn-probe.lock`` while a process writes
-  the run; a second ``train --resume`` (or ``--overwrite``) of the same folder gets a one-line error. Temporary files
-  carry the writer's process id (:func:`tmp_path`), so two processes never write to the same temporary name.
+  the run (the training runner and every :class:`~bnn_probe.runlog.RunWriter`); a second ``train --resume`` (or
+  ``--overwrite``, or probe) of the same folder gets a one-line error. Temporary files carry the writer's process id
+  (:func:`tmp_path`), so two processes never write to the same temporary name.
 
 Example:
     >>> tmp_path(Path("runs/x/meta.json")).name.startswith(".meta.json.")
