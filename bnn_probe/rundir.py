@@ -38,7 +38,7 @@ LOCK_NAME = ".bnn-probe.lock"
 # Every file a run writes at its top level, and its table folders: a new file a run writes must be added here, or
 # --overwrite keeps (and reports) it as a file bnn-probe did not write.
 RUN_FILES = ("meta.json", "layers.parquet", "weight_flips.parquet", "checkpoint.pt", LOCK_NAME)
-RUN_TABLE_DIRS = ("steps", "tracked", "events", "hists", "snapshots", "train")
+RUN_TABLE_DIRS = ("steps", "tracked", "events", "hists", "snapshots", "train", "scales")  # = schema.PART_TABLES
 _TMP = re.compile(r"^\.(?P<name>.+?)(\.\d+)?\.tmp$")
 _PART = re.compile(r"^part-\d+\.parquet$")
 _TB = re.compile(r"^events\.out\.tfevents\.")

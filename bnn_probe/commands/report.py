@@ -123,7 +123,7 @@ def _f(x, spec: str) -> str:
 @click.argument("run", type=click.Path(path_type=str))
 @click.option("--skip-broken", is_flag=True, help="Skip unreadable Parquet parts instead of failing.")
 def summary(run, skip_broken):
-    """Print a terminal table of one run: status, steps, accuracy, per-layer flip ratios."""
+    """Print a terminal table of one run: status, steps, accuracy, per-layer flip ratios, the probe's warnings."""
     from ..reports import training
     from ..reports.frames import frame
     from ..reports.load import load_runs
@@ -143,6 +143,7 @@ def summary(run, skip_broken):
                f"dataset {t(row['dataset'] or '—')}")
     click.echo(f"steps     {row['steps']}")
     click.echo(f"accuracy  train {_f(row['final_train_accuracy'], '.4f')}  val {_f(row['final_val_accuracy'], '.4f')}")
+    _probe_warnings(r)
     steps = frame(r, "steps")
     if steps.empty:
         click.echo("no per-layer rows logged yet" if row["status"] == "running" else
@@ -161,3 +162,14 @@ def summary(run, skip_broken):
                    f"{_f(x.never_flipped, '.1%'):>7} {_f(x.chattering, '.1%'):>8}")
     for w in warns:
         click.echo(f"Warning: {t(w)}", err=True)
+
+
+def _probe_warnings(run) -> None:
+    """The probe's run checks from meta.json (docs/runlog-format.md), one line each."""
+    from ..reports.run_warnings import BLOCKING, run_warnings
+
+    t = functools.partial(terminal_safe, one_line=True)  # the run folder is untrusted
+    for w in run_warnings(run):
+        tag = "excluded from report verdicts" if w["kind"] in BLOCKING else "flagged in reports"
+        click.echo(f"Warning: probe check {t(str(w['kind']))} ({tag}): {t(str(w.get('layer', '?')))}: "
+                   f"{t(str(w.get('message', '')))}", err=True)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from . import figures as F
-from . import inertia, pairs, threshold_policies, thresholds, training
+from . import inertia, pairs, run_warnings, threshold_policies, thresholds, training
 from .atomic import report_folder
 from .frames import family, meta, run_name
 from .load import load_runs
@@ -111,6 +111,7 @@ def _generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, op
         bar.update(1)
 
     runs = load_runs(runs_or_paths, strict=strict)
+    runs, left_out = run_warnings.exclude_blocking(runs)  # probe warnings: docs/runlog-format.md
     stage("loaded runs")
     out = Path(out_dir)
     w = _Writer(out)
@@ -129,7 +130,7 @@ def _generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, op
     rec = thresholds.recommended_thresholds(lt, opt.target_flip_ratio)
     stage("thresholds")
     verdicts = inertia_v + [p.verdict for p in pair_results] + [sched.verdict] + law.verdicts
-    warnings = list(tr.warnings)
+    warnings = list(tr.warnings) + left_out + run_warnings.messages(runs)
 
     # ---------------------------------------------------------------- sections
     s_runs = Section("1. Runs", anchor="runs")

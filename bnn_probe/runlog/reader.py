@@ -168,6 +168,17 @@ class Run:
         return _read_single(self.path, "weight_flips")
 
     @cached_property
+    def scales(self) -> pd.DataFrame:
+        """Scaling factors of binarizers that have one (docs/runlog-format.md); empty for the others."""
+        return _dedupe(_read_parts(self.path, "scales"), ["step", "layer"])
+
+    @property
+    def warnings(self) -> list[dict[str, Any]]:
+        """The probe's run checks (meta.json ``"warnings"``): ``[{"kind", "layer", "step", "message"}]``."""
+        ws = self.meta.get("warnings")
+        return [w for w in ws if isinstance(w, dict)] if isinstance(ws, list) else []
+
+    @cached_property
     def train_long(self) -> pd.DataFrame:
         """``probe.log(...)`` rows as written: step, epoch, name, value."""
         return _read_parts(self.path, "train")
