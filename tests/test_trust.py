@@ -537,6 +537,7 @@ def test_meta_json_is_strict_json(tmp_path):
     ("last_step", "ten", "'last_step' must be an integer"), ("tag", ["a"], "'tag' must be a string"),
     ("optimizer", "bop", "'optimizer' must be an object"), ("layers", {"a": 1}, "'layers' must be a list"),
     ("optimizer", {"class": "Bop", "groups": "g"}, "'optimizer.groups' must be a list of objects"),
+    ("warnings", 5, "'warnings' must be a list"),
 ])
 def test_meta_fields_of_the_wrong_type_are_one_line_errors(tmp_path, capsys, field, value, message):
     run = write_run(make_run("r", **SMALL), tmp_path / "r")

@@ -58,7 +58,7 @@ def read_meta(path: Path) -> dict[str, Any]:
 _META_TYPES: dict[str, tuple[type, ...]] = {
     "status": (str,), "family": (str,), "tag": (str,), "config": (dict,), "last_step": (int,), "layers": (list,),
     "run_id": (str,), "world_size": (int,), "created_at": (str,), "updated_at": (str,), "probe": (dict,),
-    "optimizer": (dict,), "model": (dict,),
+    "optimizer": (dict,), "model": (dict,), "warnings": (list,),
 }
 _KIND_NAMES = {str: "a string", dict: "an object", int: "an integer", list: "a list"}
 
