@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..safe_text import md_code, md_fence, md_link_target, md_text
+from ..safe_text import md_code, md_fence, md_text, safe_href
 from .stats import Verdict
 
 TEMPLATE = Path(__file__).with_name("templates") / "report.html"
@@ -194,7 +194,7 @@ def render_markdown(doc: Document, out_dir: Path) -> str:
                 out += [f"> **Warning:** {e(b.text)}", ""]
             elif b.kind == "figure":
                 rel = Path(b.path).relative_to(out_dir) if Path(b.path).is_relative_to(out_dir) else Path(b.path)
-                out += [f"![{e(b.text)}]({md_link_target(rel.as_posix())})", "", f"*{e(b.text)}*", ""]
+                out += [f"![{e(b.text)}]({safe_href(rel.as_posix())})", "", f"*{e(b.text)}*", ""]
             elif b.kind == "table":
                 out += [f"*{e(b.text)}*" + (f" ({md_code(b.csv)})" if b.csv else ""), "", _md_table(b.table), ""]
             elif b.kind == "verdicts":
