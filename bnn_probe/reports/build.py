@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 from .. import __version__
 from . import figures as F
 from . import inertia, pairs, run_warnings, threshold_policies, thresholds, training
+from . import interventions as reset_exp
+from . import latent_network as latent_exp
 from .atomic import report_folder
 from .frames import family, meta, run_name
 from .load import load_runs
@@ -232,6 +234,9 @@ def _generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, op
 
     s_pol, pol_verdicts = threshold_policies.section(runs, w.csv, window=opt.window)  # None unless policies/sweep
     verdicts = verdicts + pol_verdicts
+    s_reset, v_reset = reset_exp.section(runs, w, opt)  # magnitude-reset pairs (None without them)
+    s_latent, v_latent = latent_exp.section(runs, w, opt)  # latent network of latent-weight runs
+    verdicts = verdicts + v_reset + v_latent
 
     s_app = Section("4. Appendix: configurations and versions", anchor="appendix")
     for run in runs:
@@ -247,7 +252,8 @@ def _generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, op
     now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     doc = Document(title="bnn-probe report", subtitle=f"{len(runs)} run(s) · bnn-probe {__version__} · {now}",
                    warnings=warnings, verdicts=verdicts,
-                   sections=[s_runs, s_in, s_th, *([s_pol] if s_pol else []), s_app])
+                   sections=[s_runs, s_in, *[s for s in (s_reset, s_latent) if s], s_th, *([s_pol] if s_pol else []),
+                             s_app])
     if "html" in formats:
         (out / "report.html").write_text(render_html(doc), encoding="utf-8")
     if "md" in formats:
