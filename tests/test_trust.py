@@ -563,6 +563,8 @@ def test_a_steps_part_with_a_string_step_column_is_one_line_or_skipped(tmp_path,
     ({"widths": "abc"}, "--widths must be comma-separated positive integers"),
     ({"extra": 5}, "option extra must be a mapping"),
     ({"batch_norm": "yes"}, "option batch_norm must be true or false"),
+    ({"latent_eval": "no"}, "option latent_eval must be true or false"),
+    ({"intervention": {"pair": "p"}}, "intervention must be a dict with exactly the keys"),
     ({"width_multiplier": 1e309}, "must be a finite number"),
 ])
 def test_resume_of_a_meta_json_with_wrong_typed_options_is_one_line(tmp_path, capsys, config, message):
