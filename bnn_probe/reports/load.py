@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import BnnProbeError
 
 ALL_TABLES = ("layers", "steps", "train", "tracked", "events", "hists", "snapshots", "weight_flips")
-REPORT_TABLES = ("layers", "steps", "train", "tracked", "snapshots", "weight_flips")  # what the report reads
+REPORT_TABLES = ("layers", "steps", "train", "tracked", "events", "snapshots", "weight_flips")  # what the report reads
 
 
 def _is_pathlike(x) -> bool:
