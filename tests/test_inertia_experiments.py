@@ -60,6 +60,14 @@ def test_theorem1_scaled_not_supported_when_scaling_diverges_beyond_rounding():
     assert (v.verdict, v.id) == (stats.NOT_SUPPORTED, "theorem1.scaled")
 
 
+def test_theorem1_scaled_supported_when_scaled_runs_diverge_less_than_the_rounding_control():
+    def less(c, t):
+        return np.where(t >= 50, 0.05 if c == 1.0 else 0.001, 0.0)  # c == 1: the rounding control
+
+    _, summary = _summary(less, _clip_breaks)
+    assert theorem1.scaled_verdict(summary).verdict == stats.SUPPORTED
+
+
 def test_theorem1_clipping_not_supported_when_clipping_changes_nothing():
     _, summary = _summary(_rounding_like, _rounding_like)
     assert theorem1.clipping_verdict(summary).verdict == stats.NOT_SUPPORTED
@@ -137,8 +145,16 @@ def test_hazard_families_are_not_pooled():
     runs = [hazard_run(s, family="latent") for s in (0, 1, 2)] + [hazard_run(s, family="bop", effect=False)
                                                                    for s in (0, 1, 2)]
     bins, summary, _ = hazard.analyse(runs)
-    vs = {v.claim.split("(")[1].split()[0]: v.verdict for v in hazard.verdicts(bins, summary, n_boot=100)}
-    assert vs == {"latent": stats.SUPPORTED, "bop": stats.NOT_SUPPORTED}
+    vs = {v.claim.split("(")[1].split(":")[0]: v.verdict for v in hazard.verdicts(bins, summary, n_boot=100)}
+    assert vs == {"latent-sgd": stats.SUPPORTED, "bop": stats.NOT_SUPPORTED}
+
+
+def test_hazard_arms_are_configurations_and_need_three_seeds_each():
+    runs = [hazard_run(0), hazard_run(1)]
+    runs[1].meta["config"] = {**runs[1].meta["config"], "lr": 9.0}  # another configuration: another arm
+    bins, summary, _ = hazard.analyse(runs)
+    (v,) = hazard.verdicts(bins, summary, n_boot=50)
+    assert v.verdict == stats.INCONCLUSIVE and "no configuration with ≥ 3 seeds" in v.reason
 
 
 # ---------------------------------------------------------------------------------------------------- Bop vs latent

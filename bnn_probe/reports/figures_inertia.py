@@ -54,7 +54,8 @@ def hazard(curve: pd.DataFrame, path: Path) -> Path | None:
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.axvline(1.0, color="grey", lw=0.8, ls=":")
-            ax.set_xlabel("inertia in typical steps" + (" (|w̃|/|Δw̃|)" if fam == "latent" else " ((τ − w·m)/|Δm|)"))
+            unit = " (|w̃|/|Δw̃|)" if fam.startswith("latent") else " ((τ − w·m)/|Δm|)"
+            ax.set_xlabel("inertia in typical steps" + unit)
             ax.set_ylabel("P(flip at the next step)")
             ax.set_title(fam)
             ax.legend(fontsize=7)

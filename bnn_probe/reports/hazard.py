@@ -20,7 +20,8 @@ Effect size: a binomial (logistic) hazard model on the person-periods aggregated
 (edges 0, ½, 1, 2, 4, …, 32, ∞), logit h = a + b · log2 x̄_bin; exp(b) is the odds ratio of flipping per doubling of
 x — for rare flips the hazard ratio per doubling. It is not bounded by the flip rate (unlike a correlation). Also
 the per-run AUC of −x for the next-step flip (descriptive). Interval: cluster bootstrap over runs (runs, not weights
-or steps, are the independent units). Families are never pooled; identical runs are counted once.
+or steps, are the independent units). Runs are pooled only within an arm (one configuration, its seeds:
+``pools.arm``), so families are never mixed; identical runs are counted once.
 
 What it cannot decide: "larger inertia, fewer flips" holds for any continuous state with a threshold — a real-valued
 SGD weight whose sign is read off shows it too. So a supported ``inertia.hazard`` is consistent with the inertia view
@@ -36,11 +37,12 @@ import numpy as np
 import pandas as pd
 
 from . import pools, stats
-from .frames import concat, family, frame, run_name
+from .frames import concat, frame, run_name
 
 EDGES = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, math.inf)
 SMOOTH = 21
 X_FLOOR = 2.0 ** -4  # x below 1/16 of a step counts as 1/16 (log2 needs x > 0)
+MAX_SLOPE = 30.0  # |log odds ratio per doubling| cap (complete separation)
 NEGLIGIBLE_OR = 0.9  # an odds ratio per doubling ≥ 0.9 is "no meaningful fall of the hazard"
 MIN_SEEDS = 3
 PP_COLS = ["layer", "index", "step", "x", "flipped", "reflip"]
@@ -111,7 +113,8 @@ def bin_counts(pp: pd.DataFrame) -> pd.DataFrame:
 def logistic_slope(log2x, flips, at_risk, weights=None, iters: int = 30) -> float:
     """Slope b of the binomial model logit h = a + b·log2x fitted to aggregated counts (IRLS, Newton's method).
 
-    Returns nan when the slope is not identified (one distinct covariate value, no flips, or only flips).
+    Returns nan when the slope is not identified (one distinct covariate value, no flips, or only flips); under
+    complete separation (flips only below some x) the slope diverges and is returned capped at ±MAX_SLOPE.
     """
     x = np.asarray(log2x, dtype=float)
     k = np.asarray(flips, dtype=float)
@@ -125,16 +128,33 @@ def logistic_slope(log2x, flips, at_risk, weights=None, iters: int = 30) -> floa
     X = np.column_stack([np.ones_like(x), x])
     p0 = k.sum() / n.sum()
     beta = np.array([math.log(p0 / (1 - p0)), 0.0])
-    for _ in range(iters):
-        eta = np.clip(X @ beta, -30, 30)
-        p = 1 / (1 + np.exp(-eta))
+
+    def loglik(b: np.ndarray) -> float:
+        eta = X @ b
+        return float((k * eta - n * np.logaddexp(0.0, eta)).sum())
+
+    ll = loglik(beta)
+    for _ in range(iters):  # Newton's method with step halving (counts can be large: plain Newton overshoots)
+        p = 1 / (1 + np.exp(-np.clip(X @ beta, -30, 30)))
         wv = n * p * (1 - p)
         hess = X.T @ (X * wv[:, None]) + 1e-9 * np.eye(2)
         step = np.linalg.solve(hess, X.T @ (k - n * p))
-        beta = beta + step
-        if np.abs(step).max() < 1e-9:
+        t = 1.0
+        while t > 1e-6:
+            cand = beta + t * step
+            ll_c = loglik(cand)
+            if ll_c >= ll - 1e-12:
+                break
+            t /= 2
+        beta, ll = cand, ll_c
+        if np.abs(t * step).max() < 1e-10 or abs(beta[1]) > MAX_SLOPE:
             break
-    return float(beta[1])
+    return float(np.clip(beta[1], -MAX_SLOPE, MAX_SLOPE))
+
+
+def odds_ratio(b: float) -> float:
+    """exp(b), nan for nan."""
+    return math.exp(b) if math.isfinite(b) else math.nan
 
 
 def auc(x, y) -> float:
@@ -151,11 +171,12 @@ def auc(x, y) -> float:
 
 
 def analyse(runs) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """Per run: bin counts (``bins``) and a summary row (family, seed, cadence, periods, flips, AUC, odds ratio)."""
+    """Per run: bin counts (``bins``) and a summary row (arm label in ``family``, seed, cadence, periods, flips, AUC,
+    odds ratio)."""
     bins, rows, notes = [], [], []
     for run in runs:
         pp, cadence = person_periods(frame(run, "tracked"))
-        name, fam = run_name(run), family(run)
+        name, fam = run_name(run), pools.arm(run)[1]
         if pp.empty:
             continue
         bc = bin_counts(pp).assign(run=name, family=fam)
@@ -166,7 +187,7 @@ def analyse(runs) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
                      "periods": len(pp), "flips": int(pp["flipped"].sum()),
                      "first_flips": int((pp["flipped"] & ~pp["reflip"]).sum()),
                      "median_x": float(pp["x"].median()), "auc": auc(pp["x"], pp["flipped"]),
-                     "odds_ratio_per_doubling": math.exp(b) if math.isfinite(b) else math.nan})
+                     "odds_ratio_per_doubling": odds_ratio(b)})
         if cadence > 1:
             notes.append(f"{name}: weights tracked every {cadence} steps, so a period is {cadence} steps long")
     cols = ["run", "family", "seed", "cadence", "periods", "flips", "first_flips", "median_x", "auc",
@@ -204,33 +225,32 @@ def hazard_curve(bins: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
 
 def verdicts(bins: pd.DataFrame, summary: pd.DataFrame, n_boot: int = 1000, negligible: float = NEGLIGIBLE_OR,
              min_seeds: int = MIN_SEEDS) -> list[stats.Verdict]:
-    """``inertia.hazard`` per family: the per-step flip hazard falls as inertia in steps grows.
+    """``inertia.hazard`` per arm (one configuration, its seeds): the per-step flip hazard falls as inertia in steps
+    grows.
 
-    Statistic: odds ratio of flipping per doubling of x, from the logistic hazard model pooled over the family's runs;
+    Statistic: odds ratio of flipping per doubling of x, from the logistic hazard model pooled over the arm's runs;
     95 % interval by cluster bootstrap over runs. Supported: the interval lies below 1; not supported: it lies above
-    ``negligible`` (no meaningful fall); fewer than ``min_seeds`` seeds: inconclusive.
+    ``negligible`` (no meaningful fall). Arms with fewer than ``min_seeds`` seeds get no verdict of their own; when no
+    arm has enough, one inconclusive verdict says so.
     """
+    method = ("discrete-time logistic hazard, logit h = a + b·log2(x), x = inertia / typical step size, on the "
+              "tracked weights' person-periods (censored at their last sample) aggregated by x bins; statistic "
+              f"exp(b); 95 % cluster bootstrap over runs ({n_boot} resamples); unit: run (seed) of one configuration")
     out = []
+    few = []
     for fam in sorted(set(summary["family"])):
         runs = sorted(summary.loc[summary["family"] == fam, "run"])
         seeds = summary.loc[summary["family"] == fam, "seed"].nunique()
         sub = bins[(bins["family"] == fam) & (bins["kind"] == "all")]
         parts = [g for _, g in sub.groupby("run", sort=True)]
-        claim = (f"Flip hazard falls with inertia measured in steps ({fam} runs): the odds of a flip at the next step "
-                 "shrink per doubling of the steps to the threshold")
-        method = ("discrete-time logistic hazard, logit h = a + b·log2(x), x = inertia / typical step size, on the "
-                  "tracked weights' person-periods (censored at their last sample) aggregated by x bins; statistic "
-                  f"exp(b); 95 % cluster bootstrap over runs ({n_boot} resamples); unit: run; families not pooled")
-        b = _pooled_slope(parts) if parts else math.nan
-        orr = math.exp(b) if math.isfinite(b) else math.nan
         if seeds < min_seeds or len(parts) < min_seeds:
-            out.append(stats.Verdict(claim, stats.INCONCLUSIVE, orr, None, len(parts), runs,
-                                     "odds ratio per doubling", method,
-                                     f"{seeds} seed(s) / {len(parts)} run(s) < {min_seeds}", "inertia",
-                                     "inertia.hazard"))
+            few.append(f"{fam} ({seeds})")
             continue
+        claim = (f"Flip hazard falls with inertia measured in steps ({fam}): the odds of a flip at the next step "
+                 "shrink per doubling of the steps to the threshold")
+        orr = odds_ratio(_pooled_slope(parts))
         lo, hi = stats.run_bootstrap_ci(parts, _pooled_slope, n_boot=n_boot)
-        ci = (math.exp(lo), math.exp(hi)) if math.isfinite(lo) and math.isfinite(hi) else None
+        ci = (odds_ratio(lo), odds_ratio(hi)) if math.isfinite(lo) and math.isfinite(hi) else None
         if ci is None or not math.isfinite(orr):
             v, why = stats.INCONCLUSIVE, "no estimate (no flips, or one inertia bin only)"
         elif ci[1] < 1:
@@ -241,6 +261,13 @@ def verdicts(bins: pd.DataFrame, summary: pd.DataFrame, n_boot: int = 1000, negl
             v, why = stats.INCONCLUSIVE, f"the interval contains 1 and values below {negligible:g}"
         out.append(stats.Verdict(claim, v, orr, ci, len(parts), runs, "odds ratio per doubling", method, why,
                                  "inertia", "inertia.hazard"))
+    if few and not out:
+        claim = "Flip hazard falls with inertia measured in steps"
+        out.append(stats.Verdict(claim, stats.INCONCLUSIVE, None, None, int(summary["seed"].nunique()),
+                                 sorted(summary["run"]), "odds ratio per doubling", method,
+                                 f"no configuration with ≥ {min_seeds} seeds (seeds per configuration: "
+                                 + ", ".join(few[:8]) + (" …" if len(few) > 8 else "") + ")", "inertia",
+                                 "inertia.hazard"))
     return out
 
 
@@ -254,7 +281,8 @@ def events_table(runs) -> pd.DataFrame:
             continue
         since = ev["steps_since_last_flip"].astype("Float64")
         first = since.isna()
-        row = {"run": run_name(run), "family": family(run), "events": len(ev), "first_flip_share": float(first.mean()),
+        row = {"run": run_name(run), "family": pools.pool_label(run), "events": len(ev),
+               "first_flip_share": float(first.mean()),
                "reflip_median_steps_since": float(since[~first].median()) if (~first).any() else math.nan,
                "reflip_within_1_step": float((since[~first] <= 1).mean()) if (~first).any() else math.nan}
         if "step_size" in ev and "inertia_before" in ev:

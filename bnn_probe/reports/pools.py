@@ -4,7 +4,8 @@
   markers) *and* the same per-step sign hashes of every layer are one run (e.g. a study's ``inertia-bop-s0`` and
   ``hyperparams-bop-g1e-3-t1e-6-s0``); only the first is kept.
 * :func:`pool_key` — the family a run may be pooled with: optimizer family (Bop, Bop2ndOrder, latent) and whether
-  the model has batch norm.
+  the model has batch norm; :func:`pool_label` names it (latent runs also by optimizer: latent-adam, latent-sgd).
+* :func:`arm` — the run's configuration without its seed: runs of one arm are replicates.
 * :func:`seed` — the run's seed (config), the unit of replication.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pandas as pd
 
@@ -29,6 +31,24 @@ def pool_key(run) -> tuple[str, bool]:
     """(family, batch norm) — runs of different keys are never pooled."""
     bn = config(run).get("batch_norm", True)
     return family(run), bool(True if bn is None else bn)
+
+
+def pool_label(run) -> str:
+    """A readable pool name: the family (latent runs: their optimizer, e.g. ``latent-adam``), with
+    " (no batch norm)" for models without it. Runs of different labels are never pooled."""
+    fam, bn = pool_key(run)
+    opt = config(run).get("optimizer")
+    label = str(opt) if fam == "latent" and isinstance(opt, str) and opt.startswith("latent") else fam
+    return label if bn else f"{label} (no batch norm)"
+
+
+def arm(run) -> tuple[str, str]:
+    """(key, label) of the run's configuration without its seed: runs of one arm are replicates (seeds) of one
+    configuration. The label is the pool label and the run's name without its ``-s<seed>`` suffix."""
+    c = {k: v for k, v in config(run).items() if k not in (*BOOKKEEPING, "seed")}
+    key = json.dumps([pool_key(run), c], sort_keys=True, default=str)
+    base = re.sub(r"-s\d+$", "", run_name(run))
+    return key, f"{pool_label(run)}: {base}"
 
 
 def trajectory_hash(run) -> str | None:

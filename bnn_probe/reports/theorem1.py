@@ -31,7 +31,7 @@ from .frames import config, run_name
 from .pairs import compare_runs
 
 ARMS = ("unclipped", "clipped")
-SCALED_MARGIN = 0.01  # |H̄_scaled − H̄_rounding| below 1 % of the weights counts as "equal up to rounding"
+SCALED_MARGIN = 0.01  # H̄_scaled − H̄_rounding below 1 % of the weights counts as "equal up to rounding"
 DIVERGE_MARGIN = 0.001  # H̄_clipped − H̄_rounding below 0.1 % of the weights counts as "no divergence"
 MIN_SEEDS = 3
 TRAJ_COLS = ["arm", "seed", "C", "role", "run", "step", "hamming", "n_weights", "fraction"]
@@ -105,18 +105,19 @@ def _excess(summary: pd.DataFrame, arm: str) -> pd.DataFrame:
 def scaled_verdict(summary: pd.DataFrame, margin: float = SCALED_MARGIN, min_seeds: int = MIN_SEEDS) -> stats.Verdict:
     """``theorem1.scaled``: without clipping, scaled runs match the unscaled one up to rounding-driven divergence.
 
-    Per seed, D = max over C of |H̄_scaled(C) − H̄_rounding| (the worst C; time-averaged Hamming fractions against
-    the C = 1 reference). Equivalence by TOST with margin ``margin``: supported when the 90 % t-interval of the mean
-    of D over seeds lies below the margin; not supported when its 95 % interval lies above it.
+    Per seed, D = max over C of (H̄_scaled(C) − H̄_rounding) (the worst C; time-averaged Hamming fractions against the
+    C = 1 reference). Non-inferiority (one-sided TOST) with margin ``margin``: supported when the upper end of the
+    90 % t-interval of the mean of D over seeds (a one-sided 95 % bound) lies below the margin; not supported when
+    the 95 % interval lies above it. Diverging *less* than the rounding control is no evidence against the claim.
     """
     claim = ("Theorem 1 without clipping: scaling lr and w̃_0 by C ∈ {3, 10, 100} keeps the binary trajectory, up to "
              "rounding-driven divergence (no more than a rounding-level perturbation of w̃_0 causes)")
-    method = (f"per seed: D = max over C of |H̄_scaled − H̄_rounding|, H̄ = time-averaged Hamming fraction from the "
-              f"C = 1 run at the sign snapshots; TOST equivalence with margin {margin:g} (90 % t-interval of the mean "
-              f"over seeds inside [0, {margin:g}]); unit: seed")
+    method = (f"per seed: D = max over C of (H̄_scaled − H̄_rounding), H̄ = time-averaged Hamming fraction from the "
+              f"C = 1 run at the sign snapshots; non-inferiority with margin {margin:g} (upper end of the 90 % "
+              "t-interval of the mean over seeds below the margin); unit: seed")
     ex = _excess(summary, "unclipped")
-    return _seed_verdict(ex.assign(excess=ex["excess"].abs()).groupby("seed")["excess"].max(), claim, method,
-                         "theorem1.scaled", equivalence=margin, min_seeds=min_seeds, runs=sorted(ex["run"]))
+    return _seed_verdict(ex.groupby("seed")["excess"].max(), claim, method, "theorem1.scaled", equivalence=margin,
+                         min_seeds=min_seeds, runs=sorted(ex["run"]))
 
 
 def clipping_verdict(summary: pd.DataFrame, margin: float = DIVERGE_MARGIN,
@@ -158,7 +159,7 @@ def _seed_verdict(per_seed: pd.Series, claim: str, method: str, vid: str, *, min
     if equivalence is not None:
         ci90 = stats.mean_t_interval(v, 0.90)
         if ci90[1] < equivalence:
-            verdict, why = stats.SUPPORTED, f"90 % interval [{ci90[0]:.3g}, {ci90[1]:.3g}] inside the margin"
+            verdict, why = stats.SUPPORTED, f"90 % interval [{ci90[0]:.3g}, {ci90[1]:.3g}] below the margin"
         elif ci95[0] > equivalence:
             verdict, why = stats.NOT_SUPPORTED, f"the 95 % interval lies above the margin {equivalence:g}"
         else:
