@@ -24,11 +24,14 @@ def theorem1(traj: pd.DataFrame, path: Path) -> Path | None:
     d = traj.assign(label=np.where(traj["role"] == "rounding", "rounding control",
                                    "C = " + traj["C"].map(lambda c: f"{c:g}")))
     arms = [a for a in ("unclipped", "clipped") if a in set(d["arm"])]
+    cs = sorted(set(d.loc[d["role"] == "scaled", "C"]))
+    order = [f"C = {c:g}" for c in cs] + (["rounding control"] if (d["role"] == "rounding").any() else [])
+    palette = dict(zip(order, [*sns.color_palette("viridis", len(cs)), (0.5, 0.5, 0.5)], strict=False))
     with _figure(path, ncols=len(arms), width=5.5 * len(arms), height=3.6, sharey=True) as (fig, axes):
         for ax, arm in zip(axes[0], arms, strict=True):
             sub = d[d["arm"] == arm]
-            sns.lineplot(data=sub, x="step", y="fraction", hue="label", units="seed", estimator=None, ax=ax,
-                         style="role", dashes={"scaled": "", "rounding": (3, 2)}, lw=1)
+            sns.lineplot(data=sub, x="step", y="fraction", hue="label", hue_order=order, palette=palette, units="seed",
+                         estimator=None, ax=ax, style="role", dashes={"scaled": "", "rounding": (3, 2)}, lw=1)
             ax.set_title("identity STE, no clipping" if arm == "unclipped" else "clipped STE, clipping at 1")
             ax.set_ylabel("Hamming distance / binary weights")
     return path

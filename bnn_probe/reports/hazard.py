@@ -320,7 +320,7 @@ def section(runs, w, opt):
     s.table(summary, "Per run: person-periods, flips, AUC of −x for the next-step flip, odds ratio per doubling",
             w.csv("hazard_runs", summary))
     w.csv("hazard_bins", curve)
-    ev = events_table(runs)
+    ev = events_table([r for r in runs if run_name(r) in set(summary["run"])])
     if len(ev):
         s.table(ev, "Flip events: first flips vs re-flips (descriptive)", w.csv("flip_events", ev))
     for n in dup_notes + notes:
