@@ -189,7 +189,7 @@ def test_dedupe_counts_identical_runs_once_and_keeps_different_ones():
     b = hazard_run(0)
     b.name = "copy"
     b.meta["tag"] = "another-study"
-    b.meta["config"] = {**a.meta["config"], "tag": "another-study"}
+    b.meta["config"] = {**a.meta["config"], "tag": "another-study", "snapshot_every": 5}  # recording only
     c = hazard_run(1)
     kept, notes = pools.dedupe([a, b, c])
     assert [r.name for r in kept] == [a.name, c.name]

@@ -1,7 +1,7 @@
 """Which runs may be pooled: one run counted once, families never mixed, seeds counted.
 
 * :func:`dedupe` — runs with the same training configuration (apart from bookkeeping: tag, pair names, study
-  markers) *and* the same per-step sign hashes of every layer are one run (e.g. a study's ``inertia-bop-s0`` and
+  markers, probe cadences) *and* the same per-step sign hashes of every layer are one run (e.g. a study's ``inertia-bop-s0`` and
   ``hyperparams-bop-g1e-3-t1e-6-s0``); only the first is kept.
 * :func:`pool_key` — the family a run may be pooled with: optimizer family (Bop, Bop2ndOrder, latent) and whether
   the model has batch norm; :func:`pool_label` names it (latent runs also by optimizer: latent-adam, latent-sgd).
@@ -19,7 +19,8 @@ import pandas as pd
 
 from .frames import config, family, frame, run_name
 
-BOOKKEEPING = ("tag", "pair", "pair_role", "extra")
+BOOKKEEPING = ("tag", "pair", "pair_role", "extra",  # names and study markers
+               "probe_every", "hist_every", "snapshot_every", "track")  # what is recorded, not how it trains
 
 
 def seed(run):
