@@ -1,8 +1,8 @@
 """Which runs may be pooled: one run counted once, families never mixed, seeds counted.
 
 * :func:`dedupe` — runs with the same training configuration (apart from bookkeeping: tag, pair names, study
-  markers, probe cadences) *and* the same per-step sign hashes of every layer are one run (e.g. a study's ``inertia-bop-s0`` and
-  ``hyperparams-bop-g1e-3-t1e-6-s0``); only the first is kept.
+  markers, probe cadences) *and* the same per-step sign hashes of every layer are one run (e.g. a study's
+  ``inertia-bop-s0`` and ``hyperparams-bop-g1e-3-t1e-6-s0``); only the first is kept.
 * :func:`pool_key` — the family a run may be pooled with: optimizer family (Bop, Bop2ndOrder, latent) and whether
   the model has batch norm; :func:`pool_label` names it (latent runs also by optimizer: latent-adam, latent-sgd).
 * :func:`arm` — the run's configuration without its seed: runs of one arm are replicates.

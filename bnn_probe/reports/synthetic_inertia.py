@@ -70,8 +70,7 @@ def theorem1_group(seed: int, arm: str, fraction: Callable[[float, np.ndarray], 
                 snaps.append({"step": int(s), "layer": n, "n_weights": nw, "signs": np.packbits(bits).tobytes()})
         extra = {"theorem1": {"C": c, "arm": arm, "role": role}}
         name = f"t1-{arm}-{role}-C{c:g}-s{seed}"
-        out.append(_run(name, "latent", seed, extra, steps, pd.DataFrame(snaps), lr=0.1 * c,
-                        init_scale=(0.1 * c * (1 + 2**-22)) if role == "rounding" else 0.1 * c,
+        out.append(_run(name, "latent", seed, extra, steps, pd.DataFrame(snaps), lr=0.1 * c, init_scale=0.1 * c,
                         clip=arm == "clipped"))
     return out
 

@@ -6,9 +6,9 @@ binary weights sign(w̃_t) are unchanged. With a power-of-two C the scaled run i
 with float rounding) — a code test (tests/test_equivalences.py), not evidence. With C ∈ {3, 10, 100} the products
 round differently, and a weight that lands within rounding of 0 can flip one step earlier or later; after that the
 two runs differ in their gradients. So "identical up to rounding" is measured against a *rounding control*: the
-unscaled run with w̃_0 multiplied by (1 + 2^-22) and α unchanged (a perturbation of a few units in the last place,
-which no theorem protects). With clipping to [−1, 1] and the clipped STE (gradient 0 where |w̃| > 1) the magnitude
-matters on its own, and the scaled runs must diverge once the scaled weights reach the bound.
+same scaling with C = 1 + 2^-22 (α and w̃_0 change by a few units in the last place, so every step rounds
+differently, and nothing else changes). With clipping to [−1, 1] and the clipped STE (gradient 0 where |w̃| > 1)
+the magnitude matters on its own, and the scaled runs must diverge once the scaled weights reach the bound.
 
 Runs of the experiment carry ``config["extra"]["theorem1"] = {"C": C, "arm": "unclipped" | "clipped",
 "role": "reference" | "scaled" | "rounding"}`` (``bnn-probe study inertia`` writes them); runs of one (arm, seed,
@@ -199,7 +199,7 @@ def section(runs, w, opt):
     s = Section("Theorem 1 with non-power-of-two C", anchor="theorem1")
     s.text("Latent SGD runs with lr and w̃_0 scaled by C, against the C = 1 run of the same seed, in two arms: "
            "identity STE without clipping (Theorem 1 applies) and clipped STE with clipping to [−1, 1] (it does not). "
-           "The rounding control multiplies w̃_0 by (1 + 2^-22) and keeps lr: the divergence rounding alone causes. "
+           "The rounding control scales both by C = 1 + 2^-22: the divergence rounding alone causes. "
            "A power-of-two C gives bit-identical runs; that identity is a code test, not part of this verdict.")
     s.verdicts(vs)
     s.figure(FI.theorem1(traj, w.fig("theorem1_scaled")),
