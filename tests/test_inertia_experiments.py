@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from bnn_probe.reports import bop_vs_latent, hazard, pools, stats, theorem1
-from bnn_probe.reports.synthetic_inertia import bop_vs_latent_pair, hazard_run, theorem1_group
+from bnn_probe.reports.synthetic_inertia import bop_vs_latent_pair, hazard_run, real_valued_sgd_run, theorem1_group
 
 
 # ---------------------------------------------------------------------------------------------------- Theorem 1
@@ -134,6 +134,14 @@ def test_hazard_not_supported_for_random_flips_independent_of_inertia():
     assert v.verdict == stats.NOT_SUPPORTED
     assert v.interval[0] > hazard.NEGLIGIBLE_OR
     assert summary["auc"].between(0.4, 0.6).all()
+
+
+def test_hazard_is_supported_by_a_real_valued_sgd_weight_too():
+    """Why the hazard verdict cannot separate the views: a real-valued weight (nothing binarised, |w| as 'inertia')
+    passes it as well."""
+    bins, summary, _ = hazard.analyse([real_valued_sgd_run(s) for s in (0, 1, 2)])
+    (v,) = hazard.verdicts(bins, summary, n_boot=100)
+    assert v.verdict == stats.SUPPORTED and summary["flips"].min() > 20
 
 
 def test_hazard_inconclusive_with_two_seeds():
