@@ -154,7 +154,8 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
     w.csv("inertia_bins", fp.bins)
     s_in.text("Pairs: runs marked as a Theorem 1 pair or a τ = 0 pair (config pair/pair_role, or a tag containing "
               "theorem1 / tau0) must have identical binary trajectories; compared exactly by the per-step sign hash "
-              "of every layer.")
+              "of every layer. A Theorem 1 pair (a power-of-two C: a floating-point identity) is a code check without "
+              "a verdict; Theorem 1 as an experiment has its own section.")
     pair_rows = []
     for p in pair_results:
         c = p.comparison
