@@ -211,3 +211,14 @@ def test_mean_t_interval_hand_computed():
     lo, hi = stats.mean_t_interval([1.0, 2.0, 3.0])
     half = 4.302652729911275 * 1.0 / math.sqrt(3)
     assert (lo, hi) == pytest.approx((2 - half, 2 + half))
+
+
+def test_arm_labels_name_configurations_uniquely():
+    a, b = hazard_run(0), hazard_run(1)
+    a.name, b.name = "latent-sgd-clip-s0", "latent-sgd-clip-s1"
+    assert pools.arm(a) == pools.arm(b) and pools.arm(a)[1] == "latent-sgd-clip"  # seeds of one arm
+    b.meta["config"] = {**b.meta["config"], "lr": 7.0}
+    _, summary, _ = hazard.analyse([a, b])
+    assert sorted(summary["family"]) == ["latent-sgd-clip", "latent-sgd-clip #2"]  # never pooled
+    b.meta["config"] = {**b.meta["config"], "batch_norm": False}
+    assert pools.arm(b)[1] == "latent-sgd (no batch norm): latent-sgd-clip"

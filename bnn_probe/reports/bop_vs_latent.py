@@ -140,7 +140,7 @@ def section(runs, w, opt):
     s.figure(FI.bop_vs_latent(df, w.fig("bop_vs_latent")),
              "Sign Hamming distance between Bop and latent Adam (fraction of binary weights), observed and shuffled "
              "baseline, per seed")
-    last = df.sort_values("step").groupby("seed").tail(1) if len(df) else df
+    last = df.sort_values("step").groupby("seed").tail(1).sort_values("seed") if len(df) else df
     s.table(last, "Last common snapshot per seed", w.csv("bop_vs_latent_last", last))
     w.csv("bop_vs_latent", df)
     for n in notes:

@@ -174,9 +174,14 @@ def analyse(runs) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """Per run: bin counts (``bins``) and a summary row (arm label in ``family``, seed, cadence, periods, flips, AUC,
     odds ratio)."""
     bins, rows, notes = [], [], []
+    labels: dict[str, str] = {}  # arm key -> a label unique among the arms
     for run in runs:
         pp, cadence = person_periods(frame(run, "tracked"))
-        name, fam = run_name(run), pools.arm(run)[1]
+        key, fam = pools.arm(run)
+        if key not in labels:
+            taken = set(labels.values())
+            labels[key] = fam if fam not in taken else f"{fam} #{sum(1 for v in taken if v.startswith(fam)) + 1}"
+        name, fam = run_name(run), labels[key]
         if pp.empty:
             continue
         bc = bin_counts(pp).assign(run=name, family=fam)

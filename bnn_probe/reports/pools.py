@@ -48,8 +48,8 @@ def arm(run) -> tuple[str, str]:
     configuration. The label is the pool label and the run's name without its ``-s<seed>`` suffix."""
     c = {k: v for k, v in config(run).items() if k not in (*BOOKKEEPING, "seed")}
     key = json.dumps([pool_key(run), c], sort_keys=True, default=str)
-    base = re.sub(r"-s\d+$", "", run_name(run))
-    return key, f"{pool_label(run)}: {base}"
+    base, label = re.sub(r"-s\d+$", "", run_name(run)), pool_label(run)
+    return key, base if base.startswith(label) else f"{label}: {base}"  # e.g. "latent-adam-clip", "bop: inertia-bop"
 
 
 def trajectory_hash(run) -> str | None:

@@ -158,13 +158,14 @@ def _seed_verdict(per_seed: pd.Series, claim: str, method: str, vid: str, *, min
     ci95 = stats.mean_t_interval(v, 0.95)
     if equivalence is not None:
         ci90 = stats.mean_t_interval(v, 0.90)
+        bound = f"one-sided 95 % upper bound (90 % interval's upper end) {ci90[1]:.3g}"
         if ci90[1] < equivalence:
-            verdict, why = stats.SUPPORTED, f"90 % interval [{ci90[0]:.3g}, {ci90[1]:.3g}] below the margin"
+            verdict, why = stats.SUPPORTED, f"{bound} below the margin {equivalence:g}"
         elif ci95[0] > equivalence:
             verdict, why = stats.NOT_SUPPORTED, f"the 95 % interval lies above the margin {equivalence:g}"
         else:
-            verdict, why = stats.INCONCLUSIVE, "the interval reaches beyond the margin"
-        return stats.Verdict(claim, verdict, mean, ci90, n, runs, name, method, why, "theorem1", vid)
+            verdict, why = stats.INCONCLUSIVE, f"{bound} beyond the margin {equivalence:g}"
+        return stats.Verdict(claim, verdict, mean, ci95, n, runs, name, method, why, "theorem1", vid)
     assert threshold is not None
     if ci95[0] > threshold:
         verdict, why = stats.SUPPORTED, f"the 95 % interval lies above {threshold:g}"
@@ -203,8 +204,8 @@ def section(runs, w, opt):
            "A power-of-two C gives bit-identical runs; that identity is a code test, not part of this verdict.")
     s.verdicts(vs)
     s.figure(FI.theorem1(traj, w.fig("theorem1_scaled")),
-             "Hamming distance of the binary weights from the unscaled run (fraction of all binary weights) per C; "
-             "mean over seeds with its range")
+             "Hamming distance of the binary weights from the unscaled run (fraction of all binary weights) per C, "
+             "one line per seed")
     tab = by_c(summary)
     s.table(tab, "Divergence per arm and C (first differing step from the per-step sign hashes)",
             w.csv("theorem1_by_c", tab))
