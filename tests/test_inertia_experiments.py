@@ -68,6 +68,15 @@ def test_theorem1_scaled_supported_when_scaled_runs_diverge_less_than_the_roundi
     assert theorem1.scaled_verdict(summary).verdict == stats.SUPPORTED
 
 
+def test_theorem1_scaled_not_supported_when_one_c_alone_diverges():
+    def one(c, t):  # only C = 100 diverges beyond rounding
+        return np.where(c == 100.0, 0.05 * t / 200, _rounding_like(c, t))
+
+    _, summary = _summary(one, _clip_breaks)
+    v = theorem1.scaled_verdict(summary)
+    assert v.verdict == stats.NOT_SUPPORTED and "C = 100" in v.reason and "worst C = 100" in v.statistic_name
+
+
 def test_theorem1_clipping_not_supported_when_clipping_changes_nothing():
     _, summary = _summary(_rounding_like, _rounding_like)
     assert theorem1.clipping_verdict(summary).verdict == stats.NOT_SUPPORTED

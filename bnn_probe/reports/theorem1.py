@@ -105,19 +105,37 @@ def _excess(summary: pd.DataFrame, arm: str) -> pd.DataFrame:
 def scaled_verdict(summary: pd.DataFrame, margin: float = SCALED_MARGIN, min_seeds: int = MIN_SEEDS) -> stats.Verdict:
     """``theorem1.scaled``: without clipping, scaled runs match the unscaled one up to rounding-driven divergence.
 
-    Per seed, D = max over C of (H̄_scaled(C) − H̄_rounding) (the worst C; time-averaged Hamming fractions against the
-    C = 1 reference). Non-inferiority (one-sided TOST) with margin ``margin``: supported when the upper end of the
-    90 % t-interval of the mean of D over seeds (a one-sided 95 % bound) lies below the margin; not supported when
-    the 95 % interval lies above it. Diverging *less* than the rounding control is no evidence against the claim.
+    Per C and seed, D = H̄_scaled(C) − H̄_rounding (time-averaged Hamming fractions against the C = 1 reference).
+    Non-inferiority per C (one-sided test: the upper end of the 90 % t-interval of the mean of D over seeds below
+    ``margin``), combined as an intersection–union test: supported when every C passes (no multiplicity correction
+    is needed for "all pass"); not supported when some C's 95 % interval lies above the margin; else inconclusive.
+    The statistic shown is that of the worst C (the highest upper bound). Diverging *less* than the rounding control
+    is no evidence against the claim.
     """
     claim = ("Theorem 1 without clipping: scaling lr and w̃_0 by C ∈ {3, 10, 100} keeps the binary trajectory, up to "
-             "rounding-driven divergence (no more than a rounding-level perturbation of w̃_0 causes)")
-    method = (f"per seed: D = max over C of (H̄_scaled − H̄_rounding), H̄ = time-averaged Hamming fraction from the "
-              f"C = 1 run at the sign snapshots; non-inferiority with margin {margin:g} (upper end of the 90 % "
-              "t-interval of the mean over seeds below the margin); unit: seed")
+             "rounding-driven divergence (no more than the rounding control C = 1 + 2^-22 shows)")
+    method = (f"per C and seed: D = H̄_scaled − H̄_rounding, H̄ = time-averaged Hamming fraction from the C = 1 run at "
+              f"the sign snapshots; per C non-inferiority with margin {margin:g} (upper end of the 90 % t-interval of "
+              "the mean over seeds), all C must pass (intersection–union test); statistic and 95 % interval of the "
+              "worst C; unit: seed")
     ex = _excess(summary, "unclipped")
-    return _seed_verdict(ex.groupby("seed")["excess"].max(), claim, method, "theorem1.scaled", equivalence=margin,
-                         min_seeds=min_seeds, runs=sorted(ex["run"]))
+    per_c = {c: g.groupby("seed")["excess"].mean() for c, g in ex.groupby("C")}
+    if not per_c:
+        return _seed_verdict(pd.Series(dtype=float), claim, method, "theorem1.scaled", equivalence=margin,
+                             min_seeds=min_seeds, runs=[])
+    upper = {c: stats.mean_t_interval(v, 0.90)[1] for c, v in per_c.items()}
+    worst = max(per_c, key=lambda c: upper[c] if math.isfinite(upper[c]) else math.inf)
+    v = _seed_verdict(per_c[worst], claim, method, "theorem1.scaled", equivalence=margin, min_seeds=min_seeds,
+                      runs=sorted(ex["run"]))
+    above = [c for c, d in per_c.items() if len(d) >= min_seeds and stats.mean_t_interval(d)[0] > margin]
+    if v.verdict != stats.INCONCLUSIVE or len(per_c[worst]) >= min_seeds:
+        if above:
+            v.verdict, v.reason = stats.NOT_SUPPORTED, (f"C = {', '.join(f'{c:g}' for c in above)}: the 95 % interval "
+                                                        f"lies above the margin {margin:g}")
+        else:
+            v.reason = f"worst C = {worst:g}: {v.reason}"
+    v.statistic_name = f"mean over seeds of H̄_scaled − H̄_rounding (worst C = {worst:g})"
+    return v
 
 
 def clipping_verdict(summary: pd.DataFrame, margin: float = DIVERGE_MARGIN,
