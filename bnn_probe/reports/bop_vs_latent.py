@@ -28,6 +28,7 @@ import pandas as pd
 from . import stats
 from .frames import BOP_FAMILIES, config, family, frame, run_name
 from .pairs import _hamming
+from .render import Section
 
 NEGLIGIBLE = 0.05  # κ below 0.05: no meaningful overlap beyond the shuffled baseline
 MIN_SEEDS = 3
@@ -121,10 +122,9 @@ def verdict(df: pd.DataFrame, negligible: float = NEGLIGIBLE, min_seeds: int = M
                          "inertia.bop_vs_latent")
 
 
-def section(runs, w, opt):
+def section(runs, w, opt) -> tuple[Section | None, list[stats.Verdict]]:
     """The report part: signs' Hamming distance over time against the shuffled baseline, κ per seed, the verdict."""
     from . import figures_inertia as FI
-    from .render import Section
 
     df, notes = analyse(runs)
     if df.empty and not notes:

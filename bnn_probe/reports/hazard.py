@@ -38,6 +38,7 @@ import pandas as pd
 
 from . import pools, stats
 from .frames import concat, frame, run_name
+from .render import Section
 
 EDGES = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, math.inf)
 SMOOTH = 21
@@ -298,10 +299,9 @@ def events_table(runs) -> pd.DataFrame:
                                        "reflip_within_1_step", "inertia_before_in_steps_median"])
 
 
-def section(runs, w, opt):
+def section(runs, w, opt) -> tuple[Section | None, list[stats.Verdict]]:
     """The report part: hazard by inertia-in-steps bins per family, the verdicts, and the events summary."""
     from . import figures_inertia as FI
-    from .render import Section
 
     runs, dup_notes = pools.dedupe(runs)
     bins, summary, notes = analyse(runs)

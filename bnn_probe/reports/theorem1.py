@@ -29,6 +29,7 @@ import pandas as pd
 from . import stats
 from .frames import config, run_name
 from .pairs import compare_runs
+from .render import Section
 
 ARMS = ("unclipped", "clipped")
 SCALED_MARGIN = 0.01  # H̄_scaled − H̄_rounding below 1 % of the weights counts as "equal up to rounding"
@@ -206,10 +207,9 @@ def by_c(summary: pd.DataFrame) -> pd.DataFrame:
                  mean_fraction=("mean_fraction", "mean"), final_fraction=("final_fraction", "mean"))
 
 
-def section(runs, w, opt):
+def section(runs, w, opt) -> tuple[Section | None, list[stats.Verdict]]:
     """The report part: Hamming distance from the unscaled run over time per C and arm, and both verdicts."""
     from . import figures_inertia as FI
-    from .render import Section
 
     traj, summary, notes = trajectories(runs)
     if summary.empty and not notes:
