@@ -104,6 +104,13 @@ def test_person_periods_keep_unflipped_rows_up_to_the_end_and_censor_the_last_sa
     assert (pp[pp["index"] == 1]["step"].tolist()) == [1, 2, 3]
 
 
+def test_person_periods_subsample_whole_weights():
+    tr = hazard_run(0).tracked
+    pp, _ = hazard.person_periods(tr, max_rows=len(tr) // 4)
+    per_weight = pp.groupby(["layer", "index"]).size()
+    assert 0 < len(per_weight) < 128 and (per_weight == 299).all()  # whole time series kept
+
+
 def test_step_size_falls_back_on_inertia_differences():
     tr = pd.DataFrame({"step": [1, 2, 3], "layer": "a", "index": 0, "sign": [1, 1, 1],
                        "inertia": [0.5, 0.3, 0.2]})

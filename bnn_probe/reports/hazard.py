@@ -42,6 +42,7 @@ from .render import Section
 
 EDGES = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, math.inf)
 SMOOTH = 21
+MAX_ROWS = 2_000_000  # tracked rows analysed per run (whole weights subsampled beyond)
 X_FLOOR = 2.0 ** -4  # x below 1/16 of a step counts as 1/16 (log2 needs x > 0)
 MAX_SLOPE = 30.0  # |log odds ratio per doubling| cap (complete separation)
 NEGLIGIBLE_OR = 0.9  # an odds ratio per doubling ≥ 0.9 is "no meaningful fall of the hazard"
@@ -68,14 +69,19 @@ def _typical_step(tr: pd.DataFrame) -> pd.Series:
     return pd.Series(s, index=tr.index)
 
 
-def person_periods(tracked: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+def person_periods(tracked: pd.DataFrame, max_rows: int = MAX_ROWS, seed: int = 0) -> tuple[pd.DataFrame, int]:
     """The at-risk person-periods of one run: (layer, index, step, x, flipped, reflip) and the tracking cadence.
 
     Only consecutive samples one cadence apart form a period (a gap in the log ends the weight's current spell).
+    With more than ``max_rows`` tracked rows, whole weights are subsampled (seeded), keeping their time series.
     """
     need = {"step", "layer", "index", "sign", "inertia"}
     if tracked.empty or not need <= set(tracked.columns):
         return pd.DataFrame(columns=PP_COLS), 0
+    if len(tracked) > max_rows:
+        keys = tracked[["layer", "index"]].drop_duplicates()
+        keep = keys.sample(n=max(1, int(len(keys) * max_rows / len(tracked))), random_state=seed)
+        tracked = tracked.merge(keep, on=["layer", "index"])
     tr = tracked.sort_values(["layer", "index", "step"]).reset_index(drop=True)
     tr = tr.assign(s=_typical_step(tr))
     g = tr.groupby(["layer", "index"], sort=False)

@@ -26,6 +26,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from ..errors import BnnProbeError
 from . import stats
 from .frames import config, run_name
 from .pairs import compare_runs
@@ -74,7 +75,11 @@ def trajectories(runs) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
         for run, t in members:
             if run is ref:
                 continue
-            c = compare_runs(ref, run)
+            try:
+                c = compare_runs(ref, run)
+            except BnnProbeError as e:
+                notes.append(f"{run_name(run)}: {e}; skipped")
+                continue
             ham = c.hamming
             if len(ham):
                 net = ham.groupby("step", as_index=False)[["hamming", "n_weights"]].sum()
