@@ -69,7 +69,7 @@ for d in sorted((out / "runs").iterdir()):
     try:
         run = bnn_probe.load_run(d)
         tr = run.train
-        ck = torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=False)
+        ck = torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=True)
         bop_state = ck["optimizer"]["optimizers"][0]["state"]
         summary[d.name] = {
             "status": run.status, "amp": run.meta["config"].get("amp"), "compile": run.meta["config"].get("compile"),

@@ -1,8 +1,9 @@
 """The ``bnn-probe`` command line: a click group whose subcommands live in :mod:`bnn_probe.commands`.
 
 Subcommands are imported lazily so that ``bnn-probe --help`` starts without importing torch.
-Errors from bad input (:class:`bnn_probe.errors.BnnProbeError`, ``ValueError`` raised while reading options)
-are printed as one line and exit with code 2; no traceback reaches the user.
+Errors from bad input (:class:`bnn_probe.errors.BnnProbeError`) and from the file system (``OSError``: disk full,
+permissions) are printed as one line, without terminal control characters, and exit with code 2; no traceback
+reaches the user.
 """
 
 from __future__ import annotations
@@ -71,12 +72,23 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except (BnnProbeError, FileNotFoundError, NotADirectoryError, FileExistsError) as e:
-        click.echo(f"Error: {e}", err=True)
+    except (BnnProbeError, OSError) as e:  # bad input, or the disk (full, unwritable): one line, exit 2
+        click.echo(f"Error: {_one_line(e)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)
+
+
+def _one_line(e: BaseException) -> str:
+    """The error's message on one line, without terminal control characters (it may quote a run folder's names)."""
+    from .safe_text import terminal_safe
+
+    if isinstance(e, OSError) and e.strerror:
+        msg = e.strerror + (f": {e.filename}" if e.filename else "")
+    else:
+        msg = str(e)
+    return terminal_safe(msg, one_line=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

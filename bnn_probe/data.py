@@ -14,6 +14,9 @@ then slices mini-batches on the device with a seeded permutation per epoch (no D
   second), never downloaded, nothing cached on disk. Shape ``(40,)``.
 * ``cifar10``: the CIFAR-10 "python version" folder (``data_batch_1`` … ``data_batch_5``, ``test_batch``: pickled
   dicts with ``b"data"``, uint8 of shape (N, 3072), and ``b"labels"``); the test batch is the validation split.
+  The files are untrusted: they are read with :class:`CifarUnpickler`, which builds only the dicts, lists, bytes,
+  strings, numbers and integer numpy arrays of that format and refuses anything else (a crafted file is a one-line
+  error, never code that runs; docs/trust.md).
   Per-channel normalisation with the training split's mean and std. Shape ``(3, 32, 32)`` (``(3072,)`` flat).
 
 Example:
@@ -28,6 +31,7 @@ import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +39,8 @@ from torch import Tensor
 
 from .errors import BnnProbeError
 
-__all__ = ["Dataset", "DATASETS", "load_dataset", "load_digits", "load_mnist1d", "load_cifar10", "CIFAR10_FILES"]
+__all__ = ["Dataset", "DATASETS", "load_dataset", "load_digits", "load_mnist1d", "load_cifar10", "CIFAR10_FILES",
+           "CifarUnpickler"]
 
 DATASETS: tuple[str, ...] = ("digits", "mnist1d", "cifar10")
 CIFAR10_FILES: tuple[str, ...] = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
@@ -164,14 +169,70 @@ def _cifar_error(folder: Path, problem: str) -> BnnProbeError:
                          f"got {folder}")
 
 
+_INT_DTYPES = frozenset({"u1", "u2", "u4", "u8", "i1", "i2", "i4", "i8"})
+
+
+def _safe_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError("only plain numpy arrays are allowed")
+    return np.ndarray.__new__(np.ndarray, shape, dtype)
+
+
+def _safe_dtype(name: Any, align: bool = False, copy: bool = True) -> np.dtype:
+    if not isinstance(name, str) or name not in _INT_DTYPES:
+        raise pickle.UnpicklingError(f"dtype {name!r:.20} is not allowed (integer arrays only)")
+    return np.dtype(name, bool(align), bool(copy))
+
+
+def _safe_frombuffer(buf: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
+    if not isinstance(dtype, np.dtype) or dtype.str[1:] not in _INT_DTYPES or order not in ("C", "F"):
+        raise pickle.UnpicklingError("only integer arrays are allowed")
+    return np.frombuffer(bytes(buf), dtype=dtype).reshape(shape, order=order)
+
+
+def _safe_encode(text: Any, encoding: str = "utf-8") -> bytes:
+    if not isinstance(text, str) or encoding != "latin1":
+        raise pickle.UnpicklingError("only latin1-encoded byte strings are allowed")
+    return text.encode("latin1")
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """The only unpickler bnn-probe uses: CIFAR-10's batches are untrusted files (docs/trust.md), and a plain
+    ``pickle.load`` runs whatever code a crafted file names. This one builds dicts, lists, tuples, strings, bytes,
+    numbers and integer numpy arrays (``numpy.ndarray`` of dtype u1…i8, from ``_reconstruct``/``dtype``, or
+    ``_frombuffer`` for pickle protocol 5; bytes written by Python 3's protocol 2 via ``_codecs.encode(..., "latin1")``)
+    and refuses every other global with
+    ``pickle.UnpicklingError``, before calling anything."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): _safe_reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): _safe_dtype,
+        ("numpy.core.numeric", "_frombuffer"): _safe_frombuffer,
+        ("numpy._core.numeric", "_frombuffer"): _safe_frombuffer,
+        ("_codecs", "encode"): _safe_encode,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        fn = self._ALLOWED.get((module, name))
+        if fn is None:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch")
+        return fn
+
+
 def _read_cifar_batch(path: Path, folder: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as fh:
-            d = pickle.load(fh, encoding="bytes")
+            d = CifarUnpickler(fh, encoding="bytes").load()
+        if not isinstance(d, dict):
+            raise TypeError("not a dict")
         data = np.asarray(d[b"data"] if b"data" in d else d["data"])
         labels = np.asarray(d[b"labels"] if b"labels" in d else d["labels"], dtype=np.int64)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line message
-        raise _cifar_error(folder, f"cannot read {path.name} ({type(e).__name__})") from e
+    except Exception as e:  # noqa: BLE001 - any unreadable or unsafe file gets the same one-line message
+        why = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        raise _cifar_error(folder, f"cannot read {path.name} ({type(e).__name__}{': ' + why if why else ''})") \
+            from None
     if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8 or len(labels) != len(data):
         raise _cifar_error(folder, f"{path.name} is malformed (data {data.dtype}{tuple(data.shape)}, "
                                    f"{len(labels)} labels)")

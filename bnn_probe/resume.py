@@ -27,15 +27,17 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import BnnProbeError
+from .rundir import tmp_path
 
 __all__ = ["CHECKPOINT_NAME", "CHECKPOINT_VERSION", "checkpoint_path", "save_checkpoint", "load_checkpoint",
-           "restore", "resume_config"]
+           "restore", "resume_config", "resume_state", "check_belongs"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
@@ -84,71 +86,143 @@ def save_checkpoint(state: Any, path: str | os.PathLike | None = None) -> Path |
     target = Path(path) if path is not None else checkpoint_path(state.out_dir)
     config = state.config.to_dict() if hasattr(state.config, "to_dict") else dict(state.config)
     ckpt = {
-        "version": CHECKPOINT_VERSION, "config": config, "epoch": int(state.epoch), "step": int(state.step),
+        "version": CHECKPOINT_VERSION, "config": config, "run_id": getattr(probe, "run_id", None),
+        "threads": torch.get_num_threads(), "epoch": int(state.epoch), "step": int(state.step),
         "history": list(getattr(state, "history", [])), "model": _unwrap(state.model).state_dict(),
         "optimizer": state.optimizer.state_dict(), "probe": probe_sd, "generator": state.generator.get_state(),
         "rng": _rng_state(),
     }
-    tmp = target.with_name(f".{target.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    tmp = tmp_path(target)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # disk full or killed by an exception: no stale temporary file
+        raise
     return target
 
 
 def load_checkpoint(run_dir: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any] | None:
-    """The checkpoint of ``run_dir`` (None when it has none yet); :class:`BnnProbeError` when it is unreadable."""
+    """The checkpoint of ``run_dir`` (None when it has none yet); :class:`BnnProbeError` when it is unreadable.
+
+    Read with ``torch.load(..., weights_only=True)``: a checkpoint is untrusted input (run folders are shared), and
+    this loader builds only tensors, numbers, strings and containers, never arbitrary objects, so a crafted file
+    cannot run code (docs/trust.md). Its structure is checked before anything uses it."""
     p = checkpoint_path(run_dir)
+    if p.is_symlink() or (p.exists() and not p.is_file()):
+        raise BnnProbeError(f"{p} is not a regular file (bnn-probe never follows links in a run folder)")
     if not p.is_file():
         return None
     try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is one user-facing error
-        raise BnnProbeError(f"{p} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("version", 0) > CHECKPOINT_VERSION:
-        raise BnnProbeError(f"{p} is not a bnn-probe checkpoint of version <= {CHECKPOINT_VERSION}")
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable or unsafe file is one user-facing error
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise BnnProbeError(f"{p} is not a readable checkpoint of bnn-probe ({type(e).__name__}: {why})") from None
+    _check_structure(ckpt, p)
     return ckpt
 
 
-def resume_config(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The options a run was started with: from its checkpoint, or from ``meta.json`` when it was killed before the
-    first checkpoint. :class:`BnnProbeError` when ``run_dir`` holds no run."""
-    ckpt = load_checkpoint(run_dir)
-    if ckpt is not None:
-        return dict(ckpt["config"])
-    meta = Path(run_dir) / "meta.json"
-    if not meta.is_file():
+_CHECKPOINT_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "config": dict, "epoch": int, "step": int, "model": dict, "optimizer": dict, "generator": torch.Tensor,
+    "rng": dict, "history": list,
+}
+
+
+def _check_structure(ckpt: Any, p: Path) -> None:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("version", 0), int) or isinstance(
+            ckpt.get("version", 0), bool) or ckpt.get("version", 0) > CHECKPOINT_VERSION:
+        raise BnnProbeError(f"{p} is not a bnn-probe checkpoint of version <= {CHECKPOINT_VERSION}")
+    for key, kind in _CHECKPOINT_FIELDS.items():
+        v = ckpt.get(key)
+        if not isinstance(v, kind) or isinstance(v, bool):
+            got = "missing" if key not in ckpt else f"a {type(v).__name__}"
+            raise BnnProbeError(f"{p} is not a bnn-probe checkpoint: its {key!r} is {got}")
+    if not ckpt["config"]:
+        raise BnnProbeError(f"{p} is not a bnn-probe checkpoint: its config is empty")
+
+
+def _read_run_meta(run_dir: Path) -> dict[str, Any]:
+    from .runlog.reader import read_meta
+
+    if not (run_dir / "meta.json").is_file() and not checkpoint_path(run_dir).is_file():
         raise BnnProbeError(f"--resume {run_dir}: no run there (no meta.json, no {CHECKPOINT_NAME})")
+    try:
+        return read_meta(run_dir)
+    except BnnProbeError as e:
+        raise BnnProbeError(f"--resume {run_dir}: {e}") from None
+
+
+def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A config without ``extra`` (setup adds the threshold policy's description there) and with JSON types."""
     import json
 
-    try:
-        cfg = json.loads(meta.read_text()).get("config")
-    except ValueError:
-        cfg = None
+    return json.loads(json.dumps({k: v for k, v in cfg.items() if k != "extra"}, default=str))
+
+
+def check_belongs(ckpt: dict[str, Any], meta: dict[str, Any], run_dir: str | os.PathLike) -> None:
+    """:class:`BnnProbeError` unless the checkpoint was written by the run of ``meta``: the same run id (where both
+    record one) and the same options, hence the same architecture (``extra`` aside)."""
+    p = checkpoint_path(run_dir)
+    a, b = ckpt.get("run_id"), meta.get("run_id")
+    if (a is not None or b is not None) and a != b:
+        raise BnnProbeError(f"{p} belongs to another run (its run id {a!s:.12} is not this run's {b!s:.12}): "
+                            "copy the run folder whole, or start a new run")
+    mine, theirs = _comparable(meta.get("config") or {}), _comparable(ckpt["config"])
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if diff:
+        shown = "; ".join(f"{k}: {theirs.get(k)!r:.40} vs {mine.get(k)!r:.40}" for k in diff[:3])
+        raise BnnProbeError(f"{p} belongs to another run: its options differ from this run's meta.json ({shown})")
+
+
+def resume_state(run_dir: str | os.PathLike, known_options: Collection[str] | None = None
+                 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The options a run was started with and its checkpoint (None when it was killed before the first one).
+
+    ``meta.json`` must describe a run of ``bnn-probe train`` (only ``known_options`` in its config, when given) and
+    the checkpoint must belong to it (:func:`check_belongs`). :class:`BnnProbeError` (one line) otherwise."""
+    run_dir = Path(run_dir)
+    meta = _read_run_meta(run_dir)
+    cfg = meta.get("config")
     if not isinstance(cfg, dict) or not cfg:
         raise BnnProbeError(f"--resume {run_dir}: its meta.json records no training options to resume with")
-    from dataclasses import fields
+    if known_options is not None:
+        unknown = sorted(set(cfg) - set(known_options))
+        if unknown:
+            raise BnnProbeError(f"--resume {run_dir}: not a run of `bnn-probe train` (its config has "
+                                f"{', '.join(map(str, unknown[:5]))}); only runs of bnn-probe train or a study can "
+                                "resume")
+    ckpt = load_checkpoint(run_dir)
+    if ckpt is None:
+        return dict(cfg), None
+    check_belongs(ckpt, meta, run_dir)
+    return dict(ckpt["config"]), ckpt
 
-    from .train import TrainConfig
 
-    unknown = sorted(set(cfg) - {f.name for f in fields(TrainConfig)})
-    if unknown:
-        raise BnnProbeError(f"--resume {run_dir}: not a run of `bnn-probe train` (its config has "
-                            f"{', '.join(map(str, unknown[:5]))}); only runs of bnn-probe train or a study can resume")
-    return cfg
+def resume_config(run_dir: str | os.PathLike, known_options: Collection[str] | None = None) -> dict[str, Any]:
+    """The options a run was started with: from its checkpoint, or from ``meta.json`` when it was killed before the
+    first checkpoint (:func:`resume_state`). :class:`BnnProbeError` when ``run_dir`` holds no run."""
+    return resume_state(run_dir, known_options)[0]
 
 
 def restore(state: Any, ckpt: dict[str, Any]) -> None:
     """Load a checkpoint into a freshly set-up ``state`` (same options): model, optimizer, probe, counters, RNGs."""
     device = next(_unwrap(state.model).parameters()).device
-    _unwrap(state.model).load_state_dict(ckpt["model"])
-    state.optimizer.load_state_dict(_to_device(ckpt["optimizer"], device))
-    if state.probe is not None and ckpt.get("probe") is not None:
-        state.probe.load_state_dict(ckpt["probe"])
-    state.generator.set_state(ckpt["generator"])
-    _set_rng_state(ckpt["rng"])
+    try:
+        _unwrap(state.model).load_state_dict(ckpt["model"])
+        state.optimizer.load_state_dict(_to_device(ckpt["optimizer"], device))
+        if state.probe is not None and ckpt.get("probe") is not None:
+            state.probe.load_state_dict(ckpt["probe"])
+        state.generator.set_state(ckpt["generator"])
+        _set_rng_state(ckpt["rng"])
+    except BnnProbeError:
+        raise
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise BnnProbeError(f"{checkpoint_path(state.out_dir)} does not fit this run's model and optimizer "
+                            f"({type(e).__name__}: {why})") from None
     state.epoch = int(ckpt["epoch"])
     state.step = int(ckpt["step"])
     if hasattr(state, "history"):

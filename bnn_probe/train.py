@@ -24,7 +24,6 @@ optimizer, probe, epoch/step counters, the batch-order generator) and :func:`run
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +39,8 @@ from .data import DATASETS, Dataset, load_dataset
 from .errors import BnnProbeError
 from .models import MODEL_NAMES, build_model
 from .nn import STE_MODES, named_binary_parameters
+from .rundir import LOCK_NAME, OwnedFiles, RunLock, is_run_folder, owned_files, remove_owned
+from .safe_text import terminal_safe
 
 __all__ = [
     "TrainConfig",
@@ -56,6 +57,7 @@ __all__ = [
     "train",
     "resume_training",
     "prepare_out_dir",
+    "check_out_dir",
 ]
 
 OPTIMIZERS: tuple[str, ...] = ("bop", "bop2nd", "latent-adam", "latent-sgd")
@@ -132,6 +134,7 @@ class TrainConfig:
     device: str = "cpu"
     amp: str = "none"  # autocast: none, bf16, fp16 (bnn_probe.parallel; weights and optimizer state stay fp32)
     compile: bool = False  # torch.compile the model's forward
+    threads: int | None = None  # torch CPU threads (None: torch's choice; the count used is checkpointed)
     # probe cadence
     probe_every: int = 1
     hist_every: int = 100
@@ -145,6 +148,7 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """A validated copy with the optimizer-dependent defaults filled in (raises :class:`BnnProbeError`)."""
+        _check_types(self)
         c = replace(self, widths=parse_widths(self.widths) if self.model == "mlp" else tuple(self.widths or ()),
                     extra=dict(self.extra))
         _validate(c)
@@ -183,9 +187,44 @@ class TrainConfig:
         return cls(**d)
 
 
+MAX_SEED = 2**63 - 1  # torch.Generator takes seeds below 2^64; seed·2 + 1 and seed + 7919 must stay in range
+MAX_COUNT = 2**31 - 1  # epochs, batch size, cadences
+MAX_THREADS = 4096
+MAX_WIDTH = 1 << 20  # one hidden layer of 2^20 units
+MAX_WIDTH_MULTIPLIER = 64.0
+MAX_RATE = 1e6  # γ, τ, σ, learning rates, scales and decays: finite and bounded, so products stay finite
+
+
+def _int_in(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise BnnProbeError(message)
+
+
+_STR_FIELDS = ("model", "dataset", "optimizer", "ste", "weight_scale", "device", "amp", "threshold_policy")
+_OPTIONAL_STR_FIELDS = ("data_dir", "thresholds_csv", "tag", "pair", "pair_role")
+
+
+def _check_types(c: TrainConfig) -> None:
+    """Options of the wrong type (a crafted or hand-edited meta.json resumed) are one-line errors."""
+    for name in _STR_FIELDS + _OPTIONAL_STR_FIELDS:
+        v = getattr(c, name)
+        _check(isinstance(v, str) or (v is None and name in _OPTIONAL_STR_FIELDS),
+               f"option {name} must be a string, got {type(v).__name__} {v!r:.40}")
+    for name in ("batch_norm", "compile", "clip", "glorot_lr"):
+        v = getattr(c, name)
+        _check(isinstance(v, bool) or (v is None and name in ("clip", "glorot_lr")),
+               f"option {name} must be true or false, got {v!r:.40}")
+    _check(isinstance(c.extra, dict), f"option extra must be a mapping, got {type(c.extra).__name__}")
+    _check(c.widths is None or isinstance(c.widths, str | list | tuple),
+           f"option widths must be a list of integers, got {c.widths!r:.40}")
 
 
 def _validate(c: TrainConfig) -> None:
@@ -193,19 +232,35 @@ def _validate(c: TrainConfig) -> None:
     _check(c.dataset in DATASETS, f"unknown dataset {c.dataset!r}: choose one of {', '.join(DATASETS)}")
     _check(c.optimizer in OPTIMIZERS, f"unknown optimizer {c.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     _check(c.ste in STE_MODES, f"unknown STE {c.ste!r}: choose one of {', '.join(STE_MODES)}")
-    _check(isinstance(c.epochs, int) and c.epochs >= 0, f"--epochs must be a non-negative integer, got {c.epochs}")
-    _check(isinstance(c.batch_size, int) and c.batch_size >= 2, f"--batch-size must be at least 2, got {c.batch_size}")
-    _check(isinstance(c.seed, int) and c.seed >= 0, f"--seed must be a non-negative integer, got {c.seed}")
+    _check(_int_in(c.epochs, 0, MAX_COUNT),
+           f"--epochs must be a non-negative integer (at most {MAX_COUNT}), got {c.epochs}")
+    _check(_int_in(c.batch_size, 2, MAX_COUNT), f"--batch-size must be at least 2 (and at most {MAX_COUNT}), got "
+                                                f"{c.batch_size}")
+    _check(_int_in(c.seed, 0, MAX_SEED), f"--seed must be a non-negative integer of at most {MAX_SEED} (2^63 − 1, the "
+                                         f"generators' range), got {c.seed}")
+    _check(c.threads is None or _int_in(c.threads, 1, MAX_THREADS),
+           f"--threads must be a positive integer (at most {MAX_THREADS}), got {c.threads}")
+    _check(all(_int_in(w, 1, MAX_WIDTH) for w in c.widths),
+           f"--widths must be comma-separated positive integers of at most {MAX_WIDTH}, got "
+           f"{','.join(map(str, c.widths))}")
+    for name in ("width_multiplier", "fan_in_exponent", "decay_factor", "target_flip_ratio"):
+        v = getattr(c, name)
+        _check(v is None or _finite(v), f"--{name.replace('_', '-')} must be a finite number, got {v}")
+    _check(c.width_multiplier <= MAX_WIDTH_MULTIPLIER,
+           f"--width-multiplier must be at most {MAX_WIDTH_MULTIPLIER}, got {c.width_multiplier}")
+    _check(c.momentum is None or (_finite(c.momentum) and c.momentum < 1), f"--momentum must be below 1, got "
+                                                                          f"{c.momentum}")
     _check(c.data_dir is None or c.dataset == "cifar10",
            f"--data-dir is only read for --dataset cifar10 ({c.dataset} needs no files): drop it or use cifar10")
     _check(c.width_multiplier > 0, f"--width-multiplier must be positive, got {c.width_multiplier}")
-    _check(c.decay_every >= 0, f"--decay-every must be a non-negative number of epochs, got {c.decay_every}")
+    _check(_int_in(c.decay_every, 0, MAX_COUNT),
+           f"--decay-every must be a non-negative number of epochs (at most {MAX_COUNT}), got {c.decay_every}")
     _check(0 < c.decay_factor <= 1, f"--decay-factor must be in (0, 1], got {c.decay_factor}")
     for name in ("gamma", "threshold", "sigma", "lr", "lr_real", "init_scale", "momentum", "decoupled_decay",
                  "weight_decay"):
         v = getattr(c, name)
-        _check(v is None or (isinstance(v, int | float) and math.isfinite(v) and v >= 0),
-               f"--{name.replace('_', '-')} must be a non-negative number, got {v}")
+        _check(v is None or (_finite(v) and 0 <= v <= MAX_RATE),
+               f"--{name.replace('_', '-')} must be a non-negative number (at most {MAX_RATE:g}), got {v}")
     _check(c.gamma is None or c.gamma <= 1, f"--gamma must be at most 1, got {c.gamma}")
     _check(c.sigma is None or c.sigma <= 1, f"--sigma must be at most 1, got {c.sigma}")
     _check(c.init_scale is None or c.init_scale > 0, "--init-scale must be positive")
@@ -213,7 +268,8 @@ def _validate(c: TrainConfig) -> None:
            f"--latent-init must be one of {', '.join(LATENT_INITS)}, got {c.latent_init!r}")
     for name in ("probe_every", "hist_every", "snapshot_every", "track"):
         v = getattr(c, name)
-        _check(isinstance(v, int) and v >= 0, f"--{name.replace('_', '-')} must be a non-negative integer, got {v}")
+        _check(_int_in(v, 0, MAX_COUNT),
+               f"--{name.replace('_', '-')} must be a non-negative integer (at most {MAX_COUNT}), got {v}")
     _check(c.pair_role in (None, "a", "b"), f"pair_role must be 'a' or 'b', got {c.pair_role!r}")
     _check(c.amp in ("none", "bf16", "fp16"), f"--amp must be none, bf16 or fp16, got {c.amp!r}")
     try:
@@ -388,6 +444,7 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     history: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics
     runtime: Any = None  # bnn_probe.parallel.Runtime: DDP shard, autocast, compile (None: plain one-process step)
+    lock: Any = None  # bnn_probe.rundir.RunLock held on out_dir while this process writes it (global rank 0)
 
 
 @torch.no_grad()
@@ -407,26 +464,60 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = EVAL_BATC
     return float(loss_sum) / n, float(correct) / n
 
 
-def prepare_out_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Check that ``out_dir`` may receive a new run: absent or empty, or (with ``overwrite``) a previous run that is
-    then removed. A folder holding anything else is never touched."""
+def check_out_dir(out_dir: str | Path, overwrite: bool = False) -> OwnedFiles | None:
+    """Check that ``out_dir`` may receive a new run, without changing anything: absent or empty (``None``), or (with
+    ``overwrite``) a bnn-probe run whose owned files (:func:`bnn_probe.rundir.owned_files`) are returned, to be
+    deleted once the new run is ready. A folder holding anything else, or a link, is refused."""
     out = Path(out_dir)
+    if out.is_symlink() and overwrite:
+        raise BnnProbeError(f"--out {out} is a symbolic link: --overwrite never follows links; give the real folder")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        is_run = (out / "meta.json").is_file()
-        if not is_run:
-            raise FileExistsError(f"{out} is not empty and holds no run; choose another --out")
-        if not overwrite:
-            raise FileExistsError(f"{out} already holds a run; choose another --out or pass --overwrite")
-        shutil.rmtree(out)
+    if not out.is_dir() or not any(e.name != LOCK_NAME for e in out.iterdir()):
+        return None
+    if not (out / "meta.json").is_file():
+        raise FileExistsError(f"{out} is not empty and holds no run; choose another --out")
+    if not is_run_folder(out):
+        raise FileExistsError(f"{out} is not empty and holds no bnn-probe run (its meta.json is not of format "
+                              "bnn-probe-run); choose another --out")
+    if not overwrite:
+        raise FileExistsError(f"{out} already holds a run; choose another --out or pass --overwrite")
+    return owned_files(out)
+
+
+def _replace_run(out: Path, overwrite: bool) -> None:
+    """Under the run's lock: check ``out`` again and delete the previous run's owned files; tell what was kept."""
+    plan = check_out_dir(out, overwrite)
+    if plan is None:
+        return
+    remove_owned(plan)
+    if plan.foreign:
+        names = terminal_safe(", ".join(str(p.relative_to(out)) for p in plan.foreign[:5]), one_line=True)
+        more = f" and {len(plan.foreign) - 5} more" if len(plan.foreign) > 5 else ""
+        sys.stderr.write(f"Warning: --overwrite kept {len(plan.foreign)} file(s) in {out} that bnn-probe did not "
+                         f"write: {names}{more}\n")
+
+
+def prepare_out_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Check that ``out_dir`` may receive a new run: absent or empty, or (with ``overwrite``) a previous bnn-probe
+    run whose own files are then removed (:func:`check_out_dir`). A folder holding anything else is never touched;
+    files bnn-probe did not write are kept."""
+    out = Path(out_dir)
+    if check_out_dir(out, overwrite) is not None:
+        with RunLock(out):
+            _replace_run(out, overwrite)
     return out
 
 
 def setup(config: TrainConfig, out_dir: str | Path, overwrite: bool = False, policy: Any | None = None,
-          data: Dataset | None = None, resume: bool = False, **probe_options: Any) -> TrainState:
+          data: Dataset | None = None, resume: bool = False, lock: RunLock | None = None,
+          **probe_options: Any) -> TrainState:
     """Resolve the config, load data, build and initialise the model and optimizer, attach the probe.
-    Under torchrun, join the process group (docs/distributed.md); ``resume``: append to the run in ``out_dir``."""
+    Under torchrun, join the process group (docs/distributed.md); ``resume``: append to the run in ``out_dir``.
+
+    ``out_dir`` is checked first and changed only once the data, model and optimizer are ready: then (global rank 0)
+    its lock is taken (:class:`bnn_probe.rundir.RunLock`; ``lock``: one already held) and, with ``overwrite``, the
+    previous run's own files are deleted (:func:`check_out_dir`)."""
     import bnn_probe
 
     from .parallel import Runtime, init_distributed, sync_batchnorm
@@ -437,7 +528,11 @@ def setup(config: TrainConfig, out_dir: str | Path, overwrite: bool = False, pol
         raise BnnProbeError(f"--device {c.device}: CUDA is not available on this machine")
     info = init_distributed(c.device)
     device = torch.device(info.device)
-    out = prepare_out_dir(out_dir, overwrite) if info.is_main and not resume else Path(out_dir)
+    out = Path(out_dir)
+    if info.is_main and not resume:
+        check_out_dir(out, overwrite)
+    if c.threads is not None:
+        torch.set_num_threads(c.threads)
     if data is None:
         data = load_dataset(c.dataset, c.data_dir, layout="image" if c.model == "binarynet" else "flat")
     data = data.to(device)
@@ -469,10 +564,18 @@ def setup(config: TrainConfig, out_dir: str | Path, overwrite: bool = False, pol
     options.update(probe_options)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    probe = bnn_probe.attach(model, optimizer, out, resume=resume, **options)
+        lock = lock if lock is not None else RunLock(out)
+    try:
+        if info.is_main and not resume:
+            _replace_run(out, overwrite)
+        probe = bnn_probe.attach(model, optimizer, out, resume=resume, **options)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     generator = torch.Generator().manual_seed(c.seed * 2 + 1)
     return TrainState(c, out, data, model, optimizer, schedule, probe, generator,
-                      runtime=Runtime(model, info, c.amp, c.compile))
+                      runtime=Runtime(model, info, c.amp, c.compile), lock=lock)
 
 
 class _Bar:
@@ -587,17 +690,56 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool | None = None
 
 
 def resume_training(out_dir: str | Path, progress: bool | None = None, policy: Any | None = None,
-                    data: Dataset | None = None, checkpoint_every: int = 1, **probe_options: Any) -> Path:
+                    data: Dataset | None = None, checkpoint_every: int = 1, threads: int | None = None,
+                    **probe_options: Any) -> Path:
     """Continue the run in ``out_dir`` from its last checkpoint with the options it was started with (from step 0
-    when it was killed before its first checkpoint). See :mod:`bnn_probe.resume` and docs/distributed.md."""
-    from .resume import load_checkpoint, restore, resume_config
+    when it was killed before its first checkpoint). See :mod:`bnn_probe.resume` and docs/distributed.md.
 
-    config = TrainConfig.from_dict(resume_config(out_dir))
-    state = setup(config, out_dir, policy=policy, data=data, resume=True, **probe_options)
-    ckpt = load_checkpoint(out_dir)  # on the CPU: RNG states must stay CPU tensors; restore() moves the rest
+    The run folder is locked first (a second writer gets a one-line error); the checkpoint must belong to the run
+    (:func:`bnn_probe.resume.resume_state`). The CPU thread count the run used is restored (``--threads`` changes
+    the last float bits of the results); ``threads`` overrides it."""
+    import os
+
+    from .resume import restore, resume_state
+
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise BnnProbeError(f"--resume {out_dir}: no run there (not a folder)")
+    lock = RunLock(out) if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        cfg, ckpt = resume_state(out, known_options={f.name for f in fields(TrainConfig)})
+        config = TrainConfig.from_dict(cfg)
+        recorded = config.threads if config.threads is not None else (ckpt or {}).get("threads")
+        if threads is not None and recorded is not None and threads != recorded:
+            sys.stderr.write(f"Warning: the run used {recorded} CPU threads, resumed with {threads}: results may "
+                             "differ from an uninterrupted run in the last float bits\n")
+        n = threads if threads is not None else recorded
+        if isinstance(n, int) and n >= 1:
+            torch.set_num_threads(n)
+        state = setup(config, out, policy=policy, data=data, resume=True, lock=lock, **probe_options)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     if ckpt is not None:
         restore(state, ckpt)
     return _train_loop(state, progress, checkpoint_every, fresh=ckpt is None)
+
+
+def _mark_failed(state: TrainState) -> None:
+    """Close the probe as ``failed``; when the disk is full, at least write the status into meta.json (rewritten
+    whole if a temporary file fits, else patched in place: :func:`bnn_probe.runlog.writer.mark_status_in_place`)."""
+    from .runlog.writer import mark_status_in_place
+
+    probe = state.probe
+    try:
+        probe.close("failed")
+    except Exception:  # noqa: BLE001 - the original error is what the user needs to see
+        probe._closed = True
+        try:
+            probe._write_meta()
+        except Exception:  # noqa: BLE001 - no room for a temporary file
+            mark_status_in_place(Path(state.out_dir) / "meta.json", "failed")
 
 
 def _train_loop(state: TrainState, progress: bool | None, checkpoint_every: int, fresh: bool = True) -> Path:
@@ -606,17 +748,34 @@ def _train_loop(state: TrainState, progress: bool | None, checkpoint_every: int,
     bar = _Bar(state, progress)
     t0 = time.perf_counter()
     try:
-        if checkpoint_every > 0 and fresh and state.step == 0:
-            save_checkpoint(state)
-        while state.epoch < state.config.epochs:
-            run_epoch(state, bar)
-            if checkpoint_every > 0 and state.epoch % checkpoint_every == 0:
+        try:
+            if checkpoint_every > 0 and fresh and state.step == 0:
                 save_checkpoint(state)
-    except BaseException:
+            while state.epoch < state.config.epochs:
+                run_epoch(state, bar)
+                if checkpoint_every > 0 and state.epoch % checkpoint_every == 0:
+                    save_checkpoint(state)
+        except BaseException as e:
+            bar.close()
+            _mark_failed(state)
+            if isinstance(e, OSError):  # disk full, folder removed, ...: one line, the run marked failed
+                raise BnnProbeError(f"training of {state.out_dir} stopped: {_os_error(e)} (the run is marked "
+                                    "failed where its meta.json could still be written)") from None
+            raise
         bar.close()
-        state.probe.close("failed")
-        raise
-    bar.close()
-    state.probe.log(step=state.step, epoch=state.epoch, wall_seconds=time.perf_counter() - t0)
-    state.probe.close("finished")
+        state.probe.log(step=state.step, epoch=state.epoch, wall_seconds=time.perf_counter() - t0)
+        try:
+            state.probe.close("finished")
+        except OSError as e:
+            _mark_failed(state)
+            raise BnnProbeError(f"could not finish writing {state.out_dir}: {_os_error(e)}") from None
+    finally:
+        if state.lock is not None:
+            state.lock.release()
     return state.out_dir
+
+
+def _os_error(e: OSError) -> str:
+    """``[Errno 28] No space left on device: 'path'`` as one short line."""
+    where = f": {e.filename}" if e.filename else ""
+    return f"{e.strerror or type(e).__name__}{where}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import click
 
 from ..errors import BnnProbeError
+from ..safe_text import terminal_safe
 
 
 def _formats(value: str) -> tuple[str, ...]:
@@ -27,8 +29,8 @@ def _warn_unfinished(runs) -> None:
     for r in runs:
         st = getattr(r, "status", "unknown")
         if st != "finished":
-            click.echo(f"Warning: run {r.name} did not finish (status: {st}, last step "
-                       f"{r.meta.get('last_step')}); reported up to its last flush.", err=True)
+            click.echo(terminal_safe(f"Warning: run {r.name} did not finish (status: {st}, last step "
+                                     f"{r.meta.get('last_step')}); reported up to its last flush."), err=True)
 
 
 @click.command("report")
@@ -63,7 +65,7 @@ def report(runs, out, fmt, k, window, target_flip_ratio, skip_broken, quiet):
         counts[v.verdict] = counts.get(v.verdict, 0) + 1
     summary = ", ".join(f"{n} {v}" for v, n in counts.items())
     main = res.out_dir / ("report.html" if "html" in formats else "report.md")
-    click.echo(f"Wrote {main} ({len(loaded)} run(s); verdicts: {summary or 'none'})")
+    click.echo(terminal_safe(f"Wrote {main} ({len(loaded)} run(s); verdicts: {summary or 'none'})"))
 
 
 @click.command("compare")
@@ -74,22 +76,24 @@ def report(runs, out, fmt, k, window, target_flip_ratio, skip_broken, quiet):
 def compare(run_a, run_b, as_json, skip_broken):
     """Compare the binary-weight trajectories of two runs of one architecture."""
     from ..reports import compare_runs
-    from ..reports.load import load_runs
+    from ..reports.load import load_runs, unique_names
 
     tables = ("layers", "steps", "snapshots")
     a = load_runs([run_a], tables, strict=not skip_broken)
     b = load_runs([run_b], tables, strict=not skip_broken)
     if len(a) != 1 or len(b) != 1:
         raise BnnProbeError("compare takes two run directories (not folders of several runs)")
+    unique_names([a[0], b[0]])  # s1/x and s2/x are not both called x
     if Path(a[0].path).resolve() == Path(b[0].path).resolve():  # allowed (a sanity check), but never silently
-        click.echo(f"Warning: RUN_A and RUN_B are the same run directory ({a[0].path}): the comparison is trivially "
-                   "identical; give two different runs", err=True)
+        click.echo(terminal_safe(f"Warning: RUN_A and RUN_B are the same run directory ({a[0].path}): the "
+                                 "comparison is trivially identical; give two different runs"), err=True)
     c = compare_runs(a[0], b[0])
     if as_json:
         click.echo(json.dumps(c.to_json(), indent=1))
         return
     _warn_unfinished([a[0], b[0]])
-    click.echo(f"{c.run_a} vs {c.run_b}: {c.n_steps_compared} common steps with sign hashes")
+    t = functools.partial(terminal_safe, one_line=True)
+    click.echo(f"{t(c.run_a)} vs {t(c.run_b)}: {c.n_steps_compared} common steps with sign hashes")
     if c.n_compared == 0:
         click.echo("  no step to compare (no sign_hash in the common steps)")
     elif c.first_difference_step is None:
@@ -97,14 +101,14 @@ def compare(run_a, run_b, as_json, skip_broken):
     else:
         click.echo(f"  first step at which the binary weights differ: {c.first_difference_step}")
         for layer, s in sorted(c.first_difference_by_layer.items(), key=lambda kv: kv[1]):
-            click.echo(f"    {layer}: from step {s}")
+            click.echo(f"    {t(layer)}: from step {s}")
     if len(c.hamming):
         click.echo(f"  Hamming distance (snapshots): max {c.max_hamming} weights")
         last = c.hamming[c.hamming["step"] == c.hamming["step"].max()]
         for r in last.itertuples(index=False):
-            click.echo(f"    step {r.step} {r.layer}: {r.hamming} ({r.fraction:.2%})")
+            click.echo(f"    step {r.step} {t(r.layer)}: {r.hamming} ({r.fraction:.2%})")
     for n in c.notes:
-        click.echo(f"  note: {n}")
+        click.echo(f"  note: {t(n)}")
 
 
 def _f(x, spec: str) -> str:
@@ -119,7 +123,7 @@ def _f(x, spec: str) -> str:
 @click.argument("run", type=click.Path(path_type=str))
 @click.option("--skip-broken", is_flag=True, help="Skip unreadable Parquet parts instead of failing.")
 def summary(run, skip_broken):
-    """Print a terminal table of one run: status, steps, accuracy, per-layer flip ratios."""
+    """Print a terminal table of one run: status, steps, accuracy, per-layer flip ratios, the probe's warnings."""
     from ..reports import training
     from ..reports.frames import frame
     from ..reports.load import load_runs
@@ -132,12 +136,14 @@ def summary(run, skip_broken):
     table, warns = training.runs_table(runs)
     row = table.iloc[0]
     out = sys.stdout
-    click.echo(f"run       {row['run']}  ({getattr(r, 'path', '')})", file=out)
-    click.echo(f"status    {row['status']}" + ("" if row["status"] == "finished" else "   ⚠ did not finish"))
-    click.echo(f"family    {row['family']}  optimizer {row['optimizer']}  model {row['model']}  "
-               f"dataset {row['dataset'] or '—'}")
+    t = functools.partial(terminal_safe, one_line=True)  # names and values come from the run folder: untrusted
+    click.echo(f"run       {t(row['run'])}  ({t(getattr(r, 'path', ''))})", file=out)
+    click.echo(f"status    {t(row['status'])}" + ("" if row["status"] == "finished" else "   ⚠ did not finish"))
+    click.echo(f"family    {t(row['family'])}  optimizer {t(row['optimizer'])}  model {t(row['model'])}  "
+               f"dataset {t(row['dataset'] or '—')}")
     click.echo(f"steps     {row['steps']}")
     click.echo(f"accuracy  train {_f(row['final_train_accuracy'], '.4f')}  val {_f(row['final_val_accuracy'], '.4f')}")
+    _probe_warnings(r)
     steps = frame(r, "steps")
     if steps.empty:
         click.echo("no per-layer rows logged yet" if row["status"] == "running" else
@@ -150,9 +156,20 @@ def summary(run, skip_broken):
     head = f"{'layer':<28} {'fan_in':>7} {'weights':>9} {'flip ratio':>11} {'last 10%':>10} {'never':>7} {'chatter':>8}"
     click.echo(head)
     click.echo("-" * len(head))
-    for t in lt.itertuples(index=False):
-        click.echo(f"{str(t.layer)[:28]:<28} {_f(t.fan_in, '.0f'):>7} {_f(t.n_weights, '.0f'):>9} "
-                   f"{_f(t.flip_ratio, '.3e'):>11} {_f(last.get(t.layer), '.3e'):>10} "
-                   f"{_f(t.never_flipped, '.1%'):>7} {_f(t.chattering, '.1%'):>8}")
+    for x in lt.itertuples(index=False):
+        click.echo(f"{t(str(x.layer))[:28]:<28} {_f(x.fan_in, '.0f'):>7} {_f(x.n_weights, '.0f'):>9} "
+                   f"{_f(x.flip_ratio, '.3e'):>11} {_f(last.get(x.layer), '.3e'):>10} "
+                   f"{_f(x.never_flipped, '.1%'):>7} {_f(x.chattering, '.1%'):>8}")
     for w in warns:
-        click.echo(f"Warning: {w}", err=True)
+        click.echo(f"Warning: {t(w)}", err=True)
+
+
+def _probe_warnings(run) -> None:
+    """The probe's run checks from meta.json (docs/runlog-format.md), one line each."""
+    from ..reports.run_warnings import BLOCKING, run_warnings
+
+    t = functools.partial(terminal_safe, one_line=True)  # the run folder is untrusted
+    for w in run_warnings(run):
+        tag = "excluded from report verdicts" if w["kind"] in BLOCKING else "flagged in reports"
+        click.echo(f"Warning: probe check {t(str(w['kind']))} ({tag}): {t(str(w.get('layer', '?')))}: "
+                   f"{t(str(w.get('message', '')))}", err=True)

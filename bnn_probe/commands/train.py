@@ -91,7 +91,8 @@ def train_options(f):
         click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, cuda:1, ...)."),
         click.option("--threads", type=int, default=None,
                      help="torch CPU threads [default: torch's choice]. 1 is fastest for small models on a busy "
-                          "machine."),
+                          "machine. Recorded (config and checkpoint) and restored by --resume; given with --resume "
+                          "it overrides the recorded count."),
         click.option("--probe-every", type=int, default=1, show_default=True,
                      help="Probe: log the per-layer steps table every N steps (0 = never: reports then lack flip "
                           "ratios)."),
@@ -137,7 +138,9 @@ def config_from_options(opts: dict) -> object:
 @click.option("--out", default=None, type=click.Path(path_type=str),
               help="Run directory [default: runs/<dataset>-<model>-<optimizer>-s<seed>]. Never overwritten "
                    "silently.")
-@click.option("--overwrite", is_flag=True, help="Replace a previous run in --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a previous bnn-probe run in --out: only the files bnn-probe wrote are deleted (others are "
+                   "kept), and only once the new run's data and model are ready; links are refused.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar [default: only when stderr is a terminal].")
 @click.option("--amp", default="none", show_default=True, type=click.Choice(["none", "bf16", "fp16"]),
@@ -162,16 +165,14 @@ def train(out, overwrite, progress, threads, amp, compile_, checkpoint_every, re
     from ..train import resume_training
     from ..train import train as run_train
 
-    if threads is not None:
-        if threads < 1:
-            raise BnnProbeError(f"--threads must be a positive integer, got {threads}")
-        torch.set_num_threads(threads)
-    if checkpoint_every < 0:
+    if threads is not None and not 1 <= threads <= 4096:
+        raise BnnProbeError(f"--threads must be a positive integer (at most 4096), got {threads}")
+    if not 0 <= checkpoint_every < 2**31:
         raise BnnProbeError(f"--checkpoint-every must be a non-negative number of epochs, got {checkpoint_every}")
     if resume is not None:
-        path = resume_training(resume, progress=progress, checkpoint_every=checkpoint_every)
+        path = resume_training(resume, progress=progress, checkpoint_every=checkpoint_every, threads=threads)
     else:
-        config = replace(config_from_options(opts), amp=amp, compile=compile_).resolved()
+        config = replace(config_from_options(opts), amp=amp, compile=compile_, threads=threads).resolved()
         if out is None:
             out = f"runs/{config.dataset}-{config.model}-{config.optimizer}-s{config.seed}"
         path = run_train(config, out, progress=progress, overwrite=overwrite, checkpoint_every=checkpoint_every)

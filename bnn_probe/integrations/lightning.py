@@ -54,9 +54,10 @@ __all__ = ["ProbeCallback", "select_optimizer"]
 
 
 def select_optimizer(module: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
-                     binary: Any = None) -> torch.optim.Optimizer:
-    """The optimizer among ``optimizers`` that steps every binary parameter of ``module`` (``binary=`` as in
-    :func:`bnn_probe.attach`); :class:`~bnn_probe.errors.BnnProbeError` when none does."""
+                     binary: Any = None, **detect: Any) -> torch.optim.Optimizer:
+    """The optimizer among ``optimizers`` that steps every binary parameter of ``module`` (``binary=`` and
+    ``detect`` = ``family``, ``momentum_key``, ``threshold_key``, ``gamma_key`` as in :func:`bnn_probe.attach`);
+    :class:`~bnn_probe.errors.BnnProbeError` when none does."""
     from ..probe.binary_detect import resolve_layers
 
     if not optimizers:
@@ -64,7 +65,7 @@ def select_optimizer(module: torch.nn.Module, optimizers: list[torch.optim.Optim
     errors = []
     for opt in optimizers:
         try:
-            resolve_layers(module, opt, binary)
+            resolve_layers(module, opt, binary, **detect)
             return opt
         except BnnProbeError as e:
             errors.append(str(e))
@@ -119,7 +120,9 @@ class ProbeCallback(pl.Callback):
         if self.probe is not None and not self.probe._closed:  # pragma: no cover - fit never ends without a hook
             self._close("finished")
         opts = dict(self.attach_options)
-        opt = select_optimizer(pl_module, list(trainer.optimizers), opts.get("binary"))
+        opt = select_optimizer(pl_module, list(trainer.optimizers), opts.get("binary"),
+                               **{k: opts[k] for k in ("family", "momentum_key", "threshold_key", "gamma_key")
+                                  if k in opts})
         opts.setdefault("rank", trainer.global_rank)
         opts.setdefault("config", self._config(trainer, pl_module))
         resume = self._state is not None

@@ -7,6 +7,9 @@ For every binary weight w ∈ {−1, +1}, Bop keeps one real number, the exponen
     w_t = −w_{t−1}   if  w_{t−1} · m_t > τ       (strict: w · m = τ does not flip)
     w_t =  w_{t−1}   otherwise
 
+A gradient entry that is NaN or ±inf is skipped: its m keeps its previous value (a NaN stored in m would stop the
+weight from ever flipping again) and ``state[p]["nonfinite_skipped"]`` counts it (:mod:`bnn_probe.optim.nonfinite`).
+
 γ (``gamma``, adaptivity rate) and τ (``threshold``) are per parameter group, so a per-layer threshold is a param
 group. Defaults are larq's (γ = 1e-4, τ = 1e-8). Give Bop only the binary weights; real-valued parameters (batch norm,
 biases) go to an ordinary optimizer — :class:`bnn_probe.optim.CaseOptimizer` / :func:`bnn_probe.optim.bnn_optimizer`
@@ -54,6 +57,7 @@ import torch
 from torch import Tensor
 
 from ._validate import GammaAliasOptimizer, check_bop_group, check_hparam
+from .nonfinite import nonfinite_params, skip_nonfinite
 
 __all__ = ["Bop", "bop_step_loop", "bop_step_foreach", "bop_step_fused"]
 
@@ -73,7 +77,8 @@ class Bop(GammaAliasOptimizer):
         foreach: eager multi-tensor path (default when ``fused`` is not set).
         fused: one compiled pass per tensor (``torch.compile``), eager fallback if compiling fails.
 
-    State: ``state[p]["exp_avg"]`` = m. Class attribute ``bnn_family = "bop"``.
+    State: ``state[p]["exp_avg"]`` = m; ``state[p]["nonfinite_skipped"]`` = non-finite gradient entries skipped so
+    far (present once there was one). Class attribute ``bnn_family = "bop"``.
     """
 
     bnn_family = "bop"
@@ -96,9 +101,11 @@ class Bop(GammaAliasOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        bad = nonfinite_params(self)  # NaN/±inf gradient entries are skipped (optim/nonfinite.py)
         for gi, group in enumerate(self.param_groups):
             gamma, threshold = _check_group(group, gi)
-            ws, (ms,), gs = self._gather(group, gi, ("exp_avg",))
+            ws, (ms,), gs = skip_nonfinite(self, *self._gather(group, gi, ("exp_avg",)), _masked(gamma, threshold),
+                                           bad)
             if not ws:
                 continue
             if group["fused"]:
@@ -113,6 +120,17 @@ class Bop(GammaAliasOptimizer):
 def _check_group(group: dict[str, Any], index: int | None = None) -> tuple[float, float]:
     _, gamma, threshold = check_bop_group(group, index, "Bop")
     return gamma, threshold
+
+
+def _masked(gamma: float, threshold: float) -> Callable[[Tensor, list[Tensor], Tensor, Tensor], None]:
+    """The loop step for a tensor holding non-finite gradient entries: m unchanged where ``ok`` is False."""
+
+    def step(w: Tensor, states: list[Tensor], g: Tensor, ok: Tensor) -> None:
+        (m,) = states
+        m.copy_(torch.where(ok, m.mul(1.0 - gamma).add_(g, alpha=gamma), m))
+        w.copy_(torch.where(w * m > threshold, -w, w))
+
+    return step
 
 
 # --- implementations (functional; all update ws and ms in place) -----------------------------------------------------

@@ -9,6 +9,9 @@ For every binary weight w ∈ {−1, +1} two real numbers, the first and second 
     m̂_t = (m_t / γ) / (sqrt(v_t / σ) + ε)                         (bias_correction=True, the "unbiased" variant)
     w_t = −w_{t−1}  iff  w_{t−1} · m̂_t > τ    (strict)
 
+A gradient entry that is NaN or ±inf is skipped: its m and v keep their previous values and
+``state[p]["nonfinite_skipped"]`` counts it (:mod:`bnn_probe.optim.nonfinite`).
+
 m_0 = v_0 = 0. The "unbiased" form is the one science.md gives for the paper's variant: m and v divided by their
 rates γ and σ (not Adam's 1 − (1 − γ)^t). Because m is normalised by sqrt(v), one τ means roughly the same thing in
 every layer. All hyperparameters are per param group; ``"lr"`` is an alias of ``"gamma"`` so LR schedulers drive γ
@@ -38,6 +41,7 @@ from torch import Tensor
 
 from ._validate import GammaAliasOptimizer, check_bop_group, check_hparam
 from .bop import CompiledKernel, _scalars
+from .nonfinite import nonfinite_params, skip_nonfinite
 
 __all__ = ["Bop2ndOrder"]
 
@@ -90,9 +94,11 @@ class Bop2ndOrder(GammaAliasOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        bad = nonfinite_params(self)  # NaN/±inf gradient entries are skipped (optim/nonfinite.py)
         for gi, group in enumerate(self.param_groups):
             gamma, sigma, threshold, eps = _check_group(group, gi)
-            ws, (ms, vs), gs = self._gather(group, gi, ("exp_avg", "exp_avg_sq"))
+            ws, (ms, vs), gs = skip_nonfinite(self, *self._gather(group, gi, ("exp_avg", "exp_avg_sq")),
+                                              _masked(gamma, sigma, threshold, eps, group["bias_correction"]), bad)
             if not ws:
                 continue
             args = (ws, ms, vs, gs, gamma, sigma, threshold, eps, group["bias_correction"])
@@ -127,6 +133,21 @@ def _normalized(ms: list[Tensor], vs: list[Tensor], gamma: float, sigma: float, 
         den = torch._foreach_sqrt(vs)
     torch._foreach_add_(den, eps)
     return torch._foreach_div(num, den)
+
+
+def _masked(gamma: float, sigma: float, threshold: float, eps: float, bias_correction: bool
+            ) -> Callable[[Tensor, list[Tensor], Tensor, Tensor], None]:
+    """The step for a tensor holding non-finite gradient entries: m and v unchanged where ``ok`` is False, the flip
+    rule applied to the resulting m̂ (finite entries as in :func:`_step_eager`)."""
+
+    def step(w: Tensor, states: list[Tensor], g: Tensor, ok: Tensor) -> None:
+        m, v = states
+        m.copy_(torch.where(ok, m.mul(1.0 - gamma).add_(g, alpha=gamma), m))
+        v.copy_(torch.where(ok, v.mul(1.0 - sigma).addcmul_(g, g, value=sigma), v))
+        x = _normalized([m], [v], gamma, sigma, eps, bias_correction)[0].mul_(w).gt_(threshold)
+        w.addcmul_(w, x, value=-2.0)
+
+    return step
 
 
 def _step_eager(ws: list[Tensor], ms: list[Tensor], vs: list[Tensor], gs: list[Tensor], gamma: float, sigma: float,

@@ -1,7 +1,13 @@
 """Which parameters are binary, which optimizer (and param group) steps them, and which family it is.
 
 Families: ``"bop"`` (:class:`bnn_probe.optim.Bop`), ``"bop2nd"`` (Bop2ndOrder) — read from the optimizer's class
-attribute ``bnn_family`` — and ``"latent"`` (any other torch optimizer: the binary weight is sign(w̃)).
+attribute ``bnn_family``, or declared with ``attach(..., family="bop")`` for a third-party Bop-like optimizer — and
+``"latent"`` (any other torch optimizer: the binary weight is b(w̃), the layer's binarizer applied to the latent weight).
+
+Binary layers and their binarizers (probe/binarizers.py) come from, in this order: ``binary=`` (names or a predicate
+``(name, param)`` or ``(name, param, module)``); with ``binary=None`` bnn-probe's own binary layers, the layers the
+adapters of :mod:`bnn_probe.integrations` recognise (bitorch, bnn, brevitas), and every parameter of a Bop-family
+optimizer. ``binarizer=`` (one, or a mapping name → binarizer) overrides the adapter's.
 
 Example:
     >>> import torch
@@ -14,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,10 +30,12 @@ from torch import nn
 
 from ..errors import BnnProbeError
 from ..nn import named_binary_parameters
+from .binarizers import SIGN, Binarizer, BinarizerSpec, binarizer_for
 
 __all__ = ["LayerInfo", "resolve_layers", "leaf_optimizers", "family_of", "clip_value_of"]
 
-BinarySpec = Sequence[str] | Callable[[str, nn.Parameter], bool] | None
+BinarySpec = Sequence[str] | Callable[[str, nn.Parameter], bool] | Callable[[str, nn.Parameter, nn.Module], bool] | None
+BOP_FAMILIES = ("bop", "bop2nd")
 
 
 @dataclass
@@ -42,6 +51,9 @@ class LayerInfo:
     family: str
     clip_value: float | None
     extra: dict[str, Any] = field(default_factory=dict)
+    binarizer: Binarizer = SIGN  # b(w): the binary weight the forward pass uses (probe/binarizers.py)
+    module: nn.Module | None = None  # the module that owns the parameter
+    source: str = ""  # what selected it: "binary=", "bnn_probe", an adapter's library name, or "optimizer"
 
     @property
     def n(self) -> int:
@@ -86,34 +98,86 @@ def clip_value_of(probed: torch.optim.Optimizer, leaf: torch.optim.Optimizer) ->
     return None
 
 
-def _module_types(model: nn.Module) -> dict[str, str]:
-    out = {}
+def _owners(model: nn.Module) -> dict[str, nn.Module]:
+    """Parameter name → the module that holds it directly (first one, as ``named_parameters`` deduplicates)."""
+    out: dict[str, nn.Module] = {}
     for mname, mod in model.named_modules():
         for pname, _ in mod.named_parameters(recurse=False):
-            out.setdefault(f"{mname}.{pname}" if mname else pname, type(mod).__name__)
+            out.setdefault(f"{mname}.{pname}" if mname else pname, mod)
     return out
 
 
-def resolve_layers(model: nn.Module, optimizer: torch.optim.Optimizer, binary: BinarySpec) -> list[LayerInfo]:
-    """The binary parameters of ``model`` in ``named_parameters()`` order, each with its optimizer and family.
+def _predicate_arity(fn: Callable) -> int:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature
+        return 2
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return 3
+    return 3 if sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 3 else 2
 
-    ``binary``: a list of parameter names, a predicate ``(name, param) -> bool``, or ``None`` (bnn_probe's binary
-    layers and parameters marked binary, plus every parameter of a Bop-family optimizer).
+
+def resolve_layers(model: nn.Module, optimizer: torch.optim.Optimizer, binary: BinarySpec,
+                   binarizer: BinarizerSpec = None, family: str | None = None, momentum_key: str | None = None,
+                   threshold_key: str | None = None, gamma_key: str | None = None) -> list[LayerInfo]:
+    """The binary parameters of ``model`` in ``named_parameters()`` order, each with its optimizer, family and
+    binarizer.
+
+    ``binary``: a list of parameter names, a predicate ``(name, param) -> bool`` or ``(name, param, module) -> bool``
+    (module = the module holding the parameter), or ``None`` (bnn_probe's binary layers and parameters marked binary,
+    the binary layers of the libraries in :mod:`bnn_probe.integrations`, plus every parameter of a Bop-family
+    optimizer). ``binarizer``: b(w) for every selected layer, or a mapping name → binarizer (default: the adapter's,
+    else bnn-probe's sign). ``family="bop"``/``"bop2nd"`` declares a third-party Bop-like optimizer whose state key of
+    m is ``momentum_key`` (default ``"exp_avg"``) and whose param-group keys of τ and γ are ``threshold_key`` and
+    ``gamma_key`` (default ``"threshold"``, ``"gamma"``); in a CaseOptimizer it applies to the optimizers that are not
+    torch.optim's own (an Adam for the batch-norm parameters stays latent).
     """
+    from ..integrations.registry import find_binary_layers
+
+    if family is not None and family not in (*BOP_FAMILIES, "latent"):
+        raise BnnProbeError(f"family= must be one of bop, bop2nd, latent; got {family!r}")
+    if family in (None, "latent") and any(k is not None for k in (momentum_key, threshold_key, gamma_key)):
+        raise BnnProbeError("momentum_key=/threshold_key=/gamma_key= declare a Bop-like optimizer: "
+                            "also pass family='bop' (or 'bop2nd')")
     named = list(model.named_parameters())
     by_name = dict(named)
+    owners = _owners(model)
+    adapted = find_binary_layers(model)  # id(param) -> (library, binarizer)
+    sources: dict[int, str] = {}
+
+    def declared(leaf: torch.optim.Optimizer) -> bool:  # family= is about third-party optimizers, not torch's own
+        return family is not None and not type(leaf).__module__.startswith("torch.optim")
+
+    def fam(leaf: torch.optim.Optimizer) -> str:
+        return family if declared(leaf) else family_of(leaf)
+
+    if family is not None and not any(declared(leaf) for leaf in leaf_optimizers(optimizer)):
+        raise BnnProbeError(f"family={family!r} declares a third-party optimizer, but every optimizer given is "
+                            "torch.optim's own; attach the probe to the optimizer (or CaseOptimizer) that holds it")
+
     if binary is None:
         chosen = {id(p) for _, p in named_binary_parameters(model)}
+        sources.update(dict.fromkeys(chosen, "bnn_probe"))
+        for pid, (lib, _) in adapted.items():
+            sources.setdefault(pid, lib)
+        chosen.update(adapted)
         for leaf in leaf_optimizers(optimizer):
-            if family_of(leaf) != "latent":
-                chosen.update(id(p) for g in leaf.param_groups for p in g["params"])
+            if fam(leaf) != "latent":
+                for g in leaf.param_groups:
+                    for p in g["params"]:
+                        sources.setdefault(id(p), "optimizer")
+                        chosen.add(id(p))
         selected = [(n, p) for n, p in named if id(p) in chosen]
         if not selected:
             raise BnnProbeError(
-                "no binary parameters found: the model has no bnn_probe binary layers and the optimizer is not "
-                "Bop-family; name them with attach(..., binary=['layer.weight', ...]) or a predicate")
+                "no binary parameters found: the model has no bnn_probe binary layers, no binary layer of a library "
+                "with an adapter (bitorch, bnn, brevitas) and the optimizer is not Bop-family; name them with "
+                "attach(..., binary=['layer.weight', ...]) or a predicate, and see docs/integrations.md")
     elif callable(binary):
-        selected = [(n, p) for n, p in named if binary(n, p)]
+        if _predicate_arity(binary) == 3:
+            selected = [(n, p) for n, p in named if binary(n, p, owners.get(n))]
+        else:
+            selected = [(n, p) for n, p in named if binary(n, p)]
         if not selected:
             raise BnnProbeError("the binary= predicate selected no parameter of the model")
     else:
@@ -138,11 +202,28 @@ def resolve_layers(model: nn.Module, optimizer: torch.optim.Optimizer, binary: B
         raise BnnProbeError(
             f"binary parameter(s) not stepped by the given {type(optimizer).__name__}: {', '.join(not_stepped)}; "
             "attach the probe to the optimizer that steps the binary weights")
-    types = _module_types(model)
+    user = binarizer_for(binarizer, [n for n, _ in selected])
     layers = []
     for i, (n, p) in enumerate(selected):
         leaf, li, gi = where[id(p)]
-        layers.append(LayerInfo(index=i, name=n, param=p, module_type=types.get(n, ""), optimizer=leaf,
-                                group_index=gi, family=family_of(leaf), clip_value=clip_value_of(optimizer, leaf),
-                                extra={"leaf_group": li}))
+        f = fam(leaf)
+        extra: dict[str, Any] = {"leaf_group": li}
+        if f in BOP_FAMILIES:
+            extra.update(momentum_key=momentum_key or "exp_avg", threshold_key=threshold_key or "threshold",
+                         gamma_key=gamma_key or "gamma")
+            group = leaf.param_groups[li]
+            if extra["threshold_key"] not in group:
+                raise BnnProbeError(
+                    f"{n}: the {type(leaf).__name__} param group has no threshold key {extra['threshold_key']!r} "
+                    f"(keys: {', '.join(k for k in group if k != 'params')}); attach(..., threshold_key=...) names it")
+        lib = adapted.get(id(p))
+        b = user.get(n) or (lib[1] if lib else SIGN)
+        owner = owners.get(n)
+        mtype = type(owner).__name__ if owner else ""
+        if lib:  # a library's layer: qualified, bnn's Linear is not torch's
+            mtype = f"{lib[0]}.{mtype}"
+        layers.append(LayerInfo(index=i, name=n, param=p, module_type=mtype,
+                                optimizer=leaf, group_index=gi, family=f, clip_value=clip_value_of(optimizer, leaf),
+                                extra=extra, binarizer=b, module=owner,
+                                source=sources.get(id(p), "binary=") if binary is None else "binary="))
     return layers

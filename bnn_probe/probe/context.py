@@ -1,6 +1,7 @@
 """Per-layer device state kept between steps, and the per-step context quantities read from.
 
-Notation (docs/quantities.md): w_{t−1}, w_t the weight before/after optimizer step t, sign(x) = +1 iff x ≥ 0,
+Notation (docs/quantities.md): w_{t−1}, w_t the weight before/after optimizer step t, sign(x) = +1 iff x ≥ 0
+(more generally b(w), the layer's binarizer: probe/binarizers.py),
 m_t the Bop momentum after step t (Bop2ndOrder: m̂_t = m_t / (sqrt(v_t) + eps)), τ the threshold in force.
 
 Everything here stays on the parameter's device: no ``.item()``, no host synchronisation.
@@ -33,6 +34,17 @@ def hash_coefficients(n: int, device: torch.device) -> Tensor:
     return _HASH_CACHE[key]
 
 
+def _positive(layer: LayerInfo, flat: Tensor) -> Tensor:
+    """[b(w) = +1] of a flat copy of the layer's weights through its binarizer (the reference of the flat stage)."""
+    b = layer.binarizer
+    return flat >= 0 if b.is_default else b.positive(flat.view(layer.param.shape)).reshape(-1)
+
+
+def _margin(layer: LayerInfo, flat: Tensor) -> Tensor:
+    b = layer.binarizer
+    return flat.abs() if b.is_default else b.margin(flat.view(layer.param.shape)).reshape(-1)
+
+
 class LayerState:
     """Device tensors the probe keeps for one binary parameter.
 
@@ -49,7 +61,7 @@ class LayerState:
         dev = p.device
         self.layer = layer
         flat = p.reshape(-1)
-        self.sign0 = flat >= 0
+        self.sign0 = _positive(layer, flat)
         self.prev_sign = self.sign0.clone()
         self.prev_w: Tensor | None = flat.clone() if layer.family == "latent" else None
         self.count = torch.zeros(flat.numel(), dtype=torch.int32, device=dev)
@@ -65,7 +77,7 @@ class LayerState:
         if self.prev_w is not None:
             self.prev_w.copy_(w)
         else:
-            torch.ge(w, 0, out=self.prev_sign)
+            self.prev_sign.copy_(_positive(self.layer, w))
 
     def state_dict(self) -> dict[str, Tensor | None]:
         return {k: (None if v is None else v.detach().cpu().clone()) for k, v in (
@@ -95,11 +107,11 @@ class StepContext:
     # --- hyperparameters in force (host floats) ---
     @property
     def tau(self) -> float:
-        return float(self.group.get("threshold", float("nan")))
+        return float(self.group.get(self.layer.extra.get("threshold_key", "threshold"), float("nan")))
 
     @property
     def gamma(self) -> float:
-        return float(self.group.get("gamma", float("nan")))
+        return float(self.group.get(self.layer.extra.get("gamma_key", "gamma"), float("nan")))
 
     @property
     def clip_value(self) -> float | None:
@@ -112,12 +124,12 @@ class StepContext:
 
     @cached_property
     def sign(self) -> Tensor:
-        return self.w >= 0
+        return _positive(self.layer, self.w)
 
     @cached_property
     def prev_sign(self) -> Tensor:
         if self.state.prev_w is not None:
-            return self.state.prev_w >= 0
+            return _positive(self.layer, self.state.prev_w)
         return self.state.prev_sign
 
     @cached_property
@@ -138,14 +150,15 @@ class StepContext:
     def m(self) -> Tensor:
         """m_t (Bop) or the normalised m̂_t (Bop2ndOrder), flattened."""
         st = self.opt_state
-        if "exp_avg" not in st:
+        key = self.layer.extra.get("momentum_key", "exp_avg")
+        if key not in st:
             return torch.zeros_like(self.w)
         if self.family == "bop2nd":
             fn = getattr(self.layer.optimizer, "normalized_momentum", None)
             if fn is not None:
                 return fn(self.layer.param).detach().reshape(-1)
-            return normalize_2nd(st["exp_avg"].reshape(-1), st["exp_avg_sq"].reshape(-1), self.group)
-        return st["exp_avg"].detach().reshape(-1)
+            return normalize_2nd(st[key].reshape(-1), st["exp_avg_sq"].reshape(-1), self.group)
+        return st[key].detach().reshape(-1)
 
     @cached_property
     def wm(self) -> Tensor:
@@ -163,9 +176,10 @@ class StepContext:
         """m_{t−1} (Bop) or m̂_{t−1} (Bop2ndOrder) at ``idx``, reconstructed from m_t, g_t (and v_t):
         m_{t−1} = (m_t − γ g_t)/(1 − γ), v_{t−1} = (v_t − σ g_t²)/(1 − σ). NaN when γ = 1; m_t when no gradient."""
         st = self.opt_state
-        if "exp_avg" not in st:
+        key = self.layer.extra.get("momentum_key", "exp_avg")
+        if key not in st:
             return torch.zeros(idx.shape, dtype=self.w.dtype, device=self.w.device)
-        m = st["exp_avg"].reshape(-1)[idx]
+        m = st[key].reshape(-1)[idx]
         g = self.grad
         gamma = self.gamma
         if g is not None:
@@ -181,15 +195,15 @@ class StepContext:
         return normalize_2nd(m, v, self.group)
 
     def inertia_at(self, idx: Tensor) -> Tensor:
-        """Inertia after the step at ``idx``: latent |w̃_t|, Bop family τ − w_t·m_t (float64)."""
+        """Inertia after the step at ``idx``: latent margin(w̃_t) (|w̃_t| for sign), Bop family τ − w_t·m_t (float64)."""
         if self.family == "latent":
-            return self.w[idx].abs().double()
+            return _margin(self.layer, self.w)[idx].double()
         return self.tau - (self.w[idx] * self.m[idx]).double()
 
     def inertia_before_at(self, idx: Tensor) -> Tensor:
-        """Inertia just before the step at ``idx``: latent |w̃_{t−1}|, Bop family τ − w_{t−1}·m_{t−1}."""
+        """Inertia just before the step at ``idx``: latent margin(w̃_{t−1}), Bop family τ − w_{t−1}·m_{t−1}."""
         if self.family == "latent":
-            return self.state.prev_w[idx].abs().double()
+            return _margin(self.layer, self.state.prev_w)[idx].double()
         w_prev = torch.where(self.prev_sign[idx], 1.0, -1.0).to(self.w.dtype)
         return self.tau - (w_prev * self.prev_momentum_at(idx)).double()
 

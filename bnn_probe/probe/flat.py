@@ -21,6 +21,13 @@ comparisons, ``isfinite``, the sign hash, the means and the quantile sort go thr
 (bitwise the same comparisons; float64 segment sums), because torch 2.13's CPU kernels for these are far slower.
 Definitions: docs/quantities.md; the per-layer
 reference implementation (``StepContext`` + ``quantities``) is what tests/test_probe_flat.py compares against.
+
+Binarizer stage (probe/binarizers.py): every sign above is b(w), the layer's binarizer, computed by
+:meth:`FlatGroup.binarize` from the flat weights (after the step, before it, and at attach) before anything is
+counted; latent inertia comes from :meth:`FlatGroup.margin`. With bnn-probe's sign for every layer of a group
+(``any_custom`` False) the stage is the single comparison ``w ≥ 0`` of the flat tensor and nothing else changes;
+otherwise each non-default layer is binarized on its view in the parameter's shape (the device path then receives
+the signs and margins as inputs of the fused step instead of computing ``w ≥ 0`` itself).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import BnnProbeError
 from .binary_detect import LayerInfo, clip_value_of
 from .context import hash_coefficients, normalize_2nd
 from .fused import make_step_fn, maybe_compile
@@ -145,10 +153,11 @@ def _to_dev(values, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def group_layers(layers: list[LayerInfo]) -> list[list[int]]:
-    """Layer indices grouped by (device, family, dtype), each group in layer order."""
+    """Layer indices grouped by (device, family, dtype, momentum key), each group in layer order."""
     groups: dict[tuple, list[int]] = {}
     for i, ly in enumerate(layers):
-        groups.setdefault((str(ly.param.device), ly.family, ly.param.dtype), []).append(i)
+        groups.setdefault((str(ly.param.device), ly.family, ly.param.dtype, ly.extra.get("momentum_key")),
+                          []).append(i)
     return list(groups.values())
 
 
@@ -178,6 +187,10 @@ class FlatGroup:
         self.ends = self.starts + self.lengths - 1
         self.bounds = torch.cat([self.starts, self.ends + 1])  # into a zero-prepended cumsum: [starts | ends + 1]
         self._pv, self._mv, self._vv = _Views(), _Views(), _Views()
+        # where the Bop family keeps m and τ, γ (third-party optimizers: attach(..., momentum_key=...))
+        self.mkey = layers[0].extra.get("momentum_key", "exp_avg")
+        self.tkeys = [ly.extra.get("threshold_key", "threshold") for ly in layers]
+        self.gkeys = [ly.extra.get("gamma_key", "gamma") for ly in layers]
         self.layer_id = torch.repeat_interleave(torch.arange(self.L), torch.tensor(self.ns)).to(dev)
         self.bits = _BOP_BITS if self.bop else _LAT_BITS
         self.NB = 1 << len(self.bits)
@@ -212,7 +225,8 @@ class FlatGroup:
         # buffers
         w = self.cat_w()
         self.wbuf = w.clone() if self.N else w
-        self.sign0 = w >= 0
+        self._setup_binarizers()
+        self.sign0 = self.binarize(w)
         self.prev_sign = self.sign0.clone()
         self.sign = torch.empty_like(self.sign0)
         self.flipped = torch.empty_like(self.sign0)
@@ -241,7 +255,7 @@ class FlatGroup:
             m = self.cat_m()
             above = self._above(m.abs())
             for li, ly in enumerate(layers):
-                if "exp_avg" not in ly.optimizer.state.get(ly.param, {}):
+                if self.mkey not in ly.optimizer.state.get(ly.param, {}):
                     above[self.offsets[li]:self.offsets[li] + self.ns[li]] = False
             self.prev_above = above
             self.wm_prev = w * m  # w_{t−1}·m_{t−1} for the next step's flip events (the state at attach)
@@ -250,8 +264,39 @@ class FlatGroup:
             self.u0 = torch.zeros(self.L, self.E, dtype=torch.float64, device=dev)
             self.g0 = torch.zeros(self.N, dtype=self.dtype, device=dev)
             self.compile_probe = bool(compile_probe)
-            self._step = maybe_compile(make_step_fn(self.bop, self.ns, len(self.bits), self.E, sign_hash, True),
-                                       self.compile_probe)
+            self._step = maybe_compile(make_step_fn(self.bop, self.ns, len(self.bits), self.E, sign_hash, True,
+                                                    binarized=self.any_custom), self.compile_probe)
+
+    # ------------------------------------------------------------------ binarizer stage
+    def _setup_binarizers(self) -> None:
+        """Each layer's binarizer b(w) (probe/binarizers.py). With bnn-probe's sign everywhere the stage is one
+        comparison of the flat group (the fast path, bit-identical to a probe without binarizers); otherwise each
+        layer whose binarizer differs is binarized on its own view in the parameter's shape."""
+        self.binarizers = [ly.binarizer for ly in self.layers]
+        self.custom = [not b.is_default for b in self.binarizers]
+        self.any_custom = any(self.custom)
+        self.shapes = [ly.param.shape for ly in self.layers]
+
+    def binarize(self, w: Tensor, out: Tensor | None = None) -> Tensor:
+        """bool [b(w) = +1] of a flat group tensor (w_t, w_{t−1} or w_0), layer by layer through the binarizers."""
+        if not self.any_custom:
+            return _cmp("ge", w, 0.0, out)
+        if out is None:
+            out = torch.empty(w.shape, dtype=torch.bool, device=w.device)
+        for li, b in enumerate(self.binarizers):
+            o, n = self.offsets[li], self.ns[li]
+            if self.custom[li]:
+                out[o:o + n] = b.positive(w[o:o + n].view(self.shapes[li])).reshape(-1)
+            else:
+                _cmp("ge", w[o:o + n], 0.0, out[o:o + n])
+        return out
+
+    def margin(self, w: Tensor) -> Tensor:
+        """Latent inertia of every weight of a flat group tensor: |w| (sign), or the binarizer's margin."""
+        if not self.any_custom:
+            return w.abs()
+        return torch.cat([b.margin(w[o:o + n].view(s)).reshape(-1) if c else w[o:o + n].abs() for b, c, o, n, s in
+                          zip(self.binarizers, self.custom, self.offsets, self.ns, self.shapes, strict=True)])
 
     # ------------------------------------------------------------------ samples
     def set_samples(self, q_idx: list[Tensor | None], t_idx: list[Tensor]) -> None:
@@ -335,13 +380,20 @@ class FlatGroup:
                 ts.append(self._zeros_like_layer(li))
             else:
                 ts.append(t)
-        cache = self._mv if key == "exp_avg" else self._vv
+        cache = self._mv if key in ("exp_avg", self.mkey) else self._vv
         return cache.get(ts), missing
 
     def cat_m(self) -> Tensor:
         """m_t (Bop) or m̂_t (Bop2ndOrder) of every layer, flat (zeros for a layer without optimizer state)."""
-        ms, missing = self._state_views("exp_avg")
+        ms, missing = self._state_views(self.mkey)
         self.m_missing = missing
+        for li in missing:
+            st = self.layers[li].optimizer.state.get(self.layers[li].param)
+            if st:  # stepped, but m is not where the probe was told to read it: an error, never silent zeros
+                ly = self.layers[li]
+                raise BnnProbeError(
+                    f"the optimizer state of {ly.name} ({type(ly.optimizer).__name__}) has no momentum key "
+                    f"{self.mkey!r} (keys: {', '.join(map(str, st))}); attach(..., momentum_key=...) names it")
         if self.family != "bop2nd":
             return torch.cat(ms, out=self._buf("m", self.dtype))
         vs, _ = self._state_views("exp_avg_sq")
@@ -380,8 +432,9 @@ class FlatGroup:
         """Read τ (γ, σ, eps, clip …) from the groups; rebuild device vectors only when a value changed."""
         groups = [ly.group for ly in self.layers]
         if self.bop:
-            key = tuple((float(g.get("threshold", _NAN)), float(g.get("gamma", _NAN)), float(g.get("sigma", _NAN)),
-                         float(g.get("eps", 1e-10)), bool(g.get("bias_correction", False))) for g in groups)
+            key = tuple((float(g.get(tk, _NAN)), float(g.get(gk, _NAN)), float(g.get("sigma", _NAN)),
+                         float(g.get("eps", 1e-10)), bool(g.get("bias_correction", False)))
+                        for g, tk, gk in zip(groups, self.tkeys, self.gkeys, strict=True))
         else:
             key = tuple(clip_value_of(self.probed, ly.optimizer) for ly in self.layers)
         if key == self._hyper_key:
@@ -423,7 +476,7 @@ class FlatGroup:
     def before_step(self) -> None:
         """Pre-step hook: sign(w_{t−1}) (Bop family) or w̃_{t−1} (latent), for every layer in one cat (+ compare)."""
         if self.bop and not self.fused:
-            _cmp("ge", self.cat_w(out=self.wbuf), 0.0, self.prev_sign)
+            self.binarize(self.cat_w(out=self.wbuf), self.prev_sign)
         else:
             self.cat_w(out=self.prev_w)
 
@@ -434,8 +487,8 @@ class FlatGroup:
         out: dict = {}
         self._read_hyper()
         w = self.cat_w(out=self.wbuf)
-        sign = _cmp("ge", w, 0.0, self.sign)
-        prev_sign = self.prev_sign if self.bop else torch.ge(self.prev_w, 0)
+        sign = self.binarize(w, self.sign)
+        prev_sign = self.prev_sign if self.bop else self.binarize(self.prev_w)
         flipped = _ne(sign, prev_sign, self.flipped)
         # CPU: the flipped weights' indices once per step (flips are sparse): counters and events index them directly
         fidx = np.flatnonzero(flipped.numpy()) if self.cpu else None
@@ -482,6 +535,10 @@ class FlatGroup:
             s["g"] = self.cat_g()
             if not self.bop:
                 s["adam"] = self._adam_step()
+        if self.any_custom:  # the binarizer stage runs eagerly; the fused step gets its signs (and latent margins)
+            s["sign"], s["prev_sign"] = self.binarize(w), self.binarize(self.prev_w)
+            if not self.bop:
+                s["margin"], s["prev_margin"] = self.margin(w), self.margin(self.prev_w)
         self.t_dev.fill_(t)
         ev = ev and self.E > 0
         if ev:
@@ -490,7 +547,7 @@ class FlatGroup:
         if hist:
             out["hists"] = self._hists(w, w * m if self.bop else None, m.abs() if self.bop else None)
         if snap:
-            out["snap"] = w >= 0
+            out["snap"] = s["sign"].clone() if self.any_custom else w >= 0
         return out
 
     def _fused_inputs(self) -> dict:
@@ -631,6 +688,8 @@ class FlatGroup:
         idx = self.tsel
         if self.bop:
             return sign[idx], self.tau_t - wm[idx].double()
+        if self.any_custom:
+            return sign[idx], self.margin(w)[idx].double()
         wt = w[idx]
         return wt >= 0, wt.abs().double()
 
@@ -664,6 +723,8 @@ class FlatGroup:
         since = torch.where(last > 0, t - last, -1)
         if self.bop:
             inertia = self.tau_e - self.wm_prev[safe].double()
+        elif self.any_custom:
+            inertia = self.margin(self.prev_w)[safe].double()
         else:
             inertia = self.prev_w[safe].abs().double()
         inertia = inertia.masked_fill_(~valid.view(-1), _NAN)

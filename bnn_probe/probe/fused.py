@@ -34,8 +34,13 @@ def _quantiles(x: Tensor, pos: Tensor, frac: Tensor) -> Tensor:
     return lo + (hi - lo) * frac
 
 
-def make_step_fn(bop: bool, ns: list[int], n_bits: int, events: int, sign_hash: bool, has_pad: bool) -> Callable:
-    """The pure every-step function of one group (see the module docstring); constants only are closed over."""
+def make_step_fn(bop: bool, ns: list[int], n_bits: int, events: int, sign_hash: bool, has_pad: bool,
+                 binarized: bool = False) -> Callable:
+    """The pure every-step function of one group (see the module docstring); constants only are closed over.
+
+    ``binarized``: some layer has a binarizer other than bnn-probe's sign (probe/binarizers.py); the binarizer
+    stage then runs before this function and ``s`` carries ``sign``/``prev_sign`` (bool [b(w) = +1] after and before
+    the step) and, for latent groups, ``margin``/``prev_margin`` (the binarizer's margin = latent inertia)."""
     ns = tuple(int(n) for n in ns)
     L, N, NB, E = len(ns), sum(ns), 1 << n_bits, int(events)
 
@@ -86,8 +91,8 @@ def make_step_fn(bop: bool, ns: list[int], n_bits: int, events: int, sign_hash: 
     def step(s: dict, log: bool, trk: bool, ev: bool) -> dict:
         out: dict = {}
         w = s["w"]
-        sign = w >= 0
-        flipped = sign != (s["prev_w"] >= 0)
+        sign = s["sign"] if binarized else w >= 0
+        flipped = sign != (s["prev_sign"] if binarized else s["prev_w"] >= 0)
         if bop:
             m = s["m"]
             tau = s["tau32"][s["layer_id"]]
@@ -128,10 +133,17 @@ def make_step_fn(bop: bool, ns: list[int], n_bits: int, events: int, sign_hash: 
                 out["floats"] = torch.cat([s["nan_bop"], mean.unsqueeze(1), q, at, s["adam"]], 1)
             if ev and E > 0:
                 prev_w = s["prev_w"]
-                out["events"] = _events(s, flipped, lambda i: prev_w[i].abs().double())
+                if binarized:
+                    out["events"] = _events(s, flipped, lambda i: s["prev_margin"][i].double())
+                else:
+                    out["events"] = _events(s, flipped, lambda i: prev_w[i].abs().double())
             if trk:
-                wt = w[s["tsel"]]
-                out["tracked"] = (wt >= 0, wt.abs().double())
+                if binarized:
+                    idx = s["tsel"]
+                    out["tracked"] = (sign[idx], s["margin"][idx].double())
+                else:
+                    wt = w[s["tsel"]]
+                    out["tracked"] = (wt >= 0, wt.abs().double())
         s["count"].add_(flipped)
         s["last"].copy_(torch.where(flipped, s["t"], s["last"]))
         return out

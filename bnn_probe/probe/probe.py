@@ -15,12 +15,15 @@ appends to device buffers, and every ``flush_every_steps`` steps or ``flush_secs
 from __future__ import annotations
 
 import atexit
+import json
 import math
 import os
 import platform
 import time
+import uuid
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +33,9 @@ from torch import nn
 
 from ..runlog.schema import FORMAT, HIST_EDGES, SCHEMA_VERSION
 from ..runlog.writer import RunWriter, now_iso
-from .binary_detect import BinarySpec, LayerInfo, leaf_optimizers, resolve_layers
+from .binarizers import BinarizerSpec
+from .binary_detect import BOP_FAMILIES, BinarySpec, LayerInfo, leaf_optimizers, resolve_layers
+from .checks import RunChecks
 from .flat import FlatGroup, group_layers
 from .quantities import QUANTILES
 from .recorder import Recorder
@@ -40,6 +45,11 @@ __all__ = ["Probe", "attach"]
 
 Cadence = int | Schedule | Callable[[int], bool] | None
 _HYPER_KEYS = ("gamma", "threshold", "lr", "sigma")
+
+
+def _hyper_keys(ly: LayerInfo) -> tuple[str, ...]:
+    """The param-group keys of (γ, τ, lr, σ) for a layer (a third-party Bop names its own γ and τ keys)."""
+    return (ly.extra.get("gamma_key", "gamma"), ly.extra.get("threshold_key", "threshold"), "lr", "sigma")
 
 
 def _dist_rank_world(rank: int | None) -> tuple[int, int]:
@@ -82,11 +92,16 @@ class Probe:
                  tb_every: Cadence = None, config: dict | None = None, tag: str | None = None,
                  rank: int | None = None, resume: bool = False, seed: int = 0, sign_hash: bool = True,
                  buffer_steps: int = 256, compile_probe: bool | None = None,
-                 device_path: bool | None = None) -> None:
+                 device_path: bool | None = None, binarizer: BinarizerSpec = None, family: str | None = None,
+                 momentum_key: str | None = None, threshold_key: str | None = None, gamma_key: str | None = None,
+                 check_every: Cadence = 100) -> None:
         self.model = model
         self.optimizer = optimizer
         self.logdir = os.fspath(logdir)
-        self.layers: list[LayerInfo] = resolve_layers(model, optimizer, binary)
+        self.layers: list[LayerInfo] = resolve_layers(model, optimizer, binary, binarizer=binarizer, family=family,
+                                                      momentum_key=momentum_key, threshold_key=threshold_key,
+                                                      gamma_key=gamma_key)
+        self.check_every = as_schedule(check_every)
         self.rank, self.world_size = _dist_rank_world(rank)
         self.active = self.rank == 0
         self.step = 0
@@ -158,6 +173,8 @@ class Probe:
             self._eperm = torch.cat([torch.arange(order.index(i) * e, order.index(i) * e + e)
                                      for i in range(L)]).to(dev)
         self.writer = RunWriter(self.logdir, tensorboard=tensorboard, resume=resume)
+        self.run_id = _previous_run_id(self.writer.path) if resume else None
+        self.run_id = self.run_id or uuid.uuid4().hex  # identifies the run: a resume checks its checkpoint's
         self.rec = Recorder(self.writer, [ly.name for ly in self.layers], [ly.n for ly in self.layers],
                             [ly.family for ly in self.layers], buffer_steps=buffer_steps, tb_every=self.tb_every)
         self.rec.events_per_layer = self.events_per_layer
@@ -165,6 +182,14 @@ class Probe:
         self.created_at = now_iso()
         self._last_flush_step = 0
         self._last_flush_time = time.monotonic()
+        self.checks = RunChecks(self.layers, self.groups, self.check_every)
+        if resume:  # the earlier segment's warnings stay in meta.json
+            try:
+                with open(os.path.join(self.logdir, "meta.json"), encoding="utf-8") as f:
+                    self.checks.restore(json.load(f).get("warnings"))
+            except (OSError, ValueError, AttributeError):
+                pass
+        self.checks.at_attach(self.model)
         self.writer.write_table("layers", self._layers_frame())
         self._write_meta()
 
@@ -188,10 +213,13 @@ class Probe:
         for ly in self.layers:
             fi, fo = ly.fans
             g = ly.group
+            keys = _hyper_keys(ly)
             rows.append({"layer": ly.name, "fan_in": fi, "fan_out": fo, "n_weights": ly.n, "shape": ly.shape,
                          "module_type": ly.module_type, "group": ly.group_index, "family": ly.family,
-                         **{k: float(g[k]) if isinstance(g.get(k), int | float) else math.nan for k in _HYPER_KEYS},
-                         "optimizer": type(ly.optimizer).__name__, "layer_index": ly.index})
+                         **{k: float(g[gk]) if isinstance(g.get(gk), int | float) else math.nan
+                            for k, gk in zip(_HYPER_KEYS, keys, strict=True)},
+                         "optimizer": type(ly.optimizer).__name__, "layer_index": ly.index,
+                         "binarizer": ly.binarizer.describe(), "source": ly.source})
         return pd.DataFrame(rows)
 
     def _meta(self) -> dict[str, Any]:
@@ -215,6 +243,9 @@ class Probe:
             "seed": self.seed, "sign_hash": self.sign_hash, "compile_probe": self.compile_probe,
             "device_path": self.device_path,
             "tb_every": self.tb_every.to_dict() if self.tb_every else None, "hist_edges": HIST_EDGES,
+            "check_every": self.check_every.to_dict(),
+            "optimizer_keys": {ly.name: {k: ly.extra[k] for k in ("momentum_key", "threshold_key", "gamma_key")}
+                               for ly in self.layers if ly.family in BOP_FAMILIES},
         }
         return {
             "format": FORMAT, "schema_version": SCHEMA_VERSION, "bnn_probe_version": bnn_probe.__version__,
@@ -227,6 +258,8 @@ class Probe:
                       "n_parameters": sum(p.numel() for p in self.model.parameters())},
             "layers": [ly.name for ly in self.layers], "device": str(self.layers[0].param.device),
             "probe": probe_opts, "config": self.config, "tag": self.tag, "world_size": self.world_size,
+            "run_id": self.run_id,
+            "warnings": list(self.checks.warnings) if hasattr(self, "checks") else [],
         }
 
     def _write_meta(self) -> None:
@@ -234,6 +267,7 @@ class Probe:
 
     # ------------------------------------------------------------------ hooks
     def _pre_hook(self, optimizer, args, kwargs) -> None:
+        self.checks.pre_step()
         for g in self.groups:
             g.before_step()
 
@@ -242,6 +276,7 @@ class Probe:
         t = self.step
         if self.active:
             self._measure(t)
+            self.checks.post_step(t)
         for sched, fn in self._callbacks:
             if sched(t):
                 fn(self, t)
@@ -286,7 +321,7 @@ class Probe:
         out = np.full((len(self.layers), 4), math.nan)
         for li, ly in enumerate(self.layers):
             g = ly.group
-            for j, k in enumerate(_HYPER_KEYS):
+            for j, k in enumerate(_hyper_keys(ly)):
                 v = g.get(k)
                 if isinstance(v, int | float):
                     out[li, j] = v
@@ -311,6 +346,7 @@ class Probe:
         if not self.active:
             return
         self.rec.flush()
+        self.writer.append("scales", self.checks.evaluate())
         self.rec.write_weight_flips(self.step, [g.layer_slice(g.count, k) for i in range(len(self.layers))
                                                 for g, k in [self._layer_state(i)]])
         self._last_flush_step = self.step
@@ -324,6 +360,8 @@ class Probe:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if hasattr(self, "checks"):
+            self.checks.remove()
         if self.active:
             self.status = status
             try:
@@ -390,6 +428,15 @@ class Probe:
         return f"Probe({self.logdir!r}, step={self.step}, layers={len(self.layers)}, rank={self.rank})"
 
 
+def _previous_run_id(path: Path) -> str | None:
+    """The ``run_id`` of the run a resumed probe appends to (None for runs written before run ids existed)."""
+    try:
+        rid = json.loads((path / "meta.json").read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return rid if isinstance(rid, str) else None
+
+
 def _flush_at_exit(ref: weakref.ref) -> None:
     probe = ref()
     if probe is not None and not probe._closed:
@@ -402,7 +449,15 @@ def _flush_at_exit(ref: weakref.ref) -> None:
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.PathLike, **options: Any) -> Probe:
     """Attach a :class:`Probe` to ``optimizer`` (its step hooks) measuring the binary weights of ``model``.
 
-    Options (defaults): ``binary=None`` (names, predicate ``(name, param) -> bool``, or None = auto-detect),
+    Options (defaults): ``binary=None`` (names, predicate ``(name, param) -> bool`` or ``(name, param, module) ->
+    bool``, or None = auto-detect: bnn-probe's binary layers, the layers of bitorch/bnn/brevitas through
+    :mod:`bnn_probe.integrations`, every parameter of a Bop-family optimizer), ``binarizer=None`` (b(w), the binary
+    weight the forward pass uses: a :class:`~bnn_probe.probe.binarizers.Binarizer`, a callable ``w -> b(w)``, or a
+    mapping parameter name → one of them; default: the adapter's, else sign with sign(0) = +1),
+    ``family=None`` (``"bop"``/``"bop2nd"`` declares a third-party Bop-like optimizer, with ``momentum_key="exp_avg"``
+    (its state key of m), ``threshold_key="threshold"`` and ``gamma_key="gamma"`` (its param-group keys of τ and γ);
+    a declared key that is absent raises :class:`~bnn_probe.errors.BnnProbeError`), ``check_every=100`` (cadence of
+    the run checks of probe/checks.py: warnings in meta.json),
     ``every=1`` (steps table), ``hist_every=100``, ``snapshot_every=1000``, ``track=64``, ``track_every=1``,
     ``events_per_layer=16``, ``events_every=every``, ``quantile_sample=4096``, ``flush_every_steps=1000``,
     ``flush_secs=10.0``, ``tensorboard=True``, ``tb_every=None`` (= every logged step), ``config=None``, ``tag=None``,

@@ -14,8 +14,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .. import __version__
-from . import bop_vs_latent, hazard, inertia, pairs, theorem1, threshold_policies, thresholds, training
+from . import bop_vs_latent, hazard, inertia, pairs, run_warnings, theorem1, threshold_policies, thresholds, training
 from . import figures as F
+from .atomic import report_folder
 from .frames import meta, run_name
 from .load import load_runs
 from .render import Document, Section, render_html, render_markdown
@@ -75,7 +76,19 @@ def build_report(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True,
 
 
 def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, options: ReportOptions | None = None,
-          strict: bool = True) -> ReportResult:
+             strict: bool = True) -> ReportResult:
+    """Write the report into a temporary sibling of ``out_dir`` and move it into place (:mod:`.atomic`): ``out_dir``
+    holds the previous report or the new one, never a mix; a write error (disk full) is one line."""
+    out = Path(out_dir)
+    with report_folder(out) as tmp:
+        res = _generate(runs_or_paths, tmp, formats, progress, options, strict)
+    res.files = [out / Path(f).relative_to(tmp) for f in res.files]
+    res.out_dir = out
+    return res
+
+
+def _generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, options: ReportOptions | None = None,
+              strict: bool = True) -> ReportResult:
     opt = options or ReportOptions()
     formats = tuple(formats)
     bad = [f for f in formats if f not in FORMATS]
@@ -98,6 +111,7 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
         bar.update(1)
 
     runs = load_runs(runs_or_paths, strict=strict)
+    runs, left_out = run_warnings.exclude_blocking(runs)  # probe warnings: docs/runlog-format.md
     stage("loaded runs")
     out = Path(out_dir)
     w = _Writer(out)
@@ -115,7 +129,7 @@ def generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, opt
     rec = thresholds.recommended_thresholds(lt, opt.target_flip_ratio)
     stage("thresholds")
     verdicts = [p.verdict for p in pair_results if p.verdict] + [sched.verdict] + law.verdicts
-    warnings = list(tr.warnings)
+    warnings = list(tr.warnings) + left_out + run_warnings.messages(runs)
 
     # ---------------------------------------------------------------- sections
     s_runs = Section("1. Runs", anchor="runs")

@@ -56,12 +56,15 @@ def _panel_grid(n: int, max_cols: int = 3) -> tuple[int, int]:
 
 
 def instrument(fn):
-    """A figure that fails to draw is skipped with a warning; it never stops the report."""
+    """A figure that fails to draw is skipped with a warning; it never stops the report. A file-system error (disk
+    full) is not the figure's fault: it propagates, and the report stops with one line (reports/atomic.py)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except OSError:
+            raise
         except Exception as e:  # noqa: BLE001 - a broken figure must not lose the verdicts
             warnings.warn(f"figure {fn.__name__} skipped: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
             plt.close("all")

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import BnnProbeError
+from ..safe_text import terminal_safe
 
 ALL_TABLES = ("layers", "steps", "train", "tracked", "events", "hists", "snapshots", "weight_flips")
 REPORT_TABLES = ("layers", "steps", "train", "tracked", "events", "snapshots", "weight_flips")  # what the report reads
@@ -73,7 +74,52 @@ def load_runs(items, tables=REPORT_TABLES, strict: bool = True) -> list:
         run = load_run(p)
         touch(run, tables, strict)
         runs.append(run)
-    return runs + objs
+    out = runs + objs
+    unique_names(out)
+    return out
+
+
+def unique_keys(paths: list[Path]) -> list[str]:
+    """A name per run folder that no other folder of ``paths`` has: the folder's name, or, where two share it, the
+    shortest tail of their paths that tells them apart (``s1/x`` and ``s2/x``); ``#2``, ``#3`` if even the full
+    paths agree."""
+    parts = [Path(p).resolve().parts[1:] or ("/",) for p in paths]
+    keys = ["/".join(pp[-1:]) for pp in parts]
+    for depth in range(2, max((len(pp) for pp in parts), default=1) + 1):
+        dup = {k for k in keys if keys.count(k) > 1}
+        if not dup:
+            break
+        keys = ["/".join(pp[-depth:]) if k in dup else k for k, pp in zip(keys, parts, strict=True)]
+    seen: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        seen[k] = seen.get(k, 0) + 1
+        if seen[k] > 1:
+            keys[i] = f"{k}#{seen[k]}"
+    return keys
+
+
+def unique_names(runs: list) -> None:
+    """Make ``run.name`` unique among ``runs`` (analyses key tables, figures and verdicts on it): runs read from
+    folders get :func:`unique_keys` of their paths where names collide; other run objects (no folder) a ``#n``
+    suffix."""
+    names = [str(getattr(r, "name", "") or "run") for r in runs]
+    if len(set(names)) == len(names):
+        return
+    with_path = [i for i, r in enumerate(runs) if getattr(r, "path", None) and Path(r.path).is_dir()]
+    clash = [names.count(n) > 1 for n in names]
+    for i, k in zip(with_path, unique_keys([runs[i].path for i in with_path]), strict=True):
+        names[i] = k if clash[i] else names[i]
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
+        seen[n] = seen.get(n, 0) + 1
+        names[i] = n if seen[n] == 1 else f"{n}#{seen[n]}"
+    for r, n in zip(runs, names, strict=True):
+        if str(getattr(r, "name", "")) != n:
+            try:
+                r.name = n
+            except AttributeError as e:  # a read-only name: the report could not tell these runs apart
+                raise BnnProbeError(f"two runs are both called {n.split('#')[0]!r} and cannot be renamed: give "
+                                    "run folders with different names") from e
 
 
 def touch(run, tables=ALL_TABLES, strict: bool = True) -> None:
@@ -87,4 +133,4 @@ def touch(run, tables=ALL_TABLES, strict: bool = True) -> None:
         if strict and "unreadable" in msg:
             msg = msg.removeprefix("skipping ")  # strict: the part is not skipped, the command stops
             raise BnnProbeError(f"{msg} (corrupted log; rerun with --skip-broken to analyse the readable parts)")
-        sys.stderr.write(f"Warning: {msg}\n")
+        sys.stderr.write(f"Warning: {terminal_safe(msg, one_line=True)}\n")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..safe_text import md_code, md_fence, md_link_target, md_text
 from .stats import Verdict
 
 TEMPLATE = Path(__file__).with_name("templates") / "report.html"
@@ -159,7 +160,9 @@ def render_html(doc: Document) -> str:
 # ---------------------------------------------------------------- Markdown
 
 def _md_escape(s: str) -> str:
-    return str(s).replace("|", "\\|").replace("\n", " ")
+    """Every string shown in report.md is literal text (run names, tags, config values and layer names are untrusted
+    input): :func:`bnn_probe.safe_text.md_text`."""
+    return md_text(s)
 
 
 def _md_table(df: pd.DataFrame) -> str:
@@ -172,28 +175,30 @@ def _md_table(df: pd.DataFrame) -> str:
 
 
 def _md_verdicts(vs: list[Verdict]) -> str:
-    return "\n".join(f"- **{v.verdict}** — {v.claim}. {verdict_sentence(v)}. {v.reason}. *Method:* {v.method}. "
-                     f"*Runs:* {', '.join(v.runs) or '—'}" for v in vs)
+    e = _md_escape
+    return "\n".join(f"- **{e(v.verdict)}** — {e(v.claim)}. {e(verdict_sentence(v))}. {e(v.reason)}. "
+                     f"*Method:* {e(v.method)}. *Runs:* {e(', '.join(v.runs)) or '—'}" for v in vs)
 
 
 def render_markdown(doc: Document, out_dir: Path) -> str:
-    out = [f"# {doc.title}", "", f"*{doc.subtitle}*", ""]
-    out += [f"> **Warning:** {w}\n" for w in doc.warnings]
+    e = _md_escape
+    out = [f"# {e(doc.title)}", "", f"*{e(doc.subtitle)}*", ""]
+    out += [f"> **Warning:** {e(w)}\n" for w in doc.warnings]
     out += ["## Verdicts", "", _md_verdicts(doc.verdicts), ""]
     for s in doc.sections:
-        out += [f"## {s.title}", ""]
+        out += [f"## {e(s.title)}", ""]
         for b in s.blocks:
             if b.kind == "text":
-                out += [b.text, ""]
+                out += [e(b.text), ""]
             elif b.kind == "warning":
-                out += [f"> **Warning:** {b.text}", ""]
+                out += [f"> **Warning:** {e(b.text)}", ""]
             elif b.kind == "figure":
-                rel = Path(b.path).relative_to(out_dir) if Path(b.path).is_relative_to(out_dir) else b.path
-                out += [f"![{b.text}]({rel.as_posix() if isinstance(rel, Path) else rel})", "", f"*{b.text}*", ""]
+                rel = Path(b.path).relative_to(out_dir) if Path(b.path).is_relative_to(out_dir) else Path(b.path)
+                out += [f"![{e(b.text)}]({md_link_target(rel.as_posix())})", "", f"*{e(b.text)}*", ""]
             elif b.kind == "table":
-                out += [f"*{b.text}*" + (f" (`{b.csv}`)" if b.csv else ""), "", _md_table(b.table), ""]
+                out += [f"*{e(b.text)}*" + (f" ({md_code(b.csv)})" if b.csv else ""), "", _md_table(b.table), ""]
             elif b.kind == "verdicts":
                 out += [_md_verdicts(b.verdicts), ""]
             elif b.kind == "code":
-                out += ([f"*{b.csv}*", ""] if b.csv else []) + [f"```{b.lang}", b.text, "```", ""]
+                out += ([f"*{e(b.csv)}*", ""] if b.csv else []) + [md_fence(b.text, b.lang), ""]
     return "\n".join(out)

@@ -61,7 +61,27 @@ def runs_table(runs) -> tuple[pd.DataFrame, list[str]]:
         })
         if st != "finished":
             warnings.append(f"run {run_name(run)} did not finish (status: {st}); it is analysed up to step {last}.")
+        if (w := nonfinite_warning(run_name(run), steps)) is not None:
+            warnings.append(w)
     return pd.DataFrame(rows), warnings
+
+
+def nonfinite_warning(name: str, steps: pd.DataFrame) -> str | None:
+    """A warning when the run's steps table counts non-finite gradient entries (``nonfinite_grads`` > 0): where
+    they were, how many, and what the optimizer did with them; None when there were none."""
+    if steps.empty or "nonfinite_grads" not in steps:
+        return None
+    n = pd.to_numeric(steps["nonfinite_grads"], errors="coerce").fillna(0)
+    if not (n > 0).any():
+        return None
+    bad = steps[n > 0]
+    per_layer = n[n > 0].groupby(bad["layer"].astype(str)).sum().sort_values(ascending=False)
+    where = ", ".join(f"{layer} ({int(k)})" for layer, k in per_layer.head(3).items())
+    more = f" and {len(per_layer) - 3} more layers" if len(per_layer) > 3 else ""
+    return (f"run {name} had {int(n.sum())} non-finite gradient entries (NaN or ±inf) in {int((n > 0).sum())} "
+            f"logged layer-steps, first at step {int(bad['step'].min())}: {where}{more}. Bop and Bop2ndOrder skip "
+            "such entries (their momentum is left unchanged); other optimizers may have stored NaN. Check the loss "
+            "and the learning rates.")
 
 
 def analyse_training(runs, max_points: int = MAX_POINTS) -> TrainingResult:

@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from ..errors import RunLogError
-from .schema import FORMAT, SCHEMA_VERSION, conform, empty_frame
+from .schema import FORMAT, SCHEMA_VERSION, TABLES, conform, empty_frame
 
 __all__ = ["Run", "load_run", "find_runs", "read_meta"]
 
@@ -42,7 +42,22 @@ def read_meta(path: Path) -> dict[str, Any]:
     if ver > SCHEMA_VERSION:
         raise RunLogError(f"{path} was written by a newer bnn-probe (schema {ver} > {SCHEMA_VERSION}): "
                           "upgrade bnn-probe")
+    for key, kinds in _META_TYPES.items():
+        v = meta.get(key)
+        if v is not None and (not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds)):
+            want = " or ".join(_KIND_NAMES[k] for k in kinds)
+            raise RunLogError(f"unreadable meta.json in {path}: {key!r} must be {want}, not {type(v).__name__}")
     return meta
+
+
+# Fields of meta.json the readers use, and their JSON types (None is allowed for each): a hand-edited or crafted
+# meta.json with another type is a one-line error, not a traceback deep in an analysis.
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "status": (str,), "family": (str,), "tag": (str,), "config": (dict,), "last_step": (int,), "layers": (list,),
+    "run_id": (str,), "world_size": (int,), "created_at": (str,), "updated_at": (str,), "probe": (dict,),
+    "optimizer": (dict,), "model": (dict,),
+}
+_KIND_NAMES = {str: "a string", dict: "an object", int: "an integer", list: "a list"}
 
 
 def _read_file(f: Path) -> pd.DataFrame | None:
@@ -55,10 +70,26 @@ def _read_file(f: Path) -> pd.DataFrame | None:
         return None
 
 
+def _typed(df: pd.DataFrame | None, table: str, f: Path) -> pd.DataFrame | None:
+    """``df`` when its documented numeric columns hold numbers (or nulls); else None, with the same warning
+    as an unreadable part (a part whose ``step`` column holds strings is as broken as a torn file)."""
+    if df is None:
+        return None
+    for c, d in TABLES[table].items():
+        if c in df.columns and d not in ("string", "object") and not pd.api.types.is_numeric_dtype(df[c]):
+            try:
+                df[c].astype("float64")
+            except (TypeError, ValueError, OverflowError):
+                warnings.warn(f"skipping unreadable run-log part {f}: column {c!r} holds {df[c].dtype} values, not "
+                              f"{d}", RuntimeWarning, stacklevel=3)
+                return None
+    return df
+
+
 def _read_parts(path: Path, table: str) -> pd.DataFrame:
     d = path / table
     files = sorted(d.glob("part-*.parquet")) if d.is_dir() else []
-    frames = [df for f in files if (df := _read_file(f)) is not None and len(df)]
+    frames = [df for f in files if (df := _typed(_read_file(f), table, f)) is not None and len(df)]
     if not frames:
         return empty_frame(table)
     return conform(pd.concat(frames, ignore_index=True), table)
@@ -68,7 +99,7 @@ def _read_single(path: Path, table: str) -> pd.DataFrame:
     f = path / f"{table}.parquet"
     if not f.exists():
         return empty_frame(table)
-    df = _read_file(f)
+    df = _typed(_read_file(f), table, f)
     return empty_frame(table) if df is None else conform(df, table)
 
 
@@ -81,13 +112,20 @@ class Run:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.meta: dict[str, Any] = read_meta(self.path)
+        self._name: str | None = None
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, status={self.status!r}, last_step={self.meta.get('last_step')})"
 
     @property
     def name(self) -> str:
-        return self.path.name
+        """The run's name: its folder's name, unless a report of several runs gave it a longer unique one
+        (``s1/x`` and ``s2/x``, :func:`bnn_probe.reports.load.unique_names`)."""
+        return self._name or self.path.name
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self._name = str(value)
 
     @property
     def status(self) -> str:
@@ -125,6 +163,17 @@ class Run:
     @cached_property
     def weight_flips(self) -> pd.DataFrame:
         return _read_single(self.path, "weight_flips")
+
+    @cached_property
+    def scales(self) -> pd.DataFrame:
+        """Scaling factors of binarizers that have one (docs/runlog-format.md); empty for the others."""
+        return _dedupe(_read_parts(self.path, "scales"), ["step", "layer"])
+
+    @property
+    def warnings(self) -> list[dict[str, Any]]:
+        """The probe's run checks (meta.json ``"warnings"``): ``[{"kind", "layer", "step", "message"}]``."""
+        ws = self.meta.get("warnings")
+        return [w for w in ws if isinstance(w, dict)] if isinstance(ws, list) else []
 
     @cached_property
     def train_long(self) -> pd.DataFrame:

@@ -35,6 +35,7 @@ _S = "string"
 LAYERS: dict[str, str] = {
     "layer": _S, "fan_in": _I, "fan_out": _I, "n_weights": _I, "shape": _S, "module_type": _S, "group": _I,
     "family": _S, "gamma": _F, "threshold": _F, "lr": _F, "sigma": _F, "optimizer": _S, "layer_index": _I,
+    "binarizer": _S, "source": _S,
 }
 
 STEPS: dict[str, str] = {
@@ -55,12 +56,14 @@ HISTS: dict[str, str] = {"step": _I, "layer": _S, "quantity": _S, "bin": _I, "le
 SNAPSHOTS: dict[str, str] = {"step": _I, "layer": _S, "n_weights": _I, "signs": "object"}
 WEIGHT_FLIPS: dict[str, str] = {"step": _I, "layer": _S, "flips_per_weight": _I, "n": _I}
 TRAIN: dict[str, str] = {"step": _NI, "epoch": _NI, "name": _S, "value": _F}
+SCALES: dict[str, str] = {"step": _I, "layer": _S, "scale_mean": _F, "scale_min": _F, "scale_max": _F,
+                          "binarizer": _S}
 
 TABLES: dict[str, dict[str, str]] = {
     "layers": LAYERS, "steps": STEPS, "tracked": TRACKED, "events": EVENTS, "hists": HISTS,
-    "snapshots": SNAPSHOTS, "weight_flips": WEIGHT_FLIPS, "train": TRAIN,
+    "snapshots": SNAPSHOTS, "weight_flips": WEIGHT_FLIPS, "train": TRAIN, "scales": SCALES,
 }
-PART_TABLES = ("steps", "tracked", "events", "hists", "snapshots", "train")
+PART_TABLES = ("steps", "tracked", "events", "hists", "snapshots", "train", "scales")
 
 
 def _log_edges(lo_exp: int, hi_exp: int, per_decade: int) -> list[float]:

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from datetime import UTC, datetime
@@ -21,9 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import BnnProbeError
+from ..rundir import tmp_path
 from .schema import PART_TABLES, conform
 
-__all__ = ["RunWriter", "now_iso", "atomic_write_json"]
+__all__ = ["RunWriter", "now_iso", "atomic_write_json", "strict_json", "mark_status_in_place"]
 
 _PART = re.compile(r"part-(\d+)\.parquet$")
 
@@ -33,27 +35,69 @@ def now_iso() -> str:
 
 
 def atomic_write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``obj`` as strict JSON (non-finite floats become ``null``: no ``NaN``/``Infinity``, which strict JSON
+    readers reject) to a per-process temporary name, fsync, rename over ``path``."""
+    text = json.dumps(strict_json(obj), indent=1, allow_nan=False)
+    tmp = tmp_path(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def _json_default(o: Any) -> Any:
+def mark_status_in_place(meta_path: Path, status: str) -> bool:
+    """Overwrite the ``"status": "running"`` of ``meta_path`` with ``status`` byte for byte in place (padded with
+    spaces), allocating no disk space: the way to mark a run failed when the disk is full and no temporary file can
+    be written. Returns False when the file holds no such field or cannot be written."""
+    try:
+        data = meta_path.read_bytes()
+        m = re.search(rb'"status": ("running")', data)
+        new = json.dumps(status).encode()
+        if m is None or len(new) > len(m.group(1)):
+            return False
+        fd = os.open(meta_path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            os.pwrite(fd, new.ljust(len(m.group(1))), m.start(1))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    return True
+
+
+def strict_json(o: Any) -> Any:
+    """``o`` with every non-finite float replaced by None and other non-JSON objects converted (``to_dict``,
+    ``item``, else ``repr``): what :func:`json.dumps` with ``allow_nan=False`` accepts."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if o is None or isinstance(o, str | bool | int):
+        return o
+    if isinstance(o, dict):
+        return {str(k): strict_json(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [strict_json(v) for v in o]
     if hasattr(o, "to_dict"):
-        return o.to_dict()
+        return strict_json(o.to_dict())
     if hasattr(o, "item"):
-        return o.item()
+        return strict_json(o.item())
     return repr(o)
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = tmp_path(path)
     table = pa.Table.from_pandas(df, preserve_index=False)
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class RunWriter:
