@@ -62,7 +62,7 @@ def test_thresholds_grid_and_unknown_names_fail():
 def test_all_is_a_short_version_of_every_available_study():
     specs = plan_study("all", StudyOptions())
     names = [s.name for s in specs]
-    assert len(names) == 30 and len(set(names)) == 30
+    assert len(names) == 28 and len(set(names)) == 28
     assert "inertia-theorem1-clipped-c3-s0" not in names and "inertia-theorem1-clipped-c100-s0" in names
     assert {n.split("-")[0] for n in names} == {"hyperparams", "inertia", "thresholds"}
     epochs = {n.split("-")[0]: s.config.epochs for n, s in zip(names, specs, strict=True)}
