@@ -13,8 +13,9 @@ Studies (docs/training.md gives every run's options):
   rounding control; ``config["extra"]["theorem1"]``); Bop and latent Adam with clipping from the same initial signs
   (``config["extra"]["bop_vs_latent"]``; flip overlap and flip hazard); latent SGD with clipping; the τ = 0 pair (Bop
   with τ = 0 and latent SGD with step γ, decoupled decay γ and initial magnitudes 1e-20, γ = 2^-10 so both forms
-  round alike; ``config["pair"]``, ``config["pair_role"]`` "a"/"b"). The power-of-two Theorem-1 pair is a code test
-  (tests/test_equivalences.py), not part of the study.
+  round alike; ``config["pair"]``, ``config["pair_role"]`` "a"/"b"); magnitude-reset pairs
+  (:func:`intervention_runs`): control and reset arms sharing a seed, ``config["intervention"]``. The power-of-two
+  Theorem-1 pair is a code test (tests/test_equivalences.py), not part of the study.
 * ``thresholds`` — per-layer thresholds (question A; docs/thresholds.md): Bop with global τ ∈ {2e-7, 1e-6, 5e-6},
   ``fan-in`` and ``calibrated`` (r* = 1e-3) policies, Bop2ndOrder (τ = 1e-3), latent Adam, Bop without batch norm
   (weights scaled by fan_in^−1/2), and a width sweep (MLP in → W → 256 → classes, W ∈ {64, 256, 1024, 4096}).
@@ -187,8 +188,8 @@ def _hyperparams(o: StudyOptions) -> list[RunSpec]:
 
 
 @register_study("inertia", "the inertia interpretation: Theorem 1 with C ∈ {3, 10, 100} with and without clipping, "
-                "Bop vs latent Adam from the same signs (flip hazard, flip overlap), latent SGD, the τ = 0 pair",
-                all_epochs=6)
+                "Bop vs latent Adam from the same signs (flip hazard, flip overlap), latent SGD, the τ = 0 pair and "
+                "the magnitude-reset pairs", all_epochs=6)
 def _inertia(o: StudyOptions) -> list[RunSpec]:
     runs: list[RunSpec] = []
     for seed in o.seeds:
@@ -200,6 +201,31 @@ def _inertia(o: StudyOptions) -> list[RunSpec]:
         runs.append(RunSpec(f"tau0-latent-sgd-s{seed}", replace(
             tau0, optimizer="latent-sgd", lr=TAU0_GAMMA, decoupled_decay=1.0, momentum=0.0, clip=False,
             glorot_lr=False, init_scale=1e-20, pair_role="b")))
+    runs += intervention_runs(o)  # magnitude-reset pairs; their latent arms also log the latent network
+    return runs
+
+
+RESET_ARMS = (("latent-adam", "constant"), ("latent-adam", "shuffle"), ("bop", "zero"))
+RESET_ARMS_QUICK = (("latent-adam", "constant"), ("bop", "zero"))
+
+
+def intervention_runs(o: StudyOptions, arms: Sequence[tuple[str, str]] | None = None) -> list[RunSpec]:
+    """The magnitude-reset pairs (docs/reports.md): for every seed and (optimizer, mode) of ``arms`` (default
+    :data:`RESET_ARMS`, with ``quick`` :data:`RESET_ARMS_QUICK`) a control and a reset run, identical until T = half
+    of the run's optimizer steps; then the reset arm resets the inertia (:func:`bnn_probe.interventions.reset_inertia`).
+    Latent Adam clips and logs its latent network each epoch (``latent_eval``); Bop uses γ = 1e-3, τ = 1e-6."""
+    arms = arms if arms is not None else (RESET_ARMS_QUICK if o.quick else RESET_ARMS)
+    runs: list[RunSpec] = []
+    for seed in o.seeds:
+        base = replace(o.base(seed, default_epochs=20, quick_epochs=2), tag="magnitude-reset")
+        t = max(1, base.epochs * _data_for(base).steps_per_epoch(base.batch_size) // 2)
+        for optimizer, mode in arms:
+            cfg = replace(base, optimizer=optimizer, **({"gamma": 1e-3, "threshold": 1e-6} if optimizer == "bop"
+                                                        else {"clip": True, "latent_eval": True}))
+            pair = f"reset-{optimizer}-{mode}-s{seed}"
+            for role in ("control", "reset"):
+                iv = {"pair": pair, "role": role, "step": t, "mode": mode}
+                runs.append(RunSpec(f"reset-{optimizer}-{mode}-{role}-s{seed}", replace(cfg, intervention=iv)))
     return runs
 
 

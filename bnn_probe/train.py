@@ -37,6 +37,8 @@ from torch import Tensor, nn
 
 from .data import DATASETS, Dataset, load_dataset
 from .errors import BnnProbeError
+from .interventions import apply_intervention
+from .latent_network import latent_network_metrics
 from .models import MODEL_NAMES, build_model
 from .nn import STE_MODES, named_binary_parameters
 from .rundir import LOCK_NAME, OwnedFiles, RunLock, is_run_folder, owned_files, remove_owned
@@ -145,6 +147,9 @@ class TrainConfig:
     pair: str | None = None
     pair_role: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # experiments on the inertia interpretation (bnn_probe.interventions, bnn_probe.latent_network)
+    intervention: dict[str, Any] | None = None  # {"pair", "role": control|reset, "step": T, "mode"}: reset at step T
+    latent_eval: bool | None = None  # latent: evaluate the latent network every epoch (default off)
 
     def resolved(self) -> TrainConfig:
         """A validated copy with the optimizer-dependent defaults filled in (raises :class:`BnnProbeError`)."""
@@ -164,6 +169,7 @@ class TrainConfig:
         c.glorot_lr = (True if c.glorot_lr is None else bool(c.glorot_lr)) if latent else None
         c.momentum = (0.0 if c.momentum is None else float(c.momentum)) if sgd else None
         c.decoupled_decay = (0.0 if c.decoupled_decay is None else float(c.decoupled_decay)) if sgd else None
+        c.latent_eval = bool(c.latent_eval) if latent else None
         if c.model != "mlp":
             c.widths = ()
         return c
@@ -271,6 +277,13 @@ def _validate(c: TrainConfig) -> None:
         _check(_int_in(v, 0, MAX_COUNT),
                f"--{name.replace('_', '-')} must be a non-negative integer (at most {MAX_COUNT}), got {v}")
     _check(c.pair_role in (None, "a", "b"), f"pair_role must be 'a' or 'b', got {c.pair_role!r}")
+    from .interventions import BOP_MODES, LATENT_MODES, check_intervention
+
+    c.intervention = check_intervention(c.intervention)
+    modes = BOP_MODES if c.optimizer in BOP_OPTIMIZERS else LATENT_MODES
+    _check(c.intervention is None or c.intervention["mode"] in modes,
+           f"--reset-inertia-mode for {c.optimizer} must be one of {', '.join(modes)}, got "
+           f"{(c.intervention or {}).get('mode')!r}")
     _check(c.amp in ("none", "bf16", "fp16"), f"--amp must be none, bf16 or fp16, got {c.amp!r}")
     try:
         torch.device(c.device)
@@ -536,6 +549,10 @@ def setup(config: TrainConfig, out_dir: str | Path, overwrite: bool = False, pol
     if data is None:
         data = load_dataset(c.dataset, c.data_dir, layout="image" if c.model == "binarynet" else "flat")
     data = data.to(device)
+    total = c.epochs * data.steps_per_epoch(c.batch_size)
+    if c.intervention and c.intervention["step"] >= total:
+        raise BnnProbeError(f"--reset-inertia-step {c.intervention['step']} is not before the run's last step "
+                            f"({total} = {c.epochs} epochs × {data.steps_per_epoch(c.batch_size)} steps)")
     torch.manual_seed(c.seed)
     try:
         model = build_model(c.model, in_shape=data.in_shape, num_classes=data.num_classes, widths=c.widths or None,
@@ -615,7 +632,10 @@ class _Bar:
 def run_epoch(state: TrainState, bar: _Bar | None = None) -> dict[str, float]:
     """Train one epoch (updates ``state.step``/``state.epoch``), log per-step ``train_loss`` and the epoch's
     ``train_loss_epoch``, ``train_accuracy`` (running, training mode), ``val_loss``, ``val_accuracy`` and the rates
-    in force (``gamma`` for Bop runs, ``lr`` for latent ones, ``lr_real``)."""
+    in force (``gamma`` for Bop runs, ``lr`` for latent ones, ``lr_real``); with ``latent_eval`` also the latent
+    network's ``latent_val_loss``, ``latent_val_accuracy`` and ``approx_error/<layer>``
+    (:func:`bnn_probe.latent_network.latent_network_metrics`). A config ``intervention`` resets the inertia (or, in
+    the control arm, marks the step) right after its step T (:func:`bnn_probe.interventions.apply_intervention`)."""
     c, model, opt, probe = state.config, state.model, state.optimizer, state.probe
     epoch = state.epoch
     state.schedule.apply(epoch)
@@ -637,6 +657,8 @@ def run_epoch(state: TrainState, bar: _Bar | None = None) -> dict[str, float]:
             loss.backward()
             opt.step()
         state.step = step
+        if c.intervention:  # the magnitude-reset experiment: reset (or mark, in the control arm) after step T
+            apply_intervention(state)
         d = loss.detach()
         losses.append(d)
         correct += (out.detach().argmax(1) == y).sum()
@@ -662,6 +684,8 @@ def run_epoch(state: TrainState, bar: _Bar | None = None) -> dict[str, float]:
     }
     if len(groups) > 1 and "layer" not in groups[-1]:
         metrics["lr_real"] = float(groups[-1]["lr"])
+    if c.latent_eval:  # the latent network (w̃/α in place of sign w̃) and the per-layer approximation error
+        metrics.update(latent_network_metrics(model, state.data))
     probe.log(step=state.step, epoch=state.epoch, **metrics)
     state.history.append({"epoch": state.epoch, "step": state.step, **metrics})
     return metrics

@@ -160,6 +160,13 @@ def test_hazard_is_supported_by_a_real_valued_sgd_weight_too():
     assert v.verdict == stats.SUPPORTED and summary["flips"].min() > 20
 
 
+def test_hazard_leaves_magnitude_reset_arms_out():
+    runs = [hazard_run(s) for s in (0, 1, 2)]
+    for r in runs:
+        r.meta["config"] = {**r.meta["config"], "intervention": {"pair": "p", "role": "reset", "step": 5}}
+    assert hazard.analyse(runs)[1].empty
+
+
 def test_hazard_inconclusive_with_two_seeds():
     v, _ = _hazard_verdict(True, seeds=(0, 1))
     assert v.verdict == stats.INCONCLUSIVE

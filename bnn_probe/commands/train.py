@@ -105,6 +105,22 @@ def train_options(f):
         click.option("--tag", default=None, help="Free text stored in the run's metadata."),
         click.option("--pair", default=None, help="Pair name for paired runs (report: theorem1*/tau0* pairs)."),
         click.option("--pair-role", default=None, metavar="[a|b]", help="This run's role in --pair."),
+        click.option("--reset-inertia-step", type=int, default=None,
+                     help="Magnitude-reset experiment: after optimizer step T reset the inertia of every binary "
+                          "weight, signs kept (bnn_probe.interventions.reset_inertia); with --intervention-role "
+                          "control only mark step T. Run both arms with the same seed."),
+        click.option("--reset-inertia-mode", default=None, metavar="[constant|shuffle|zero]",
+                     help="Latent: |w̃| ← layer mean (constant) or permuted in the layer (shuffle). Bop: m ← 0 "
+                          "(zero), |m| ← layer mean or permuted, sign of m kept [default: constant]."),
+        click.option("--intervention-pair", default=None,
+                     help="Name shared by the control and reset arms [default: "
+                          "<dataset>-<model>-<optimizer>-<mode>-T<step>-s<seed>]."),
+        click.option("--intervention-role", default=None, metavar="[control|reset]",
+                     help="This run's arm of the magnitude-reset pair (needs --reset-inertia-step) [default: reset]."),
+        click.option("--latent-eval/--no-latent-eval", default=None,
+                     help="Latent optimizers: every epoch, evaluate the latent network (w̃/mean|w̃| in place of "
+                          "sign w̃) and log the per-layer approximation error [default: off; on in the inertia "
+                          "study's magnitude-reset runs]."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -129,8 +145,23 @@ def config_from_options(opts: dict) -> object:
         weight_decay=opts["weight_decay"], epochs=opts["epochs"], batch_size=opts["batch_size"], seed=opts["seed"],
         device=opts["device"], probe_every=opts["probe_every"], hist_every=opts["hist_every"],
         snapshot_every=opts["snapshot_every"], track=opts["track"], tag=opts["tag"], pair=opts["pair"],
-        pair_role=opts["pair_role"],
+        pair_role=opts["pair_role"], intervention=_intervention(opts), latent_eval=opts["latent_eval"],
     )
+
+
+def _intervention(opts: dict) -> dict | None:
+    """The run config's ``intervention`` entry from the --reset-inertia-* options (None without a step)."""
+    step = opts["reset_inertia_step"]
+    if step is None:
+        given = [f"--{k.replace('_', '-')}" for k in ("reset_inertia_mode", "intervention_pair", "intervention_role")
+                 if opts[k] is not None]
+        if given:
+            raise BnnProbeError(f"{', '.join(given)} need(s) --reset-inertia-step T (the step of the reset)")
+        return None
+    mode = opts["reset_inertia_mode"] or "constant"
+    pair = opts["intervention_pair"] or f"{opts['dataset']}-{opts['model']}-{opts['optimizer']}-{mode}-T{step}-" \
+                                        f"s{opts['seed']}"
+    return {"pair": pair, "role": opts["intervention_role"] or "reset", "step": step, "mode": mode}
 
 
 @click.command("train")

@@ -128,10 +128,12 @@ class Probe:
         self._closed = False
         self._callbacks: list[tuple[Schedule, Callable[[Probe, int], None]]] = []
         self._handles: list[Any] = []
+        self.interventions: list[dict[str, Any]] = _previous_interventions(self.logdir) if resume else []
         if self.active:
             self._setup_writer(tensorboard, resume, buffer_steps)
             self._handles.append(optimizer.register_step_pre_hook(self._pre_hook))
         self._handles.append(optimizer.register_step_post_hook(self._post_hook))
+        optimizer.__dict__.setdefault("bnn_probes", weakref.WeakSet()).add(self)  # bnn_probe.interventions finds it
         if self.world_size > 1:  # cross-rank sign-hash check on the hist_every schedule (probe/distributed.py)
             from .distributed import install_rank_check
 
@@ -260,6 +262,7 @@ class Probe:
             "probe": probe_opts, "config": self.config, "tag": self.tag, "world_size": self.world_size,
             "run_id": self.run_id,
             "warnings": list(self.checks.warnings) if hasattr(self, "checks") else [],
+            "interventions": self.interventions,
         }
 
     def _write_meta(self) -> None:
@@ -340,6 +343,16 @@ class Probe:
         if not self.active or self._closed:
             return
         self.rec.add_train(self.step if step is None else int(step), None if epoch is None else int(epoch), scalars)
+
+    def mark_intervention(self, kind: str, step: int | None = None, **info: Any) -> None:
+        """Record an intervention on the optimization (e.g. :func:`bnn_probe.interventions.reset_inertia`) made after
+        optimizer step ``step`` (default: the current step) in ``meta.json`` → ``interventions`` (written now)."""
+        entry = {"step": self.step if step is None else int(step), "kind": str(kind),
+                 **{k: _jsonable(v) for k, v in info.items()}}
+        self.interventions = [e for e in self.interventions if (e.get("step"), e.get("kind")) !=
+                              (entry["step"], entry["kind"])] + [entry]  # a resumed run may redo a step
+        if self.active and not self._closed:
+            self._write_meta()
 
     def flush(self) -> None:
         """Write every pending row now (new Parquet parts, weight_flips.parquet, meta.json)."""
@@ -435,6 +448,16 @@ def _previous_run_id(path: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return rid if isinstance(rid, str) else None
+
+
+def _previous_interventions(logdir: str) -> list[dict[str, Any]]:
+    """The ``interventions`` of a run being resumed (its meta.json), so that a resumed run keeps them."""
+    try:
+        with open(os.path.join(logdir, "meta.json")) as f:
+            old = json.load(f).get("interventions")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [dict(e) for e in old if isinstance(e, dict)] if isinstance(old, list) else []
 
 
 def _flush_at_exit(ref: weakref.ref) -> None:

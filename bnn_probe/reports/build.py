@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 from .. import __version__
 from . import bop_vs_latent, hazard, inertia, pairs, run_warnings, theorem1, threshold_policies, thresholds, training
 from . import figures as F
+from . import interventions as reset_exp
+from . import latent_network as latent_exp
 from .atomic import report_folder
 from .frames import meta, run_name
 from .load import load_runs
@@ -237,10 +239,12 @@ def _generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, op
 
     s_pol, pol_verdicts = threshold_policies.section(runs, w.csv, window=opt.window)  # None unless policies/sweep
     verdicts = verdicts + pol_verdicts
+    s_reset, v_reset = reset_exp.section(runs, w, opt)  # magnitude-reset pairs (None without them)
+    s_latent, v_latent = latent_exp.section(runs, w, opt)  # latent network of latent-weight runs
     s_t1, v_t1 = theorem1.section(runs, w, opt)  # Theorem 1 with C ∈ {3, 10, 100}, with and without clipping
     s_hz, v_hz = hazard.section(runs, w, opt)  # flip hazard against inertia in steps
     s_bl, v_bl = bop_vs_latent.section(runs, w, opt)  # Bop vs latent Adam from the same initial signs
-    verdicts = verdicts + v_t1 + v_hz + v_bl
+    verdicts = verdicts + v_reset + v_latent + v_t1 + v_hz + v_bl
 
     s_app = Section("4. Appendix: configurations and versions", anchor="appendix")
     for run in runs:
@@ -256,7 +260,8 @@ def _generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, op
     now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     doc = Document(title="bnn-probe report", subtitle=f"{len(runs)} run(s) · bnn-probe {__version__} · {now}",
                    warnings=warnings, verdicts=verdicts,
-                   sections=[s_runs, s_in, *[x for x in (s_t1, s_hz, s_bl) if x], s_th, *([s_pol] if s_pol else []),
+                   sections=[s_runs, s_in, *[s for s in (s_reset, s_latent, s_t1, s_hz, s_bl) if s], s_th,
+                             *([s_pol] if s_pol else []),
                              s_app])
     if "html" in formats:
         (out / "report.html").write_text(render_html(doc), encoding="utf-8")

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from . import pools, stats
-from .frames import concat, frame, run_name
+from .frames import concat, config, frame, run_name
 from .render import Section
 
 EDGES = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, math.inf)
@@ -183,6 +183,8 @@ def analyse(runs) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     bins, rows, notes = [], [], []
     labels: dict[str, str] = {}  # arm key -> a label unique among the arms
     for run in runs:
+        if config(run).get("intervention"):
+            continue  # magnitude-reset arms: their own experiment (reports/interventions.py)
         pp, cadence = person_periods(frame(run, "tracked"))
         key, fam = pools.arm(run)
         if key not in labels:
