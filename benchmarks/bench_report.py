@@ -10,7 +10,7 @@ steps, histograms every 100 steps, training metrics every 50 steps, weight_flips
 
     python benchmarks/bench_report.py [--sizes 10000,100000,1000000] [--out /tmp/bench_report]
 
-Goal (issue 5): ≤ 30 s and ≤ 2 GB at 10^6 rows, growing no faster than linearly.
+Goal: ≤ 30 s and ≤ 2 GB at 10^6 rows, growing no faster than linearly.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def write_log(path: Path, n_rows: int, seed: int = 0) -> None:
         df = pd.DataFrame({"step": st, "layer": names[li], "flips": flips, "flip_ratio": flips / nw[li],
                            "flip_ratio_running": fr, "c2i": 0.9, "c2i_diff": 0, "nonfinite_grads": 0,
                            "sign_hash": rng.integers(0, 2**62, S * LAYERS), "gamma": gamma, "threshold": tau,
-                           "lr": np.nan, "sigma": np.nan, "flip_now": flips.astype(float),
-                           "above_threshold": 0.5 * nw[li], "settled": 0.4 * nw[li], "crossings_up": 1.0,
+                           "lr": np.nan, "sigma": np.nan, "margin_exceed_1": flips.astype(float),
+                           "above_threshold": 0.5 * nw[li], "crossings_up": 1.0,
                            "crossings_down": 1.0, "abs_m_mean": med * 1.6})
         for q, z in zip(Q, Z, strict=True):
             df[f"abs_m_{q}"] = med * np.exp(z)

@@ -1,4 +1,4 @@
-"""The `thresholds` study (issue 6): threshold policies, the no-batch-norm variant, a controlled width sweep and the
+"""The `thresholds` study: threshold policies, the no-batch-norm variant, a controlled width sweep and the
 from-report feedback test, on digits (MLP 64 → 2048 → 64 → 1024 → 10) and MNIST-1D (1-D conv net).
 
 Every run is trained with the probe attached and written as a run directory; the analyses then read the logs only.
@@ -127,23 +127,39 @@ def sweep(args) -> None:
             print(f"sweep {args.dataset} W={W} seed {s}: {time.time() - t0:.1f}s", flush=True)
 
 
+def _tail_table(run_dir: Path, out: Path) -> None:
+    """thresholds.csv recommended by tail matching (the fallback method) instead of the margin ladder."""
+    from bnn_probe.reports.thresholds import layer_table, recommended_thresholds
+    rec = recommended_thresholds(layer_table([bnn_probe.load_run(run_dir)]), method="tail")
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    cols = ["layer", "fan_in", "n_weights", "flip_ratio", "recommended_threshold", "run", "family", "threshold",
+            "ratio_to_current", "bound", "method"]
+    rec.table[cols].to_csv(out / "tables" / "thresholds.csv", index=False)
+
+
 def feedback(args) -> None:
     """global-τ run → report → from_report run, same model/data/seed; CV of per-layer flip ratios before/after.
-    With ``--rounds 2`` the from-report run's own report is fed back once more (``from_report_r2_s<seed>``)."""
+    With ``--rounds 2`` the from-report run's own report is fed back once more (``from_report_r2_s<seed>``).
+    ``--method tail``: the thresholds recommended by tail matching instead (``from_tail…``, ``tailreport…``)."""
     from bnn_probe.reports import build_report
+    tail = getattr(args, "method", "ladder") == "tail"
     for s in range(args.seeds):
         prev = Path(args.out) / args.dataset / f"global_s{s}"
         train_run(prev, args.dataset, s, args.epochs, policy={"name": "global", "threshold": args.tau},
-                  threshold=args.tau, variant=f"global τ={args.tau:g}")
+                  threshold=args.tau, variant=f"global τ={args.tau:g}", gamma=args.gamma)
         for k in range(1, args.rounds + 1):
             tag = "" if k == 1 else f"_r{k}"
-            rep = Path(args.out) / args.dataset / f"report{tag}_s{s}"
+            rep = Path(args.out) / args.dataset / f"{'tail' if tail else ''}report{tag}_s{s}"
             if not (rep / "tables" / "thresholds.csv").exists():
-                build_report([prev], rep, formats=("md",), progress=False)
-            nxt = Path(args.out) / args.dataset / f"from_report{tag}_s{s}"
+                if tail:
+                    _tail_table(prev, rep)
+                else:
+                    build_report([prev], rep, formats=("md",), progress=False)
+            nxt = Path(args.out) / args.dataset / f"from_{'tail' if tail else 'report'}{tag}_s{s}"
             train_run(nxt, args.dataset, s, args.epochs,
                       policy={"name": "from-report", "thresholds_csv": str(rep / "tables" / "thresholds.csv"),
-                              "report_run": bnn_probe.load_run(prev).name}, variant=f"from-report round {k}")
+                              "report_run": bnn_probe.load_run(prev).name}, variant=f"from-report round {k}",
+                      gamma=args.gamma)
             prev = nxt
         print(f"feedback {args.dataset} seed {s} done", flush=True)
 
@@ -151,6 +167,7 @@ def feedback(args) -> None:
 def analyse(args) -> None:
     """Print the numbers docs/findings.md quotes: sweep slopes, CV reductions, the policy comparison."""
     from bnn_probe.reports import stats
+    from bnn_probe.reports.feedback import feedback_chains, feedback_verdicts
     from bnn_probe.reports.threshold_policies import cv_reduction, markdown, policy_comparison
     from bnn_probe.reports.thresholds import fan_in_law, layer_table
     root = Path(args.out)
@@ -174,12 +191,11 @@ def analyse(args) -> None:
         after = [bnn_probe.load_run(ds_dir / f"from_report_s{s}") for s in seeds]
         print(f"## feedback {ds_dir.name}")
         print(cv_reduction(before, after).to_string(index=False))
-        r2 = [s for s in seeds if (ds_dir / f"from_report_r2_s{s}" / "meta.json").exists()]
-        if r2:
-            print("round 2 (fed the round-1 run's report), against the global run:")
-            red = cv_reduction([bnn_probe.load_run(ds_dir / f"global_s{s}") for s in r2],
-                               [bnn_probe.load_run(ds_dir / f"from_report_r2_s{s}") for s in r2])
-            print(red.to_string(index=False))
+        fed = [bnn_probe.load_run(p) for p in sorted(ds_dir.glob("from_report_r*_s*")) if (p / "meta.json").exists()]
+        chains = feedback_chains(before + after + fed)  # every round, CV over the whole run
+        print(chains.to_string(index=False))
+        for v in feedback_verdicts(chains):
+            print(f"{v.id}: {v.verdict}, {v.statistic_name} = {v.statistic:.3f} {v.interval}, n = {v.n} ({v.reason})")
         lt = layer_table(before + after)
         print(lt[["run", "layer", "fan_in", "flip_ratio", "threshold", "never_flipped"]].to_string(index=False))
         for r in before + after:
@@ -201,8 +217,11 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--tau", type=float, default=1e-6)
+    ap.add_argument("--gamma", type=float, default=GAMMA, help="feedback: Bop's γ for every run")
     ap.add_argument("--widths", type=int, nargs="+", default=[64, 256, 1024, 4096])
     ap.add_argument("--rounds", type=int, default=1, help="feedback: report → from-report rounds")
+    ap.add_argument("--method", default="ladder", choices=["ladder", "tail"],
+                    help="feedback: recommend by the margin ladder (the report's) or by tail matching")
     ap.add_argument("--quick", action="store_true", help="1 seed, 2 epochs")
     args = ap.parse_args(argv)
     if args.quick:

@@ -1,9 +1,9 @@
 """Reference binary models: an MLP of chosen widths, BinaryNet (CIFAR-10) and a 1-D conv net for MNIST-1D.
 
-All follow BinaryNet's conventions (Courbariaux & Hubara et al. 2016; science.md):
+All follow BinaryNet's conventions (Courbariaux & Hubara et al. 2016):
 
 * the first layer has binary weights but sees the real-valued input (no sign on the input);
-* every binary layer is followed by batch norm (``batch_norm=False`` drops it: reviewer C, use it with
+* every binary layer is followed by batch norm (``batch_norm=False`` drops it for Bop without batch norm; use it with
   ``scale="fan_in"`` or ``"mean"`` so the pre-activations keep a sensible scale);
 * hidden activations are binary (sign forward, hard-tanh STE);
 * the last layer is binary too and is followed by batch norm (its outputs are the logits).

@@ -10,7 +10,7 @@ A binary layer's forward pass uses ``sign(weight)``. The same layer therefore se
   reaches them through the straight-through estimator (STE), and
 * Bop (Helwegen et al. 2019): ``weight`` holds ±1 already and Bop flips it; sign() is then the identity.
 
-Weight STE (science.md, "Latent-weight baselines"):
+Weight STE (BinaryConnect / BinaryNet, Courbariaux & Hubara et al. 2016):
 
 * ``"clipped"`` (BinaryNet, default):  ∂L/∂w̃ = ∂L/∂w_b · 1[|w̃| ≤ 1]
 * ``"identity"``:                       ∂L/∂w̃ = ∂L/∂w_b   (Theorem 1 needs a gradient that ignores |w̃|)
@@ -135,7 +135,7 @@ class BinaryModule(nn.Module):
 
     Subclasses set ``self.ste`` and ``self.scale`` and call :meth:`binary_weight`.
 
-    ``scale`` multiplies the ±1 weight by a per-output-channel constant (reviewer C: Bop without batch norm):
+    ``scale`` multiplies the ±1 weight by a per-output-channel constant (for Bop without batch norm):
 
     * ``"none"``:   w_b = sign(w)
     * ``"mean"``:   w_b = α_o · sign(w), α_o = mean |w| over output channel o (XNOR-Net); with Bop's ±1 weights

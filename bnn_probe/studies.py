@@ -16,9 +16,10 @@ Studies (docs/training.md gives every run's options):
   round alike; ``config["pair"]``, ``config["pair_role"]`` "a"/"b"); magnitude-reset pairs
   (:func:`intervention_runs`): control and reset arms sharing a seed, ``config["intervention"]``. The power-of-two
   Theorem-1 pair is a code test (tests/test_equivalences.py), not part of the study.
-* ``thresholds`` — per-layer thresholds (question A; docs/thresholds.md): Bop with global τ ∈ {2e-7, 1e-6, 5e-6},
-  ``fan-in`` and ``calibrated`` (r* = 1e-3) policies, Bop2ndOrder (τ = 1e-3), latent Adam, Bop without batch norm
-  (weights scaled by fan_in^−1/2), and a width sweep (MLP in → W → 256 → classes, W ∈ {64, 256, 1024, 4096}).
+* ``thresholds`` — per-layer thresholds (wide vs thin layers; docs/thresholds.md): Bop with global
+  τ ∈ {2e-7, 1e-6, 5e-6}, ``fan-in`` and ``calibrated`` (r* = 1e-3) policies, Bop2ndOrder (τ = 1e-3), latent
+  Adam, Bop without batch norm (weights scaled by fan_in^−1/2), and a width sweep (MLP in → W → 256 → classes,
+  W ∈ {64, 256, 1024, 4096}).
 * ``all`` — the main job: a short version of every available study (one report).
 """
 
@@ -265,7 +266,7 @@ SWEEP_WIDTHS = (64, 256, 1024, 4096)
 SWEEP_WIDTHS_QUICK = (32, 64, 128, 256)
 
 
-@register_study("thresholds", "per-layer thresholds (question A): Bop with global τ ×3, fan-in, calibrated; "
+@register_study("thresholds", "per-layer thresholds (wide vs thin layers): Bop with global τ ×3, fan-in, calibrated; "
                 "Bop2ndOrder; latent Adam; no batch norm; a width sweep of MLP in → W → 256 → classes", all_epochs=4)
 def _thresholds(o: StudyOptions) -> list[RunSpec]:
     """docs/thresholds.md and docs/findings.md. MLP default widths become the wide/thin 2048, 64, 1024; γ = 1e-3,
@@ -352,6 +353,19 @@ def _run_one(name: str, config: dict[str, Any], out: str, overwrite: bool, progr
     return {"name": name, "path": str(path), "seconds": time.perf_counter() - t0, "reused": False}
 
 
+# entries of ``config["extra"]`` that training itself records (derived from the other options, e.g. the per-layer τ
+# of a threshold policy): a finished run's stored config has them, the planned config does not
+_RECORDED_EXTRA = ("threshold_policy",)
+
+
+def _comparable(config: Any) -> Any:
+    """A run config without the entries training adds to ``extra``, to compare a stored run with a planned one."""
+    if not isinstance(config, dict) or not isinstance(config.get("extra"), dict):
+        return config
+    extra = {k: v for k, v in config["extra"].items() if k not in _RECORDED_EXTRA}
+    return {**config, "extra": extra}
+
+
 def _existing(path: Path, config: TrainConfig) -> str:
     """'absent', 'same' (a finished run with this config), 'unfinished' (this config, not finished: a run of this
     study that was interrupted) or 'other'."""
@@ -362,7 +376,7 @@ def _existing(path: Path, config: TrainConfig) -> str:
         m = json.loads(meta.read_text())
     except (OSError, ValueError):
         return "other"
-    if m.get("config") != config.resolved().to_dict():
+    if _comparable(m.get("config")) != _comparable(config.resolved().to_dict()):
         return "other"
     return "same" if m.get("status") == "finished" else "unfinished"
 
@@ -476,13 +490,15 @@ def _report(out: Path, runs: list[Path], show: bool, echo: Callable[[str], None]
 
 def summarize(out: str | Path, runs: Sequence[RunSpec]) -> list[dict[str, Any]]:
     """Final validation accuracy and mean flip ratio per run of a finished study (for tables)."""
+    from .reports.training import accuracy_metric
     from .runlog import load_run
 
     rows = []
     for s in runs:
         r = load_run(Path(out) / s.name)
         tr, st = r.train, r.steps
-        acc = tr["val_accuracy"].dropna() if "val_accuracy" in tr else []
+        col = accuracy_metric(tr)  # val_accuracy, or another documented name (reports.training.HELD_OUT_ACCURACY)
+        acc = tr[col].dropna() if col else []
         n_weights = int(r.layers["n_weights"].sum()) if len(r.layers) else 0
         n_steps = int(st["step"].nunique()) if len(st) else 0
         flips = float(st["flips"].sum()) / (n_steps * n_weights) if n_steps and n_weights else math.nan

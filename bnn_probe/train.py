@@ -303,8 +303,8 @@ class DecoupledSGD(torch.optim.SGD):
         w̃ ← (1 − lr·d) · w̃,   then   w̃ ← w̃ − lr · g   (with momentum/weight decay as torch's SGD)
 
     With lr = γ, d = 1 and no momentum this is w̃_t = (1 − γ) w̃_{t−1} − γ g_t, the latent-weight form of Bop at
-    τ = 0 (science.md): w̃ = −m exactly when both start from zero, computed with the same ``mul_``/``add_`` ops as
-    :class:`bnn_probe.optim.Bop`.
+    τ = 0 (Helwegen et al. 2019, Sec. 3): w̃ = −m exactly when both start from zero, computed with the same
+    ``mul_``/``add_`` ops as :class:`bnn_probe.optim.Bop`.
     """
 
     def __init__(self, params, lr: float = 1e-2, momentum: float = 0.0, weight_decay: float = 0.0,

@@ -81,7 +81,7 @@ def set_grad(model: OneLayer, g: torch.Tensor) -> None:
 
 
 SHAPES = [(6, 5), (40, 30), (3, 3, 2, 2), (7,)]  # four binary "layers" of different ranks and sizes
-MULTI_KINDS = ["bop", "bop_per_layer_tau", "bop2nd_bc", "sgd_clip", "adam", "mixed"]
+MULTI_KINDS = ["bop", "bop_per_layer_tau", "bop2nd_bc", "bop2nd_adam_bc", "sgd_clip", "adam", "mixed"]
 
 
 class Multi(nn.Module):
@@ -110,6 +110,8 @@ def multi_setup(kind: str):
         opt = Bop([{"params": [p], "threshold": 0.02 * (i + 1), "gamma": 0.2 + 0.1 * i} for i, p in enumerate(ps)])
     elif kind == "bop2nd_bc":
         opt = Bop2ndOrder(ps, gamma=0.3, sigma=0.2, threshold=0.5, bias_correction=True)
+    elif kind == "bop2nd_adam_bc":
+        opt = Bop2ndOrder(ps, gamma=0.3, sigma=0.2, threshold=0.5, adam_bias_correction=True)
     elif kind == "sgd_clip":
         opt = torch.optim.SGD(ps, lr=0.2)
 

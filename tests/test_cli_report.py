@@ -22,6 +22,10 @@ def runs(tmp_path_factory):
               root / "study" / "b")
     write_run(make_run("killed", seed=3, status="running", **SMALL), root / "killed")
     write_run(make_run("thin", layers=(("fc1.weight", 64, 4096),), **SMALL), root / "thin")
+    short = make_run("short", seed=4, snapshot_every=1000, **SMALL)  # shorter than the snapshot cadence
+    short.train = short.train.rename(columns={"val_accuracy": "test_accuracy"})
+    write_run(short, root / "short")
+    write_run(make_run("short2", seed=5, snapshot_every=1000, **SMALL), root / "short2")
     return root
 
 
@@ -44,6 +48,23 @@ def test_compare_json_and_text(runs, capsys):
     assert d["first_difference_step"] is None and d["max_hamming"] == 0
     code, out, _ = _run_cli(capsys, "compare", str(runs / "study" / "a"), str(runs / "study" / "b"))
     assert code == 0 and "first step at which the binary weights differ: 17" in out
+
+
+def test_compare_says_why_hamming_is_absent(runs, capsys):
+    code, out, _ = _run_cli(capsys, "compare", str(runs / "short"), str(runs / "short2"), "--json")
+    d = json.loads(out)
+    assert code == 0 and d["hamming"] == [] and d["max_hamming"] is None
+    assert any("no Hamming distance: the runs share no snapshot step" in n for n in d["notes"])
+    code, out, _ = _run_cli(capsys, "compare", str(runs / "short"), str(runs / "short2"))
+    assert "--snapshot-every" in out
+    code, out, _ = _run_cli(capsys, "compare", str(runs / "study" / "a"), str(runs / "study" / "b"), "--json")
+    assert not any("no Hamming" in n for n in json.loads(out)["notes"])
+
+
+def test_summary_names_the_optimizer_and_finds_other_accuracy_names(runs, capsys):
+    code, out, _ = _run_cli(capsys, "summary", str(runs / "short"))
+    assert code == 0 and "CaseOptimizer" not in out
+    assert "test_accuracy 0." in out  # logged as test_accuracy, not val_accuracy
 
 
 def test_summary(runs, capsys):

@@ -1,4 +1,5 @@
-"""Equivalences from science.md, checked bit for bit on a real model and real data (scikit-learn digits).
+"""Equivalences of Helwegen et al. 2019 (τ = 0, Theorem 1), checked bit for bit on a real model and real data
+(scikit-learn digits).
 
 * τ = 0: Bop with rate γ and threshold 0 gives exactly the binary weights of latent SGD with step γ and decoupled decay
   γ (w̃_t = (1−γ) w̃_{t−1} − γ g_t, w = sign(w̃)) started from vanishing latent magnitude.

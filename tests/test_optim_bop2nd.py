@@ -1,5 +1,5 @@
-"""Bop2ndOrder against science.md's formulas: a hand-computed step, and several steps against a float64 reference
-written element by element."""
+"""Bop2ndOrder against the formulas of Suarez-Ramirez et al. 2021: a hand-computed step, and several steps against
+a float64 reference written element by element."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_hand_computed_first_step(foreach):
 
 
 def _reference(w0, grads, gamma, sigma, tau, eps, unbiased):
-    """science.md, element by element in float64."""
+    """The paper's update, element by element in float64."""
     w, m, v = list(w0), [0.0] * len(w0), [0.0] * len(w0)
     out = []
     for g in grads:
@@ -177,3 +177,89 @@ def test_fused_compiled_matches_eager():
         assert torch.equal(w1, w2)
         torch.testing.assert_close(o1.normalized_momentum(w1), o2.normalized_momentum(w2))
     assert b2._FUSED[True].error is None
+
+
+def _adam_reference(w0, grads, gammas, sigma, tau, eps):
+    """Adam-style start-up correction by hand, element by element in float64: c_t = 1 − Π(1 − γ_s),
+    d_t = 1 − (1 − σ)^t, m̂ = (m/c_t)/(sqrt(v/d_t) + ε)."""
+    w, m, v = list(w0), [0.0] * len(w0), [0.0] * len(w0)
+    pm = pv = 1.0
+    out = []
+    for g, gamma in zip(grads, gammas, strict=True):
+        pm *= 1 - gamma
+        pv *= 1 - sigma
+        mh = []
+        for i, gi in enumerate(g):
+            m[i] = m[i] + gamma * (gi - m[i])
+            v[i] = v[i] + sigma * (gi * gi - v[i])
+            mh.append((m[i] / (1 - pm)) / (math.sqrt(v[i] / (1 - pv)) + eps))
+            if w[i] * mh[i] > tau:
+                w[i] = -w[i]
+        out.append((list(w), mh))
+    return out
+
+
+def test_adam_bias_correction_step_by_step():
+    """Against the hand computation, with γ changed half-way (the correction keeps the product of the rates)."""
+    torch.manual_seed(1)
+    n, sigma, tau, eps = 16, 0.05, 0.6, 1e-10
+    gammas = [0.1] * 6 + [0.02] * 6
+    w0 = (torch.randint(0, 2, (n,)) * 2 - 1).tolist()
+    grads = [torch.randn(n).tolist() for _ in gammas]
+    w = _param(w0)
+    opt = Bop2ndOrder([w], gamma=gammas[0], sigma=sigma, threshold=tau, eps=eps, adam_bias_correction=True)
+    flips = 0
+    for g, gamma, (w_ref, mh_ref) in zip(grads, gammas, _adam_reference(w0, grads, gammas, sigma, tau, eps),
+                                         strict=True):
+        opt.param_groups[0]["gamma"] = gamma
+        before = w.detach().clone()
+        w.grad = torch.tensor(g)
+        opt.step()
+        torch.testing.assert_close(opt.normalized_momentum(w), torch.tensor(mh_ref, dtype=torch.float32),
+                                   rtol=1e-4, atol=1e-6)
+        assert w.detach().tolist() == w_ref
+        flips += int((before != w.detach()).sum())
+    assert flips > 0
+
+
+def test_adam_bias_correction_first_step_is_sign_of_the_gradient():
+    # t = 1: m/c = γg/γ = g, v/d = σg²/σ = g², so m̂ = g/|g| (ε = 0) whatever γ and σ; the biased form gives γ/√σ
+    w = _param([1.0, 1.0])
+    opt = Bop2ndOrder([w], gamma=0.01, sigma=0.0001, threshold=10.0, eps=0.0, adam_bias_correction=True)
+    w.grad = torch.tensor([3.0, -0.5])
+    opt.step()
+    assert opt.normalized_momentum(w).tolist() == pytest.approx([1.0, -1.0])
+    with pytest.raises(ValueError, match="exclude each other"):
+        Bop2ndOrder([_param([1.0])], bias_correction=True, adam_bias_correction=True)
+
+
+def test_paper_bias_correction_is_the_biased_rule_with_a_rescaled_threshold():
+    """(m/γ)/(sqrt(v/σ)) > τ  ⇔  m/sqrt(v) > τ·γ/√σ (ε = 0): identical binary trajectories."""
+    torch.manual_seed(2)
+    n, gamma, sigma, tau = 64, 0.2, 0.01, 0.7
+    w0 = (torch.randint(0, 2, (n,)) * 2 - 1).tolist()
+    grads = [torch.randn(n) for _ in range(20)]
+    a, b = _param(w0), _param(w0)
+    oa = Bop2ndOrder([a], gamma=gamma, sigma=sigma, threshold=tau, eps=0.0, bias_correction=True)
+    ob = Bop2ndOrder([b], gamma=gamma, sigma=sigma, threshold=tau * gamma / math.sqrt(sigma), eps=0.0)
+    flips = 0
+    for g in grads:
+        before = a.detach().clone()
+        a.grad, b.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+        assert torch.equal(a.detach(), b.detach())
+        flips += int((before != a.detach()).sum())
+    assert flips > 0
+
+
+def test_adam_bias_correction_with_a_nonfinite_gradient_entry():
+    """The skipped entry keeps m = v = 0; the others follow Adam's correction, the products advance once per step."""
+    w = _param([1.0, 1.0])
+    opt = Bop2ndOrder([w], gamma=0.1, sigma=0.01, threshold=10.0, eps=0.0, adam_bias_correction=True)
+    w.grad = torch.tensor([2.0, float("nan")])
+    opt.step()
+    st = opt.state[w]
+    assert st["bias_prod_m"] == pytest.approx(0.9) and st["bias_prod_v"] == pytest.approx(0.99)
+    assert st["exp_avg"].tolist()[1] == 0.0 and st["exp_avg_sq"].tolist()[1] == 0.0
+    assert opt.normalized_momentum(w).tolist()[0] == pytest.approx(1.0, rel=1e-5)  # (γg/γ)/sqrt(σg²/σ) = 1

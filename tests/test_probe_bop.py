@@ -40,11 +40,15 @@ def _reference(grads, gamma=GAMMA, tau=TAU):
         flips = int(fl.sum())
         ratios.append(flips / 12)
         wm = w * m
+        margin = (w_prev * m).numpy().astype(np.float64)  # the pre-decision margin w_{t−1}·m_t
+        c2i = 1 - int(((w >= 0) != (w0 >= 0)).sum()) / 12
         rows.append({
             "step": t, "flips": flips, "flip_ratio": flips / 12, "flip_ratio_running": float(np.mean(ratios)),
-            "c2i": 1 - int(((w >= 0) != (w0 >= 0)).sum()) / 12,
-            "flip_now": int((w_prev * m > tau).sum()), "above_threshold": int((m.abs() > tau).sum()),
-            "settled": int((wm < -tau).sum()),
+            "c2i": c2i, "c2i_corr": 2 * c2i - 1, "above_threshold": int((m.abs() > tau).sum()),
+            **{f"margin_exceed_{name}": int((margin > k * tau).sum()) for name, k in (
+                ("1_8", 1 / 8), ("1_4", 1 / 4), ("1_2", 1 / 2), ("1", 1), ("2", 2), ("4", 4), ("8", 8))},
+            **{f"margin_q{name}": float(np.quantile(margin, q)) for name, q in (
+                ("50", 0.5), ("90", 0.9), ("99", 0.99), ("999", 0.999))},
             "crossings_up": int(((m_prev.abs() <= tau) & (m.abs() > tau)).sum()),
             "crossings_down": int(((m_prev.abs() > tau) & (m.abs() <= tau)).sum()),
             "abs_m_mean": float(m.abs().double().mean()),
@@ -53,10 +57,12 @@ def _reference(grads, gamma=GAMMA, tau=TAU):
             **{f"wm_q{q:02d}": float(np.quantile(wm.numpy().astype(np.float64), q / 100))
                for q in (5, 25, 50, 75, 95)},
         })
+        step = (m - m_prev).abs()  # step_size of the Bop state: |m_t − m_{t−1}|
         for i in np.nonzero(fl.numpy())[0]:
-            events.append((t, int(i), float(tau - w_prev[i] * m_prev[i]), None if last[i] == 0 else t - last[i]))
+            events.append((t, int(i), float(tau - w_prev[i] * m_prev[i]), None if last[i] == 0 else t - last[i],
+                           float(step[i])))
         for i in range(12):
-            tracked.append((t, i, 1 if w[i] >= 0 else -1, float(tau - w[i] * m[i])))
+            tracked.append((t, i, 1 if w[i] >= 0 else -1, float(tau - w[i] * m[i]), float(step[i])))
         count += fl.numpy()
         last[fl.numpy()] = t
     return rows, events, tracked, count, w, m
@@ -98,6 +104,9 @@ def test_bop_step_quantities_match_hand_computation(bop_run):
     steps = run.steps.set_index("step")
     assert list(steps.index) == [1, 2, 3, 4]
     assert sum(r["flips"] for r in rows) > 0 and sum(r["crossings_down"] for r in rows) > 0  # the test bites
+    ladder = [sum(r[f"margin_exceed_{k}"] for r in rows) for k in ("1_8", "1_4", "1_2", "1", "2", "4", "8")]
+    assert ladder == sorted(ladder, reverse=True) and ladder[0] > ladder[3] > ladder[-1]  # distinct rungs
+    assert all(r["margin_exceed_1"] == r["flips"] for r in rows)  # Bop flips exactly the weights with margin > τ
     for r in rows:
         got = steps.loc[r["step"]]
         for k, v in r.items():
@@ -113,15 +122,19 @@ def test_bop_events_tracked_weight_flips(bop_run):
     _, events, tracked, count, _, _ = _reference(grads)
     ev = run.events.sort_values(["step", "index"])
     assert len(ev) == len(events) > 0
-    for (t, i, inertia, since), (_, got) in zip(events, ev.iterrows(), strict=True):
+    for (t, i, inertia, since, step), (_, got) in zip(events, ev.iterrows(), strict=True):
         assert (got.step, got["index"]) == (t, i)
         assert got.inertia_before == pytest.approx(inertia, rel=1e-4, abs=1e-6)
+        assert got.step_size == pytest.approx(step, rel=1e-5, abs=1e-7)
+        # a flip crosses within one step: τ − w_{t−1}·m_{t−1} < w_{t−1}·(m_t − m_{t−1}) ≤ |m_t − m_{t−1}|
+        assert got.inertia_before <= got.step_size * (1 + 1e-6)
         assert (pd_isna(got.steps_since_last_flip) if since is None else got.steps_since_last_flip == since)
     tr = run.tracked.sort_values(["step", "index"])
     assert len(tr) == len(tracked)
-    for (t, i, s, inertia), (_, got) in zip(tracked, tr.iterrows(), strict=True):
+    for (t, i, s, inertia, step), (_, got) in zip(tracked, tr.iterrows(), strict=True):
         assert (got.step, got["index"], got.sign) == (t, i, s)
         assert got.inertia == pytest.approx(inertia, rel=1e-5, abs=1e-7)
+        assert got.step_size == pytest.approx(step, rel=1e-5, abs=1e-7)
     wf = run.weight_flips
     expect = {k: int((count == k).sum()) for k in np.unique(count)}
     assert dict(zip(wf.flips_per_weight, wf.n, strict=True)) == expect
@@ -213,13 +226,18 @@ def test_bop2nd_uses_normalised_momentum(tmp_path, real):
         got = run.steps[run.steps.step == t].iloc[0]
         flips = int((w != w_prev).sum())
         total += flips
-        assert got.flips == flips and got.flip_now == int((w_prev * mh > 0.5).sum())
+        margin = w_prev * mh  # Bop2ndOrder's margin uses the normalised m̂
+        assert got.flips == flips == got.margin_exceed_1 == int((margin > 0.5).sum())
+        assert got.margin_exceed_1_4 == int((margin > 0.125).sum()) and got.margin_exceed_4 == int((margin > 2).sum())
+        assert got.margin_q90 == pytest.approx(float(np.quantile(margin.numpy().astype(np.float64), 0.9)), rel=1e-5)
         assert got.above_threshold == int((mh.abs() > 0.5).sum())
         assert got.abs_m_q50 == pytest.approx(float(np.quantile(mh.abs().numpy(), 0.5)), rel=1e-5)
         assert got.sigma == 0.5
         ev = run.events[run.events.step == t].sort_values("index")
         fl = np.nonzero((w != w_prev).numpy())[0]
         assert ev["index"].tolist() == fl.tolist()
+        assert ev.step_size.tolist() == pytest.approx([float((mh - mh_prev)[i].abs()) for i in fl], rel=1e-4,
+                                                      abs=1e-6)
         if t > 1:
             expect = [0.5 - float(w_prev[i] * mh_prev[i]) for i in fl]
             assert ev.inertia_before.tolist() == pytest.approx(expect, rel=1e-4, abs=1e-5)

@@ -24,7 +24,8 @@ class Reference:
     def __init__(self, probe, optimizer) -> None:
         self.probe = probe
         self.rows: dict[tuple[int, str], dict[str, float]] = {}
-        self.tracked: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
+        self.tracked: dict[tuple[int, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.events: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}  # flipped index -> step_size
         self.states = []
         for i, ly in enumerate(probe.layers):
             g, k = probe._layer_state(i)
@@ -33,6 +34,7 @@ class Reference:
                 ctx = StepContext(st, 0, optimizer)
                 st.prev_above = ctx.above if "exp_avg" in ly.optimizer.state.get(ly.param, {}) \
                     else torch.zeros_like(st.sign0)
+                st.prev_m = ctx.m.clone()
             self.states.append(st)
         self.t = 0
         optimizer.register_step_pre_hook(self.pre)
@@ -57,8 +59,10 @@ class Reference:
                 assert len(vals) == len(cols), (q.name, len(vals), len(cols))
                 row.update(dict(zip(cols, vals, strict=True)))
             self.rows[(self.t, st.layer.name)] = row
-            s, inert = Tracked().compute(ctx)
-            self.tracked[(self.t, st.layer.name)] = (s.numpy(), inert.numpy())
+            s, inert, step = Tracked().compute(ctx)
+            self.tracked[(self.t, st.layer.name)] = (s.numpy(), inert.numpy(), step.numpy())
+            fl = ctx.flipped.nonzero().view(-1)
+            self.events[(self.t, st.layer.name)] = (fl.numpy(), ctx.step_size_at(fl).numpy())
             ctx.commit()
 
 
@@ -74,10 +78,23 @@ def _check(run, ref: Reference) -> None:
                 assert not pd.isna(got[c]), (key, c)
                 assert float(got[c]) == pytest.approx(v, rel=1e-12, abs=1e-300), (key, c, got[c], v)
     tr = run.tracked
-    for (t, name), (s, inert) in ref.tracked.items():
+    for (t, name), (s, inert, step) in ref.tracked.items():
         sub = tr[(tr.step == t) & (tr.layer == name)]
         assert sub.sign.tolist() == s.tolist()
         np.testing.assert_allclose(sub.inertia.to_numpy(), inert, rtol=1e-12)
+        np.testing.assert_allclose(sub.step_size.to_numpy(), step, rtol=1e-12)
+        assert np.isfinite(step).all()
+
+
+def _check_events(run, ref: Reference) -> None:
+    """Every flip is an event here: the events' step_size equals the reference's at each flipped weight."""
+    ev = run.events.set_index(["step", "layer", "index"]).sort_index()
+    n = 0
+    for (t, name), (idx, step) in ref.events.items():
+        for i, v in zip(idx.tolist(), step.tolist(), strict=True):
+            assert float(ev.loc[(t, name, i), "step_size"]) == pytest.approx(v, rel=1e-12, abs=1e-300)
+            n += 1
+    assert n == len(ev) > 0
 
 
 def _train(model, opt, steps: int = 6, seed: int = 0) -> None:
@@ -100,6 +117,7 @@ def test_flat_equals_per_layer_reference(tmp_path, kind):
     probe.close()
     run = bnn_probe.load_run(tmp_path / "run")
     _check(run, ref)
+    _check_events(run, ref)
     # every flip is an event (events_per_layer exceeds every layer's size); weight_flips match the flips column
     flips = run.steps.groupby("layer").flips.sum()
     assert run.events.groupby("layer").size().reindex(flips.index, fill_value=0).tolist() == flips.tolist()

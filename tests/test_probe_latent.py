@@ -64,15 +64,21 @@ def test_latent_sgd_quantities(tmp_path, clip):
             assert np.isnan(got.at_clip)
         else:
             assert got.at_clip == int((w.abs() >= clip).sum())
-        assert got.lr == LR and np.isnan(got.gamma) and np.isnan(got.flip_now) and np.isnan(got.adam_step_q50)
+        assert got.lr == LR and np.isnan(got.gamma) and np.isnan(got.adam_step_q50)
+        assert np.isnan(got.margin_exceed_1) and np.isnan(got.margin_q50)
+        assert got.c2i_corr == pytest.approx(2 * got.c2i - 1)
         ev = run.events[run.events.step == t].sort_values("index")
         idx = np.nonzero(fl)[0]
         assert ev["index"].tolist() == idx.tolist()
         assert ev.inertia_before.tolist() == pytest.approx(w_prev.abs()[idx].tolist(), rel=1e-6)
+        step = (w - w_prev).abs()  # step_size of the latent state: |w̃_t − w̃_{t−1}| (0 where clipped in place)
+        assert ev.step_size.tolist() == pytest.approx(step[idx].tolist(), rel=1e-5, abs=1e-9)
+        assert (ev.inertia_before <= ev.step_size * (1 + 1e-6)).all()  # |w̃_{t−1}| ≤ |w̃_t − w̃_{t−1}| at a crossing
         since = [pd.NA if last[i] == 0 else t - last[i] for i in idx]
         assert [pd.NA if pd.isna(x) else x for x in ev.steps_since_last_flip] == since
         tr = run.tracked[run.tracked.step == t].sort_values("index")
         assert tr.inertia.tolist() == pytest.approx(w.abs().tolist(), rel=1e-6)
+        assert tr.step_size.tolist() == pytest.approx(step.tolist(), rel=1e-5, abs=1e-9)
         assert tr.sign.tolist() == [1 if x >= 0 else -1 for x in w.tolist()]
         h = run.hists[(run.hists.step == t) & (run.hists.quantity == "abs_w")]
         expect = np.bincount(np.searchsorted(HIST_EDGES["abs_w"], w.abs().double().numpy(), side="right"),

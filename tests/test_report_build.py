@@ -43,7 +43,8 @@ def test_report_directory_contract(tmp_path):
     assert not re.search(r"(src|href)=['\"](https?:)?//", text)
     assert "did not finish" in text and "latent" in text  # the killed run is reported with a warning
     md = (out / "report.md").read_text()
-    assert "## Verdicts" in md and "](figures/" in md and "thresholds = {" in md
+    assert "## Answers" in md and "## How to read this report" in md and "](figures/" in md and "thresholds = {" in md
+    assert md.index("## Answers") < md.index("## How to read this report") < md.index("1. Runs and training")
 
 
 def test_missing_tables_skip_quietly(tmp_path, recwarn):

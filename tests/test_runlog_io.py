@@ -78,9 +78,9 @@ def test_newer_schema_and_broken_dirs_are_one_line_errors(tmp_path):
     _train(tmp_path / "run", steps=1, tensorboard=False).close()
     meta_path = tmp_path / "run" / "meta.json"
     meta = json.loads(meta_path.read_text())
-    meta["schema_version"] = 2
+    meta["schema_version"] = 3
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(RunLogError, match=r"written by a newer bnn-probe \(schema 2 > 1\): upgrade bnn-probe"):
+    with pytest.raises(RunLogError, match=r"written by a newer bnn-probe \(schema 3 > 2\): upgrade bnn-probe"):
         load_run(tmp_path / "run")
     with pytest.raises(RunLogError, match="not found"):
         load_run(tmp_path / "nope")
@@ -123,3 +123,27 @@ def test_tensorboard_files_read_back(tmp_path):
     assert [e.value for e in ev] == pytest.approx(fr, rel=1e-6)
     hist = acc.Histograms("abs_w/fc1.weight")
     assert [h.step for h in hist] == [2, 4] and hist[0].histogram_value.num == 48
+
+
+def test_tensorboard_gets_each_layers_threshold_for_bop(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from bnn_probe.nn import named_binary_parameters
+    from bnn_probe.optim import Bop
+
+    model = BinaryMLP(8, [6], 3)
+    binary = list(named_binary_parameters(model))
+    groups = [{"params": [p], "threshold": t} for (_, p), t in zip(binary, (1e-3, 2e-3, 4e-3), strict=False)]
+    opt = Bop(groups, gamma=0.1)
+    probe = bnn_probe.attach(model, opt, tmp_path / "run")
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(5, 8)), torch.randint(0, 3, (5,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    probe.close()
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    names = [n for n, _ in binary][:2]
+    assert {f"threshold/{n}" for n in names} <= set(acc.Tags()["scalars"])
+    assert [e.value for e in acc.Scalars(f"threshold/{names[1]}")] == pytest.approx([2e-3] * 3)

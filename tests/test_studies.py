@@ -151,3 +151,24 @@ def test_parallel_jobs_give_the_same_runs_as_serial(tmp_path):
             b.train.dropna(subset=["val_accuracy"])["val_accuracy"])
     assert len(list((tmp_path / "p").iterdir())) == len(plan_study("inertia", opts))
     assert json.loads((tmp_path / "p" / "tau0-bop-s0" / "meta.json").read_text())["config"]["pair_role"] == "a"
+
+
+def test_a_study_run_twice_reuses_its_per_layer_threshold_runs(tmp_path, monkeypatch):
+    """Training records the threshold policy's per-layer τ in config.extra; the re-run must still see the same run."""
+    from dataclasses import replace
+
+    def mini(o):
+        base = replace(o.base(0, 1, 1), optimizer="bop", gamma=1e-3, threshold=1e-6)
+        return [studies.RunSpec("fan-in", replace(base, threshold_policy="fan-in", fan_in_exponent=0.5)),
+                studies.RunSpec("calibrated", replace(base, threshold_policy="calibrated", target_flip_ratio=1e-3))]
+
+    monkeypatch.setitem(STUDIES, "mini", studies.Study("mini", "two per-layer τ runs", mini))
+    msgs = []
+    run_study("mini", tmp_path / "s", TINY, progress=False, report=False, echo=msgs.append)
+    stored = json.loads((tmp_path / "s" / "fan-in" / "meta.json").read_text())["config"]["extra"]
+    assert "threshold_policy" in stored  # what made the second run fail before
+    run_study("mini", tmp_path / "s", TINY, progress=False, report=False, echo=msgs.append)
+    assert any("reusing 2 finished run(s)" in m for m in msgs) and any("trained 0 run(s)" in m for m in msgs)
+    with pytest.raises(FileExistsError, match="holds another run"):  # a real difference is still one
+        run_study("mini", tmp_path / "s", StudyOptions(epochs=2, widths=(16,)), progress=False, report=False,
+                  echo=msgs.append)

@@ -230,8 +230,9 @@ def test_runs_with_the_same_folder_name_stay_apart(tmp_path, capsys):
     assert runs["run"].tolist() == ["s1/x", "s2/x"] and runs["gamma"].tolist() == [1e-3, 1e-2]
     layers = pd.read_csv(tmp_path / "rep" / "tables" / "layers.csv")
     assert set(layers.loc[layers["run"] == "s2/x", "layer"]) == {"fc1.weight"}
-    assert (tmp_path / "rep" / "figures" / "flip_heatmap_s1_x.png").is_file()
-    assert (tmp_path / "rep" / "figures" / "flip_heatmap_s2_x.png").is_file()
+    curves = pd.read_csv(tmp_path / "rep" / "tables" / "flip_ratio_layers.csv")  # drawn one panel per run
+    assert set(curves.loc[curves["run"] == "s2/x", "layer"]) == {"fc1.weight"}
+    assert len(curves.loc[curves["run"] == "s1/x", "layer"].unique()) == 4
     for v in json.loads((tmp_path / "rep" / "verdicts.json").read_text()):
         assert "x" not in v["runs"]
 

@@ -44,9 +44,12 @@ def _warn_unfinished(runs) -> None:
               help="Analysed window: the last fraction of each run's steps (per-layer and threshold sections).")
 @click.option("--target-flip-ratio", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Target of the recommended thresholds [default: per run, the median layer flip ratio].")
+@click.option("--threshold-method", type=click.Choice(["ladder", "tail"]), default="ladder", show_default=True,
+              help="How the recommended thresholds are computed: from the measured margin ladder (tail matching "
+                   "for logs without it), or by tail matching of the |m| quantiles (docs/reports.md).")
 @click.option("--skip-broken", is_flag=True, help="Skip unreadable Parquet parts (with a warning) instead of failing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def report(runs, out, fmt, k, window, target_flip_ratio, skip_broken, quiet):
+def report(runs, out, fmt, k, window, target_flip_ratio, threshold_method, skip_broken, quiet):
     """Turn run logs (RUN_OR_FOLDER...: run directories or folders holding runs) into a report with verdicts."""
     from ..reports import ReportOptions, generate
     from ..reports.load import load_runs
@@ -56,7 +59,7 @@ def report(runs, out, fmt, k, window, target_flip_ratio, skip_broken, quiet):
         raise BnnProbeError(f"--k must be a positive number of steps, got {k}")
     loaded = load_runs(runs, strict=not skip_broken)
     _warn_unfinished(loaded)
-    opts = ReportOptions(k=k, window=window, target_flip_ratio=target_flip_ratio)
+    opts = ReportOptions(k=k, window=window, target_flip_ratio=target_flip_ratio, threshold_method=threshold_method)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=FutureWarning)
         res = generate(loaded, out, formats, progress=not quiet, options=opts, strict=not skip_broken)
@@ -68,13 +71,42 @@ def report(runs, out, fmt, k, window, target_flip_ratio, skip_broken, quiet):
     click.echo(terminal_safe(f"Wrote {main} ({len(loaded)} run(s); verdicts: {summary or 'none'})"))
 
 
+def _snapshot_cadence(run) -> str:
+    every = ((run.meta.get("probe") or {}).get("snapshot_every") or {})
+    n = every.get("n") if isinstance(every, dict) else every
+    return f"every {n} steps" if n else "at the probe's snapshot cadence"
+
+
+def hamming_note(a, b, c) -> str | None:
+    """Why a comparison has no Hamming distance (``None`` when it has one): the runs share no snapshot step."""
+    if len(c.hamming):
+        return None
+    from ..reports.frames import frame
+
+    parts = []
+    for r in (a, b):
+        snaps = frame(r, "snapshots")
+        steps = sorted({int(s) for s in snaps["step"]}) if "step" in snaps else []
+        last = r.meta.get("last_step")
+        parts.append(f"{r.name}: {len(steps)} snapshot(s)" + (f" at steps {', '.join(map(str, steps[:5]))}"
+                                                                if steps else "")
+                     + f" (snapshots {_snapshot_cadence(r)}; {last if last is not None else '?'} steps)")
+    return ("no Hamming distance: the runs share no snapshot step (" + "; ".join(parts) + "). The first differing "
+            "step above comes from the per-step sign hashes; for Hamming distances train with a snapshot cadence "
+            "below the run length (bnn-probe train --snapshot-every N, or attach(..., snapshot_every=N)).")
+
+
 @click.command("compare")
 @click.argument("run_a", type=click.Path(path_type=str))
 @click.argument("run_b", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @click.option("--skip-broken", is_flag=True, help="Skip unreadable Parquet parts instead of failing.")
 def compare(run_a, run_b, as_json, skip_broken):
-    """Compare the binary-weight trajectories of two runs of one architecture."""
+    """Compare the binary-weight trajectories of two runs of one architecture.
+
+    The first differing step comes from the per-step sign hashes; Hamming distances need sign snapshots at steps
+    both runs share (a note says so when there are none, e.g. runs shorter than --snapshot-every).
+    """
     from ..reports import compare_runs
     from ..reports.load import load_runs, unique_names
 
@@ -88,6 +120,9 @@ def compare(run_a, run_b, as_json, skip_broken):
         click.echo(terminal_safe(f"Warning: RUN_A and RUN_B are the same run directory ({a[0].path}): the "
                                  "comparison is trivially identical; give two different runs"), err=True)
     c = compare_runs(a[0], b[0])
+    note = hamming_note(a[0], b[0], c)
+    if note:
+        c.notes.append(note)
     if as_json:
         click.echo(json.dumps(c.to_json(), indent=1))
         return
@@ -123,7 +158,13 @@ def _f(x, spec: str) -> str:
 @click.argument("run", type=click.Path(path_type=str))
 @click.option("--skip-broken", is_flag=True, help="Skip unreadable Parquet parts instead of failing.")
 def summary(run, skip_broken):
-    """Print a terminal table of one run: status, steps, accuracy, per-layer flip ratios, the probe's warnings."""
+    """Print a terminal table of one run: status, steps, accuracy, per-layer flip ratios, the probe's warnings.
+
+    The optimizer is named by what trains the binary weights (bop, bop2nd, latent-adam, latent-sgd, ...); accuracy
+    is the last value of the first metric logged under one of the names val_accuracy, val_acc, valid_accuracy,
+    validation_accuracy, test_accuracy, test_acc, accuracy, acc, top1, val_top1, test_top1 (train: train_accuracy,
+    train_acc, train_top1).
+    """
     from ..reports import training
     from ..reports.frames import frame
     from ..reports.load import load_runs
@@ -142,7 +183,11 @@ def summary(run, skip_broken):
     click.echo(f"family    {t(row['family'])}  optimizer {t(row['optimizer'])}  model {t(row['model'])}  "
                f"dataset {t(row['dataset'] or '—')}")
     click.echo(f"steps     {row['steps']}")
-    click.echo(f"accuracy  train {_f(row['final_train_accuracy'], '.4f')}  val {_f(row['final_val_accuracy'], '.4f')}")
+    metric = row["accuracy_metric"] or "held-out"
+    click.echo(f"accuracy  train {_f(row['final_train_accuracy'], '.4f')}  {metric} "
+               f"{_f(row['final_val_accuracy'], '.4f')}")
+    click.echo(f"τ         {_f(row['threshold'], '.3g') if not isinstance(row['threshold'], str) else row['threshold']}"
+               f"  γ {_f(row['gamma'], '.3g')}  lr {_f(row['lr'], '.3g')}")
     _probe_warnings(r)
     steps = frame(r, "steps")
     if steps.empty:

@@ -1,4 +1,4 @@
-"""Per-layer Bop threshold policies (science.md, question A: does one global τ serve wide and thin layers?).
+"""Per-layer Bop threshold policies (does one global τ serve wide and thin layers? Helwegen et al. 2019 use one).
 
 Bop flips a binary weight w when ``w · m > τ`` (Helwegen et al. 2019); Bop2ndOrder when ``w · m/(√v + ε) > τ``.
 Every hyperparameter of :class:`bnn_probe.optim.Bop` is per parameter group, so a per-layer τ is one parameter
@@ -167,13 +167,13 @@ def global_threshold(threshold: float) -> ThresholdPolicy:
 
 
 global_ = global_threshold
-globals()["global"] = global_threshold  # ``getattr(thresholds, "global")``: the issue's name for the policy
+globals()["global"] = global_threshold  # ``getattr(thresholds, "global")``: the CLI's name for the policy
 
 
 def fan_in(threshold: float, reference_fan_in: int, exponent: float = 0.5) -> ThresholdPolicy:
     """τ_l = τ · (n_ref / n_l)^a: a layer with fan-in n_ref gets τ, wider layers less (for a > 0).
 
-    a = 0.5 is the batch-norm argument of science.md (|m| ∝ n^−1/2); measure it with the ``thresholds`` study.
+    a = 0.5 is the batch-norm argument (|m| ∝ n^−1/2, docs/thresholds.md); measure it with the ``thresholds`` study.
     Meant for Bop; Bop2ndOrder normalises m by √v already, so there ``global`` is the natural choice.
 
     >>> p = fan_in(1e-6, reference_fan_in=64, exponent=0.5)

@@ -53,6 +53,8 @@ class LayerState:
     * ``sign0`` (bool): sign(w_0) at attach, for C2I.
     * ``count`` (int32): flips of each weight since attach; ``last`` (int32): step of its last flip (0 = never).
     * ``prev_above`` (bool): |m_{t−1}| > τ (Bop family), for threshold crossings.
+    * ``prev_m`` (float): m_{t−1} (Bop; Bop2ndOrder: m̂_{t−1}) as measured at the previous step (at attach: the
+      optimizer state then, zeros without one), for ``step_size``; None until set.
     * ``q_idx``: the fixed quantile sample (None = all weights), ``t_idx``: the tracked weights.
     """
 
@@ -67,6 +69,7 @@ class LayerState:
         self.count = torch.zeros(flat.numel(), dtype=torch.int32, device=dev)
         self.last = torch.zeros(flat.numel(), dtype=torch.int32, device=dev)
         self.prev_above: Tensor | None = None
+        self.prev_m: Tensor | None = None
         self.q_idx = q_idx.to(dev) if q_idx is not None else None
         self.t_idx = t_idx.to(dev)
         self.mix = hash_coefficients(flat.numel(), dev) if sign_hash else None
@@ -157,12 +160,17 @@ class StepContext:
             fn = getattr(self.layer.optimizer, "normalized_momentum", None)
             if fn is not None:
                 return fn(self.layer.param).detach().reshape(-1)
-            return normalize_2nd(st[key].reshape(-1), st["exp_avg_sq"].reshape(-1), self.group)
+            return normalize_2nd(st[key].reshape(-1), st["exp_avg_sq"].reshape(-1), self.group, st)
         return st[key].detach().reshape(-1)
 
     @cached_property
     def wm(self) -> Tensor:
         return self.w * self.m
+
+    @cached_property
+    def margin(self) -> Tensor:
+        """The pre-decision margin w_{t−1}·m_t (Bop2ndOrder: w_{t−1}·m̂_t): −w_t·m_t where the sign changed."""
+        return torch.where(self.flipped, -self.wm, self.wm)
 
     @cached_property
     def abs_m(self) -> Tensor:
@@ -192,7 +200,7 @@ class StepContext:
         if g is not None:
             v = (v - sigma * gi * gi) / (1 - sigma) if sigma != 1 else torch.full_like(v, float("nan"))
             v = v.clamp_min(0)
-        return normalize_2nd(m, v, self.group)
+        return normalize_2nd(m, v, self.group, st, back=1 if g is not None else 0)
 
     def inertia_at(self, idx: Tensor) -> Tensor:
         """Inertia after the step at ``idx``: latent margin(w̃_t) (|w̃_t| for sign), Bop family τ − w_t·m_t (float64)."""
@@ -207,19 +215,43 @@ class StepContext:
         w_prev = torch.where(self.prev_sign[idx], 1.0, -1.0).to(self.w.dtype)
         return self.tau - (w_prev * self.prev_momentum_at(idx)).double()
 
+    def step_size_at(self, idx: Tensor) -> Tensor:
+        """|state_t − state_{t−1}| at ``idx`` (float64): latent |w̃_t − w̃_{t−1}|; Bop family |m_t − m_{t−1}|
+        (Bop2ndOrder: m̂), m_{t−1} as measured at the previous step (NaN before any)."""
+        if self.family == "latent":
+            return (self.w[idx].double() - self.state.prev_w[idx].double()).abs()
+        prev = self.state.prev_m
+        if prev is None:
+            return torch.full(idx.shape, float("nan"), dtype=torch.float64, device=self.w.device)
+        return (self.m[idx].double() - prev[idx].double()).abs()
+
     def commit(self) -> None:
-        """End of step: update per-weight flip counters, last-flip steps and the above-threshold mask."""
+        """End of step: update per-weight flip counters, last-flip steps, the above-threshold mask and m_{t−1}."""
         st = self.state
         fl = self.flipped
         st.count.add_(fl)
         st.last.masked_fill_(fl, self.step)
-        if self.family != "latent" and self.tau == self.tau:
-            st.prev_above = self.above
+        if self.family != "latent":
+            st.prev_m = self.m.clone()
+            if self.tau == self.tau:
+                st.prev_above = self.above
 
 
-def normalize_2nd(m: Tensor, v: Tensor, group: dict) -> Tensor:
-    """Bop2ndOrder's normalised momentum: m/(sqrt(v)+eps), or (m/γ)/(sqrt(v/σ)+eps) with ``bias_correction``."""
+def normalize_2nd(m: Tensor, v: Tensor, group: dict, state: dict | None = None, back: int = 0) -> Tensor:
+    """Bop2ndOrder's normalised momentum: m/(sqrt(v)+eps), or (m/γ)/(sqrt(v/σ)+eps) with ``bias_correction``, or
+    (m/c)/(sqrt(v/d)+eps) with ``adam_bias_correction`` (c = 1 − Π(1−γ_s), d = 1 − Π(1−σ_s) from ``state``'s
+    ``bias_prod_m`` / ``bias_prod_v``; ``back=1``: the products of the step before, for m_{t−1}, v_{t−1})."""
     eps = float(group.get("eps", 1e-10))
+    if group.get("adam_bias_correction"):
+        if not state or "bias_prod_m" not in state:
+            return torch.zeros_like(m)
+        pm, pv = float(state["bias_prod_m"]), float(state["bias_prod_v"])
+        if back:
+            pm, pv = pm / (1 - float(group["gamma"])), pv / (1 - float(group["sigma"]))
+        c, d = 1.0 - pm, 1.0 - pv
+        if c <= 0 or d <= 0:  # before the first step: m = v = 0
+            return torch.zeros_like(m)
+        return (m / c) / ((v / d).sqrt() + eps)
     if group.get("bias_correction"):
         return (m / float(group["gamma"])) / ((v / float(group["sigma"])).sqrt() + eps)
     return m / (v.sqrt() + eps)

@@ -4,10 +4,11 @@ Per step the weights of all layers of a group are concatenated into one flat ten
 preallocated buffer), likewise m (Bop: ``exp_avg``; Bop2ndOrder: the normalised m̂) and the gradients, so the
 number of kernel launches per step does not grow with the number of layers:
 
-* per-layer counts (flips, c2i_diff, non-finite gradients, flip_now, above_threshold, settled, crossings,
-  at_clip): each weight gets a small bit code (one bit per mask), ``layer · 2^B + code`` is histogrammed in one
-  ``bincount`` (CPU) / ``histc`` (CUDA: ``bincount`` would synchronise), and one matrix product turns the
-  [layers, 2^B] histogram into every count;
+* per-layer counts (flips, c2i_diff, non-finite gradients, above_threshold, crossings, the margin ladder
+  margin_exceed_*, at_clip): each weight gets a small bit code (one bit per mask; the margin ladder as one 3-bit field,
+  the number 0…7 of ladder points k·τ its margin w_{t−1}·m_t exceeds — the ladder is increasing, so
+  #{margin > k_j·τ} = #{field > j}), ``layer · 2^B + code`` is histogrammed in one ``bincount`` (CPU) / ``histc``
+  (CUDA: ``bincount`` would synchronise), and one matrix product turns the [layers, 2^B] histogram into every count;
 * ``sign_hash``: one int64 ``cumsum`` of r_i·[w_i ≥ 0], differenced at the layer ends (exact, wrapping);
 * means: ``torch._foreach_norm(…, 1, dtype=float64)`` over the per-layer views (one fused call);
 * quantiles: one gather of the fixed per-layer samples into [layers, K] (padded with NaN), one sort, one gather;
@@ -40,16 +41,18 @@ import torch
 from torch import Tensor
 
 from ..errors import BnnProbeError
+from ..runlog.schema import MARGIN_EXCEED, MARGIN_LADDER, MARGIN_Q, MARGIN_QUANTILES
 from .binary_detect import LayerInfo, clip_value_of
 from .context import hash_coefficients, normalize_2nd
-from .fused import make_step_fn, maybe_compile
+from .fused import _at_positions, make_step_fn, maybe_compile
 from .quantities import QUANTILES
 
 __all__ = ["FlatGroup", "group_layers"]
 
 _NAN = float("nan")
+_LADDER_CHUNK = 1 << 16  # weights per chunk of the CPU margin ladder (w·m, count and mask chunks stay in cache)
 # bit codes of the per-weight masks (Bop family / latent)
-_BOP_BITS = ("flipped", "c2i", "finite", "gt", "lt", "above", "prev_above")
+_BOP_BITS = ("flipped", "c2i", "finite", "above", "prev_above", "l0", "l1", "l2")  # l0..l2: the margin ladder field
 _LAT_BITS = ("flipped", "c2i", "finite", "at_clip")
 
 
@@ -67,12 +70,11 @@ _BOP_COUNTS = {
     "flips": lambda b: b["flipped"],
     "c2i_diff": lambda b: b["c2i"],
     "nonfinite_grads": lambda b: not b["finite"],
-    # w_{t-1}·m_t > τ: w_{t-1} = w_t where unchanged, −w_t where flipped (so w_{t-1}·m_t = −w_t·m_t there)
-    "flip_now": lambda b: (b["gt"] and not b["flipped"]) or (b["lt"] and b["flipped"]),
     "above_threshold": lambda b: b["above"],
-    "settled": lambda b: b["lt"],
     "crossings_up": lambda b: b["above"] and not b["prev_above"],
     "crossings_down": lambda b: b["prev_above"] and not b["above"],
+    # the margin w_{t−1}·m_t exceeds the j-th ladder point iff the field (number of points exceeded) is > j
+    **{c: (lambda b, j=j: b["l0"] + 2 * b["l1"] + 4 * b["l2"] > j) for j, c in enumerate(MARGIN_EXCEED)},
 }
 _LAT_COUNTS = {
     "flips": lambda b: b["flipped"],
@@ -211,12 +213,12 @@ class FlatGroup:
         self.layer_ends = [o + n for o, n in zip(self.offsets, self.ns, strict=True)]
         self.sign_hash = sign_hash
         self.E = int(events_per_layer)
-        # float columns: Bop family writes the first 16, latent the last 9 (checked against the recorder's order)
+        # float columns: Bop family writes the first 25, latent the last 9 (checked against the recorder's order)
         fc = list(float_columns)
         self.n_float = len(fc)
-        bop_cols = ["flip_now", "above_threshold", "settled", "crossings_up", "crossings_down", "abs_m_mean",
+        bop_cols = ["above_threshold", "crossings_up", "crossings_down", *MARGIN_EXCEED, "abs_m_mean",
                     *[f"abs_m_q{round(q * 100):02d}" for q in QUANTILES],
-                    *[f"wm_q{round(q * 100):02d}" for q in QUANTILES]]
+                    *[f"wm_q{round(q * 100):02d}" for q in QUANTILES], *MARGIN_Q]
         lat_cols = ["abs_w_mean", *[f"abs_w_q{round(q * 100):02d}" for q in QUANTILES], "at_clip", "adam_step_q50",
                     "adam_step_q95"]
         if fc != bop_cols + lat_cols:  # pragma: no cover - schema and probe out of step
@@ -250,6 +252,7 @@ class FlatGroup:
         self.adam = [isinstance(ly.optimizer, (torch.optim.Adam, torch.optim.AdamW)) for ly in layers]
         self.prev_above: Tensor | None = None
         self.wm_prev: Tensor | None = None
+        self.m_prev: Tensor | None = None  # m_{t−1} (Bop2ndOrder: m̂_{t−1}) for step_size
         if self.bop:
             self._read_hyper()
             m = self.cat_m()
@@ -259,6 +262,7 @@ class FlatGroup:
                     above[self.offsets[li]:self.offsets[li] + self.ns[li]] = False
             self.prev_above = above
             self.wm_prev = w * m  # w_{t−1}·m_{t−1} for the next step's flip events (the state at attach)
+            self.m_prev = m.clone() if self.fused else m
         if self.fused:
             self.t_dev = torch.zeros((), dtype=torch.int32, device=dev)
             self.u0 = torch.zeros(self.L, self.E, dtype=torch.float64, device=dev)
@@ -317,6 +321,7 @@ class FlatGroup:
         self.qpad_t = pad.to(dev)  # the device path masks always (static graph)
         self.qpos, self.qfrac = self._positions(ks, QUANTILES)
         self.apos, self.afrac = self._positions(ks, (0.5, 0.95))
+        self.mpos, self.mfrac = self._positions(ks, MARGIN_QUANTILES)
         self.tsel = torch.cat([t.cpu() + o for t, o in zip(t_idx, self.offsets, strict=True)]).to(dev)
         self.t_layer = torch.cat([torch.full((len(t),), li, dtype=torch.int64) for li, t in enumerate(t_idx)]).to(dev)
         self.t_sizes = [len(t) for t in t_idx]
@@ -334,14 +339,13 @@ class FlatGroup:
 
     def _quantiles(self, x: Tensor, pos: Tensor, frac: Tensor) -> Tensor:
         """x: [..., L, K] samples (NaN-padded) → [..., L, Q] quantiles (float64), one sort for all rows."""
+        return _at_positions(self._sort(x), pos, frac)
+
+    @staticmethod
+    def _sort(x: Tensor) -> Tensor:
         if x.device.type == "cpu":  # numpy's (SIMD) sort is ~30x faster than torch.sort on CPU here; same order
-            v = torch.from_numpy(np.sort(x.numpy(), axis=-1))
-        else:
-            v = x.sort(dim=-1).values
-        v = v.gather(-1, pos.expand(*x.shape[:-1], pos.shape[-1])).double()
-        q = frac.shape[-1]
-        lo, hi = v[..., :q], v[..., q:]
-        return lo + (hi - lo) * frac
+            return torch.from_numpy(np.sort(x.numpy(), axis=-1))
+        return x.sort(dim=-1).values
 
     def _sample(self, x: Tensor) -> Tensor:
         s = x[self.qsel]
@@ -349,12 +353,13 @@ class FlatGroup:
             s.masked_fill_(self.qpad, _NAN)
         return s
 
-    def _sample2(self, a: Tensor, b: Tensor) -> Tensor:
-        """[2, L, K]: the samples of two flat tensors (two index_select into one buffer, one fill)."""
-        out = torch.empty((2, *self.qsel.shape), dtype=a.dtype, device=a.device)
+    def _sample_n(self, *xs: Tensor) -> Tensor:
+        """[n, L, K]: the samples of n flat tensors (n index_select into one buffer, one fill)."""
+        a = xs[0]
+        out = torch.empty((len(xs), *self.qsel.shape), dtype=a.dtype, device=a.device)
         flat = self.qsel.view(-1)
-        torch.index_select(a, 0, flat, out=out[0].view(-1))
-        torch.index_select(b, 0, flat, out=out[1].view(-1))
+        for i, x in enumerate(xs):
+            torch.index_select(x, 0, flat, out=out[i].view(-1))
         if self.qpad is not None:
             out.masked_fill_(self.qpad, _NAN)
         return out
@@ -395,9 +400,15 @@ class FlatGroup:
                     f"the optimizer state of {ly.name} ({type(ly.optimizer).__name__}) has no momentum key "
                     f"{self.mkey!r} (keys: {', '.join(map(str, st))}); attach(..., momentum_key=...) names it")
         if self.family != "bop2nd":
-            return torch.cat(ms, out=self._buf("m", self.dtype))
+            buf = self._buf("m", self.dtype)  # two buffers in turn: the other one holds m_{t−1} (step_size)
+            if self.m_prev is buf:
+                buf = self._buf("m_alt", self.dtype)
+            return torch.cat(ms, out=buf)
         vs, _ = self._state_views("exp_avg_sq")
-        if self._uniform_2nd is not None:
+        if any(ly.group.get("adam_bias_correction") for ly in self.layers):  # divisors kept in the optimizer state
+            out = torch.cat([normalize_2nd(m, v, ly.group, ly.optimizer.state.get(ly.param))
+                             for m, v, ly in zip(ms, vs, self.layers, strict=True)])
+        elif self._uniform_2nd is not None:
             gamma, sigma, eps, bc = self._uniform_2nd
             group = {"gamma": gamma, "sigma": sigma, "eps": eps, "bias_correction": bc}
             out = normalize_2nd(torch.cat(ms), torch.cat(vs), group)
@@ -501,11 +512,11 @@ class FlatGroup:
             wm = torch.mul(w, m, out=self._buf(f"wm{k}", m.dtype))
         if log:
             g = self.cat_g()
-            out["ints"], out["floats"] = self._steps(w, sign, flipped, m, wm, abs_m, above, g)
+            out["ints"], out["floats"] = self._steps(w, sign, flipped, m, wm, abs_m, above, g, fidx)
         if ev and self.E > 0:
-            out["events"] = self._events(t, flipped, fidx)
+            out["events"] = self._events(t, flipped, fidx, w, m)
         if trk:
-            out["tracked"] = self._tracked(w, sign, wm)
+            out["tracked"] = self._tracked(w, sign, wm, m)
         if hist:
             out["hists"] = self._hists(w, wm, abs_m)
         if snap:
@@ -520,6 +531,7 @@ class FlatGroup:
         if self.bop:
             self.prev_above = above if self.tau_valid is None else torch.where(self.tau_valid, above, self.prev_above)
             self.wm_prev = wm
+            self.m_prev = m
         return out
 
     def _measure_fused(self, t: int, log: bool, trk: bool, ev: bool, hist: bool, snap: bool) -> dict:
@@ -561,7 +573,8 @@ class FlatGroup:
             s["mix"] = self.mix
         if self.bop:
             s.update(m=self.g0, tau32=self.tau32_l, tau64=self.tau_l, tau_t=self.tau_t, tau_e=self.tau_e,
-                     prev_above=self.prev_above, wm_prev=self.wm_prev, nan_lat=self.nan_lat)
+                     prev_above=self.prev_above, wm_prev=self.wm_prev, m_prev=self.m_prev, nan_lat=self.nan_lat,
+                     mpos=self.mpos, mfrac=self.mfrac)
         else:
             s.update(clip32=self.clip32_l, clip_valid=self.clip_valid_l, nan_bop=self.nan_bop,
                      adam=self.nan_lat[:, :2])
@@ -584,7 +597,8 @@ class FlatGroup:
 
     def _codes_cpu(self, masks: list[Tensor]) -> Tensor:
         """CPU: code = Σ_k mask_k·2^k built with shifts and ors on 8 codes at a time (uint64 words: each byte stays
-        below 2^B ≤ 128, so no bit crosses into the next byte), then one uint8 ``bincount`` per layer."""
+        below 2^B ≤ 256, so no bit crosses into the next byte; the last mask may be a uint8 field of several bits,
+        it ends up in the top bits), then one uint8 ``bincount`` per layer."""
         code = self.code.numpy()
         n8 = self.N & ~7
         ms = [m.numpy() for m in masks]
@@ -599,13 +613,47 @@ class FlatGroup:
                                                                               strict=True)])
         return h.to(torch.float64) @ self.count_mat  # [L, C] exact counts
 
-    def _steps(self, w, sign, flipped, m, wm, abs_m, above, g) -> tuple[Tensor, Tensor]:
+    def _ladder(self, wm: Tensor, flipped: Tensor, fidx: np.ndarray | None) -> Tensor:
+        """uint8 per weight: the number of ladder points k·τ (k in MARGIN_LADDER) that the margin x = w_{t−1}·m_t
+        exceeds (x > k·τ). x = w_t·m_t where the sign did not change and −w_t·m_t where it did (w_{t−1} = −w_t).
+
+        CPU: the seven comparisons run on w·m in chunks of 2^16 weights (the chunk stays in cache: ~5x faster than
+        seven passes over memory), then the flipped weights (sparse: ``fidx``) are recounted with −w·m. The same
+        IEEE comparisons as ``x > k·τ`` in x's dtype (k·τ rounded to it; exact for these powers of two)."""
+        field = self._buf("ladder", torch.uint8)
+        uniform = not isinstance(self.tau, Tensor)
+        if fidx is None or not _np_ok(wm) or not (uniform or self.tau.dtype == wm.dtype):
+            x = torch.where(flipped, -wm, wm)
+            field.copy_(x > self.tau * MARGIN_LADDER[0])
+            for k in MARGIN_LADDER[1:]:
+                field.add_(x > self.tau * k)
+            return field
+        xn, fn = wm.numpy(), field.numpy()
+        tn = None if uniform else self.tau.numpy()
+        thr = [xn.dtype.type(k * self.tau) for k in MARGIN_LADDER] if uniform else None
+        c = min(_LADDER_CHUNK, self.N)
+        gb, tb = np.empty(c, np.bool_), np.empty(c, xn.dtype)
+        for s in range(0, self.N, c):
+            e = min(s + c, self.N)
+            xs, fs, gs = xn[s:e], fn[s:e], gb[:e - s]
+            for j, k in enumerate(MARGIN_LADDER):
+                t = thr[j] if uniform else np.multiply(tn[s:e], xn.dtype.type(k), out=tb[:e - s])
+                np.greater(xs, t, out=fs.view(np.bool_) if j == 0 else gs)
+                if j:
+                    np.add(fs, gs.view(np.uint8), out=fs)
+        if len(fidx):
+            xf = -xn[fidx]
+            cnt = np.zeros(len(fidx), np.uint8)
+            for j, k in enumerate(MARGIN_LADDER):
+                cnt += xf > (thr[j] if uniform else tn[fidx] * xn.dtype.type(k))
+            fn[fidx] = cnt
+        return field
+
+    def _steps(self, w, sign, flipped, m, wm, abs_m, above, g, fidx) -> tuple[Tensor, Tensor]:
         c2i = _ne(sign, self.sign0, self.c2ibuf)
         finite = _isfinite(g)
         if self.bop:
-            gt = _cmp("gt", wm, self.tau)
-            lt = _cmp("lt", wm, self.ntau)
-            counts = self._codes([flipped, c2i, finite, gt, lt, above, self.prev_above])
+            counts = self._codes([flipped, c2i, finite, above, self.prev_above, self._ladder(wm, flipped, fidx)])
         else:
             if self.clip_any:
                 at_clip = torch.ge(w.abs(), self.clip)
@@ -631,8 +679,12 @@ class FlatGroup:
         else:
             mean = torch.stack(torch._foreach_norm(list(x.split(self.ns)), 1, dtype=torch.float64)).div_(self.n_f)
         if self.bop:
-            q = self._quantiles(self._sample2(abs_m, wm), self.qpos, self.qfrac)
-            floats = torch.cat([counts[:, 3:8], mean.unsqueeze(1), q[0], q[1], self.nan_lat], 1)
+            smp = self._sample_n(abs_m, wm, wm)
+            smp[2] = torch.where(flipped[self.qsel], -smp[2], smp[2])  # the margin w_{t−1}·m_t on the sample
+            v = self._sort(smp)  # one sort: |m|, w·m and the margin
+            q = _at_positions(v[:2], self.qpos, self.qfrac)
+            qm = _at_positions(v[2], self.mpos, self.mfrac)
+            floats = torch.cat([counts[:, 3:13], mean.unsqueeze(1), q[0], q[1], qm, self.nan_lat], 1)
         else:
             q = self._quantiles(self._sample(w).abs(), self.qpos, self.qfrac)
             at = counts[:, 3:4]
@@ -683,21 +735,31 @@ class FlatGroup:
             out[bad] = _NAN
         return out
 
-    def _tracked(self, w: Tensor, sign: Tensor, wm: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(sign(w_t) ≥ 0 as bool, inertia float64) of the tracked weights; the recorder writes the sign as ±1."""
-        idx = self.tsel
+    def _step_size(self, idx: Tensor, w: Tensor, m: Tensor | None) -> Tensor:
+        """|state_t − state_{t−1}| at idx (float64): Bop family |m_t − m_{t−1}| (m̂), latent |w̃_t − w̃_{t−1}|."""
         if self.bop:
-            return sign[idx], self.tau_t - wm[idx].double()
-        if self.any_custom:
-            return sign[idx], self.margin(w)[idx].double()
-        wt = w[idx]
-        return wt >= 0, wt.abs().double()
+            return (m[idx].double() - self.m_prev[idx].double()).abs()
+        return (w[idx].double() - self.prev_w[idx].double()).abs()
 
-    def _events(self, t: int, flipped: Tensor, fidx: np.ndarray | None = None) -> tuple[Tensor, Tensor]:
+    def _tracked(self, w: Tensor, sign: Tensor, wm: Tensor | None, m: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(sign(w_t) ≥ 0 as bool, float64 [T, 2] = (inertia, step_size)) of the tracked weights; the recorder
+        writes the sign as ±1."""
+        idx = self.tsel
+        step = self._step_size(idx, w, m)
+        if self.bop:
+            return sign[idx], torch.stack([self.tau_t - wm[idx].double(), step], 1)
+        if self.any_custom:
+            return sign[idx], torch.stack([self.margin(w)[idx].double(), step], 1)
+        wt = w[idx]
+        return wt >= 0, torch.stack([wt.abs().double(), step], 1)
+
+    def _events(self, t: int, flipped: Tensor, fidx: np.ndarray | None, w: Tensor,
+                m: Tensor | None) -> tuple[Tensor, Tensor]:
         """Up to E flipped weights per layer, stratified (samplers.sample_flipped, all layers at once).
 
         Inertia just before the step: latent |w̃_{t−1}| (the pre-step copy); Bop family τ − w_{t−1}·m_{t−1} with
-        w_{t−1}·m_{t−1} kept from the previous step's measurement (at attach: the optimizer state then)."""
+        w_{t−1}·m_{t−1} kept from the previous step's measurement (at attach: the optimizer state then); and the
+        step size at the flip (as for tracked weights). Returns (int64 [L·E, 2], float64 [L·E, 2])."""
         E, L, dev = self.E, self.L, self.device
         cb = self.cbuf
         if fidx is not None:  # CPU: flips before each bound by binary search in the flipped indices (= the cumsum)
@@ -727,8 +789,8 @@ class FlatGroup:
             inertia = self.margin(self.prev_w)[safe].double()
         else:
             inertia = self.prev_w[safe].abs().double()
-        inertia = inertia.masked_fill_(~valid.view(-1), _NAN)
-        return torch.stack([local, since.to(torch.int64)], 1), inertia
+        floats = torch.stack([inertia, self._step_size(safe, w, m)], 1).masked_fill_(~valid.view(-1, 1), _NAN)
+        return torch.stack([local, since.to(torch.int64)], 1), floats
 
     def _hists(self, w: Tensor, wm: Tensor | None, abs_m: Tensor | None) -> dict[str, tuple[Tensor, Tensor, list]]:
         """{quantity: (counts [L, bins] int64, stats [L, 4] float64, layer rows that have it)} (histograms.py)."""

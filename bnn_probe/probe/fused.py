@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..runlog.schema import MARGIN_LADDER
+
 __all__ = ["make_step_fn", "maybe_compile"]
 
 _NAN = float("nan")
@@ -27,8 +29,12 @@ _NAN = float("nan")
 
 def _quantiles(x: Tensor, pos: Tensor, frac: Tensor) -> Tensor:
     """x: [..., L, K] samples (NaN-padded) → [..., L, Q] numpy-"linear" quantiles (float64)."""
-    v = x.sort(dim=-1).values
-    v = v.gather(-1, pos.expand(*x.shape[:-1], pos.shape[-1])).double()
+    return _at_positions(x.sort(dim=-1).values, pos, frac)
+
+
+def _at_positions(v: Tensor, pos: Tensor, frac: Tensor) -> Tensor:
+    """v: [..., L, K] sorted samples → [..., L, Q] quantiles at the [L, 2Q] positions (float64)."""
+    v = v.gather(-1, pos.expand(*v.shape[:-1], pos.shape[-1])).double()
     q = frac.shape[-1]
     lo, hi = v[..., :q], v[..., q:]
     return lo + (hi - lo) * frac
@@ -71,7 +77,7 @@ def make_step_fn(bop: bool, ns: list[int], n_bits: int, events: int, sign_hash: 
         b = cs[s["bounds"]]
         return (b[L:] - b[:L]).unsqueeze(1)
 
-    def _events(s: dict, flipped: Tensor, inertia_of: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    def _events(s: dict, flipped: Tensor, floats_of: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
         cb = torch.cumsum(flipped, 0, dtype=torch.int32)
         b = torch.cat([cb.new_zeros(1), cb])[s["bounds"]]
         c_prev = b[:L].unsqueeze(1)
@@ -85,8 +91,8 @@ def make_step_fn(bop: bool, ns: list[int], n_bits: int, events: int, sign_hash: 
         local = torch.where(valid, gidx - st, -1).view(-1)
         last = s["last"][safe]
         since = torch.where(last > 0, s["t"] - last, -1)
-        inertia = torch.where(valid.view(-1), inertia_of(safe), _NAN)
-        return torch.stack([local, since.to(torch.int64)], 1), inertia
+        floats = torch.where(valid.view(-1, 1), floats_of(safe), _NAN)  # [L·E, 2]: inertia_before, step_size
+        return torch.stack([local, since.to(torch.int64)], 1), floats
 
     def step(s: dict, log: bool, trk: bool, ev: bool) -> dict:
         out: dict = {}
@@ -99,25 +105,38 @@ def make_step_fn(bop: bool, ns: list[int], n_bits: int, events: int, sign_hash: 
             abs_m = m.abs()
             above = abs_m > tau
             wm = w * m
+            m_prev = s["m_prev"]
+
+            def step_size(i: Tensor) -> Tensor:
+                return (m[i].double() - m_prev[i].double()).abs()
+
             if log:
                 c2i = sign != s["sign0"]
                 finite = torch.isfinite(s["g"])
-                counts = _counts(s, [flipped, c2i, finite, wm > tau, wm < -tau, above, s["prev_above"]])
+                margin = torch.where(flipped, -wm, wm)  # w_{t−1}·m_t
+                field = (margin > tau * MARGIN_LADDER[0]).to(torch.uint8)  # ladder points exceeded (0…7)
+                for k in MARGIN_LADDER[1:]:
+                    field = field + (margin > tau * k).to(torch.uint8)
+                counts = _counts(s, [flipped, c2i, finite, above, s["prev_above"], field])
                 ints = torch.cat([counts[:, :3].to(torch.int64), _hash(s, sign)], 1)
                 mean = _layer_abs_mean(s, abs_m)
-                q = _quantiles(torch.stack([_sample(s, abs_m), _sample(s, wm)]), s["qpos"], s["qfrac"])
+                v = torch.stack([_sample(s, abs_m), _sample(s, wm), _sample(s, margin)]).sort(dim=-1).values
+                q = _at_positions(v[:2], s["qpos"], s["qfrac"])
+                qm = _at_positions(v[2], s["mpos"], s["mfrac"])
                 out["ints"] = ints
-                out["floats"] = torch.cat([counts[:, 3:8], mean.unsqueeze(1), q[0], q[1], s["nan_lat"]], 1)
+                out["floats"] = torch.cat([counts[:, 3:13], mean.unsqueeze(1), q[0], q[1], qm, s["nan_lat"]], 1)
             if ev and E > 0:
                 wm_prev = s["wm_prev"]
-                out["events"] = _events(s, flipped, lambda i: s["tau_e"] - wm_prev[i].double())
+                out["events"] = _events(s, flipped, lambda i: torch.stack(
+                    [s["tau_e"] - wm_prev[i].double(), step_size(i)], 1))
             if trk:
                 idx = s["tsel"]
-                out["tracked"] = (sign[idx], s["tau_t"] - wm[idx].double())
-            # commit: |m_t| > τ (kept where τ is NaN) and w_t·m_t for the next step
+                out["tracked"] = (sign[idx], torch.stack([s["tau_t"] - wm[idx].double(), step_size(idx)], 1))
+            # commit: |m_t| > τ (kept where τ is NaN), w_t·m_t and m_t for the next step
             tau64 = s["tau64"][s["layer_id"]]
             s["prev_above"].copy_(torch.where(tau64 == tau64, above, s["prev_above"]))
             s["wm_prev"].copy_(wm)
+            m_prev.copy_(m)
         else:
             if log:
                 c2i = sign != s["sign0"]
@@ -131,19 +150,25 @@ def make_step_fn(bop: bool, ns: list[int], n_bits: int, events: int, sign_hash: 
                 at = torch.where(s["clip_valid"].unsqueeze(1), counts[:, 3:4], _NAN)
                 out["ints"] = ints
                 out["floats"] = torch.cat([s["nan_bop"], mean.unsqueeze(1), q, at, s["adam"]], 1)
+            prev_w = s["prev_w"]
             if ev and E > 0:
-                prev_w = s["prev_w"]
+                def step_size(i: Tensor) -> Tensor:
+                    return (w[i].double() - prev_w[i].double()).abs()
+
                 if binarized:
-                    out["events"] = _events(s, flipped, lambda i: s["prev_margin"][i].double())
+                    out["events"] = _events(s, flipped, lambda i: torch.stack(
+                        [s["prev_margin"][i].double(), step_size(i)], 1))
                 else:
-                    out["events"] = _events(s, flipped, lambda i: prev_w[i].abs().double())
+                    out["events"] = _events(s, flipped, lambda i: torch.stack(
+                        [prev_w[i].abs().double(), step_size(i)], 1))
             if trk:
+                idx = s["tsel"]
+                step = (w[idx].double() - prev_w[idx].double()).abs()
                 if binarized:
-                    idx = s["tsel"]
-                    out["tracked"] = (sign[idx], s["margin"][idx].double())
+                    out["tracked"] = (sign[idx], torch.stack([s["margin"][idx].double(), step], 1))
                 else:
-                    wt = w[s["tsel"]]
-                    out["tracked"] = (wt >= 0, wt.abs().double())
+                    wt = w[idx]
+                    out["tracked"] = (wt >= 0, torch.stack([wt.abs().double(), step], 1))
         s["count"].add_(flipped)
         s["last"].copy_(torch.where(flipped, s["t"], s["last"]))
         return out

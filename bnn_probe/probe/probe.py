@@ -401,7 +401,7 @@ class Probe:
                 cpu = {name: (None if v is None else v.detach().cpu().clone()) for name, v in (
                     ("sign0", g.layer_slice(g.sign0, k)), ("count", g.layer_slice(g.count, k)),
                     ("last", g.layer_slice(g.last, k)), ("prev_above", g.layer_slice(g.prev_above, k)),
-                    ("wm_prev", g.layer_slice(g.wm_prev, k)),
+                    ("wm_prev", g.layer_slice(g.wm_prev, k)), ("m_prev", g.layer_slice(g.m_prev, k)),
                     ("q_idx", g.q_idx[k]), ("t_idx", g.t_idx[k]))}
                 layers[ly.name] = cpu
             sd["layers"] = layers
@@ -424,7 +424,7 @@ class Probe:
             q_idx, t_idx = [], []
             for k, ly in enumerate(g.layers):
                 st = sd["layers"][ly.name]
-                for name in ("sign0", "count", "last", "prev_above", "wm_prev"):
+                for name in ("sign0", "count", "last", "prev_above", "wm_prev", "m_prev"):
                     dst = g.layer_slice(getattr(g, name), k)
                     if dst is not None and st.get(name) is not None:
                         dst.copy_(st[name].reshape(-1))

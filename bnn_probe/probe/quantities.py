@@ -17,10 +17,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..runlog.schema import MARGIN_EXCEED, MARGIN_LADDER, MARGIN_Q, MARGIN_QUANTILES
 from .context import StepContext
 
 __all__ = [
-    "QUANTILES", "Quantity", "Flips", "FromInit", "NonFiniteGrads", "SignHash", "BopThreshold", "MomentumDistribution",
+    "QUANTILES", "Quantity", "Flips", "FromInit", "NonFiniteGrads", "SignHash", "BopThreshold", "DecisionMargin",
+    "MomentumDistribution",
     "LatentInertia", "AdamStep", "default_quantities", "quantile_columns",
 ]
 
@@ -125,17 +127,16 @@ class SignHash(Quantity):
 class BopThreshold(Quantity):
     """Bop family counts against τ (m = m_t, or m̂_t for Bop2ndOrder):
 
-    flip_now = #{w_{t−1}·m_t > τ}, above_threshold = #{|m_t| > τ}, settled = #{w_t·m_t < −τ},
-    crossings_up = #{|m_{t−1}| ≤ τ < |m_t|}, crossings_down = #{|m_{t−1}| > τ ≥ |m_t|}.
+    above_threshold = #{|m_t| > τ}, crossings_up = #{|m_{t−1}| ≤ τ < |m_t|}, crossings_down = #{|m_{t−1}| > τ ≥ |m_t|}.
+    (After Bop's step every weight with |m_t| > τ sits on the settled side, w_t·m_t < −τ, so the flips are
+    #{w_{t−1}·m_t > τ}: what predicts them is :class:`DecisionMargin`.)
     """
 
     name = "bop_threshold"
-    columns = ("flip_now", "above_threshold", "settled", "crossings_up", "crossings_down")
+    columns = ("above_threshold", "crossings_up", "crossings_down")
     families = ("bop", "bop2nd")
 
     def compute(self, ctx) -> list[Tensor]:
-        tau = ctx.tau
-        wm_prev = torch.where(ctx.flipped, -ctx.wm, ctx.wm)  # w_{t−1} = −w_t exactly where the sign changed
         above = ctx.above
         prev = ctx.state.prev_above
         n_above = _count(above)
@@ -144,7 +145,25 @@ class BopThreshold(Quantity):
         else:
             up = _count(above > prev)
             down = _count(prev > above)
-        return [_count(wm_prev > tau), n_above, _count(ctx.wm < -tau), up, down]
+        return [n_above, up, down]
+
+
+class DecisionMargin(Quantity):
+    """The pre-decision margin x = w_{t−1}·m_t (Bop2ndOrder: w_{t−1}·m̂_t), the quantity Bop's rule compares with τ
+    (flip iff x > τ; Helwegen et al. 2019, Alg. 1):
+
+    margin_exceed_<k> = #{x > k·τ} for k ∈ {1/8, 1/4, 1/2, 1, 2, 4, 8} (all weights; k·τ rounded to the weights'
+    dtype, exact for these powers of two), so margin_exceed_1 = flips for Bop itself and the others are the flips each
+    layer would have had at k·τ with the same m_t; margin_q50 … margin_q999: quantiles of x on the quantile sample.
+    """
+
+    name = "margin"
+    columns = (*MARGIN_EXCEED, *MARGIN_Q)
+    families = ("bop", "bop2nd")
+
+    def compute(self, ctx) -> list[Tensor]:
+        x, tau = ctx.margin, ctx.tau
+        return [*(_count(x > k * tau) for k in MARGIN_LADDER), _quantiles(_sample(ctx, x), MARGIN_QUANTILES)]
 
 
 class MomentumDistribution(Quantity):
@@ -203,5 +222,5 @@ def default_quantities(sign_hash: bool = True) -> list[Quantity]:
     qs: list[Quantity] = [Flips(), FromInit(), NonFiniteGrads()]
     if sign_hash:
         qs.append(SignHash())
-    qs += [BopThreshold(), MomentumDistribution(), LatentInertia(), AdamStep()]
+    qs += [BopThreshold(), DecisionMargin(), MomentumDistribution(), LatentInertia(), AdamStep()]
     return qs

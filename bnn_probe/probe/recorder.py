@@ -26,8 +26,15 @@ from ..runlog.writer import RunWriter
 __all__ = ["Recorder", "MISSING_INT"]
 
 MISSING_INT = -(2**63)  # sentinel for a null int64 (e.g. sign_hash switched off)
-HOST_COLUMNS = ("flip_ratio", "flip_ratio_running", "c2i", "gamma", "threshold", "lr", "sigma")
+HOST_COLUMNS = ("flip_ratio", "flip_ratio_running", "c2i", "c2i_corr", "gamma", "threshold", "lr", "sigma")
 _INT_COLUMNS = ("flips", "c2i_diff", "nonfinite_grads", "sign_hash")
+
+
+def _split_floats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[S, T, 2] → ([S, T] inertia, [S, T] step_size); [S, T] → (x, NaN)."""
+    if x.ndim == 3:
+        return x[:, :, 0], x[:, :, 1]
+    return x, np.full(x.shape, math.nan)
 
 
 class Recorder:
@@ -73,9 +80,11 @@ class Recorder:
         self._steps.append((step, ints, floats, hyper))
 
     def add_tracked(self, step: int, signs: Tensor, inertia: Tensor) -> None:
+        """``inertia``: float64 [T, 2] = (inertia, step_size) per tracked weight ([T]: inertia only)."""
         self._tracked.append((step, signs, inertia))
 
     def add_events(self, step: int, ints: Tensor, inertia: Tensor) -> None:
+        """``inertia``: float64 [L·E, 2] = (inertia_before, step_size) per slot ([L·E]: inertia_before only)."""
         self._events.append((step, ints, inertia))
 
     def add_hist(self, step: int, layer: int, quantity: str, counts: Tensor, stats: Tensor) -> None:
@@ -132,6 +141,7 @@ class Recorder:
             "flip_ratio": ratio.reshape(-1),
             "flip_ratio_running": running.reshape(-1),
             "c2i": (1.0 - ints[:, :, 1] / self.n[None, :]).reshape(-1),
+            "c2i_corr": (1.0 - 2.0 * ints[:, :, 1] / self.n[None, :]).reshape(-1),  # 2·c2i − 1
             "c2i_diff": ints[:, :, 1].reshape(-1),
             "nonfinite_grads": ints[:, :, 2].reshape(-1),
         }
@@ -164,6 +174,9 @@ class Recorder:
                 v = cols[q][i * L + li]
                 if v == v:
                     tb.add_scalar(f"{q}/{name}", v, int(s))
+                tau = cols["threshold"][i * L + li]  # the layer's τ in force (Bop families; NaN for latent)
+                if tau == tau:
+                    tb.add_scalar(f"threshold/{name}", tau, int(s))
 
     def _drain_tracked(self) -> None:
         batch, self._tracked = self._tracked, []
@@ -171,20 +184,21 @@ class Recorder:
         signs = torch.stack([b[1] for b in batch]).cpu().numpy()
         if signs.dtype == np.bool_:  # the probe hands over sign(w) ≥ 0 as bool; written as ±1
             signs = np.where(signs, 1, -1).astype(np.int8)
-        inertia = torch.stack([b[2] for b in batch]).cpu().numpy()
+        inertia, step_size = _split_floats(torch.stack([b[2] for b in batch]).cpu().numpy())
         S, T = signs.shape
         layer = np.concatenate([np.full(len(idx), li) for li, (_, idx) in enumerate(self.track_layout)])
         index = np.concatenate([idx for _, idx in self.track_layout])
         df = pd.DataFrame({
             "step": np.repeat(steps, T), "layer": np.asarray(self.names, dtype=object)[np.tile(layer, S)],
-            "index": np.tile(index, S), "sign": signs.reshape(-1).astype(np.int8), "inertia": inertia.reshape(-1)})
+            "index": np.tile(index, S), "sign": signs.reshape(-1).astype(np.int8), "inertia": inertia.reshape(-1),
+            "step_size": step_size.reshape(-1)})
         self._host["tracked"].append(df)
 
     def _drain_events(self) -> None:
         batch, self._events = self._events, []
         steps = np.array([b[0] for b in batch], dtype=np.int64)
         ints = torch.stack([b[1] for b in batch]).cpu().numpy()  # [S, L*E, 2]
-        inertia = torch.stack([b[2] for b in batch]).cpu().numpy()  # [S, L*E]
+        inertia, step_size = _split_floats(torch.stack([b[2] for b in batch]).cpu().numpy())  # [S, L*E] each
         S, LE, _ = ints.shape
         e = self.events_per_layer
         layer = np.tile(np.repeat(np.arange(self.L), e), S)
@@ -194,7 +208,8 @@ class Recorder:
         df = pd.DataFrame({
             "step": np.repeat(steps, LE)[keep], "layer": np.asarray(self.names, dtype=object)[layer[keep]],
             "index": idx[keep], "inertia_before": inertia.reshape(-1)[keep],
-            "steps_since_last_flip": pd.array(np.where(since[keep] < 0, 0, since[keep]), dtype="Int64")})
+            "steps_since_last_flip": pd.array(np.where(since[keep] < 0, 0, since[keep]), dtype="Int64"),
+            "step_size": step_size.reshape(-1)[keep]})
         df.loc[since[keep] < 0, "steps_since_last_flip"] = pd.NA
         df = df.drop_duplicates(["step", "layer", "index"])
         self._host["events"].append(df)

@@ -38,21 +38,23 @@ def sample_flipped(flipped: Tensor, e: int, gen: torch.Generator) -> tuple[Tenso
 
 
 class Tracked:
-    """A fixed random sample of weights per layer (chosen at attach): sign (±1) and inertia after the step
-    (latent |w̃_t|; Bop family τ − w_t·m_t). Returns (sign int64 [T], inertia float64 [T])."""
+    """A fixed random sample of weights per layer (chosen at attach): sign (±1), inertia after the step
+    (latent |w̃_t|; Bop family τ − w_t·m_t) and step size (latent |w̃_t − w̃_{t−1}|; Bop family |m_t − m_{t−1}|).
+    Returns (sign int64 [T], inertia float64 [T], step_size float64 [T])."""
 
     name = "tracked"
 
-    def compute(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
+    def compute(self, ctx: StepContext) -> tuple[Tensor, Tensor, Tensor]:
         idx = ctx.state.t_idx
         s = torch.where(ctx.sign[idx], 1, -1)
-        return s, ctx.inertia_at(idx)
+        return s, ctx.inertia_at(idx), ctx.step_size_at(idx)
 
 
 class FlipEvents:
     """Up to ``e`` sampled weights that flipped at this step: index, inertia just before the step
-    (latent |w̃_{t−1}|; Bop family τ − w_{t−1}·m_{t−1}) and steps since its previous flip (−1: first flip since attach).
-    Must run before the counters are updated. Returns (int64 [e, 2] = (index, since), float64 [e] inertia)."""
+    (latent |w̃_{t−1}|; Bop family τ − w_{t−1}·m_{t−1}), steps since its previous flip (−1: first flip since attach)
+    and the step size at the flip (as :class:`Tracked`). Must run before the counters are updated.
+    Returns (int64 [e, 2] = (index, since), float64 [e] inertia, float64 [e] step_size)."""
 
     name = "events"
 
@@ -60,10 +62,12 @@ class FlipEvents:
         self.e = int(e)
         self.gen = gen
 
-    def compute(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
+    def compute(self, ctx: StepContext) -> tuple[Tensor, Tensor, Tensor]:
         idx, valid = sample_flipped(ctx.flipped, self.e, self.gen)
         safe = idx.clamp_min(0)
         last = ctx.state.last[safe].to(torch.int64)
         since = torch.where(last > 0, ctx.step - last, -1)
         inertia = ctx.inertia_before_at(safe)
-        return torch.stack([idx, since], 1), torch.where(valid, inertia, float("nan"))
+        step = ctx.step_size_at(safe)
+        nan = float("nan")
+        return torch.stack([idx, since], 1), torch.where(valid, inertia, nan), torch.where(valid, step, nan)

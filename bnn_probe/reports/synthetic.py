@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm as _norm
 
+from ..runlog.schema import MARGIN_EXCEED, MARGIN_LADDER
 from .frames import QUANTILE_P, QUANTILES
 
 _Z = {q: z for q, z in zip(QUANTILES, (-1.6449, -0.6745, 0.0, 0.6745, 1.6449), strict=True)}
@@ -50,13 +51,17 @@ def make_run(name: str = "run", family: str = "bop", layers=DEFAULT_LAYERS, n_st
              m_scale: float | None = None, m_spread: float = 1.0, noise: float = 0.05, flip_base: float = 0.05,
              inertia_effect: float = 1.0, n_tracked: int = 64, trajectory_seed: int | None = None,
              diverge_at: int | None = None, schedule: str | None = None, snapshot_every: int = 50,
-             status: str = "finished", seed: int = 0, tag: str = "", config: dict | None = None) -> SyntheticRun:
+             status: str = "finished", seed: int = 0, tag: str = "", config: dict | None = None,
+             margin_ladder: bool = True) -> SyntheticRun:
     """A synthetic run.
 
     * median |m| of a layer = m_scale · (fan_in/64)^m_slope (default m_scale = 2τ), times log-normal noise
       ``noise`` per step; |m| is log-normal with log-sd ``m_spread`` (its quantiles are logged).
     * flip ratio per (step, layer) = flip_base · P(|m| > τ): the tail-matching model of the threshold
-      recommendation holds exactly, so wide layers flip less when m_slope < 0.
+      recommendation holds exactly, so wide layers flip less when m_slope < 0. With ``margin_ladder`` the
+      pre-decision margin's exceedance counts are written as their expectation n · flip_base · P(|m| > k·τ) for the
+      ladder k = 1/8 … 8 (so the rate a layer would have at any τ' is flip_base · P(|m| > τ'), known exactly);
+      without it the log looks like a version-1 log (no margin columns).
     * tracked weights: a persistent inertia per weight ~ Exponential(1) (times small per-step noise); each step the
       weight flips with probability 0.2·exp(-inertia_effect·inertia)·(1+inertia_effect)/2 (inertia_effect=0:
       flips independent of inertia).
@@ -100,6 +105,10 @@ def make_run(name: str = "run", family: str = "bop", layers=DEFAULT_LAYERS, n_st
     if family != "latent":
         for q, p in zip(QUANTILES, QUANTILE_P, strict=True):
             steps[f"wm_{q}"] = med * (2 * p - 1)
+        if margin_ladder and threshold > 0:
+            for k, c in zip(MARGIN_LADDER, MARGIN_EXCEED, strict=True):
+                steps[c] = nw * flip_base * _norm.sf((np.log(k * threshold) - np.log(med)) / m_spread) * \
+                    np.where(hp < 1, 0.3, 1.0)
     # tracked weights: one row per (step, layer, index)
     T = n_tracked
     n_rows = S * L * T
@@ -145,7 +154,7 @@ def make_run(name: str = "run", family: str = "bop", layers=DEFAULT_LAYERS, n_st
     cfg = {"model": "mlp", "dataset": "digits", "optimizer": opt_class.lower(), "gamma": gamma,
            "threshold": threshold, "lr": lr, "seed": seed}
     cfg.update(config or {})
-    meta = {"format": "bnn-probe-run", "schema_version": 1, "status": status, "family": family,
+    meta = {"format": "bnn-probe-run", "schema_version": 2 if margin_ladder else 1, "status": status, "family": family,
             "optimizer": {"class": opt_class, "groups": [{"index": 0, "gamma": gamma, "threshold": threshold}]},
             "model": {"class": "BinaryMLP", "n_binary_weights": int(lay["n_weights"].sum())},
             "config": cfg, "tag": tag, "versions": {"bnn_probe": "synthetic"}, "last_step": S,

@@ -243,7 +243,7 @@ def _verdict(per_run: pd.DataFrame, table: pd.DataFrame, ds: str, mo: str, negli
 
 def cv_reduction(runs_before, runs_after, window: float = 0.5) -> pd.DataFrame:
     """Per pair (global-τ run, the from-report run fed its recommendation): CV of per-layer flip ratios before and
-    after and their ratio (the issue's acceptance: ratio ≤ 0.5)."""
+    after and their ratio (the recommendation works when the ratio is ≤ 0.5)."""
     before = layer_table(list(runs_before), window)
     after = layer_table(list(runs_after), window)
     rows = []

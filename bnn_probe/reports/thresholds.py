@@ -1,4 +1,4 @@
-"""Section 3 of a report: per-layer threshold needs (science.md, question A).
+"""Section 3 of a report: per-layer threshold needs (does one global Bop τ serve wide and thin layers?).
 
 * :func:`layer_table` — per (run, layer): fan-in, flip ratio over the analysed window, |m| (Bop) or |w̃| (latent)
   quantiles, the threshold in force, the share of weights that never flipped and of weights that chatter.
@@ -6,13 +6,14 @@
   the regression standard error (intercept per run), set against the batch-norm prediction −0.5; verdicts.
 * :func:`recommended_thresholds` — per layer the τ that would give it the target flip ratio.
 
-Method of the recommendation ("tail matching", documented in docs/reports.md): a weight flips when w·m > τ. Write
-P(w·m > τ) = c_l · G_l(τ), with G_l(x) = P(|m| > x) the layer's |m| tail (from the recorded quantiles
-abs_m_q05…q95, medians over the window; log-linear interpolation between them, linear from (0, 1) to q05, power-law
-extrapolation beyond q95) and c_l the share of weights above threshold whose momentum points along the weight (w·m > 0,
-the side that flips). c_l is estimated from the observed flip ratio, c_l = flip_ratio_l / G_l(τ_l), and assumed
-not to depend on τ; the recommended τ*_l solves c_l · G_l(τ*_l) = target. ``bound`` says when τ* lies outside the
-recorded quantiles (extrapolated) or cannot be reached.
+Method of the recommendation ("margin ladder", documented in docs/reports.md): Bop flips a weight when its
+pre-decision margin x = w_{t−1}·m_t exceeds τ (Helwegen et al. 2019; Bop2ndOrder: with m̂, Suarez-Ramirez et al.
+2021). The probe counts #{x > k·τ} at the ladder k = 1/8 … 8 every step; averaged over the analysed window this is
+the layer's exceedance curve R_l(k·τ). τ*_l is read off it where R_l = target, interpolating log R linearly in log τ
+between the two ladder points around the target (never extrapolated: a target outside the ladder gives the ladder
+end, τ/8 or 8τ, and says so in ``bound``). The elasticity d log R/d log τ at the current τ is the slope between τ/2
+and 2τ. Logs without the ladder (written before it existed) fall back to "tail matching" (:func:`tail_prob`,
+:data:`TAIL_METHOD`), documented as such in the table's ``method`` column.
 """
 
 from __future__ import annotations
@@ -23,18 +24,35 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..runlog.schema import MARGIN_EXCEED, MARGIN_LADDER, MARGIN_LADDER_NAMES
 from . import stats
 from .frames import BOP_FAMILIES, QUANTILE_P, QUANTILES, analysis_window, concat, family, frame, pi_metric, run_name
 
 CHATTER_MIN_FLIPS = 10
-METHOD = (
+MARGIN_RATES = tuple(f"margin_rate_{k}" for k in MARGIN_LADDER_NAMES)
+LADDER_METHOD = (
+    "Margin ladder: Bop flips a weight when its pre-decision margin w_{t−1}·m_t (Bop2ndOrder: w_{t−1}·m̂_t) exceeds τ. "
+    "The probe counts, every step, the weights whose margin exceeds k·τ for k = 1/8, 1/4, 1/2, 1, 2, 4, 8; averaged "
+    "over the analysed window and divided by the layer's size this is the exceedance curve R_l(k·τ) (at k = 1 it is "
+    "the flip ratio). τ*_l is the τ where R_l equals the target, log R interpolated linearly in log τ between the two "
+    "ladder points around the target; it is never extrapolated: a target outside the ladder gives the ladder end "
+    "(τ/8 or 8τ), flagged in 'bound', and feeding the table back again moves τ further. 'elasticity' is "
+    "d log R/d log τ at the current τ (the slope between τ/2 and 2τ). R_l is measured with the m_t of the run at "
+    "its own τ, so it describes that run's margins, not a run at another τ: past the current τ it underestimates, "
+    "below it overestimates the flips another τ would give, and a step of feedback undershoots rather than "
+    "overshoots."
+)
+TAIL_METHOD = (
     "Tail matching: a weight flips when w·m > τ. With G_l(x) = P(|m| > x), the layer's |m| tail interpolated "
     "log-linearly through the recorded quantiles abs_m_q05…q95 (medians over the analysed window; linear from "
     "(0, 1) to q05; power-law extrapolation beyond q95), write P(w·m > τ) = c_l · G_l(τ), where c_l, the share of "
     "above-threshold weights whose momentum points along the weight, is estimated from the observed flip ratio "
     "(c_l = flip_ratio_l / G_l(τ_l)) and assumed not to depend on τ. The recommended τ*_l solves "
-    "c_l · G_l(τ*_l) = target. Column 'bound' flags extrapolated or unreachable values."
+    "c_l · G_l(τ*_l) = target. Column 'bound' flags extrapolated or unreachable values. (Fallback for logs without "
+    "the margin ladder; after Bop's step c_l is not a share of anything fixed — every weight with |m| > τ sits on "
+    "the settled side — and it varies with τ.)"
 )
+METHOD = LADDER_METHOD
 PREDICTION = -0.5
 
 
@@ -50,6 +68,17 @@ def _chatter(wf: pd.DataFrame, chatter_min: int) -> pd.DataFrame:
     out = pd.DataFrame({"never_flipped": never.reindex(tot.index, fill_value=0) / tot,
                         "chattering": chat.reindex(tot.index, fill_value=0) / tot})
     return out.reset_index()
+
+
+def _margin_rates(win: pd.DataFrame, layers: pd.DataFrame) -> pd.DataFrame:
+    """Per layer: mean over the window of margin_exceed_k / n_weights (columns margin_rate_<k>); empty without the
+    ladder columns (logs written before them) or the layer sizes."""
+    if not set(MARGIN_EXCEED) <= set(win.columns) or layers.empty or "n_weights" not in layers:
+        return pd.DataFrame(columns=["layer", *MARGIN_RATES])
+    n = win["layer"].map(layers.set_index("layer")["n_weights"]).astype(float)
+    rates = pd.DataFrame({r: win[c].astype(float) / n for c, r in zip(MARGIN_EXCEED, MARGIN_RATES, strict=True)})
+    rates["layer"] = win["layer"].to_numpy()
+    return rates.groupby("layer")[list(MARGIN_RATES)].mean().reset_index()
 
 
 def layer_table(runs, window: float = 0.5, chatter_min: int = CHATTER_MIN_FLIPS) -> pd.DataFrame:
@@ -68,6 +97,8 @@ def layer_table(runs, window: float = 0.5, chatter_min: int = CHATTER_MIN_FLIPS)
                     cols[f"{pre}_{q}"] = (f"{pre}_{q}", "median")
         if "threshold" in win:
             cols["threshold"] = ("threshold", "median")
+        if "gamma" in win:
+            cols["gamma"] = ("gamma", "median")
         g = win.groupby("layer").agg(**cols).reset_index()
         if not layers.empty:
             keep = [c for c in ("layer", "fan_in", "fan_out", "n_weights") if c in layers]
@@ -75,6 +106,7 @@ def layer_table(runs, window: float = 0.5, chatter_min: int = CHATTER_MIN_FLIPS)
             if "threshold" not in g and "threshold" in layers:
                 g = g.merge(layers[["layer", "threshold"]], on="layer", how="left")
         g = g.merge(_chatter(frame(run, "weight_flips"), chatter_min), on="layer", how="left")
+        g = g.merge(_margin_rates(win, layers), on="layer", how="left")
         g["pi"] = pi_metric(g["flip_ratio"])
         if "threshold" in g and f"abs_m_{QUANTILES[0]}" in g:
             tau = g["threshold"].where(g["threshold"] > 0)
@@ -252,6 +284,43 @@ def tail_inverse(gt: float, q: np.ndarray) -> tuple[float, str]:
     return float(math.exp(math.log(kx[i]) + t * (math.log(kx[i + 1]) - math.log(kx[i])))), ""
 
 
+def ladder_threshold(rates, tau: float, target: float) -> tuple[float, str, float, float]:
+    """τ* where the exceedance curve R(k·τ) (``rates`` at the ladder k = 1/8 … 8) equals ``target``.
+
+    Returns (τ*, bound, elasticity at τ, elasticity at τ*). Between two ladder points log R is linear in log τ:
+    τ* = x_j · (x_{j+1}/x_j)^{(log target − log R_j)/(log R_{j+1} − log R_j)}, x_j = k_j·τ; where R_{j+1} = 0 (no
+    weight that far out) R is taken linear in log τ on that segment. A target above R(τ/8) gives τ/8, one below R(8τ)
+    gives 8τ, each named in ``bound`` (never extrapolated). Elasticity d log R/d log τ: at τ the slope between τ/2
+    and 2τ; at τ* the slope of the segment used (NaN where a rate is 0)."""
+    r = np.minimum.accumulate(np.asarray(rates, dtype=float))  # exceedance counts fall along the ladder
+    k = np.asarray(MARGIN_LADDER)
+    nan = math.nan
+    if not (math.isfinite(tau) and tau > 0) or len(r) != len(k) or not np.all(np.isfinite(r)):
+        return nan, "no margin ladder or τ ≤ 0", nan, nan
+    with np.errstate(divide="ignore"):
+        lr = np.where(r > 0, np.log(np.where(r > 0, r, 1.0)), np.nan)
+    lk = np.log(k)
+    i_half, i_two = MARGIN_LADDER.index(0.5), MARGIN_LADDER.index(2.0)
+    e_tau = float((lr[i_two] - lr[i_half]) / (lk[i_two] - lk[i_half]))
+    if not (target > 0):
+        return nan, "target flip ratio 0", e_tau, nan
+    if target > r[0]:
+        return float(k[0] * tau), "at the ladder end τ/8: fewer flips than the target even at τ/8 (τ* < τ/8)", \
+            e_tau, nan
+    if target < r[-1]:
+        return float(k[-1] * tau), "at the ladder end 8τ: more flips than the target even at 8τ (τ* > 8τ)", e_tau, nan
+    j = int(np.nonzero(r >= target)[0][-1])  # last ladder point still at or above the target
+    if r[j] == target or j == len(k) - 1:
+        return float(k[j] * tau), "", e_tau, nan
+    if r[j + 1] > 0:
+        e = float((lr[j + 1] - lr[j]) / (lk[j + 1] - lk[j]))
+        t = (math.log(target) - lr[j]) / (lr[j + 1] - lr[j])
+    else:
+        e = nan
+        t = (r[j] - target) / (r[j] - r[j + 1])
+    return float(tau * math.exp(lk[j] + t * (lk[j + 1] - lk[j]))), "", e_tau, e
+
+
 @dataclass
 class Recommendation:
     table: pd.DataFrame  # run, layer, fan_in, n_weights, flip_ratio, threshold, recommended_threshold, ...
@@ -260,27 +329,40 @@ class Recommendation:
     method: str
 
 
-def recommended_thresholds(table: pd.DataFrame, target: float | None = None) -> Recommendation:
-    """Per-layer τ giving the target flip ratio (default: per run, the median layer flip ratio over the window)."""
+def recommended_thresholds(table: pd.DataFrame, target: float | None = None,
+                           gamma: dict | None = None, method: str = "ladder") -> Recommendation:
+    """Per-layer τ giving the target flip ratio (default: per run, the median layer flip ratio over the window):
+    ``method="ladder"`` (default): from the margin ladder where the log has it (:func:`ladder_threshold`), else by
+    tail matching (fallback); ``method="tail"``: tail matching for every layer. ``gamma``: run → Bop's γ, for the
+    snippet (default: the table's ``gamma`` column, if any)."""
+    if method not in ("ladder", "tail"):
+        raise ValueError(f"method must be 'ladder' or 'tail', got {method!r}")
     cols = ["run", "family", "layer", "fan_in", "n_weights", "flip_ratio", "threshold", "recommended_threshold",
-            "ratio_to_current", "bound"]
+            "ratio_to_current", "bound", "elasticity", "elasticity_at_recommended", "method"]
     qcols = [f"abs_m_{q}" for q in QUANTILES]
     rows, targets = [], {}
     bop = table[table["family"].isin(BOP_FAMILIES)]
-    if set(qcols) <= set(bop.columns):
+    if (set(qcols) | set(MARGIN_RATES)) & set(bop.columns):
         for run, sub in bop.groupby("run", sort=False):
             tgt = float(target) if target is not None else float(np.nanmedian(sub["flip_ratio"]))
             targets[run] = tgt
             for r in sub.itertuples(index=False):
                 d = r._asdict()
-                q = np.array([d[c] for c in qcols], dtype=float)
+                q = np.array([d.get(c, math.nan) for c in qcols], dtype=float)
                 tau, fr = float(d.get("threshold", math.nan)), float(d["flip_ratio"])
                 rec, bound = math.nan, ""
-                if not np.all(np.isfinite(q)) or not math.isfinite(tau):
+                lad = np.array([d.get(c, math.nan) for c in MARGIN_RATES], dtype=float)
+                e_tau = e_rec = math.nan
+                how = "margin ladder"
+                if method == "ladder" and np.all(np.isfinite(lad)) and math.isfinite(tau) and tau > 0:
+                    rec, bound, e_tau, e_rec = ladder_threshold(lad, tau, tgt)
+                elif not np.all(np.isfinite(q)) or not math.isfinite(tau):
+                    how = "none"
                     bound = "no |m| quantiles or threshold"
                 elif fr <= 0:
                     bound = "no flips in the window: τ* < current τ, not estimable"
                 else:
+                    how = "tail matching" if method == "tail" else "tail matching (no margin ladder in the log)"
                     g_tau, b1 = tail_prob(tau, q)
                     rec, b2 = tail_inverse(g_tau * tgt / fr, q)
                     bound = "; ".join(b for b in (b1, b2) if b)
@@ -290,16 +372,27 @@ def recommended_thresholds(table: pd.DataFrame, target: float | None = None) -> 
                              "n_weights": d.get("n_weights"), "flip_ratio": fr, "threshold": tau,
                              "recommended_threshold": rec,
                              "ratio_to_current": rec / tau if tau and math.isfinite(rec) else math.nan,
-                             "bound": bound})
+                             "bound": bound, "elasticity": e_tau, "elasticity_at_recommended": e_rec,
+                             "method": how})
     rec_df = pd.DataFrame(rows, columns=cols)
-    return Recommendation(rec_df, targets, threshold_snippet(rec_df), METHOD)
+    if gamma is None and "gamma" in bop:
+        gamma = {run: float(np.nanmedian(g.astype(float))) for run, g in bop.groupby("run", sort=False)["gamma"]
+                 if np.isfinite(g.astype(float)).any()}
+    methods = set(rec_df["method"])
+    text = TAIL_METHOD if methods and "margin ladder" not in methods else LADDER_METHOD
+    if "margin ladder" in methods and any(m.startswith("tail") for m in methods):
+        text = LADDER_METHOD + " " + TAIL_METHOD
+    return Recommendation(rec_df, targets, threshold_snippet(rec_df, gamma), text)
 
 
-def threshold_snippet(rec: pd.DataFrame) -> str:
-    """Ready-to-paste code giving Bop the recommended per-layer thresholds (one parameter group per layer)."""
+def threshold_snippet(rec: pd.DataFrame, gamma: dict | None = None) -> str:
+    """Ready-to-paste code giving Bop the recommended per-layer thresholds (one parameter group per layer), with the
+    run's own γ (``gamma``: run → γ; "YOUR_GAMMA" when the log does not say)."""
     if rec.empty:
         return ""
     run = rec["run"].iloc[0]
+    g = (gamma or {}).get(run, math.nan)
+    g_txt = f"{g:.3g}" if isinstance(g, float) and math.isfinite(g) else "YOUR_GAMMA"
     sub = rec[(rec["run"] == run) & np.isfinite(rec["recommended_threshold"].astype(float))]
     if sub.empty:
         return ""
@@ -310,11 +403,12 @@ def threshold_snippet(rec: pd.DataFrame) -> str:
     lines += ["}",
               "named = dict(model.named_parameters())",
               "binary_groups = [{\"params\": [named[name]], \"threshold\": tau} for name, tau in thresholds.items()]",
-              f"optimizer = bnn_probe.optim.{opt}(binary_groups, gamma=1e-3)  # keep your gamma",
+              f"optimizer = bnn_probe.optim.{opt}(binary_groups, gamma={g_txt})  # the run's γ",
               "",
               "# or, from this report's table:",
               "# from bnn_probe.optim.thresholds import from_report",
               "# from bnn_probe.nn import named_binary_parameters",
               f"# policy = from_report(\"REPORT_DIR/tables/thresholds.csv\", run={run!r})",
-              f"# optimizer = bnn_probe.optim.{opt}(policy.param_groups(named_binary_parameters(model), gamma=1e-3))"]
+              f"# optimizer = bnn_probe.optim.{opt}(policy.param_groups(named_binary_parameters(model), "
+              f"gamma={g_txt}))"]
     return "\n".join(lines)

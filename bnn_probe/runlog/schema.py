@@ -1,4 +1,9 @@
-"""The run directory format, version 1: table names, columns and their dtypes, histogram bin edges.
+"""The run directory format, version 2: table names, columns and their dtypes, histogram bin edges.
+
+Version 2 (this one) replaced the post-step Bop counts ``flip_now`` and ``settled`` (equal to ``flips`` and
+``above_threshold`` once Bop has acted) by the pre-decision margin (``margin_exceed_*``, ``margin_q*``), and added
+``c2i_corr`` and the ``step_size`` of tracked weights and flip events. Version-1 logs stay readable: their missing
+columns read as NaN, their extra columns are kept.
 
 docs/runlog-format.md documents the same; docs/quantities.md defines every quantity.
 
@@ -14,13 +19,20 @@ import math
 import pandas as pd
 
 __all__ = [
-    "FORMAT", "SCHEMA_VERSION", "QUANTILES", "TABLES", "PART_TABLES", "HIST_EDGES", "HIST_QUANTITIES",
+    "FORMAT", "SCHEMA_VERSION", "QUANTILES", "MARGIN_LADDER", "MARGIN_LADDER_NAMES", "MARGIN_EXCEED",
+    "MARGIN_QUANTILES", "MARGIN_Q", "TABLES", "PART_TABLES", "HIST_EDGES", "HIST_QUANTITIES",
     "empty_frame", "conform", "q_cols",
 ]
 
 FORMAT = "bnn-probe-run"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 QUANTILES = (0.05, 0.25, 0.50, 0.75, 0.95)
+# the pre-decision margin w_{t−1}·m_t: exceedance counts at k·τ (k = MARGIN_LADDER) and upper quantiles
+MARGIN_LADDER: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+MARGIN_LADDER_NAMES: tuple[str, ...] = ("1_8", "1_4", "1_2", "1", "2", "4", "8")
+MARGIN_EXCEED: tuple[str, ...] = tuple(f"margin_exceed_{k}" for k in MARGIN_LADDER_NAMES)
+MARGIN_QUANTILES: tuple[float, ...] = (0.50, 0.90, 0.99, 0.999)
+MARGIN_Q: tuple[str, ...] = ("margin_q50", "margin_q90", "margin_q99", "margin_q999")
 
 
 def q_cols(prefix: str) -> list[str]:
@@ -39,18 +51,20 @@ LAYERS: dict[str, str] = {
 }
 
 STEPS: dict[str, str] = {
-    "step": _I, "layer": _S, "flips": _I, "flip_ratio": _F, "flip_ratio_running": _F, "c2i": _F, "c2i_diff": _I,
+    "step": _I, "layer": _S, "flips": _I, "flip_ratio": _F, "flip_ratio_running": _F, "c2i": _F, "c2i_corr": _F,
+    "c2i_diff": _I,
     "nonfinite_grads": _I, "sign_hash": _NI, "gamma": _F, "threshold": _F, "lr": _F, "sigma": _F,
     # Bop family (NaN for latent layers)
-    "flip_now": _F, "above_threshold": _F, "settled": _F, "crossings_up": _F, "crossings_down": _F,
+    "above_threshold": _F, "crossings_up": _F, "crossings_down": _F, **{c: _F for c in MARGIN_EXCEED},
     "abs_m_mean": _F, **{c: _F for c in q_cols("abs_m")}, **{c: _F for c in q_cols("wm")},
+    **{c: _F for c in MARGIN_Q},
     # latent only (NaN for Bop family)
     "abs_w_mean": _F, **{c: _F for c in q_cols("abs_w")}, "at_clip": _F, "adam_step_q50": _F, "adam_step_q95": _F,
 }
 
-TRACKED: dict[str, str] = {"step": _I, "layer": _S, "index": _I, "sign": "int8", "inertia": _F}
+TRACKED: dict[str, str] = {"step": _I, "layer": _S, "index": _I, "sign": "int8", "inertia": _F, "step_size": _F}
 EVENTS: dict[str, str] = {"step": _I, "layer": _S, "index": _I, "inertia_before": _F,
-                          "steps_since_last_flip": _NI}
+                          "steps_since_last_flip": _NI, "step_size": _F}
 HISTS: dict[str, str] = {"step": _I, "layer": _S, "quantity": _S, "bin": _I, "left": _F, "right": _F,
                          "count": _I}
 SNAPSHOTS: dict[str, str] = {"step": _I, "layer": _S, "n_weights": _I, "signs": "object"}
