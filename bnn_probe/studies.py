@@ -264,13 +264,69 @@ def inertia_experiment_runs(base: TrainConfig, seed: int, cs: Sequence[float] = 
 THRESHOLD_TAUS = (2e-7, 1e-6, 5e-6)
 SWEEP_WIDTHS = (64, 256, 1024, 4096)
 SWEEP_WIDTHS_QUICK = (32, 64, 128, 256)
+SWEEP_MIN_SEEDS = 3  # the controlled width sweep runs at least this many seeds (extra seeds follow the given ones)
+TAU_SWEEP_FACTORS = (0.1, 1 / 3, 3.0, 10.0)  # one layer's τ = factor × τ (factor 1: the shared base run)
+TAU_SWEEP_FACTORS_QUICK = (0.1, 10.0)
+TAU_SWEEP_TAG = "thresholds-tau-sweep"  # "-quick" appended for the quick grid
 
 
-@register_study("thresholds", "per-layer thresholds (wide vs thin layers): Bop with global τ ×3, fan-in, calibrated; "
-                "Bop2ndOrder; latent Adam; no batch norm; a width sweep of MLP in → W → 256 → classes", all_epochs=4)
+def _binary_layers(cfg: TrainConfig) -> list[tuple[str, int]]:
+    """(parameter name, fan-in) of every binary layer of the config's model (built on the CPU, no data loaded)."""
+    from .models import build_model
+    from .nn import named_binary_parameters
+    from .optim.thresholds import layer_fan_in
+
+    image = cfg.model == "binarynet"
+    in_shape = {"digits": (64,), "mnist1d": (40,), "cifar10": (3, 32, 32) if image else (3072,)}[cfg.dataset]
+    model = build_model(cfg.model, in_shape=in_shape, num_classes=10, widths=cfg.widths,
+                        width_multiplier=cfg.width_multiplier)
+    return [(n, layer_fan_in(p)) for n, p in named_binary_parameters(model)]
+
+
+def _sweep_seeds(seeds: Sequence[int], at_least: int = SWEEP_MIN_SEEDS) -> tuple[int, ...]:
+    """The given seeds, extended by the next unused integers to ``at_least`` seeds.
+
+    >>> _sweep_seeds((0,)), _sweep_seeds((5, 1)), _sweep_seeds((0, 1, 2, 3))
+    ((0, 1, 2), (5, 1, 0), (0, 1, 2, 3))
+    """
+    out = list(seeds)
+    nxt = 0
+    while len(out) < at_least:
+        if nxt not in out:
+            out.append(nxt)
+        nxt += 1
+    return tuple(out)
+
+
+def tau_sweep_runs(bop: TrainConfig, seeds: Sequence[int], quick: bool) -> list[RunSpec]:
+    """The one-layer τ sweep: per seed, a base run (one τ) and, for each binary layer (quick: only the layers of
+    largest and smallest fan-in) and factor f, a run whose layer has τ_l = f · τ and every other layer τ."""
+    layers = _binary_layers(bop)
+    if quick:
+        by_fan = sorted(layers, key=lambda x: x[1])
+        layers = [by_fan[-1], by_fan[0]] if len(by_fan) > 1 else by_fan
+    factors = TAU_SWEEP_FACTORS_QUICK if quick else TAU_SWEEP_FACTORS
+    tag = TAU_SWEEP_TAG + ("-quick" if quick else "")
+    runs = []
+    for seed in seeds:
+        base = replace(bop, seed=seed, tag=tag)
+        runs.append(RunSpec(f"tau-sweep-base-s{seed}", base))
+        for name, _ in layers:
+            short = name.removesuffix(".weight").replace(".", "_")
+            for f in factors:
+                runs.append(RunSpec(f"tau-sweep-{short}-x{f:.3g}-s{seed}", replace(
+                    base, threshold_policy="one-layer", threshold_layer=name, threshold_layer_factor=f)))
+    return runs
+
+
+@register_study("thresholds", "per-layer thresholds (wide vs thin layers): Bop with global τ ×3, fan-in, calibrated, "
+                "normalized; Bop2ndOrder; latent Adam; no batch norm; a width sweep of MLP in → W → 256 → classes "
+                "(≥ 3 seeds); the one-layer τ sweep", all_epochs=4)
 def _thresholds(o: StudyOptions) -> list[RunSpec]:
     """docs/thresholds.md and docs/findings.md. MLP default widths become the wide/thin 2048, 64, 1024; γ = 1e-3,
-    batch 64. The sweep varies fc2's fan-in W at fixed depth and fan-out (256)."""
+    batch 64. The sweep varies fc2's fan-in W at fixed depth and fan-out (256), with at least 3 seeds. The one-layer
+    τ sweep scales one layer's τ at a time by {1/10, 1/3, 3, 10} (quick: the widest and the thinnest layer by
+    {1/10, 10})."""
     widths = (2048, 64, 1024) if o.model == "mlp" and tuple(o.widths) == (256, 256) else tuple(o.widths)
     runs: list[RunSpec] = []
     for seed in o.seeds:
@@ -282,12 +338,19 @@ def _thresholds(o: StudyOptions) -> list[RunSpec]:
         runs.append(RunSpec(f"fan-in-s{seed}", replace(bop, threshold_policy="fan-in", fan_in_exponent=0.5)))
         runs.append(RunSpec(f"calibrated-s{seed}", replace(bop, threshold_policy="calibrated",
                                                            target_flip_ratio=1e-3)))
+        runs.append(RunSpec(f"normalized-s{seed}", replace(bop, threshold_policy="normalized")))
         runs.append(RunSpec(f"bop2nd-s{seed}", replace(base, optimizer="bop2nd", threshold=1e-3)))
         runs.append(RunSpec(f"latent-adam-s{seed}", replace(base, optimizer="latent-adam")))
         runs.append(RunSpec(f"no-bn-s{seed}", replace(bop, batch_norm=False, weight_scale="fan_in")))
+    for seed in _sweep_seeds(o.seeds):
+        bop = replace(o.base(seed, default_epochs=10, quick_epochs=2), widths=widths, gamma=1e-3, batch_size=64,
+                      optimizer="bop", threshold=1e-6, tag="thresholds")
         for w in SWEEP_WIDTHS_QUICK if o.quick else SWEEP_WIDTHS:
             runs.append(RunSpec(f"sweep-w{w}-s{seed}", replace(bop, model="mlp", widths=(w, 256),
                                                                tag="thresholds-sweep")))
+    bop0 = replace(o.base(o.seeds[0], default_epochs=10, quick_epochs=2), widths=widths, gamma=1e-3, batch_size=64,
+                   optimizer="bop", threshold=1e-6)
+    runs += tau_sweep_runs(bop0, o.seeds, o.quick)
     return runs
 
 

@@ -112,10 +112,13 @@ class TrainConfig:
     optimizer: str = "bop"
     gamma: float | None = None  # Bop/Bop2ndOrder: 1e-4 (paper)
     threshold: float | None = None  # Bop/Bop2ndOrder: 1e-8 (paper)
-    threshold_policy: str = "global"  # per-layer τ: global, fan-in, calibrated, from-report (optim.thresholds)
+    threshold_policy: str = "global"  # per-layer τ: global, fan-in, calibrated, from-report, normalized, one-layer
     fan_in_exponent: float = 0.5  # fan-in policy: τ_l = τ · (n_ref / n_l)^a
     target_flip_ratio: float | None = None  # calibrated policy: the flip ratio each layer is held at
     thresholds_csv: str | None = None  # from-report policy: a report's tables/thresholds.csv (PATH#RUN picks a run)
+    threshold_multiple: float | None = None  # normalized policy: τ_l = k · (EMA of layer l's mean |m|); None: 2
+    threshold_layer: str | None = None  # one-layer policy: the layer whose τ is scaled (one-layer τ sweep)
+    threshold_layer_factor: float = 1.0  # one-layer policy: τ_layer = factor · τ
     sigma: float | None = None  # Bop2ndOrder: 1e-4
     lr: float | None = None  # latent weights: Adam 1e-3 (paper), SGD 1e-1 (both Glorot-scaled by default)
     lr_real: float = 1e-2  # Adam for batch norm and biases (paper)
@@ -289,8 +292,15 @@ def _validate(c: TrainConfig) -> None:
         torch.device(c.device)
     except (RuntimeError, ValueError, TypeError):
         raise BnnProbeError(f"--device must be a torch device like cpu, cuda or cuda:1, got {c.device!r}") from None
-    _check(c.threshold_policy in ("global", "fan-in", "calibrated", "from-report"),
-           f"--threshold-policy must be global, fan-in, calibrated or from-report, got {c.threshold_policy!r}")
+    _check(c.threshold_policy in ("global", "fan-in", "calibrated", "from-report", "normalized", "one-layer"),
+           f"--threshold-policy must be global, fan-in, calibrated, from-report, normalized or one-layer, got "
+           f"{c.threshold_policy!r}")
+    _check(isinstance(c.threshold_layer_factor, int | float) and math.isfinite(c.threshold_layer_factor)
+           and c.threshold_layer_factor > 0,
+           f"--threshold-layer-factor must be a positive number, got {c.threshold_layer_factor}")
+    _check(c.threshold_multiple is None or (isinstance(c.threshold_multiple, int | float)
+                                            and math.isfinite(c.threshold_multiple) and c.threshold_multiple > 0),
+           f"--threshold-multiple must be a positive number, got {c.threshold_multiple}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -568,10 +578,12 @@ def setup(config: TrainConfig, out_dir: str | Path, overwrite: bool = False, pol
         from .optim.thresholds import policy_for_model
 
         policy = policy_for_model(model, c.threshold_policy, threshold=c.threshold, fan_in_exponent=c.fan_in_exponent,
-                                  target_flip_ratio=c.target_flip_ratio, thresholds_csv=c.thresholds_csv)
+                                  target_flip_ratio=c.target_flip_ratio, thresholds_csv=c.thresholds_csv,
+                                  threshold_multiple=c.threshold_multiple, threshold_layer=c.threshold_layer,
+                                  threshold_layer_factor=c.threshold_layer_factor)
     optimizer = build_optimizer(model, c, policy)
     if policy is not None:
-        policy.attach(optimizer)  # the calibrated policy's flip-ratio controller (no-op for the others)
+        policy.attach(optimizer)  # the calibrated / normalized policy's online controller (no-op for the others)
     schedule = StepDecay(optimizer, c.decay_every, c.decay_factor)
     cfg = c.to_dict()
     if policy is not None:  # the policy and its per-layer τ, in the run's config

@@ -99,20 +99,53 @@ def _law(runs):
 
 
 def test_fan_in_law_minus_half_supported():
-    law = _law([make_run("a", seed=1, **SMALL), make_run("b", seed=2, **SMALL)])
-    v = {x.claim.split(":")[0].split(" (")[0]: x for x in law.verdicts}
-    wide = v["Wide layers need a smaller threshold than thin layers"]
+    law = _law([make_run(n, seed=i, **SMALL) for i, n in enumerate("abc")])
+    v = {x.id: x for x in law.verdicts}
+    wide = v["thresholds.fan_in_pooled"]
     assert wide.verdict == stats.SUPPORTED and wide.statistic == pytest.approx(-0.5, abs=0.03)
-    assert wide.n == 8
-    assert v["|m| scales like fan_in^-0.5, the batch-norm prediction"].verdict == stats.SUPPORTED
-    assert v["Under one threshold, wide layers flip less than thin layers"].verdict == stats.SUPPORTED
+    assert wide.n == 4  # four layers of one network, not 12 (layer, seed) points
+    assert law.slopes.set_index("quantity").loc["median |m|", "df"] == 4 - 1 - 1
+    assert v["thresholds.fan_in_pooled.bn_prediction"].verdict == stats.SUPPORTED
+    assert v["thresholds.one_tau_wide_flip_less"].verdict == stats.SUPPORTED
+    # two seeds: inconclusive, whatever the slope
+    law2 = _law([make_run(n, seed=i, **SMALL) for i, n in enumerate("ab")])
+    assert all(x.verdict == stats.INCONCLUSIVE for x in law2.verdicts)
+    assert "< 3 seeds" in law2.verdicts[0].reason
+    # three runs of ONE seed (other τ, same network) are not three seeds
+    tab = thresholds.layer_table([make_run(n, seed=i, **SMALL) for i, n in enumerate("abc")])
+    law3 = thresholds.fan_in_law(tab, seeds={"a": 0, "b": 0, "c": 0})
+    assert law3.verdicts[0].verdict == stats.INCONCLUSIVE and "1 seed(s)" in law3.verdicts[0].reason
 
 
 def test_fan_in_law_flat_is_not_supported():
-    law = _law([make_run("a", m_slope=0.0, seed=1, **SMALL), make_run("b", m_slope=0.0, seed=2, **SMALL)])
-    wide = law.verdicts[0]
-    assert wide.verdict == stats.NOT_SUPPORTED, wide
-    assert law.verdicts[1].verdict == stats.NOT_SUPPORTED  # -0.5 excluded
+    law = _law([make_run(n, m_slope=0.0, seed=i, **SMALL) for i, n in enumerate("abc")])
+    v = {x.id: x for x in law.verdicts}
+    assert v["thresholds.fan_in_pooled"].verdict == stats.NOT_SUPPORTED, v["thresholds.fan_in_pooled"]
+    assert v["thresholds.fan_in_pooled.bn_prediction"].verdict == stats.NOT_SUPPORTED  # far outside −0.5 ± 0.1
+    assert v["thresholds.one_tau_wide_flip_less"].verdict == stats.NOT_SUPPORTED
+
+
+def test_fan_in_law_counts_layers_not_seeds():
+    """Many seeds of a 4-layer network whose per-layer |m| scatter around a flat line: pooling (layer, seed) points
+    would give a narrow interval (df = 4·S − S − 1); with the layer as the unit df = 2 and the scatter of the layers
+    decides. Here the layer effects (depth, fan-out) are ±0.3 in log |m| and unrelated to fan-in."""
+    rng = np.random.default_rng(0)
+    fan = np.array([64.0, 256.0, 1024.0, 4096.0])
+    layer_effect = np.array([0.3, -0.3, 0.3, -0.3])
+    rows = []
+    for s in range(20):
+        y = np.exp(layer_effect - 0.1 * np.log(fan / 64) + rng.normal(0, 0.01, 4))
+        rows += [{"run": f"r{s}", "family": "bop", "layer": f"l{i}", "fan_in": fan[i], "abs_m_q50": y[i],
+                  "flip_ratio": 1e-3, "threshold": 1e-6} for i in range(4)]
+    law = thresholds.fan_in_law(pd.DataFrame(rows))
+    row = law.slopes.set_index("quantity").loc["median |m|"]
+    assert row["n"] == 4 and row["df"] == 2 and row["n_seeds"] == 20
+    # the point estimate is the same either way; the interval is honest about 4 layers
+    naive = stats.loglog_slope(pd.DataFrame(rows)["fan_in"], pd.DataFrame(rows)["abs_m_q50"],
+                               pd.DataFrame(rows)["run"])
+    assert row["slope"] == pytest.approx(naive.slope)
+    assert naive.interval[1] < 0 and row["ci_hi"] > 0  # pooled seeds: "supported"; layers as units: not shown
+    assert law.verdicts[0].verdict == stats.INCONCLUSIVE
 
 
 def test_fan_in_law_two_layers_is_inconclusive():
@@ -254,9 +287,10 @@ def test_fan_in_law_flip_ratio_claim_ignores_runs_with_per_layer_thresholds():
     # one run whose layers have different τ (e.g. the fan-in policy): the flip-ratio slope falls steeply, but the
     # claim is "under one threshold", so this run cannot decide it; the |m| claims still use it
     fan = [16.0, 64.0, 256.0, 1024.0]
-    tab = pd.DataFrame({"run": "p", "family": "bop", "layer": [f"l{i}" for i in range(4)], "fan_in": fan,
-                        "abs_m_q50": [f ** -0.5 for f in fan], "flip_ratio": [1e-2 / f for f in fan],
-                        "threshold": [1e-3 * f ** -0.5 for f in fan]})
+    tab = pd.concat([pd.DataFrame({"run": r, "family": "bop", "layer": [f"l{i}" for i in range(4)], "fan_in": fan,
+                                   "abs_m_q50": [f ** -0.5 * k for f in fan], "flip_ratio": [1e-2 / f for f in fan],
+                                   "threshold": [1e-3 * f ** -0.5 for f in fan]})
+                     for r, k in (("p", 1.0), ("q", 1.01), ("s", 0.99))], ignore_index=True)
     v = {x.claim.split(" (")[0]: x for x in thresholds.fan_in_law(tab).verdicts}
     assert v["Wide layers need a smaller threshold than thin layers"].verdict == stats.SUPPORTED
     flip = v["Under one threshold, wide layers flip less than thin layers"]

@@ -52,7 +52,10 @@ def test_inertia_runs_and_pairs():
 def test_thresholds_grid_and_unknown_names_fail():
     assert "thresholds" in STUDIES and "thresholds" in studies.study_names()
     specs = {s.name: s.config for s in plan_study("thresholds", StudyOptions())}
-    assert len(specs) == 12 and specs["fan-in-s0"].widths == (2048, 64, 1024)
+    # per seed 9 (3 global τ, fan-in, calibrated, normalized, Bop2ndOrder, latent, no-BN), the width sweep with 3
+    # seeds (12) and the one-layer τ sweep (a base run + 4 layers × 4 factors)
+    assert len(specs) == 9 + 12 + 17 and specs["fan-in-s0"].widths == (2048, 64, 1024)
+    assert specs["normalized-s0"].threshold_policy == "normalized"
     assert specs["calibrated-s0"].threshold_policy == "calibrated" and specs["calibrated-s0"].target_flip_ratio == 1e-3
     assert (specs["no-bn-s0"].batch_norm, specs["no-bn-s0"].weight_scale) == (False, "fan_in")
     assert [specs[f"sweep-w{w}-s0"].widths for w in (64, 256, 1024, 4096)] == [(w, 256) for w in (64, 256, 1024, 4096)]
@@ -63,12 +66,14 @@ def test_thresholds_grid_and_unknown_names_fail():
 def test_all_is_a_short_version_of_every_available_study():
     specs = plan_study("all", StudyOptions())
     names = [s.name for s in specs]
-    assert len(names) == 32 and len(set(names)) == 32
+    # hyperparams 5; inertia 15 (Bop, latent Adam, latent SGD, Theorem 1 C = 100 × 2 arms × 3, τ = 0 pair, 2 reset
+    # pairs); thresholds: 9 + width sweep 3 × 4 + τ sweep 5
+    assert len(names) == 46 and len(set(names)) == 46
     assert "inertia-theorem1-clipped-c3-s0" not in names and "inertia-theorem1-clipped-c100-s0" in names
     assert {n.split("-")[0] for n in names} == {"hyperparams", "inertia", "thresholds"}
     epochs = {n.split("-")[0]: s.config.epochs for n, s in zip(names, specs, strict=True)}
     assert epochs == {"hyperparams": 6, "inertia": 6, "thresholds": 4}
-    sweep = [s.config.widths[0] for s in specs if "-sweep-" in s.name]
+    sweep = [s.config.widths[0] for s in specs if "-sweep-w" in s.name]
     assert max(sweep) <= 256  # the quick grid of the thresholds width sweep
     quick = plan_study("all", StudyOptions(quick=True))
     assert {s.config.epochs for s in quick} == {2} and {s.config.hist_every for s in quick} == {0}

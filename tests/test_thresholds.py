@@ -16,7 +16,7 @@ from bnn_probe.optim import thresholds as T
 
 def test_global_is_reachable_by_its_keyword_name():
     assert getattr(T, "global") is T.global_threshold is T.global_ is T.POLICIES["global"]
-    assert set(T.POLICIES) == {"global", "fan-in", "calibrated", "from-report"}
+    assert set(T.POLICIES) == {"global", "fan-in", "calibrated", "from-report", "normalized", "one-layer"}
 
 
 def test_global_and_fan_in_thresholds_hand_computed():

@@ -44,13 +44,22 @@ def train_options(f):
         click.option("--gamma", type=float, default=None, help="Bop adaptivity rate γ [default: 1e-4, the paper's]."),
         click.option("--threshold", type=float, default=None, help="Bop threshold τ [default: 1e-8, the paper's]."),
         click.option("--threshold-policy", default="global", show_default=True,
-                     type=click.Choice(["global", "fan-in", "calibrated", "from-report"]),
+                     type=click.Choice(["global", "fan-in", "calibrated", "from-report", "normalized",
+                                        "one-layer"]),
                      help="Per-layer Bop τ (docs/thresholds.md): one τ; τ·(n_ref/fan_in)^a; an online controller "
-                          "holding each layer's flip ratio; a report's recommended τ."),
+                          "holding each layer's flip ratio; a report's recommended τ; k times an online average of "
+                          "the layer's mean |m| (--threshold is then the τ of the first step only); τ for every layer "
+                          "but --threshold-layer, which gets --threshold-layer-factor × τ."),
         click.option("--fan-in-exponent", type=float, default=0.5, show_default=True,
                      help="fan-in policy: exponent a (n_ref = geometric mean of the model's fan-ins)."),
         click.option("--target-flip-ratio", type=float, default=None,
                      help="calibrated policy: flip ratio per step each layer is held at (e.g. 1e-3)."),
+        click.option("--threshold-multiple", type=float, default=None,
+                     help="normalized policy: k in τ_l = k · mean|m| of layer l (EMA over steps) [default: 2]."),
+        click.option("--threshold-layer", default=None,
+                     help="one-layer policy: the binary layer (e.g. fc2) whose τ is scaled."),
+        click.option("--threshold-layer-factor", type=float, default=1.0, show_default=True,
+                     help="one-layer policy: that layer's τ = factor × --threshold."),
         click.option("--thresholds-csv", default=None, type=click.Path(path_type=str),
                      help="from-report policy: a report's tables/thresholds.csv (or report folder); PATH#RUN "
                           "picks one run of a multi-run report."),
@@ -138,6 +147,8 @@ def config_from_options(opts: dict) -> object:
         data_dir=opts["data_dir"], optimizer=opts["optimizer"], gamma=opts["gamma"], threshold=opts["threshold"],
         threshold_policy=opts["threshold_policy"], fan_in_exponent=opts["fan_in_exponent"],
         target_flip_ratio=opts["target_flip_ratio"], thresholds_csv=opts["thresholds_csv"],
+        threshold_multiple=opts["threshold_multiple"], threshold_layer=opts["threshold_layer"],
+        threshold_layer_factor=opts["threshold_layer_factor"],
         sigma=opts["sigma"], lr=opts["lr"], lr_real=opts["lr_real"], decay_every=opts["decay_every"],
         decay_factor=opts["decay_factor"], clip=opts["clip"], ste=opts["ste"], init_scale=opts["init_scale"],
         latent_init=opts["latent_init"],

@@ -11,6 +11,8 @@ policy              τ_l for binary layer l (fan-in n_l = ``torch.nn.init._calcu
 ``fan-in``          τ_l = τ · (n_ref / n_l)^a                              (a = ``exponent``, default 0.5)
 ``calibrated``      τ_l starts at τ₀ and is driven online so that layer l's flip ratio stays at r*
 ``from-report``     τ_l = ``recommended_threshold`` of layer l in a report's ``tables/thresholds.csv``
+``normalized``      τ_l = k · s_l, s_l an online, bias-corrected EMA over steps of layer l's mean |m| (scale-free)
+``one-layer``       τ_l = f · τ for one named layer, τ for every other (the one-layer τ sweep)
 ==================  ===========================================================================================
 
 ``global`` is a Python keyword, so the callable is :func:`global_threshold`; ``getattr(thresholds, "global")``
@@ -61,6 +63,9 @@ __all__ = [
     "fan_in",
     "calibrated",
     "from_report",
+    "normalized",
+    "one_layer",
+    "MomentumScaleThreshold",
     "make_policy",
     "policy_for_model",
     "layer_name",
@@ -68,7 +73,7 @@ __all__ = [
     "read_thresholds_csv",
 ]
 
-POLICY_NAMES: tuple[str, ...] = ("global", "fan-in", "calibrated", "from-report")
+POLICY_NAMES: tuple[str, ...] = ("global", "fan-in", "calibrated", "from-report", "normalized", "one-layer")
 THRESHOLDS_CSV_COLUMNS: tuple[str, ...] = ("layer", "recommended_threshold")
 
 
@@ -109,7 +114,9 @@ class ThresholdPolicy:
         name: one of :data:`POLICY_NAMES`.
         args: the policy's arguments (recorded in the log).
         rule: ``rule(layer, fan_in) -> τ_l``, the initial (for ``calibrated``: starting) threshold of a layer.
-        controller_options: for ``calibrated``, the options of :class:`FlipRatioController`; else ``None``.
+        controller_options: for ``calibrated`` / ``normalized``, the options of the online controller
+            (:class:`FlipRatioController` / :class:`MomentumScaleThreshold`); else ``None``.
+        controller: the online controller's class (``None``: :class:`FlipRatioController`).
     """
 
     name: str
@@ -117,6 +124,7 @@ class ThresholdPolicy:
     rule: Any
     controller_options: dict[str, Any] | None = None
     thresholds: dict[str, float] = field(default_factory=dict)
+    controller: Any = None
 
     def threshold_for(self, layer: str, fan_in: int) -> float:
         """τ_l of one layer (its starting value for ``calibrated``)."""
@@ -149,11 +157,12 @@ class ThresholdPolicy:
             out["controller"] = dict(self.controller_options)
         return out
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> FlipRatioController | None:
-        """For ``calibrated``: hook a :class:`FlipRatioController` on ``optimizer`` and return it; else ``None``."""
+    def attach(self, optimizer: torch.optim.Optimizer) -> FlipRatioController | MomentumScaleThreshold | None:
+        """For ``calibrated`` (``normalized``): hook a :class:`FlipRatioController` (:class:`MomentumScaleThreshold`)
+        on ``optimizer`` and return it; else ``None``."""
         if self.controller_options is None:
             return None
-        return FlipRatioController(optimizer, **self.controller_options)
+        return (self.controller or FlipRatioController)(optimizer, **self.controller_options)
 
 
 def global_threshold(threshold: float) -> ThresholdPolicy:
@@ -210,6 +219,69 @@ def calibrated(target_flip_ratio: float, initial_threshold: float = 1e-6, every:
             "max_threshold": float(max_threshold), "min_flips": float(min_flips)}
     return ThresholdPolicy("calibrated", {"target_flip_ratio": r, "initial_threshold": tau0}, lambda layer, n: tau0,
                            controller_options=opts)
+
+
+def one_layer(threshold: float, layer: str, factor: float) -> ThresholdPolicy:
+    """τ_l = ``factor`` · τ for the layer named ``layer`` (``fc2`` or ``fc2.weight``), τ for every other layer: one
+    point of the one-layer τ sweep (``bnn-probe study thresholds``). A model without that layer raises
+    :class:`bnn_probe.errors.BnnProbeError` when the groups are built.
+
+    >>> p = one_layer(1e-6, "fc2", 4.0)
+    >>> p.threshold_for("fc2.weight", 2048), p.threshold_for("fc1.weight", 64)
+    (4e-06, 1e-06)
+    """
+    tau = _check_positive("threshold", threshold)
+    f = _check_positive("factor", factor, allow_zero=False)
+    target = layer_name(str(layer))
+    if not target:
+        raise BnnProbeError("the one-layer policy needs the name of the layer whose τ to scale (--threshold-layer)")
+
+    def rule(name: str, n: int) -> float:
+        return tau * f if layer_name(name) == target else tau
+
+    pol = ThresholdPolicy("one-layer", {"threshold": tau, "layer": target, "factor": f}, rule)
+    build = pol.param_groups
+
+    def param_groups(named_params: Iterable[tuple[str, Tensor]], **group_options: Any) -> list[dict[str, Any]]:
+        groups = build(named_params, **group_options)
+        names = [layer_name(g["layer"]) for g in groups]
+        if target not in names:
+            raise BnnProbeError(f"no binary layer {target!r} to scale the threshold of (the model has "
+                                f"{', '.join(names)})")
+        return groups
+
+    pol.param_groups = param_groups  # type: ignore[method-assign]
+    return pol
+
+
+NORMALIZED_SCALES: tuple[str, ...] = ("mean_abs", "rms")
+DEFAULT_MULTIPLE = 2.0
+
+
+def normalized(multiple: float = DEFAULT_MULTIPLE, initial_threshold: float = 1e-8, beta: float = 0.1,
+               every: int = 10, scale: str = "mean_abs") -> ThresholdPolicy:
+    """A scale-free τ: τ_l = k · s_l, with s_l an online estimate of layer l's typical |m| (see
+    :class:`MomentumScaleThreshold`). ``multiple`` is k: a weight flips when w·m exceeds k times its layer's mean
+    |m| (Bop2ndOrder: of |m̂|). Every layer starts at ``initial_threshold`` (used while m = 0, i.e. at the first
+    step).
+
+    >>> p = normalized(2.0)
+    >>> p.threshold_for("fc1", 64), p.controller_options["multiple"], p.controller_options["scale"]
+    (1e-08, 2.0, 'mean_abs')
+    """
+    k = _check_positive("multiple", multiple, allow_zero=False)
+    tau0 = _check_positive("initial_threshold", initial_threshold)
+    beta = float(beta)
+    if not 0 < beta <= 1:
+        raise BnnProbeError(f"beta must be in (0, 1], got {beta}")
+    if int(every) < 1:
+        raise BnnProbeError(f"every must be a positive integer, got {every}")
+    if scale not in NORMALIZED_SCALES:
+        raise BnnProbeError(f"scale must be one of {', '.join(NORMALIZED_SCALES)}, got {scale!r}")
+    opts = {"multiple": k, "beta": beta, "every": int(every), "scale": scale}
+    return ThresholdPolicy("normalized", {"multiple": k, "initial_threshold": tau0, "beta": beta,
+                                          "every": int(every), "scale": scale}, lambda layer, n: tau0,
+                           controller_options=opts, controller=MomentumScaleThreshold)
 
 
 def read_thresholds_csv(path: str | Path, run: str | None = None) -> dict[str, float]:
@@ -284,17 +356,20 @@ def from_report(path: str | Path, run: str | None = None) -> ThresholdPolicy:
 
 
 POLICIES: dict[str, Any] = {"global": global_threshold, "fan-in": fan_in, "calibrated": calibrated,
-                            "from-report": from_report}
+                            "from-report": from_report, "normalized": normalized, "one-layer": one_layer}
 
 
 def make_policy(name: str, *, threshold: float = 1e-6, reference_fan_in: int | None = None,
                 fan_in_exponent: float = 0.5, target_flip_ratio: float | None = None,
                 thresholds_csv: str | Path | None = None, fan_ins: Iterable[int] | None = None,
-                report_run: str | None = None, **calibrated_options: Any) -> ThresholdPolicy:
+                report_run: str | None = None, threshold_multiple: float | None = None,
+                threshold_layer: str | None = None, threshold_layer_factor: float = 1.0,
+                **calibrated_options: Any) -> ThresholdPolicy:
     """Build a policy from command-line style options (``bnn-probe train --threshold-policy ...``).
 
     ``fan-in`` without ``reference_fan_in`` takes the geometric mean of ``fan_ins`` (the model's fan-ins), so the
-    policy keeps the geometric-mean τ equal to ``threshold``.
+    policy keeps the geometric-mean τ equal to ``threshold``. ``normalized`` takes ``threshold_multiple`` as k
+    (default :data:`DEFAULT_MULTIPLE`) and ``threshold`` as the τ of the first step.
 
     >>> make_policy("fan-in", threshold=1e-6, fan_ins=[64, 1024]).args["reference_fan_in"]
     256
@@ -317,12 +392,18 @@ def make_policy(name: str, *, threshold: float = 1e-6, reference_fan_in: int | N
         if thresholds_csv is None:
             raise BnnProbeError("--threshold-policy from-report needs --thresholds-csv PATH")
         return from_report(thresholds_csv, report_run)
+    if name == "normalized":
+        k = DEFAULT_MULTIPLE if threshold_multiple is None else threshold_multiple
+        return normalized(k, initial_threshold=threshold)
+    if name == "one-layer":
+        return one_layer(threshold, threshold_layer or "", threshold_layer_factor)
     raise BnnProbeError(f"unknown threshold policy {name!r}: choose one of {', '.join(POLICY_NAMES)}")
 
 
 def policy_for_model(model: nn.Module, name: str, *, threshold: float = 1e-6, fan_in_exponent: float = 0.5,
-                     target_flip_ratio: float | None = None, thresholds_csv: str | Path | None = None
-                     ) -> ThresholdPolicy:
+                     target_flip_ratio: float | None = None, thresholds_csv: str | Path | None = None,
+                     threshold_multiple: float | None = None, threshold_layer: str | None = None,
+                     threshold_layer_factor: float = 1.0) -> ThresholdPolicy:
     """:func:`make_policy` for a model, from ``bnn-probe train`` options: ``fan-in`` takes the geometric mean of the
     model's binary fan-ins as n_ref; ``--thresholds-csv PATH#RUN`` picks run RUN of a multi-run report table.
 
@@ -337,6 +418,8 @@ def policy_for_model(model: nn.Module, name: str, *, threshold: float = 1e-6, fa
         thresholds_csv, run = str(thresholds_csv).rsplit("#", 1)
     return make_policy(name, threshold=threshold, fan_in_exponent=fan_in_exponent,
                        target_flip_ratio=target_flip_ratio, thresholds_csv=thresholds_csv, report_run=run,
+                       threshold_multiple=threshold_multiple, threshold_layer=threshold_layer,
+                       threshold_layer_factor=threshold_layer_factor,
                        fan_ins=[layer_fan_in(p) for p in binary_parameters(model)])
 
 
@@ -351,7 +434,19 @@ def _hookable(optimizer: Any) -> list[torch.optim.Optimizer]:
     return [o for o in opts if any("threshold" in g for g in o.param_groups)]
 
 
-class FlipRatioController:
+class _HookedController:
+    """Shared by the online controllers: the optimizer hooks they registered, and their removal."""
+
+    _handles: list[Any]
+
+    def remove(self) -> None:
+        """Remove the hooks (thresholds keep their last values)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class FlipRatioController(_HookedController):
     """Hold each layer's flip ratio at a target by adjusting its τ multiplicatively (log-space, Rprop-style steps).
 
     Measurement (on the device, one host copy every ``every`` steps): a pre-step hook stores the signs
@@ -515,8 +610,139 @@ class FlipRatioController:
         self.step_count = int(state["step_count"])
         self.history = [(int(s), dict(t)) for s, t in state["history"]]
 
-    def remove(self) -> None:
-        """Remove the hooks (thresholds keep their last values)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+
+class MomentumScaleThreshold(_HookedController):
+    """The ``normalized`` policy's online rule: τ_l = k · s_l, s_l a stable per-layer scale of Bop's momentum.
+
+    At the start of step t (a pre-step hook), before Bop updates m, it measures layer l's scale of m_{t−1}
+    (Bop2ndOrder: of m̂_{t−1}, the quantity its flip rule compares with τ), on the device:
+
+        mean_abs:  a_l = Σ|m| / n_l            rms:  a_l = (Σ m² / n_l)^½             (n_l weights of layer l)
+
+    and folds it into a bias-corrected exponential moving average over steps (Adam's correction, Kingma & Ba 2015):
+
+        e_l ← (1 − β) e_l + β a_l,      c ← (1 − β) c + β   (c = 1 − (1 − β)^u after u updates),      s_l = e_l / c
+
+    so the first measurement is used as it is and later ones are averaged over ≈ 1/β steps. Every ``every`` steps
+    (and at the first measurement) the scales are copied to the host in one transfer and the groups get
+    ``threshold = k · s_l``, which the step that follows uses: the τ in a group after a step is the τ that step used,
+    so the probe's ``threshold`` column is the τ trajectory. Before the first step m = 0 and the groups keep the
+    policy's starting τ; a layer whose m is all zero keeps its last τ.
+
+    What k means: Bop flips w when w·m > τ, so k is the margin in units of the layer's typical |m|. A weight whose
+    momentum points along it flips once it is k times as strong as the layer's average momentum; since the ratio
+    w·m / s_l does not change when a layer's gradients are rescaled (by fan-in, batch norm or a learning-rate
+    schedule of the layers around it), neither does the layer's flip rate. :attr:`history` holds ``(step, {layer:
+    τ})`` for every host update (τ in force from step + 1 on) plus the start.
+
+    Example (one layer, γ = 0.5, k = 1, β = 1 so s_l is the last measurement):
+        >>> import torch
+        >>> from bnn_probe.optim import Bop
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, 1.0, -1.0, -1.0]))
+        >>> bop = Bop([{"params": [w], "threshold": 10.0, "layer": "w"}], gamma=0.5)
+        >>> ctl = MomentumScaleThreshold(bop, multiple=1.0, beta=1.0, every=1)
+        >>> w.grad = torch.tensor([4.0, 0.0, 0.0, -2.0]); bop.step()   # m = [2, 0, 0, -1]; τ = 10: no flip
+        >>> w.grad = torch.tensor([0.0, 0.0, 0.0, 0.0]); bop.step()    # τ = mean|m| = 0.75; m = [1, 0, 0, -0.5]
+        >>> bop.param_groups[0]["threshold"], w.tolist()              # w·m = [1, 0, 0, 0.5]: only w[0] flips
+        (0.75, [-1.0, 1.0, -1.0, -1.0])
+    """
+
+    def __init__(self, optimizer: Any, multiple: float, beta: float = 0.1, every: int = 10,
+                 scale: str = "mean_abs") -> None:
+        if not (math.isfinite(multiple) and multiple > 0) or not 0 < beta <= 1 or every < 1 \
+                or scale not in NORMALIZED_SCALES:
+            raise BnnProbeError(f"normalized thresholds need multiple > 0, 0 < beta <= 1, every >= 1 and scale in "
+                                f"{NORMALIZED_SCALES}; got {multiple}, {beta}, {every}, {scale!r}")
+        self.multiple, self.beta, self.every, self.scale = float(multiple), float(beta), int(every), scale
+        self.optimizer = optimizer
+        groups = _threshold_groups(optimizer)
+        if not groups:
+            raise BnnProbeError("the optimizer has no parameter group with a 'threshold' to normalise")
+        self.layers = [str(g.get("layer", f"group{i}")) for i, g in enumerate(groups)]
+        self.n_weights = [sum(p.numel() for p in g["params"]) for g in groups]
+        self._ema: Tensor | None = None
+        self._weight = 0.0  # c = 1 − (1 − β)^u, kept on the host (no device sync)
+        self.n_updates = 0
+        self.step_count = 0
+        self.history: list[tuple[int, dict[str, float]]] = [(0, self.thresholds())]
+        self._handles = [o.register_step_pre_hook(self._pre) for o in _hookable(optimizer)]
+
+    def thresholds(self) -> dict[str, float]:
+        """τ per layer currently in the optimizer's groups."""
+        return {layer: float(g["threshold"]) for layer, g in
+                zip(self.layers, _threshold_groups(self.optimizer), strict=True)}
+
+    def scales(self) -> dict[str, float]:
+        """s_l per layer (bias-corrected EMA; nan before the first measurement). One host copy."""
+        if self._ema is None or self._weight <= 0:
+            return {layer: math.nan for layer in self.layers}
+        return dict(zip(self.layers, (self._ema / self._weight).tolist(), strict=True))
+
+    @staticmethod
+    def _momentum(opt: Any, p: Tensor) -> Tensor | None:
+        state = opt.state.get(p, {})
+        if "exp_avg" not in state:
+            return None
+        norm = getattr(opt, "normalized_momentum", None)
+        return norm(p) if callable(norm) else state["exp_avg"]
+
+    @torch.no_grad()
+    def _measure(self) -> Tensor | None:
+        """a_l for every layer as one device tensor, or None before Bop has any state."""
+        vals, seen = [], False
+        opts = {id(g): o for o in _hookable(self.optimizer) for g in o.param_groups}
+        for g, n in zip(_threshold_groups(self.optimizer), self.n_weights, strict=True):
+            ms = [m for m in (self._momentum(opts[id(g)], p) for p in g["params"]) if m is not None]
+            if not ms:
+                vals.append(torch.zeros((), dtype=torch.float64, device=g["params"][0].device))
+                continue
+            seen = True
+            if self.scale == "rms":  # norms in float64 without a float64 copy of m
+                tot = sum(torch.linalg.vector_norm(m, 2, dtype=torch.float64) ** 2 for m in ms)
+                vals.append(torch.sqrt(tot / n))
+            else:
+                vals.append(sum(torch.linalg.vector_norm(m, 1, dtype=torch.float64) for m in ms) / n)
+        if not seen:
+            return None
+        device = vals[0].device
+        return torch.stack([v.to(device) for v in vals])
+
+    @torch.no_grad()
+    def _pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if optimizer is not _hookable(self.optimizer)[0]:  # a wrapper's later inner optimizers: once per step
+            return
+        a = self._measure()
+        done = self.step_count
+        self.step_count += 1
+        if a is None:
+            return
+        if self._ema is None:
+            self._ema = torch.zeros_like(a)
+        self._ema.mul_(1 - self.beta).add_(a, alpha=self.beta)
+        self._weight = (1 - self.beta) * self._weight + self.beta
+        self.n_updates += 1
+        if self.n_updates > 1 and done % self.every:
+            return
+        taus = (self._ema * (self.multiple / self._weight)).tolist()  # the one host copy
+        changed = False
+        for g, tau in zip(_threshold_groups(self.optimizer), taus, strict=True):
+            if math.isfinite(tau) and tau > 0:
+                g["threshold"] = float(tau)
+                changed = True
+        if changed:
+            self.history.append((done, self.thresholds()))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The EMA (for resumed runs; the thresholds themselves live in the optimizer's groups)."""
+        return {"ema": None if self._ema is None else self._ema.tolist(), "weight": self._weight,
+                "n_updates": self.n_updates, "step_count": self.step_count,
+                "history": [(s, dict(t)) for s, t in self.history]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        device = _threshold_groups(self.optimizer)[0]["params"][0].device
+        ema = state.get("ema")
+        self._ema = None if ema is None else torch.tensor(ema, dtype=torch.float64, device=device)
+        self._weight = float(state["weight"])
+        self.n_updates = int(state["n_updates"])
+        self.step_count = int(state["step_count"])
+        self.history = [(int(s), dict(t)) for s, t in state["history"]]

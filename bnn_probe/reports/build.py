@@ -21,6 +21,7 @@ from . import (
     inertia,
     pairs,
     run_warnings,
+    tau_sweep,
     theorem1,
     threshold_policies,
     thresholds,
@@ -31,7 +32,7 @@ from . import interventions as reset_exp
 from . import latent_network as latent_exp
 from .answers import HOW_TO_READ, build_answers
 from .atomic import report_folder
-from .frames import run_name
+from .frames import config, run_name
 from .layout import (
     MAX_OPEN_ROWS,
     compact_mapping,
@@ -162,7 +163,10 @@ def _generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, op
     pair_results, pair_notes = pairs.pair_verdicts(runs)
     stage("pairs")
     lt = thresholds.layer_table(runs, window=opt.window, chatter_min=opt.chatter_min_flips)
-    law = thresholds.fan_in_law(lt)
+    # the pooled law: layers of the networks as trained with batch norm (the argument it tests), sweeps excluded
+    apart = [run_name(r) for r in runs if threshold_policies.is_sweep(r) or tau_sweep.is_tau_sweep(r)
+             or config(r).get("batch_norm") is False]
+    law = thresholds.fan_in_law(lt[~lt["run"].isin(apart)], seeds={run_name(r): config(r).get("seed") for r in runs})
     rec = thresholds.recommended_thresholds(lt, opt.target_flip_ratio, method=opt.threshold_method)
     stage("thresholds")
     default_ids([], pair_results, sched.verdict, law.verdicts)
@@ -269,9 +273,13 @@ def _generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, op
     s_th.table(layers_view(lt), f"Per-layer summary over the last {opt.window:.0%} of each run (main columns; "
                "all in the CSV)", w.csv("layers", lt))
     s_th.text("The fan-in law: with batch norm after a layer of fan-in n, the gradient per binary weight and so |m| "
-              "would scale like n^−0.5, a prediction to measure, not to assume. Slopes are OLS fits of the logs "
-              "over layers with an intercept per run; intervals from the regression standard error "
-              "(t distribution, df = n − runs − 1).")
+              "scale like n^−0.5 (the batch-norm argument for Bop's threshold). Pooled over the layers of the "
+              "networks as trained with batch norm (sweep and no-batch-norm runs excluded), with the layer as the "
+              "unit: per layer the mean of the log over the network's runs, then OLS on log fan_in with an "
+              "intercept per network; t-intervals with df = #layers − #networks − 1. This pooled slope mixes "
+              "width with depth and fan-out (a network's wide layer is also at a particular depth, with a "
+              "particular fan-out), so it does not answer \"does a wider layer need a smaller τ?\": the controlled "
+              "width sweep (section 3b) does, when the runs include it.")
     s_th.verdicts(law.verdicts)
     s_th.figure(F.fan_in_law(law.points, law.fit, w.fig("fan_in_law")),
                 "Median |m| and flip ratio against fan-in (log–log), one row per family, fitted slopes (grey) and "
@@ -301,9 +309,11 @@ def _generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, op
 
     # Report parts of further experiments: each module's ``section(runs, w, opt) -> (Section | None, verdicts)``.
     extra_sections: list[Section] = []
-    s_pol, pol_verdicts = threshold_policies.section(runs, w.csv, window=opt.window)  # None unless policies/sweep
+    s_pol, pol_verdicts = threshold_policies.section(runs, w, opt)  # None unless policies/sweep
     default_ids([], [], None, pol_verdicts)
     verdicts = verdicts + pol_verdicts
+    s_tau, tau_verdicts = tau_sweep.section(runs, w, opt)  # None unless one-layer τ sweep runs
+    verdicts = verdicts + tau_verdicts
     s_fb, fb_verdicts = feedback.section(runs, w, opt)  # None unless from-report feedback chains
     s_reset, v_reset = reset_exp.section(runs, w, opt)  # magnitude-reset pairs (None without them)
     s_latent, v_latent = latent_exp.section(runs, w, opt)  # latent network of latent-weight runs
@@ -314,6 +324,8 @@ def _generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, op
     inertia_sections = [s for s in (s_reset, s_latent, s_t1, s_hz, s_bl) if s is not None]
     if s_pol is not None:
         extra_sections.append(s_pol)
+    if s_tau is not None:
+        extra_sections.append(s_tau)
     if s_fb is not None:
         extra_sections.append(s_fb)
     if w.drawn("width_sweep") is None:  # unless a section drew it, the controlled sweep's figure

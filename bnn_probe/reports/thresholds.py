@@ -2,8 +2,9 @@
 
 * :func:`layer_table` — per (run, layer): fan-in, flip ratio over the analysed window, |m| (Bop) or |w̃| (latent)
   quantiles, the threshold in force, the share of weights that never flipped and of weights that chatter.
-* :func:`fan_in_law` — slopes of log(median |m|) and of log(flip ratio) against log(fan_in), with t-intervals from
-  the regression standard error (intercept per run), set against the batch-norm prediction −0.5; verdicts.
+* :func:`fan_in_law` — slopes of log(median |m|) and of log(flip ratio) against log(fan_in) with the layer as the
+  unit (per-layer means over each network's seeds, intercept per network, t-intervals with df = #layers −
+  #networks − 1), set against the batch-norm prediction −0.5 by TOST (:func:`bn_equivalence_verdict`); verdicts.
 * :func:`recommended_thresholds` — per layer the τ that would give it the target flip ratio.
 
 Method of the recommendation ("margin ladder", documented in docs/reports.md): Bop flips a weight when its
@@ -124,52 +125,105 @@ def layer_table(runs, window: float = 0.5, chatter_min: int = CHATTER_MIN_FLIPS)
 
 @dataclass
 class FanInLaw:
-    points: pd.DataFrame  # run, family, layer, fan_in, abs_m_q50, flip_ratio
-    slopes: pd.DataFrame  # family, quantity, slope, ci_lo, ci_hi, n, df, n_fan_in, method
+    points: pd.DataFrame  # run, family, network, layer, fan_in, abs_m_q50, flip_ratio, seed (per run and layer)
+    slopes: pd.DataFrame  # family, quantity, slope, ci_lo, ci_hi, n, df, n_fan_in, n_seeds, method
     verdicts: list[stats.Verdict] = field(default_factory=list)
-    fit: pd.DataFrame = field(default_factory=pd.DataFrame)  # family, run, quantity, fan_in, fitted (lines to draw)
+    fit: pd.DataFrame = field(default_factory=pd.DataFrame)  # family, run (= network), quantity, fan_in, fitted
+    units: pd.DataFrame = field(default_factory=pd.DataFrame)  # family, quantity, network, layer, fan_in, y, n_seeds
 
 
-def _fit_lines(fam: str, sub: pd.DataFrame, quantity: str, s: stats.Slope) -> list[dict]:
+BN_MARGIN = 0.1  # equivalence margin (slope units) of "the slope equals −0.5" (TOST)
+MIN_SEEDS = 3
+
+
+def network_of(table: pd.DataFrame) -> pd.Series:
+    """Per row of a layer table: its run's architecture, named by the run's (layer, fan-in) list. Runs with the same
+    layers are the same network, whatever their seed, τ or γ: their layers are the same units."""
+    sig = table.groupby("run")[["layer", "fan_in"]].apply(
+        lambda g: ", ".join(f"{layer}:{int(n) if np.isfinite(n) else '?'}" for layer, n in
+                            sorted(zip(g["layer"], g["fan_in"].astype(float), strict=True))))
+    return table["run"].map(sig)
+
+
+def _fit_lines(fam: str, units: pd.DataFrame, quantity: str, s: stats.Slope) -> list[dict]:
+    """Line per network (intercept per network, the common slope), and the −0.5 reference for |m|."""
     rows = []
     if not math.isfinite(s.slope):
         return rows
-    for run, a in s.intercepts.items():
-        f = sub.loc[sub["run"] == run, "fan_in"].astype(float)
-        if f.empty:
-            continue
+    for net, a in s.intercepts.items():
+        f = units.loc[units["network"] == net, "fan_in"].astype(float)
         for x in (f.min(), f.max()):
-            rows.append({"family": fam, "run": run, "quantity": quantity, "fan_in": x,
+            rows.append({"family": fam, "run": net, "quantity": quantity, "fan_in": x,
                          "fitted": math.exp(a + s.slope * math.log(x))})
     if quantity == "median |m|" and rows:
-        lm = np.log(sub["abs_m_q50"].astype(float))
-        lf = np.log(sub["fan_in"].astype(float))
-        ok = np.isfinite(lm) & np.isfinite(lf)
-        if ok.any():
-            a = float(lm[ok].mean() - PREDICTION * lf[ok].mean())
-            for x in (float(np.exp(lf[ok].min())), float(np.exp(lf[ok].max()))):
-                rows.append({"family": fam, "run": "", "quantity": quantity + " (-0.5 reference)", "fan_in": x,
-                             "fitted": math.exp(a + PREDICTION * math.log(x))})
+        lm, lf = units["y"].astype(float), np.log(units["fan_in"].astype(float))
+        a = float(lm.mean() - PREDICTION * lf.mean())
+        for x in (float(np.exp(lf.min())), float(np.exp(lf.max()))):
+            rows.append({"family": fam, "run": "", "quantity": quantity + " (-0.5 reference)", "fan_in": x,
+                         "fitted": math.exp(a + PREDICTION * math.log(x))})
     return rows
 
 
-def prediction_verdict(interval, too_little: str = "", max_halfwidth: float = 0.25) -> tuple[str, str]:
-    """Verdict on "the slope equals the batch-norm prediction −0.5": supported when the interval contains −0.5 and
-    is narrower than ±max_halfwidth, not supported when it excludes −0.5, inconclusive otherwise (or when
-    ``too_little`` names why the data cannot decide)."""
-    lo, hi = (math.nan, math.nan) if interval is None else interval
-    if too_little or not (math.isfinite(lo) and math.isfinite(hi)):
-        return stats.INCONCLUSIVE, too_little or "no slope estimate"
-    if not (lo <= PREDICTION <= hi):
-        return stats.NOT_SUPPORTED, "the interval excludes -0.5"
-    if (hi - lo) / 2 <= max_halfwidth:
-        return stats.SUPPORTED, f"the interval contains -0.5 and is narrower than ±{max_halfwidth}"
-    return stats.INCONCLUSIVE, f"the interval contains -0.5 but is wider than ±{max_halfwidth}"
+def bn_equivalence_verdict(slope: stats.Slope, too_little: str = "", margin: float = BN_MARGIN,
+                           target: float = PREDICTION) -> tuple[str, str, tuple[float, float] | None]:
+    """"The slope equals −0.5" as an equivalence test (two one-sided tests, Schuirmann 1987) with margin δ:
+
+    supported when the 90 % t-interval of the slope lies inside [−0.5 − δ, −0.5 + δ] (both one-sided tests reject at
+    α = 0.05); not supported when the 95 % interval lies entirely outside that band (the slope differs from −0.5 by
+    more than δ); inconclusive otherwise, or when ``too_little`` says why the data cannot decide. Returns (verdict,
+    reason, 90 % interval).
+
+    >>> bn_equivalence_verdict(stats.Slope(-0.48, (-0.52, -0.44), 10, 8, ""))[0]
+    'supported'
+    >>> bn_equivalence_verdict(stats.Slope(-0.1, (-0.2, 0.0), 10, 8, ""))[0]
+    'not supported'
+    """
+    lo95, hi95 = slope.interval
+    if too_little or not (math.isfinite(slope.slope) and math.isfinite(lo95) and slope.df >= 1):
+        return stats.INCONCLUSIVE, too_little or "no slope estimate", None
+    from scipy import stats as st
+
+    se = (hi95 - lo95) / (2 * float(st.t.ppf(0.975, slope.df)))
+    h90 = float(st.t.ppf(0.95, slope.df)) * se
+    lo90, hi90 = slope.slope - h90, slope.slope + h90
+    band = (target - margin, target + margin)
+    if band[0] <= lo90 and hi90 <= band[1]:
+        return (stats.SUPPORTED, f"TOST: the 90 % interval [{lo90:.3f}, {hi90:.3f}] lies within −0.5 ± {margin:g}",
+                (lo90, hi90))
+    if lo95 > band[1] or hi95 < band[0]:
+        return (stats.NOT_SUPPORTED, f"the 95 % interval lies outside −0.5 ± {margin:g} (equivalence margin)",
+                (lo90, hi90))
+    return (stats.INCONCLUSIVE, f"TOST cannot show equivalence within −0.5 ± {margin:g} (90 % interval "
+            f"[{lo90:.3f}, {hi90:.3f}]) nor a difference beyond it", (lo90, hi90))
+
+
+def _layer_units(sub: pd.DataFrame, col: str, offset: float = 0.0) -> pd.DataFrame:
+    """One row per (network, layer): the mean over that network's runs of log(col + offset); ``n_seeds`` counts the
+    distinct seeds among those runs (column ``seed``)."""
+    y = np.log(sub[col].astype(float) + offset)
+    d = sub.assign(y=y)[np.isfinite(y) & (sub["fan_in"].astype(float) > 0)]
+    return (d.groupby(["network", "layer"], sort=True)
+            .agg(fan_in=("fan_in", "first"), y=("y", "mean"), n_seeds=("seed", "nunique")).reset_index())
 
 
 def fan_in_law(table: pd.DataFrame, min_fan_ins: int = 3, negligible: float = 0.1,
-               max_halfwidth: float = 0.25) -> FanInLaw:
-    """Fan-in law per Bop family from :func:`layer_table`'s rows."""
+               margin: float = BN_MARGIN, min_seeds: int = MIN_SEEDS, seeds: dict | None = None) -> FanInLaw:
+    """The pooled fan-in law per Bop family from :func:`layer_table`'s rows, with the LAYER as the unit.
+
+    The runs' layers are grouped by network (:func:`network_of`); per (network, layer) the log of the quantity is
+    averaged over the network's runs (seeds, and τ or γ settings of the same architecture), and the slope is the OLS
+    of those per-layer means on log fan_in with an intercept per network (t-interval, df = #layers − #networks − 1).
+    Seeds of one layer are replicates of that layer, not independent evidence about a between-layer slope.
+
+    The pooled slope mixes fan-in with depth and fan-out (in a network of mixed widths the wide layer is also a
+    particular depth with a particular fan-out), so it answers "do this network's wide layers have smaller |m|?",
+    not "does widening a layer shrink its |m|?"; the controlled width sweep (:mod:`.threshold_policies`) answers
+    the latter. Verdicts ``thresholds.fan_in_pooled`` (|m| falls with fan-in), ``thresholds.fan_in_pooled.
+    bn_prediction`` (slope −0.5, TOST with margin ``margin``) and ``thresholds.one_tau_wide_flip_less`` (under one
+    τ, flip ratio falls with fan-in; only runs with one τ for all layers); inconclusive with fewer than
+    ``min_seeds`` seeds of every network or fewer than ``min_fan_ins`` distinct fan-ins. ``seeds`` maps run → seed
+    (runs of one seed with other τ or γ are not replicates); without it every run counts as its own seed.
+    """
     pts = table[table["family"].isin(BOP_FAMILIES)]
     # "under one threshold": only runs whose layers share one τ (or whose τ is unknown) enter the flip-ratio slope
     if "threshold" in pts:
@@ -180,50 +234,68 @@ def fan_in_law(table: pd.DataFrame, min_fan_ins: int = 3, negligible: float = 0.
     pts = pts[[c for c in cols if c in pts]].copy()
     if "abs_m_q50" not in pts:
         pts["abs_m_q50"] = np.nan
-    slopes, verdicts, fit = [], [], []
+    pts.insert(2, "network", network_of(pts) if len(pts) else pd.Series(dtype=str))
+    pts["seed"] = pts["run"].map(lambda r: (seeds or {}).get(r, r)).astype(str)
+    slopes, verdicts, fit, units_all = [], [], [], []
+    method = ("OLS of per-layer means (over each network's runs) of log y on log fan_in; the layer is the unit, "
+              "intercept per network; t-interval")
     for fam, sub in pts.groupby("family", sort=True):
         label = "Bop2ndOrder, normalised m̂" if fam == "bop2nd" else "Bop"
-        runs = sorted(set(sub["run"]))
-        n_fan = int(sub["fan_in"].nunique())
-        s_m = stats.loglog_slope(sub["fan_in"], sub["abs_m_q50"], sub["run"])
         one_tau = sub[~per_layer_tau.loc[sub.index].to_numpy(dtype=bool)]
-        s_f = stats.loglog_slope(one_tau["fan_in"], one_tau["flip_ratio"] + math.exp(-9), one_tau["run"])
-        n_fan_f = int(one_tau["fan_in"].nunique())
-        for q, s in (("median |m|", s_m), ("flip ratio", s_f)):
-            fit += _fit_lines(fam, sub, q, s)
+        res = {}
+        for q, d, col, off in (("median |m|", sub, "abs_m_q50", 0.0),
+                               ("flip ratio", one_tau, "flip_ratio", math.exp(-9))):
+            u = _layer_units(d, col, off)
+            s = stats.linear_slope(np.log(u["fan_in"].astype(float)), u["y"], u["network"], method=method)
+            n_seeds = int(u["n_seeds"].max()) if len(u) else 0
+            res[q] = (s, u, n_seeds, sorted(set(d["run"])))
+            units_all.append(u.assign(family=fam, quantity=q))
+            fit += _fit_lines(fam, u, q, s)
             slopes.append({"family": fam, "quantity": q, "slope": s.slope, "ci_lo": s.interval[0],
-                           "ci_hi": s.interval[1], "n": s.n, "df": s.df, "n_fan_in": n_fan, "method": s.method})
-        few = n_fan < min_fan_ins
-        why_few = f"only {n_fan} distinct fan-in values (< {min_fan_ins})"
+                           "ci_hi": s.interval[1], "n": s.n, "df": s.df, "n_fan_in": int(u["fan_in"].nunique()),
+                           "n_seeds": n_seeds, "method": s.method})
 
-        v, why = stats.verdict_negative(s_m.slope, s_m.interval, n_fan, min_fan_ins, negligible)
+        def why_not(u: pd.DataFrame, n_seeds: int, what: str = "") -> str:
+            n_fan = int(u["fan_in"].nunique())
+            if n_fan < min_fan_ins:
+                return f"only {n_fan} distinct fan-in values{what} (< {min_fan_ins})"
+            if n_seeds < min_seeds:
+                return f"at most {n_seeds} seed(s) per network{what} (< {min_seeds} seeds)"
+            return ""
+
+        s_m, u_m, r_m, runs_m = res["median |m|"]
+        few = why_not(u_m, r_m)
+        v, why = stats.verdict_negative(s_m.slope, s_m.interval, 0 if few else min_fan_ins, min_fan_ins, negligible)
         verdicts.append(stats.Verdict(
-            f"Wide layers need a smaller threshold than thin layers ({label}): log median |m| falls with log fan_in",
-            v, s_m.slope, s_m.interval, s_m.n, runs, "slope of log median |m| vs log fan_in", s_m.method,
-            why_few if few else why, "thresholds"))
-
-        v, why = prediction_verdict(s_m.interval, why_few if few else "", max_halfwidth)
+            f"Wide layers need a smaller threshold than thin layers ({label}, pooled over the layers of the "
+            f"networks): log median |m| falls with log fan_in", v, s_m.slope, s_m.interval, s_m.n, runs_m,
+            "slope of log median |m| vs log fan_in (layers as units)", s_m.method, few or why, "thresholds",
+            id="thresholds.fan_in_pooled" + ("" if fam == "bop" else f".{fam}")))
+        v, why, _ = bn_equivalence_verdict(s_m, few, margin)
         verdicts.append(stats.Verdict(
-            f"|m| scales like fan_in^-0.5, the batch-norm prediction ({label})", v, s_m.slope, s_m.interval, s_m.n,
-            runs, "slope of log median |m| vs log fan_in", s_m.method, why, "thresholds"))
-
-        v, why = stats.verdict_negative(s_f.slope, s_f.interval, n_fan_f, min_fan_ins, negligible)
-        if one_tau.empty:
-            why = "no run with one threshold for all its layers"
-        elif n_fan_f < min_fan_ins:
-            why = f"only {n_fan_f} distinct fan-in values among runs with one threshold (< {min_fan_ins})"
+            f"|m| scales like fan_in^-0.5, the batch-norm prediction ({label}, pooled)", v, s_m.slope, s_m.interval,
+            s_m.n, runs_m, "slope of log median |m| vs log fan_in (layers as units)", s_m.method, why, "thresholds",
+            id="thresholds.fan_in_pooled.bn_prediction" + ("" if fam == "bop" else f".{fam}")))
+        s_f, u_f, r_f, runs_f = res["flip ratio"]
+        few_f = "no run with one threshold for all its layers" if one_tau.empty else \
+            why_not(u_f, r_f, " among runs with one threshold")
+        v, why = stats.verdict_negative(s_f.slope, s_f.interval, 0 if few_f else min_fan_ins, min_fan_ins,
+                                        negligible)
         verdicts.append(stats.Verdict(
             f"Under one threshold, wide layers flip less than thin layers ({label})", v, s_f.slope, s_f.interval,
-            s_f.n, sorted(set(one_tau["run"])), "slope of log(flip ratio + e^-9) vs log fan_in", s_f.method, why,
-            "thresholds"))
+            s_f.n, runs_f, "slope of log(flip ratio + e^-9) vs log fan_in (layers as units)", s_f.method,
+            few_f or why, "thresholds", id="thresholds.one_tau_wide_flip_less" + ("" if fam == "bop" else f".{fam}")))
     if pts.empty:
         verdicts.append(stats.Verdict(
             "Wide layers need a smaller threshold than thin layers", stats.INCONCLUSIVE, None, None, 0, [],
-            "slope of log median |m| vs log fan_in", "", "no Bop runs with per-layer |m| in the logs", "thresholds"))
+            "slope of log median |m| vs log fan_in", "", "no Bop runs with per-layer |m| in the logs", "thresholds",
+            id="thresholds.fan_in_pooled"))
     sl = pd.DataFrame(slopes, columns=["family", "quantity", "slope", "ci_lo", "ci_hi", "n", "df", "n_fan_in",
-                                       "method"])
+                                       "n_seeds", "method"])
     fit_df = pd.DataFrame(fit, columns=["family", "run", "quantity", "fan_in", "fitted"])
-    return FanInLaw(pts.reset_index(drop=True), sl, verdicts, fit_df)
+    units = (pd.concat(units_all, ignore_index=True) if units_all else
+             pd.DataFrame(columns=["network", "layer", "fan_in", "y", "n_seeds", "family", "quantity"]))
+    return FanInLaw(pts.reset_index(drop=True), sl, verdicts, fit_df, units)
 
 
 def _tail_knots(qrow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,89 @@
+"""Does ``--threshold-policy normalized`` even out per-layer flip ratios? (docs/findings.md, "normalized").
+
+For each (dataset, model, γ/τ setting): one calibration run with the global τ (seed 9, not among the test seeds)
+fixes the multiple k = τ / geomean_l(mean |m|_l) (mean |m| per layer from the probe's ``abs_m_mean``, averaged over
+the run), so that ``normalized`` works at the network's own typical margin; then seeds 0, 1, 2 train with the global
+τ and with ``normalized`` at that k. Reported per seed: the coefficient of variation of the per-layer flip ratios
+over the whole run (window 1.0), global vs normalized, their ratio, and the final validation accuracies.
+
+    python benchmarks/normalized_cv.py --out runs/normalized_cv            # all four configurations
+    python benchmarks/normalized_cv.py --out runs/normalized_cv --only digits-default
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import bnn_probe
+from bnn_probe.reports.threshold_policies import cv_reduction
+from bnn_probe.reports.training import runs_table
+from bnn_probe.train import TrainConfig, train
+
+CONFIGS = {
+    "digits-default": dict(dataset="digits", model="mlp", widths=(2048, 64, 1024), gamma=None, threshold=None,
+                           epochs=10),
+    "digits-g1e-3": dict(dataset="digits", model="mlp", widths=(2048, 64, 1024), gamma=1e-3, threshold=1e-6,
+                         epochs=10),
+    "mnist1d-default": dict(dataset="mnist1d", model="cnn1d", widths=(), gamma=None, threshold=None, epochs=4),
+    "mnist1d-g1e-3": dict(dataset="mnist1d", model="cnn1d", widths=(), gamma=1e-3, threshold=1e-6, epochs=4),
+}
+CALIBRATION_SEED = 9
+SEEDS = (0, 1, 2)
+
+
+def matched_multiple(run, tau: float) -> float:
+    """k = τ / geometric mean over layers of the layer's mean |m| (``abs_m_mean``, averaged over the run)."""
+    st = run.steps
+    scale = st.groupby("layer")["abs_m_mean"].mean()
+    return float(tau / math.exp(np.log(scale[scale > 0]).mean()))
+
+
+def _train(cfg: TrainConfig, out: Path) -> Path:
+    if (out / "meta.json").exists() and json.loads((out / "meta.json").read_text()).get("status") == "finished":
+        return out
+    return train(cfg, out, progress=False, overwrite=True, checkpoint_every=0)
+
+
+def run_config(name: str, spec: dict, root: Path) -> pd.DataFrame:
+    base = TrainConfig(batch_size=64, hist_every=0, snapshot_every=0, track=16, **spec)
+    tau = base.resolved().threshold
+    cal = bnn_probe.load_run(_train(replace(base, seed=CALIBRATION_SEED), root / name / "calibration"))
+    k = matched_multiple(cal, tau)
+    glob, norm = [], []
+    for s in SEEDS:
+        glob.append(bnn_probe.load_run(_train(replace(base, seed=s), root / name / f"global-s{s}")))
+        norm.append(bnn_probe.load_run(_train(replace(base, seed=s, threshold_policy="normalized",
+                                                      threshold_multiple=k), root / name / f"normalized-s{s}")))
+    red = cv_reduction(glob, norm, window=1.0).rename(columns={"cv_from_report": "cv_normalized"})
+    acc = runs_table(glob + norm)[0].set_index("run")["final_val_accuracy"]
+    red.insert(0, "config", name)
+    red.insert(1, "multiple", k)
+    red["acc_global"] = [acc.get(n, math.nan) for n in red["run_global"]]
+    red["acc_normalized"] = [acc.get(n, math.nan) for n in red["run_from_report"]]
+    return red
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--only", default=None, help="one configuration: " + ", ".join(CONFIGS))
+    ap.add_argument("--epochs", type=int, default=None, help="override the configuration's epochs")
+    a = ap.parse_args(argv)
+    names = [a.only] if a.only else list(CONFIGS)
+    frames = [run_config(n, {**CONFIGS[n], **({"epochs": a.epochs} if a.epochs else {})}, a.out) for n in names]
+    df = pd.concat(frames, ignore_index=True)
+    pd.set_option("display.width", 200)
+    print(df.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    a.out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(a.out / ("normalized_cv.csv" if not a.only else f"normalized_cv_{a.only}.csv"), index=False)
+
+
+if __name__ == "__main__":
+    main()
