@@ -439,7 +439,11 @@ def _existing(path: Path, config: TrainConfig) -> str:
         m = json.loads(meta.read_text())
     except (OSError, ValueError):
         return "other"
-    if _comparable(m.get("config")) != _comparable(config.resolved().to_dict()):
+    stored, planned = _comparable(m.get("config")), _comparable(config.resolved().to_dict())
+    if isinstance(stored, dict):  # an option added after the run was made, at its default: the run used it too
+        defaults = TrainConfig().to_dict()
+        planned = {k: v for k, v in planned.items() if k in stored or k not in defaults or v != defaults[k]}
+    if stored != planned:
         return "other"
     return "same" if m.get("status") == "finished" else "unfinished"
 

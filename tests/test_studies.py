@@ -172,6 +172,11 @@ def test_a_study_run_twice_reuses_its_per_layer_threshold_runs(tmp_path, monkeyp
     run_study("mini", tmp_path / "s", TINY, progress=False, report=False, echo=msgs.append)
     stored = json.loads((tmp_path / "s" / "fan-in" / "meta.json").read_text())["config"]["extra"]
     assert "threshold_policy" in stored  # what made the second run fail before
+    meta = tmp_path / "s" / "calibrated" / "meta.json"
+    m = json.loads(meta.read_text())
+    assert m["config"]["amp"] == "none"
+    del m["config"]["amp"]  # as if made before the option existed: it ran with the default
+    meta.write_text(json.dumps(m))
     run_study("mini", tmp_path / "s", TINY, progress=False, report=False, echo=msgs.append)
     assert any("reusing 2 finished run(s)" in m for m in msgs) and any("trained 0 run(s)" in m for m in msgs)
     with pytest.raises(FileExistsError, match="holds another run"):  # a real difference is still one
