@@ -7,11 +7,13 @@ A run folder may hold files its user put there, and may have been written by som
   top-level files it writes (``meta.json``, ``layers.parquet``, ``weight_flips.parquet``, ``checkpoint.pt``, the lock
   file, their temporary names), the ``part-NNNNNN.parquet`` parts of its tables' folders and TensorBoard's event files
   under ``tb/``. ``--overwrite`` deletes these and nothing else, and refuses a folder that is not a run.
-* **No links.** Nothing is followed: a symbolic link where bnn-probe would read or write (the run folder itself, a
-  table folder, an owned file) is refused before anything is deleted, so no file outside the folder is touched.
+* **No links.** ``--overwrite`` follows none: a symbolic link where it would delete or the new run would write (the
+  run folder itself, a table folder, an owned file) is refused before anything is deleted, so no file outside the
+  folder is touched.
 * **One writer.** :class:`RunLock` holds an exclusive ``flock`` on ``<run>/.bnn-probe.lock`` while a process writes
-  the run; a second ``train --resume`` (or ``--overwrite``) of the same folder gets a one-line error. Temporary files
-  carry the writer's process id (:func:`tmp_path`), so two processes never write to the same temporary name.
+  the run (the training runner and every :class:`~bnn_probe.runlog.RunWriter`); a second ``train --resume`` (or
+  ``--overwrite``, or probe) of the same folder gets a one-line error. Temporary files carry the writer's process id
+  (:func:`tmp_path`), so two processes never write to the same temporary name.
 
 Example:
     >>> tmp_path(Path("runs/x/meta.json")).name.startswith(".meta.json.")
@@ -150,21 +152,30 @@ def remove_owned(plan: OwnedFiles) -> None:
             pass
 
 
+_HELD: dict[str, list[int]] = {}  # real path of a locked run folder -> [descriptor, holders in this process]
+
+
 class RunLock:
-    """An exclusive lock on a run folder (``flock`` on ``<run>/.bnn-probe.lock``) held while this process writes it.
+    """An exclusive lock on a run folder (``flock`` on ``<run>/.bnn-probe.lock``) held while a process writes it.
 
     ``RunLock(run_dir)`` takes the lock or raises :class:`BnnProbeError` (one line) when another process holds it.
-    :meth:`release` (or the end of a ``with`` block, or garbage collection) gives it back; the lock file stays (it is
-    owned by bnn-probe).
+    Within one process it is re-entrant (the training runner and the probe's :class:`~bnn_probe.runlog.RunWriter`
+    both hold it); the flock is given back when the last holder calls :meth:`release` (or leaves its ``with`` block,
+    or is garbage-collected) and in any case when the process ends. The lock file stays (it is owned by bnn-probe).
     Where ``fcntl`` does not exist (Windows) the lock is a no-op.
     """
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.path = Path(run_dir) / LOCK_NAME
-        self.fd: int | None = None
+        self.key: str | None = None
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
+            return
+        key = os.path.realpath(run_dir)
+        if key in _HELD:
+            _HELD[key][1] += 1
+            self.key = key
             return
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
         try:
@@ -180,13 +191,19 @@ class RunLock:
                                 "wait until it ends, or choose another folder") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
+        _HELD[key] = [fd, 1]
+        self.key = key
 
     def release(self) -> None:
-        """Give the lock back (idempotent)."""
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the flock
-            self.fd = None
+        """Give this holder's share of the lock back (idempotent)."""
+        key, self.key = self.key, None
+        entry = _HELD.get(key) if key is not None else None
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _HELD[key]
+            os.close(entry[0])  # closing the descriptor releases the flock
 
     def __del__(self) -> None:  # a TrainState dropped without running its loop gives the lock back
         self.release()

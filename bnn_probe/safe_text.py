@@ -3,7 +3,8 @@
 Run folders are untrusted input (docs/trust.md). A layer name can hold terminal escape sequences, a tag can hold
 ``<script>`` or a ``[link](javascript:...)``. Everything printed by the command line goes through
 :func:`terminal_safe`; everything the Markdown report shows goes through :func:`md_text` (or :func:`md_code` /
-:func:`md_fence` / :func:`md_link_target`), so that the report renders the characters, never markup.
+:func:`md_fence`; link targets in either report through :func:`safe_href`), so that the report renders the
+characters, never markup.
 
 Example:
     >>> terminal_safe("fc1\\x1b[2J")
@@ -17,7 +18,7 @@ from __future__ import annotations
 import re
 from urllib.parse import quote
 
-__all__ = ["terminal_safe", "md_text", "md_code", "md_fence", "md_link_target"]
+__all__ = ["terminal_safe", "md_text", "md_code", "md_fence", "safe_href"]
 
 # C0 controls except tab and newline, DEL, C1 controls, and the bidirectional overrides that reorder what is shown.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
@@ -58,7 +59,16 @@ def md_fence(text: str, lang: str = "") -> str:
     return f"{fence}{re.sub(r'[^A-Za-z0-9_+-]', '', lang)}\n{s}\n{fence}"
 
 
-def md_link_target(path: str) -> str:
-    """A relative link target, percent-encoded: no ``)``, space or ``<`` can end it, and with ``:`` encoded it can
-    never be a URL with a scheme (``javascript:``)."""
-    return quote(terminal_safe(path, one_line=True), safe="/._-~")
+def safe_href(href: str) -> str:
+    """A link target for report.md or an HTML ``href``: ``http(s)://`` URLs, relative paths and ``#anchors``,
+    percent-encoded (no quote, space, ``)`` or ``<`` can end it). Any other scheme (``javascript:``, ``data:``)
+    becomes a harmless relative path, its colon encoded.
+
+    >>> safe_href("javascript:alert(1)"), safe_href("#runs"), safe_href("https://arxiv.org/abs/1906.02107")
+    ('javascript%3Aalert%281%29', '#runs', 'https://arxiv.org/abs/1906.02107')
+    """
+    s = terminal_safe(href, one_line=True)
+    for scheme in ("https://", "http://"):
+        if s.lower().startswith(scheme):
+            return scheme + quote(s[len(scheme):], safe="/._-~#?=&%+")
+    return quote(s, safe="/._-~#%")

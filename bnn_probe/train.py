@@ -227,9 +227,9 @@ def _check_types(c: TrainConfig) -> None:
         v = getattr(c, name)
         _check(isinstance(v, str) or (v is None and name in _OPTIONAL_STR_FIELDS),
                f"option {name} must be a string, got {type(v).__name__} {v!r:.40}")
-    for name in ("batch_norm", "compile", "clip", "glorot_lr"):
+    for name in ("batch_norm", "compile", "clip", "glorot_lr", "latent_eval"):
         v = getattr(c, name)
-        _check(isinstance(v, bool) or (v is None and name in ("clip", "glorot_lr")),
+        _check(isinstance(v, bool) or (v is None and name in ("clip", "glorot_lr", "latent_eval")),
                f"option {name} must be true or false, got {v!r:.40}")
     _check(isinstance(c.extra, dict), f"option extra must be a mapping, got {type(c.extra).__name__}")
     _check(c.widths is None or isinstance(c.widths, str | list | tuple),

@@ -459,22 +459,43 @@ def test_disk_full_while_checkpointing_leaves_no_temporary_file(tmp_path, capsys
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
 
 
+def _lock_holder(run):
+    """Another process holding the run's lock (as a second `train --resume` would); returns it once it holds it."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from bnn_probe.rundir import RunLock; "
+                               f"lock = RunLock({str(run)!r}); print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
 def test_a_second_writer_of_a_run_folder_is_refused(tmp_path, capsys):
+    from bnn_probe.errors import BnnProbeError
     from bnn_probe.rundir import RunLock
     from bnn_probe.rundir import tmp_path as tmp_name
+    from bnn_probe.runlog import RunWriter
 
     run = tmp_path / "run"
     assert _train(tmp_path, capsys, run)[0] == 0
-    before = _tree(run)
-    with RunLock(run):  # another process resuming this run holds the lock
+    before = {k: v for k, v in _tree(run).items() if k != ".bnn-probe.lock"}
+    holder = _lock_holder(run)
+    try:
         code, _, err = run_cli(["train", "--resume", str(run)], capsys)
-        _one_line_error(code, err, "being written by another bnn-probe process", f"pid {os.getpid()}")
+        _one_line_error(code, err, f"being written by another bnn-probe process (pid {holder.pid})")
         code, _, err = _train(tmp_path, capsys, run, "--overwrite")
         _one_line_error(code, err, "being written by another bnn-probe process")
-    assert {k: v for k, v in _tree(run).items() if k != ".bnn-probe.lock"} == \
-        {k: v for k, v in before.items() if k != ".bnn-probe.lock"}
-    assert run_cli(["train", "--resume", str(run)], capsys)[0] == 0  # released: the lock is not left behind
-    assert str(os.getpid()) in tmp_name(run / "meta.json").name
+        with pytest.raises(BnnProbeError, match="another bnn-probe process"):  # a probe attached by hand, too
+            RunWriter(run, tensorboard=False, resume=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert {k: v for k, v in _tree(run).items() if k != ".bnn-probe.lock"} == before  # nothing written
+    assert run_cli(["train", "--resume", str(run)], capsys)[0] == 0  # the lock ended with its process
+    with RunLock(run), RunLock(run):  # re-entrant within one process (the runner and its probe's writer)
+        RunWriter(run, tensorboard=False, resume=True).close()
+    assert str(os.getpid()) in tmp_name(run / "meta.json").name  # temporary names are per process
 
 
 # ---------------------------------------------------------------------------------------------------- one-line errors
@@ -512,14 +533,19 @@ def test_meta_json_is_strict_json(tmp_path):
     assert strict((tmp_path / "m.json").read_text()) == {"a": None, "b": [None, 1.5], "c": None}
 
 
-@pytest.mark.parametrize("field, value", [("status", 5), ("config", "x"), ("last_step", "ten"), ("tag", ["a"]),
-                                          ("optimizer", "bop"), ("layers", {"a": 1})])
-def test_meta_fields_of_the_wrong_type_are_one_line_errors(tmp_path, capsys, field, value):
+@pytest.mark.parametrize("field, value, message", [
+    ("status", 5, "'status' must be a string"), ("config", "x", "'config' must be an object"),
+    ("last_step", "ten", "'last_step' must be an integer"), ("tag", ["a"], "'tag' must be a string"),
+    ("optimizer", "bop", "'optimizer' must be an object"), ("layers", {"a": 1}, "'layers' must be a list"),
+    ("optimizer", {"class": "Bop", "groups": "g"}, "'optimizer.groups' must be a list of objects"),
+    ("warnings", 5, "'warnings' must be a list"),
+])
+def test_meta_fields_of_the_wrong_type_are_one_line_errors(tmp_path, capsys, field, value, message):
     run = write_run(make_run("r", **SMALL), tmp_path / "r")
     meta = json.loads((run / "meta.json").read_text())
     (run / "meta.json").write_text(json.dumps({**meta, field: value}))
     for cmd in (["summary", str(run)], ["report", str(run), "--out", str(tmp_path / "rep"), "--quiet"]):
-        _one_line_error(*run_cli(cmd, capsys)[::2], f"'{field}' must be")
+        _one_line_error(*run_cli(cmd, capsys)[::2], message)
 
 
 def test_a_steps_part_with_a_string_step_column_is_one_line_or_skipped(tmp_path, capsys):
@@ -538,6 +564,8 @@ def test_a_steps_part_with_a_string_step_column_is_one_line_or_skipped(tmp_path,
     ({"widths": "abc"}, "--widths must be comma-separated positive integers"),
     ({"extra": 5}, "option extra must be a mapping"),
     ({"batch_norm": "yes"}, "option batch_norm must be true or false"),
+    ({"latent_eval": "no"}, "option latent_eval must be true or false"),
+    ({"intervention": {"pair": "p"}}, "intervention must be a dict with exactly the keys"),
     ({"width_multiplier": 1e309}, "must be a finite number"),
 ])
 def test_resume_of_a_meta_json_with_wrong_typed_options_is_one_line(tmp_path, capsys, config, message):
@@ -561,22 +589,3 @@ def test_the_owned_table_folders_are_the_run_log_tables():
     from bnn_probe.runlog.schema import PART_TABLES
 
     assert set(RUN_TABLE_DIRS) == set(PART_TABLES)
-
-
-def test_a_resume_while_another_process_writes_the_run_is_refused(tmp_path, capsys):
-    import subprocess
-    import sys
-
-    run = tmp_path / "run"
-    assert _train(tmp_path, capsys, run)[0] == 0
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from bnn_probe.rundir import RunLock; "
-                               f"lock = RunLock({str(run)!r}); print('locked', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        code, _, err = run_cli(["train", "--resume", str(run)], capsys)
-        _one_line_error(code, err, f"another bnn-probe process (pid {holder.pid})")
-    finally:
-        holder.kill()
-        holder.wait()
-    assert run_cli(["train", "--resume", str(run)], capsys)[0] == 0  # the lock ended with its process

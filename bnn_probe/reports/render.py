@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..safe_text import md_code, md_fence, md_link_target, md_text
+from ..safe_text import md_code, md_fence, md_text, safe_href
 from .stats import Verdict
 
 TEMPLATE = Path(__file__).with_name("templates") / "report.html"
@@ -202,7 +202,7 @@ def _html_block(b: Block) -> str:
         inner = "".join(_html_block(c) for c in b.children)
         return f"<details class='block'><summary>{html.escape(b.text)}</summary>{inner}</details>"
     if b.kind == "link":
-        return f"<p><a href='{html.escape(b.href)}'>{html.escape(b.text)}</a></p>"
+        return f"<p><a href='{html.escape(safe_href(b.href))}'>{html.escape(b.text)}</a></p>"
     if b.kind == "list":
         return "<ul>" + "".join(f"<li>{html.escape(t)}</li>" for t in b.text.split("\n")) + "</ul>"
     raise ValueError(b.kind)
@@ -294,7 +294,7 @@ def _md_blocks(blocks: list[Block], out_dir: Path) -> list[str]:
         elif b.kind == "warning":
             out += [f"> **Warning:** {e(b.text)}", ""]
         elif b.kind == "figure":
-            out += [f"![{e(b.text)}]({md_link_target(_rel(b.path, out_dir))})", "", f"*{e(b.text)}*", ""]
+            out += [f"![{e(b.text)}]({safe_href(_rel(b.path, out_dir))})", "", f"*{e(b.text)}*", ""]
         elif b.kind == "table":
             out += [f"*{e(b.text)}*" + (f" ({md_code(b.csv)})" if b.csv else ""), "", _md_table(b.table), ""]
         elif b.kind == "verdicts":
@@ -305,7 +305,7 @@ def _md_blocks(blocks: list[Block], out_dir: Path) -> list[str]:
             out += [f"<details><summary>{e(b.text)}</summary>", "", *_md_blocks(b.children, out_dir),
                     "</details>", ""]
         elif b.kind == "link":
-            out += [f"[{e(b.text)}]({md_link_target(b.href)})", ""]
+            out += [f"[{e(b.text)}]({safe_href(b.href)})", ""]
         elif b.kind == "list":
             out += [f"- {e(t)}" for t in b.text.split("\n")] + [""]
     return out
@@ -321,7 +321,7 @@ def render_markdown(doc: Document, out_dir: Path) -> str:
             out += [f"### {e(a.title)}", ""] + [f"- {e(s)}" for s in a.sentences] + [""]
             out += [f"> {e(n)}\n" for n in a.notes]
             if a.figure is not None:
-                out += [f"![{e(a.figure_caption)}]({md_link_target(_rel(a.figure, out_dir))})", ""]
+                out += [f"![{e(a.figure_caption)}]({safe_href(_rel(a.figure, out_dir))})", ""]
             decided = [v for v in a.verdicts if v.verdict != "inconclusive"]
             undecided = [v for v in a.verdicts if v.verdict == "inconclusive"]
             out += [_md_verdicts(decided, compact=True), ""] if decided else []

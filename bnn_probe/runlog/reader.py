@@ -47,6 +47,9 @@ def read_meta(path: Path) -> dict[str, Any]:
         if v is not None and (not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds)):
             want = " or ".join(_KIND_NAMES[k] for k in kinds)
             raise RunLogError(f"unreadable meta.json in {path}: {key!r} must be {want}, not {type(v).__name__}")
+    groups = (meta.get("optimizer") or {}).get("groups")
+    if groups is not None and not (isinstance(groups, list) and all(isinstance(g, dict) for g in groups)):
+        raise RunLogError(f"unreadable meta.json in {path}: 'optimizer.groups' must be a list of objects")
     return meta
 
 
@@ -55,7 +58,7 @@ def read_meta(path: Path) -> dict[str, Any]:
 _META_TYPES: dict[str, tuple[type, ...]] = {
     "status": (str,), "family": (str,), "tag": (str,), "config": (dict,), "last_step": (int,), "layers": (list,),
     "run_id": (str,), "world_size": (int,), "created_at": (str,), "updated_at": (str,), "probe": (dict,),
-    "optimizer": (dict,), "model": (dict,),
+    "optimizer": (dict,), "model": (dict,), "warnings": (list,),
 }
 _KIND_NAMES = {str: "a string", dict: "an object", int: "an integer", list: "a list"}
 

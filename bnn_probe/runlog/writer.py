@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import BnnProbeError
-from ..rundir import tmp_path
+from ..rundir import RunLock, tmp_path
 from .schema import PART_TABLES, conform
 
 __all__ = ["RunWriter", "now_iso", "atomic_write_json", "strict_json", "mark_status_in_place"]
@@ -101,13 +101,17 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> None:
 
 
 class RunWriter:
-    """The files of one run directory. ``resume=True`` appends to an existing run (new part numbers)."""
+    """The files of one run directory. ``resume=True`` appends to an existing run (new part numbers).
+
+    Holds the run folder's lock (:class:`bnn_probe.rundir.RunLock`) from creation to :meth:`close`: a second process
+    writing the same run (a second resume, a probe attached twice) gets a one-line error."""
 
     def __init__(self, logdir: str | os.PathLike, tensorboard: bool = True, resume: bool = False) -> None:
         self.path = Path(logdir)
         if (self.path / "meta.json").exists() and not resume:
             raise BnnProbeError(f"{self.path} already holds a run: pass resume=True to append, or use another logdir")
         self.path.mkdir(parents=True, exist_ok=True)
+        self._lock: RunLock | None = RunLock(self.path)  # one writing process per run folder (docs/trust.md)
         self._next: dict[str, int] = {}
         for t in PART_TABLES:
             d = self.path / t
@@ -154,3 +158,6 @@ class RunWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
+            self._lock = None
