@@ -9,11 +9,13 @@ Studies (docs/training.md gives every run's options):
 * ``hyperparams`` — Fig. 1 of Helwegen et al. 2019: Bop with γ ∈ {1e-2, 1e-3, 1e-4} at τ = 1e-6 and
   τ ∈ {0, 1e-6, 1e-5} at γ = 1e-3 (five runs per seed; γ = 1e-3, τ = 1e-6 is shared). The paper's values are used
   unscaled: on the embedded datasets they already give distinct flip rates and trainable models (docs/results.md).
-* ``inertia`` — Bop; latent Adam with clipping; latent SGD; the Theorem-1 pair (latent SGD, identity STE, no clipping,
-  (lr, init) and (C·lr, C·init) with C = 2^5); the τ = 0 pair (Bop with τ = 0 and latent SGD with step γ, decoupled
-  decay γ and initial magnitudes 1e-20, γ = 2^-10 so both forms round alike). Pairs carry ``config["pair"]`` and
-  ``config["pair_role"]`` ("a"/"b") and a ``tag`` naming the pair kind. Magnitude-reset pairs
-  (:func:`intervention_runs`): control and reset arms sharing a seed, ``config["intervention"]``.
+* ``inertia`` — seeds 0, 1, 2 by default: Theorem 1 with C ∈ {3, 10, 100} (latent SGD, with and without clipping, a
+  rounding control; ``config["extra"]["theorem1"]``); Bop and latent Adam with clipping from the same initial signs
+  (``config["extra"]["bop_vs_latent"]``; flip overlap and flip hazard); latent SGD with clipping; the τ = 0 pair (Bop
+  with τ = 0 and latent SGD with step γ, decoupled decay γ and initial magnitudes 1e-20, γ = 2^-10 so both forms
+  round alike; ``config["pair"]``, ``config["pair_role"]`` "a"/"b"); magnitude-reset pairs
+  (:func:`intervention_runs`): control and reset arms sharing a seed, ``config["intervention"]``. The power-of-two
+  Theorem-1 pair is a code test (tests/test_equivalences.py), not part of the study.
 * ``thresholds`` — per-layer thresholds (wide vs thin layers; docs/thresholds.md): Bop with global
   τ ∈ {2e-7, 1e-6, 5e-6}, ``fan-in`` and ``calibrated`` (r* = 1e-3) policies, Bop2ndOrder (τ = 1e-3), latent
   Adam, Bop without batch norm (weights scaled by fan_in^−1/2), and a width sweep (MLP in → W → 256 → classes,
@@ -37,7 +39,7 @@ from .errors import BnnProbeError
 from .train import TrainConfig
 
 __all__ = ["RunSpec", "StudyOptions", "Study", "STUDIES", "register_study", "reserve_study", "get_study",
-           "plan_study", "run_study", "parse_seeds", "study_names"]
+           "plan_study", "run_study", "parse_seeds", "default_seeds", "study_names"]
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,11 @@ def get_study(name: str) -> Study:
     return st
 
 
+def default_seeds(name: str) -> tuple[int, ...]:
+    """Seeds of study ``name`` when ``--seeds`` is not given: studies whose verdicts need replication run three."""
+    return INERTIA_SEEDS if name == "inertia" else (0,)
+
+
 def parse_seeds(text: str | int | Sequence[int]) -> tuple[int, ...]:
     """``"0,1,2"`` → (0, 1, 2); an int n → (0, …, n−1) only when given as an int.
 
@@ -159,7 +166,12 @@ def _fmt(x: float) -> str:
 
 HYPER_GAMMAS = (1e-2, 1e-3, 1e-4)
 HYPER_TAUS = (0.0, 1e-6, 1e-5)
-THEOREM1_C = 2 ** 5
+THEOREM1_CS = (3.0, 10.0, 100.0)  # non-power-of-two scalings (Theorem 1 as an experiment)
+THEOREM1_CS_QUICK = (100.0,)  # --quick and ``all``: the C whose clipping effect shows within a few epochs
+THEOREM1_LR, THEOREM1_INIT = 1e-1, 1e-1
+THEOREM1_ROUNDING = 1 + 2.0 ** -22  # rounding control: C = 1 + 2^-22, a scaling whose only effect is rounding
+SNAPSHOT_EVERY = 5
+INERTIA_SEEDS = (0, 1, 2)
 TAU0_GAMMA = 2.0 ** -10
 
 
@@ -176,22 +188,15 @@ def _hyperparams(o: StudyOptions) -> list[RunSpec]:
     return runs
 
 
-@register_study("inertia", "Bop, latent Adam (clipped), latent SGD, the Theorem-1 pair, the τ = 0 pair and the "
-                "magnitude-reset pairs", all_epochs=6)
+@register_study("inertia", "the inertia interpretation: Theorem 1 with C ∈ {3, 10, 100} with and without clipping, "
+                "Bop vs latent Adam from the same signs (flip hazard, flip overlap), latent SGD, the τ = 0 pair and "
+                "the magnitude-reset pairs", all_epochs=6)
 def _inertia(o: StudyOptions) -> list[RunSpec]:
     runs: list[RunSpec] = []
     for seed in o.seeds:
         base = replace(o.base(seed, default_epochs=20, quick_epochs=2), tag="inertia")
-        runs.append(RunSpec(f"bop-s{seed}", replace(base, optimizer="bop", gamma=1e-3, threshold=1e-6)))
-        runs.append(RunSpec(f"latent-adam-clip-s{seed}", replace(base, optimizer="latent-adam", clip=True)))
-        runs.append(RunSpec(f"latent-sgd-s{seed}", replace(base, optimizer="latent-sgd", clip=True)))
-        lr, init = 1e-2, 5e-2
-        th1 = replace(base, optimizer="latent-sgd", ste="identity", clip=False, momentum=0.0, glorot_lr=True,
-                      pair=f"theorem1-s{seed}", tag="theorem1")
-        runs.append(RunSpec(f"theorem1-a-s{seed}", replace(th1, lr=lr, init_scale=init, pair_role="a")))
-        runs.append(RunSpec(f"theorem1-b-s{seed}", replace(th1, lr=THEOREM1_C * lr, init_scale=THEOREM1_C * init,
-                                                          pair_role="b")))
-        tau0 = replace(base, ste="identity", pair=f"tau0-s{seed}", tag="tau0")
+        runs += inertia_experiment_runs(base, seed, THEOREM1_CS_QUICK if o.quick else THEOREM1_CS)
+        tau0 = replace(base, ste="identity", pair=f"tau0-s{seed}", tag="tau0", track=0)  # an exact check only
         runs.append(RunSpec(f"tau0-bop-s{seed}", replace(tau0, optimizer="bop", gamma=TAU0_GAMMA, threshold=0.0,
                                                         pair_role="a")))
         runs.append(RunSpec(f"tau0-latent-sgd-s{seed}", replace(
@@ -222,6 +227,37 @@ def intervention_runs(o: StudyOptions, arms: Sequence[tuple[str, str]] | None = 
             for role in ("control", "reset"):
                 iv = {"pair": pair, "role": role, "step": t, "mode": mode}
                 runs.append(RunSpec(f"reset-{optimizer}-{mode}-{role}-s{seed}", replace(cfg, intervention=iv)))
+    return runs
+
+
+def inertia_experiment_runs(base: TrainConfig, seed: int, cs: Sequence[float] = THEOREM1_CS) -> list[RunSpec]:
+    """One seed of the Theorem-1, hazard and Bop-vs-latent experiments (docs/reports.md, "The inertia
+    interpretation"); ``base`` carries the dataset, model, epochs and seed.
+
+    * Theorem 1: latent SGD (no momentum, Glorot lr factors, lr = 0.1, w̃_0 ~ U(−0.1, 0.1)) scaled by
+      C ∈ ``cs`` (lr and w̃_0; default THEOREM1_CS), plus the C = 1 reference and a rounding control (C = 1 + 2^-22
+      on both), in two arms: identity STE without clipping, clipped STE with clipping at 1. Sign hashes every step,
+      snapshots every SNAPSHOT_EVERY steps; no tracked weights (these near-copies must not weigh on the hazard pools).
+    * Bop (γ = 1e-3, τ = 1e-6) and latent Adam with clipping (Glorot init, the default ``latent_init``) from the same
+      initial signs, snapshots every SNAPSHOT_EVERY steps: flip overlap, and with latent SGD the flip hazard.
+    """
+    runs: list[RunSpec] = []
+    snap = replace(base, snapshot_every=SNAPSHOT_EVERY)
+    runs.append(RunSpec(f"bop-s{seed}", replace(snap, optimizer="bop", gamma=1e-3, threshold=1e-6,
+                                                extra={"bop_vs_latent": "bop"})))
+    runs.append(RunSpec(f"latent-adam-clip-s{seed}", replace(snap, optimizer="latent-adam", clip=True,
+                                                             extra={"bop_vs_latent": "latent"})))
+    runs.append(RunSpec(f"latent-sgd-s{seed}", replace(base, optimizer="latent-sgd", clip=True)))
+    for arm in ("unclipped", "clipped"):
+        clip = arm == "clipped"
+        t1 = replace(snap, optimizer="latent-sgd", ste="clipped" if clip else "identity", clip=clip, momentum=0.0,
+                     glorot_lr=True, track=0, tag="theorem1-scaling")
+        members = [(1.0, "reference"), (THEOREM1_ROUNDING, "rounding")] + [(c, "scaled") for c in cs]
+        for c, role in members:
+            name = {"reference": "c1", "rounding": "rounding"}.get(role, f"c{c:g}")
+            runs.append(RunSpec(f"theorem1-{arm}-{name}-s{seed}", replace(
+                t1, lr=THEOREM1_LR * c, init_scale=THEOREM1_INIT * c,
+                extra={"theorem1": {"C": c, "arm": arm, "role": role}})))
     return runs
 
 

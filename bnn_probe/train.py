@@ -66,6 +66,7 @@ OPTIMIZERS: tuple[str, ...] = ("bop", "bop2nd", "latent-adam", "latent-sgd")
 BOP_OPTIMIZERS: tuple[str, ...] = ("bop", "bop2nd")
 LATENT_OPTIMIZERS: tuple[str, ...] = ("latent-adam", "latent-sgd")
 DEFAULT_LR = {"latent-adam": 1e-3, "latent-sgd": 1e-1}
+LATENT_INITS: tuple[str, ...] = ("glorot", "uniform1")  # initial latent magnitude bound (init_binary_weights)
 EVAL_BATCH = 1000
 
 
@@ -125,7 +126,8 @@ class TrainConfig:
     decay_factor: float = 0.1
     clip: bool | None = None  # latent: clip to [-1, 1] after every step (default True)
     ste: str = "clipped"
-    init_scale: float | None = None  # latent: |w̃_0| ~ U(0, s]; None = Glorot bound sqrt(6/(fan_in+fan_out))
+    init_scale: float | None = None  # latent: |w̃_0| ~ U(0, s]; None = the bound of ``latent_init``
+    latent_init: str = "glorot"  # latent: "glorot" s = sqrt(6/(fan_in+fan_out)) per layer; "uniform1" s = 1 (BinaryNet)
     glorot_lr: bool | None = None  # latent: BinaryNet per-layer lr scaling (default on)
     momentum: float | None = None  # latent-sgd momentum (default 0)
     decoupled_decay: float | None = None  # latent-sgd: w̃ ← (1 − lr·d) w̃ before each step (default 0)
@@ -166,6 +168,7 @@ class TrainConfig:
         c.lr = (DEFAULT_LR[c.optimizer] if c.lr is None else float(c.lr)) if latent else None
         c.clip = (True if c.clip is None else bool(c.clip)) if latent else None
         c.init_scale = (None if c.init_scale is None else float(c.init_scale)) if latent else None
+        c.latent_init = c.latent_init if latent else None  # type: ignore[assignment]
         c.glorot_lr = (True if c.glorot_lr is None else bool(c.glorot_lr)) if latent else None
         c.momentum = (0.0 if c.momentum is None else float(c.momentum)) if sgd else None
         c.decoupled_decay = (0.0 if c.decoupled_decay is None else float(c.decoupled_decay)) if sgd else None
@@ -270,6 +273,8 @@ def _validate(c: TrainConfig) -> None:
     _check(c.gamma is None or c.gamma <= 1, f"--gamma must be at most 1, got {c.gamma}")
     _check(c.sigma is None or c.sigma <= 1, f"--sigma must be at most 1, got {c.sigma}")
     _check(c.init_scale is None or c.init_scale > 0, "--init-scale must be positive")
+    _check(c.latent_init in (None, *LATENT_INITS),
+           f"--latent-init must be one of {', '.join(LATENT_INITS)}, got {c.latent_init!r}")
     for name in ("probe_every", "hist_every", "snapshot_every", "track"):
         v = getattr(c, name)
         _check(_int_in(v, 0, MAX_COUNT),
@@ -417,9 +422,12 @@ def init_binary_weights(model: nn.Module, config: TrainConfig) -> None:
     """Initial binary weights. Every optimizer starts from the same signs for a seed: ±1 drawn by
     :func:`bnn_probe.optim.binary_init_` from a generator seeded with ``seed``.
 
-    Latent optimizers multiply them by magnitudes |w̃_0| = s·u, u ~ U(0, 1] drawn from a second seeded generator,
-    s = ``init_scale`` or, when it is ``None``, the Glorot-uniform bound sqrt(6 / (fan_in + fan_out)) of each layer
-    (BinaryNet's initialisation). Scaling ``init_scale`` by a power of two scales w̃_0 exactly (Theorem 1 pairs).
+    Latent optimizers multiply them by magnitudes |w̃_0| = s·u, u ~ U(0, 1] drawn from a second seeded generator, so
+    w̃_0 ~ U(−s, s). s = ``init_scale`` when given, else by ``latent_init``: ``"glorot"`` (default) the Glorot-uniform
+    bound sqrt(6 / (fan_in + fan_out)) of each layer; ``"uniform1"`` s = 1, BinaryNet's U(−1, 1) with clipping at 1
+    (Courbariaux, Hubara et al. 2016) — 7–19× larger for the reference models' layers, and by Theorem 1 of Helwegen
+    et al. (2019) that ratio is the starting inertia relative to the step size. Scaling ``init_scale`` by a power of
+    two scales w̃_0 exactly (Theorem 1 pairs).
     """
     from .optim import binary_init_
 
@@ -428,11 +436,13 @@ def init_binary_weights(model: nn.Module, config: TrainConfig) -> None:
     if config.optimizer in LATENT_OPTIMIZERS:
         g = torch.Generator().manual_seed(config.seed + 7919)
         for p in params:
-            if config.init_scale is None:
+            if config.init_scale is not None:
+                s = config.init_scale
+            elif config.latent_init == "uniform1":
+                s = 1.0
+            else:
                 fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(p)
                 s = math.sqrt(6.0 / (fan_in + fan_out))
-            else:
-                s = config.init_scale
             u = 1.0 - torch.rand(p.shape, generator=g)  # (0, 1]: never a zero magnitude (sign(0) = +1)
             p.mul_((u * s).to(p.device, p.dtype))
 

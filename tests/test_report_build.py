@@ -31,7 +31,8 @@ def test_report_directory_contract(tmp_path):
     verdicts = json.loads((out / "verdicts.json").read_text())
     assert verdicts and all({"claim", "verdict", "statistic", "interval", "n", "runs"} <= set(v) for v in verdicts)
     assert {v["verdict"] for v in verdicts} <= {"supported", "not supported", "inconclusive"}
-    assert any("Theorem 1" in v["claim"] and v["verdict"] == "supported" for v in verdicts)
+    assert not any(v["id"].startswith("theorem1") for v in verdicts)  # a power-of-two pair: a code check only
+    assert pd.read_csv(out / "tables" / "pairs.csv")["verdict"].tolist() == ["code check (no verdict)"]
     th = pd.read_csv(out / "tables" / "thresholds.csv")
     assert list(th.columns[:5]) == ["layer", "fan_in", "n_weights", "flip_ratio", "recommended_threshold"]
     assert len(th) == 8  # 2 Bop runs x 4 layers
@@ -59,3 +60,39 @@ def test_missing_tables_skip_quietly(tmp_path, recwarn):
     assert (tmp_path / "rep" / "figures" / "fan_in_law.png").exists()
     assert any(v.verdict == "inconclusive" for v in res.verdicts)
     assert not [w for w in recwarn if "figure" in str(w.message)]
+
+
+def test_inertia_experiment_sections_and_verdict_ids(tmp_path):
+    import numpy as np
+
+    from bnn_probe.reports import bop_vs_latent, hazard, theorem1
+    from bnn_probe.reports.build import ReportOptions, _Writer
+    from bnn_probe.reports.synthetic_inertia import bop_vs_latent_pair, hazard_run, theorem1_group
+
+    def rounding(c, t):
+        return np.where(t >= 100, 0.001, 0.0)
+
+    def clip(c, t):
+        return np.where(c > 1, 0.01 * np.log10(c), 0.0)
+
+    t1, hz, bl = [], [], []
+    for s in (0, 1, 2):
+        t1 += theorem1_group(s, "unclipped", rounding) + theorem1_group(s, "clipped", clip)
+        hz.append(hazard_run(s))
+        bl += bop_vs_latent_pair(s)
+    write_run(bl[-1], tmp_path / "written")  # the real writer accepts these runs
+    w, opt = _Writer(tmp_path / "parts"), ReportOptions(n_boot=100)
+    by = {}
+    for mod, runs in ((theorem1, t1), (hazard, hz), (bop_vs_latent, bl)):
+        sec, vs = mod.section(runs, w, opt)
+        assert sec is not None
+        by.update({v.id: v.verdict for v in vs})
+        assert mod.section(hz if mod is not hazard else t1, w, opt) == (None, [])  # no such experiment: no part
+    assert by == dict.fromkeys(["theorem1.scaled", "theorem1.clipping", "inertia.hazard", "inertia.bop_vs_latent"],
+                               "supported")
+    for f in ("theorem1_scaled", "hazard", "bop_vs_latent"):
+        assert (tmp_path / "parts" / "figures" / f"{f}.png").is_file(), f
+    # one line each in build.py: a report of the hazard runs carries the section and its verdict
+    res = generate(hz, tmp_path / "rep", formats=("md",), progress=False, options=opt)
+    assert [v.verdict for v in res.verdicts if v.id == "inertia.hazard"] == ["supported"]
+    assert "cannot tell the inertia view" in (tmp_path / "rep" / "report.md").read_text()

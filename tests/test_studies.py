@@ -23,21 +23,30 @@ def test_hyperparams_grid_is_fig1():
 
 def test_inertia_runs_and_pairs():
     specs = {s.name: s.config for s in plan_study("inertia", StudyOptions())}
+    t1 = {f"theorem1-{arm}-{m}-s0" for arm in ("unclipped", "clipped") for m in ("c1", "rounding", "c3", "c10", "c100")}
     assert set(specs) - {s.name for s in studies.intervention_runs(StudyOptions())} == {
-        "bop-s0", "latent-adam-clip-s0", "latent-sgd-s0", "theorem1-a-s0", "theorem1-b-s0", "tau0-bop-s0",
-        "tau0-latent-sgd-s0"}
-    a, b = specs["theorem1-a-s0"], specs["theorem1-b-s0"]
-    c = studies.THEOREM1_C
-    assert c & (c - 1) == 0  # a power of two
-    assert (b.lr, b.init_scale) == (c * a.lr, c * a.init_scale)
-    for cfg in (a, b):
-        assert (cfg.optimizer, cfg.ste, cfg.clip, cfg.pair) == ("latent-sgd", "identity", False, "theorem1-s0")
-    assert (a.pair_role, b.pair_role) == ("a", "b")
+        "bop-s0", "latent-adam-clip-s0", "latent-sgd-s0", "tau0-bop-s0", "tau0-latent-sgd-s0"} | t1
+    ref, c3 = specs["theorem1-unclipped-c1-s0"], specs["theorem1-unclipped-c3-s0"]
+    assert (c3.lr, c3.init_scale) == (3 * ref.lr, 3 * ref.init_scale)  # C = 3: not a power of two
+    rnd = specs["theorem1-unclipped-rounding-s0"]
+    assert (rnd.lr, rnd.init_scale) == (ref.lr * (1 + 2.0 ** -22), ref.init_scale * (1 + 2.0 ** -22))
+    for name in t1:
+        cfg = specs[name]
+        clipped = "-clipped-" in name
+        assert (cfg.optimizer, cfg.clip, cfg.ste, cfg.momentum) == (
+            "latent-sgd", clipped, "clipped" if clipped else "identity", 0.0)
+        assert cfg.extra["theorem1"]["arm"] == ("clipped" if clipped else "unclipped")
+        assert cfg.snapshot_every == studies.SNAPSHOT_EVERY and cfg.track == 0
+    assert specs["theorem1-clipped-c100-s0"].extra["theorem1"] == {"C": 100.0, "arm": "clipped", "role": "scaled"}
+    assert specs["bop-s0"].extra == {"bop_vs_latent": "bop"}
+    assert specs["latent-adam-clip-s0"].extra == {"bop_vs_latent": "latent"}
+    assert specs["latent-adam-clip-s0"].latent_init == "glorot"
     bop, sgd = specs["tau0-bop-s0"], specs["tau0-latent-sgd-s0"]
     assert (bop.optimizer, bop.threshold, bop.pair_role) == ("bop", 0.0, "a")
     assert (sgd.lr, sgd.decoupled_decay, sgd.momentum, sgd.clip) == (bop.gamma, 1.0, 0.0, False)
     assert sgd.pair == bop.pair == "tau0-s0"
     assert specs["latent-adam-clip-s0"].clip is True
+    assert studies.default_seeds("inertia") == (0, 1, 2) and studies.default_seeds("thresholds") == (0,)
 
 
 def test_thresholds_grid_and_unknown_names_fail():
@@ -57,8 +66,10 @@ def test_thresholds_grid_and_unknown_names_fail():
 def test_all_is_a_short_version_of_every_available_study():
     specs = plan_study("all", StudyOptions())
     names = [s.name for s in specs]
-    # thresholds: 9 + width sweep 3 × 4 + τ sweep 5
-    assert len(names) == 42 and len(set(names)) == 42
+    # hyperparams 5; inertia 15 (Bop, latent Adam, latent SGD, Theorem 1 C = 100 × 2 arms × 3, τ = 0 pair, 2 reset
+    # pairs); thresholds: 9 + width sweep 3 × 4 + τ sweep 5
+    assert len(names) == 46 and len(set(names)) == 46
+    assert "inertia-theorem1-clipped-c3-s0" not in names and "inertia-theorem1-clipped-c100-s0" in names
     assert {n.split("-")[0] for n in names} == {"hyperparams", "inertia", "thresholds"}
     epochs = {n.split("-")[0]: s.config.epochs for n, s in zip(names, specs, strict=True)}
     assert epochs == {"hyperparams": 6, "inertia": 6, "thresholds": 4}

@@ -215,6 +215,10 @@ def test_theorem1_and_tau0_pairs_have_identical_binary_trajectories(tmp_path):
     from bnn_probe.studies import StudyOptions, plan_study
 
     specs = {s.name: s.config for s in plan_study("inertia", StudyOptions(epochs=1, widths=(32,)))}
+    # the power-of-two Theorem-1 pair is a code test (the study scales by C = 3, 10, 100 instead)
+    ref = replace(specs["theorem1-unclipped-c1-s0"], extra={})
+    specs["theorem1-a-s0"] = ref
+    specs["theorem1-b-s0"] = replace(ref, lr=32 * ref.lr, init_scale=32 * ref.init_scale)
     for name in ("theorem1-a-s0", "theorem1-b-s0", "tau0-bop-s0", "tau0-latent-sgd-s0"):
         train(replace(specs[name], batch_size=100, hist_every=0), tmp_path / name, progress=False)
     a, b = _hashes(tmp_path / "theorem1-a-s0"), _hashes(tmp_path / "theorem1-b-s0")
@@ -241,3 +245,28 @@ def test_failed_run_is_marked_failed(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         train(_cfg(), tmp_path / "r", progress=False)
     assert json.loads((tmp_path / "r" / "meta.json").read_text())["status"] == "failed"
+
+
+def test_latent_init_glorot_and_uniform1_bounds_and_same_signs():
+    """--latent-init glorot draws |w̃_0| ≤ sqrt(6/(fan_in+fan_out)); uniform1 (BinaryNet) ≤ 1 and reaches far above the
+    Glorot bound; both keep the seed's signs; --init-scale overrides either; Bop runs store no latent_init."""
+    from bnn_probe.models import BinaryMLP
+    from bnn_probe.train import init_binary_weights
+
+    ws = {}
+    for init in ("glorot", "uniform1"):
+        model = BinaryMLP(64, [32], 10)
+        init_binary_weights(model, TrainConfig(optimizer="latent-adam", latent_init=init, seed=5).resolved())
+        ws[init] = binary_parameters(model)[0].detach().clone()
+    bound = (6 / (64 + 32)) ** 0.5
+    assert ws["glorot"].abs().max() <= bound
+    assert ws["uniform1"].abs().max() <= 1.0 and ws["uniform1"].abs().max() > 0.9
+    assert torch.equal(ws["glorot"].sign(), ws["uniform1"].sign())
+    # same uniform draw u, scaled by the bound: uniform1 = glorot / bound
+    assert torch.allclose(ws["uniform1"], ws["glorot"] / bound, rtol=1e-6)
+    model = BinaryMLP(64, [32], 10)
+    init_binary_weights(model, TrainConfig(optimizer="latent-sgd", latent_init="uniform1", init_scale=0.01).resolved())
+    assert binary_parameters(model)[0].abs().max() <= 0.01
+    assert TrainConfig(optimizer="bop").resolved().latent_init is None
+    with pytest.raises(BnnProbeError, match="--latent-init"):
+        TrainConfig(optimizer="latent-adam", latent_init="xavier").resolved()

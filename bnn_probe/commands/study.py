@@ -33,7 +33,9 @@ class _StudyHelp(click.Command):
 @click.option("--epochs", type=int, default=None,
               help="Epochs per run [default: the study's (hyperparams/inertia 20, thresholds 10); inside 'all' "
                    "6/6/4; 2 with --quick].")
-@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds; every grid point per seed.")
+@click.option("--seeds", default=None,
+              help="Comma-separated seeds; every grid point per seed [default: 0,1,2 for inertia (its verdicts need "
+                   "three seeds), 0 otherwise].")
 @click.option("--jobs", type=int, default=0, show_default=True,
               help="Runs trained in parallel processes, each with cpu_count/jobs torch threads (0 = one process "
                    "per CPU core; 1 = in this process).")
@@ -48,12 +50,13 @@ def study(name, out, dataset, data_dir, model, widths, epochs, seeds, jobs, quic
 
     Finished runs already in --out with the same options are reused, so an interrupted study resumes.
     """
-    from ..studies import StudyOptions, parse_seeds, run_study
+    from ..studies import StudyOptions, default_seeds, parse_seeds, run_study
     from ..train import parse_widths
 
     if epochs is not None and epochs < 0:
         raise BnnProbeError(f"--epochs must be a non-negative integer, got {epochs}")
-    opts = StudyOptions(dataset=dataset, epochs=epochs, seeds=parse_seeds(seeds), quick=quick, data_dir=data_dir,
+    seed_list = parse_seeds(seeds) if seeds is not None else default_seeds(name)
+    opts = StudyOptions(dataset=dataset, epochs=epochs, seeds=seed_list, quick=quick, data_dir=data_dir,
                         model=model, widths=parse_widths(widths) if model == "mlp" else (), device=device)
     if jobs is None or jobs < 0:
         raise BnnProbeError(f"--jobs must be a non-negative integer (0 = one per CPU core), got {jobs}")

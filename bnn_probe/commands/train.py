@@ -78,8 +78,11 @@ def train_options(f):
         click.option("--ste", default="clipped", show_default=True, metavar="[clipped|identity]",
                      help="Weight straight-through estimator: clipped (1[|w|<=1]) or identity."),
         click.option("--init-scale", type=float, default=None,
-                     help="Latent optimizers: initial |w| ~ U(0, s] [default: Glorot bound sqrt(6/(fan_in+fan_out)) "
-                          "per layer]. Signs are the same ±1 draw Bop starts from."),
+                     help="Latent optimizers: initial |w| ~ U(0, s] [default: the bound of --latent-init]. Signs are "
+                          "the same ±1 draw Bop starts from."),
+        click.option("--latent-init", type=click.Choice(["glorot", "uniform1"]), default="glorot", show_default=True,
+                     help="Latent optimizers: initial |w| bound s (w ~ U(-s, s)): glorot = sqrt(6/(fan_in+fan_out)) "
+                          "per layer; uniform1 = 1, BinaryNet's U(-1, 1). --init-scale overrides it."),
         click.option("--glorot-lr/--no-glorot-lr", default=None,
                      help="Latent optimizers: BinaryNet per-layer lr factor 1/sqrt(1.5/(fan_in+fan_out)) "
                           "[default: on]."),
@@ -148,6 +151,7 @@ def config_from_options(opts: dict) -> object:
         threshold_layer_factor=opts["threshold_layer_factor"],
         sigma=opts["sigma"], lr=opts["lr"], lr_real=opts["lr_real"], decay_every=opts["decay_every"],
         decay_factor=opts["decay_factor"], clip=opts["clip"], ste=opts["ste"], init_scale=opts["init_scale"],
+        latent_init=opts["latent_init"],
         glorot_lr=opts["glorot_lr"], momentum=opts["momentum"], decoupled_decay=opts["decoupled_decay"],
         weight_decay=opts["weight_decay"], epochs=opts["epochs"], batch_size=opts["batch_size"], seed=opts["seed"],
         device=opts["device"], probe_every=opts["probe_every"], hist_every=opts["hist_every"],

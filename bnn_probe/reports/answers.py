@@ -56,8 +56,10 @@ PLAIN: dict[str, dict[str, str]] = {
                        "like an approximation of it.",
     },
     "inertia.hazard": {
-        SUPPORTED: "Weights further from flipping flipped less often (hazard ratio), as inertia predicts.",
-        NOT_SUPPORTED: "Distance to flipping did not lower the flip hazard.",
+        SUPPORTED: "Weights more steps away from flipping flipped less often (odds ratio per doubling of the "
+                   "distance in steps), as inertia predicts — and as any thresholded real-valued state would, so "
+                   "this does not separate inertia from approximation.",
+        NOT_SUPPORTED: "Distance to flipping, counted in steps, did not lower the flip hazard.",
     },
     "inertia.flip_probability": {
         SUPPORTED: "Weights with larger inertia flipped less often in the next k steps (this holds for any state "
@@ -65,18 +67,22 @@ PLAIN: dict[str, dict[str, str]] = {
         NOT_SUPPORTED: "Weights with larger inertia did not flip less often.",
     },
     "inertia.bop_vs_latent": {
-        SUPPORTED: "Bop and latent-weight runs behave alike in flips and inertia.",
-        NOT_SUPPORTED: "Bop and latent-weight runs differ in flips and inertia.",
+        SUPPORTED: "Started from the same signs, Bop and latent Adam flipped overlapping sets of weights, more "
+                   "than chance given how many each flipped (expected under either view).",
+        NOT_SUPPORTED: "Started from the same signs, Bop and latent Adam flipped sets of weights that overlap no more "
+                       "than chance.",
     },
     "theorem1.scaled": {
-        SUPPORTED: "Scaling the learning rate and the initial latent weights by one constant left the binary "
-                   "weights unchanged (Theorem 1): only magnitude relative to step size matters.",
-        NOT_SUPPORTED: "Scaling the learning rate and the initial latent weights changed the binary weights, "
-                       "against Theorem 1.",
+        SUPPORTED: "Scaling the learning rate and the initial latent weights by C = 3, 10, 100 changed the binary "
+                   "weights no more than rounding alone does (Theorem 1): only magnitude relative to step size "
+                   "matters.",
+        NOT_SUPPORTED: "Scaling the learning rate and the initial latent weights changed the binary weights beyond "
+                       "rounding, against Theorem 1.",
     },
     "theorem1.clipping": {
-        SUPPORTED: "With clipping, Theorem 1 breaks, as expected: clipping caps inertia.",
-        NOT_SUPPORTED: "With clipping, scaling still left the binary weights unchanged.",
+        SUPPORTED: "With clipping, Theorem 1 breaks, as expected: clipping caps inertia, so the magnitude itself "
+                   "matters once scaled weights reach the bound.",
+        NOT_SUPPORTED: "With clipping, scaling still changed the binary weights no more than rounding does.",
     },
     "theorem1.pair": {
         SUPPORTED: "The Theorem 1 pair kept identical binary weights.",

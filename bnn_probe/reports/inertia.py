@@ -1,9 +1,12 @@
 """Section 2 of a report: the inertia interpretation of latent weights (Helwegen et al. 2019), tested on the logs.
 
 * :func:`flip_probability` — P(flip within the next k steps) by inertia bins, from the ``tracked`` table, with
-  bootstrap intervals, and a Spearman correlation of inertia with the flip outcome per (run, layer).
-* :func:`inertia_verdicts` — pooled correlation per family → verdict on "larger inertia, fewer flips".
-* :func:`schedule_effect` — flip ratio against the learning rate / γ in force.
+  bootstrap intervals, and a Spearman correlation of inertia with the flip outcome per (run, layer). Descriptive
+  only: "larger inertia, fewer flips" holds for any continuous state read through a threshold, and ρ of a rare
+  binary outcome is bounded by the flip rate; the verdict on inertia and flips is the hazard model
+  (reports/hazard.py).
+* :func:`schedule_effect` — flip ratio against the learning rate / γ in force (runs whose value changes in time).
+* :func:`ema_horizon_notes` — Bop runs too short for γ's adaptivity role to be tested.
 * :func:`family_distributions` — flip-ratio and inertia distributions of Bop and latent runs side by side.
 
 Inertia (docs/runlog-format.md): latent runs |w̃_t|; Bop runs τ − w_t·m_t (distance to the flip threshold).
@@ -130,36 +133,6 @@ def flip_probability(runs, k: int | None = None, n_bins: int = 10, n_boot: int =
     return FlipProbability(bins, corr, ks, notes)
 
 
-def inertia_verdicts(fp: FlipProbability, families, min_weights: int = 30, min_flips: int = 5,
-                     negligible: float = 0.1) -> list[stats.Verdict]:
-    """One verdict per family group present among the runs (latent; Bop/Bop2ndOrder) on "larger inertia, fewer
-    flips". ``families``: the families of all runs in the report (a group without runs gets no verdict)."""
-    out = []
-    groups = {"latent": ["latent"], "Bop": list(BOP_FAMILIES)}
-    families = set(families)
-    for label, fams in groups.items():
-        if not families & set(fams):
-            continue
-        sub = fp.correlations[fp.correlations["family"].isin(fams)]
-        claim = f"Larger inertia, fewer flips ({label} runs): P(flip within k steps) falls as inertia grows"
-        method = ("Spearman rho between inertia and 'flipped within k steps' per (run, layer), Fisher-z interval "
-                  "with n = tracked weights; pooled over layers and runs by inverse-variance weighting of atanh(rho)")
-        runs = sorted(set(sub["run"]))
-        if sub.empty:
-            out.append(stats.Verdict(claim, stats.INCONCLUSIVE, None, None, 0, runs, "Spearman rho", method,
-                                     "no tracked weights in the logs", "inertia"))
-            continue
-        pooled = stats.pooled_fisher(sub["rho"], sub["n_weights"])
-        n_flips = int(sub["n_flips"].sum())
-        n_w = int(sub["n_weights"].sum())
-        verdict, reason = stats.verdict_negative(pooled.rho, pooled.interval, n_w, min_weights, negligible)
-        if n_flips < min_flips:
-            verdict, reason = stats.INCONCLUSIVE, f"only {n_flips} flips among the tracked weights (< {min_flips})"
-        out.append(stats.Verdict(claim, verdict, pooled.rho, pooled.interval, n_w, runs, "Spearman rho (pooled)",
-                                 method, reason, "inertia"))
-    return out
-
-
 @dataclass
 class ScheduleEffect:
     table: pd.DataFrame  # run, family, param, window, step, value, flip_ratio, pi
@@ -167,18 +140,34 @@ class ScheduleEffect:
     verdict: stats.Verdict | None
 
 
-def schedule_effect(runs, n_windows: int = 20, negligible: float = 0.1) -> ScheduleEffect:
+def _changes_over_time(steps: pd.DataFrame, param: str, rel: float = 1e-6) -> bool:
+    """Whether ``param`` changes over steps within some layer by more than float noise (per-layer values that
+    differ between layers but stay constant in time — e.g. Glorot lr factors — are not a schedule)."""
+    v = steps[["layer", param]].dropna()
+    if v.empty:
+        return False
+    g = v.groupby("layer")[param]
+    span = (g.max() - g.min()) / g.max().abs().replace(0, np.nan)
+    return bool((span > rel).any())
+
+
+def schedule_effect(runs, n_windows: int = 20, negligible: float = 0.1, min_seeds: int = 3) -> ScheduleEffect:
     """Flip ratio against the lr (latent) or γ (Bop) in force, averaged over ``n_windows`` step windows per run.
 
-    Only runs whose parameter changes over time enter. The correlation is observational: it is confounded with
-    training time (flip ratios also fall as a network converges); the report says so.
+    Only runs whose parameter changes over time (within a layer) enter; identical runs count once. The statistic is
+    the mean over runs of the per-run Spearman ρ (value in force vs window flip ratio), with a t-interval over runs
+    (the run is the unit); ≥ ``min_seeds`` seeds or inconclusive. The correlation is observational: it is confounded
+    with training time (flip ratios also fall as a network converges); the report says so.
     """
+    from . import pools
+
+    runs, _ = pools.dedupe(runs)
     rows, corrs = [], []
     for run in runs:
         steps = frame(run, "steps")
         fam = family(run)
         param = "gamma" if fam in BOP_FAMILIES else "lr"
-        if steps.empty or param not in steps or steps[param].nunique(dropna=True) < 2:
+        if steps.empty or param not in steps or not _changes_over_time(steps, param):
             continue
         nf = network_flips(steps, frame(run, "layers"))
         hp = steps.groupby("step")[param].median()
@@ -192,24 +181,50 @@ def schedule_effect(runs, n_windows: int = 20, negligible: float = 0.1) -> Sched
         w["pi"] = pi_metric(w["flip_ratio"])
         rows.append(w.assign(run=run_name(run), family=fam, param=param))
         c = stats.spearman_ci(w["value"], w["flip_ratio"])
-        corrs.append({"run": run_name(run), "family": fam, "param": param, "rho": c.rho, "ci_lo": c.interval[0],
-                      "ci_hi": c.interval[1], "n": c.n})
+        corrs.append({"run": run_name(run), "family": fam, "param": param, "seed": pools.seed(run), "rho": c.rho,
+                      "ci_lo": c.interval[0], "ci_hi": c.interval[1], "n": c.n})
     table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
         columns=["window", "step", "value", "flips", "n_weights", "flip_ratio", "pi", "run", "family", "param"])
-    corr = pd.DataFrame(corrs, columns=["run", "family", "param", "rho", "ci_lo", "ci_hi", "n"])
+    corr = pd.DataFrame(corrs, columns=["run", "family", "param", "seed", "rho", "ci_lo", "ci_hi", "n"])
     claim = "Decaying the learning rate / γ adds inertia: the flip ratio falls with the lr/γ in force"
-    method = ("Spearman rho between the lr/γ in force and the network flip ratio over 20 step windows per run, "
-              "Fisher-z interval, pooled over runs; observational (confounded with training time)")
+    method = ("per run whose lr/γ changes over time: Spearman rho between the value in force and the network flip "
+              "ratio over 20 step windows; mean over runs with a t-interval (unit: run); observational (confounded "
+              "with training time)")
+    rho = corr["rho"].to_numpy(dtype=float)
+    rho = rho[np.isfinite(rho)]
+    seeds = corr["seed"].nunique()
+    mean = float(rho.mean()) if rho.size else None
     if corr.empty:
         verdict = stats.Verdict(claim, stats.INCONCLUSIVE, None, None, 0, [], "Spearman rho", method,
-                                "no run with a changing lr/γ", "inertia")
+                                "no run whose lr/γ changes over time", "inertia", "schedules.flip_ratio")
+    elif rho.size < min_seeds or seeds < min_seeds:
+        verdict = stats.Verdict(claim, stats.INCONCLUSIVE, mean, None, int(rho.size), sorted(corr["run"]),
+                                "Spearman rho (mean over runs)", method,
+                                f"{seeds} seed(s) / {rho.size} run(s) < {min_seeds}", "inertia", "schedules.flip_ratio")
     else:
-        pooled = stats.pooled_fisher(corr["rho"], corr["n"])
-        v, reason = stats.verdict_negative(-pooled.rho, (-pooled.interval[1], -pooled.interval[0]), pooled.n, 8,
-                                           negligible)
-        verdict = stats.Verdict(claim, v, pooled.rho, pooled.interval, pooled.n, sorted(corr["run"]),
-                                "Spearman rho (pooled)", method, reason.replace("below 0", "above 0"), "inertia")
+        v, reason, ci = stats.verdict_mean_positive(rho, negligible)
+        verdict = stats.Verdict(claim, v, mean, ci, int(rho.size), sorted(corr["run"]),
+                                "Spearman rho (mean over runs)", method, reason, "inertia", "schedules.flip_ratio")
     return ScheduleEffect(table, corr, verdict)
+
+
+def ema_horizon_notes(runs, min_time_constants: float = 3.0) -> list[str]:
+    """Bop-family runs shorter than ``min_time_constants`` EMA time constants 1/γ: there m_t ≈ γ·Σ g (the average
+    barely forgets), so γ and τ act only through τ/γ and γ's role as an adaptivity rate is not tested."""
+    short = []
+    for run in runs:
+        steps = frame(run, "steps")
+        if family(run) not in BOP_FAMILIES or steps.empty or "gamma" not in steps:
+            continue
+        gamma = float(steps["gamma"].median())
+        n = int(steps["step"].max())
+        if gamma > 0 and n * gamma < min_time_constants:
+            short.append(f"{run_name(run)} ({n} steps × γ {gamma:g} = {n * gamma:.2g})")
+    if not short:
+        return []
+    return [f"γ's adaptivity role is not tested by these runs: they last fewer than {min_time_constants:g} EMA time "
+            "constants 1/γ (steps × γ < 3), so m ≈ γ·Σg barely forgets and γ and τ act only through τ/γ — runs with "
+            "equal τ/γ must flip alike: " + "; ".join(short[:12]) + (" …" if len(short) > 12 else "")]
 
 
 @dataclass

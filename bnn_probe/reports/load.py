@@ -11,7 +11,7 @@ from ..errors import BnnProbeError
 from ..safe_text import terminal_safe
 
 ALL_TABLES = ("layers", "steps", "train", "tracked", "events", "hists", "snapshots", "weight_flips")
-REPORT_TABLES = ("layers", "steps", "train", "tracked", "snapshots", "weight_flips")  # what the report reads
+REPORT_TABLES = ("layers", "steps", "train", "tracked", "events", "snapshots", "weight_flips")  # what the report reads
 
 
 def _is_pathlike(x) -> bool:

@@ -260,3 +260,53 @@ def verdict_negative(stat: float, interval, n: int, min_n: int, negligible: floa
     if lo > -negligible:
         return NOT_SUPPORTED, f"the interval excludes effects stronger than -{negligible:g}"
     return INCONCLUSIVE, "the interval includes both 0 and a meaningful negative effect"
+
+
+def mean_t_interval(values, level: float = 0.95) -> tuple[float, float]:
+    """t-interval of the mean of independent units (one value per run/seed): x̄ ± t_{n−1, (1+level)/2} · s/√n.
+
+    One value gives (nan, nan); identical values give a zero-width interval at the mean.
+
+    >>> mean_t_interval([1.0, 1.0, 1.0])
+    (1.0, 1.0)
+    """
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size < 2:
+        return (math.nan, math.nan)
+    m = float(v.mean())
+    se = float(v.std(ddof=1)) / math.sqrt(v.size)
+    q = float(_st.t.ppf(1 - (1 - level) / 2, v.size - 1))
+    return (m - q * se, m + q * se)
+
+
+def run_bootstrap_ci(per_run, stat, n_boot: int = 1000, level: float = 0.95,
+                     seed: int = 0) -> tuple[float, float]:
+    """Cluster bootstrap over runs: resample whole runs with replacement and recompute ``stat`` on the union.
+
+    ``per_run``: a list with one item per run (e.g. that run's table); ``stat(list_of_items) -> float``. Runs are the
+    independent units, so rows inside one run are never resampled on their own. Percentile interval; (nan, nan)
+    with fewer than two runs.
+    """
+    m = len(per_run)
+    if m < 2:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    vals = np.array([stat([per_run[i] for i in rng.integers(0, m, m)]) for _ in range(n_boot)], dtype=float)
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return (math.nan, math.nan)
+    a = (1 - level) / 2
+    return (float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a)))
+
+
+def verdict_mean_positive(values, negligible: float) -> tuple[str, str, tuple[float, float]]:
+    """Verdict for "the mean over runs is positive", from one value per run: 95 % t-interval over runs; supported
+    when it lies above 0, not supported when it lies below ``negligible`` (no meaningful positive effect), else
+    inconclusive. Returns (verdict, reason, interval); the caller checks the number of seeds first."""
+    lo, hi = mean_t_interval(values)
+    if lo > 0:
+        return SUPPORTED, "the whole interval lies above 0", (lo, hi)
+    if hi < negligible:
+        return NOT_SUPPORTED, f"the interval lies below {negligible:g}", (lo, hi)
+    return INCONCLUSIVE, f"the interval contains 0 and values above {negligible:g}", (lo, hi)
