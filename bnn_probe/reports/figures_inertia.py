@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.ticker import NullFormatter
 
-from .figures import _empty, _figure, instrument
+from .figures import _empty, _figure, _grid, instrument
 
 
 @instrument
@@ -39,29 +40,45 @@ def theorem1(traj: pd.DataFrame, path: Path) -> Path | None:
 
 @instrument
 def hazard(curve: pd.DataFrame, path: Path) -> Path | None:
-    """Hazard per inertia-in-steps bin (log–log), first flips and re-flips, one panel per family (own x units)."""
+    """Hazard per inertia-in-steps bin (log–log): one panel per optimizer family (own x units), one line per
+    configuration and kind (solid: first flips, dashed: re-flips, dotted: all flips); intervals shaded where a panel
+    has one line."""
     if _empty(curve):
         return None
     d = curve[(curve["hazard"] > 0) & curve["x_mean"].gt(0)]
     if d.empty:
         return None
-    fams = list(dict.fromkeys(d["family"]))
-    with _figure(path, ncols=len(fams), width=4.8 * len(fams), height=3.6) as (fig, axes):
-        for ax, fam in zip(axes[0], fams, strict=True):
-            sub = d[d["family"] == fam]
-            for kind, g in sub.groupby("kind", sort=False):
+    d = d.assign(panel=d["family"].astype(str).str.split(":").str[0].str.strip())
+    fams = list(dict.fromkeys(d["panel"]))
+    nrows, ncols = _grid(len(fams))  # panels wrap into rows: every configuration drawn, the figure stays page-wide
+    with _figure(path, ncols=ncols, nrows=nrows, width=4.8 * ncols, height=3.6 * nrows) as (fig, axes):
+        for ax in axes.flat[len(fams):]:
+            ax.set_visible(False)
+        for ax, fam in zip(axes.flat, fams, strict=False):
+            sub = d[d["panel"] == fam]
+            lines = list(sub.groupby(["family", "kind"], sort=False))
+            colors = dict(zip(dict.fromkeys(sub["family"]), sns.color_palette("tab10", sub["family"].nunique()) * 9,
+                              strict=False))
+            for (config, kind), g in lines:
                 g = g.sort_values("x_mean")
-                line = ax.plot(g["x_mean"], g["hazard"], marker="o", label=kind)[0]
-                lo = g["ci_lo"].where(g["ci_lo"] > 0)
-                ax.fill_between(g["x_mean"], lo, g["ci_hi"], color=line.get_color(), alpha=0.15)
+                ls = "-" if str(kind).startswith("first") else "--" if str(kind).startswith("re") else ":"
+                label = f"{str(config).split(':', 1)[-1].strip()} ({kind})"
+                line = ax.plot(g["x_mean"], g["hazard"], marker="o", ms=3, lw=1, ls=ls, color=colors[config],
+                               label=label)[0]
+                if len(lines) <= 2:
+                    lo = g["ci_lo"].where(g["ci_lo"] > 0)
+                    ax.fill_between(g["x_mean"], lo, g["ci_hi"], color=line.get_color(), alpha=0.15)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # a narrow log range would print overlapping minor labels
             ax.axvline(1.0, color="grey", lw=0.8, ls=":")
             unit = " (|w̃|/|Δw̃|)" if fam.startswith("latent") else " ((τ − w·m)/|Δm|)"
             ax.set_xlabel("inertia in typical steps" + unit)
             ax.set_ylabel("P(flip at the next step)")
-            ax.set_title(fam)
-            ax.legend(fontsize=7)
+            n_conf = sub["family"].nunique()
+            ax.set_title(fam + (f" — {n_conf} configurations" if n_conf > 1 else ""))
+            if len(lines) <= 8:
+                ax.legend(fontsize=6)
     return path
 
 

@@ -328,8 +328,10 @@ def section(runs, w, opt) -> tuple[Section | None, list[stats.Verdict]]:
            "with clipping can.")
     s.verdicts(vs)
     s.figure(FI.hazard(curve, w.fig("hazard")),
-             "Per-step flip hazard by inertia in steps (log–log), first flips and re-flips, per family; 95 % "
-             "cluster-bootstrap intervals over runs")
+             "Per-step flip hazard by inertia in steps (log–log): one panel per optimizer family, one line per "
+             "configuration (solid: first flips, dashed: re-flips, dotted: all); 95 % cluster-bootstrap intervals "
+             "over runs shaded where a panel holds one configuration; every configuration's numbers are in "
+             "tables/hazard_bins.csv")
     s.table(summary, "Per run: person-periods, flips, AUC of −x for the next-step flip, odds ratio per doubling",
             w.csv("hazard_runs", summary))
     w.csv("hazard_bins", curve)
