@@ -1,4 +1,4 @@
-"""Report part: the one-layer τ sweep — do wide layers need a smaller Bop threshold? (question A, asked directly).
+"""Report part: the one-layer τ sweep — do wide layers need a smaller Bop threshold? (asked directly).
 
 Bop (Helwegen et al. 2019) flips w when w·m > τ. In a network of mixed widths, the runs of the sweep scale ONE layer's
 τ by a factor f (τ_l = f·τ, every other layer at the shared τ; ``--threshold-policy one-layer``), f on a grid such as
