@@ -1,13 +1,18 @@
 """Probe overhead: training-step time with the probe attached / without, alternating on/off repetitions in one run.
 
     python benchmarks/bench_probe.py [--device cuda] [--quick] [--profile] [--ops] [--threads 1]
-                                     [--compile-probe auto|on|off] [--device-path]
+                                     [--compile-probe auto|on|off] [--device-path] [--bandwidth]
+                                     [--cases binarynet,binarynet_hist16,mlp_digits,wide-mlp]
 
 Cases: BinaryNet full width (32×32×3 random inputs, batch 50, Bop on the binary weights + Adam on the rest),
 probe at its defaults and with histograms every 16 steps; the small binary MLP on scikit-learn digits (worst case:
-tiny steps). Reports the median per-step time of each mode, the ratio, and the log's bytes per (step, layer) row.
+tiny steps); ``wide-mlp``: BinaryMLP 64-2048-2048-10 on digits (4.3 M binary weights), Bop, probe defaults.
+Reports the median per-step time of each mode, the ratio, and the log's bytes per (step, layer) row.
 Attach/close and the final flush are outside the timed window; periodic drains inside it are timed.
 ``--ops`` counts the probe's dispatcher-level ATen calls per step (probe on minus probe off, MLP and BinaryNet);
+``--bandwidth`` adds, per case, the probe pass's achieved bandwidth: BYTES_PER_WEIGHT × (binary weights) divided by
+(probe-on minus probe-off median step time), next to ``copy_`` bandwidth of a float32 buffer with as many elements as
+binary weights, measured in the same run (2 × 4 bytes moved per element: read + write).
 ``--threads N`` sets ``torch.set_num_threads(N)`` (CPU comparisons: 1).
 ``--compile-probe`` is attach's ``compile_probe`` (auto: compiled on CUDA, not on CPU); ``--device-path`` forces the
 pure-torch measurement on CPU too. The first probe-on step after attach (where the probe's step is compiled) is
@@ -29,6 +34,11 @@ from bnn_probe.models import BinaryMLP, BinaryNet
 from bnn_probe.nn import binary_parameters
 from bnn_probe.optim import Bop, binary_init_
 
+# Bytes per binary weight the probe must touch per step at minimum: float32 weight after the step (4, its sign is the
+# new sign), the stored pre-step sign (1, int8/bool), float32 m or latent weight (4), float32 gradient (4) = 13.
+# Writing the new sign for the next step (1 more byte, or 1/8 packed) is not counted.
+BYTES_PER_WEIGHT = 13
+
 
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
@@ -42,17 +52,18 @@ def make_case(name: str, dev: torch.device):
         x = torch.randn(50, 3, 32, 32, device=dev)
         y = torch.randint(0, 10, (50,), device=dev)
         batches = [(x, y)]
-    else:
+    else:  # "mlp" (64-256-256-10) or "wide-mlp" (64-2048-2048-10), digits
         from sklearn.datasets import load_digits
 
         X, Y = load_digits(return_X_y=True)
         X = torch.tensor(X / 16.0, dtype=torch.float32, device=dev)
         Y = torch.tensor(Y, device=dev)
-        model = BinaryMLP(64, [256, 256], 10).to(dev)
+        model = BinaryMLP(64, [2048, 2048] if name == "wide-mlp" else [256, 256], 10).to(dev)
         g = torch.Generator().manual_seed(0)
         batches = [(X[i], Y[i]) for i in (torch.randint(0, len(X), (64,), generator=g) for _ in range(8))]
     binary_init_(model, seed=0)
     bins = binary_parameters(model)
+    model.n_binary = sum(p.numel() for p in bins)
     ids = {id(p) for p in bins}
     bop = Bop(bins, gamma=1e-4 if name == "binarynet" else 1e-3, threshold=1e-8 if name == "binarynet" else 1e-6)
     adam = torch.optim.Adam([p for p in model.parameters() if id(p) not in ids], lr=1e-2)
@@ -97,7 +108,34 @@ def bench(name: str, dev, reps: int, k: int, warmup: int, probe_opts: dict, root
     t_off, t_on = statistics.median(off), statistics.median(on)
     return {"case": name, "opts": probe_opts, "off_ms": 1e3 * t_off, "on_ms": 1e3 * t_on, "ratio": t_on / t_off,
             "ratios": [b / a for a, b in zip(off, on, strict=True)], "bytes_per_step_row": bytes_steps / max(rows, 1),
-            "rows": rows, "path": path, "first_ms": [1e3 * f for f in first]}
+            "rows": rows, "path": path, "first_ms": [1e3 * f for f in first], "n_binary": model.n_binary}
+
+
+def copy_bandwidth(n: int, dev, reps: int = 20) -> float:
+    """Median bytes/s of ``dst.copy_(src)`` on float32 buffers of n elements (8 bytes moved per element)."""
+    src = torch.randn(n, device=dev)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    ts = []
+    for _ in range(reps):
+        _sync(dev)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(dev)
+        ts.append(time.perf_counter() - t0)
+    return 8 * n / statistics.median(ts)
+
+
+def report_bandwidth(res: dict, dev) -> None:
+    n = res["n_binary"]
+    probe_s = (res["on_ms"] - res["off_ms"]) / 1e3
+    need = BYTES_PER_WEIGHT * n
+    cp = copy_bandwidth(n, dev)
+    ach = need / probe_s if probe_s > 0 else float("inf")
+    print(f"{res['case']:18s} bandwidth: {n} binary weights x {BYTES_PER_WEIGHT} B = {need / 1e6:.2f} MB per step;"
+          f" probe time {1e3 * probe_s:.3f} ms/step -> {ach / 1e9:.3f} GB/s; copy_ float32[{n}] {cp / 1e9:.2f} GB/s;"
+          f" achieved/copy_ {100 * ach / cp:.1f} %; floor at copy_ speed {1e3 * need / cp:.3f} ms", flush=True)
 
 
 def profile(dev, root: Path, k: int) -> None:
@@ -155,6 +193,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of probe-on BinaryNet steps")
     ap.add_argument("--cases", default="binarynet,binarynet_hist16,mlp_digits")
     ap.add_argument("--ops", action="store_true", help="count the probe's ATen calls per step")
+    ap.add_argument("--bandwidth", action="store_true",
+                    help="report the probe pass's achieved bytes/s against copy_ of a same-size float32 buffer")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--compile-probe", choices=("auto", "on", "off"), default="auto",
                     help="attach(compile_probe=...): auto = compiled on CUDA, eager on CPU")
@@ -188,6 +228,9 @@ def main() -> None:
             elif case == "mlp_digits":
                 res = bench("mlp", dev, mlp_reps, mlp_k, 20, dict(popts), root)
                 res["case"] = "mlp_digits"
+            elif case == "wide-mlp":
+                wr, wk = (2, 3) if args.quick else ((7, 50) if gpu else (5, 20))
+                res = bench("wide-mlp", dev, wr, wk, 3, dict(popts), root)
             else:
                 raise SystemExit(f"unknown case {case}")
             print(f"{res['case']:18s} off {res['off_ms']:8.3f} ms  on {res['on_ms']:8.3f} ms  ratio {res['ratio']:.3f}"
@@ -196,6 +239,8 @@ def main() -> None:
                   f"  [probe path {res['path']}, first step after attach (not timed"
                   f"{', incl. compile' if res['path'] == 'compiled' else ''}) {res['first_ms'][0]:.0f} ms, later reps "
                   f"{', '.join(f'{x:.0f}' for x in res['first_ms'][1:])} ms]", flush=True)
+            if args.bandwidth:
+                report_bandwidth(res, dev)
         if args.profile:
             profile(dev, root, 5)
 
