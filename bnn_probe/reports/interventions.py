@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from scipy import stats as _st
 
 from . import figures as F
+from . import stats
 from .frames import config, frame, network_flips, run_name
 from .stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Verdict
 
@@ -79,18 +79,9 @@ def final_value(train: pd.DataFrame, col: str, after: int | None = None, k: int 
 
 
 def t_interval(values, level: float) -> tuple[float, float, float, int]:
-    """Mean and two-sided ``level`` t-interval of ``values`` (NaN dropped); (mean, lo, hi, n). NaN when n < 2."""
+    """:func:`bnn_probe.reports.stats.t_interval` with the number of finite values: (mean, lo, hi, n)."""
     v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    n = int(v.size)
-    if n == 0:
-        return math.nan, math.nan, math.nan, 0
-    m = float(v.mean())
-    if n < 2:
-        return m, math.nan, math.nan, n
-    se = float(v.std(ddof=1)) / math.sqrt(n)
-    q = float(_st.t.ppf(1 - (1 - level) / 2, n - 1))
-    return m, m - q * se, m + q * se, n
+    return (*stats.t_interval(v, level), int(np.isfinite(v).sum()))
 
 
 @dataclass

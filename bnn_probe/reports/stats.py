@@ -262,22 +262,31 @@ def verdict_negative(stat: float, interval, n: int, min_n: int, negligible: floa
     return INCONCLUSIVE, "the interval includes both 0 and a meaningful negative effect"
 
 
-def mean_t_interval(values, level: float = 0.95) -> tuple[float, float]:
-    """t-interval of the mean of independent units (one value per run/seed): x̄ ± t_{n−1, (1+level)/2} · s/√n.
+def t_interval(values, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, lo, hi): mean ± t_{n−1, (1+level)/2} · s / √n over the finite values of independent units (one value
+    per run/seed); nan interval for n < 2, a zero-width one at the mean when every value is equal.
 
-    One value gives (nan, nan); identical values give a zero-width interval at the mean.
+    >>> [round(x, 4) for x in t_interval([1.0, 2.0, 3.0])]   # s = 1, t_{2,0.975} = 4.3027
+    [2.0, -0.4841, 4.4841]
+    """
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return math.nan, math.nan, math.nan
+    m = float(v.mean())
+    if v.size < 2:
+        return m, math.nan, math.nan
+    h = float(_st.t.ppf(1 - (1 - level) / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+    return m, m - h, m + h
+
+
+def mean_t_interval(values, level: float = 0.95) -> tuple[float, float]:
+    """(lo, hi) of :func:`t_interval`.
 
     >>> mean_t_interval([1.0, 1.0, 1.0])
     (1.0, 1.0)
     """
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if v.size < 2:
-        return (math.nan, math.nan)
-    m = float(v.mean())
-    se = float(v.std(ddof=1)) / math.sqrt(v.size)
-    q = float(_st.t.ppf(1 - (1 - level) / 2, v.size - 1))
-    return (m - q * se, m + q * se)
+    return t_interval(values, level)[1:]
 
 
 def run_bootstrap_ci(per_run, stat, n_boot: int = 1000, level: float = 0.95,

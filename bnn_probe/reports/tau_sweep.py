@@ -169,7 +169,7 @@ def analyse(points: pd.DataFrame, n_boot: int = 1000, negligible: float = NEGLIG
 
 def _paired(pts: pd.DataFrame) -> pd.DataFrame:
     """Per (network, layer, factor ≠ 1): L(f) − L(1) of the same seed, mean and 95 % t-interval over seeds."""
-    from .threshold_policies import t_interval
+    from .stats import t_interval
 
     cols = ["network", "layer", "fan_in", "factor", "n_seeds", "diff_loss", "lo", "hi", "diff_acc"]
     base = pts[pts["factor"] == 1.0].set_index(["network", "layer", "seed"])

@@ -40,6 +40,7 @@ from scipy import stats as _st
 
 from . import stats
 from .frames import config, family, meta, run_name
+from .stats import t_interval
 from .tau_sweep import is_tau_sweep
 from .thresholds import BN_MARGIN, bn_equivalence_verdict, layer_table
 from .training import runs_table
@@ -113,23 +114,6 @@ def cv(values) -> float:
     if v.size < 2 or v.mean() == 0:
         return math.nan
     return float(v.std() / v.mean())
-
-
-def t_interval(values, level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, lo, hi): mean ± t_{n−1} · s / √n over the finite values (nan interval for n < 2).
-
-    >>> [round(x, 4) for x in t_interval([1.0, 2.0, 3.0])]   # s = 1, t_{2,0.975} = 4.3027
-    [2.0, -0.4841, 4.4841]
-    """
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return math.nan, math.nan, math.nan
-    m = float(v.mean())
-    if v.size < 2:
-        return m, math.nan, math.nan
-    h = float(_st.t.ppf(1 - (1 - level) / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
-    return m, m - h, m + h
 
 
 def welch_interval(a, b, level: float = 0.95) -> tuple[float, float, float]:
