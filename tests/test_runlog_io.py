@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -126,6 +127,8 @@ def test_tensorboard_files_read_back(tmp_path):
 
 
 def test_tensorboard_gets_each_layers_threshold_for_bop(tmp_path):
+    """Every logged step of every layer: flip_ratio, c2i, abs_m_q50 and τ in TensorBoard are the steps table's
+    values (as float32), across drains (``buffer_steps``); a cadence ``tb_every`` keeps the steps it selects."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from bnn_probe.nn import named_binary_parameters
@@ -135,8 +138,8 @@ def test_tensorboard_gets_each_layers_threshold_for_bop(tmp_path):
     binary = list(named_binary_parameters(model))
     groups = [{"params": [p], "threshold": t} for (_, p), t in zip(binary, (1e-3, 2e-3, 4e-3), strict=False)]
     opt = Bop(groups, gamma=0.1)
-    probe = bnn_probe.attach(model, opt, tmp_path / "run")
-    for _ in range(3):
+    probe = bnn_probe.attach(model, opt, tmp_path / "run", buffer_steps=4, tb_every=lambda s: s % 3 != 0)
+    for _ in range(10):
         loss = torch.nn.functional.cross_entropy(model(torch.randn(5, 8)), torch.randint(0, 3, (5,)))
         opt.zero_grad()
         loss.backward()
@@ -146,4 +149,12 @@ def test_tensorboard_gets_each_layers_threshold_for_bop(tmp_path):
     acc.Reload()
     names = [n for n, _ in binary][:2]
     assert {f"threshold/{n}" for n in names} <= set(acc.Tags()["scalars"])
-    assert [e.value for e in acc.Scalars(f"threshold/{names[1]}")] == pytest.approx([2e-3] * 3)
+    assert [e.value for e in acc.Scalars(f"threshold/{names[1]}")] == pytest.approx([2e-3] * 7)
+    steps = load_run(tmp_path / "run").steps
+    shown = [s for s in range(1, 11) if s % 3 != 0]
+    for name in names:
+        rows = steps[(steps.layer == name) & steps.step.isin(shown)]
+        for q in ("flip_ratio", "c2i", "abs_m_q50", "threshold"):
+            ev = acc.Scalars(f"{q}/{name}")
+            assert [e.step for e in ev] == shown
+            assert [e.value for e in ev] == np.asarray(rows[q], dtype=np.float32).tolist()

@@ -1,9 +1,14 @@
-"""Buffers per-step device results and moves them to the host in batches, then to the run log.
+"""Buffers the probe's per-step results, turns them into rows in batches and writes them to the run log.
 
-Per step the probe hands over a few device tensors (one int64 and one float64 vector for the steps table, and
-fixed-size tensors for tracked weights and flip events). They stay on the device until :meth:`Recorder.drain`
-(when ``buffer_steps`` steps are pending, or at a flush), which concatenates them and copies each kind to the host
-once. :meth:`Recorder.flush` writes the host rows as new Parquet parts and TensorBoard events.
+Per step the probe hands over a few small tensors (one int64 and one float64 block for the steps table, and
+fixed-size tensors for tracked weights and flip events). CPU tensors (and numpy arrays) are copied at once into
+preallocated host buffers of ``buffer_steps`` steps — the caller may reuse its buffers at the next step; device
+tensors stay on the device until :meth:`Recorder.drain`, which stacks them and copies each kind to the host once.
+A drain (when ``buffer_steps`` steps are pending, or at a flush) turns the buffered steps into column arrays with
+vectorised numpy (no Python per row) and encodes their TensorBoard scalars in bulk
+(:func:`bnn_probe.runlog.tbevents.encode_scalar_events`: one event per step holding every layer's values).
+:meth:`Recorder.flush` writes the columns as new Parquet parts (built as Arrow tables directly, no DataFrame) and the
+TensorBoard records.
 
 Example:
     >>> Recorder.INT_COLUMNS
@@ -13,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -20,14 +26,16 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from ..runlog.schema import HIST_EDGES, STEPS
-from ..runlog.writer import RunWriter
+from ..runlog.schema import HIST_EDGES, HIST_QUANTITIES, STEPS
+from ..runlog.writer import RunWriter, nullable_int, string_column
 
 __all__ = ["Recorder", "MISSING_INT"]
 
 MISSING_INT = -(2**63)  # sentinel for a null int64 (e.g. sign_hash switched off)
 HOST_COLUMNS = ("flip_ratio", "flip_ratio_running", "c2i", "c2i_corr", "gamma", "threshold", "lr", "sigma")
 _INT_COLUMNS = ("flips", "c2i_diff", "nonfinite_grads", "sign_hash")
+_HYPER = ("gamma", "threshold", "lr", "sigma")
+_Array = Tensor | np.ndarray
 
 
 def _split_floats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -37,8 +45,92 @@ def _split_floats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x, np.full(x.shape, math.nan)
 
 
+def _on_device(x: _Array) -> bool:
+    return isinstance(x, Tensor) and x.device.type != "cpu"
+
+
+def _host(x: _Array) -> np.ndarray:
+    """A numpy view of a CPU tensor or array (a copy for a device tensor)."""
+    if isinstance(x, np.ndarray):
+        return x
+    return x.detach().cpu().numpy() if x.requires_grad or x.device.type != "cpu" else x.numpy()
+
+
+_NP_DTYPES: dict[torch.dtype, np.dtype] = {}
+
+
+def _np_dtype(a: _Array) -> np.dtype:
+    if isinstance(a, np.ndarray):
+        return a.dtype
+    d = _NP_DTYPES.get(a.dtype)
+    if d is None:
+        d = _NP_DTYPES[a.dtype] = torch.empty(0, dtype=a.dtype).numpy().dtype
+    return d
+
+
+class _Pending:
+    """The per-step arrays of one kind since the last drain, with each step's number and wall-clock time.
+
+    Host mode (the first item after a drain has no device tensor): each item is copied into preallocated numpy
+    buffers of ``capacity`` steps, so the caller may reuse its buffers. Device mode (the first item holds a device
+    tensor): device tensors are kept and stacked and copied to the host once at :meth:`take`; host arrays are
+    copied at once."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.n = 0
+        self.steps = np.empty(capacity, dtype=np.int64)
+        self.wall = np.empty(capacity, dtype=np.float64)
+        self.bufs: list[np.ndarray] | None = None
+        self.layout: tuple | None = None  # ((shape, dtype) per array) the host buffers were made for
+        self.dev: list[tuple[int, float, tuple[_Array, ...]]] = []
+
+    def __len__(self) -> int:
+        return self.n + len(self.dev)
+
+    def add(self, step: int, arrays: tuple[_Array, ...], wall: float = math.nan) -> bool:
+        """Take one step's arrays; False (nothing taken) when the host buffers are full or hold other shapes or
+        dtypes: the caller drains and adds again."""
+        if self.dev or (self.n == 0 and any(_on_device(a) for a in arrays)):
+            self.dev.append((step, wall, tuple(a if _on_device(a) else np.array(_host(a)) for a in arrays)))
+            return True
+        layout = self.layout
+        if layout is None or any(a.shape != s or a.dtype != d for a, (s, d) in zip(arrays, layout, strict=True)):
+            if self.n:
+                return False
+            self.bufs = [np.empty((self.capacity, *a.shape), dtype=_np_dtype(a)) for a in arrays]
+            self.layout = tuple((a.shape, a.dtype) for a in arrays)
+        i = self.n
+        if i >= self.capacity:
+            return False
+        self.steps[i] = step
+        self.wall[i] = wall
+        for b, a in zip(self.bufs, arrays, strict=True):  # type: ignore[arg-type]
+            b[i] = a if isinstance(a, np.ndarray) else _host(a)
+        self.n = i + 1
+        return True
+
+    def take(self) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """(steps [S], wall times [S], one [S, ...] host array per kind) of every pending step; empties it."""
+        if self.dev:
+            items, self.dev = self.dev, []
+            steps = np.array([it[0] for it in items], dtype=np.int64)
+            wall = np.array([it[1] for it in items], dtype=np.float64)
+            arrays = []
+            for k in range(len(items[0][2])):
+                xs = [it[2][k] for it in items]
+                if all(isinstance(x, Tensor) for x in xs):  # one device → host copy per kind
+                    arrays.append(torch.stack(xs).cpu().numpy())
+                else:
+                    arrays.append(np.stack([_host(x) for x in xs]))
+            return steps, wall, arrays
+        n, self.n = self.n, 0
+        assert self.bufs is not None
+        return self.steps[:n].copy(), self.wall[:n].copy(), [b[:n].copy() for b in self.bufs]
+
+
 class Recorder:
-    """Device-side buffers → host DataFrames → Parquet parts + TensorBoard."""
+    """Per-step results → host buffers → column arrays → Parquet parts + TensorBoard."""
 
     INT_COLUMNS = _INT_COLUMNS
     FLOAT_COLUMNS = tuple(c for c in STEPS if c not in ("step", "layer", *_INT_COLUMNS, *HOST_COLUMNS))
@@ -55,19 +147,23 @@ class Recorder:
         self.fpos = {c: i for i, c in enumerate(self.FLOAT_COLUMNS)}
         self.run_sum = np.zeros(self.L)
         self.run_n = np.zeros(self.L, dtype=np.int64)
-        self._steps: list[tuple[int, Tensor, Tensor, np.ndarray]] = []
-        self._tracked: list[tuple[int, Tensor, Tensor]] = []
-        self._events: list[tuple[int, Tensor, Tensor]] = []
-        self._hists: list[tuple[int, int, str, Tensor, Tensor]] = []
-        self._snaps: list[tuple[int, int, Tensor]] = []
-        self._host: dict[str, list[pd.DataFrame]] = {t: [] for t in ("steps", "tracked", "events", "hists",
-                                                                       "snapshots", "train")}
-        self._train_rows: list[tuple[Any, Any, str, float]] = []
+        self._steps = _Pending(self.buffer_steps)
+        self._tracked = _Pending(self.buffer_steps)
+        self._events = _Pending(self.buffer_steps)
+        self._hists: list[tuple[int, int, str, _Array, _Array]] = []
+        self._snaps: list[tuple[int, int, int, bytes | Tensor]] = []
+        self._host: dict[str, list[dict[str, Any]]] = {t: [] for t in ("steps", "tracked", "events", "hists",
+                                                                       "snapshots")}
+        self._train_rows: list[tuple[Any, Any, str, float, float]] = []
         self._pos_cache: dict[tuple, Tensor] = {}
         self.track_layout: list[tuple[int, np.ndarray]] = []  # per layer (offset, host indices)
         self.events_per_layer = 0
+        extra = {fam: ("abs_m_q50" if fam != "latent" else "abs_w_q50") for fam in set(families)}
+        self._tb_q = [extra[f] for f in families]  # the per-layer magnitude quantile shown in TensorBoard
+        self._tb_tags = [f"{q}/{name}" for li, name in enumerate(layer_names)
+                         for q in ("flip_ratio", "c2i", self._tb_q[li], "threshold")]
 
-    # ---------------- per step (device) ----------------
+    # ---------------- per step ----------------
     def float_positions(self, key: tuple, cols_per_layer: list[list[str]], device: torch.device) -> Tensor:
         """Flat positions in an [L, K_float] row of the given per-layer column lists (cached per key)."""
         if key not in self._pos_cache:
@@ -76,43 +172,53 @@ class Recorder:
             self._pos_cache[key] = torch.tensor(pos, dtype=torch.int64, device=device)
         return self._pos_cache[key]
 
-    def add_steps(self, step: int, ints: Tensor, floats: Tensor, hyper: np.ndarray) -> None:
-        self._steps.append((step, ints, floats, hyper))
+    def add_steps(self, step: int, ints: _Array, floats: _Array, hyper: np.ndarray) -> None:
+        """``ints`` int64 [L, 4] (INT_COLUMNS), ``floats`` float64 [L, K] (FLOAT_COLUMNS), ``hyper`` [L, 4]
+        (γ, τ, lr, σ). CPU inputs are copied now; device tensors are kept until the drain."""
+        arrays = (ints, floats, np.asarray(hyper, dtype=np.float64))
+        if not self._steps.add(step, arrays, time.time()):
+            self._drain_steps()
+            self._steps.add(step, arrays, time.time())
 
-    def add_tracked(self, step: int, signs: Tensor, inertia: Tensor) -> None:
+    def add_tracked(self, step: int, signs: _Array, inertia: _Array) -> None:
         """``inertia``: float64 [T, 2] = (inertia, step_size) per tracked weight ([T]: inertia only)."""
-        self._tracked.append((step, signs, inertia))
+        if not self._tracked.add(step, (signs, inertia)):
+            self._drain_tracked()
+            self._tracked.add(step, (signs, inertia))
 
-    def add_events(self, step: int, ints: Tensor, inertia: Tensor) -> None:
+    def add_events(self, step: int, ints: _Array, inertia: _Array) -> None:
         """``inertia``: float64 [L·E, 2] = (inertia_before, step_size) per slot ([L·E]: inertia_before only)."""
-        self._events.append((step, ints, inertia))
+        if not self._events.add(step, (ints, inertia)):
+            self._drain_events()
+            self._events.add(step, (ints, inertia))
 
-    def add_hist(self, step: int, layer: int, quantity: str, counts: Tensor, stats: Tensor) -> None:
+    def add_hist(self, step: int, layer: int, quantity: str, counts: _Array, stats: _Array) -> None:
+        if not _on_device(counts):
+            counts, stats = np.array(_host(counts), dtype=np.int64), np.array(_host(stats), dtype=np.float64)
         self._hists.append((step, layer, quantity, counts, stats))
 
-    def add_snapshot(self, step: int, layer: int, bits: Tensor) -> None:
-        self._snaps.append((step, layer, bits))
+    def add_snapshot(self, step: int, layer: int, bits: _Array) -> None:
+        n = int(bits.numel() if isinstance(bits, Tensor) else bits.size)
+        packed = bits if _on_device(bits) else np.packbits(_host(bits), bitorder="big").tobytes()
+        self._snaps.append((step, layer, n, packed))
 
     def add_train(self, step: int | None, epoch: int | None, scalars: dict[str, float]) -> None:
+        """Training metrics: rows of the ``train`` table, and TensorBoard scalars at ``step`` (else ``epoch``)."""
+        wall = time.time()
         for k, v in scalars.items():
-            self._train_rows.append((step, epoch, k, float(v)))
-        tb = self.writer.tb
-        if tb is not None:
-            x = step if step is not None else epoch
-            for k, v in scalars.items():
-                tb.add_scalar(k, float(v), x if x is not None else 0)
+            self._train_rows.append((step, epoch, k, float(v), wall))
 
     def pending(self) -> int:
         return max(len(self._steps), len(self._tracked), len(self._events))
 
-    # ---------------- device → host ----------------
+    # ---------------- buffers → host columns ----------------
     def drain(self) -> None:
-        """Copy every pending device result to the host (one copy per kind) and turn it into rows."""
-        if self._steps:
+        """Turn every pending step into host column arrays (one device → host copy per kind)."""
+        if len(self._steps):
             self._drain_steps()
-        if self._tracked:
+        if len(self._tracked):
             self._drain_tracked()
-        if self._events:
+        if len(self._events):
             self._drain_events()
         if self._hists:
             self._drain_hists()
@@ -120,147 +226,213 @@ class Recorder:
             self._drain_snaps()
 
     def _drain_steps(self) -> None:
-        batch, self._steps = self._steps, []
-        S, L = len(batch), self.L
-        steps = np.array([b[0] for b in batch], dtype=np.int64)
-        ints = torch.stack([b[1] for b in batch]).cpu().numpy().reshape(S, L, len(self.INT_COLUMNS))
-        floats = torch.stack([b[2] for b in batch]).cpu().numpy().reshape(S, L, len(self.FLOAT_COLUMNS))
-        hyper = np.stack([b[3] for b in batch])  # [S, L, 4]
-        flips = ints[:, :, 0]
-        ratio = flips / self.n[None, :]
+        steps, wall, (ints, floats, hyper) = self._steps.take()
+        S, L = len(steps), self.L
+        ints = ints.reshape(S, L, len(self.INT_COLUMNS))
+        floats = floats.reshape(S, L, len(self.FLOAT_COLUMNS))
+        ratio = ints[:, :, 0] / self.n[None, :]
         csum = np.cumsum(ratio, axis=0) + self.run_sum[None, :]
         cnt = np.arange(1, S + 1)[:, None] + self.run_n[None, :]
         running = csum / cnt
         self.run_sum = csum[-1].copy()
         self.run_n = cnt[-1].copy()
-        cols: dict[str, Any] = {
-            "step": np.repeat(steps, L),
-            "layer": pd.Categorical(np.tile(np.arange(L), S)).rename_categories(self.names)
-            if L else np.array([], dtype=object),
-            "flips": flips.reshape(-1),
-            "flip_ratio": ratio.reshape(-1),
-            "flip_ratio_running": running.reshape(-1),
-            "c2i": (1.0 - ints[:, :, 1] / self.n[None, :]).reshape(-1),
-            "c2i_corr": (1.0 - 2.0 * ints[:, :, 1] / self.n[None, :]).reshape(-1),  # 2·c2i − 1
-            "c2i_diff": ints[:, :, 1].reshape(-1),
-            "nonfinite_grads": ints[:, :, 2].reshape(-1),
-        }
-        h = ints[:, :, 3].reshape(-1)
-        cols["sign_hash"] = pd.array(np.where(h == MISSING_INT, 0, h), dtype="Int64")
-        cols["sign_hash"][h == MISSING_INT] = pd.NA
-        for j, c in enumerate(("gamma", "threshold", "lr", "sigma")):
-            cols[c] = hyper[:, :, j].reshape(-1)
-        for j, c in enumerate(self.FLOAT_COLUMNS):
-            cols[c] = floats[:, :, j].reshape(-1)
-        df = pd.DataFrame(cols)
-        df["layer"] = df["layer"].astype(str)
-        self._host["steps"].append(df)
-        self._tb_steps(steps, ratio, cols)
+        self._host["steps"].append({"step": steps, "ints": ints, "floats": floats, "hyper": hyper,
+                                    "running": running})
+        self._tb_steps(steps, wall, ints, floats, hyper)
 
-    def _tb_steps(self, steps: np.ndarray, ratio: np.ndarray, cols: dict[str, Any]) -> None:
+    def _steps_columns(self, chunks: list[dict[str, Any]]) -> dict[str, Any]:
+        steps = np.concatenate([c["step"] for c in chunks])
+        S, L = len(steps), self.L
+        ints = np.concatenate([c["ints"] for c in chunks]).reshape(S * L, -1)
+        floats = np.concatenate([c["floats"] for c in chunks]).reshape(S * L, -1).T  # [K, S·L]
+        hyper = np.concatenate([c["hyper"] for c in chunks]).reshape(S * L, -1).T
+        n = np.tile(self.n, S)
+        h = ints[:, 3]
+        cols: dict[str, Any] = {
+            "step": np.repeat(steps, L), "layer": string_column(np.tile(np.arange(L), S), self.names),
+            "flips": ints[:, 0].copy(), "flip_ratio": ints[:, 0] / n,
+            "flip_ratio_running": np.concatenate([c["running"] for c in chunks]).reshape(-1),
+            "c2i": 1.0 - ints[:, 1] / n, "c2i_corr": 1.0 - 2.0 * ints[:, 1] / n,  # 2·c2i − 1
+            "c2i_diff": ints[:, 1].copy(), "nonfinite_grads": ints[:, 2].copy(),
+            "sign_hash": nullable_int(np.where(h == MISSING_INT, 0, h), h == MISSING_INT),
+        }
+        for j, c in enumerate(_HYPER):
+            cols[c] = np.ascontiguousarray(hyper[j])
+        for j, c in enumerate(self.FLOAT_COLUMNS):
+            cols[c] = np.ascontiguousarray(floats[j])
+        return cols
+
+    def _tb_steps(self, steps: np.ndarray, wall: np.ndarray, ints: np.ndarray, floats: np.ndarray,
+                  hyper: np.ndarray) -> None:
+        """Per step and layer: flip_ratio, c2i, the magnitude median (abs_m_q50 / abs_w_q50) and τ (the last two
+        only where not NaN) — one event per step (``tb_every`` thins the steps)."""
         tb = self.writer.tb
-        if tb is None:
+        if tb is None or self.L == 0:
             return
-        L = self.L
-        c2i = cols["c2i"].reshape(-1, L)
-        extra = {fam: ("abs_m_q50" if fam != "latent" else "abs_w_q50") for fam in set(self.families)}
-        for i, s in enumerate(steps):
-            if self.tb_every is not None and not self.tb_every(int(s)):
-                continue
-            for li, name in enumerate(self.names):
-                tb.add_scalar(f"flip_ratio/{name}", ratio[i, li], int(s))
-                tb.add_scalar(f"c2i/{name}", c2i[i, li], int(s))
-                q = extra[self.families[li]]
-                v = cols[q][i * L + li]
-                if v == v:
-                    tb.add_scalar(f"{q}/{name}", v, int(s))
-                tau = cols["threshold"][i * L + li]  # the layer's τ in force (Bop families; NaN for latent)
-                if tau == tau:
-                    tb.add_scalar(f"threshold/{name}", tau, int(s))
+        if self.tb_every is not None:
+            sel = np.fromiter((bool(self.tb_every(int(s))) for s in steps), dtype=bool, count=len(steps))
+            steps, wall, ints, floats, hyper = steps[sel], wall[sel], ints[sel], floats[sel], hyper[sel]
+            if not len(steps):
+                return
+        S, L = len(steps), self.L
+        vals = np.empty((S, L, 4))
+        vals[:, :, 0] = ints[:, :, 0] / self.n[None, :]
+        vals[:, :, 1] = 1.0 - ints[:, :, 1] / self.n[None, :]
+        vals[:, :, 2] = floats[:, np.arange(L), [self.fpos[q] for q in self._tb_q]]
+        vals[:, :, 3] = hyper[:, :, 1]  # the layer's τ in force (Bop families; NaN for latent)
+        keep = np.ones((S, L, 4), dtype=bool)
+        keep[:, :, 2:] = vals[:, :, 2:] == vals[:, :, 2:]
+        tb.add_scalars_bulk(self._tb_tags, steps, vals.reshape(S, -1), keep.reshape(S, -1), walltime=wall)
 
     def _drain_tracked(self) -> None:
-        batch, self._tracked = self._tracked, []
-        steps = np.array([b[0] for b in batch], dtype=np.int64)
-        signs = torch.stack([b[1] for b in batch]).cpu().numpy()
+        steps, _, (signs, floats) = self._tracked.take()
+        S, T = signs.shape
+        self._host["tracked"].append({"step": steps, "signs": signs, "floats": floats})
+
+    def _tracked_columns(self, chunks: list[dict[str, Any]]) -> dict[str, Any]:
+        steps = np.concatenate([c["step"] for c in chunks])
+        signs = np.concatenate([c["signs"] for c in chunks])
         if signs.dtype == np.bool_:  # the probe hands over sign(w) ≥ 0 as bool; written as ±1
             signs = np.where(signs, 1, -1).astype(np.int8)
-        inertia, step_size = _split_floats(torch.stack([b[2] for b in batch]).cpu().numpy())
+        inertia, step_size = _split_floats(np.concatenate([c["floats"] for c in chunks]))
         S, T = signs.shape
         layer = np.concatenate([np.full(len(idx), li) for li, (_, idx) in enumerate(self.track_layout)])
-        index = np.concatenate([idx for _, idx in self.track_layout])
-        df = pd.DataFrame({
-            "step": np.repeat(steps, T), "layer": np.asarray(self.names, dtype=object)[np.tile(layer, S)],
-            "index": np.tile(index, S), "sign": signs.reshape(-1).astype(np.int8), "inertia": inertia.reshape(-1),
-            "step_size": step_size.reshape(-1)})
-        self._host["tracked"].append(df)
+        index = np.concatenate([idx for _, idx in self.track_layout]).astype(np.int64)
+        return {"step": np.repeat(steps, T), "layer": string_column(np.tile(layer, S), self.names),
+                "index": np.tile(index, S), "sign": signs.reshape(-1).astype(np.int8),
+                "inertia": np.ascontiguousarray(inertia).reshape(-1),
+                "step_size": np.ascontiguousarray(step_size).reshape(-1)}
 
     def _drain_events(self) -> None:
-        batch, self._events = self._events, []
-        steps = np.array([b[0] for b in batch], dtype=np.int64)
-        ints = torch.stack([b[1] for b in batch]).cpu().numpy()  # [S, L*E, 2]
-        inertia, step_size = _split_floats(torch.stack([b[2] for b in batch]).cpu().numpy())  # [S, L*E] each
+        steps, _, (ints, floats) = self._events.take()
+        self._host["events"].append({"step": steps, "ints": ints, "floats": floats})
+
+    def _events_columns(self, chunks: list[dict[str, Any]]) -> dict[str, Any]:
+        """Occupied slots (index ≥ 0), each (step, layer, index) once (the first slot holding it)."""
+        steps = np.concatenate([c["step"] for c in chunks])
+        ints = np.concatenate([c["ints"] for c in chunks])  # [S, L·E, 2]
+        inertia, step_size = _split_floats(np.concatenate([c["floats"] for c in chunks]))  # [S, L·E] each
         S, LE, _ = ints.shape
         e = self.events_per_layer
-        layer = np.tile(np.repeat(np.arange(self.L), e), S)
-        idx = ints[:, :, 0].reshape(-1)
+        idx = ints[:, :, 0]
         keep = idx >= 0
-        since = ints[:, :, 1].reshape(-1)
-        df = pd.DataFrame({
-            "step": np.repeat(steps, LE)[keep], "layer": np.asarray(self.names, dtype=object)[layer[keep]],
-            "index": idx[keep], "inertia_before": inertia.reshape(-1)[keep],
-            "steps_since_last_flip": pd.array(np.where(since[keep] < 0, 0, since[keep]), dtype="Int64"),
-            "step_size": step_size.reshape(-1)[keep]})
-        df.loc[since[keep] < 0, "steps_since_last_flip"] = pd.NA
-        df = df.drop_duplicates(["step", "layer", "index"])
-        self._host["events"].append(df)
+        if e > 0 and LE == self.L * e:  # a repeated index within one step's layer block: keep its first slot
+            blk = idx.reshape(S, self.L, e)
+            order = np.argsort(blk, axis=-1, kind="stable")
+            srt = np.take_along_axis(blk, order, -1)
+            dup_sorted = np.zeros(blk.shape, dtype=bool)
+            dup_sorted[..., 1:] = srt[..., 1:] == srt[..., :-1]
+            dup = np.empty_like(dup_sorted)
+            np.put_along_axis(dup, order, dup_sorted, -1)
+            keep &= ~dup.reshape(S, LE)
+        layer = np.tile(np.repeat(np.arange(self.L), e), S)
+        k = keep.reshape(-1)
+        since = ints[:, :, 1].reshape(-1)[k]
+        return {"step": np.repeat(steps, LE)[k], "layer": string_column(layer[k], self.names),
+                "index": idx.reshape(-1)[k], "inertia_before": inertia.reshape(-1)[k],
+                "steps_since_last_flip": nullable_int(np.where(since < 0, 0, since), since < 0),
+                "step_size": step_size.reshape(-1)[k]}
 
     def _drain_hists(self) -> None:
         batch, self._hists = self._hists, []
-        counts = torch.cat([b[3] for b in batch]).cpu().numpy()
-        stats = torch.stack([b[4] for b in batch]).cpu().numpy()
-        rows = []
-        off = 0
+        dev = [b for b in batch if isinstance(b[3], Tensor)]
+        if dev:  # one device → host copy for all of them
+            counts = torch.cat([b[3].reshape(-1) for b in dev]).cpu().numpy()
+            stats = torch.stack([b[4] for b in dev]).cpu().numpy()
+            host, off = [], 0
+            for k, b in enumerate(dev):
+                host.append((b[0], b[1], b[2], counts[off:off + b[3].numel()], stats[k]))
+                off += b[3].numel()
+            it = iter(host)
+            batch = [next(it) if isinstance(b[3], Tensor) else b for b in batch]
         tb = self.writer.tb
-        for k, (step, li, q, c, _) in enumerate(batch):
-            cnt = counts[off:off + c.numel()]
-            off += c.numel()
+        steps, layers, quants, bins, cnts = [], [], [], [], []
+        for step, li, q, cnt, st in batch:
             edges = HIST_EDGES[q]
             left = np.concatenate([[-math.inf], edges])
             right = np.concatenate([edges, [math.inf]])
             nz = np.nonzero(cnt)[0]
-            rows.append(pd.DataFrame({"step": step, "layer": self.names[li], "quantity": q, "bin": nz,
-                                      "left": left[nz], "right": right[nz], "count": cnt[nz].astype(np.int64)}))
+            steps.append(np.full(len(nz), step, dtype=np.int64))
+            layers.append(np.full(len(nz), li))
+            quants.append(np.full(len(nz), HIST_QUANTITIES.index(q)))
+            bins.append(nz)
+            cnts.append(cnt[nz].astype(np.int64))
             if tb is not None and len(nz):
-                mn, mx, sm, sq = (float(x) for x in stats[k])
+                mn, mx, sm, sq = (float(x) for x in st)
                 lim = right[nz].copy()
                 if math.isinf(lim[-1]):
                     lim[-1] = max(mx, left[nz[-1]])
                 tb.add_histogram_raw(f"{q}/{self.names[li]}", min=mn, max=mx, num=int(cnt.sum()), sum=sm,
                                      sum_squares=sq, bucket_limits=lim.tolist(), bucket_counts=cnt[nz].tolist(),
                                      global_step=int(step))
-        self._host["hists"].append(pd.concat(rows, ignore_index=True))
+        if batch:
+            b = np.concatenate(bins).astype(np.int64)
+            q = np.concatenate(quants)
+            self._host["hists"].append({"step": np.concatenate(steps), "layer": np.concatenate(layers), "quantity": q,
+                                        "bin": b, "count": np.concatenate(cnts)})
+
+    def _hists_columns(self, chunks: list[dict[str, Any]]) -> dict[str, Any]:
+        q = np.concatenate([c["quantity"] for c in chunks])
+        b = np.concatenate([c["bin"] for c in chunks])
+        left, right = np.empty(len(b)), np.empty(len(b))
+        for k, name in enumerate(HIST_QUANTITIES):
+            m = q == k
+            if m.any():
+                edges = np.asarray(HIST_EDGES[name], dtype=np.float64)
+                left[m] = np.concatenate([[-math.inf], edges])[b[m]]
+                right[m] = np.concatenate([edges, [math.inf]])[b[m]]
+        return {"step": np.concatenate([c["step"] for c in chunks]),
+                "layer": string_column(np.concatenate([c["layer"] for c in chunks]), self.names),
+                "quantity": string_column(q, list(HIST_QUANTITIES)), "bin": b, "left": left, "right": right,
+                "count": np.concatenate([c["count"] for c in chunks])}
 
     def _drain_snaps(self) -> None:
         batch, self._snaps = self._snaps, []
-        rows = [{"step": s, "layer": self.names[li], "n_weights": int(b.numel()),
-                 "signs": np.packbits(b.cpu().numpy(), bitorder="big").tobytes()} for s, li, b in batch]
-        self._host["snapshots"].append(pd.DataFrame(rows))
+        self._host["snapshots"].append({"rows": [
+            {"step": s, "layer": self.names[li], "n_weights": n,
+             "signs": p if isinstance(p, bytes) else np.packbits(p.cpu().numpy(), bitorder="big").tobytes()}
+            for s, li, n, p in batch]})
 
     # ---------------- host → disk ----------------
     def flush(self) -> None:
-        """Drain and write every pending row as new parts."""
+        """Drain and write every pending row as new parts, and the TensorBoard records."""
         self.drain()
-        if self._train_rows:
-            rows, self._train_rows = self._train_rows, []
-            self._host["train"].append(pd.DataFrame({
-                "step": pd.array([r[0] for r in rows], dtype="Int64"),
-                "epoch": pd.array([r[1] for r in rows], dtype="Int64"),
-                "name": [r[2] for r in rows], "value": np.array([r[3] for r in rows], dtype=np.float64)}))
-        for table, frames in self._host.items():
-            if frames:
+        train = self._train_columns()
+        build = {"steps": self._steps_columns, "tracked": self._tracked_columns, "events": self._events_columns,
+                 "hists": self._hists_columns,
+                 "snapshots": lambda ch: pd.DataFrame([r for c in ch for r in c["rows"]])}
+        for table, chunks in self._host.items():
+            if chunks:
                 self._host[table] = []
-                self.writer.append(table, pd.concat(frames, ignore_index=True))
+                self.writer.append(table, build[table](chunks))
+        if train is not None:
+            self.writer.append("train", train)
         self.writer.flush_tb()
+
+    def _train_columns(self) -> dict[str, Any] | None:
+        """The pending ``train`` rows as columns; their TensorBoard scalars (one series per name, at the step, else
+        the epoch, else 0) go to the event writer."""
+        if not self._train_rows:
+            return None
+        rows, self._train_rows = self._train_rows, []
+        names = list(dict.fromkeys(r[2] for r in rows))
+        code = {k: i for i, k in enumerate(names)}
+        step = np.array([-1 if r[0] is None else r[0] for r in rows], dtype=np.int64)
+        epoch = np.array([-1 if r[1] is None else r[1] for r in rows], dtype=np.int64)
+        s_null = np.array([r[0] is None for r in rows])
+        e_null = np.array([r[1] is None for r in rows])
+        value = np.array([r[3] for r in rows], dtype=np.float64)
+        codes = np.array([code[r[2]] for r in rows])
+        tb = self.writer.tb
+        if tb is not None:
+            x = np.where(~s_null, step, np.where(~e_null, epoch, 0))
+            wall = np.array([r[4] for r in rows], dtype=np.float64)
+            for k, name in enumerate(names):
+                m = codes == k
+                tb.add_scalars_bulk([name], x[m], value[m, None], walltime=wall[m])
+        return {"step": nullable_int(np.where(s_null, 0, step), s_null),
+                "epoch": nullable_int(np.where(e_null, 0, epoch), e_null),
+                "name": string_column(codes, names), "value": value}
 
     def write_weight_flips(self, step: int, counts: list[Tensor]) -> None:
         """weight_flips.parquet: for each layer and k, the number of weights that flipped exactly k times."""
@@ -269,11 +441,9 @@ class Recorder:
         bins = [torch.bincount(c.to(torch.int64)) for c in counts]
         sizes = [b.numel() for b in bins]
         flat = torch.cat(bins).cpu().numpy()
-        rows, off = [], 0
-        for li, sz in enumerate(sizes):
-            b = flat[off:off + sz]
-            off += sz
-            nz = np.nonzero(b)[0]
-            rows.append(pd.DataFrame({"step": step, "layer": self.names[li], "flips_per_weight": nz,
-                                      "n": b[nz].astype(np.int64)}))
-        self.writer.write_table("weight_flips", pd.concat(rows, ignore_index=True))
+        layer = np.repeat(np.arange(len(sizes)), sizes)
+        k = np.concatenate([np.arange(sz) for sz in sizes])
+        nz = flat != 0
+        self.writer.write_table("weight_flips", {
+            "step": np.full(int(nz.sum()), step, dtype=np.int64), "layer": string_column(layer[nz], self.names),
+            "flips_per_weight": k[nz].astype(np.int64), "n": flat[nz].astype(np.int64)})

@@ -1,4 +1,5 @@
-"""Writes a run directory: ``meta.json`` (atomic), Parquet tables and parts (write-then-rename), TensorBoard events.
+"""Writes a run directory: ``meta.json`` (atomic), Parquet tables and parts (write-then-rename), TensorBoard events
+(:class:`bnn_probe.runlog.tbevents.EventWriter`).
 
 Example:
     >>> import tempfile, pandas as pd
@@ -23,9 +24,10 @@ import pyarrow.parquet as pq
 
 from ..errors import BnnProbeError
 from ..rundir import RunLock, tmp_path
-from .schema import PART_TABLES, conform
+from .schema import PART_TABLES, conform, empty_frame
 
-__all__ = ["RunWriter", "now_iso", "atomic_write_json", "strict_json", "mark_status_in_place"]
+__all__ = ["RunWriter", "now_iso", "atomic_write_json", "strict_json", "mark_status_in_place", "string_column",
+           "nullable_int"]
 
 _PART = re.compile(r"part-(\d+)\.parquet$")
 
@@ -89,15 +91,60 @@ def strict_json(o: Any) -> Any:
     return repr(o)
 
 
-def _write_parquet(df: pd.DataFrame, path: Path) -> None:
+# Columns worth a Parquet dictionary (few distinct values) in the per-step tables; the other columns (measured floats,
+# random indices) are written plainly: dictionary-encoding them costs most of a part's write time and saves no space.
+# Tables not listed use a dictionary for every column. The values and the schema do not depend on this choice.
+_DICTIONARY: dict[str, list[str]] = {
+    "steps": ["step", "layer"], "tracked": ["step", "layer", "index", "sign"], "events": ["step", "layer"],
+    "hists": ["step", "layer", "quantity", "bin", "left", "right"], "train": ["step", "epoch", "name"],
+}
+
+
+def _write_parquet(df: pd.DataFrame | pa.Table, path: Path, table_name: str | None = None) -> None:
     tmp = tmp_path(path)
-    table = pa.Table.from_pandas(df, preserve_index=False)
+    table = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, preserve_index=False)
+    dictionary: bool | list[str] = [c for c in _DICTIONARY[table_name] if c in table.column_names] \
+        if table_name in _DICTIONARY else True
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd", use_dictionary=dictionary)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+_SCHEMAS: dict[str, pa.Schema] = {}
+
+
+def _schema(table: str) -> pa.Schema:
+    """The Arrow schema (with its pandas metadata) that :meth:`RunWriter.append` gives a complete frame of
+    ``table``: the documented columns in order, each in its documented dtype."""
+    if table not in _SCHEMAS:
+        _SCHEMAS[table] = pa.Table.from_pandas(conform(empty_frame(table), table), preserve_index=False).schema
+    return _SCHEMAS[table]
+
+
+def _from_columns(table: str, columns: dict[str, Any]) -> pa.Table:
+    """A table from every documented column of ``table``, each already in its dtype (numpy arrays; strings as
+    :func:`string_column`, nullable integers as :func:`nullable_int`): the schema, pandas metadata included, of
+    the equivalent DataFrame written by :meth:`RunWriter.append`, without building that DataFrame."""
+    schema = _schema(table)
+    extra = sorted(set(columns) - set(schema.names))
+    if extra:
+        raise ValueError(f"columns not in the {table} table: {', '.join(extra)}")
+    arrays = [c if isinstance(c := columns[f.name], pa.Array) and c.type == f.type else pa.array(c, type=f.type)
+              for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def string_column(codes, names: list[str]) -> pa.Array:
+    """A string column given as integer codes into ``names`` (one copy of each name, no Python objects per row)."""
+    return pa.array(names, type=pa.large_string()).take(pa.array(codes))
+
+
+def nullable_int(values, null) -> pa.Array:
+    """An int64 column with nulls where ``null`` is true (pandas ``Int64``)."""
+    return pa.array(values, type=pa.int64(), mask=null)
 
 
 class RunWriter:
@@ -123,31 +170,39 @@ class RunWriter:
 
     @property
     def tb(self):
-        """The TensorBoard ``SummaryWriter`` (``tb/``), created on first use; None when disabled."""
+        """The TensorBoard event writer of ``tb/`` (:class:`~bnn_probe.runlog.tbevents.EventWriter`: ``add_scalar``,
+        ``add_histogram_raw``, ``add_scalars_bulk``), created on first use; None when disabled. Its records reach the
+        file at :meth:`flush_tb` (each flush of the probe)."""
         if self._tb is None and self.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from .tbevents import EventWriter
 
-            self._tb = SummaryWriter(str(self.path / "tb"), max_queue=1000, flush_secs=3600)
+            self._tb = EventWriter(self.path / "tb")
         return self._tb
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         atomic_write_json(self.path / "meta.json", meta)
 
-    def write_table(self, table: str, df: pd.DataFrame) -> Path:
-        """Write (or rewrite) a single-file table such as ``layers.parquet`` or ``weight_flips.parquet``."""
+    def write_table(self, table: str, df: pd.DataFrame | dict[str, Any]) -> Path:
+        """Write (or rewrite) a single-file table such as ``layers.parquet`` or ``weight_flips.parquet``
+        (``df``: a DataFrame, or a dict of every column as in :meth:`append`)."""
         path = self.path / f"{table}.parquet"
-        _write_parquet(conform(df, table), path)
+        _write_parquet(_from_columns(table, df) if isinstance(df, dict) else conform(df, table), path)
         return path
 
-    def append(self, table: str, df: pd.DataFrame) -> Path | None:
-        """Append rows as a new part ``<table>/part-NNNNNN.parquet``; nothing for an empty frame."""
+    def append(self, table: str, df: pd.DataFrame | dict[str, Any] | None) -> Path | None:
+        """Append rows as a new part ``<table>/part-NNNNNN.parquet``; nothing for an empty frame.
+
+        ``df``: a DataFrame (conformed to the documented columns), or — the fast path of the probe's recorder — a
+        dict of every documented column already in its dtype (:func:`_from_columns`), which gives the same part."""
+        if isinstance(df, dict):
+            df = _from_columns(table, df)
         if df is None or len(df) == 0:
             return None
         d = self.path / table
         d.mkdir(exist_ok=True)
         path = d / f"part-{self._next[table]:06d}.parquet"
         self._next[table] += 1
-        _write_parquet(conform(df, table), path)
+        _write_parquet(df if isinstance(df, pa.Table) else conform(df, table), path, table)
         return path
 
     def flush_tb(self) -> None:
