@@ -8,6 +8,7 @@ so a busy machine slows both sides alike.
 
     python benchmarks/bench_train.py                       # the cases of RESULTS.md
     python benchmarks/bench_train.py --case digits-mlp --repeats 5 --threads 1
+    python benchmarks/bench_train.py --case digits-mlp-20 --repeats 5 --threads 1
 
 Prints one JSON line per case: steps/s of the runner, of the runner with the probe's hooks removed ("loop only")
 and of the bare loop, and the ratios bare ÷ runner (goal ≤ 1.10) and bare ÷ loop-only.
@@ -31,8 +32,10 @@ from bnn_probe.models import build_model
 from bnn_probe.train import StepDecay, TrainConfig, build_optimizer, evaluate, init_binary_weights, run_epoch, setup
 
 CASES = {
-    # the default run: digits, 64-256-256-10 MLP, Bop, batch 50
+    # the default run: digits, 64-256-256-10 MLP, Bop, batch 50 (3 epochs: 87 steps)
     "digits-mlp": TrainConfig(epochs=3),
+    # the same with the default 20 epochs (580 steps): a run's fixed costs (the final flush) spread as in a real run
+    "digits-mlp-20": TrainConfig(),
     # the default run with a sparser probe cadence
     "digits-mlp-probe10": TrainConfig(epochs=3, probe_every=10, hist_every=1000, snapshot_every=0),
     # a wide MLP: compute per step grows, the probe's per-layer work does not (much)
