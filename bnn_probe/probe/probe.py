@@ -399,11 +399,9 @@ class Probe:
             layers = {}
             for i, ly in enumerate(self.layers):
                 g, k = self._layer_state(i)
+                st = g.layer_state(k)
                 cpu = {name: (None if v is None else v.detach().cpu().clone()) for name, v in (
-                    ("sign0", g.layer_slice(g.sign0, k)), ("count", g.layer_slice(g.count, k)),
-                    ("last", g.layer_slice(g.last, k)), ("prev_above", g.layer_slice(g.prev_above, k)),
-                    ("wm_prev", g.layer_slice(g.wm_prev, k)), ("m_prev", g.layer_slice(g.m_prev, k)),
-                    ("q_idx", g.q_idx[k]), ("t_idx", g.t_idx[k]))}
+                    *((n, st[n]) for n in g.STATE_NAMES), ("q_idx", g.q_idx[k]), ("t_idx", g.t_idx[k]))}
                 layers[ly.name] = cpu
             sd["layers"] = layers
             sd["run_sum"] = self.rec.run_sum.tolist()
@@ -425,10 +423,9 @@ class Probe:
             q_idx, t_idx = [], []
             for k, ly in enumerate(g.layers):
                 st = sd["layers"][ly.name]
-                for name in ("sign0", "count", "last", "prev_above", "wm_prev", "m_prev"):
-                    dst = g.layer_slice(getattr(g, name), k)
-                    if dst is not None and st.get(name) is not None:
-                        dst.copy_(st[name].reshape(-1))
+                for name in g.STATE_NAMES:
+                    if st.get(name) is not None:
+                        g.load_layer_state(k, name, st[name])
                 q_idx.append(st.get("q_idx"))
                 t_idx.append(st["t_idx"])
             g.set_samples(q_idx, t_idx)
