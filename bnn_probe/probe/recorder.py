@@ -46,14 +46,14 @@ def _split_floats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _on_device(x: _Array) -> bool:
-    return isinstance(x, Tensor) and x.device.type != "cpu"
+    return isinstance(x, Tensor) and not x.is_cpu
 
 
 def _host(x: _Array) -> np.ndarray:
     """A numpy view of a CPU tensor or array (a copy for a device tensor)."""
     if isinstance(x, np.ndarray):
         return x
-    return x.detach().cpu().numpy() if x.requires_grad or x.device.type != "cpu" else x.numpy()
+    return x.numpy() if x.is_cpu and not x.requires_grad else x.detach().cpu().numpy()
 
 
 _NP_DTYPES: dict[torch.dtype, np.dtype] = {}
@@ -91,22 +91,27 @@ class _Pending:
     def add(self, step: int, arrays: tuple[_Array, ...], wall: float = math.nan) -> bool:
         """Take one step's arrays; False (nothing taken) when the host buffers are full or hold other shapes or
         dtypes: the caller drains and adds again."""
-        if self.dev or (self.n == 0 and any(_on_device(a) for a in arrays)):
+        i = self.n
+        if i and not self.dev:  # the every-step path: host buffers made, same layout expected
+            if i >= self.capacity:
+                return False
+            for a, (shape, dtype) in zip(arrays, self.layout, strict=True):  # type: ignore[arg-type]
+                if a.shape != shape or a.dtype != dtype:
+                    return False
+            for b, a in zip(self.bufs, arrays, strict=True):  # type: ignore[arg-type]
+                b[i] = _host(a)
+        elif self.dev or any(_on_device(a) for a in arrays):  # device mode
             self.dev.append((step, wall, tuple(a if _on_device(a) else np.array(_host(a)) for a in arrays)))
             return True
-        layout = self.layout
-        if layout is None or any(a.shape != s or a.dtype != d for a, (s, d) in zip(arrays, layout, strict=True)):
-            if self.n:
-                return False
-            self.bufs = [np.empty((self.capacity, *a.shape), dtype=_np_dtype(a)) for a in arrays]
-            self.layout = tuple((a.shape, a.dtype) for a in arrays)
-        i = self.n
-        if i >= self.capacity:
-            return False
+        else:  # the first step after a drain
+            if self.layout is None or any(a.shape != s or a.dtype != d
+                                          for a, (s, d) in zip(arrays, self.layout, strict=True)):
+                self.bufs = [np.empty((self.capacity, *a.shape), dtype=_np_dtype(a)) for a in arrays]
+                self.layout = tuple((a.shape, a.dtype) for a in arrays)
+            for b, a in zip(self.bufs, arrays, strict=True):  # type: ignore[arg-type]
+                b[0] = _host(a)
         self.steps[i] = step
         self.wall[i] = wall
-        for b, a in zip(self.bufs, arrays, strict=True):  # type: ignore[arg-type]
-            b[i] = a if isinstance(a, np.ndarray) else _host(a)
         self.n = i + 1
         return True
 

@@ -44,10 +44,6 @@ def _byte_table() -> np.ndarray:
 
 
 _T0 = _byte_table()
-# _H[d, b]: CRC register (started at 0) after the byte b followed by d zero bytes; _Z[n]: the register started at
-# 0xFFFFFFFF after n zero bytes. Both grow on demand up to the longest message seen.
-_H = _T0[None, :].copy()
-_Z = np.array([0xFFFFFFFF], dtype=np.uint32)
 
 
 def _shift(c: np.ndarray) -> np.ndarray:
@@ -55,22 +51,48 @@ def _shift(c: np.ndarray) -> np.ndarray:
     return _T0[c & 0xFF] ^ (c >> 8)
 
 
+def _first_rows(n: int) -> np.ndarray:
+    h = np.empty((n, 256), dtype=np.uint32)
+    h[0] = _T0
+    for d in range(1, n):
+        h[d] = _shift(h[d - 1])
+    return h
+
+
+# _H[d, b]: CRC register (started at 0) after the byte b followed by d zero bytes; _Z[n]: the register started at
+# 0xFFFFFFFF after n zero bytes. Both grow on demand up to the longest message seen.
+_H = _first_rows(8)
+_Z = np.empty(0, dtype=np.uint32)
+
+
+def _zero_bytes(c: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """The registers ``c`` after ``k`` ≥ 4 zero bytes each, from ``_H``: a register's 4 bytes act as the first 4
+    message bytes, so A^k(c) = ⨁_j H[k−1−j, byte_j(c)]."""
+    out = np.zeros(np.broadcast(c, k).shape, dtype=np.uint32)
+    for j in range(4):
+        out ^= _H[k - 1 - j, (c >> np.uint32(8 * j)) & np.uint32(0xFF)]
+    return out
+
+
 def _grow(n: int) -> None:
-    """Extend ``_H`` to distances < n and ``_Z`` to lengths ≤ n (doubling, so growth is amortised)."""
+    """Extend ``_H`` to distances < n and ``_Z`` to lengths ≤ n (at least doubling, so growth is amortised)."""
     global _H, _Z
     have = _H.shape[0]
-    if have >= n:
-        return
-    size = max(n, 2 * have)
-    h = np.empty((size, 256), dtype=np.uint32)
-    h[:have] = _H
-    for d in range(have, size):
-        h[d] = _shift(h[d - 1])
-    z = np.empty(size + 1, dtype=np.uint32)
-    z[:len(_Z)] = _Z
-    for k in range(len(_Z), size + 1):
-        z[k] = _shift(z[k - 1:k])[0]
-    _H, _Z = h, z
+    if have < n:
+        size = max(n, 2 * have)
+        h = np.empty((size, 256), dtype=np.uint32)
+        h[:have] = _H
+        for d in range(have, size):
+            h[d] = _shift(h[d - 1])
+        _H = h
+    if len(_Z) < n + 1:
+        size = _H.shape[0]
+        z = np.empty(size + 1, dtype=np.uint32)
+        z[0] = 0xFFFFFFFF
+        for i in range(1, 4):
+            z[i] = _shift(z[i - 1:i])[0]
+        z[4:] = _zero_bytes(np.uint32(0xFFFFFFFF), np.arange(4, size + 1))
+        _Z = z
 
 
 def _crc_raw(data: np.ndarray, lengths: np.ndarray, seg: np.ndarray) -> np.ndarray:
