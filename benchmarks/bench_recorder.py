@@ -3,9 +3,11 @@ drains, the Parquet parts and the TensorBoard events, at the probe's default cad
 
 The measurement is replaced by synthetic CPU tensors of the shapes the probe hands over (steps ``[L, 4]`` int64 and
 ``[L, K]`` float64, tracked ``[L·64]`` bool + ``[L·64, 2]``, events ``[L·16, 2]`` ×2, histograms every 100 steps,
-sign snapshots every 1000), written into a real run folder with a :class:`~bnn_probe.runlog.writer.RunWriter`. The
-inputs are views of buffers reused every step (as a measurement that recycles its buffers hands them over), so a
-recorder that keeps references instead of copying would log wrong values; the benchmark checks the read-back log.
+sign snapshots every 1000; at each flush also ``weight_flips.parquet`` from int32 per-weight flip counters), written
+into a real run folder with a :class:`~bnn_probe.runlog.writer.RunWriter`. The values are random (measured floats do
+not compress); the inputs are views of buffers reused every step (as a measurement that recycles its buffers hands
+them over), so a recorder that keeps references instead of copying would log wrong values; the benchmark checks the
+read-back log.
 
 Layer shapes: the digits MLP 64-256-256-10 (3 binary layers) and BinaryNet full width (9 binary layers). The same
 process times a bare training step of the digits MLP (Bop, batch 50) so that the recording cost is also given as a
@@ -67,6 +69,7 @@ def run_once(sizes: list[int], steps: int, root: Path, tensorboard: bool, fresh:
     hist_counts = {q: torch.from_numpy(rng.integers(0, 50, (L, nb))) for q, nb in nbins.items()}
     hist_stats = torch.tensor([0.0, 5.0, 10.0, 40.0], dtype=torch.float64)
     snap_bits = [torch.from_numpy(rng.random(n) < 0.5) for n in sizes]
+    counters = [torch.from_numpy(rng.integers(0, 8, n, dtype=np.int32)) for n in sizes]  # per-weight flip counts
     n_arr = np.asarray(sizes)
     t_add = t_drain = t_flush = 0.0
     last_flush = 0
@@ -102,10 +105,12 @@ def run_once(sizes: list[int], steps: int, root: Path, tensorboard: bool, fresh:
         t_drain += c - b
         if t - last_flush >= FLUSH_EVERY:
             rec.flush()
+            rec.write_weight_flips(t, counters)
             last_flush = t
         t_flush += CLOCK() - c
     a = CLOCK()
     rec.flush()
+    rec.write_weight_flips(steps, counters)
     writer.close()
     t_close = CLOCK() - a
     return {"add": t_add, "drain": t_drain, "flush": t_flush, "close": t_close}

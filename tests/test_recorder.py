@@ -175,7 +175,7 @@ def test_hists_snapshots_train_and_weight_flips(tmp_path):
     rec.add_train(10, 1, {"loss": 0.5, "acc": 0.75})
     rec.add_train(None, 2, {"val_loss": 0.25})
     rec.flush()
-    rec.write_weight_flips(10, [torch.tensor([0, 0, 2, 1]), torch.tensor([3, 3])])
+    rec.write_weight_flips(10, [torch.tensor([0, 0, 2, 1], dtype=torch.int32), torch.tensor([3, 3])])
     w.close()
     h = _read(w.path, "hists")
     edges = HIST_EDGES["abs_m"]

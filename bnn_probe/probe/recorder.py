@@ -36,6 +36,7 @@ HOST_COLUMNS = ("flip_ratio", "flip_ratio_running", "c2i", "c2i_corr", "gamma", 
 _INT_COLUMNS = ("flips", "c2i_diff", "nonfinite_grads", "sign_hash")
 _HYPER = ("gamma", "threshold", "lr", "sigma")
 _Array = Tensor | np.ndarray
+_BINCOUNT_TYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def _split_floats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -443,7 +444,8 @@ class Recorder:
         """weight_flips.parquet: for each layer and k, the number of weights that flipped exactly k times."""
         if not counts:
             return
-        bins = [torch.bincount(c.to(torch.int64)) for c in counts]
+        # bincount takes the counters' own integer type: no int64 copy of every weight's counter at each flush
+        bins = [torch.bincount(c if c.dtype in _BINCOUNT_TYPES else c.to(torch.int64)) for c in counts]
         sizes = [b.numel() for b in bins]
         flat = torch.cat(bins).cpu().numpy()
         layer = np.repeat(np.arange(len(sizes)), sizes)
