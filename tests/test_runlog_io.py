@@ -115,13 +115,18 @@ def test_tensorboard_files_read_back(tmp_path):
     acc = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()
     tags = acc.Tags()
-    assert {"flip_ratio/fc1.weight", "c2i/fc2.weight", "loss"} <= set(tags["scalars"])
+    assert {"flip_ratio/fc1.weight", "c2i/fc2.weight", "abs_w_q50/fc1.weight", "loss"} <= set(tags["scalars"])
+    assert not any(t.startswith(("threshold/", "abs_m_q50/")) for t in tags["scalars"])  # latent: τ is NaN, no m
     assert "abs_w/fc1.weight" in tags["histograms"]
     steps = load_run(tmp_path / "run").steps
     fr = steps[steps.layer == "fc1.weight"].flip_ratio.tolist()
     ev = acc.Scalars("flip_ratio/fc1.weight")
     assert [e.step for e in ev] == [1, 2, 3, 4]
     assert [e.value for e in ev] == pytest.approx(fr, rel=1e-6)
+    q = steps[steps.layer == "fc2.weight"].abs_w_q50
+    assert [e.value for e in acc.Scalars("abs_w_q50/fc2.weight")] == np.asarray(q, dtype=np.float32).tolist()
+    assert [e.value for e in acc.Scalars("loss")] == pytest.approx(load_run(tmp_path / "run").train["loss"].tolist(),
+                                                                  rel=1e-6)
     hist = acc.Histograms("abs_w/fc1.weight")
     assert [h.step for h in hist] == [2, 4] and hist[0].histogram_value.num == 48
 
