@@ -88,7 +88,7 @@ def test_bop_post_counts_state_and_hash_match_direct_computation(ns, dtype):
         assert c.sum_abs[li] == pytest.approx(am.astype(np.float64).sum(), rel=1e-14)
         sl = slice(o, o + n)
         want_state = s * S_SIGN + c.sign0[li] * S_SIGN0 + above * S_ABOVE + f * S_FLIP
-        assert np.array_equal(c.state[sl], want_state.astype(np.uint8))
+        assert np.array_equal(c.state[sl] & 0x0F, want_state.astype(np.uint8))  # bit 4 is scratch
         assert np.array_equal(c.m_out[sl], m) and np.array_equal(c.wm_out[sl], w * m)
         # the hash now is Σ r_i over b(w_t) = +1, exactly
         assert c.hash[li] == c.mix[sl][s].astype(np.int64).sum()
@@ -108,6 +108,7 @@ def test_bop_post_nan_tau_keeps_the_above_mask_and_counts_nothing_above():
     c.bop_post()
     assert c.counts[0, 3:].tolist() == [0, 0, int(pa0.sum())] + [0] * 7  # above, up = 0; every kept bit is "down"
     assert np.array_equal((c.state[:50] & S_ABOVE) > 0, pa0)  # |m| > NaN is false: the mask is kept
+    assert c.counts[1, 3] > 0  # the other layer counts as usual
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -7,6 +7,7 @@
  *   bit 1 S_SIGN0  b(w_0) at attach (c2i)
  *   bit 2 S_ABOVE  |m| > tau at the last measurement (threshold crossings)
  *   bit 3 S_FLIP   flipped in the last measured step (the margin sample)
+ *   bit 4          scratch: S_ABOVE before the last measured step (its crossings)
  * Count columns: Bop family (flips, c2i_diff, nonfinite_grads, above_threshold, crossings_up, crossings_down,
  * margin_exceed_j for the 7 ladder points); latent (flips, c2i_diff, nonfinite_grads, at_clip).
  * Comparisons are IEEE comparisons in the weights' type (no fast-math, no FMA contraction: -ffp-contract=off), so
@@ -95,7 +96,7 @@ static inline int64_t record_flips(const bnnp_plan *P, const uint8_t *S, int64_t
 #undef ABS
 #undef IT
 
-__attribute__((visibility("default"))) int64_t bnnp_abi_version(void) { return 2; }
+__attribute__((visibility("default"))) int64_t bnnp_abi_version(void) { return 3; }
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_pass", "bnn-probe's one-pass CPU measurement "
                                     "(called through ctypes: bnn_probe.probe.cpu_pass).", -1, NULL};

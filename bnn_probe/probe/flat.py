@@ -510,12 +510,7 @@ class FlatGroup:
         if trk:
             out["tracked"] = op.tracked()
         if hist:
-            w = self.cat_w(out=self.wbuf)
-            if self.bop:
-                m = torch.from_numpy(op.m_now)
-                out["hists"] = self._hists(w, torch.from_numpy(op.wm_now), m.abs())
-            else:
-                out["hists"] = self._hists(w, None, None)
+            out["hists"] = op.hists()
         if snap:
             out["snap"] = torch.from_numpy(op.sign_now().copy())
         return out

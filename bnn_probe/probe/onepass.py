@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..runlog.schema import HIST_EDGES
 from . import cpu_pass
 from .cpu_pass import NC_BOP, NC_LAT, S_ABOVE, S_SIGN, S_SIGN0
 
@@ -39,6 +40,7 @@ __all__ = ["OnePass", "usable"]
 
 _NAN = float("nan")
 _MISSING_HASH = -(2**63)
+_EDGES = {q: np.asarray(e, dtype=np.float64) for q, e in HIST_EDGES.items()}
 
 
 _warned = False
@@ -291,6 +293,28 @@ class OnePass:
                 inertia = np.abs(wt).astype(np.float64)
             step = np.abs(wt.astype(np.float64) - self.prev_w[idx].astype(np.float64))
         return torch.from_numpy(sign), torch.from_numpy(np.stack([inertia, step], 1))
+
+    def hists(self) -> dict[str, tuple[Tensor, Tensor, list[int]]]:
+        """{quantity: (counts [L, bins] int64, stats [L, 4] float64, layer rows that have it)} of this step, by
+        ``bnnp_hist`` over the weights in place (probe/histograms.py's definitions)."""
+        g = self.g
+        allrows = list(range(g.L))
+        if self.bop:
+            pos = [li for li in allrows if g.tau_pos[li]]
+            todo = ([("abs_m_rel", 0, pos), ("wm_rel", 1, pos)] if pos else []) + [("abs_m", 2, allrows)]
+        else:
+            todo = [("abs_w", 3, allrows)]
+        out = {}
+        for q, kind, rows in todo:
+            edges = _EDGES[q]
+            mask = np.zeros(g.L, dtype=np.uint8)
+            mask[rows] = 1
+            cnt = np.zeros((g.L, len(edges) + 1), dtype=np.int64)
+            stats = np.full((g.L, 4), _NAN)
+            self.k.hist(self.pplan, kind, mask.ctypes.data, edges.ctypes.data, len(edges), cnt.ctypes.data,
+                        stats.ctypes.data)
+            out[q] = (torch.from_numpy(cnt), torch.from_numpy(stats), rows)
+        return out
 
     # ------------------------------------------------------------------ state (resume)
     def _sl(self, k: int) -> slice:
