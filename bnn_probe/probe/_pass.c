@@ -80,23 +80,27 @@ static inline int64_t record_flips(const bnnp_plan *P, const uint8_t *S, int64_t
 #define SFX f32
 #define ABS(x) __builtin_fabsf(x)
 #define IT int32_t
+#define UT uint32_t
 #include "_pass_tmpl.h"
 #undef T
 #undef SFX
 #undef ABS
 #undef IT
+#undef UT
 
 #define T double
 #define SFX f64
 #define ABS(x) __builtin_fabs(x)
 #define IT int64_t
+#define UT uint64_t
 #include "_pass_tmpl.h"
 #undef T
 #undef SFX
 #undef ABS
 #undef IT
+#undef UT
 
-__attribute__((visibility("default"))) int64_t bnnp_abi_version(void) { return 3; }
+__attribute__((visibility("default"))) int64_t bnnp_abi_version(void) { return 4; }
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_pass", "bnn-probe's one-pass CPU measurement "
                                     "(called through ctypes: bnn_probe.probe.cpu_pass).", -1, NULL};

@@ -1,5 +1,6 @@
 /* The one-pass measurement for one float type; included twice by _pass.c with
- *   T = float / double, SFX = f32 / f64, ABS = fabsf / fabs, IT = int32_t / int64_t (lane-wide integers).
+ *   T = float / double, SFX = f32 / f64, ABS = fabsf / fabs, IT = int32_t / int64_t (lane-wide integers),
+ *   UT = uint32_t / uint64_t (T's bits).
  * See _pass.c for the state byte, the count columns and the contract of every function. */
 
 #define CAT_(a, b) a##_##b
@@ -44,7 +45,11 @@ _Pragma("GCC ivdep") \
 _Pragma("GCC ivdep") \
             for (int64_t j = J0; j < bn; j++) { \
                 const int64_t i = b0 + j; \
-                const T x = wmo[i] * (T)(1 - 2 * (((IT)S[i] >> 3) & 1)); /* -w m where flipped: exact */ \
+                UT xb; \
+                memcpy(&xb, wmo + i, sizeof(T)); \
+                xb ^= (UT)((S[i] >> 3) & 1) << (8 * sizeof(T) - 1); /* -w m where flipped: the sign bit */ \
+                T x; \
+                memcpy(&x, &xb, sizeof(T)); \
                 e0 += (IT)(x > t0); \
                 e1 += (IT)(x > t1); \
                 e2 += (IT)(x > t2); \
@@ -286,11 +291,13 @@ HOT void FN(bnnp_events)(const bnnp_plan *P, int64_t E, const double *u, const d
 
 /* Fixed-bin histograms (probe/histograms.py) of one quantity for the layers with rows[l] != 0:
  *   kind 0: |m|/tau, 1: w m/tau (division in the weights' type), 2: |m|, 3: |w| (latent),
- * taken in float64; bin = #{edges e <= x} (torch.bucketize(right=True)'s upper-bound search, NaN in the last bin);
+ * taken in float64; bin = #{edges e <= x} (torch.bucketize(right=True)'s upper-bound search, NaN in the last bin),
+ * found through lut (indexed by the top 16 bits of x: the number of edges <= the cell's smallest value when the cell
+ * holds at most one edge, else 255 = binary search);
  * counts [L][ne + 1], stats [L][4] = min, max (NaN if any x is NaN), sum, sum of squares. Reads m and w through the
  * plan's pointer tables (valid after a pass). */
 HOT void FN(bnnp_hist)(const bnnp_plan *P, int32_t kind, const uint8_t *rows, const double *edges, int64_t ne,
-                       int64_t *counts, double *stats) {
+                       const uint8_t *lut, int64_t *counts, double *stats) {
     const T *tau = (const T *)P->tau;
     for (int64_t l = 0; l < P->L; l++) {
         if (!rows[l]) continue;
@@ -311,10 +318,18 @@ HOT void FN(bnnp_hist)(const bnnp_plan *P, int32_t kind, const uint8_t *rows, co
                 default: v = ABS(w[i]); break;
             }
             const double x = (double)v;
-            int64_t lo = 0, hi = ne;
-            while (lo < hi) {
-                const int64_t mid = lo + ((hi - lo) >> 1);
-                if (!(x < edges[mid])) lo = mid + 1; else hi = mid;
+            uint64_t xb;
+            memcpy(&xb, &x, 8);
+            int64_t lo = lut[xb >> 48];
+            if (lo != 255) {  /* at most one edge in x's cell: one comparison */
+                lo += lo < ne && !(x < edges[lo]);
+            } else {
+                int64_t hi = ne;
+                lo = 0;
+                while (lo < hi) {
+                    const int64_t mid = lo + ((hi - lo) >> 1);
+                    if (!(x < edges[mid])) lo = mid + 1; else hi = mid;
+                }
             }
             cnt[lo] += 1;
             if (x != x) nan = 1;

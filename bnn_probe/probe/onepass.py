@@ -41,6 +41,7 @@ __all__ = ["OnePass", "usable"]
 _NAN = float("nan")
 _MISSING_HASH = -(2**63)
 _EDGES = {q: np.asarray(e, dtype=np.float64) for q, e in HIST_EDGES.items()}
+_LUTS: dict[str, np.ndarray] = {}
 
 
 _warned = False
@@ -307,12 +308,15 @@ class OnePass:
         out = {}
         for q, kind, rows in todo:
             edges = _EDGES[q]
+            lut = _LUTS.get(q)
+            if lut is None:
+                lut = _LUTS[q] = cpu_pass.hist_lut(edges)
             mask = np.zeros(g.L, dtype=np.uint8)
             mask[rows] = 1
             cnt = np.zeros((g.L, len(edges) + 1), dtype=np.int64)
             stats = np.full((g.L, 4), _NAN)
-            self.k.hist(self.pplan, kind, mask.ctypes.data, edges.ctypes.data, len(edges), cnt.ctypes.data,
-                        stats.ctypes.data)
+            self.k.hist(self.pplan, kind, mask.ctypes.data, edges.ctypes.data, len(edges), lut.ctypes.data,
+                        cnt.ctypes.data, stats.ctypes.data)
             out[q] = (torch.from_numpy(cnt), torch.from_numpy(stats), rows)
         return out
 
