@@ -100,7 +100,7 @@ static inline int64_t record_flips(const bnnp_plan *P, const uint8_t *S, int64_t
 #undef IT
 #undef UT
 
-__attribute__((visibility("default"))) int64_t bnnp_abi_version(void) { return 4; }
+__attribute__((visibility("default"))) int64_t bnnp_abi_version(void) { return 5; }
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_pass", "bnn-probe's one-pass CPU measurement "
                                     "(called through ctypes: bnn_probe.probe.cpu_pass).", -1, NULL};

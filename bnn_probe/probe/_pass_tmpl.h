@@ -346,6 +346,19 @@ HOT void FN(bnnp_hist)(const bnnp_plan *P, int32_t kind, const uint8_t *rows, co
     }
 }
 
+/* Tracked weights of the Bop family at flat indices idx[0..n): sign[k] = b(w_t) = +1 (the state byte),
+ * out [n][2] = (tau_l - w_t m_t, |m_t - m_{t-1}|) in float64. */
+HOT void FN(bnnp_tracked)(const bnnp_plan *P, int64_t n, const int64_t *idx, const double *tau_t, const T *wm_now,
+                          const T *m_now, const T *m_before, uint8_t *sign, double *out) {
+    for (int64_t k = 0; k < n; k++) {
+        const int64_t i = idx[k];
+        sign[k] = P->state[i] & S_SIGN;
+        out[2 * k] = tau_t[k] - (double)wm_now[i];
+        const double d = (double)m_now[i] - (double)m_before[i];
+        out[2 * k + 1] = d < 0 ? -d : d;
+    }
+}
+
 #undef FN
 #undef BOP_LOOP
 #undef LAT_LOOP

@@ -21,7 +21,7 @@ __all__ = ["NC_BOP", "NC_LAT", "S_SIGN", "S_SIGN0", "S_ABOVE", "S_FLIP", "Plan",
 
 NC_BOP, NC_LAT = 13, 4  # count columns per layer (see _pass.c)
 S_SIGN, S_SIGN0, S_ABOVE, S_FLIP = 1, 2, 4, 8  # bits of the per-weight state byte
-_ABI = 4
+_ABI = 5
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -54,6 +54,7 @@ _SIGNATURES = {
     "bnnp_interp": (None, [_I, _I, _P, _I, _P, _P, _I, _P]),
     "bnnp_events": (None, [_PP, _I, _P, _P, _P, _P, _P, _P, _P, _P]),
     "bnnp_hist": (None, [_PP, ctypes.c_int32, _P, _P, _I, _P, _P, _P]),
+    "bnnp_tracked": (None, [_PP, _I, _P, _P, _P, _P, _P, _P, _P]),
 }
 
 

@@ -282,17 +282,19 @@ class OnePass:
         """(b(w_t) = +1 as bool, float64 [T, 2] = (inertia, step size)) of the tracked weights."""
         g = self.g
         idx = g.tsel_np
-        sign = (self.state[idx] & S_SIGN) > 0
         if self.bop:
-            inertia = g.tau_t_np - self.wm_now[idx].astype(np.float64)
-            step = np.abs(self.m_now[idx].astype(np.float64) - self.m_before[idx].astype(np.float64))
+            sign = np.empty(len(idx), dtype=np.bool_)
+            out = np.empty((len(idx), 2), dtype=np.float64)
+            self.k.tracked(self.pplan, len(idx), idx.ctypes.data, g.tau_t_np.ctypes.data, self.wm_now.ctypes.data,
+                           self.m_now.ctypes.data, self.m_before.ctypes.data, sign.ctypes.data, out.ctypes.data)
+            return torch.from_numpy(sign), torch.from_numpy(out)
+        sign = (self.state[idx] & S_SIGN) > 0
+        wt = self.w_at(idx)
+        if g.any_custom:
+            inertia = g.margin(g.cat_w(out=g.wbuf))[torch.from_numpy(idx)].double().numpy()
         else:
-            wt = self.w_at(idx)
-            if g.any_custom:
-                inertia = g.margin(g.cat_w(out=g.wbuf))[torch.from_numpy(idx)].double().numpy()
-            else:
-                inertia = np.abs(wt).astype(np.float64)
-            step = np.abs(wt.astype(np.float64) - self.prev_w[idx].astype(np.float64))
+            inertia = np.abs(wt).astype(np.float64)
+        step = np.abs(wt.astype(np.float64) - self.prev_w[idx].astype(np.float64))
         return torch.from_numpy(sign), torch.from_numpy(np.stack([inertia, step], 1))
 
     def hists(self) -> dict[str, tuple[Tensor, Tensor, list[int]]]:
