@@ -489,7 +489,8 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.
     ``rank=None`` (from torch.distributed), ``resume=False``, ``seed=0``, ``sign_hash=True``, ``buffer_steps=256``,
     ``compile_probe=None`` (``torch.compile`` the every-step measurement: None = on for CUDA, off otherwise; a compile
     failure warns once and measures eagerly), ``device_path=None`` (the pure-torch measurement of probe/fused.py:
-    None = on any device but the CPU, where numpy is faster; True forces it on the CPU; implied by compile_probe).
+    None = on any device but the CPU, where the compiled one-pass measurement of probe/onepass.py is used when
+    installed; True forces the pure-torch path on the CPU; implied by compile_probe).
     The logged values do not depend on these two options.
     Cadences take an int n (every n-th step; 0 = never) or a schedule (``Every``, ``LogSpaced``).
 
