@@ -245,6 +245,7 @@ class FlatGroup:
                 self.onepass.set_hyper(self.hyper_np)
             self.prev_sign = self.sign = self.flipped = self.c2ibuf = None
             self.prev_above = self.wm_prev = self.m_prev = None
+            self.code = self.code_base = self.code_base_f = self.hbuf = self.cbuf = None  # the device path's
         if self.fused:
             self.t_dev = torch.zeros((), dtype=torch.int32, device=dev)
             self.u0 = torch.zeros(self.L, self.E, dtype=torch.float64, device=dev)
