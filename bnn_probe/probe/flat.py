@@ -340,6 +340,18 @@ class FlatGroup:
             return torch.from_numpy(np.sort(x.numpy(), axis=-1))
         return x.sort(dim=-1).values
 
+    def _sample_layers(self, xs: list[Tensor]) -> Tensor:
+        """[L, K]: the quantile sample of per-layer flat tensors, gathered layer by layer (no concatenated copy of
+        the group), NaN-padded like :meth:`_sample`."""
+        out = torch.full(self.qsel.shape, _NAN, dtype=xs[0].dtype, device=xs[0].device)
+        for li, x in enumerate(xs):
+            q = self.q_idx[li]
+            if q is None:
+                out[li, :self.ns[li]] = x
+            else:
+                torch.index_select(x, 0, q, out=out[li, :len(q)])
+        return out
+
     def _sample(self, x: Tensor) -> Tensor:
         s = x[self.qsel]
         if self.qpad is not None:
@@ -592,8 +604,8 @@ class FlatGroup:
             bc1 = _to_dev([1 - b ** k for b, k in zip(b1s, kf, strict=True)], torch.float64, dev)
             bc2 = _to_dev([1 - b ** k for b, k in zip(b2s, kf, strict=True)], torch.float64, dev)
         eps = _to_dev(epss, torch.float64, dev)
-        mm = self._sample(torch.cat(ms)).double() / bc1.unsqueeze(1)
-        vv = self._sample(torch.cat(vs)).double() / bc2.unsqueeze(1)
+        mm = self._sample_layers(ms).double() / bc1.unsqueeze(1)
+        vv = self._sample_layers(vs).double() / bc2.unsqueeze(1)
         u = (mm / (vv.sqrt() + eps.unsqueeze(1))).abs()
         out = self._quantiles(u, self.apos, self.afrac)
         bad = sorted(set(missing) | {li for li, a in enumerate(self.adam) if not a})
