@@ -594,6 +594,8 @@ class FlatGroup:
                 dev_steps = True
             steps.append(k)
         dev = self.device
+        if dev.type == "cpu" and not dev_steps:  # a few numpy ops per layer (the same float64 arithmetic)
+            return self._adam_step_cpu(ms, vs, missing, b1s, b2s, epss, [float(s) for s in steps])
         if dev_steps:
             k = torch.stack([s.to(dev, torch.float64).reshape(()) if isinstance(s, Tensor)
                              else torch.tensor(float(s), dtype=torch.float64, device=dev) for s in steps])
@@ -612,6 +614,26 @@ class FlatGroup:
         if bad:
             out[bad] = _NAN
         return out
+
+    def _adam_step_cpu(self, ms: list[Tensor], vs: list[Tensor], missing: list[int], b1s: list[float],
+                       b2s: list[float], epss: list[float], ks: list[float]) -> Tensor:
+        """:meth:`_adam_step` on CPU tensors, layer by layer in numpy."""
+        out = np.full((self.L, 2), _NAN)
+        pos, frac = self.apos.numpy(), self.afrac.numpy()
+        for li in range(self.L):
+            if not self.adam[li] or li in missing:
+                continue
+            m, v = ms[li].detach().numpy(), vs[li].detach().numpy()
+            q = self.q_idx[li]
+            if q is not None:
+                qn = q.numpy()
+                m, v = m[qn], v[qn]
+            mm = m.astype(np.float64) / (1 - b1s[li] ** ks[li])
+            vv = v.astype(np.float64) / (1 - b2s[li] ** ks[li])
+            u = np.sort(np.abs(mm / (np.sqrt(vv) + epss[li])))
+            lo, hi = u[pos[li, :2]], u[pos[li, 2:]]
+            out[li] = lo + (hi - lo) * frac[li]
+        return torch.from_numpy(out)
 
     def _hists(self, w: Tensor, wm: Tensor | None, abs_m: Tensor | None) -> dict[str, tuple[Tensor, Tensor, list]]:
         """{quantity: (counts [L, bins] int64, stats [L, 4] float64, layer rows that have it)} (histograms.py)."""
