@@ -15,6 +15,14 @@ from bnn_probe.runlog.schema import MARGIN_LADDER
 pytestmark = pytest.mark.skipif(not cpu_pass.available(), reason="the compiled pass is not built")
 
 
+@pytest.fixture(params=["detected", "portable"], autouse=True)
+def simd(request):
+    """Every test twice: with the kernels the CPU supports (AVX-512 where present) and with the portable loops."""
+    cpu_pass.load()["set_simd"](-1 if request.param == "detected" else 0)
+    yield request.param
+    cpu_pass.load()["set_simd"](-1)
+
+
 def _ptrs(xs: list[np.ndarray]) -> np.ndarray:
     return np.array([x.ctypes.data for x in xs], dtype=np.uintp)
 
@@ -88,7 +96,7 @@ def test_bop_post_counts_state_and_hash_match_direct_computation(ns, dtype):
         assert c.sum_abs[li] == pytest.approx(am.astype(np.float64).sum(), rel=1e-14)
         sl = slice(o, o + n)
         want_state = s * S_SIGN + c.sign0[li] * S_SIGN0 + above * S_ABOVE + f * S_FLIP
-        assert np.array_equal(c.state[sl], want_state.astype(np.uint8))
+        assert np.array_equal(c.state[sl] & 0x0F, want_state.astype(np.uint8))  # bit 4 is scratch
         assert np.array_equal(c.m_out[sl], m) and np.array_equal(c.wm_out[sl], w * m)
         # the hash now is Σ r_i over b(w_t) = +1, exactly
         assert c.hash[li] == c.mix[sl][s].astype(np.int64).sum()
@@ -108,6 +116,7 @@ def test_bop_post_nan_tau_keeps_the_above_mask_and_counts_nothing_above():
     c.bop_post()
     assert c.counts[0, 3:].tolist() == [0, 0, int(pa0.sum())] + [0] * 7  # above, up = 0; every kept bit is "down"
     assert np.array_equal((c.state[:50] & S_ABOVE) > 0, pa0)  # |m| > NaN is false: the mask is kept
+    assert c.counts[1, 3] > 0  # the other layer counts as usual
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -189,3 +198,51 @@ def test_probe_uses_the_compiled_pass_on_cpu_and_the_torch_path_when_disabled(tm
     finally:
         monkeypatch.delenv("BNN_PROBE_NO_KERNEL")
         cpu_pass.load.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_histograms_match_searchsorted_including_edges_nan_and_inf(dtype):
+    """bnnp_hist (lookup table + one comparison) against numpy's searchsorted(side="right") on values that sit
+    exactly on the edges, just beside them, at 0, ±inf and NaN; stats against float64 numpy."""
+    from bnn_probe.runlog.schema import HIST_EDGES
+
+    rng = np.random.default_rng(2)
+    k = cpu_pass.load()[np.dtype(dtype)]
+    tau = dtype(1e-6)
+    for q, kind in (("abs_m_rel", 0), ("wm_rel", 1), ("abs_m", 2), ("abs_w", 3)):
+        edges = np.asarray(HIST_EDGES[q], dtype=np.float64)
+        scale = tau if kind in (0, 1) else 1.0
+        on = (edges * scale).astype(dtype)
+        vals = np.concatenate([on, np.nextafter(on, np.inf), np.nextafter(on, -np.inf), [0, -0.0, np.inf, -np.inf],
+                               (10 ** rng.uniform(-14, 4, 3000) * rng.choice([-1, 1], 3000))]).astype(dtype)
+        n = len(vals)
+        w = np.where(rng.random(n) < 0.5, -1.0, 1.0).astype(dtype)
+        m = (vals * w).astype(dtype) if kind == 1 else vals  # w·m = vals for wm_rel
+        if kind == 3:
+            w = vals
+        P = cpu_pass.Plan()
+        P.L = 1
+        P.set(lens=np.array([n], dtype=np.int64), wp=_ptrs([w]), mp=_ptrs([m]), tau=np.array([tau], dtype=dtype))
+        cnt = np.zeros((1, len(edges) + 1), dtype=np.int64)
+        stats = np.zeros((1, 4))
+        lut = cpu_pass.hist_lut(edges)
+        k.hist(P, kind, np.ones(1, np.uint8).ctypes.data, edges.ctypes.data, len(edges), lut.ctypes.data,
+               cnt.ctypes.data, stats.ctypes.data)
+        x = {0: np.abs(m) / tau, 1: (w * m) / tau, 2: np.abs(m), 3: np.abs(w)}[kind].astype(dtype).astype(np.float64)
+        want = np.bincount(np.searchsorted(edges, x, side="right"), minlength=len(edges) + 1)
+        assert np.array_equal(cnt[0], want), q
+        fin = x  # no NaN here: min, max and the sums as numpy gives them
+        assert stats[0, :2].tolist() == [fin.min(), fin.max()]
+        with np.errstate(over="ignore", invalid="ignore"):
+            assert stats[0, 2] == pytest.approx(fin.sum(), rel=1e-12, nan_ok=True)
+    # NaN goes to the last bin and makes min/max NaN
+    edges = np.asarray(HIST_EDGES["abs_w"], dtype=np.float64)
+    w = np.array([np.nan, 0.5, 2.0], dtype=dtype)
+    P = cpu_pass.Plan()
+    P.L = 1
+    P.set(lens=np.array([3], dtype=np.int64), wp=_ptrs([w]), mp=_ptrs([w]))
+    cnt, stats = np.zeros((1, len(edges) + 1), dtype=np.int64), np.zeros((1, 4))
+    lut = cpu_pass.hist_lut(edges)
+    k.hist(P, 3, np.ones(1, np.uint8).ctypes.data, edges.ctypes.data, len(edges), lut.ctypes.data, cnt.ctypes.data,
+           stats.ctypes.data)
+    assert cnt[0, -1] == 1 and cnt.sum() == 3 and np.isnan(stats[0, :2]).all()

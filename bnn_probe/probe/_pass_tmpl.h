@@ -1,40 +1,55 @@
 /* The one-pass measurement for one float type; included twice by _pass.c with
- *   T = float / double, SFX = f32 / f64, ABS = fabsf / fabs, IT = int32_t / int64_t (lane-wide integers).
+ *   T = float / double, SFX = f32 / f64, ABS = fabsf / fabs, IT = int32_t / int64_t (lane-wide integers),
+ *   UT = uint32_t / uint64_t (T's bits).
  * See _pass.c for the state byte, the count columns and the contract of every function. */
 
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
 #define FN(name) CAT(name, SFX)
 
-#define BOP_LOOP(SEXPR) \
+#define BOP_LOOP(SEXPR, J0) \
 _Pragma("GCC ivdep") \
-            for (int64_t j = 0; j < bn; j++) { \
+            for (int64_t j = J0; j < bn; j++) { \
                 const int64_t i = b0 + j; \
                 const T wi = w[i], mi = m[i]; \
                 const IT st = (IT)S[i]; \
                 const IT s = SEXPR; \
                 const IT f = s ^ (st & S_SIGN); \
                 const IT pa = (st >> 2) & 1; \
-                const T am = ABS(mi); \
-                const IT ab = am > tl; \
-                const T wm = wi * mi; \
+                const IT ab = ABS(mi) > tl; \
                 const T d = g[i] - g[i]; /* NaN iff g is NaN or infinite */ \
-                cf += f; \
-                cc += s ^ ((st >> 1) & 1); \
                 cn += (IT)!(d == (T)0); \
-                ca += ab; \
-                cu += ab & (pa ^ 1); \
-                cd += pa & (ab ^ 1); \
                 const IT na = tv ? ab : pa; \
-                S[i] = (uint8_t)((st & S_SIGN0) | s | (na << 2) | (f << 3)); \
+                S[i] = (uint8_t)((st & S_SIGN0) | s | (na << 2) | (f << 3) | (pa << 4)); \
                 mo[i] = mi; \
-                wmo[i] = wm; \
+                wmo[i] = wi * mi; \
+            } \
+            /* counts from the state bytes (16-bit lanes): flips, c2i, |m| > tau, crossings */ \
+            { \
+                uint16_t bf = 0, bc = 0, ba = 0, bu = 0, bd = 0; \
+_Pragma("GCC ivdep") \
+                for (int64_t j = J0; j < bn; j++) { \
+                    const uint16_t v = S[b0 + j]; \
+                    bf += (v >> 3) & 1; \
+                    bc += (v ^ (v >> 1)) & 1; \
+                    ba += (v >> 2) & 1; \
+                    bu += ((v >> 2) & ~(v >> 4)) & 1; \
+                    bd += ((v >> 4) & ~(v >> 2)) & 1; \
+                } \
+                cf += bf; \
+                cc += bc; \
+                if (tv) { ca += ba; cu += bu; cd += bd; } \
+                else cd += ba; /* tau is NaN: nothing is above, every weight that was above crossed down */ \
             } \
             /* the margin ladder in a second loop over the block (in L1): fewer live registers */ \
 _Pragma("GCC ivdep") \
-            for (int64_t j = 0; j < bn; j++) { \
+            for (int64_t j = J0; j < bn; j++) { \
                 const int64_t i = b0 + j; \
-                const T x = wmo[i] * (T)(1 - 2 * (((IT)S[i] >> 3) & 1)); /* -w m where flipped: exact */ \
+                UT xb; \
+                memcpy(&xb, wmo + i, sizeof(T)); \
+                xb ^= (UT)((S[i] >> 3) & 1) << (8 * sizeof(T) - 1); /* -w m where flipped: the sign bit */ \
+                T x; \
+                memcpy(&x, &xb, sizeof(T)); \
                 e0 += (IT)(x > t0); \
                 e1 += (IT)(x > t1); \
                 e2 += (IT)(x > t2); \
@@ -44,7 +59,7 @@ _Pragma("GCC ivdep") \
                 e6 += (IT)(x > t6); \
             } \
 _Pragma("omp simd reduction(+ : sb)") \
-            for (int64_t j = 0; j < bn; j++) sb += (double)ABS(m[b0 + j]);
+            for (int64_t j = J0; j < bn; j++) sb += (double)ABS(m[b0 + j]);
 
 #define LAT_LOOP(SEXPR) \
 _Pragma("GCC ivdep") \
@@ -123,7 +138,10 @@ HOT int64_t FN(bnnp_bop_post)(bnnp_plan *P) {
     double *sum_abs = P->sum_abs;
     const int64_t L = P->L, K = P->K;
     T *samp = (T *)P->samp;
-    int64_t o = 0, nf = 0;
+    int64_t o = 0, nf = 0, ntot = 0;
+    for (int64_t l = 0; l < L; l++) ntot += P->lens[l];
+    const int big = ntot * (int64_t)sizeof(T) > (4 << 20);  /* m_t, w_t m_t copies larger than the caches */
+    (void)big;
     for (int64_t l = 0; l < L; l++) {
         const int64_t n = P->lens[l];
         const int64_t *q = P->qidx + l * K, nq = samp ? P->ks[l] : 0;
@@ -143,11 +161,14 @@ HOT int64_t FN(bnnp_bop_post)(bnnp_plan *P) {
         for (int64_t b0 = 0; b0 < n; b0 += BLK) {
             const int64_t bn = n - b0 < BLK ? n - b0 : BLK;
             IT cf = 0, cc = 0, cn = 0, ca = 0, cu = 0, cd = 0, e0 = 0, e1 = 0, e2 = 0, e3 = 0, e4 = 0, e5 = 0, e6 = 0;
+            const int64_t flips_before = c[0];
             double sb = 0.0;
-if (sg) {
-                BOP_LOOP((IT)(sg[i] & 1))
-            } else {
-                BOP_LOOP((IT)(wi >= (T)0))
+            if (sg) {
+                BOP_LOOP((IT)(sg[i] & 1), 0)
+            } else {  /* whole vectors by the AVX-512 kernel where the CPU has it (float32), the rest here */
+                const int64_t jv = BOP_FAST(w + b0, m + b0, g + b0, S + b0, mo + b0, wmo + b0, bn, tl, tv, thr + 7 * l,
+                                            c, &sa, big);
+                BOP_LOOP((IT)(wi >= (T)0), jv)
             }
             c[0] += cf; c[1] += cc; c[2] += cn; c[3] += ca; c[4] += cu; c[5] += cd;
             c[6] += e0; c[7] += e1; c[8] += e2; c[9] += e3; c[10] += e4; c[11] += e5; c[12] += e6;
@@ -160,12 +181,13 @@ if (sg) {
                 sb_[qi] = wm;
                 sc_[qi] = (S[i] & S_FLIP) ? -wm : wm;
             }
-            if (cf) nf = record_flips(P, S, b0, bn, o, l, nf);
+            if (c[0] != flips_before) nf = record_flips(P, S, b0, bn, o, l, nf);
         }
         for (int k = 0; k < NC_BOP; k++) counts[NC_BOP * l + k] = c[k];
         sum_abs[l] = sa;
         o += n;
     }
+    STREAM_FENCE(big);
     P->nf = nf;
     return nf;
 }
@@ -270,6 +292,76 @@ HOT void FN(bnnp_events)(const bnnp_plan *P, int64_t E, const double *u, const d
             }
         }
         c = c1;
+    }
+}
+
+/* Fixed-bin histograms (probe/histograms.py) of one quantity for the layers with rows[l] != 0:
+ *   kind 0: |m|/tau, 1: w m/tau (division in the weights' type), 2: |m|, 3: |w| (latent),
+ * taken in float64; bin = #{edges e <= x} (torch.bucketize(right=True)'s upper-bound search, NaN in the last bin),
+ * found through lut (indexed by the top 16 bits of x: the number of edges <= the cell's smallest value when the cell
+ * holds at most one edge, else 255 = binary search);
+ * counts [L][ne + 1], stats [L][4] = min, max (NaN if any x is NaN), sum, sum of squares. Reads m and w through the
+ * plan's pointer tables (valid after a pass). */
+HOT void FN(bnnp_hist)(const bnnp_plan *P, int32_t kind, const uint8_t *rows, const double *edges, int64_t ne,
+                       const uint8_t *lut, int64_t *counts, double *stats) {
+    const T *tau = (const T *)P->tau;
+    for (int64_t l = 0; l < P->L; l++) {
+        if (!rows[l]) continue;
+        const int64_t n = P->lens[l];
+        const T *w = (const T *)P->wp[l];
+        const T *m = P->mp ? (const T *)P->mp[l] : NULL;
+        const T tl = tau ? tau[l] : (T)1;
+        int64_t *cnt = counts + l * (ne + 1);
+        double mn = INFINITY, mx = -INFINITY, sum = 0.0, sq = 0.0;
+        int nan = 0;
+        for (int64_t k = 0; k <= ne; k++) cnt[k] = 0;
+        for (int64_t i = 0; i < n; i++) {
+            T v;
+            switch (kind) {
+                case 0: v = ABS(m[i]) / tl; break;
+                case 1: v = (w[i] * m[i]) / tl; break;
+                case 2: v = ABS(m[i]); break;
+                default: v = ABS(w[i]); break;
+            }
+            const double x = (double)v;
+            uint64_t xb;
+            memcpy(&xb, &x, 8);
+            int64_t lo = lut[xb >> 48];
+            if (lo != 255) {  /* at most one edge in x's cell: one comparison */
+                lo += lo < ne && !(x < edges[lo]);
+            } else {
+                int64_t hi = ne;
+                lo = 0;
+                while (lo < hi) {
+                    const int64_t mid = lo + ((hi - lo) >> 1);
+                    if (!(x < edges[mid])) lo = mid + 1; else hi = mid;
+                }
+            }
+            cnt[lo] += 1;
+            if (x != x) nan = 1;
+            if (x < mn) mn = x;
+            if (x > mx) mx = x;
+            sum += x;
+            sq += x * x;
+        }
+        double *st = stats + 4 * l;
+        st[0] = nan ? (double)NAN : mn;
+        st[1] = nan ? (double)NAN : mx;
+        st[2] = sum;
+        st[3] = sq;
+    }
+}
+
+/* Tracked weights of the Bop family at flat indices idx[0..n): sign[k] = b(w_t) = +1 (the state byte),
+ * out [n][2] = (tau_l - w_t m_t, |m_t - m_{t-1}|) in float64. */
+HOT void FN(bnnp_tracked)(const bnnp_plan *P, int64_t n, const int64_t *idx, const double *tau_t, const T *wm_now,
+                          const T *m_now, const T *m_before, uint8_t *sign, double *out) {
+    for (int64_t k = 0; k < n; k++) {
+        const int64_t i = idx[k];
+        sign[k] = P->state[i] & S_SIGN;
+        out[2 * k] = tau_t[k] - (double)wm_now[i];
+        const double d = (double)m_now[i] - (double)m_before[i];
+        out[2 * k + 1] = d < 0 ? -d : d;
     }
 }
 

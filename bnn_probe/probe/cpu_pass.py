@@ -21,7 +21,7 @@ __all__ = ["NC_BOP", "NC_LAT", "S_SIGN", "S_SIGN0", "S_ABOVE", "S_FLIP", "Plan",
 
 NC_BOP, NC_LAT = 13, 4  # count columns per layer (see _pass.c)
 S_SIGN, S_SIGN0, S_ABOVE, S_FLIP = 1, 2, 4, 8  # bits of the per-weight state byte
-_ABI = 2
+_ABI = 6
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -53,6 +53,8 @@ _SIGNATURES = {
     "bnnp_lat_post": (_I, [_PP]),
     "bnnp_interp": (None, [_I, _I, _P, _I, _P, _P, _I, _P]),
     "bnnp_events": (None, [_PP, _I, _P, _P, _P, _P, _P, _P, _P, _P]),
+    "bnnp_hist": (None, [_PP, ctypes.c_int32, _P, _P, _I, _P, _P, _P]),
+    "bnnp_tracked": (None, [_PP, _I, _P, _P, _P, _P, _P, _P, _P]),
 }
 
 
@@ -78,9 +80,12 @@ def load() -> dict[np.dtype, _Kernels] | None:
     try:
         lib = ctypes.CDLL(spec.origin)
         lib.bnnp_abi_version.restype = ctypes.c_int64
+        lib.bnnp_set_simd.argtypes = [ctypes.c_int]
         if lib.bnnp_abi_version() != _ABI:
             return None
-        return {np.dtype(np.float32): _Kernels(lib, "f32"), np.dtype(np.float64): _Kernels(lib, "f64")}
+        ks = {np.dtype(np.float32): _Kernels(lib, "f32"), np.dtype(np.float64): _Kernels(lib, "f64")}
+        ks["set_simd"] = lib.bnnp_set_simd  # -1: detect (default), 0: portable loops only (tests)
+        return ks
     except (OSError, AttributeError):
         return None
 
@@ -93,3 +98,19 @@ def available() -> bool:
 def ptr(a: np.ndarray | None) -> int | None:
     """The address of a numpy array's data (None → NULL)."""
     return None if a is None else a.ctypes.data
+
+
+def hist_lut(edges: np.ndarray) -> np.ndarray:
+    """uint8 [2^16]: for each cell of doubles sharing their top 16 bits, the number of ``edges`` ≤ the cell's smallest
+    value when the cell holds at most one edge (then one comparison finds the bin), else 255 (binary search).
+    Cells of NaN/inf and cells crossed by two or more edges get 255."""
+    keys = np.arange(1 << 16, dtype=np.uint64) << np.uint64(48)
+    low = keys | np.uint64((1 << 48) - 1)
+    neg = keys >= np.uint64(1 << 63)
+    lo_bits = np.where(neg, low, keys)  # the smallest double of the cell
+    hi_bits = np.where(neg, keys, low)
+    cmin, cmax = lo_bits.view(np.float64), hi_bits.view(np.float64)
+    e = np.asarray(edges, dtype=np.float64)
+    nmin, nmax = np.searchsorted(e, cmin, side="right"), np.searchsorted(e, cmax, side="right")
+    ok = np.isfinite(cmin) & np.isfinite(cmax) & (nmax - nmin <= 1) & (nmin < 255)
+    return np.where(ok, nmin, 255).astype(np.uint8)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..runlog.schema import HIST_EDGES
 from . import cpu_pass
 from .cpu_pass import NC_BOP, NC_LAT, S_ABOVE, S_SIGN, S_SIGN0
 
@@ -39,6 +40,8 @@ __all__ = ["OnePass", "usable"]
 
 _NAN = float("nan")
 _MISSING_HASH = -(2**63)
+_EDGES = {q: np.asarray(e, dtype=np.float64) for q, e in HIST_EDGES.items()}
+_LUTS: dict[str, np.ndarray] = {}
 
 
 _warned = False
@@ -58,6 +61,13 @@ def usable(layers, dtype: torch.dtype, device: torch.device) -> bool:
                           "machine with a C compiler to get it", RuntimeWarning, stacklevel=3)
         return False
     return dtype in (torch.float32, torch.float64) and all(ly.param.is_contiguous() for ly in layers)
+
+
+def _aligned(n: int, dtype: np.dtype) -> np.ndarray:
+    """An empty array whose data starts on a 64-byte boundary (the pass's streaming stores need it)."""
+    raw = np.empty(n * dtype.itemsize + 64, dtype=np.uint8)
+    off = (-raw.ctypes.data) % 64
+    return raw[off:off + n * dtype.itemsize].view(dtype)
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -98,8 +108,8 @@ class OnePass:
               sum_abs=self.sum_abs)
         self.pplan = ctypes.byref(P)
         if self.bop:
-            self.m_bufs = [np.empty(N, dtype=self.npdtype), np.empty(N, dtype=self.npdtype)]
-            self.wm_bufs = [np.empty(N, dtype=self.npdtype), np.empty(N, dtype=self.npdtype)]
+            self.m_bufs = [_aligned(N, self.npdtype) for _ in range(2)]
+            self.wm_bufs = [_aligned(N, self.npdtype) for _ in range(2)]
             self.cur = 1  # each pass flips cur, then writes m_t, w_t·m_t into bufs[cur]; bufs[1 − cur]: step t − 1
             self.m_bufs[1][:] = _np(m)
             np.multiply(_np(w), _np(m), out=self.wm_bufs[1])
@@ -279,18 +289,45 @@ class OnePass:
         """(b(w_t) = +1 as bool, float64 [T, 2] = (inertia, step size)) of the tracked weights."""
         g = self.g
         idx = g.tsel_np
-        sign = (self.state[idx] & S_SIGN) > 0
         if self.bop:
-            inertia = g.tau_t_np - self.wm_now[idx].astype(np.float64)
-            step = np.abs(self.m_now[idx].astype(np.float64) - self.m_before[idx].astype(np.float64))
+            sign = np.empty(len(idx), dtype=np.bool_)
+            out = np.empty((len(idx), 2), dtype=np.float64)
+            self.k.tracked(self.pplan, len(idx), idx.ctypes.data, g.tau_t_np.ctypes.data, self.wm_now.ctypes.data,
+                           self.m_now.ctypes.data, self.m_before.ctypes.data, sign.ctypes.data, out.ctypes.data)
+            return torch.from_numpy(sign), torch.from_numpy(out)
+        sign = (self.state[idx] & S_SIGN) > 0
+        wt = self.w_at(idx)
+        if g.any_custom:
+            inertia = g.margin(g.cat_w(out=g.wbuf))[torch.from_numpy(idx)].double().numpy()
         else:
-            wt = self.w_at(idx)
-            if g.any_custom:
-                inertia = g.margin(g.cat_w(out=g.wbuf))[torch.from_numpy(idx)].double().numpy()
-            else:
-                inertia = np.abs(wt).astype(np.float64)
-            step = np.abs(wt.astype(np.float64) - self.prev_w[idx].astype(np.float64))
+            inertia = np.abs(wt).astype(np.float64)
+        step = np.abs(wt.astype(np.float64) - self.prev_w[idx].astype(np.float64))
         return torch.from_numpy(sign), torch.from_numpy(np.stack([inertia, step], 1))
+
+    def hists(self) -> dict[str, tuple[Tensor, Tensor, list[int]]]:
+        """{quantity: (counts [L, bins] int64, stats [L, 4] float64, layer rows that have it)} of this step, by
+        ``bnnp_hist`` over the weights in place (probe/histograms.py's definitions)."""
+        g = self.g
+        allrows = list(range(g.L))
+        if self.bop:
+            pos = [li for li in allrows if g.tau_pos[li]]
+            todo = ([("abs_m_rel", 0, pos), ("wm_rel", 1, pos)] if pos else []) + [("abs_m", 2, allrows)]
+        else:
+            todo = [("abs_w", 3, allrows)]
+        out = {}
+        for q, kind, rows in todo:
+            edges = _EDGES[q]
+            lut = _LUTS.get(q)
+            if lut is None:
+                lut = _LUTS[q] = cpu_pass.hist_lut(edges)
+            mask = np.zeros(g.L, dtype=np.uint8)
+            mask[rows] = 1
+            cnt = np.zeros((g.L, len(edges) + 1), dtype=np.int64)
+            stats = np.full((g.L, 4), _NAN)
+            self.k.hist(self.pplan, kind, mask.ctypes.data, edges.ctypes.data, len(edges), lut.ctypes.data,
+                        cnt.ctypes.data, stats.ctypes.data)
+            out[q] = (torch.from_numpy(cnt), torch.from_numpy(stats), rows)
+        return out
 
     # ------------------------------------------------------------------ state (resume)
     def _sl(self, k: int) -> slice:
