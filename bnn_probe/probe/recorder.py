@@ -421,23 +421,21 @@ class Recorder:
         if not self._train_rows:
             return None
         rows, self._train_rows = self._train_rows, []
-        names = list(dict.fromkeys(r[2] for r in rows))
-        code = {k: i for i, k in enumerate(names)}
-        step = np.array([-1 if r[0] is None else r[0] for r in rows], dtype=np.int64)
-        epoch = np.array([-1 if r[1] is None else r[1] for r in rows], dtype=np.int64)
-        s_null = np.array([r[0] is None for r in rows])
-        e_null = np.array([r[1] is None for r in rows])
-        value = np.array([r[3] for r in rows], dtype=np.float64)
-        codes = np.array([code[r[2]] for r in rows])
+        steps, epochs, name_of_row, values, walls = (np.array(c, dtype=object) for c in zip(*rows, strict=True))
+        s_null, e_null = np.equal(steps, None), np.equal(epochs, None)
+        step = np.where(s_null, 0, steps).astype(np.int64)
+        epoch = np.where(e_null, 0, epochs).astype(np.int64)
+        value = values.astype(np.float64)
+        uniq, codes = np.unique(name_of_row, return_inverse=True)
+        names = [str(n) for n in uniq]
         tb = self.writer.tb
         if tb is not None:
             x = np.where(~s_null, step, np.where(~e_null, epoch, 0))
-            wall = np.array([r[4] for r in rows], dtype=np.float64)
+            wall = walls.astype(np.float64)
             for k, name in enumerate(names):
                 m = codes == k
                 tb.add_scalars_bulk([name], x[m], value[m, None], walltime=wall[m])
-        return {"step": nullable_int(np.where(s_null, 0, step), s_null),
-                "epoch": nullable_int(np.where(e_null, 0, epoch), e_null),
+        return {"step": nullable_int(step, s_null), "epoch": nullable_int(epoch, e_null),
                 "name": string_column(codes, names), "value": value}
 
     def write_weight_flips(self, step: int, counts: list[Tensor]) -> None:
