@@ -129,6 +129,11 @@ class OnePass:
         for li, k in enumerate(g.qks):  # ascending: the pass picks the sample up in index order
             qidx[li, :k] = np.sort(g.qidx_np[li, :k])
         self.plan.set(ks=g.qks, qidx=qidx, samp=self.samp)
+        if self.bop:
+            self.plan.set(sflip=np.zeros((g.L, cpu_pass.SFLIP_CAP), dtype=self.npdtype),
+                          nsflip=np.zeros(g.L, dtype=np.int64))
+            self.margin_sorted = np.empty((g.L, K), dtype=self.npdtype)
+            self.margin_done = np.zeros(g.L, dtype=np.uint8)
 
     def set_hyper(self, hp: dict[str, np.ndarray]) -> None:
         if self.bop:
@@ -246,10 +251,15 @@ class OnePass:
         if self.bop:
             floats[:, :10] = self.counts[:, 3:13]
             floats[:, 10] = self.sum_abs / self.lens
-            v = np.sort(self.samp, axis=-1)  # one sort: |m|, w·m and the margin w_{t−1}·m_t
-            floats[:, 11:21] = self._quantiles(v[:2].reshape(2 * L, -1), g.qpos_np, g.qfrac_np) \
+            v = np.sort(self.samp[:2], axis=-1)  # one sort: |m| and w·m
+            floats[:, 11:21] = self._quantiles(v.reshape(2 * L, -1), g.qpos_np, g.qfrac_np) \
                 .reshape(2, L, -1).transpose(1, 0, 2).reshape(L, -1)
-            floats[:, 21:nb] = self._quantiles(v[2], g.mpos_np, g.mfrac_np)
+            # the margin w_{t−1}·m_t: w·m's sorted rows with the few flipped sample values negated and moved
+            ms, done = self.margin_sorted, self.margin_done
+            self.k.margin_rows(self.pplan, v[1].ctypes.data, ms.ctypes.data, done.ctypes.data)
+            for li in np.flatnonzero(done == 0):  # many flips in the sample: sort the row
+                ms[li] = np.sort(self.samp[2, li])
+            floats[:, 21:nb] = self._quantiles(ms, g.mpos_np, g.mfrac_np)
         else:
             floats[:, nb] = self.sum_abs / self.lens
             floats[:, nb + 1:nb + 6] = self._quantiles(np.sort(self.samp[0], axis=-1), g.qpos_np, g.qfrac_np)
