@@ -71,6 +71,7 @@ __all__ = [
     "layer_name",
     "layer_fan_in",
     "read_thresholds_csv",
+    "controllers_of",
 ]
 
 POLICY_NAMES: tuple[str, ...] = ("global", "fan-in", "calibrated", "from-report", "normalized", "one-layer")
@@ -259,11 +260,12 @@ DEFAULT_MULTIPLE = 2.0
 
 
 def normalized(multiple: float = DEFAULT_MULTIPLE, initial_threshold: float = 1e-8, beta: float = 0.1,
-               every: int = 10, scale: str = "mean_abs") -> ThresholdPolicy:
+               every: int = 10, scale: str = "mean_abs", momentum_key: str = "exp_avg") -> ThresholdPolicy:
     """A scale-free τ: τ_l = k · s_l, with s_l an online estimate of layer l's typical |m| (see
     :class:`MomentumScaleThreshold`). ``multiple`` is k: a weight flips when w·m exceeds k times its layer's mean
     |m| (Bop2ndOrder: of |m̂|). Every layer starts at ``initial_threshold`` (used while m = 0, i.e. at the first
-    step).
+    step). ``momentum_key``: the optimizer-state key holding m (a third-party Bop-like optimizer's, as given to
+    ``bnn_probe.attach(..., momentum_key=...)``; Bop and Bop2ndOrder: ``"exp_avg"``).
 
     >>> p = normalized(2.0)
     >>> p.threshold_for("fc1", 64), p.controller_options["multiple"], p.controller_options["scale"]
@@ -278,9 +280,13 @@ def normalized(multiple: float = DEFAULT_MULTIPLE, initial_threshold: float = 1e
         raise BnnProbeError(f"every must be a positive integer, got {every}")
     if scale not in NORMALIZED_SCALES:
         raise BnnProbeError(f"scale must be one of {', '.join(NORMALIZED_SCALES)}, got {scale!r}")
+    if not (isinstance(momentum_key, str) and momentum_key):
+        raise BnnProbeError(f"momentum_key must be a non-empty string, got {momentum_key!r}")
     opts = {"multiple": k, "beta": beta, "every": int(every), "scale": scale}
-    return ThresholdPolicy("normalized", {"multiple": k, "initial_threshold": tau0, "beta": beta,
-                                          "every": int(every), "scale": scale}, lambda layer, n: tau0,
+    args = {"multiple": k, "initial_threshold": tau0, "beta": beta, "every": int(every), "scale": scale}
+    if momentum_key != "exp_avg":
+        opts["momentum_key"] = args["momentum_key"] = momentum_key
+    return ThresholdPolicy("normalized", args, lambda layer, n: tau0,
                            controller_options=opts, controller=MomentumScaleThreshold)
 
 
@@ -434,16 +440,37 @@ def _hookable(optimizer: Any) -> list[torch.optim.Optimizer]:
     return [o for o in opts if any("threshold" in g for g in o.param_groups)]
 
 
+_CONTROLLERS_ATTR = "_bnn_probe_threshold_controllers"
+
+
+def controllers_of(optimizer: Any) -> list[Any]:
+    """The online threshold controllers attached to ``optimizer`` (in attachment order), for checkpoints: a resumed
+    run restores each one's :meth:`state_dict` (:mod:`bnn_probe.resume`)."""
+    return list(getattr(optimizer, _CONTROLLERS_ATTR, []))
+
+
 class _HookedController:
     """Shared by the online controllers: the optimizer hooks they registered, and their removal."""
 
     _handles: list[Any]
+
+    def _register(self, optimizer: Any) -> None:
+        """Make this controller findable from its optimizer (:func:`controllers_of`)."""
+        reg = getattr(optimizer, _CONTROLLERS_ATTR, None)
+        if reg is None:
+            reg = []
+            setattr(optimizer, _CONTROLLERS_ATTR, reg)
+        reg.append(self)
+        self._registered_on = optimizer
 
     def remove(self) -> None:
         """Remove the hooks (thresholds keep their last values)."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        reg = getattr(getattr(self, "_registered_on", None), _CONTROLLERS_ATTR, [])
+        if self in reg:
+            reg.remove(self)
 
 
 class FlipRatioController(_HookedController):
@@ -531,6 +558,7 @@ class FlipRatioController(_HookedController):
             self._handles.append(opt.register_step_post_hook(self._post))
         # a wrapper (CaseOptimizer) steps each inner optimizer once: hook each exactly once
         self._n_hooked = len(self._handles) // 2
+        self._register(optimizer)
         self._posts_seen = 0
 
     @property
@@ -648,12 +676,13 @@ class MomentumScaleThreshold(_HookedController):
     """
 
     def __init__(self, optimizer: Any, multiple: float, beta: float = 0.1, every: int = 10,
-                 scale: str = "mean_abs") -> None:
+                 scale: str = "mean_abs", momentum_key: str = "exp_avg") -> None:
         if not (math.isfinite(multiple) and multiple > 0) or not 0 < beta <= 1 or every < 1 \
                 or scale not in NORMALIZED_SCALES:
             raise BnnProbeError(f"normalized thresholds need multiple > 0, 0 < beta <= 1, every >= 1 and scale in "
                                 f"{NORMALIZED_SCALES}; got {multiple}, {beta}, {every}, {scale!r}")
         self.multiple, self.beta, self.every, self.scale = float(multiple), float(beta), int(every), scale
+        self.momentum_key = str(momentum_key)
         self.optimizer = optimizer
         groups = _threshold_groups(optimizer)
         if not groups:
@@ -666,6 +695,7 @@ class MomentumScaleThreshold(_HookedController):
         self.step_count = 0
         self.history: list[tuple[int, dict[str, float]]] = [(0, self.thresholds())]
         self._handles = [o.register_step_pre_hook(self._pre) for o in _hookable(optimizer)]
+        self._register(optimizer)
 
     def thresholds(self) -> dict[str, float]:
         """τ per layer currently in the optimizer's groups."""
@@ -678,13 +708,17 @@ class MomentumScaleThreshold(_HookedController):
             return {layer: math.nan for layer in self.layers}
         return dict(zip(self.layers, (self._ema / self._weight).tolist(), strict=True))
 
-    @staticmethod
-    def _momentum(opt: Any, p: Tensor) -> Tensor | None:
+    def _momentum(self, opt: Any, p: Tensor) -> Tensor | None:
+        """m of ``p`` (Bop2ndOrder: m̂ via its ``normalized_momentum``), None before the optimizer has state for it.
+        State without ``momentum_key`` (a third-party optimizer keeping m elsewhere) is an error, not a silent τ."""
         state = opt.state.get(p, {})
-        if "exp_avg" not in state:
+        if self.momentum_key not in state:
+            if state:
+                raise BnnProbeError(f"normalized thresholds: the optimizer's state has no {self.momentum_key!r} "
+                                    f"(keys: {', '.join(map(str, state))}); pass momentum_key= naming where m is")
             return None
         norm = getattr(opt, "normalized_momentum", None)
-        return norm(p) if callable(norm) else state["exp_avg"]
+        return norm(p) if callable(norm) and self.momentum_key == "exp_avg" else state[self.momentum_key]
 
     @torch.no_grad()
     def _measure(self) -> Tensor | None:
