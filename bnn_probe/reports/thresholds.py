@@ -498,7 +498,8 @@ def flow_threshold(rates, tau: float, flip_ratio: float, target: float,
     (Var Δm = γ²(σ_g² + σ²), σ² = γσ_g²/(2 − γ)), from the tracked weights' step sizes; without it D(τ) = τ.
 
     With ō from the ladder (:func:`mean_overshoot`, assumed not to depend on τ: it is set by the size of one step
-    of m; ``step_rms`` is that step, used where the ladder cannot resolve ō) and v = 2r(D(τ) + ō) from the measured flip ratio r, r(τ*) = target gives
+    of m; ``step_rms`` is that step, used where the ladder cannot resolve ō) and v = 2r(D(τ) + ō) from the measured
+    flip ratio r, r(τ*) = target gives
 
         D(τ*) = (r/target)·(D(τ) + ō) − ō        (with D(τ) = τ:  τ* = (r/target)·(τ + ō) − ō),
 
