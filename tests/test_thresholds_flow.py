@@ -199,3 +199,19 @@ def test_fed_run_gets_the_secant_through_its_source():
     assert t.loc[("fed", "b"), "method"] == "flow"  # τ did not move: the flow model
     assert set(t.loc["g", "method"]) == {"flow"}
     assert "secant" in rec.method
+
+
+def test_margin_quantiles_extend_the_overshoot_tail():
+    """R(y) = 0.1/y on the ladder (not integrable past 8τ); the margin's q99 at 10τ (R = 0.01) and q99.9 at 40τ
+    (R = 0.001) close the tail: ∫ = 3·0.1·log 2 + 0.0125·8·log(10/8) + 0.01·10·(1 − 4^{1−s})/(s − 1) + 0.001·40/(s − 1),
+    s = log 10/log 4 on the last segment."""
+    lad = _ladder(0.1, 1.0)
+    s = math.log(10) / math.log(4)
+    want = (3 * 0.1 * math.log(2) + 0.1 * math.log(10 / 8) + 0.1 * (1 - 4 ** (1 - s)) / (s - 1)
+            + 0.04 / (s - 1)) / 0.1
+    o, flag = thresholds.mean_overshoot(lad, 1.0, tail=[(10.0, 0.01), (40.0, 0.001)])
+    assert o == pytest.approx(want, rel=1e-9) and flag == ""
+    # quantiles inside the ladder or above R(8τ) add nothing
+    assert thresholds.mean_overshoot(lad, 1.0, tail=[(4.0, 0.001), (20.0, 0.5)]) == thresholds.mean_overshoot(lad, 1.0)
+    o, flag = thresholds.mean_overshoot(lad, 1.0, tail=[(10.0, 0.01), (100.0, 0.001)])  # s = 1 again: cut, flagged
+    assert "100τ (margin quantile)" in flag

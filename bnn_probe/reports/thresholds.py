@@ -35,6 +35,7 @@ from .frames import BOP_FAMILIES, QUANTILE_P, QUANTILES, analysis_window, concat
 
 CHATTER_MIN_FLIPS = 10
 MARGIN_RATES = tuple(f"margin_rate_{k}" for k in MARGIN_LADDER_NAMES)
+MARGIN_TAIL = (("margin_q99", 0.99), ("margin_q999", 0.999))  # upper quantiles of w_{t−1}·m_t extending the ladder
 LADDER_METHOD = (
     "Margin ladder: Bop flips a weight when its pre-decision margin w_{t−1}·m_t (Bop2ndOrder: w_{t−1}·m̂_t) exceeds τ. "
     "The probe counts, every step, the weights whose margin exceeds k·τ for k = 1/8, 1/4, 1/2, 1, 2, 4, 8; averaged "
@@ -64,7 +65,8 @@ FLOW_METHOD = (
     "layer-specific pace v (set by the gradients, not by τ), the flip ratio is r(τ) = v/(2(τ + ō)), ō the mean "
     "overshoot. ō = ∫_τ^∞ R(y) dy / R(τ) is read off the margin ladder above τ (R(kτ), k = 1, 2, 4, 8: the share of "
     "weights whose margin at their flip exceeds kτ; power law between ladder points, past 8τ the last segment's "
-    "power law when it is integrable, else cut at 8τ and flagged in 'bound'; where no margin reached 2τ, ō = "
+    "power law, extended by the margin's upper quantiles q99 and q99.9 where they lie past 8τ, when it is integrable, "
+    "else cut and flagged in 'bound'; where no margin reached 2τ, ō = "
     "min(0.583·RMS step of m, τ/2), the mean overshoot of a Gaussian random walk, Siegmund 1979). v drops out with "
     "the measured flip ratio r: τ* = (r/target)·(τ + ō) − ō. That holds while τ is small next to the spread σ of m "
     "over time; where it is not, reaching τ takes an excursion, and τ is replaced by the distance D(τ) = σ·F(τ/σ), "
@@ -131,6 +133,9 @@ def layer_table(runs, window: float = 0.5, chatter_min: int = CHATTER_MIN_FLIPS)
             for pre in ("abs_m", "abs_w"):
                 if f"{pre}_{q}" in win:
                     cols[f"{pre}_{q}"] = (f"{pre}_{q}", "median")
+        for c, _ in MARGIN_TAIL:
+            if c in win:
+                cols[c] = (c, "median")
         if "threshold" in win:
             cols["threshold"] = ("threshold", "median")
         if "gamma" in win:
@@ -432,7 +437,7 @@ def ladder_threshold(rates, tau: float, target: float) -> tuple[float, str, floa
 SIEGMUND_RHO = 0.5826  # −ζ(1/2)/√(2π): mean overshoot of a Gaussian random walk over a far level, in step SDs
 
 
-def mean_overshoot(rates, tau: float, step_rms: float = math.nan) -> tuple[float, str]:
+def mean_overshoot(rates, tau: float, step_rms: float = math.nan, tail=()) -> tuple[float, str]:
     """ō = E[x − τ | x > τ] = ∫_τ^∞ R(y) dy / R(τ) from the ladder rates at k·τ (k = 1/8 … 8; only k ≥ 1 used).
 
     Where no margin reached 2τ (R(2τ) = 0) the ladder only bounds ō below τ; then ō = min(ρ·s, τ/2), s the RMS step
@@ -441,13 +446,18 @@ def mean_overshoot(rates, tau: float, step_rms: float = math.nan) -> tuple[float
 
     Between ladder points a = k_j·τ and b = k_{j+1}·τ, R(y) = R_a·(y/a)^{−s} with s = log(R_a/R_b)/log(b/a), so
     ∫_a^b R dy = R_a·a·(1 − (b/a)^{1−s})/(s − 1) (R_a·a·log(b/a) at s = 1); where R_b = 0 the segment is linear,
-    R_a·(b − a)/2, and nothing lies beyond. Past 8τ: the last segment's power law, R(8τ)·8τ/(s − 1), when s > 1;
-    otherwise the integral is cut at 8τ (a lower bound) and the returned flag says so. Returns (ō, flag); NaN
-    when R(τ) = 0."""
+    R_a·(b − a)/2, and nothing lies beyond. ``tail``: further points (x, R(x)) past 8τ, from the margin's upper
+    quantiles (x = q99 has R = 0.01, x = q99.9 has R = 0.001), used where they extend the curve (x > 8τ and R below
+    R(8τ)). Past the last point: that segment's power law, R_b·b/(s − 1), when s > 1; otherwise the integral is cut
+    there (a lower bound) and the returned flag says so. Returns (ō, flag); NaN when R(τ) = 0."""
     r = np.minimum.accumulate(np.asarray(rates, dtype=float))
     k = np.asarray(MARGIN_LADDER)
     i1 = MARGIN_LADDER.index(1.0)
-    r, k = r[i1:], k[i1:] * tau
+    r, k = list(r[i1:]), list(k[i1:] * tau)
+    for x, p in sorted((float(x), float(p)) for x, p in tail if math.isfinite(x) and math.isfinite(p)):
+        if x > k[-1] and 0 < p < r[-1]:
+            k.append(x)
+            r.append(p)
     if not (r[0] > 0):
         return math.nan, "no flips at τ"
     total, flag = 0.0, ""
@@ -463,7 +473,8 @@ def mean_overshoot(rates, tau: float, step_rms: float = math.nan) -> tuple[float
     if s > 1:
         total += r[-1] * k[-1] / (s - 1)
     else:
-        flag = "overshoot tail past 8τ not integrable (ladder slope ≥ −1 there): ō cut at 8τ, a lower bound"
+        end = "8τ" if len(k) == 4 else f"{k[-1] / tau:.3g}τ (margin quantile)"
+        flag = f"overshoot tail past {end} not integrable (slope ≥ −1 there): ō cut at {end}, a lower bound"
     return total / r[0], flag
 
 
@@ -482,7 +493,8 @@ def margin_distance(tau: float, sigma: float = math.nan) -> float:
 
 
 def flow_threshold(rates, tau: float, flip_ratio: float, target: float,
-                   sigma: float = math.nan, step_rms: float = math.nan) -> tuple[float, str, float, float, float]:
+                   sigma: float = math.nan, step_rms: float = math.nan,
+                   tail=()) -> tuple[float, str, float, float, float]:
     """τ* from the flow model of flips: r(τ) = v/(2(D(τ) + ō)) (:data:`FLOW_METHOD`).
 
     Bop flips a weight when its margin x = w_{t−1}·m_t exceeds τ (Helwegen et al. 2019), at x_k = τ + o_k (o_k the
@@ -516,7 +528,7 @@ def flow_threshold(rates, tau: float, flip_ratio: float, target: float,
         return nan, "no margin ladder or τ ≤ 0", nan, nan, nan
     if not (flip_ratio > 0):
         return nan, "no flips in the window: the flow is not measured", nan, nan, nan
-    o, flag = mean_overshoot(rates, tau, step_rms)
+    o, flag = mean_overshoot(rates, tau, step_rms, tail)
     if not math.isfinite(o):
         return nan, "no margin above τ on the ladder", nan, nan, nan
     sig = sigma if math.isfinite(sigma) and sigma > 0 else math.inf
@@ -634,7 +646,8 @@ def recommended_thresholds(table: pd.DataFrame, target: float | None = None,
                     gam = float(d.get("gamma", math.nan))
                     step = float(d.get("step_size_rms", math.nan))
                     sd = step / math.sqrt(2 * gam) if gam > 0 and step > 0 else math.nan
-                    rec, bound, e_tau, e_rec, o = flow_threshold(lad, tau, fr, tgt, sd, step)
+                    tail = [(d.get(c, math.nan), 1 - p) for c, p in MARGIN_TAIL]
+                    rec, bound, e_tau, e_rec, o = flow_threshold(lad, tau, fr, tgt, sd, step, tail)
                     prev = before.get(((sources or {}).get(run), d["layer"]))
                     if prev is not None:
                         sec, sec_bound, e_sec = secant_threshold(prev[0], prev[1], tau, fr, tgt)
