@@ -111,3 +111,28 @@ def test_runner_resume_restores_the_normalized_ema(tmp_path, monkeypatch):
     tb = b.steps.set_index(["step", "layer"])["threshold"].reindex(ta.index)
     assert ta.nunique() > 2  # τ moved
     pd.testing.assert_series_equal(ta, tb)
+
+
+def test_flow_scale_subtracts_the_overshoot_hand_computed():
+    """scale="flow": τ = max(k·mean|m_{t−1}| − ρ·RMS(γ(g_t − m_{t−1})), 0), β = 1 so each measurement is used as is."""
+    w = torch.nn.Parameter(torch.tensor([1.0, 1.0, -1.0, -1.0]))
+    bop = Bop([{"params": [w], "threshold": 10.0, "layer": "w"}], gamma=0.5)
+    ctl = T.MomentumScaleThreshold(bop, multiple=1.0, beta=1.0, every=1, scale="flow")
+    assert ctl.scale == "flow"
+    w.grad = torch.tensor([4.0, 0.0, 0.0, -2.0])
+    bop.step()  # m = [2, 0, 0, -1]; no state before: τ stays 10
+    assert bop.param_groups[0]["threshold"] == 10.0
+    w.grad = torch.tensor([2.0, 0.0, 0.0, 0.0])
+    bop.step()  # pre-step: mean|m| = 0.75, Δm = 0.5·(g − m) = [0, 0, 0, 0.5] → RMS = 0.25
+    assert bop.param_groups[0]["threshold"] == pytest.approx(0.75 - T.OVERSHOOT_RHO * 0.25)
+    w.grad = torch.tensor([40.0, 0.0, 0.0, 0.0])
+    bop.step()  # mean|m| = 0.625, Δm = 0.5·([40,0,0,0] − [2,0,0,−0.5]) → RMS = √(19² + 0.25²)/2 ≫: τ = 0
+    assert bop.param_groups[0]["threshold"] == 0.0
+    with pytest.raises(BnnProbeError, match="scale must be"):
+        T.normalized(1.0, scale="nope")
+    from bnn_probe.optim import Bop2ndOrder
+
+    w2 = torch.nn.Parameter(torch.ones(3))
+    b2 = Bop2ndOrder([{"params": [w2], "threshold": 1e-3, "layer": "w2"}])
+    with pytest.raises(BnnProbeError, match="Bop2ndOrder"):
+        T.MomentumScaleThreshold(b2, multiple=1.0, scale="flow")
