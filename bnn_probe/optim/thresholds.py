@@ -665,8 +665,8 @@ class MomentumScaleThreshold(_HookedController):
 
     Every ``every`` steps (and at the first measurement) the scales are copied to the host in one transfer and the
     groups get ``threshold = k · s_l``, which the step that follows uses: the τ in a group after a step is the τ
-    that step used, so the probe's ``threshold`` column is the τ trajectory. Before the first step m = 0 and the groups keep the
-    policy's starting τ; a layer whose m is all zero keeps its last τ.
+    that step used, so the probe's ``threshold`` column is the τ trajectory. Before the first step m = 0 and the
+    groups keep the policy's starting τ; a layer whose m is all zero keeps its last τ.
 
     What k means: Bop flips w when w·m > τ, so k is the margin in units of the layer's typical |m|. A weight whose
     momentum points along it flips once it is k times as strong as the layer's average momentum; since the ratio
