@@ -152,6 +152,7 @@ def feedback(args) -> None:
     (``from_tail…``, ``tailreport…``; ``from_flow…``, ``flowreport…``). ``--seed-list``: these seeds instead of
     0 … seeds − 1."""
     from bnn_probe.reports import build_report
+    from bnn_probe.reports.build import ReportOptions
     method = getattr(args, "method", "ladder")
     tag_m = "" if method == "ladder" else method
     for s in _seeds(args):
@@ -166,7 +167,8 @@ def feedback(args) -> None:
                 if tag_m:
                     _method_table(chain[-2:], rep, method)
                 else:
-                    build_report([prev], rep, formats=("md",), progress=False)
+                    build_report([prev], rep, formats=("md",), progress=False,
+                                 options=ReportOptions(threshold_method="ladder"))
             nxt = Path(args.out) / args.dataset / f"from_{tag_m or 'report'}{tag}_s{s}"
             train_run(nxt, args.dataset, s, args.epochs,
                       policy={"name": "from-report", "thresholds_csv": str(rep / "tables" / "thresholds.csv"),

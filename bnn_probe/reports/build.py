@@ -56,7 +56,7 @@ class ReportOptions:
     window: float = 0.5  # analysed window: the last fraction of each run's steps
     target_flip_ratio: float | None = None  # None: per run, the median layer flip ratio over the window
     chatter_min_flips: int = thresholds.CHATTER_MIN_FLIPS
-    threshold_method: str = "ladder"  # recommended thresholds: "ladder" (margin ladder), "flow" or "tail"
+    threshold_method: str = "flow"  # recommended thresholds: "flow" (flow model), "ladder" (margin ladder) or "tail"
     n_boot: int = 1000
 
 
