@@ -137,7 +137,8 @@ def _method_table(run_dirs: list[Path], out: Path, method: str) -> None:
     rec = recommended_thresholds(layer_table(runs), method=method, sources=sources(runs))
     (out / "tables").mkdir(parents=True, exist_ok=True)
     cols = ["layer", "fan_in", "n_weights", "flip_ratio", "recommended_threshold", "run", "family", "threshold",
-            "ratio_to_current", "bound", "elasticity", "mean_overshoot", "method"]
+            "ratio_to_current", "bound", "elasticity", "elasticity_at_recommended", "mean_overshoot", "margin_sd",
+            "method"]
     rec.table[cols].to_csv(out / "tables" / "thresholds.csv", index=False)
 
 
@@ -158,7 +159,7 @@ def feedback(args) -> None:
     for s in _seeds(args):
         prev = Path(args.out) / args.dataset / f"global_s{s}"
         train_run(prev, args.dataset, s, args.epochs, policy={"name": "global", "threshold": args.tau},
-                  threshold=args.tau, variant=f"global τ={args.tau:g}", gamma=args.gamma)
+                  threshold=args.tau, variant=f"global τ={args.tau:g}", gamma=args.gamma, widths=args.mlp_widths)
         chain = [prev]
         for k in range(1, args.rounds + 1):
             tag = "" if k == 1 else f"_r{k}"
@@ -173,7 +174,7 @@ def feedback(args) -> None:
             train_run(nxt, args.dataset, s, args.epochs,
                       policy={"name": "from-report", "thresholds_csv": str(rep / "tables" / "thresholds.csv"),
                               "report_run": bnn_probe.load_run(prev).name}, variant=f"from-report round {k}",
-                      gamma=args.gamma)
+                      gamma=args.gamma, widths=args.mlp_widths)
             prev = nxt
             chain.append(nxt)
         print(f"feedback {args.dataset} seed {s} done", flush=True)
@@ -237,6 +238,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=1, help="feedback: report → from-report rounds")
     ap.add_argument("--method", default="ladder", choices=["ladder", "tail", "flow"],
                     help="feedback: recommend by the margin ladder (the report's), tail matching or the flow model")
+    ap.add_argument("--mlp-widths", type=int, nargs="+", default=None,
+                    help="feedback on digits: the MLP's hidden widths (default 2048 64 1024)")
     ap.add_argument("--seed-list", type=int, nargs="+", default=None,
                     help="feedback: train these seeds (e.g. 9 for tuning) instead of 0 … --seeds − 1")
     ap.add_argument("--quick", action="store_true", help="1 seed, 2 epochs")
