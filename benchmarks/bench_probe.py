@@ -2,11 +2,12 @@
 
     python benchmarks/bench_probe.py [--device cuda] [--quick] [--profile] [--ops] [--threads 1]
                                      [--compile-probe auto|on|off] [--device-path] [--bandwidth]
-                                     [--cases binarynet,binarynet_hist16,mlp_digits,wide-mlp]
+                                     [--cases binarynet,binarynet_hist16,mlp_digits,wide-mlp,bitorch]
 
 Cases: BinaryNet full width (32×32×3 random inputs, batch 50, Bop on the binary weights + Adam on the rest),
 probe at its defaults and with histograms every 16 steps; the small binary MLP on scikit-learn digits (worst case:
-tiny steps); ``wide-mlp``: BinaryMLP 64-2048-2048-10 on digits (4.3 M binary weights), Bop, probe defaults.
+tiny steps); ``wide-mlp``: BinaryMLP 64-2048-2048-10 on digits (4.3 M binary weights), Bop, probe defaults;
+``bitorch``: the bitorch conv net of tests/_interop.py (QConv2d + QLinear, found by the adapter, latent Adam).
 Reports the median per-step time of each mode, the ratio, and the log's bytes per (step, layer) row.
 Attach/close and the final flush are outside the timed window; periodic drains inside it are timed.
 ``--ops`` counts the probe's dispatcher-level ATen calls per step (probe on minus probe off, MLP and BinaryNet);
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,8 +47,28 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+class _NoStep:
+    """Stands in for the second optimizer of a case whose one optimizer steps everything (the adapter case)."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+
 def make_case(name: str, dev: torch.device):
     torch.manual_seed(0)
+    if name == "bitorch":  # a model of a BNN library, found by the adapters (binary=None): latent Adam on everything
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from _interop import bitorch_net, digits
+
+        model = bitorch_net().to(dev)
+        x, y = digits(512)
+        x, y = x.to(dev), y.to(dev)
+        batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 512, 64)]
+        model.n_binary = None  # the adapter decides: counted from the probe's layers
+        return model, torch.optim.Adam(model.parameters(), lr=1e-2), _NoStep(), batches
     if name == "binarynet":
         model = BinaryNet().to(dev)
         x = torch.randn(50, 3, 32, 32, device=dev)
@@ -98,8 +120,9 @@ def bench(name: str, dev, reps: int, k: int, warmup: int, probe_opts: dict, root
         # first step after attach allocates the probe's buffers and compiles its step (compile_probe): not timed
         first.append(train_steps(model, bop, adam, batches, 1, dev))
         on.append(train_steps(model, bop, adam, batches, k, dev))
+        n_binary = sum(ly.n for ly in probe.layers)
         path = "compiled" if all(g.fused and g._step.compiled for g in probe.groups) else \
-            "device-eager" if all(g.fused for g in probe.groups) else "cpu-numpy" if not any(
+            "device-eager" if all(g.fused for g in probe.groups) else "cpu-onepass" if not any(
                 g.fused for g in probe.groups) else "mixed"
         probe.close()
         run = bnn_probe.load_run(logdir)
@@ -108,7 +131,7 @@ def bench(name: str, dev, reps: int, k: int, warmup: int, probe_opts: dict, root
     t_off, t_on = statistics.median(off), statistics.median(on)
     return {"case": name, "opts": probe_opts, "off_ms": 1e3 * t_off, "on_ms": 1e3 * t_on, "ratio": t_on / t_off,
             "ratios": [b / a for a, b in zip(off, on, strict=True)], "bytes_per_step_row": bytes_steps / max(rows, 1),
-            "rows": rows, "path": path, "first_ms": [1e3 * f for f in first], "n_binary": model.n_binary}
+            "rows": rows, "path": path, "first_ms": [1e3 * f for f in first], "n_binary": n_binary}
 
 
 def copy_bandwidth(n: int, dev, reps: int = 20) -> float:
@@ -228,6 +251,13 @@ def main() -> None:
             elif case == "mlp_digits":
                 res = bench("mlp", dev, mlp_reps, mlp_k, 20, dict(popts), root)
                 res["case"] = "mlp_digits"
+            elif case == "bitorch":
+                try:
+                    import bitorch  # noqa: F401
+                except ImportError:
+                    print("bitorch          skipped (pip install bnn-probe[interop])")
+                    continue
+                res = bench("bitorch", dev, mlp_reps, mlp_k, 20, dict(popts), root)
             elif case == "wide-mlp":
                 wr, wk = (2, 3) if args.quick else ((7, 50) if gpu else (5, 20))
                 res = bench("wide-mlp", dev, wr, wk, 3, dict(popts), root)

@@ -1,51 +1,240 @@
-"""The CPU bit-code histogram (8 codes per uint64 word + per-layer uint8 bincount) against a direct count."""
+"""The compiled one-pass CPU measurement (bnn_probe/probe/_pass.c through probe/cpu_pass.py) against direct
+numpy computations on small arrays: every count column, the margin ladder, the per-weight state byte, the incremental
+sign hash, the pre-step pass, non-finite gradients and a NaN τ; several layers read through the pointer table."""
+
+from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from bnn_probe.probe.flat import _BOP_BITS, _BOP_COUNTS, FlatGroup, _count_matrix
+from bnn_probe.probe import cpu_pass
+from bnn_probe.probe.cpu_pass import NC_BOP, NC_LAT, S_ABOVE, S_FLIP, S_SIGN, S_SIGN0
+from bnn_probe.runlog.schema import MARGIN_LADDER
+
+pytestmark = pytest.mark.skipif(not cpu_pass.available(), reason="the compiled pass is not built")
 
 
-@pytest.mark.parametrize("ns", [[3], [8, 16], [13, 1, 27, 40]])
-def test_codes_cpu_matches_direct_counts(ns):
-    rng = np.random.default_rng(len(ns))
-    g = FlatGroup.__new__(FlatGroup)
-    g.N, g.NB, g.cpu = sum(ns), 1 << len(_BOP_BITS), True
-    g.offsets = list(np.cumsum([0, *ns[:-1]]))
-    g.layer_ends = [o + n for o, n in zip(g.offsets, ns, strict=True)]
-    g.code = torch.empty(g.N, dtype=torch.uint8)
-    g.count_mat = _count_matrix(_BOP_BITS, _BOP_COUNTS)
-    masks = [torch.from_numpy(rng.random(g.N) < p) for p in (0.2, 0.5, 0.9, 0.6, 0.4)]
-    field = torch.from_numpy(rng.integers(0, 8, g.N).astype(np.uint8))  # the margin ladder field (0…7)
-    got = g._codes([*masks, field])
-    b = {name: m.numpy() for name, m in zip(_BOP_BITS, masks, strict=False)}
-    for li, (s, e) in enumerate(zip(g.offsets, g.layer_ends, strict=True)):
-        sl = {k: v[s:e] for k, v in b.items()}
-        f = field.numpy()[s:e]
-        want = [sl["flipped"].sum(), sl["c2i"].sum(), (~sl["finite"]).sum(), sl["above"].sum(),
-                (sl["above"] & ~sl["prev_above"]).sum(), (sl["prev_above"] & ~sl["above"]).sum(),
-                *[(f > j).sum() for j in range(7)]]
-        assert got[li].tolist() == [float(x) for x in want]
+def _ptrs(xs: list[np.ndarray]) -> np.ndarray:
+    return np.array([x.ctypes.data for x in xs], dtype=np.uintp)
 
 
-@pytest.mark.parametrize("per_weight_tau", [False, True])
-def test_ladder_chunks_and_flipped_weights_match_direct_comparisons(monkeypatch, per_weight_tau):
-    """The chunked CPU margin ladder (several chunks, a short last one) against x > k·τ with x = w_{t−1}·m_t."""
-    import bnn_probe.probe.flat as flat
-    from bnn_probe.runlog.schema import MARGIN_LADDER
+class Case:
+    """Random layers of the given sizes with signs before/after the step, m, g (with NaN/inf), a state byte."""
 
-    monkeypatch.setattr(flat, "_LADDER_CHUNK", 1000)
-    rng = np.random.default_rng(7)
-    n = 4321
-    g = FlatGroup.__new__(FlatGroup)
-    g.N, g.device, g._bufs = n, torch.device("cpu"), {}
-    wm = torch.from_numpy((rng.standard_normal(n) * 4e-6).astype(np.float32))
-    flipped = torch.from_numpy(rng.random(n) < 0.05)
-    tau = torch.from_numpy(rng.choice([5e-7, 1e-6, 2e-6], n).astype(np.float32)) if per_weight_tau else 1e-6
-    g.tau = tau
-    got = g._ladder(wm, flipped, np.flatnonzero(flipped.numpy())).numpy().copy()
-    x = torch.where(flipped, -wm, wm)
-    want = sum((x > tau * k).numpy().astype(np.uint8) for k in MARGIN_LADDER)
-    assert np.array_equal(got, want) and got.max() == 7 and got.min() == 0
-    assert (got[flipped.numpy()] > 0).any()  # the flipped weights were recounted with −w·m
+    def __init__(self, ns: list[int], dtype, seed: int = 0, taus: list[float] | None = None) -> None:
+        rng = np.random.default_rng(seed)
+        self.ns, self.L, self.N = ns, len(ns), sum(ns)
+        self.offs = np.cumsum([0, *ns[:-1]]).astype(np.int64)
+        self.dtype = np.dtype(dtype)
+        self.k = cpu_pass.load()[self.dtype]
+        self.w = [np.where(rng.random(n) < 0.5, -1.0, 1.0).astype(dtype) for n in ns]
+        flip = [rng.random(len(w)) < 0.2 for w in self.w]  # ~20 % flipped, the first weight always
+        for f in flip:
+            f[0] = True
+        self.w_prev_sign = [np.where(f, w < 0, w >= 0) for f, w in zip(flip, self.w, strict=True)]
+        self.sign0 = [rng.random(n) < 0.5 for n in ns]
+        self.prev_above = [rng.random(n) < 0.3 for n in ns]
+        self.m = [(rng.standard_normal(n) * 2e-6).astype(dtype) for n in ns]
+        self.g = [rng.standard_normal(n).astype(dtype) for n in ns]
+        self.g[0][:3] = [np.nan, np.inf, -np.inf]
+        self.taus = taus or [1e-6] * self.L
+        self.state = np.concatenate([ps * S_SIGN + s0 * S_SIGN0 + pa * S_ABOVE for ps, s0, pa in
+                                     zip(self.w_prev_sign, self.sign0, self.prev_above, strict=True)]).astype(np.uint8)
+        self.mix = rng.integers(0, 2**31 - 1, self.N).astype(np.int32)
+        # the hash of the stored (pre-step) signs
+        self.hash = np.array([int(self.mix[o:o + n][ps].astype(np.int64).sum()) for o, n, ps in
+                              zip(self.offs, ns, self.w_prev_sign, strict=True)], dtype=np.int64)
+
+    def bop_post(self, t: int = 7):
+        L, N, d = self.L, self.N, self.dtype
+        tau = np.array(self.taus, dtype=d)
+        thr = np.array([sorted(d.type(k * t_) for k in MARGIN_LADDER) for t_ in self.taus], dtype=d).reshape(-1)
+        tv = np.array([t_ == t_ for t_ in self.taus], dtype=np.uint8)
+        self.m_out, self.wm_out = np.empty(N, d), np.empty(N, d)
+        self.count = np.arange(N, dtype=np.int32) % 3
+        self.last = np.arange(N, dtype=np.int32) % 5
+        self.count0, self.last0 = self.count.copy(), self.last.copy()
+        self.fidx, self.flast = np.empty(N, np.int64), np.empty(N, np.int32)
+        self.counts, self.sum_abs = np.zeros((L, NC_BOP), np.int64), np.zeros(L)
+        P = cpu_pass.Plan()
+        P.L, P.t = L, t
+        P.set(lens=np.array(self.ns, dtype=np.int64), offs=self.offs, wp=_ptrs(self.w), mp=_ptrs(self.m),
+              gp=_ptrs(self.g), tau=tau, thr=thr, tau_valid=tv, state=self.state, m_out=self.m_out,
+              wm_out=self.wm_out, count=self.count, last=self.last, mix=self.mix, hash=self.hash, fidx=self.fidx,
+              flast=self.flast, counts=self.counts, sum_abs=self.sum_abs)
+        return self.k.bop_post(P)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ns", [[3], [8, 16], [13, 1, 700, 1025]])
+def test_bop_post_counts_state_and_hash_match_direct_computation(ns, dtype):
+    c = Case(ns, dtype, seed=len(ns))
+    state0 = c.state.copy()
+    nf = c.bop_post(t=7)
+    flipped_all = []
+    for li, o in enumerate(c.offs):
+        n, d = ns[li], c.dtype
+        w, m, g = c.w[li], c.m[li], c.g[li]
+        s = w >= 0
+        f = s != c.w_prev_sign[li]
+        am = np.abs(m)
+        above = am > d.type(c.taus[li])
+        pa = c.prev_above[li]
+        x = np.where(f, -(w * m), w * m)
+        want = [f.sum(), (s != c.sign0[li]).sum(), (~np.isfinite(g)).sum(), above.sum(), (above & ~pa).sum(),
+                (pa & ~above).sum(), *[(x > d.type(k * c.taus[li])).sum() for k in MARGIN_LADDER]]
+        assert c.counts[li].tolist() == [int(v) for v in want], li
+        assert c.sum_abs[li] == pytest.approx(am.astype(np.float64).sum(), rel=1e-14)
+        sl = slice(o, o + n)
+        want_state = s * S_SIGN + c.sign0[li] * S_SIGN0 + above * S_ABOVE + f * S_FLIP
+        assert np.array_equal(c.state[sl] & 0x0F, want_state.astype(np.uint8))  # bit 4 is scratch
+        assert np.array_equal(c.m_out[sl], m) and np.array_equal(c.wm_out[sl], w * m)
+        # the hash now is Σ r_i over b(w_t) = +1, exactly
+        assert c.hash[li] == c.mix[sl][s].astype(np.int64).sum()
+        flipped_all.append(np.flatnonzero(f) + o)
+    fl = np.concatenate(flipped_all)
+    assert nf == len(fl) > 0
+    assert np.array_equal(c.fidx[:nf], fl)
+    assert np.array_equal(c.flast[:nf], c.last0[fl])  # last-flip step before this one
+    assert np.array_equal(c.count - c.count0, np.isin(np.arange(c.N), fl).astype(np.int32))
+    assert (c.last[fl] == 7).all() and np.array_equal(np.delete(c.last, fl), np.delete(c.last0, fl))
+    assert not np.array_equal(state0, c.state)
+
+
+def test_bop_post_nan_tau_keeps_the_above_mask_and_counts_nothing_above():
+    c = Case([50, 60], np.float32, seed=3, taus=[float("nan"), 1e-6])
+    pa0 = c.prev_above[0].copy()
+    c.bop_post()
+    assert c.counts[0, 3:].tolist() == [0, 0, int(pa0.sum())] + [0] * 7  # above, up = 0; every kept bit is "down"
+    assert np.array_equal((c.state[:50] & S_ABOVE) > 0, pa0)  # |m| > NaN is false: the mask is kept
+    assert c.counts[1, 3] > 0  # the other layer counts as usual
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pre_pass_updates_only_changed_signs_and_the_hash(dtype):
+    rng = np.random.default_rng(5)
+    ns = [600, 7]
+    k = cpu_pass.load()[np.dtype(dtype)]
+    w = [rng.standard_normal(n).astype(dtype) for n in ns]
+    stored = [rng.random(n) < 0.5 for n in ns]
+    extra = [rng.random(n) < 0.5 for n in ns]  # S_SIGN0 | S_ABOVE | S_FLIP bits must stay
+    state = np.concatenate([s * S_SIGN + e * (S_SIGN0 | S_ABOVE | S_FLIP) for s, e in
+                            zip(stored, extra, strict=True)]).astype(np.uint8)
+    mix = rng.integers(0, 2**31 - 1, sum(ns)).astype(np.int32)
+    offs = [0, ns[0]]
+    h = np.array([mix[o:o + n][s].astype(np.int64).sum() for o, n, s in zip(offs, ns, stored, strict=True)])
+    lens = np.array(ns, dtype=np.int64)
+    copy = np.empty(sum(ns), dtype=dtype)
+    P = cpu_pass.Plan()
+    P.L = 2
+    P.set(lens=lens, wp=_ptrs(w), state=state, mix=mix, hash=h)
+    changed = k.pre(P, copy.ctypes.data)
+    now = [x >= 0 for x in w]
+    assert changed == sum(int((a != b).sum()) for a, b in zip(now, stored, strict=True))
+    want = np.concatenate([s * S_SIGN + e * (S_SIGN0 | S_ABOVE | S_FLIP) for s, e in zip(now, extra, strict=True)])
+    assert np.array_equal(state, want.astype(np.uint8))
+    assert h.tolist() == [int(mix[o:o + n][s].astype(np.int64).sum()) for o, n, s in zip(offs, ns, now, strict=True)]
+    assert np.array_equal(copy, np.concatenate(w))
+
+
+def test_latent_post_counts_match_direct_computation():
+    rng = np.random.default_rng(11)
+    ns = [40, 530]
+    k = cpu_pass.load()[np.dtype(np.float32)]
+    w = [(rng.standard_normal(n) * 0.3).astype(np.float32) for n in ns]
+    g = [rng.standard_normal(n).astype(np.float32) for n in ns]
+    g[1][5] = np.nan
+    prev = [rng.random(n) < 0.5 for n in ns]
+    s0 = [rng.random(n) < 0.5 for n in ns]
+    state = np.concatenate([p * S_SIGN + a * S_SIGN0 for p, a in zip(prev, s0, strict=True)]).astype(np.uint8)
+    clip = np.array([0.25, np.nan], dtype=np.float32)
+    cv = np.array([1, 0], dtype=np.uint8)
+    N = sum(ns)
+    count, last = np.zeros(N, np.int32), np.zeros(N, np.int32)
+    fidx, flast = np.empty(N, np.int64), np.empty(N, np.int32)
+    counts, sa = np.zeros((2, NC_LAT), np.int64), np.zeros(2)
+    lens = np.array(ns, dtype=np.int64)
+    P = cpu_pass.Plan()
+    P.L, P.t = 2, 3
+    P.set(lens=lens, offs=np.array([0, ns[0]], dtype=np.int64), wp=_ptrs(w), gp=_ptrs(g), clip=clip,
+          clip_valid=cv, state=state, count=count, last=last, fidx=fidx, flast=flast, counts=counts, sum_abs=sa)
+    nf = k.lat_post(P)
+    for li in range(2):
+        s = w[li] >= 0
+        f = s != prev[li]
+        at = (np.abs(w[li]) >= clip[li]).sum() if cv[li] else 0
+        assert counts[li].tolist() == [f.sum(), (s != s0[li]).sum(), (~np.isfinite(g[li])).sum(), at]
+        assert sa[li] == pytest.approx(np.abs(w[li]).astype(np.float64).sum(), rel=1e-14)
+    assert nf == int(count.sum()) > 0 and (last[fidx[:nf]] == 3).all()
+
+
+def test_probe_uses_the_compiled_pass_on_cpu_and_the_torch_path_when_disabled(tmp_path, monkeypatch):
+    import bnn_probe
+    from bnn_probe.optim import Bop
+
+    lin = torch.nn.Linear(8, 4, bias=False)
+    from bnn_probe.nn import mark_binary
+
+    mark_binary(lin.weight)
+    opt = Bop([lin.weight])
+    probe = bnn_probe.attach(lin, opt, tmp_path / "a", tensorboard=False)
+    assert probe.groups[0].onepass is not None
+    probe.close()
+    monkeypatch.setenv("BNN_PROBE_NO_KERNEL", "1")
+    cpu_pass.load.cache_clear()
+    try:
+        probe = bnn_probe.attach(lin, opt, tmp_path / "b", tensorboard=False)
+        assert probe.groups[0].onepass is None and probe.groups[0].fused
+        probe.close()
+    finally:
+        monkeypatch.delenv("BNN_PROBE_NO_KERNEL")
+        cpu_pass.load.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_histograms_match_searchsorted_including_edges_nan_and_inf(dtype):
+    """bnnp_hist (lookup table + one comparison) against numpy's searchsorted(side="right") on values that sit
+    exactly on the edges, just beside them, at 0, ±inf and NaN; stats against float64 numpy."""
+    from bnn_probe.runlog.schema import HIST_EDGES
+
+    rng = np.random.default_rng(2)
+    k = cpu_pass.load()[np.dtype(dtype)]
+    tau = dtype(1e-6)
+    for q, kind in (("abs_m_rel", 0), ("wm_rel", 1), ("abs_m", 2), ("abs_w", 3)):
+        edges = np.asarray(HIST_EDGES[q], dtype=np.float64)
+        scale = tau if kind in (0, 1) else 1.0
+        on = (edges * scale).astype(dtype)
+        vals = np.concatenate([on, np.nextafter(on, np.inf), np.nextafter(on, -np.inf), [0, -0.0, np.inf, -np.inf],
+                               (10 ** rng.uniform(-14, 4, 3000) * rng.choice([-1, 1], 3000))]).astype(dtype)
+        n = len(vals)
+        w = np.where(rng.random(n) < 0.5, -1.0, 1.0).astype(dtype)
+        m = (vals * w).astype(dtype) if kind == 1 else vals  # w·m = vals for wm_rel
+        if kind == 3:
+            w = vals
+        P = cpu_pass.Plan()
+        P.L = 1
+        P.set(lens=np.array([n], dtype=np.int64), wp=_ptrs([w]), mp=_ptrs([m]), tau=np.array([tau], dtype=dtype))
+        cnt = np.zeros((1, len(edges) + 1), dtype=np.int64)
+        stats = np.zeros((1, 4))
+        lut = cpu_pass.hist_lut(edges)
+        k.hist(P, kind, np.ones(1, np.uint8).ctypes.data, edges.ctypes.data, len(edges), lut.ctypes.data,
+               cnt.ctypes.data, stats.ctypes.data)
+        x = {0: np.abs(m) / tau, 1: (w * m) / tau, 2: np.abs(m), 3: np.abs(w)}[kind].astype(dtype).astype(np.float64)
+        want = np.bincount(np.searchsorted(edges, x, side="right"), minlength=len(edges) + 1)
+        assert np.array_equal(cnt[0], want), q
+        fin = x  # no NaN here: min, max and the sums as numpy gives them
+        assert stats[0, :2].tolist() == [fin.min(), fin.max()]
+        with np.errstate(over="ignore", invalid="ignore"):
+            assert stats[0, 2] == pytest.approx(fin.sum(), rel=1e-12, nan_ok=True)
+    # NaN goes to the last bin and makes min/max NaN
+    edges = np.asarray(HIST_EDGES["abs_w"], dtype=np.float64)
+    w = np.array([np.nan, 0.5, 2.0], dtype=dtype)
+    P = cpu_pass.Plan()
+    P.L = 1
+    P.set(lens=np.array([3], dtype=np.int64), wp=_ptrs([w]), mp=_ptrs([w]))
+    cnt, stats = np.zeros((1, len(edges) + 1), dtype=np.int64), np.zeros((1, 4))
+    lut = cpu_pass.hist_lut(edges)
+    k.hist(P, 3, np.ones(1, np.uint8).ctypes.data, edges.ctypes.data, len(edges), lut.ctypes.data, cnt.ctypes.data,
+           stats.ctypes.data)
+    assert cnt[0, -1] == 1 and cnt.sum() == 3 and np.isnan(stats[0, :2]).all()

@@ -179,6 +179,8 @@ class RunChecks:
         if not self.schedule(t):
             return
         self._pending_change = t
+        for g in self.groups:  # w_t, compared with the weights before the next step (pre_step)
+            g.keep_weights()
         rows = []
         for ly in self.layers:
             w = ly.param.detach()

@@ -1,34 +1,25 @@
-"""The probe's hot path: every binary layer measured at once on one flat tensor per (device, family, dtype) group.
+"""The probe's hot path: every binary layer measured at once per (device, family, dtype) group.
 
-Per step the weights of all layers of a group are concatenated into one flat tensor (one ``torch.cat`` into a
-preallocated buffer), likewise m (Bop: ``exp_avg``; Bop2ndOrder: the normalised m̂) and the gradients, so the
-number of kernel launches per step does not grow with the number of layers:
+Two implementations of one measurement (definitions: docs/quantities.md; both are compared with the per-layer
+reference ``StepContext`` + ``quantities`` in tests/test_probe_flat.py):
 
-* per-layer counts (flips, c2i_diff, non-finite gradients, above_threshold, crossings, the margin ladder
-  margin_exceed_*, at_clip): each weight gets a small bit code (one bit per mask; the margin ladder as one 3-bit field,
-  the number 0…7 of ladder points k·τ its margin w_{t−1}·m_t exceeds — the ladder is increasing, so
-  #{margin > k_j·τ} = #{field > j}), ``layer · 2^B + code`` is histogrammed in one ``bincount`` (CPU) / ``histc``
-  (CUDA: ``bincount`` would synchronise), and one matrix product turns the [layers, 2^B] histogram into every count;
-* ``sign_hash``: one int64 ``cumsum`` of r_i·[w_i ≥ 0], differenced at the layer ends (exact, wrapping);
-* means: ``torch._foreach_norm(…, 1, dtype=float64)`` over the per-layer views (one fused call);
-* quantiles: one gather of the fixed per-layer samples into [layers, K] (padded with NaN), one sort, one gather;
-* tracked weights and flip events: one gather / one vectorised stratified sample for all layers.
+* **CPU: the compiled one-pass measurement** (probe/onepass.py, C in probe/_pass.c): one pass over the weights,
+  m and g of every layer of the group, read in place through a table of data pointers, gives every count of the
+  steps table, Σ|m| and the quantile sample; a byte of state per weight keeps the sign before the step, b(w_0),
+  |m| > τ and the flip bit; the sign hash is kept incrementally.
+* **CUDA (and the CPU when the extension is not installed): the pure-torch step** of probe/fused.py, eager or
+  ``torch.compile``-d, on flat concatenations of the group's tensors. Per-layer counts come from a bit code per
+  weight (one bit per mask; the margin ladder as one 3-bit field, the number 0…7 of ladder points k·τ its margin
+  w_{t−1}·m_t exceeds — #{margin > k_j·τ} = #{field > j}), ``layer · 2^B + code`` histogrammed by ``histc`` and one
+  matrix product; ``sign_hash`` by one int64 ``cumsum`` differenced at the layer ends; no host synchronisation.
 
-τ, γ, clip values and the like are read from the param groups every step (host floats); when they are the same for
-every layer of the group they enter as Python scalars (bitwise the same arithmetic as the per-layer reference in
-:mod:`bnn_probe.probe.quantities`), otherwise as per-weight device vectors rebuilt only when a value changes. No
-``.item()``, no host synchronisation on the every-step path. On CPU (where the device is the host) the
-comparisons, ``isfinite``, the sign hash, the means and the quantile sort go through numpy on the same memory
-(bitwise the same comparisons; float64 segment sums), because torch 2.13's CPU kernels for these are far slower.
-Definitions: docs/quantities.md; the per-layer
-reference implementation (``StepContext`` + ``quantities``) is what tests/test_probe_flat.py compares against.
+τ, γ, clip values and the like are read from the param groups every step (host floats) and turned into device
+vectors / the compiled pass's arrays only when a value changes.
 
 Binarizer stage (probe/binarizers.py): every sign above is b(w), the layer's binarizer, computed by
-:meth:`FlatGroup.binarize` from the flat weights (after the step, before it, and at attach) before anything is
-counted; latent inertia comes from :meth:`FlatGroup.margin`. With bnn-probe's sign for every layer of a group
-(``any_custom`` False) the stage is the single comparison ``w ≥ 0`` of the flat tensor and nothing else changes;
-otherwise each non-default layer is binarized on its view in the parameter's shape (the device path then receives
-the signs and margins as inputs of the fused step instead of computing ``w ≥ 0`` itself).
+:meth:`FlatGroup.binarize` (after the step, before it, and at attach) before anything is counted; latent inertia
+comes from :meth:`FlatGroup.margin`. With bnn-probe's sign for every layer of a group (``any_custom`` False) the
+stage is the comparison ``w ≥ 0`` inside the pass / the step; otherwise the signs enter as an input.
 """
 
 from __future__ import annotations
@@ -42,6 +33,7 @@ from torch import Tensor
 
 from ..errors import BnnProbeError
 from ..runlog.schema import MARGIN_EXCEED, MARGIN_LADDER, MARGIN_Q, MARGIN_QUANTILES
+from . import onepass
 from .binary_detect import LayerInfo, clip_value_of
 from .context import hash_coefficients, normalize_2nd
 from .fused import _at_positions, make_step_fn, maybe_compile
@@ -50,7 +42,6 @@ from .quantities import QUANTILES
 __all__ = ["FlatGroup", "group_layers"]
 
 _NAN = float("nan")
-_LADDER_CHUNK = 1 << 16  # weights per chunk of the CPU margin ladder (w·m, count and mask chunks stay in cache)
 # bit codes of the per-weight masks (Bop family / latent)
 _BOP_BITS = ("flipped", "c2i", "finite", "above", "prev_above", "l0", "l1", "l2")  # l0..l2: the margin ladder field
 _LAT_BITS = ("flipped", "c2i", "finite", "at_clip")
@@ -130,22 +121,6 @@ def _cmp(op: str, x: Tensor, s: float | Tensor, out: Tensor | None = None) -> Te
     return fn(x, s) if out is None else fn(x, s, out=out)
 
 
-def _isfinite(x: Tensor) -> Tensor:
-    if _np_ok(x):
-        out = torch.empty(x.shape, dtype=torch.bool)
-        np.isfinite(x.numpy(), out=out.numpy())
-        return out
-    return torch.isfinite(x)
-
-
-def _ne(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
-    """``torch.ne(a, b, out=out)`` for bool tensors; numpy on CPU (same result, far fewer cycles on big tensors)."""
-    if out.device.type == "cpu":
-        np.not_equal(a.numpy(), b.numpy(), out=out.numpy())
-        return out
-    return torch.ne(a, b, out=out)
-
-
 def _to_dev(values, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A small host list as a device tensor without a host synchronisation (pinned, non-blocking on CUDA)."""
     t = torch.tensor(values, dtype=dtype)
@@ -206,10 +181,11 @@ class FlatGroup:
         else:
             self.code_base = (self.layer_id * self.NB).to(torch.int32 if self.L * self.NB < 2**31 else torch.int64)
         self.code = torch.empty(self.N, dtype=torch.uint8, device=dev)
-        self.fused = bool(compile_probe) or (dev.type != "cpu" if device_path is None else bool(device_path))
-        self.cpu = not self.fused  # the numpy path (CPU tensors only)
+        # the compiled one-pass measurement on CPU (probe/onepass.py); otherwise the pure-torch step of fused.py
+        self.onepass_ok = not compile_probe and not device_path and onepass.usable(layers, self.dtype, dev)
+        self.onepass: onepass.OnePass | None = None
+        self.fused = not self.onepass_ok
         self.code_base_f = (self.layer_id * self.NB).to(torch.float64 if big else torch.float32) + 0.5
-        self.bounds_np = self.bounds.numpy() if self.cpu else None
         self.layer_ends = [o + n for o, n in zip(self.offsets, self.ns, strict=True)]
         self.sign_hash = sign_hash
         self.E = int(events_per_layer)
@@ -233,7 +209,7 @@ class FlatGroup:
         self.sign = torch.empty_like(self.sign0)
         self.flipped = torch.empty_like(self.sign0)
         self.c2ibuf = torch.empty_like(self.sign0)
-        self.prev_w = w.clone() if not self.bop or self.fused else None
+        self.prev_w = w.clone() if self.fused else None
         self.count = torch.zeros(self.N, dtype=torch.int32, device=dev)
         self.last = torch.zeros(self.N, dtype=torch.int32, device=dev)
         self.mix = torch.cat([hash_coefficients(n, dev) for n in self.ns]) if sign_hash else None
@@ -262,7 +238,13 @@ class FlatGroup:
                     above[self.offsets[li]:self.offsets[li] + self.ns[li]] = False
             self.prev_above = above
             self.wm_prev = w * m  # w_{t−1}·m_{t−1} for the next step's flip events (the state at attach)
-            self.m_prev = m.clone() if self.fused else m
+            self.m_prev = m.clone()
+        if self.onepass_ok:  # the compiled pass keeps sign0, |m| > τ, m_{t−1}, w_{t−1}·m_{t−1} in its own buffers
+            self.onepass = onepass.OnePass(self, w, self.sign0, self.prev_above, self.m_prev)
+            if self.bop:
+                self.onepass.set_hyper(self.hyper_np)
+            self.prev_sign = self.sign = self.flipped = self.c2ibuf = None
+            self.prev_above = self.wm_prev = self.m_prev = None
         if self.fused:
             self.t_dev = torch.zeros((), dtype=torch.int32, device=dev)
             self.u0 = torch.zeros(self.L, self.E, dtype=torch.float64, device=dev)
@@ -326,6 +308,16 @@ class FlatGroup:
         self.t_layer = torch.cat([torch.full((len(t),), li, dtype=torch.int64) for li, t in enumerate(t_idx)]).to(dev)
         self.t_sizes = [len(t) for t in t_idx]
         self._hyper_key = None  # τ of the tracked weights is cached with the hyperparameters
+        if dev.type == "cpu":  # the compiled pass's view: per-layer sample indices (in the layer), padded
+            self.qk = K
+            self.qks = np.asarray(ks, dtype=np.int64)
+            self.qidx_np = np.ascontiguousarray((sel - torch.tensor(self.offsets, dtype=torch.int64)[:, None])
+                                                .clamp_min(0).numpy())
+            self.qpos_np, self.qfrac_np = self.qpos.numpy(), self.qfrac.numpy()
+            self.mpos_np, self.mfrac_np = self.mpos.numpy(), self.mfrac.numpy()
+            self.tsel_np = self.tsel.numpy()
+            if getattr(self, "onepass", None) is not None:
+                self.onepass.set_samples()
 
     def _positions(self, ks: list[int], qs: tuple[float, ...]) -> tuple[Tensor, Tensor]:
         """numpy-"linear" positions: [L, 2Q] (lo then hi indices into each sorted row) and [L, Q] fractions."""
@@ -352,17 +344,6 @@ class FlatGroup:
         if self.qpad is not None:
             s.masked_fill_(self.qpad, _NAN)
         return s
-
-    def _sample_n(self, *xs: Tensor) -> Tensor:
-        """[n, L, K]: the samples of n flat tensors (n index_select into one buffer, one fill)."""
-        a = xs[0]
-        out = torch.empty((len(xs), *self.qsel.shape), dtype=a.dtype, device=a.device)
-        flat = self.qsel.view(-1)
-        for i, x in enumerate(xs):
-            torch.index_select(x, 0, flat, out=out[i].view(-1))
-        if self.qpad is not None:
-            out.masked_fill_(self.qpad, _NAN)
-        return out
 
     # ------------------------------------------------------------------ flat views
     def cat_w(self, out: Tensor | None = None) -> Tensor:
@@ -392,13 +373,7 @@ class FlatGroup:
         """m_t (Bop) or m̂_t (Bop2ndOrder) of every layer, flat (zeros for a layer without optimizer state)."""
         ms, missing = self._state_views(self.mkey)
         self.m_missing = missing
-        for li in missing:
-            st = self.layers[li].optimizer.state.get(self.layers[li].param)
-            if st:  # stepped, but m is not where the probe was told to read it: an error, never silent zeros
-                ly = self.layers[li]
-                raise BnnProbeError(
-                    f"the optimizer state of {ly.name} ({type(ly.optimizer).__name__}) has no momentum key "
-                    f"{self.mkey!r} (keys: {', '.join(map(str, st))}); attach(..., momentum_key=...) names it")
+        self._check_momentum(missing)
         if self.family != "bop2nd":
             buf = self._buf("m", self.dtype)  # two buffers in turn: the other one holds m_{t−1} (step_size)
             if self.m_prev is buf:
@@ -418,6 +393,15 @@ class FlatGroup:
             for li in missing:
                 out[self.offsets[li]:self.offsets[li] + self.ns[li]] = 0
         return out
+
+    def _check_momentum(self, missing: list[int]) -> None:
+        for li in missing:
+            st = self.layers[li].optimizer.state.get(self.layers[li].param)
+            if st:  # stepped, but m is not where the probe was told to read it: an error, never silent zeros
+                ly = self.layers[li]
+                raise BnnProbeError(
+                    f"the optimizer state of {ly.name} ({type(ly.optimizer).__name__}) has no momentum key "
+                    f"{self.mkey!r} (keys: {', '.join(map(str, st))}); attach(..., momentum_key=...) names it")
 
     def cat_g(self) -> Tensor:
         views = []
@@ -468,6 +452,14 @@ class FlatGroup:
             self.tau_valid = None if not self.tau_nan else \
                 _to_dev([t == t for t in taus], torch.bool, dev)[self.layer_id]
             self.tau_pos = [t > 0 for t in taus]
+            if dev.type == "cpu":  # the compiled pass: τ_l and the ladder points k·τ_l in the weights' dtype
+                npd = torch.empty(0, dtype=self.dtype).numpy().dtype
+                ladder = [sorted(npd.type(k * t) for k in MARGIN_LADDER) for t in taus]  # ascending (see _pass.c)
+                self.hyper_np = {"tau": np.asarray(taus, dtype=npd), "thr": np.asarray(ladder, dtype=npd).reshape(-1),
+                                 "tau_valid": np.asarray([t == t for t in taus], dtype=np.uint8)}
+                self.tau_t_np, self.tau_l_np = self.tau_t.numpy(), self.tau_l.numpy()
+                if self.onepass is not None:
+                    self.onepass.set_hyper(self.hyper_np)
             self._uniform_2nd = key[0][1:] if len({k[1:] for k in key}) == 1 else None
         else:
             clips = [math.nan if c is None else float(c) for c in key]
@@ -475,6 +467,12 @@ class FlatGroup:
             self.clip_none_rows = [li for li, c in enumerate(key) if c is None]
             self.clip32_l = _to_dev(clips, self.dtype, dev)
             self.clip_valid_l = _to_dev([c is not None for c in key], torch.bool, dev)
+            if dev.type == "cpu":
+                npd = torch.empty(0, dtype=self.dtype).numpy().dtype
+                self.hyper_np = {"clip": np.asarray(clips, dtype=npd),
+                                 "clip_valid": np.asarray([c is not None for c in key], dtype=np.uint8)}
+                if self.onepass is not None:
+                    self.onepass.set_hyper(self.hyper_np)
             if len(set(key)) == 1:
                 self.clip = clips[0]
             else:
@@ -485,53 +483,36 @@ class FlatGroup:
 
     # ------------------------------------------------------------------ per step
     def before_step(self) -> None:
-        """Pre-step hook: sign(w_{t−1}) (Bop family) or w̃_{t−1} (latent), for every layer in one cat (+ compare)."""
-        if self.bop and not self.fused:
-            self.binarize(self.cat_w(out=self.wbuf), self.prev_sign)
+        """Pre-step hook: b(w_{t−1}) into the compiled pass's state (CPU), or w_{t−1} copied (device path)."""
+        if self.onepass is not None:
+            self.onepass.pre()
         else:
             self.cat_w(out=self.prev_w)
 
+    def keep_weights(self) -> None:
+        """Copy w_t into ``wbuf`` (the run checks compare it with the weights before the next step). The device path
+        refreshes ``wbuf`` every step anyway; the compiled pass reads the weights in place and copies only here."""
+        if self.onepass is not None:
+            self.cat_w(out=self.wbuf)
+
     def measure(self, t: int, log: bool, trk: bool, ev: bool, hist: bool, snap: bool) -> dict:
-        """Everything of step t for this group (device tensors, rows in group order); updates the counters."""
+        """Everything of step t for this group (rows in group order); updates the counters."""
         if self.fused:
             return self._measure_fused(t, log, trk, ev, hist, snap)
-        out: dict = {}
+        op = self.onepass
         self._read_hyper()
-        w = self.cat_w(out=self.wbuf)
-        sign = self.binarize(w, self.sign)
-        prev_sign = self.prev_sign if self.bop else self.binarize(self.prev_w)
-        flipped = _ne(sign, prev_sign, self.flipped)
-        # CPU: the flipped weights' indices once per step (flips are sparse): counters and events index them directly
-        fidx = np.flatnonzero(flipped.numpy()) if self.cpu else None
-        above = m = wm = abs_m = g = None
-        if self.bop:
-            m = self.cat_m()
-            abs_m = torch.abs(m, out=self._buf("abs_m", m.dtype))
-            k = self._flip = 1 - self._flip  # above and w·m are kept for one more step: two buffers each
-            above = self._above(abs_m, self._buf(f"above{k}", torch.bool))
-            wm = torch.mul(w, m, out=self._buf(f"wm{k}", m.dtype))
+        op.post(t)
+        out: dict = {}
         if log:
-            g = self.cat_g()
-            out["ints"], out["floats"] = self._steps(w, sign, flipped, m, wm, abs_m, above, g, fidx)
+            out["ints"], out["floats"] = op.steps()
         if ev and self.E > 0:
-            out["events"] = self._events(t, flipped, fidx, w, m)
+            out["events"] = op.events()
         if trk:
-            out["tracked"] = self._tracked(w, sign, wm, m)
+            out["tracked"] = op.tracked()
         if hist:
-            out["hists"] = self._hists(w, wm, abs_m)
+            out["hists"] = op.hists()
         if snap:
-            out["snap"] = sign.clone()
-        # commit: per-weight counters, |m| > τ for the next step's crossings
-        if fidx is not None:  # same values as the device path below, touching only the flipped weights
-            self.count.numpy()[fidx] += 1
-            self.last.numpy()[fidx] = t
-        else:
-            self.count.add_(flipped)
-            self.last.masked_fill_(flipped, t)
-        if self.bop:
-            self.prev_above = above if self.tau_valid is None else torch.where(self.tau_valid, above, self.prev_above)
-            self.wm_prev = wm
-            self.m_prev = m
+            out["snap"] = torch.from_numpy(op.sign_now().copy())
         return out
 
     def _measure_fused(self, t: int, log: bool, trk: bool, ev: bool, hist: bool, snap: bool) -> dict:
@@ -580,122 +561,6 @@ class FlatGroup:
                      adam=self.nan_lat[:, :2])
         return s
 
-    def _codes(self, masks: list[Tensor]) -> Tensor:
-        if self.cpu:
-            return self._codes_cpu(masks)
-        code = self.code
-        torch.add(masks[0].view(torch.uint8), masks[1].view(torch.uint8), alpha=2, out=code)
-        for k, mk in enumerate(masks[2:], start=2):
-            code.add_(mk.view(torch.uint8), alpha=1 << k)
-        if self.use_histc:
-            idx = torch.add(self.code_base, code)
-            nb = self.L * self.NB
-            h = torch.histc(idx, bins=nb, min=0, max=nb)
-        else:
-            h = torch.bincount(torch.add(self.code_base, code), minlength=self.L * self.NB)
-        return h.view(self.L, self.NB).to(torch.float64) @ self.count_mat  # [L, C] exact counts
-
-    def _codes_cpu(self, masks: list[Tensor]) -> Tensor:
-        """CPU: code = Σ_k mask_k·2^k built with shifts and ors on 8 codes at a time (uint64 words: each byte stays
-        below 2^B ≤ 256, so no bit crosses into the next byte; the last mask may be a uint8 field of several bits,
-        it ends up in the top bits), then one uint8 ``bincount`` per layer."""
-        code = self.code.numpy()
-        n8 = self.N & ~7
-        ms = [m.numpy() for m in masks]
-        for a, sl in ((np.uint64, slice(0, n8)), (np.uint8, slice(n8, self.N))):
-            c = code[sl].view(a)
-            np.copyto(c, ms[-1][sl].view(a))
-            for m in ms[-2::-1]:
-                np.left_shift(c, 1, out=c, casting="unsafe")
-                np.bitwise_or(c, m[sl].view(a), out=c)
-        ct, nb = self.code, self.NB
-        h = torch.stack([torch.bincount(ct[s:e], minlength=nb) for s, e in zip(self.offsets, self.layer_ends,
-                                                                              strict=True)])
-        return h.to(torch.float64) @ self.count_mat  # [L, C] exact counts
-
-    def _ladder(self, wm: Tensor, flipped: Tensor, fidx: np.ndarray | None) -> Tensor:
-        """uint8 per weight: the number of ladder points k·τ (k in MARGIN_LADDER) that the margin x = w_{t−1}·m_t
-        exceeds (x > k·τ). x = w_t·m_t where the sign did not change and −w_t·m_t where it did (w_{t−1} = −w_t).
-
-        CPU: the seven comparisons run on w·m in chunks of 2^16 weights (the chunk stays in cache: ~5x faster than
-        seven passes over memory), then the flipped weights (sparse: ``fidx``) are recounted with −w·m. The same
-        IEEE comparisons as ``x > k·τ`` in x's dtype (k·τ rounded to it; exact for these powers of two)."""
-        field = self._buf("ladder", torch.uint8)
-        uniform = not isinstance(self.tau, Tensor)
-        if fidx is None or not _np_ok(wm) or not (uniform or self.tau.dtype == wm.dtype):
-            x = torch.where(flipped, -wm, wm)
-            field.copy_(x > self.tau * MARGIN_LADDER[0])
-            for k in MARGIN_LADDER[1:]:
-                field.add_(x > self.tau * k)
-            return field
-        xn, fn = wm.numpy(), field.numpy()
-        tn = None if uniform else self.tau.numpy()
-        thr = [xn.dtype.type(k * self.tau) for k in MARGIN_LADDER] if uniform else None
-        c = min(_LADDER_CHUNK, self.N)
-        gb, tb = np.empty(c, np.bool_), np.empty(c, xn.dtype)
-        for s in range(0, self.N, c):
-            e = min(s + c, self.N)
-            xs, fs, gs = xn[s:e], fn[s:e], gb[:e - s]
-            for j, k in enumerate(MARGIN_LADDER):
-                t = thr[j] if uniform else np.multiply(tn[s:e], xn.dtype.type(k), out=tb[:e - s])
-                np.greater(xs, t, out=fs.view(np.bool_) if j == 0 else gs)
-                if j:
-                    np.add(fs, gs.view(np.uint8), out=fs)
-        if len(fidx):
-            xf = -xn[fidx]
-            cnt = np.zeros(len(fidx), np.uint8)
-            for j, k in enumerate(MARGIN_LADDER):
-                cnt += xf > (thr[j] if uniform else tn[fidx] * xn.dtype.type(k))
-            fn[fidx] = cnt
-        return field
-
-    def _steps(self, w, sign, flipped, m, wm, abs_m, above, g, fidx) -> tuple[Tensor, Tensor]:
-        c2i = _ne(sign, self.sign0, self.c2ibuf)
-        finite = _isfinite(g)
-        if self.bop:
-            counts = self._codes([flipped, c2i, finite, above, self.prev_above, self._ladder(wm, flipped, fidx)])
-        else:
-            if self.clip_any:
-                at_clip = torch.ge(w.abs(), self.clip)
-            else:
-                at_clip = torch.zeros_like(flipped)
-            counts = self._codes([flipped, c2i, finite, at_clip])
-        ints3 = counts[:, :3].to(torch.int64)
-        if self.sign_hash:
-            if self.device.type == "cpu":  # exact int64 segment sums in one numpy call
-                hb = np.multiply(self.mix.numpy(), sign.numpy(), out=self.hbuf.numpy()[:self.N])
-                h = torch.from_numpy(np.add.reduceat(hb, self.starts.numpy(), dtype=np.int64)).unsqueeze(1)
-            else:
-                torch.cumsum(torch.mul(self.mix, sign), 0, dtype=torch.int64, out=self.hbuf[1:])
-                b = self.hbuf.index_select(0, self.bounds)
-                h = (b[self.L:] - b[:self.L]).unsqueeze(1)
-        else:
-            h = self.missing_hash
-        ints = torch.cat([ints3, h], 1)
-        x = m if self.bop else w
-        if _np_ok(x):  # segment sums of |x| in float64, one numpy call
-            ax = abs_m if self.bop else torch.abs(w, out=self._buf("abs_w", w.dtype))
-            mean = torch.from_numpy(np.add.reduceat(ax.numpy(), self.starts.numpy(), dtype=np.float64)).div_(self.n_f)
-        else:
-            mean = torch.stack(torch._foreach_norm(list(x.split(self.ns)), 1, dtype=torch.float64)).div_(self.n_f)
-        if self.bop:
-            smp = self._sample_n(abs_m, wm, wm)
-            smp[2] = torch.where(flipped[self.qsel], -smp[2], smp[2])  # the margin w_{t−1}·m_t on the sample
-            v = self._sort(smp)  # one sort: |m|, w·m and the margin
-            q = _at_positions(v[:2], self.qpos, self.qfrac)
-            qm = _at_positions(v[2], self.mpos, self.mfrac)
-            floats = torch.cat([counts[:, 3:13], mean.unsqueeze(1), q[0], q[1], qm, self.nan_lat], 1)
-        else:
-            q = self._quantiles(self._sample(w).abs(), self.qpos, self.qfrac)
-            at = counts[:, 3:4]
-            if not self.clip_any:
-                at = self.nan_lat[:, :1]
-            elif self.clip_none_rows:
-                at = at.clone()
-                at[self.clip_none_rows] = _NAN
-            floats = torch.cat([self.nan_bop, mean.unsqueeze(1), q, at, self._adam_step()], 1)
-        return ints, floats
-
     def _adam_step(self) -> Tensor:
         """[L, 2] quantiles (0.5, 0.95) of |m̂/(sqrt(v̂)+eps)| on the sample; NaN where not Adam / no state yet."""
         if not any(self.adam):
@@ -735,63 +600,6 @@ class FlatGroup:
             out[bad] = _NAN
         return out
 
-    def _step_size(self, idx: Tensor, w: Tensor, m: Tensor | None) -> Tensor:
-        """|state_t − state_{t−1}| at idx (float64): Bop family |m_t − m_{t−1}| (m̂), latent |w̃_t − w̃_{t−1}|."""
-        if self.bop:
-            return (m[idx].double() - self.m_prev[idx].double()).abs()
-        return (w[idx].double() - self.prev_w[idx].double()).abs()
-
-    def _tracked(self, w: Tensor, sign: Tensor, wm: Tensor | None, m: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(sign(w_t) ≥ 0 as bool, float64 [T, 2] = (inertia, step_size)) of the tracked weights; the recorder
-        writes the sign as ±1."""
-        idx = self.tsel
-        step = self._step_size(idx, w, m)
-        if self.bop:
-            return sign[idx], torch.stack([self.tau_t - wm[idx].double(), step], 1)
-        if self.any_custom:
-            return sign[idx], torch.stack([self.margin(w)[idx].double(), step], 1)
-        wt = w[idx]
-        return wt >= 0, torch.stack([wt.abs().double(), step], 1)
-
-    def _events(self, t: int, flipped: Tensor, fidx: np.ndarray | None, w: Tensor,
-                m: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Up to E flipped weights per layer, stratified (samplers.sample_flipped, all layers at once).
-
-        Inertia just before the step: latent |w̃_{t−1}| (the pre-step copy); Bop family τ − w_{t−1}·m_{t−1} with
-        w_{t−1}·m_{t−1} kept from the previous step's measurement (at attach: the optimizer state then); and the
-        step size at the flip (as for tracked weights). Returns (int64 [L·E, 2], float64 [L·E, 2])."""
-        E, L, dev = self.E, self.L, self.device
-        cb = self.cbuf
-        if fidx is not None:  # CPU: flips before each bound by binary search in the flipped indices (= the cumsum)
-            b = torch.from_numpy(np.searchsorted(fidx, self.bounds_np).astype(np.int32))
-        else:
-            torch.cumsum(flipped, 0, dtype=torch.int32, out=cb[1:])
-            b = cb.index_select(0, self.bounds)
-        c_prev = b[:L].unsqueeze(1)
-        f = b[L:].unsqueeze(1) - c_prev  # [L, 1] flips per layer
-        u = torch.rand(L, E, generator=self.gen, device=dev, dtype=torch.float64)
-        strat = u.add_(self.ev_j).mul_(f).div_(E).floor_().add_(1)
-        ranks = torch.where(f <= E, self.ev_j1, strat).to(torch.int32)
-        valid = ranks <= f
-        if fidx is not None:  # the r-th flipped weight overall is fidx[r − 1] (invalid ranks are masked below)
-            r = ranks.add_(c_prev).to(torch.int64).sub_(1).clamp_(0, max(len(fidx) - 1, 0))
-            gidx = torch.from_numpy(fidx)[r] if len(fidx) else torch.zeros_like(r)
-        else:
-            gidx = torch.searchsorted(cb[1:], ranks.add_(c_prev)).clamp_max_(self.N - 1)
-        st = self.starts.unsqueeze(1)
-        safe = torch.where(valid, gidx, st).view(-1)
-        local = torch.where(valid, gidx.sub_(st), -1).view(-1)
-        last = self.last[safe]
-        since = torch.where(last > 0, t - last, -1)
-        if self.bop:
-            inertia = self.tau_e - self.wm_prev[safe].double()
-        elif self.any_custom:
-            inertia = self.margin(self.prev_w)[safe].double()
-        else:
-            inertia = self.prev_w[safe].abs().double()
-        floats = torch.stack([inertia, self._step_size(safe, w, m)], 1).masked_fill_(~valid.view(-1, 1), _NAN)
-        return torch.stack([local, since.to(torch.int64)], 1), floats
-
     def _hists(self, w: Tensor, wm: Tensor | None, abs_m: Tensor | None) -> dict[str, tuple[Tensor, Tensor, list]]:
         """{quantity: (counts [L, bins] int64, stats [L, 4] float64, layer rows that have it)} (histograms.py)."""
         from ..runlog.schema import HIST_EDGES
@@ -828,6 +636,29 @@ class FlatGroup:
         return cache[q]
 
     # ------------------------------------------------------------------ per-layer views (state_dict, flush)
+    STATE_NAMES = ("sign0", "count", "last", "prev_above", "wm_prev", "m_prev")
+
+    def layer_state(self, k: int) -> dict[str, Tensor | None]:
+        """The per-weight state of layer k of the group (views; ``Probe.state_dict`` copies them)."""
+        out = {"count": self.layer_slice(self.count, k), "last": self.layer_slice(self.last, k)}
+        if self.onepass is not None:
+            out.update(self.onepass.layer_state(k))
+        else:
+            out.update({n: self.layer_slice(getattr(self, n), k) for n in ("sign0", "prev_above", "wm_prev",
+                                                                            "m_prev")})
+        return out
+
+    def load_layer_state(self, k: int, name: str, value: Tensor) -> None:
+        """Restore one entry of :meth:`layer_state` (a resumed run)."""
+        if self.onepass is not None:
+            self.onepass.load_layer_state(k, name, value)
+            if name == "sign0":
+                self.layer_slice(self.sign0, k).copy_(value.reshape(-1))
+            return
+        dst = self.layer_slice(getattr(self, name), k)
+        if dst is not None:
+            dst.copy_(value.reshape(-1))
+
     def layer_slice(self, t: Tensor | None, li: int) -> Tensor | None:
         if t is None:
             return None

@@ -143,6 +143,8 @@ class Probe:
 
     # ------------------------------------------------------------------ setup
     def _setup_writer(self, tensorboard: bool, resume: bool, buffer_steps: int) -> None:
+        self._hyper_src = [(ly, _hyper_keys(ly)) for ly in self.layers]
+        self._hyper_raw: tuple | None = None
         gen = torch.Generator().manual_seed(self.seed)
         q_idx: list[torch.Tensor | None] = []
         t_idx: list[torch.Tensor] = []
@@ -321,16 +323,18 @@ class Probe:
                     self.rec.add_snapshot(t, li, g.layer_slice(o["snap"], k))
 
     def _hyper(self) -> np.ndarray:
-        out = np.full((len(self.layers), 4), math.nan)
-        for li, ly in enumerate(self.layers):
-            g = ly.group
-            for j, k in enumerate(_hyper_keys(ly)):
-                v = g.get(k)
+        """[L, 4] float64 (γ, τ, lr, σ) of every layer as its param group holds them now (NaN where absent or not a
+        number); rebuilt only when one of the raw values changed (a scheduler)."""
+        raw = tuple(ly.group.get(k) for ly, keys in self._hyper_src for k in keys)  # groups may be replaced
+        if raw != self._hyper_raw:
+            out = np.full((len(self.layers), 4), math.nan)
+            for i, v in enumerate(raw):
                 if isinstance(v, int | float):
-                    out[li, j] = v
+                    out.flat[i] = v
                 elif isinstance(v, torch.Tensor) and v.numel() == 1 and v.device.type == "cpu":
-                    out[li, j] = float(v)
-        return out
+                    out.flat[i] = float(v)
+            self._hyper_raw, self._hyper_arr = raw, out
+        return self._hyper_arr.copy()
 
     # ------------------------------------------------------------------ public API
     def add_callback(self, fn: Callable[[Probe, int], None], every: Cadence = 1) -> None:
@@ -399,11 +403,9 @@ class Probe:
             layers = {}
             for i, ly in enumerate(self.layers):
                 g, k = self._layer_state(i)
+                st = g.layer_state(k)
                 cpu = {name: (None if v is None else v.detach().cpu().clone()) for name, v in (
-                    ("sign0", g.layer_slice(g.sign0, k)), ("count", g.layer_slice(g.count, k)),
-                    ("last", g.layer_slice(g.last, k)), ("prev_above", g.layer_slice(g.prev_above, k)),
-                    ("wm_prev", g.layer_slice(g.wm_prev, k)), ("m_prev", g.layer_slice(g.m_prev, k)),
-                    ("q_idx", g.q_idx[k]), ("t_idx", g.t_idx[k]))}
+                    *((n, st[n]) for n in g.STATE_NAMES), ("q_idx", g.q_idx[k]), ("t_idx", g.t_idx[k]))}
                 layers[ly.name] = cpu
             sd["layers"] = layers
             sd["run_sum"] = self.rec.run_sum.tolist()
@@ -425,10 +427,9 @@ class Probe:
             q_idx, t_idx = [], []
             for k, ly in enumerate(g.layers):
                 st = sd["layers"][ly.name]
-                for name in ("sign0", "count", "last", "prev_above", "wm_prev", "m_prev"):
-                    dst = g.layer_slice(getattr(g, name), k)
-                    if dst is not None and st.get(name) is not None:
-                        dst.copy_(st[name].reshape(-1))
+                for name in g.STATE_NAMES:
+                    if st.get(name) is not None:
+                        g.load_layer_state(k, name, st[name])
                 q_idx.append(st.get("q_idx"))
                 t_idx.append(st["t_idx"])
             g.set_samples(q_idx, t_idx)
@@ -488,7 +489,8 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.
     ``rank=None`` (from torch.distributed), ``resume=False``, ``seed=0``, ``sign_hash=True``, ``buffer_steps=256``,
     ``compile_probe=None`` (``torch.compile`` the every-step measurement: None = on for CUDA, off otherwise; a compile
     failure warns once and measures eagerly), ``device_path=None`` (the pure-torch measurement of probe/fused.py:
-    None = on any device but the CPU, where numpy is faster; True forces it on the CPU; implied by compile_probe).
+    None = on any device but the CPU, where the compiled one-pass measurement of probe/onepass.py is used when
+    installed; True forces the pure-torch path on the CPU; implied by compile_probe).
     The logged values do not depend on these two options.
     Cadences take an int n (every n-th step; 0 = never) or a schedule (``Every``, ``LogSpaced``).
 

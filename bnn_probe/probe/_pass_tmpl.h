@@ -1,0 +1,366 @@
+/* The one-pass measurement for one float type; included twice by _pass.c with
+ *   T = float / double, SFX = f32 / f64, ABS = fabsf / fabs, IT = int32_t / int64_t (lane-wide integers),
+ *   UT = uint32_t / uint64_t (T's bits).
+ * See _pass.c for the state byte, the count columns and the contract of every function. */
+
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+#define FN(name) CAT(name, SFX)
+
+#define BOP_LOOP(SEXPR, J0) \
+_Pragma("GCC ivdep") \
+            for (int64_t j = J0; j < bn; j++) { \
+                const int64_t i = b0 + j; \
+                const T wi = w[i], mi = m[i]; \
+                const IT st = (IT)S[i]; \
+                const IT s = SEXPR; \
+                const IT f = s ^ (st & S_SIGN); \
+                const IT pa = (st >> 2) & 1; \
+                const IT ab = ABS(mi) > tl; \
+                const T d = g[i] - g[i]; /* NaN iff g is NaN or infinite */ \
+                cn += (IT)!(d == (T)0); \
+                const IT na = tv ? ab : pa; \
+                S[i] = (uint8_t)((st & S_SIGN0) | s | (na << 2) | (f << 3) | (pa << 4)); \
+                mo[i] = mi; \
+                wmo[i] = wi * mi; \
+            } \
+            /* counts from the state bytes (16-bit lanes): flips, c2i, |m| > tau, crossings */ \
+            { \
+                uint16_t bf = 0, bc = 0, ba = 0, bu = 0, bd = 0; \
+_Pragma("GCC ivdep") \
+                for (int64_t j = J0; j < bn; j++) { \
+                    const uint16_t v = S[b0 + j]; \
+                    bf += (v >> 3) & 1; \
+                    bc += (v ^ (v >> 1)) & 1; \
+                    ba += (v >> 2) & 1; \
+                    bu += ((v >> 2) & ~(v >> 4)) & 1; \
+                    bd += ((v >> 4) & ~(v >> 2)) & 1; \
+                } \
+                cf += bf; \
+                cc += bc; \
+                if (tv) { ca += ba; cu += bu; cd += bd; } \
+                else cd += ba; /* tau is NaN: nothing is above, every weight that was above crossed down */ \
+            } \
+            /* the margin ladder in a second loop over the block (in L1): fewer live registers */ \
+_Pragma("GCC ivdep") \
+            for (int64_t j = J0; j < bn; j++) { \
+                const int64_t i = b0 + j; \
+                UT xb; \
+                memcpy(&xb, wmo + i, sizeof(T)); \
+                xb ^= (UT)((S[i] >> 3) & 1) << (8 * sizeof(T) - 1); /* -w m where flipped: the sign bit */ \
+                T x; \
+                memcpy(&x, &xb, sizeof(T)); \
+                e0 += (IT)(x > t0); \
+                e1 += (IT)(x > t1); \
+                e2 += (IT)(x > t2); \
+                e3 += (IT)(x > t3); \
+                e4 += (IT)(x > t4); \
+                e5 += (IT)(x > t5); \
+                e6 += (IT)(x > t6); \
+            } \
+_Pragma("omp simd reduction(+ : sb)") \
+            for (int64_t j = J0; j < bn; j++) sb += (double)ABS(m[b0 + j]);
+
+#define LAT_LOOP(SEXPR) \
+_Pragma("GCC ivdep") \
+            for (int64_t j = 0; j < bn; j++) { \
+                const int64_t i = b0 + j; \
+                const T wi = w[i]; \
+                const IT st = (IT)S[i]; \
+                const IT s = SEXPR; \
+                const IT f = s ^ (st & S_SIGN); \
+                const T aw = ABS(wi); \
+                const T d = g[i] - g[i]; \
+                cf += f; \
+                cc += s ^ ((st >> 1) & 1); \
+                cn += (IT)!(d == (T)0); \
+                ck += cv & (IT)(aw >= cl); \
+                S[i] = (uint8_t)((st & (S_SIGN0 | S_ABOVE)) | s | (f << 3)); \
+            } \
+_Pragma("omp simd reduction(+ : sb)") \
+            for (int64_t j = 0; j < bn; j++) sb += (double)ABS(w[b0 + j]);
+
+/* Pre-step pass: S_SIGN := b(w_{t-1}) where it differs from the stored sign (a change made outside the optimizer
+ * step since the last measurement; rare, so the state is written only then); the sign hash follows every change.
+ * copy_out (latent family): w_{t-1} copied, flat. Returns the number of weights whose sign changed. */
+HOT int64_t FN(bnnp_pre)(const bnnp_plan *P, T *copy_out) {
+    const uintptr_t *wp = P->wp;
+    const uint8_t *sgn = P->sgn;
+    uint8_t *state = P->state;
+    const int32_t *mix = P->mix;
+    int64_t *hash = P->hash;
+    int64_t changed = 0, o = 0;
+    for (int64_t l = 0; l < P->L; l++) {
+        const int64_t n = P->lens[l];
+        const T *restrict w = (const T *)wp[l];
+        uint8_t *restrict S = state + o;
+        const uint8_t *restrict sg = sgn ? sgn + o : NULL;
+        if (copy_out) memcpy(copy_out + o, w, (size_t)n * sizeof(T));
+        for (int64_t b0 = 0; b0 < n; b0 += BLK) {
+            const int64_t bn = n - b0 < BLK ? n - b0 : BLK;
+            IT d = 0;
+            if (sg) {
+#pragma omp simd reduction(+ : d)
+                for (int64_t j = 0; j < bn; j++) d += ((IT)sg[b0 + j] ^ (IT)S[b0 + j]) & 1;
+            } else {
+#pragma omp simd reduction(+ : d)
+                for (int64_t j = 0; j < bn; j++) d += (IT)(w[b0 + j] >= (T)0) ^ ((IT)S[b0 + j] & S_SIGN);
+            }
+            if (!d) continue;
+            changed += d;
+            for (int64_t j = 0; j < bn; j++) {
+                const int64_t i = b0 + j;
+                const uint8_t s = sg ? (sg[i] & 1) : (uint8_t)(w[i] >= (T)0);
+                if (s == (S[i] & S_SIGN)) continue;
+                S[i] = (uint8_t)((S[i] & ~S_SIGN) | s);
+                if (mix) hash[l] += s ? (int64_t)mix[o + i] : -(int64_t)mix[o + i];
+            }
+        }
+        o += n;
+    }
+    return changed;
+}
+
+/* Post-step pass of the Bop family (Bop: m = exp_avg; Bop2ndOrder: m = normalised momentum m_hat), every layer:
+ *   s = b(w_t), f = s != b(w_{t-1}), margin x = w_{t-1} m_t = (f ? -1 : 1) w_t m_t,
+ *   counts[l] += (f, s != b(w_0), !isfinite(g), |m| > tau, up-crossing, down-crossing, x > thr_j for j < 7),
+ *   thr: the ladder points k tau of each layer in ascending order, so that #{j : x > thr_j} > j iff x > thr_j,
+ *   sum_abs[l] = sum |m| (float64), m_out = m_t, wm_out = w_t m_t (for the next step's events),
+ *   flipped weights: fidx (flat index) and flast (their last-flip step before this one), count += 1, last = t,
+ *   sign hash. Returns the number of flips. */
+HOT int64_t FN(bnnp_bop_post)(bnnp_plan *P) {
+    const uintptr_t *wp = P->wp, *mp = P->mp, *gp = P->gp;
+    const uint8_t *sgn = P->sgn, *tau_valid = P->tau_valid;
+    const T *tau = (const T *)P->tau, *thr = (const T *)P->thr;
+    uint8_t *state = P->state;
+    T *m_out = (T *)P->m_out, *wm_out = (T *)P->wm_out;
+    int64_t *counts = P->counts;
+    double *sum_abs = P->sum_abs;
+    const int64_t L = P->L, K = P->K;
+    T *samp = (T *)P->samp;
+    int64_t o = 0, nf = 0;
+    for (int64_t l = 0; l < L; l++) {
+        const int64_t n = P->lens[l];
+        const int64_t *q = P->qidx + l * K, nq = samp ? P->ks[l] : 0;
+        int64_t qi = 0;
+        T *sa_ = samp ? samp + l * K : NULL, *sb_ = samp ? samp + (L + l) * K : NULL,
+          *sc_ = samp ? samp + (2 * L + l) * K : NULL;
+        const T *restrict w = (const T *)wp[l], *restrict m = (const T *)mp[l], *restrict g = (const T *)gp[l];
+        const uint8_t *restrict sg = sgn ? sgn + o : NULL;
+        uint8_t *restrict S = state + o;
+        T *restrict mo = m_out + o, *restrict wmo = wm_out + o;
+        const T tl = tau[l];
+        const IT tv = tau_valid[l];
+        const T t0 = thr[7 * l], t1 = thr[7 * l + 1], t2 = thr[7 * l + 2], t3 = thr[7 * l + 3], t4 = thr[7 * l + 4],
+                t5 = thr[7 * l + 5], t6 = thr[7 * l + 6];
+        int64_t c[NC_BOP] = {0};
+        double sa = 0.0;
+        for (int64_t b0 = 0; b0 < n; b0 += BLK) {
+            const int64_t bn = n - b0 < BLK ? n - b0 : BLK;
+            IT cf = 0, cc = 0, cn = 0, ca = 0, cu = 0, cd = 0, e0 = 0, e1 = 0, e2 = 0, e3 = 0, e4 = 0, e5 = 0, e6 = 0;
+            const int64_t flips_before = c[0];
+            double sb = 0.0;
+            if (sg) {
+                BOP_LOOP((IT)(sg[i] & 1), 0)
+            } else {
+                BOP_LOOP((IT)(wi >= (T)0), 0)
+            }
+            c[0] += cf; c[1] += cc; c[2] += cn; c[3] += ca; c[4] += cu; c[5] += cd;
+            c[6] += e0; c[7] += e1; c[8] += e2; c[9] += e3; c[10] += e4; c[11] += e5; c[12] += e6;
+            sa += sb;
+            /* the quantile sample (sorted indices) while the block is in cache: |m|, w m, the margin */
+            for (; qi < nq && q[qi] < b0 + bn; qi++) {
+                const int64_t i = q[qi];
+                const T wm = wmo[i];
+                sa_[qi] = ABS(m[i]);
+                sb_[qi] = wm;
+                sc_[qi] = (S[i] & S_FLIP) ? -wm : wm;
+            }
+            if (c[0] != flips_before) nf = record_flips(P, S, b0, bn, o, l, nf);
+        }
+        for (int k = 0; k < NC_BOP; k++) counts[NC_BOP * l + k] = c[k];
+        sum_abs[l] = sa;
+        o += n;
+    }
+    P->nf = nf;
+    return nf;
+}
+
+/* Post-step pass of the latent family: s = b(w_t), f = s != b(w_{t-1}) (the pre pass stored b(w_{t-1})),
+ *   counts[l] += (f, s != b(w_0), !isfinite(g), |w| >= clip), sum_abs[l] = sum |w|; flipped weights as above. */
+HOT int64_t FN(bnnp_lat_post)(bnnp_plan *P) {
+    const uintptr_t *wp = P->wp, *gp = P->gp;
+    const uint8_t *sgn = P->sgn, *clip_valid = P->clip_valid;
+    const T *clip = (const T *)P->clip;
+    uint8_t *state = P->state;
+    int64_t *counts = P->counts;
+    double *sum_abs = P->sum_abs;
+    const int64_t L = P->L, K = P->K;
+    T *samp = (T *)P->samp;
+    int64_t o = 0, nf = 0;
+    for (int64_t l = 0; l < L; l++) {
+        const int64_t n = P->lens[l];
+        const int64_t *q = P->qidx + l * K, nq = samp ? P->ks[l] : 0;
+        int64_t qi = 0;
+        T *sa_ = samp ? samp + l * K : NULL;
+        const T *restrict w = (const T *)wp[l], *restrict g = (const T *)gp[l];
+        const uint8_t *restrict sg = sgn ? sgn + o : NULL;
+        uint8_t *restrict S = state + o;
+        const T cl = clip[l];
+        const IT cv = clip_valid[l];
+        int64_t c[NC_LAT] = {0};
+        double sa = 0.0;
+        for (int64_t b0 = 0; b0 < n; b0 += BLK) {
+            const int64_t bn = n - b0 < BLK ? n - b0 : BLK;
+            IT cf = 0, cc = 0, cn = 0, ck = 0;
+            double sb = 0.0;
+if (sg) {
+                LAT_LOOP((IT)(sg[i] & 1))
+            } else {
+                LAT_LOOP((IT)(wi >= (T)0))
+            }
+            c[0] += cf; c[1] += cc; c[2] += cn; c[3] += ck;
+            sa += sb;
+            for (; qi < nq && q[qi] < b0 + bn; qi++) sa_[qi] = ABS(w[q[qi]]);
+            if (cf) nf = record_flips(P, S, b0, bn, o, l, nf);
+        }
+        for (int k = 0; k < NC_LAT; k++) counts[NC_LAT * l + k] = c[k];
+        sum_abs[l] = sa;
+        o += n;
+    }
+    P->nf = nf;
+    return nf;
+}
+
+/* numpy-"linear" quantiles of R sorted rows of K samples (NaN-padded): out[r][j] = lo + (hi - lo) frac[r][j] with
+ * lo = v[r][pos[r][j]], hi = v[r][pos[r][Q + j]] in float64 (the arithmetic of probe/fused.py's _at_positions).
+ * pos and frac have one row per layer; row r uses layer r % rows_pos. */
+HOT void FN(bnnp_interp)(int64_t R, int64_t K, const T *v, int64_t rows_pos, const int64_t *pos, const double *frac,
+                         int64_t Q, double *out) {
+    for (int64_t r = 0; r < R; r++) {
+        const int64_t *p = pos + (r % rows_pos) * 2 * Q;
+        const double *f = frac + (r % rows_pos) * Q;
+        const T *row = v + r * K;
+        for (int64_t j = 0; j < Q; j++) {
+            const double lo = (double)row[p[j]], hi = (double)row[p[Q + j]];
+            out[r * Q + j] = lo + (hi - lo) * f[j];
+        }
+    }
+}
+
+/* Flip events: up to E flipped weights per layer, stratified (probe/samplers.py): with f flips in layer l and
+ * u ~ U[0, 1) per slot j, rank = j + 1 if f <= E else floor((u + j) f / E) + 1, the rank-th flipped weight of the
+ * layer (in index order), valid if rank <= f. out_i [L E][2] = (index in the layer or -1, steps since its previous
+ * flip or -1), safe [L E] = its flat index (the layer's first weight for an empty slot). Bop family (wm_before not
+ * NULL): out_f [L E][2] = (tau - w_{t-1} m_{t-1}, |m_t - m_{t-1}|) in float64, NaN for an empty slot. */
+HOT void FN(bnnp_events)(const bnnp_plan *P, int64_t E, const double *u, const double *tau_l, const T *wm_before,
+                         const T *m_now, const T *m_before, int64_t *out_i, int64_t *safe, double *out_f) {
+    const int64_t L = P->L, nf = P->nf;
+    const int64_t *fidx = P->fidx;
+    const int32_t *flast = P->flast;
+    int64_t c = 0;
+    for (int64_t l = 0; l < L; l++) {
+        const int64_t start = P->offs[l], end = start + P->lens[l];
+        while (c < nf && fidx[c] < start) c++;
+        int64_t c1 = c;
+        while (c1 < nf && fidx[c1] < end) c1++;
+        const int64_t f = c1 - c;
+        for (int64_t j = 0; j < E; j++) {
+            const int64_t s = l * E + j;
+            const int32_t rank = f <= E ? (int32_t)(j + 1) : (int32_t)(floor((u[s] + (double)j) * (double)f / (double)E) + 1.0);
+            if (rank <= f) {
+                const int64_t r = c + rank - 1, gi = fidx[r];
+                out_i[2 * s] = gi - start;
+                out_i[2 * s + 1] = flast[r] > 0 ? (int64_t)P->t - flast[r] : -1;
+                safe[s] = gi;
+                if (wm_before) {
+                    out_f[2 * s] = tau_l[l] - (double)wm_before[gi];
+                    const double d = (double)m_now[gi] - (double)m_before[gi];
+                    out_f[2 * s + 1] = d < 0 ? -d : d;
+                }
+            } else {
+                out_i[2 * s] = -1;
+                out_i[2 * s + 1] = -1;
+                safe[s] = start;
+                if (wm_before) out_f[2 * s] = out_f[2 * s + 1] = (double)NAN;
+            }
+        }
+        c = c1;
+    }
+}
+
+/* Fixed-bin histograms (probe/histograms.py) of one quantity for the layers with rows[l] != 0:
+ *   kind 0: |m|/tau, 1: w m/tau (division in the weights' type), 2: |m|, 3: |w| (latent),
+ * taken in float64; bin = #{edges e <= x} (torch.bucketize(right=True)'s upper-bound search, NaN in the last bin),
+ * found through lut (indexed by the top 16 bits of x: the number of edges <= the cell's smallest value when the cell
+ * holds at most one edge, else 255 = binary search);
+ * counts [L][ne + 1], stats [L][4] = min, max (NaN if any x is NaN), sum, sum of squares. Reads m and w through the
+ * plan's pointer tables (valid after a pass). */
+HOT void FN(bnnp_hist)(const bnnp_plan *P, int32_t kind, const uint8_t *rows, const double *edges, int64_t ne,
+                       const uint8_t *lut, int64_t *counts, double *stats) {
+    const T *tau = (const T *)P->tau;
+    for (int64_t l = 0; l < P->L; l++) {
+        if (!rows[l]) continue;
+        const int64_t n = P->lens[l];
+        const T *w = (const T *)P->wp[l];
+        const T *m = P->mp ? (const T *)P->mp[l] : NULL;
+        const T tl = tau ? tau[l] : (T)1;
+        int64_t *cnt = counts + l * (ne + 1);
+        double mn = INFINITY, mx = -INFINITY, sum = 0.0, sq = 0.0;
+        int nan = 0;
+        for (int64_t k = 0; k <= ne; k++) cnt[k] = 0;
+        for (int64_t i = 0; i < n; i++) {
+            T v;
+            switch (kind) {
+                case 0: v = ABS(m[i]) / tl; break;
+                case 1: v = (w[i] * m[i]) / tl; break;
+                case 2: v = ABS(m[i]); break;
+                default: v = ABS(w[i]); break;
+            }
+            const double x = (double)v;
+            uint64_t xb;
+            memcpy(&xb, &x, 8);
+            int64_t lo = lut[xb >> 48];
+            if (lo != 255) {  /* at most one edge in x's cell: one comparison */
+                lo += lo < ne && !(x < edges[lo]);
+            } else {
+                int64_t hi = ne;
+                lo = 0;
+                while (lo < hi) {
+                    const int64_t mid = lo + ((hi - lo) >> 1);
+                    if (!(x < edges[mid])) lo = mid + 1; else hi = mid;
+                }
+            }
+            cnt[lo] += 1;
+            if (x != x) nan = 1;
+            if (x < mn) mn = x;
+            if (x > mx) mx = x;
+            sum += x;
+            sq += x * x;
+        }
+        double *st = stats + 4 * l;
+        st[0] = nan ? (double)NAN : mn;
+        st[1] = nan ? (double)NAN : mx;
+        st[2] = sum;
+        st[3] = sq;
+    }
+}
+
+/* Tracked weights of the Bop family at flat indices idx[0..n): sign[k] = b(w_t) = +1 (the state byte),
+ * out [n][2] = (tau_l - w_t m_t, |m_t - m_{t-1}|) in float64. */
+HOT void FN(bnnp_tracked)(const bnnp_plan *P, int64_t n, const int64_t *idx, const double *tau_t, const T *wm_now,
+                          const T *m_now, const T *m_before, uint8_t *sign, double *out) {
+    for (int64_t k = 0; k < n; k++) {
+        const int64_t i = idx[k];
+        sign[k] = P->state[i] & S_SIGN;
+        out[2 * k] = tau_t[k] - (double)wm_now[i];
+        const double d = (double)m_now[i] - (double)m_before[i];
+        out[2 * k + 1] = d < 0 ? -d : d;
+    }
+}
+
+#undef FN
+#undef BOP_LOOP
+#undef LAT_LOOP
+#undef CAT
+#undef CAT_

@@ -1,0 +1,350 @@
+"""The probe's CPU fast path: one compiled pass per (group, step) over the weights, read in place.
+
+A :class:`OnePass` belongs to a :class:`~bnn_probe.probe.flat.FlatGroup` on the CPU when the extension
+``bnn_probe.probe._pass`` is installed (probe/cpu_pass.py). Per step:
+
+* before the optimizer step, ``pre``: b(w_{t−1}) is compared with the stored sign byte of every weight and the
+  byte (and the sign hash) changed only where the weights moved outside the step; the latent family copies w̃_{t−1};
+* after the step, ``bop_post`` / ``lat_post``: one pass over w_t, m_t (Bop2ndOrder: m̂_t) and g_t of every layer
+  through a table of data pointers (no concatenation) gives every count of the steps table (flips, c2i_diff,
+  non-finite gradients, |m| > τ, crossings, the margin ladder), Σ|m| (float64), the flipped weights' indices, and
+  updates the flip counters, last-flip steps and the sign hash (Σ r_i over weights with b(w_i) = +1, kept
+  incrementally: only weights whose sign changed add or remove their r_i, so the hash is exact and costs nothing
+  per unchanged weight);
+* the quantile sample is gathered by ``gather`` into [3, L, K] and sorted with numpy; tracked weights and flip
+  events are small numpy gathers of the buffers the pass wrote (m_t and w_t·m_t, kept for one more step).
+
+Values are those of the per-layer reference (probe/quantities.py + probe/context.py): the same IEEE comparisons in
+the weights' dtype, float64 sums to rounding (tests/test_probe_flat.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..runlog.schema import HIST_EDGES
+from . import cpu_pass
+from .cpu_pass import NC_BOP, NC_LAT, S_ABOVE, S_SIGN, S_SIGN0
+
+if TYPE_CHECKING:
+    from .flat import FlatGroup
+
+__all__ = ["OnePass", "usable"]
+
+_NAN = float("nan")
+_MISSING_HASH = -(2**63)
+_EDGES = {q: np.asarray(e, dtype=np.float64) for q, e in HIST_EDGES.items()}
+_LUTS: dict[str, np.ndarray] = {}
+
+
+_warned = False
+
+
+def usable(layers, dtype: torch.dtype, device: torch.device) -> bool:
+    """The compiled pass measures this group: CPU float32/float64 parameters and the extension is installed. On the
+    CPU without the extension, warns once that the slower pure-torch path measures instead."""
+    global _warned
+    if device.type != "cpu":
+        return False
+    if cpu_pass.load() is None:
+        if not _warned and not os.environ.get("BNN_PROBE_NO_KERNEL"):
+            _warned = True
+            warnings.warn("bnn-probe: the compiled CPU measurement (bnn_probe.probe._pass) is not installed, so the "
+                          "probe measures with its slower pure-torch path (same values); reinstall bnn-probe on a "
+                          "machine with a C compiler to get it", RuntimeWarning, stacklevel=3)
+        return False
+    return dtype in (torch.float32, torch.float64) and all(ly.param.is_contiguous() for ly in layers)
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+class OnePass:
+    """The per-weight state and buffers of the compiled pass for one flat group (see the module docstring)."""
+
+    def __init__(self, grp: FlatGroup, w: Tensor, sign0: Tensor, above: Tensor | None, m: Tensor | None) -> None:
+        self.g = grp
+        N, L = grp.N, grp.L
+        self.npdtype = _np(w).dtype
+        self.k = cpu_pass.load()[self.npdtype]
+        self.bop = grp.bop
+        self.lens = np.asarray(grp.ns, dtype=np.int64)
+        self.offs = np.asarray(grp.offsets, dtype=np.int64)
+        self.wp = np.zeros(L, dtype=np.uintp)
+        self.mp = np.zeros(L, dtype=np.uintp)
+        self.gp = np.zeros(L, dtype=np.uintp)
+        s0 = _np(sign0).view(np.uint8)
+        self.state = (s0 * (S_SIGN | S_SIGN0)).astype(np.uint8)
+        if above is not None:
+            self.state |= _np(above).view(np.uint8) * np.uint8(S_ABOVE)
+        self.count_np, self.last_np = _np(grp.count), _np(grp.last)
+        self.mix = _np(grp.mix) if grp.sign_hash else None
+        self.hash = np.zeros(L, dtype=np.int64)
+        if grp.sign_hash and N:  # exact int64 sums of r_i over b(w_0) = +1, per layer
+            self.hash[:] = np.add.reduceat(np.where(s0.astype(bool), self.mix.astype(np.int64), 0), self.offs)
+        self.sgn = np.empty(N, dtype=np.uint8) if grp.any_custom else None
+        self.counts = np.zeros((L, NC_BOP if self.bop else NC_LAT), dtype=np.int64)
+        self.sum_abs = np.zeros(L, dtype=np.float64)
+        P = self.plan = cpu_pass.Plan()
+        P.L = L
+        P.set(lens=self.lens, offs=self.offs, wp=self.wp, mp=self.mp, gp=self.gp, sgn=self.sgn, state=self.state,
+              count=self.count_np, last=self.last_np, mix=self.mix, hash=self.hash,
+              fidx=np.empty(N, dtype=np.int64), flast=np.empty(N, dtype=np.int32), counts=self.counts,
+              sum_abs=self.sum_abs)
+        self.pplan = ctypes.byref(P)
+        if self.bop:
+            self.m_bufs = [np.empty(N, dtype=self.npdtype), np.empty(N, dtype=self.npdtype)]
+            self.wm_bufs = [np.empty(N, dtype=self.npdtype), np.empty(N, dtype=self.npdtype)]
+            self.cur = 1  # each pass flips cur, then writes m_t, w_t·m_t into bufs[cur]; bufs[1 − cur]: step t − 1
+            self.m_bufs[1][:] = _np(m)
+            np.multiply(_np(w), _np(m), out=self.wm_bufs[1])
+            self.prev_w = None
+        else:
+            self.prev_w = np.array(_np(w), copy=True)
+        self.set_samples()
+        self._keep: list[Tensor] = []
+
+    def set_samples(self) -> None:
+        """The quantile sample (sorted indices per layer, NaN-padded sample buffer) from the group's samples."""
+        g = self.g
+        K = g.qk
+        self.samp = np.full((3, g.L, K), _NAN, dtype=self.npdtype)
+        self.plan.K = K
+        qidx = np.zeros((g.L, K), dtype=np.int64)
+        for li, k in enumerate(g.qks):  # ascending: the pass picks the sample up in index order
+            qidx[li, :k] = np.sort(g.qidx_np[li, :k])
+        self.plan.set(ks=g.qks, qidx=qidx, samp=self.samp)
+
+    def set_hyper(self, hp: dict[str, np.ndarray]) -> None:
+        if self.bop:
+            self.plan.set(tau=hp["tau"], thr=hp["thr"], tau_valid=hp["tau_valid"])
+        else:
+            self.plan.set(clip=hp["clip"], clip_valid=hp["clip_valid"])
+
+    # ------------------------------------------------------------------ pointers
+    def _set_ptrs(self, dst: np.ndarray, ts: list[Tensor]) -> None:
+        dt = self.g.dtype
+        for i, t in enumerate(ts):
+            if t.dtype != dt or not t.is_contiguous():
+                t = t.detach().contiguous().to(dt)
+                self._keep.append(t)  # alive until the next pass (the sample gather reads it)
+            dst[i] = t.data_ptr()
+
+    def _signs(self, w: Tensor) -> None:
+        """The binarizer stage for groups with a binarizer other than sign: [b(w) = +1] as bytes."""
+        if self.sgn is not None:
+            self.g.binarize(w, torch.from_numpy(self.sgn).view(torch.bool))
+
+    # ------------------------------------------------------------------ per step
+    def pre(self) -> None:
+        """Before the optimizer step: stored signs := b(w_{t−1}) where they changed; latent: w̃_{t−1} copied."""
+        g = self.g
+        self._keep = []
+        self._set_ptrs(self.wp, [ly.param for ly in g.layers])
+        if self.sgn is not None:
+            self._signs(g.cat_w(out=g.wbuf))
+        self.k.pre(self.pplan, None if self.bop else self.prev_w.ctypes.data)
+
+    def post(self, t: int) -> None:
+        """After the optimizer step t: the pass; leaves counts, Σ|·|, the flipped weights and the sample in the
+        buffers. Copies made for the pass (m̂, non-contiguous tensors) stay alive until the next pass."""
+        g = self.g
+        self._keep = []
+        layers = g.layers
+        self._set_ptrs(self.wp, [ly.param for ly in layers])
+        grads = [ly.param.grad for ly in layers]
+        g.g_missing = [li for li, gr in enumerate(grads) if gr is None]
+        for li in g.g_missing:
+            grads[li] = g._zeros_like_layer(li)
+        self._set_ptrs(self.gp, grads)
+        if self.sgn is not None:
+            self._signs(g.cat_w(out=g.wbuf))
+        P = self.plan
+        P.t = t
+        if self.bop:
+            if g.family == "bop2nd":  # m̂ = m/(sqrt(v)+eps) computed by torch into one flat buffer
+                mh = g.cat_m()
+                base, isz = mh.data_ptr(), mh.element_size()
+                self.mp[:] = [base + o * isz for o in g.offsets]
+                self._keep.append(mh)
+            else:
+                ms, missing = g._state_views(g.mkey)
+                g.m_missing = missing
+                if missing:
+                    g._check_momentum(missing)
+                self._set_ptrs(self.mp, ms)
+            self.cur = c = 1 - self.cur
+            P.m_out, P.wm_out = self.m_bufs[c].ctypes.data, self.wm_bufs[c].ctypes.data
+            self.k.bop_post(self.pplan)
+        else:
+            self.k.lat_post(self.pplan)
+
+    # ------------------------------------------------------------------ views of the buffers
+    @property
+    def m_now(self) -> np.ndarray:
+        return self.m_bufs[self.cur]
+
+    @property
+    def m_before(self) -> np.ndarray:
+        return self.m_bufs[1 - self.cur]
+
+    @property
+    def wm_now(self) -> np.ndarray:
+        return self.wm_bufs[self.cur]
+
+    @property
+    def wm_before(self) -> np.ndarray:
+        return self.wm_bufs[1 - self.cur]
+
+    def sign_now(self) -> np.ndarray:
+        """bool [b(w_t) = +1] of every weight (after the last measured step)."""
+        return (self.state & S_SIGN) > 0
+
+    def w_at(self, idx: np.ndarray) -> np.ndarray:
+        """w_t at flat indices (gathered from the parameters in place)."""
+        out = np.empty(len(idx), dtype=self.npdtype)
+        layer = np.searchsorted(self.offs, idx, side="right") - 1
+        for li, ly in enumerate(self.g.layers):
+            sel = layer == li
+            if sel.any():
+                out[sel] = _np(ly.param).reshape(-1)[idx[sel] - self.offs[li]]
+        return out
+
+    def _quantiles(self, v: np.ndarray, pos: np.ndarray, frac: np.ndarray) -> np.ndarray:
+        """[R, K] sorted rows → [R, Q] quantiles (``bnnp_interp``: probe/fused.py's arithmetic)."""
+        R, K = v.shape
+        Q = frac.shape[1]
+        out = np.empty((R, Q), dtype=np.float64)
+        self.k.interp(R, K, v.ctypes.data, pos.shape[0], pos.ctypes.data, frac.ctypes.data, Q, out.ctypes.data)
+        return out
+
+    # ------------------------------------------------------------------ rows of the log
+    def steps(self) -> tuple[Tensor, Tensor]:
+        """(int64 [L, 4] = flips, c2i_diff, nonfinite_grads, sign_hash; float64 [L, n_float]) of this step."""
+        g = self.g
+        L = g.L
+        ints = np.empty((L, 4), dtype=np.int64)
+        ints[:, :3] = self.counts[:, :3]
+        ints[:, 3] = self.hash if g.sign_hash else _MISSING_HASH
+        floats = np.full((L, g.n_float), _NAN)
+        nb = g.n_bop_cols
+        if self.bop:
+            floats[:, :10] = self.counts[:, 3:13]
+            floats[:, 10] = self.sum_abs / self.lens
+            v = np.sort(self.samp, axis=-1)  # one sort: |m|, w·m and the margin w_{t−1}·m_t
+            floats[:, 11:21] = self._quantiles(v[:2].reshape(2 * L, -1), g.qpos_np, g.qfrac_np) \
+                .reshape(2, L, -1).transpose(1, 0, 2).reshape(L, -1)
+            floats[:, 21:nb] = self._quantiles(v[2], g.mpos_np, g.mfrac_np)
+        else:
+            floats[:, nb] = self.sum_abs / self.lens
+            floats[:, nb + 1:nb + 6] = self._quantiles(np.sort(self.samp[0], axis=-1), g.qpos_np, g.qfrac_np)
+            if g.clip_any:
+                at = self.counts[:, 3].astype(np.float64)
+                at[g.clip_none_rows] = _NAN
+                floats[:, nb + 6] = at
+            floats[:, nb + 7:nb + 9] = g._adam_step().numpy()
+        return torch.from_numpy(ints), torch.from_numpy(floats)
+
+    def events(self) -> tuple[Tensor, Tensor]:
+        """Up to E flipped weights per layer, stratified (probe/samplers.py's rule, all layers at once):
+        (int64 [L·E, 2] = index in the layer (−1: empty slot), steps since its previous flip (−1: none);
+        float64 [L·E, 2] = inertia just before the step, step size)."""
+        g = self.g
+        E, L = g.E, g.L
+        u = torch.rand(L, E, generator=g.gen, dtype=torch.float64).numpy()
+        ints = np.empty((L * E, 2), dtype=np.int64)
+        safe = np.empty(L * E, dtype=np.int64)
+        floats = np.empty((L * E, 2), dtype=np.float64)
+        if self.bop:
+            self.k.events(self.pplan, E, u.ctypes.data, g.tau_l_np.ctypes.data, self.wm_before.ctypes.data,
+                          self.m_now.ctypes.data, self.m_before.ctypes.data, ints.ctypes.data, safe.ctypes.data,
+                          floats.ctypes.data)
+            return torch.from_numpy(ints), torch.from_numpy(floats)
+        self.k.events(self.pplan, E, u.ctypes.data, None, None, None, None, ints.ctypes.data, safe.ctypes.data, None)
+        pw = self.prev_w[safe]
+        if g.any_custom:
+            floats[:, 0] = g.margin(torch.from_numpy(self.prev_w))[torch.from_numpy(safe)].double().numpy()
+        else:
+            floats[:, 0] = np.abs(pw)
+        floats[:, 1] = np.abs(self.w_at(safe).astype(np.float64) - pw.astype(np.float64))
+        floats[ints[:, 0] < 0] = _NAN
+        return torch.from_numpy(ints), torch.from_numpy(floats)
+
+    def tracked(self) -> tuple[Tensor, Tensor]:
+        """(b(w_t) = +1 as bool, float64 [T, 2] = (inertia, step size)) of the tracked weights."""
+        g = self.g
+        idx = g.tsel_np
+        if self.bop:
+            sign = np.empty(len(idx), dtype=np.bool_)
+            out = np.empty((len(idx), 2), dtype=np.float64)
+            self.k.tracked(self.pplan, len(idx), idx.ctypes.data, g.tau_t_np.ctypes.data, self.wm_now.ctypes.data,
+                           self.m_now.ctypes.data, self.m_before.ctypes.data, sign.ctypes.data, out.ctypes.data)
+            return torch.from_numpy(sign), torch.from_numpy(out)
+        sign = (self.state[idx] & S_SIGN) > 0
+        wt = self.w_at(idx)
+        if g.any_custom:
+            inertia = g.margin(g.cat_w(out=g.wbuf))[torch.from_numpy(idx)].double().numpy()
+        else:
+            inertia = np.abs(wt).astype(np.float64)
+        step = np.abs(wt.astype(np.float64) - self.prev_w[idx].astype(np.float64))
+        return torch.from_numpy(sign), torch.from_numpy(np.stack([inertia, step], 1))
+
+    def hists(self) -> dict[str, tuple[Tensor, Tensor, list[int]]]:
+        """{quantity: (counts [L, bins] int64, stats [L, 4] float64, layer rows that have it)} of this step, by
+        ``bnnp_hist`` over the weights in place (probe/histograms.py's definitions)."""
+        g = self.g
+        allrows = list(range(g.L))
+        if self.bop:
+            pos = [li for li in allrows if g.tau_pos[li]]
+            todo = ([("abs_m_rel", 0, pos), ("wm_rel", 1, pos)] if pos else []) + [("abs_m", 2, allrows)]
+        else:
+            todo = [("abs_w", 3, allrows)]
+        out = {}
+        for q, kind, rows in todo:
+            edges = _EDGES[q]
+            lut = _LUTS.get(q)
+            if lut is None:
+                lut = _LUTS[q] = cpu_pass.hist_lut(edges)
+            mask = np.zeros(g.L, dtype=np.uint8)
+            mask[rows] = 1
+            cnt = np.zeros((g.L, len(edges) + 1), dtype=np.int64)
+            stats = np.full((g.L, 4), _NAN)
+            self.k.hist(self.pplan, kind, mask.ctypes.data, edges.ctypes.data, len(edges), lut.ctypes.data,
+                        cnt.ctypes.data, stats.ctypes.data)
+            out[q] = (torch.from_numpy(cnt), torch.from_numpy(stats), rows)
+        return out
+
+    # ------------------------------------------------------------------ state (resume)
+    def _sl(self, k: int) -> slice:
+        return slice(int(self.offs[k]), int(self.offs[k] + self.lens[k]))
+
+    def layer_state(self, k: int) -> dict[str, Tensor | None]:
+        sl = self._sl(k)
+        st = self.state[sl]
+        out = {"sign0": torch.from_numpy((st & S_SIGN0) > 0), "prev_above": None, "wm_prev": None, "m_prev": None}
+        if self.bop:
+            out["prev_above"] = torch.from_numpy((st & S_ABOVE) > 0)
+            out["wm_prev"] = torch.from_numpy(self.wm_now[sl].copy())
+            out["m_prev"] = torch.from_numpy(self.m_now[sl].copy())
+        return out
+
+    def load_layer_state(self, k: int, name: str, value: Tensor) -> None:
+        sl = self._sl(k)
+        v = value.detach().cpu().reshape(-1).numpy()
+        bit = {"sign0": S_SIGN0, "prev_above": S_ABOVE}.get(name)
+        if bit is not None and (self.bop or name == "sign0"):
+            self.state[sl] = (self.state[sl] & np.uint8(0xFF ^ bit)) | (v.astype(np.uint8) * np.uint8(bit))
+        elif name == "wm_prev" and self.bop:
+            self.wm_now[sl] = v
+        elif name == "m_prev" and self.bop:
+            self.m_now[sl] = v
+        elif name in ("count", "last"):
+            (self.count_np if name == "count" else self.last_np)[sl] = v
