@@ -15,6 +15,14 @@ from bnn_probe.runlog.schema import MARGIN_LADDER
 pytestmark = pytest.mark.skipif(not cpu_pass.available(), reason="the compiled pass is not built")
 
 
+@pytest.fixture(params=["detected", "portable"], autouse=True)
+def simd(request):
+    """Every test twice: with the kernels the CPU supports (AVX-512 where present) and with the portable loops."""
+    cpu_pass.load()["set_simd"](-1 if request.param == "detected" else 0)
+    yield request.param
+    cpu_pass.load()["set_simd"](-1)
+
+
 def _ptrs(xs: list[np.ndarray]) -> np.ndarray:
     return np.array([x.ctypes.data for x in xs], dtype=np.uintp)
 

@@ -76,31 +76,128 @@ static inline int64_t record_flips(const bnnp_plan *P, const uint8_t *S, int64_t
     return nf;
 }
 
+/* AVX-512 kernel of the Bop post-step pass (float32), chosen at run time where the CPU has AVX-512 (F, BW, VL, DQ):
+ * 16 weights per iteration, every predicate a 16-bit mask counted with popcount. The same IEEE operations as the
+ * portable loop of _pass_tmpl.h (w >= 0, |m| > tau, w m, the margin's sign bit flipped where the weight flipped,
+ * x > thr_j, g - g == 0 for finite g). Returns the number of weights done (a multiple of 16); adds the counts to c
+ * and sum |m| to *sa. bnnp_set_simd(0) turns it off (the tests run both). */
+static int simd_level = -1;
+
+__attribute__((visibility("default"))) void bnnp_set_simd(int level) { simd_level = level; }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt")))
+
+AVX512_TARGET static int64_t bop_avx512_f32(const float *w, const float *m, const float *g, uint8_t *S, float *mo,
+                                             float *wmo, int64_t bn, float tl, int64_t tv, const float *th,
+                                             int64_t *c, double *sa, int big) {
+    const __m512 zero = _mm512_setzero_ps(), tau = _mm512_set1_ps(tl);
+    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000u));
+    const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+    const __m128i b1 = _mm_set1_epi8(1), b2 = _mm_set1_epi8(2), b4 = _mm_set1_epi8(4), b8 = _mm_set1_epi8(8);
+    __m512 t[7];
+    for (int k = 0; k < 7; k++) t[k] = _mm512_set1_ps(th[k]);
+    int64_t cf = 0, cc = 0, cn = 0, ca = 0, cu = 0, cd = 0, e[7] = {0};
+    __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+    int64_t j = 0;
+    const int nt = big && !((uintptr_t)mo & 63) && !((uintptr_t)wmo & 63);
+    for (; j + 16 <= bn; j += 16) {
+        const __m512 wv = _mm512_loadu_ps(w + j), mv = _mm512_loadu_ps(m + j), gv = _mm512_loadu_ps(g + j);
+        const __m128i sb = _mm_loadu_si128((const __m128i *)(S + j));
+        const __mmask16 s = _mm512_cmp_ps_mask(wv, zero, _CMP_GE_OQ);
+        const __mmask16 ps = _mm_test_epi8_mask(sb, b1), s0m = _mm_test_epi8_mask(sb, b2);
+        const __mmask16 pa = _mm_test_epi8_mask(sb, b4);
+        const __mmask16 f = s ^ ps;
+        const __m512 am = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(mv), absmask));
+        const __mmask16 ab = _mm512_cmp_ps_mask(am, tau, _CMP_GT_OQ);
+        const __m512 wm = _mm512_mul_ps(wv, mv);
+        const __m512 x = _mm512_mask_xor_ps(wm, f, wm, sign);
+        const __mmask16 fin = _mm512_cmp_ps_mask(_mm512_sub_ps(gv, gv), zero, _CMP_EQ_OQ);
+        cf += _mm_popcnt_u32(f);
+        cc += _mm_popcnt_u32((unsigned)(s ^ s0m));
+        cn += _mm_popcnt_u32((unsigned)(~fin & 0xFFFFu));
+        ca += _mm_popcnt_u32(ab);
+        cu += _mm_popcnt_u32((unsigned)(ab & ~pa & 0xFFFFu));
+        cd += _mm_popcnt_u32((unsigned)(pa & ~ab & 0xFFFFu));
+        for (int k = 0; k < 7; k++) e[k] += _mm_popcnt_u32(_mm512_cmp_ps_mask(x, t[k], _CMP_GT_OQ));
+        const __mmask16 na = tv ? ab : pa;
+        __m128i nst = _mm_and_si128(sb, b2); /* the bits are distinct: a masked add sets each */
+        nst = _mm_mask_add_epi8(nst, s, nst, b1);
+        nst = _mm_mask_add_epi8(nst, na, nst, b4);
+        nst = _mm_mask_add_epi8(nst, f, nst, b8);
+        _mm_storeu_si128((__m128i *)(S + j), nst);
+        if (nt) {  /* streaming stores: not read back before the next step (only at a few indices) */
+            _mm512_stream_ps(mo + j, mv);
+            _mm512_stream_ps(wmo + j, wm);
+        } else {
+            _mm512_storeu_ps(mo + j, mv);
+            _mm512_storeu_ps(wmo + j, wm);
+        }
+        s0 = _mm512_add_pd(s0, _mm512_cvtps_pd(_mm512_castps512_ps256(am)));
+        s1 = _mm512_add_pd(s1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(am, 1)));
+    }
+    c[0] += cf; c[1] += cc; c[2] += cn; c[3] += ca; c[4] += cu; c[5] += cd;
+    for (int k = 0; k < 7; k++) c[6 + k] += e[k];
+    *sa += _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+    return j;
+}
+
+static inline int64_t bop_fast_f32(const float *w, const float *m, const float *g, uint8_t *S, float *mo,
+                                   float *wmo, int64_t bn, float tl, int64_t tv, const float *th, int64_t *c,
+                                   double *sa, int big) {
+    if (simd_level < 0) {
+        __builtin_cpu_init();
+        simd_level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") ? 1 : 0;
+    }
+    return simd_level > 0 ? bop_avx512_f32(w, m, g, S, mo, wmo, bn, tl, tv, th, c, sa, big) : 0;
+}
+#else
+static inline int64_t bop_fast_f32(const float *w, const float *m, const float *g, uint8_t *S, float *mo,
+                                   float *wmo, int64_t bn, float tl, int64_t tv, const float *th, int64_t *c,
+                                   double *sa, int big) {
+    (void)big, (void)w, (void)m, (void)g, (void)S, (void)mo, (void)wmo, (void)bn, (void)tl, (void)tv, (void)th, (void)c,
+        (void)sa;
+    return 0;
+}
+#endif
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define STREAM_FENCE(big) do { if (big && simd_level > 0) _mm_sfence(); } while (0)
+#else
+#define STREAM_FENCE(big) do { (void)(big); } while (0)
+#endif
+
 #define T float
 #define SFX f32
 #define ABS(x) __builtin_fabsf(x)
 #define IT int32_t
+#define BOP_FAST bop_fast_f32
 #define UT uint32_t
 #include "_pass_tmpl.h"
 #undef T
 #undef SFX
 #undef ABS
 #undef IT
+#undef BOP_FAST
 #undef UT
 
 #define T double
 #define SFX f64
 #define ABS(x) __builtin_fabs(x)
 #define IT int64_t
+#define BOP_FAST(w, m, g, S, mo, wmo, bn, tl, tv, th, c, sa, big) 0
 #define UT uint64_t
 #include "_pass_tmpl.h"
 #undef T
 #undef SFX
 #undef ABS
 #undef IT
+#undef BOP_FAST
 #undef UT
 
-__attribute__((visibility("default"))) int64_t bnnp_abi_version(void) { return 5; }
+__attribute__((visibility("default"))) int64_t bnnp_abi_version(void) { return 6; }
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_pass", "bnn-probe's one-pass CPU measurement "
                                     "(called through ctypes: bnn_probe.probe.cpu_pass).", -1, NULL};

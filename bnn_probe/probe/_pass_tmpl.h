@@ -138,7 +138,10 @@ HOT int64_t FN(bnnp_bop_post)(bnnp_plan *P) {
     double *sum_abs = P->sum_abs;
     const int64_t L = P->L, K = P->K;
     T *samp = (T *)P->samp;
-    int64_t o = 0, nf = 0;
+    int64_t o = 0, nf = 0, ntot = 0;
+    for (int64_t l = 0; l < L; l++) ntot += P->lens[l];
+    const int big = ntot * (int64_t)sizeof(T) > (4 << 20);  /* m_t, w_t m_t copies larger than the caches */
+    (void)big;
     for (int64_t l = 0; l < L; l++) {
         const int64_t n = P->lens[l];
         const int64_t *q = P->qidx + l * K, nq = samp ? P->ks[l] : 0;
@@ -162,8 +165,10 @@ HOT int64_t FN(bnnp_bop_post)(bnnp_plan *P) {
             double sb = 0.0;
             if (sg) {
                 BOP_LOOP((IT)(sg[i] & 1), 0)
-            } else {
-                BOP_LOOP((IT)(wi >= (T)0), 0)
+            } else {  /* whole vectors by the AVX-512 kernel where the CPU has it (float32), the rest here */
+                const int64_t jv = BOP_FAST(w + b0, m + b0, g + b0, S + b0, mo + b0, wmo + b0, bn, tl, tv, thr + 7 * l,
+                                            c, &sa, big);
+                BOP_LOOP((IT)(wi >= (T)0), jv)
             }
             c[0] += cf; c[1] += cc; c[2] += cn; c[3] += ca; c[4] += cu; c[5] += cd;
             c[6] += e0; c[7] += e1; c[8] += e2; c[9] += e3; c[10] += e4; c[11] += e5; c[12] += e6;
@@ -182,6 +187,7 @@ HOT int64_t FN(bnnp_bop_post)(bnnp_plan *P) {
         sum_abs[l] = sa;
         o += n;
     }
+    STREAM_FENCE(big);
     P->nf = nf;
     return nf;
 }

@@ -21,7 +21,7 @@ __all__ = ["NC_BOP", "NC_LAT", "S_SIGN", "S_SIGN0", "S_ABOVE", "S_FLIP", "Plan",
 
 NC_BOP, NC_LAT = 13, 4  # count columns per layer (see _pass.c)
 S_SIGN, S_SIGN0, S_ABOVE, S_FLIP = 1, 2, 4, 8  # bits of the per-weight state byte
-_ABI = 5
+_ABI = 6
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -80,9 +80,12 @@ def load() -> dict[np.dtype, _Kernels] | None:
     try:
         lib = ctypes.CDLL(spec.origin)
         lib.bnnp_abi_version.restype = ctypes.c_int64
+        lib.bnnp_set_simd.argtypes = [ctypes.c_int]
         if lib.bnnp_abi_version() != _ABI:
             return None
-        return {np.dtype(np.float32): _Kernels(lib, "f32"), np.dtype(np.float64): _Kernels(lib, "f64")}
+        ks = {np.dtype(np.float32): _Kernels(lib, "f32"), np.dtype(np.float64): _Kernels(lib, "f64")}
+        ks["set_simd"] = lib.bnnp_set_simd  # -1: detect (default), 0: portable loops only (tests)
+        return ks
     except (OSError, AttributeError):
         return None
 

@@ -245,6 +245,7 @@ class FlatGroup:
                 self.onepass.set_hyper(self.hyper_np)
             self.prev_sign = self.sign = self.flipped = self.c2ibuf = None
             self.prev_above = self.wm_prev = self.m_prev = None
+            self.code = self.code_base = self.code_base_f = self.hbuf = self.cbuf = None  # the device path's
         if self.fused:
             self.t_dev = torch.zeros((), dtype=torch.int32, device=dev)
             self.u0 = torch.zeros(self.L, self.E, dtype=torch.float64, device=dev)
@@ -338,6 +339,18 @@ class FlatGroup:
         if x.device.type == "cpu":  # numpy's (SIMD) sort is ~30x faster than torch.sort on CPU here; same order
             return torch.from_numpy(np.sort(x.numpy(), axis=-1))
         return x.sort(dim=-1).values
+
+    def _sample_layers(self, xs: list[Tensor]) -> Tensor:
+        """[L, K]: the quantile sample of per-layer flat tensors, gathered layer by layer (no concatenated copy of
+        the group), NaN-padded like :meth:`_sample`."""
+        out = torch.full(self.qsel.shape, _NAN, dtype=xs[0].dtype, device=xs[0].device)
+        for li, x in enumerate(xs):
+            q = self.q_idx[li]
+            if q is None:
+                out[li, :self.ns[li]] = x
+            else:
+                torch.index_select(x, 0, q, out=out[li, :len(q)])
+        return out
 
     def _sample(self, x: Tensor) -> Tensor:
         s = x[self.qsel]
@@ -581,6 +594,8 @@ class FlatGroup:
                 dev_steps = True
             steps.append(k)
         dev = self.device
+        if dev.type == "cpu" and not dev_steps:  # a few numpy ops per layer (the same float64 arithmetic)
+            return self._adam_step_cpu(ms, vs, missing, b1s, b2s, epss, [float(s) for s in steps])
         if dev_steps:
             k = torch.stack([s.to(dev, torch.float64).reshape(()) if isinstance(s, Tensor)
                              else torch.tensor(float(s), dtype=torch.float64, device=dev) for s in steps])
@@ -591,14 +606,34 @@ class FlatGroup:
             bc1 = _to_dev([1 - b ** k for b, k in zip(b1s, kf, strict=True)], torch.float64, dev)
             bc2 = _to_dev([1 - b ** k for b, k in zip(b2s, kf, strict=True)], torch.float64, dev)
         eps = _to_dev(epss, torch.float64, dev)
-        mm = self._sample(torch.cat(ms)).double() / bc1.unsqueeze(1)
-        vv = self._sample(torch.cat(vs)).double() / bc2.unsqueeze(1)
+        mm = self._sample_layers(ms).double() / bc1.unsqueeze(1)
+        vv = self._sample_layers(vs).double() / bc2.unsqueeze(1)
         u = (mm / (vv.sqrt() + eps.unsqueeze(1))).abs()
         out = self._quantiles(u, self.apos, self.afrac)
         bad = sorted(set(missing) | {li for li, a in enumerate(self.adam) if not a})
         if bad:
             out[bad] = _NAN
         return out
+
+    def _adam_step_cpu(self, ms: list[Tensor], vs: list[Tensor], missing: list[int], b1s: list[float],
+                       b2s: list[float], epss: list[float], ks: list[float]) -> Tensor:
+        """:meth:`_adam_step` on CPU tensors, layer by layer in numpy."""
+        out = np.full((self.L, 2), _NAN)
+        pos, frac = self.apos.numpy(), self.afrac.numpy()
+        for li in range(self.L):
+            if not self.adam[li] or li in missing:
+                continue
+            m, v = ms[li].detach().numpy(), vs[li].detach().numpy()
+            q = self.q_idx[li]
+            if q is not None:
+                qn = q.numpy()
+                m, v = m[qn], v[qn]
+            mm = m.astype(np.float64) / (1 - b1s[li] ** ks[li])
+            vv = v.astype(np.float64) / (1 - b2s[li] ** ks[li])
+            u = np.sort(np.abs(mm / (np.sqrt(vv) + epss[li])))
+            lo, hi = u[pos[li, :2]], u[pos[li, 2:]]
+            out[li] = lo + (hi - lo) * frac[li]
+        return torch.from_numpy(out)
 
     def _hists(self, w: Tensor, wm: Tensor | None, abs_m: Tensor | None) -> dict[str, tuple[Tensor, Tensor, list]]:
         """{quantity: (counts [L, bins] int64, stats [L, 4] float64, layer rows that have it)} (histograms.py)."""

@@ -63,6 +63,13 @@ def usable(layers, dtype: torch.dtype, device: torch.device) -> bool:
     return dtype in (torch.float32, torch.float64) and all(ly.param.is_contiguous() for ly in layers)
 
 
+def _aligned(n: int, dtype: np.dtype) -> np.ndarray:
+    """An empty array whose data starts on a 64-byte boundary (the pass's streaming stores need it)."""
+    raw = np.empty(n * dtype.itemsize + 64, dtype=np.uint8)
+    off = (-raw.ctypes.data) % 64
+    return raw[off:off + n * dtype.itemsize].view(dtype)
+
+
 def _np(t: Tensor) -> np.ndarray:
     return t.detach().numpy()
 
@@ -101,8 +108,8 @@ class OnePass:
               sum_abs=self.sum_abs)
         self.pplan = ctypes.byref(P)
         if self.bop:
-            self.m_bufs = [np.empty(N, dtype=self.npdtype), np.empty(N, dtype=self.npdtype)]
-            self.wm_bufs = [np.empty(N, dtype=self.npdtype), np.empty(N, dtype=self.npdtype)]
+            self.m_bufs = [_aligned(N, self.npdtype) for _ in range(2)]
+            self.wm_bufs = [_aligned(N, self.npdtype) for _ in range(2)]
             self.cur = 1  # each pass flips cur, then writes m_t, w_t·m_t into bufs[cur]; bufs[1 − cur]: step t − 1
             self.m_bufs[1][:] = _np(m)
             np.multiply(_np(w), _np(m), out=self.wm_bufs[1])
