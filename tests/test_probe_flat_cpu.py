@@ -260,7 +260,7 @@ def test_margin_rows_merge_equals_sorting_the_margin(dtype):
     for li in range(L):
         wm[li, :ks[li]] = np.round(rng.standard_normal(ks[li]) * 4) / 4  # many ties
     wm[1, :5] = [0.0, -0.0, np.nan, 0.0, 0.25]
-    nflip = [0, 7, 40, cap + 1]
+    nflip = [0, 7, cap, cap + 1]
     flipped = np.zeros((L, K), dtype=bool)
     sflip = np.zeros((L, cap), dtype=dtype)
     for li, nf in enumerate(nflip):

@@ -20,9 +20,9 @@ import numpy as np
 __all__ = ["NC_BOP", "NC_LAT", "S_SIGN", "S_SIGN0", "S_ABOVE", "S_FLIP", "Plan", "available", "load", "ptr"]
 
 NC_BOP, NC_LAT = 13, 4  # count columns per layer (see _pass.c)
-SFLIP_CAP = 64  # flipped sample weights per layer the margin rows are merged for (_pass.c)
+SFLIP_CAP = 16  # flipped sample weights per layer the margin rows are merged for (_pass.c)
 S_SIGN, S_SIGN0, S_ABOVE, S_FLIP = 1, 2, 4, 8  # bits of the per-weight state byte
-_ABI = 7
+_ABI = 8
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
