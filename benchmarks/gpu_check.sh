@@ -46,7 +46,9 @@ EOF
 stage pytest_gpu 100 pytest_gpu.txt $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_amp_compile.py
 
 # 3. probe overhead and Bop vs Adam on BinaryNet full width
-stage bench_probe 110 bench_probe.txt $PY benchmarks/bench_probe.py --device cuda
+stage build_ext 60 build_ext.txt $PY -c "import setuptools; setuptools.setup()" build_ext --inplace -q
+stage bench_probe 110 bench_probe.txt $PY benchmarks/bench_probe.py --device cuda --bandwidth
+stage bench_probe_cpu 150 bench_probe_cpu.txt $PY benchmarks/bench_probe.py --threads 1 --cases mlp_digits,wide-mlp --bandwidth
 stage bench_bop 80 bench_bop.txt $PY benchmarks/bench_bop.py --device cuda --rounds 15
 
 # 4. short `bnn-probe train` runs on CUDA: fp32, bf16 and fp16 autocast, torch.compile, then --resume

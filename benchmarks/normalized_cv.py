@@ -8,6 +8,10 @@ over the whole run (window 1.0), global vs normalized, their ratio, and the fina
 
     python benchmarks/normalized_cv.py --out runs/normalized_cv            # all four configurations
     python benchmarks/normalized_cv.py --out runs/normalized_cv --only digits-default
+    python benchmarks/normalized_cv.py --out runs/normalized_cv --scale flow   # τ_l = k·mean|m| − ρ·RMS step
+
+With ``--scale flow`` the multiple is matched as k = geomean_l((τ + ρ·δ_l)/mean|m|_l) on the calibration run (δ_l the
+RMS step of m of the tracked weights, ρ = 0.583: τ + ō in units of mean |m|), and the runs are ``normalized-flow-s*``.
 """
 
 from __future__ import annotations
@@ -45,22 +49,38 @@ def matched_multiple(run, tau: float) -> float:
     return float(tau / math.exp(np.log(scale[scale > 0]).mean()))
 
 
-def _train(cfg: TrainConfig, out: Path) -> Path:
+def flow_multiple(run, tau: float) -> float:
+    """k = geometric mean over layers of (τ + ρ·δ_l)/mean|m|_l, δ_l the RMS tracked step of m over the run."""
+    from bnn_probe.optim.thresholds import OVERSHOOT_RHO
+    from bnn_probe.reports.thresholds import layer_table
+
+    st = run.steps
+    scale = st.groupby("layer")["abs_m_mean"].mean()
+    step = layer_table([run], window=1.0).set_index("layer")["step_size_rms"]
+    k = (tau + OVERSHOOT_RHO * step.reindex(scale.index)) / scale
+    return float(math.exp(np.log(k[(k > 0) & np.isfinite(k)]).mean()))
+
+
+def _train(cfg: TrainConfig, out: Path, policy=None) -> Path:
     if (out / "meta.json").exists() and json.loads((out / "meta.json").read_text()).get("status") == "finished":
         return out
-    return train(cfg, out, progress=False, overwrite=True, checkpoint_every=0)
+    return train(cfg, out, progress=False, overwrite=True, checkpoint_every=0, policy=policy)
 
 
-def run_config(name: str, spec: dict, root: Path) -> pd.DataFrame:
+def run_config(name: str, spec: dict, root: Path, scale: str = "mean_abs") -> pd.DataFrame:
+    from bnn_probe.optim.thresholds import normalized
+
     base = TrainConfig(batch_size=64, hist_every=0, snapshot_every=0, track=16, **spec)
     tau = base.resolved().threshold
     cal = bnn_probe.load_run(_train(replace(base, seed=CALIBRATION_SEED), root / name / "calibration"))
-    k = matched_multiple(cal, tau)
+    k = flow_multiple(cal, tau) if scale == "flow" else matched_multiple(cal, tau)
+    tag = "normalized" if scale == "mean_abs" else f"normalized-{scale}"
     glob, norm = [], []
     for s in SEEDS:
         glob.append(bnn_probe.load_run(_train(replace(base, seed=s), root / name / f"global-s{s}")))
-        norm.append(bnn_probe.load_run(_train(replace(base, seed=s, threshold_policy="normalized",
-                                                      threshold_multiple=k), root / name / f"normalized-s{s}")))
+        cfg = replace(base, seed=s, threshold_policy="normalized", threshold_multiple=k)
+        pol = None if scale == "mean_abs" else normalized(k, initial_threshold=tau, scale=scale)
+        norm.append(bnn_probe.load_run(_train(cfg, root / name / f"{tag}-s{s}", pol)))
     red = cv_reduction(glob, norm, window=1.0).rename(columns={"cv_from_report": "cv_normalized"})
     acc = runs_table(glob + norm)[0].set_index("run")["final_val_accuracy"]
     red.insert(0, "config", name)
@@ -75,14 +95,17 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--only", default=None, help="one configuration: " + ", ".join(CONFIGS))
     ap.add_argument("--epochs", type=int, default=None, help="override the configuration's epochs")
+    ap.add_argument("--scale", default="mean_abs", choices=["mean_abs", "flow"], help="normalized policy's scale")
     a = ap.parse_args(argv)
     names = [a.only] if a.only else list(CONFIGS)
-    frames = [run_config(n, {**CONFIGS[n], **({"epochs": a.epochs} if a.epochs else {})}, a.out) for n in names]
+    frames = [run_config(n, {**CONFIGS[n], **({"epochs": a.epochs} if a.epochs else {})}, a.out, a.scale)
+              for n in names]
     df = pd.concat(frames, ignore_index=True)
     pd.set_option("display.width", 200)
     print(df.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     a.out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(a.out / ("normalized_cv.csv" if not a.only else f"normalized_cv_{a.only}.csv"), index=False)
+    suffix = ("" if a.scale == "mean_abs" else f"_{a.scale}") + ("" if not a.only else f"_{a.only}")
+    df.to_csv(a.out / f"normalized_cv{suffix}.csv", index=False)
 
 
 if __name__ == "__main__":

@@ -127,40 +127,56 @@ def sweep(args) -> None:
             print(f"sweep {args.dataset} W={W} seed {s}: {time.time() - t0:.1f}s", flush=True)
 
 
-def _tail_table(run_dir: Path, out: Path) -> None:
-    """thresholds.csv recommended by tail matching (the fallback method) instead of the margin ladder."""
+def _method_table(run_dirs: list[Path], out: Path, method: str) -> None:
+    """thresholds.csv recommended by ``method`` ("tail", "flow", …) from the runs' layer table: the function and
+    columns the report uses, without building the rest of the report. ``run_dirs``: the run to recommend from,
+    after the run it was fed from (if any), as a report of both would see them."""
+    from bnn_probe.reports.feedback import sources
     from bnn_probe.reports.thresholds import layer_table, recommended_thresholds
-    rec = recommended_thresholds(layer_table([bnn_probe.load_run(run_dir)]), method="tail")
+    runs = [bnn_probe.load_run(p) for p in run_dirs]
+    rec = recommended_thresholds(layer_table(runs), method=method, sources=sources(runs))
     (out / "tables").mkdir(parents=True, exist_ok=True)
     cols = ["layer", "fan_in", "n_weights", "flip_ratio", "recommended_threshold", "run", "family", "threshold",
-            "ratio_to_current", "bound", "method"]
+            "ratio_to_current", "bound", "elasticity", "elasticity_at_recommended", "mean_overshoot", "margin_sd",
+            "method"]
     rec.table[cols].to_csv(out / "tables" / "thresholds.csv", index=False)
+
+
+def _seeds(args) -> list[int]:
+    return list(args.seed_list) if getattr(args, "seed_list", None) else list(range(args.seeds))
 
 
 def feedback(args) -> None:
     """global-τ run → report → from_report run, same model/data/seed; CV of per-layer flip ratios before/after.
     With ``--rounds 2`` the from-report run's own report is fed back once more (``from_report_r2_s<seed>``).
-    ``--method tail``: the thresholds recommended by tail matching instead (``from_tail…``, ``tailreport…``)."""
+    ``--method tail`` / ``flow``: the thresholds recommended by tail matching / the flow model instead
+    (``from_tail…``, ``tailreport…``; ``from_flow…``, ``flowreport…``). ``--seed-list``: these seeds instead of
+    0 … seeds − 1."""
     from bnn_probe.reports import build_report
-    tail = getattr(args, "method", "ladder") == "tail"
-    for s in range(args.seeds):
+    from bnn_probe.reports.build import ReportOptions
+    method = getattr(args, "method", "ladder")
+    tag_m = "" if method == "ladder" else method
+    for s in _seeds(args):
         prev = Path(args.out) / args.dataset / f"global_s{s}"
         train_run(prev, args.dataset, s, args.epochs, policy={"name": "global", "threshold": args.tau},
-                  threshold=args.tau, variant=f"global τ={args.tau:g}", gamma=args.gamma)
+                  threshold=args.tau, variant=f"global τ={args.tau:g}", gamma=args.gamma, widths=args.mlp_widths)
+        chain = [prev]
         for k in range(1, args.rounds + 1):
             tag = "" if k == 1 else f"_r{k}"
-            rep = Path(args.out) / args.dataset / f"{'tail' if tail else ''}report{tag}_s{s}"
+            rep = Path(args.out) / args.dataset / f"{tag_m}report{tag}_s{s}"
             if not (rep / "tables" / "thresholds.csv").exists():
-                if tail:
-                    _tail_table(prev, rep)
+                if tag_m:
+                    _method_table(chain[-2:], rep, method)
                 else:
-                    build_report([prev], rep, formats=("md",), progress=False)
-            nxt = Path(args.out) / args.dataset / f"from_{'tail' if tail else 'report'}{tag}_s{s}"
+                    build_report([prev], rep, formats=("md",), progress=False,
+                                 options=ReportOptions(threshold_method="ladder"))
+            nxt = Path(args.out) / args.dataset / f"from_{tag_m or 'report'}{tag}_s{s}"
             train_run(nxt, args.dataset, s, args.epochs,
                       policy={"name": "from-report", "thresholds_csv": str(rep / "tables" / "thresholds.csv"),
                               "report_run": bnn_probe.load_run(prev).name}, variant=f"from-report round {k}",
-                      gamma=args.gamma)
+                      gamma=args.gamma, widths=args.mlp_widths)
             prev = nxt
+            chain.append(nxt)
         print(f"feedback {args.dataset} seed {s} done", flush=True)
 
 
@@ -220,8 +236,12 @@ def main(argv=None) -> None:
     ap.add_argument("--gamma", type=float, default=GAMMA, help="feedback: Bop's γ for every run")
     ap.add_argument("--widths", type=int, nargs="+", default=[64, 256, 1024, 4096])
     ap.add_argument("--rounds", type=int, default=1, help="feedback: report → from-report rounds")
-    ap.add_argument("--method", default="ladder", choices=["ladder", "tail"],
-                    help="feedback: recommend by the margin ladder (the report's) or by tail matching")
+    ap.add_argument("--method", default="ladder", choices=["ladder", "tail", "flow"],
+                    help="feedback: recommend by the margin ladder (the report's), tail matching or the flow model")
+    ap.add_argument("--mlp-widths", type=int, nargs="+", default=None,
+                    help="feedback on digits: the MLP's hidden widths (default 2048 64 1024)")
+    ap.add_argument("--seed-list", type=int, nargs="+", default=None,
+                    help="feedback: train these seeds (e.g. 9 for tuning) instead of 0 … --seeds − 1")
     ap.add_argument("--quick", action="store_true", help="1 seed, 2 epochs")
     args = ap.parse_args(argv)
     if args.quick:

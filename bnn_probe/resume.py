@@ -8,6 +8,8 @@ one. It holds everything the next step depends on:
 * the model's ``state_dict`` (binary weights, batch-norm parameters and running statistics), the optimizer's (Bop's
   m, Adam's moments and step counts), the probe's (:meth:`bnn_probe.probe.Probe.state_dict`: step counter,
   per-weight flip counters and last-flip steps, sample indices, running means, the event sampler's RNG);
+* the online threshold controllers' state (``--threshold-policy normalized``: the per-layer EMA of |m| and its bias
+  correction; ``calibrated``: its step sizes), :func:`bnn_probe.optim.thresholds.controllers_of`;
 * the RNG states: the batch-order generator (the data order of the remaining epochs), torch's global CPU generator
   and, on CUDA, the device generators.
 
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 
 from .errors import BnnProbeError
+from .optim.thresholds import controllers_of
 from .rundir import tmp_path
 
 __all__ = ["CHECKPOINT_NAME", "CHECKPOINT_VERSION", "checkpoint_path", "save_checkpoint", "load_checkpoint",
@@ -90,7 +93,7 @@ def save_checkpoint(state: Any, path: str | os.PathLike | None = None) -> Path |
         "threads": torch.get_num_threads(), "epoch": int(state.epoch), "step": int(state.step),
         "history": list(getattr(state, "history", [])), "model": _unwrap(state.model).state_dict(),
         "optimizer": state.optimizer.state_dict(), "probe": probe_sd, "generator": state.generator.get_state(),
-        "rng": _rng_state(),
+        "rng": _rng_state(), "threshold_controllers": [c.state_dict() for c in controllers_of(state.optimizer)],
     }
     tmp = tmp_path(target)
     try:
@@ -215,6 +218,9 @@ def restore(state: Any, ckpt: dict[str, Any]) -> None:
         state.optimizer.load_state_dict(_to_device(ckpt["optimizer"], device))
         if state.probe is not None and ckpt.get("probe") is not None:
             state.probe.load_state_dict(ckpt["probe"])
+        # online threshold controllers (calibrated, normalized): their EMA / step-size state, by attachment order
+        for ctl, sd in zip(controllers_of(state.optimizer), ckpt.get("threshold_controllers") or [], strict=False):
+            ctl.load_state_dict(sd)
         state.generator.set_state(ckpt["generator"])
         _set_rng_state(ckpt["rng"])
     except BnnProbeError:

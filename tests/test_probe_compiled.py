@@ -10,6 +10,7 @@ import torch
 from _probe_helpers import MULTI_KINDS, multi_setup
 
 import bnn_probe
+from bnn_probe.probe import cpu_pass
 
 OPTS = {"tensorboard": False, "quantile_sample": 100, "track": 8, "events_per_layer": 2000, "hist_every": 3,
         "snapshot_every": 4}
@@ -52,6 +53,7 @@ def _same(a, b) -> None:
 
 
 @pytest.mark.parametrize("kind", MULTI_KINDS)
+@pytest.mark.skipif(not cpu_pass.available(), reason="the compiled CPU pass is not built: one path only")
 def test_forced_device_path_equals_cpu_path(tmp_path, kind):
     pc, cpu = _run(tmp_path / "cpu", kind, 6)
     pd_, dev = _run(tmp_path / "dev", kind, 6, device_path=True)

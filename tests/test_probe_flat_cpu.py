@@ -246,3 +246,36 @@ def test_histograms_match_searchsorted_including_edges_nan_and_inf(dtype):
     k.hist(P, 3, np.ones(1, np.uint8).ctypes.data, edges.ctypes.data, len(edges), lut.ctypes.data, cnt.ctypes.data,
            stats.ctypes.data)
     assert cnt[0, -1] == 1 and cnt.sum() == 3 and np.isnan(stats[0, :2]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_margin_rows_merge_equals_sorting_the_margin(dtype):
+    """bnnp_margin_rows: the sorted margin rows built from the sorted w·m rows and the flipped sample values equal
+    numpy's sort of the margin rows (ties, zeros, NaN, a padded row); a layer with too many flips is left to sorting."""
+    rng = np.random.default_rng(4)
+    k = cpu_pass.load()[np.dtype(dtype)]
+    L, K, cap = 4, 300, cpu_pass.SFLIP_CAP
+    ks = np.array([300, 250, 300, 300], dtype=np.int64)
+    wm = np.full((L, K), np.nan, dtype=dtype)
+    for li in range(L):
+        wm[li, :ks[li]] = np.round(rng.standard_normal(ks[li]) * 4) / 4  # many ties
+    wm[1, :5] = [0.0, -0.0, np.nan, 0.0, 0.25]
+    nflip = [0, 7, cap, cap + 1]
+    flipped = np.zeros((L, K), dtype=bool)
+    sflip = np.zeros((L, cap), dtype=dtype)
+    for li, nf in enumerate(nflip):
+        idx = rng.choice(ks[li], nf, replace=False)
+        flipped[li, idx] = True
+        sflip[li, :min(nf, cap)] = wm[li, idx][:cap]
+    margin = np.where(flipped, -wm, wm)
+    P = cpu_pass.Plan()
+    P.L, P.K = L, K
+    P.set(ks=ks, sflip=sflip, nsflip=np.array(nflip, dtype=np.int64))
+    srt = np.ascontiguousarray(np.sort(wm, axis=-1))
+    out = np.empty((L, K), dtype=dtype)
+    done = np.zeros(L, dtype=np.uint8)
+    k.margin_rows(P, srt.ctypes.data, out.ctypes.data, done.ctypes.data)
+    assert done.tolist() == [1, 1, 1, 0]
+    want = np.sort(margin, axis=-1)
+    for li in range(3):
+        np.testing.assert_array_equal(out[li], want[li])

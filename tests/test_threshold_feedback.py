@@ -62,3 +62,11 @@ def test_report_has_the_feedback_section_and_verdict_id(tmp_path):
     assert "thresholds.recommendation" in ids
     assert (tmp_path / "rep" / "tables" / "threshold_feedback.csv").exists()
     assert "Feeding the recommended thresholds back" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_a_smaller_spread_that_is_not_halved_is_not_supported():
+    """The fed runs' spread falls (CV ratio ≈ 0.63 < 1) but not to half: the claim is "at least halves", so the
+    verdict is not supported, and a second round that merely keeps it there is not supported either."""
+    vs = feedback.feedback_verdicts(feedback.feedback_chains(_chains(3, -0.35, rounds=2)))
+    assert [v.verdict for v in vs] == [stats.NOT_SUPPORTED, stats.NOT_SUPPORTED]
+    assert 0.5 < vs[0].statistic < 0.8 and vs[0].interval[0] > 0.5

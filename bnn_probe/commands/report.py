@@ -44,9 +44,11 @@ def _warn_unfinished(runs) -> None:
               help="Analysed window: the last fraction of each run's steps (per-layer and threshold sections).")
 @click.option("--target-flip-ratio", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Target of the recommended thresholds [default: per run, the median layer flip ratio].")
-@click.option("--threshold-method", type=click.Choice(["ladder", "tail"]), default="ladder", show_default=True,
-              help="How the recommended thresholds are computed: from the measured margin ladder (tail matching "
-                   "for logs without it), or by tail matching of the |m| quantiles (docs/reports.md).")
+@click.option("--threshold-method", type=click.Choice(["flow", "ladder", "tail"]), default="flow", show_default=True,
+              help="How the recommended thresholds are computed: by the flow model (flip ratio = pace / (2·(distance "
+                   "to τ + mean overshoot)), overshoot from the margin ladder; for a fed run whose source run is in "
+                   "the report, the secant through both), by reading the margin ladder, or by tail matching of the "
+                   "|m| quantiles; tail matching for logs without the ladder (docs/reports.md).")
 @click.option("--skip-broken", is_flag=True, help="Skip unreadable Parquet parts (with a warning) instead of failing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def report(runs, out, fmt, k, window, target_flip_ratio, threshold_method, skip_broken, quiet):

@@ -71,6 +71,7 @@ __all__ = [
     "layer_name",
     "layer_fan_in",
     "read_thresholds_csv",
+    "controllers_of",
 ]
 
 POLICY_NAMES: tuple[str, ...] = ("global", "fan-in", "calibrated", "from-report", "normalized", "one-layer")
@@ -254,16 +255,18 @@ def one_layer(threshold: float, layer: str, factor: float) -> ThresholdPolicy:
     return pol
 
 
-NORMALIZED_SCALES: tuple[str, ...] = ("mean_abs", "rms")
+NORMALIZED_SCALES: tuple[str, ...] = ("mean_abs", "rms", "flow")
+OVERSHOOT_RHO = 0.5826  # −ζ(1/2)/√(2π): mean overshoot of a Gaussian random walk over a level, in units of its step
 DEFAULT_MULTIPLE = 2.0
 
 
 def normalized(multiple: float = DEFAULT_MULTIPLE, initial_threshold: float = 1e-8, beta: float = 0.1,
-               every: int = 10, scale: str = "mean_abs") -> ThresholdPolicy:
+               every: int = 10, scale: str = "mean_abs", momentum_key: str = "exp_avg") -> ThresholdPolicy:
     """A scale-free τ: τ_l = k · s_l, with s_l an online estimate of layer l's typical |m| (see
     :class:`MomentumScaleThreshold`). ``multiple`` is k: a weight flips when w·m exceeds k times its layer's mean
     |m| (Bop2ndOrder: of |m̂|). Every layer starts at ``initial_threshold`` (used while m = 0, i.e. at the first
-    step).
+    step). ``momentum_key``: the optimizer-state key holding m (a third-party Bop-like optimizer's, as given to
+    ``bnn_probe.attach(..., momentum_key=...)``; Bop and Bop2ndOrder: ``"exp_avg"``).
 
     >>> p = normalized(2.0)
     >>> p.threshold_for("fc1", 64), p.controller_options["multiple"], p.controller_options["scale"]
@@ -278,9 +281,13 @@ def normalized(multiple: float = DEFAULT_MULTIPLE, initial_threshold: float = 1e
         raise BnnProbeError(f"every must be a positive integer, got {every}")
     if scale not in NORMALIZED_SCALES:
         raise BnnProbeError(f"scale must be one of {', '.join(NORMALIZED_SCALES)}, got {scale!r}")
+    if not (isinstance(momentum_key, str) and momentum_key):
+        raise BnnProbeError(f"momentum_key must be a non-empty string, got {momentum_key!r}")
     opts = {"multiple": k, "beta": beta, "every": int(every), "scale": scale}
-    return ThresholdPolicy("normalized", {"multiple": k, "initial_threshold": tau0, "beta": beta,
-                                          "every": int(every), "scale": scale}, lambda layer, n: tau0,
+    args = {"multiple": k, "initial_threshold": tau0, "beta": beta, "every": int(every), "scale": scale}
+    if momentum_key != "exp_avg":
+        opts["momentum_key"] = args["momentum_key"] = momentum_key
+    return ThresholdPolicy("normalized", args, lambda layer, n: tau0,
                            controller_options=opts, controller=MomentumScaleThreshold)
 
 
@@ -434,16 +441,37 @@ def _hookable(optimizer: Any) -> list[torch.optim.Optimizer]:
     return [o for o in opts if any("threshold" in g for g in o.param_groups)]
 
 
+_CONTROLLERS_ATTR = "_bnn_probe_threshold_controllers"
+
+
+def controllers_of(optimizer: Any) -> list[Any]:
+    """The online threshold controllers attached to ``optimizer`` (in attachment order), for checkpoints: a resumed
+    run restores each one's :meth:`state_dict` (:mod:`bnn_probe.resume`)."""
+    return list(getattr(optimizer, _CONTROLLERS_ATTR, []))
+
+
 class _HookedController:
     """Shared by the online controllers: the optimizer hooks they registered, and their removal."""
 
     _handles: list[Any]
+
+    def _register(self, optimizer: Any) -> None:
+        """Make this controller findable from its optimizer (:func:`controllers_of`)."""
+        reg = getattr(optimizer, _CONTROLLERS_ATTR, None)
+        if reg is None:
+            reg = []
+            setattr(optimizer, _CONTROLLERS_ATTR, reg)
+        reg.append(self)
+        self._registered_on = optimizer
 
     def remove(self) -> None:
         """Remove the hooks (thresholds keep their last values)."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        reg = getattr(getattr(self, "_registered_on", None), _CONTROLLERS_ATTR, [])
+        if self in reg:
+            reg.remove(self)
 
 
 class FlipRatioController(_HookedController):
@@ -531,6 +559,7 @@ class FlipRatioController(_HookedController):
             self._handles.append(opt.register_step_post_hook(self._post))
         # a wrapper (CaseOptimizer) steps each inner optimizer once: hook each exactly once
         self._n_hooked = len(self._handles) // 2
+        self._register(optimizer)
         self._posts_seen = 0
 
     @property
@@ -623,11 +652,21 @@ class MomentumScaleThreshold(_HookedController):
 
         e_l ← (1 − β) e_l + β a_l,      c ← (1 − β) c + β   (c = 1 − (1 − β)^u after u updates),      s_l = e_l / c
 
-    so the first measurement is used as it is and later ones are averaged over ≈ 1/β steps. Every ``every`` steps
-    (and at the first measurement) the scales are copied to the host in one transfer and the groups get
-    ``threshold = k · s_l``, which the step that follows uses: the τ in a group after a step is the τ that step used,
-    so the probe's ``threshold`` column is the τ trajectory. Before the first step m = 0 and the groups keep the
-    policy's starting τ; a layer whose m is all zero keeps its last τ.
+    so the first measurement is used as it is and later ones are averaged over ≈ 1/β steps.
+
+    ``scale="flow"`` also measures the step Bop is about to take, δ_l = (Σ(γ(g_t − m_{t−1}))² / n_l)^½ (same EMA),
+    and sets τ_l = max(k·s_l − ρ·δ_l, 0), s_l the mean |m|, ρ = −ζ(1/2)/√(2π) ≈ 0.583. Why: a flip turns the margin
+    w·m = τ + o into −(τ + o), and the next flip needs it back past τ, so the flip ratio is r_l = v_l/(2(τ_l + ō_l))
+    (the flow model of docs/reports.md), v_l the pace of the margin and ō_l the mean overshoot, ≈ ρ·δ_l for a
+    random walk of step δ_l (Siegmund 1979). With v_l ∝ s_l (measured: v_l/s_l = 0.0020–0.0026 in every layer of
+    the MNIST-1D conv net at γ = 1e-4), equal flip ratios need (τ_l + ō_l)/s_l equal, i.e. τ_l = k·s_l − ō_l; plain
+    τ_l = k·s_l ignores ō_l, which dominates when k is small (τ below one step of m). Here k is the distance
+    between flips, τ + ō, in units of the layer's mean |m|. Bop's raw m only (not Bop2ndOrder's m̂).
+
+    Every ``every`` steps (and at the first measurement) the scales are copied to the host in one transfer and the
+    groups get ``threshold = k · s_l``, which the step that follows uses: the τ in a group after a step is the τ
+    that step used, so the probe's ``threshold`` column is the τ trajectory. Before the first step m = 0 and the
+    groups keep the policy's starting τ; a layer whose m is all zero keeps its last τ.
 
     What k means: Bop flips w when w·m > τ, so k is the margin in units of the layer's typical |m|. A weight whose
     momentum points along it flips once it is k times as strong as the layer's average momentum; since the ratio
@@ -648,16 +687,20 @@ class MomentumScaleThreshold(_HookedController):
     """
 
     def __init__(self, optimizer: Any, multiple: float, beta: float = 0.1, every: int = 10,
-                 scale: str = "mean_abs") -> None:
+                 scale: str = "mean_abs", momentum_key: str = "exp_avg") -> None:
         if not (math.isfinite(multiple) and multiple > 0) or not 0 < beta <= 1 or every < 1 \
                 or scale not in NORMALIZED_SCALES:
             raise BnnProbeError(f"normalized thresholds need multiple > 0, 0 < beta <= 1, every >= 1 and scale in "
                                 f"{NORMALIZED_SCALES}; got {multiple}, {beta}, {every}, {scale!r}")
         self.multiple, self.beta, self.every, self.scale = float(multiple), float(beta), int(every), scale
+        self.momentum_key = str(momentum_key)
         self.optimizer = optimizer
         groups = _threshold_groups(optimizer)
         if not groups:
             raise BnnProbeError("the optimizer has no parameter group with a 'threshold' to normalise")
+        if scale == "flow" and any(callable(getattr(o, "normalized_momentum", None)) for o in _hookable(optimizer)):
+            raise BnnProbeError("normalized thresholds with scale='flow' need Bop's raw momentum (Bop or a Bop-like "
+                                "optimizer), not Bop2ndOrder's m̂; use scale='mean_abs' there")
         self.layers = [str(g.get("layer", f"group{i}")) for i, g in enumerate(groups)]
         self.n_weights = [sum(p.numel() for p in g["params"]) for g in groups]
         self._ema: Tensor | None = None
@@ -666,6 +709,7 @@ class MomentumScaleThreshold(_HookedController):
         self.step_count = 0
         self.history: list[tuple[int, dict[str, float]]] = [(0, self.thresholds())]
         self._handles = [o.register_step_pre_hook(self._pre) for o in _hookable(optimizer)]
+        self._register(optimizer)
 
     def thresholds(self) -> dict[str, float]:
         """τ per layer currently in the optimizer's groups."""
@@ -676,21 +720,27 @@ class MomentumScaleThreshold(_HookedController):
         """s_l per layer (bias-corrected EMA; nan before the first measurement). One host copy."""
         if self._ema is None or self._weight <= 0:
             return {layer: math.nan for layer in self.layers}
-        return dict(zip(self.layers, (self._ema / self._weight).tolist(), strict=True))
+        return dict(zip(self.layers, (self._ema / self._weight).tolist()[:len(self.layers)], strict=True))
 
-    @staticmethod
-    def _momentum(opt: Any, p: Tensor) -> Tensor | None:
+    def _momentum(self, opt: Any, p: Tensor) -> Tensor | None:
+        """m of ``p`` (Bop2ndOrder: m̂ via its ``normalized_momentum``), None before the optimizer has state for it.
+        State without ``momentum_key`` (a third-party optimizer keeping m elsewhere) is an error, not a silent τ."""
         state = opt.state.get(p, {})
-        if "exp_avg" not in state:
+        if self.momentum_key not in state:
+            if state:
+                raise BnnProbeError(f"normalized thresholds: the optimizer's state has no {self.momentum_key!r} "
+                                    f"(keys: {', '.join(map(str, state))}); pass momentum_key= naming where m is")
             return None
         norm = getattr(opt, "normalized_momentum", None)
-        return norm(p) if callable(norm) else state["exp_avg"]
+        return norm(p) if callable(norm) and self.momentum_key == "exp_avg" else state[self.momentum_key]
 
     @torch.no_grad()
     def _measure(self) -> Tensor | None:
         """a_l for every layer as one device tensor, or None before Bop has any state."""
         vals, seen = [], False
         opts = {id(g): o for o in _hookable(self.optimizer) for g in o.param_groups}
+        if self.scale == "flow":
+            return self._measure_flow(opts)
         for g, n in zip(_threshold_groups(self.optimizer), self.n_weights, strict=True):
             ms = [m for m in (self._momentum(opts[id(g)], p) for p in g["params"]) if m is not None]
             if not ms:
@@ -708,6 +758,41 @@ class MomentumScaleThreshold(_HookedController):
         return torch.stack([v.to(device) for v in vals])
 
     @torch.no_grad()
+    def _measure_flow(self, opts: dict) -> Tensor | None:
+        """``scale="flow"``: [mean|m_{t−1}| per layer, RMS(Δm_t) per layer] as one device tensor (2L values), with
+        Δm_t = γ·(g_t − m_{t−1}) the step Bop is about to take (pre-step: the gradient is there, m not yet updated)."""
+        means, steps, seen = [], [], False
+        for g, n in zip(_threshold_groups(self.optimizer), self.n_weights, strict=True):
+            opt = opts[id(g)]
+            gamma = g.get("gamma")
+            dev = g["params"][0].device
+            l1 = torch.zeros((), dtype=torch.float64, device=dev)
+            sq = torch.zeros((), dtype=torch.float64, device=dev)
+            for p in g["params"]:
+                m = self._momentum(opt, p)
+                if m is None or p.grad is None:
+                    continue
+                if gamma is None:
+                    raise BnnProbeError("normalized thresholds with scale='flow' need the group's 'gamma'")
+                seen = True
+                l1 = l1 + torch.linalg.vector_norm(m, 1, dtype=torch.float64)
+                sq = sq + torch.linalg.vector_norm(p.grad - m, 2, dtype=torch.float64) ** 2
+            means.append(l1 / n)
+            steps.append(float(gamma or 0.0) * torch.sqrt(sq / n))
+        if not seen:
+            return None
+        device = means[0].device
+        return torch.stack([v.to(device) for v in means + steps])
+
+    def _taus(self) -> list[float]:
+        """τ_l from the bias-corrected EMA: k·s_l, or for ``scale="flow"`` max(k·s_l − ρ·δ_l, 0) (one host copy)."""
+        est = (self._ema / self._weight).tolist()
+        n = len(self.layers)
+        if self.scale != "flow":
+            return [self.multiple * v for v in est]
+        return [max(self.multiple * s - OVERSHOOT_RHO * d, 0.0) for s, d in zip(est[:n], est[n:], strict=True)]
+
+    @torch.no_grad()
     def _pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if optimizer is not _hookable(self.optimizer)[0]:  # a wrapper's later inner optimizers: once per step
             return
@@ -723,10 +808,10 @@ class MomentumScaleThreshold(_HookedController):
         self.n_updates += 1
         if self.n_updates > 1 and done % self.every:
             return
-        taus = (self._ema * (self.multiple / self._weight)).tolist()  # the one host copy
+        taus = self._taus()
         changed = False
         for g, tau in zip(_threshold_groups(self.optimizer), taus, strict=True):
-            if math.isfinite(tau) and tau > 0:
+            if math.isfinite(tau) and (tau > 0 or (self.scale == "flow" and tau == 0)):
                 g["threshold"] = float(tau)
                 changed = True
         if changed:

@@ -29,6 +29,7 @@
 #define S_SIGN0 2
 #define S_ABOVE 4
 #define S_FLIP 8
+#define SFLIP_CAP 16
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 #define HOT __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) __attribute__((visibility("default")))
@@ -55,6 +56,8 @@ typedef struct {
     double *sum_abs;                /* [L] sum |m| (Bop family) or |w| (latent) */
     const int64_t *ks, *qidx;       /* [L] sample sizes, [L][K] sorted sample indices in the layer */
     void *samp;                     /* [3][L][K] samples (|m|, w m, margin; latent: |w|) or NULL */
+    void *sflip;                    /* [L][SFLIP_CAP] w m of the flipped sample weights, or NULL */
+    int64_t *nsflip;                /* [L] their number (may exceed SFLIP_CAP) */
     int64_t nf;                     /* out: flips of the step */
     int32_t t;                      /* the step */
 } bnnp_plan;
@@ -197,7 +200,7 @@ static inline int64_t bop_fast_f32(const float *w, const float *m, const float *
 #undef BOP_FAST
 #undef UT
 
-__attribute__((visibility("default"))) int64_t bnnp_abi_version(void) { return 6; }
+__attribute__((visibility("default"))) int64_t bnnp_abi_version(void) { return 8; }
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_pass", "bnn-probe's one-pass CPU measurement "
                                     "(called through ctypes: bnn_probe.probe.cpu_pass).", -1, NULL};

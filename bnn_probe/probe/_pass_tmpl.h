@@ -148,6 +148,8 @@ HOT int64_t FN(bnnp_bop_post)(bnnp_plan *P) {
         int64_t qi = 0;
         T *sa_ = samp ? samp + l * K : NULL, *sb_ = samp ? samp + (L + l) * K : NULL,
           *sc_ = samp ? samp + (2 * L + l) * K : NULL;
+        T *sfl = P->sflip ? (T *)P->sflip + l * SFLIP_CAP : NULL;
+        int64_t nsf = 0;
         const T *restrict w = (const T *)wp[l], *restrict m = (const T *)mp[l], *restrict g = (const T *)gp[l];
         const uint8_t *restrict sg = sgn ? sgn + o : NULL;
         uint8_t *restrict S = state + o;
@@ -179,11 +181,18 @@ HOT int64_t FN(bnnp_bop_post)(bnnp_plan *P) {
                 const T wm = wmo[i];
                 sa_[qi] = ABS(m[i]);
                 sb_[qi] = wm;
-                sc_[qi] = (S[i] & S_FLIP) ? -wm : wm;
+                if (S[i] & S_FLIP) {
+                    sc_[qi] = -wm;
+                    if (sfl && nsf < SFLIP_CAP) sfl[nsf] = wm;  /* the margin's row = w m's with these negated */
+                    nsf++;
+                } else {
+                    sc_[qi] = wm;
+                }
             }
             if (c[0] != flips_before) nf = record_flips(P, S, b0, bn, o, l, nf);
         }
         for (int k = 0; k < NC_BOP; k++) counts[NC_BOP * l + k] = c[k];
+        if (P->nsflip) P->nsflip[l] = nsf;
         sum_abs[l] = sa;
         o += n;
     }
@@ -362,6 +371,43 @@ HOT void FN(bnnp_tracked)(const bnnp_plan *P, int64_t n, const int64_t *idx, con
         out[2 * k] = tau_t[k] - (double)wm_now[i];
         const double d = (double)m_now[i] - (double)m_before[i];
         out[2 * k + 1] = d < 0 ? -d : d;
+    }
+}
+
+/* The sorted margin row of each layer from its sorted w m row (both NaN-padded past ks[l]): the margin sample is
+ * the w m sample with the values of the flipped sample weights negated (sflip, nsflip from the pass), so each is
+ * taken out of the sorted row and its negation put in, in order (the same multiset, sorted, as sorting the margin
+ * row). Layers with more than SFLIP_CAP flipped sample weights are not done: done[l] = 0 (sort those instead). */
+HOT void FN(bnnp_margin_rows)(const bnnp_plan *P, const T *wm_sorted, T *out, uint8_t *done) {
+    const int64_t K = P->K;
+    for (int64_t l = 0; l < P->L; l++) {
+        const int64_t k = P->ks[l], nf = P->nsflip[l];
+        const T *src = wm_sorted + l * K;
+        T *dst = out + l * K;
+        done[l] = nf <= SFLIP_CAP;
+        if (!done[l]) continue;
+        memcpy(dst, src, (size_t)K * sizeof(T));
+        int64_t n = k;  /* valid entries: [0, n); NaNs sort last and stay (NaN negated is NaN) */
+        while (n > 0 && dst[n - 1] != dst[n - 1]) n--;
+        const T *fl = (const T *)P->sflip + l * SFLIP_CAP;
+        for (int64_t f = 0; f < nf; f++) {
+            const T v = fl[f];
+            if (v != v) continue;
+            int64_t lo = 0, hi = n;  /* first position with dst >= v: v itself (it is in the row) */
+            while (lo < hi) {
+                const int64_t mid = (lo + hi) >> 1;
+                if (dst[mid] < v) lo = mid + 1; else hi = mid;
+            }
+            memmove(dst + lo, dst + lo + 1, (size_t)(n - lo - 1) * sizeof(T));
+            const T nv = -v;
+            lo = 0, hi = n - 1;  /* first position with dst > -v among the n - 1 left */
+            while (lo < hi) {
+                const int64_t mid = (lo + hi) >> 1;
+                if (dst[mid] <= nv) lo = mid + 1; else hi = mid;
+            }
+            memmove(dst + lo + 1, dst + lo, (size_t)(n - 1 - lo) * sizeof(T));
+            dst[lo] = nv;
+        }
     }
 }
 

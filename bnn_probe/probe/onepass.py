@@ -111,6 +111,8 @@ class OnePass:
             self.m_bufs = [_aligned(N, self.npdtype) for _ in range(2)]
             self.wm_bufs = [_aligned(N, self.npdtype) for _ in range(2)]
             self.cur = 1  # each pass flips cur, then writes m_t, w_t·m_t into bufs[cur]; bufs[1 − cur]: step t − 1
+            self.m_addr = [b.ctypes.data for b in self.m_bufs]  # addresses: numpy's .ctypes costs ~1 µs a call
+            self.wm_addr = [b.ctypes.data for b in self.wm_bufs]
             self.m_bufs[1][:] = _np(m)
             np.multiply(_np(w), _np(m), out=self.wm_bufs[1])
             self.prev_w = None
@@ -129,10 +131,18 @@ class OnePass:
         for li, k in enumerate(g.qks):  # ascending: the pass picks the sample up in index order
             qidx[li, :k] = np.sort(g.qidx_np[li, :k])
         self.plan.set(ks=g.qks, qidx=qidx, samp=self.samp)
+        if self.bop:
+            self.plan.set(sflip=np.zeros((g.L, cpu_pass.SFLIP_CAP), dtype=self.npdtype),
+                          nsflip=np.zeros(g.L, dtype=np.int64))
+            self.margin_sorted = np.empty((g.L, K), dtype=self.npdtype)
+            self.margin_done = np.zeros(g.L, dtype=np.uint8)
+            self.margin_addr = (self.margin_sorted.ctypes.data, self.margin_done.ctypes.data)
+        self.tsel_addr = g.tsel_np.ctypes.data
 
     def set_hyper(self, hp: dict[str, np.ndarray]) -> None:
         if self.bop:
             self.plan.set(tau=hp["tau"], thr=hp["thr"], tau_valid=hp["tau_valid"])
+            self.tau_l_addr, self.tau_t_addr = self.g.tau_l_np.ctypes.data, self.g.tau_t_np.ctypes.data
         else:
             self.plan.set(clip=hp["clip"], clip_valid=hp["clip_valid"])
 
@@ -189,7 +199,7 @@ class OnePass:
                     g._check_momentum(missing)
                 self._set_ptrs(self.mp, ms)
             self.cur = c = 1 - self.cur
-            P.m_out, P.wm_out = self.m_bufs[c].ctypes.data, self.wm_bufs[c].ctypes.data
+            P.m_out, P.wm_out = self.m_addr[c], self.wm_addr[c]
             self.k.bop_post(self.pplan)
         else:
             self.k.lat_post(self.pplan)
@@ -246,10 +256,15 @@ class OnePass:
         if self.bop:
             floats[:, :10] = self.counts[:, 3:13]
             floats[:, 10] = self.sum_abs / self.lens
-            v = np.sort(self.samp, axis=-1)  # one sort: |m|, w·m and the margin w_{t−1}·m_t
-            floats[:, 11:21] = self._quantiles(v[:2].reshape(2 * L, -1), g.qpos_np, g.qfrac_np) \
+            v = np.sort(self.samp[:2], axis=-1)  # one sort: |m| and w·m
+            floats[:, 11:21] = self._quantiles(v.reshape(2 * L, -1), g.qpos_np, g.qfrac_np) \
                 .reshape(2, L, -1).transpose(1, 0, 2).reshape(L, -1)
-            floats[:, 21:nb] = self._quantiles(v[2], g.mpos_np, g.mfrac_np)
+            # the margin w_{t−1}·m_t: w·m's sorted rows with the few flipped sample values negated and moved
+            ms, done = self.margin_sorted, self.margin_done
+            self.k.margin_rows(self.pplan, v[1].ctypes.data, *self.margin_addr)
+            for li in np.flatnonzero(done == 0):  # many flips in the sample: sort the row
+                ms[li] = np.sort(self.samp[2, li])
+            floats[:, 21:nb] = self._quantiles(ms, g.mpos_np, g.mfrac_np)
         else:
             floats[:, nb] = self.sum_abs / self.lens
             floats[:, nb + 1:nb + 6] = self._quantiles(np.sort(self.samp[0], axis=-1), g.qpos_np, g.qfrac_np)
@@ -271,9 +286,9 @@ class OnePass:
         safe = np.empty(L * E, dtype=np.int64)
         floats = np.empty((L * E, 2), dtype=np.float64)
         if self.bop:
-            self.k.events(self.pplan, E, u.ctypes.data, g.tau_l_np.ctypes.data, self.wm_before.ctypes.data,
-                          self.m_now.ctypes.data, self.m_before.ctypes.data, ints.ctypes.data, safe.ctypes.data,
-                          floats.ctypes.data)
+            c = self.cur
+            self.k.events(self.pplan, E, u.ctypes.data, self.tau_l_addr, self.wm_addr[1 - c], self.m_addr[c],
+                          self.m_addr[1 - c], ints.ctypes.data, safe.ctypes.data, floats.ctypes.data)
             return torch.from_numpy(ints), torch.from_numpy(floats)
         self.k.events(self.pplan, E, u.ctypes.data, None, None, None, None, ints.ctypes.data, safe.ctypes.data, None)
         pw = self.prev_w[safe]
@@ -292,8 +307,9 @@ class OnePass:
         if self.bop:
             sign = np.empty(len(idx), dtype=np.bool_)
             out = np.empty((len(idx), 2), dtype=np.float64)
-            self.k.tracked(self.pplan, len(idx), idx.ctypes.data, g.tau_t_np.ctypes.data, self.wm_now.ctypes.data,
-                           self.m_now.ctypes.data, self.m_before.ctypes.data, sign.ctypes.data, out.ctypes.data)
+            c = self.cur
+            self.k.tracked(self.pplan, len(idx), self.tsel_addr, self.tau_t_addr, self.wm_addr[c], self.m_addr[c],
+                           self.m_addr[1 - c], sign.ctypes.data, out.ctypes.data)
             return torch.from_numpy(sign), torch.from_numpy(out)
         sign = (self.state[idx] & S_SIGN) > 0
         wt = self.w_at(idx)

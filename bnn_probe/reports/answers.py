@@ -117,8 +117,10 @@ PLAIN: dict[str, dict[str, str]] = {
         NOT_SUPPORTED: "Changing one layer's τ alone did not move accuracy.",
     },
     "thresholds.recommendation": {
-        SUPPORTED: "Thresholds recommended from the logs gave the layers the flip ratios they aimed at.",
-        NOT_SUPPORTED: "Thresholds recommended from the logs missed their target flip ratios.",
+        SUPPORTED: "Training again with the thresholds recommended from the logs at least halved the spread of the "
+                   "layers' flip ratios.",
+        NOT_SUPPORTED: "Training again with the thresholds recommended from the logs did not halve the spread of the "
+                       "layers' flip ratios.",
     },
     "schedules.flip_ratio": {
         SUPPORTED: "Flip ratios fell with the learning rate / γ in force, as added inertia predicts "

@@ -56,7 +56,7 @@ class ReportOptions:
     window: float = 0.5  # analysed window: the last fraction of each run's steps
     target_flip_ratio: float | None = None  # None: per run, the median layer flip ratio over the window
     chatter_min_flips: int = thresholds.CHATTER_MIN_FLIPS
-    threshold_method: str = "ladder"  # recommended thresholds: "ladder" (margin ladder) or "tail" (tail matching)
+    threshold_method: str = "flow"  # recommended thresholds: "flow" (flow model), "ladder" (margin ladder) or "tail"
     n_boot: int = 1000
 
 
@@ -167,7 +167,8 @@ def _generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, op
     apart = [run_name(r) for r in runs if threshold_policies.is_sweep(r) or tau_sweep.is_tau_sweep(r)
              or config(r).get("batch_norm") is False]
     law = thresholds.fan_in_law(lt[~lt["run"].isin(apart)], seeds={run_name(r): config(r).get("seed") for r in runs})
-    rec = thresholds.recommended_thresholds(lt, opt.target_flip_ratio, method=opt.threshold_method)
+    rec = thresholds.recommended_thresholds(lt, opt.target_flip_ratio, method=opt.threshold_method,
+                                            sources=feedback.sources(runs))
     stage("thresholds")
     default_ids([], pair_results, sched.verdict, law.verdicts)
     verdicts = [p.verdict for p in pair_results if p.verdict] + [sched.verdict] + law.verdicts
@@ -292,7 +293,8 @@ def _generate(runs_or_paths, out_dir, formats=FORMATS, progress: bool = True, op
                 "flip-ratio controller)")
     w.csv("thresholds_over_time", tr.thresholds)
     tcols = ["layer", "fan_in", "n_weights", "flip_ratio", "recommended_threshold", "run", "family", "threshold",
-             "ratio_to_current", "bound", "elasticity", "elasticity_at_recommended", "method"]
+             "ratio_to_current", "bound", "elasticity", "elasticity_at_recommended", "mean_overshoot", "margin_sd",
+             "method"]
     rtab = rec.table[tcols]
     tgt = compact_mapping(rec.target, "{:.3g}")
     if len(tgt) > 200:  # many runs: the range here, each run's target in a table

@@ -29,7 +29,7 @@ from .frames import config, run_name
 from .threshold_policies import cv
 from .thresholds import layer_table
 
-__all__ = ["feedback_chains", "feedback_verdicts", "section", "HALVING", "LEVEL"]
+__all__ = ["feedback_chains", "feedback_verdicts", "section", "sources", "HALVING", "LEVEL"]
 
 HALVING = 0.5
 LEVEL = 0.90
@@ -43,6 +43,22 @@ def _source(run) -> str | None:
         return None
     src = (pol.get("args") or {}).get("run")
     return str(src) if src else None
+
+
+def sources(runs) -> dict[str, str]:
+    """run → the run (by :func:`run_name`) whose recommended thresholds it was trained with, for the runs whose
+    source is among ``runs``."""
+    runs = list(runs)
+    by_name: dict[str, object] = {}
+    for r in runs:
+        by_name.setdefault(run_name(r), r)
+        by_name.setdefault(str(getattr(r, "name", "") or run_name(r)), r)
+    out = {}
+    for r in runs:
+        src = _source(r)
+        if src is not None and src in by_name:
+            out[run_name(r)] = run_name(by_name[src])
+    return out
 
 
 def feedback_chains(runs) -> pd.DataFrame:

@@ -15,6 +15,10 @@ between the two ladder points around the target (never extrapolated: a target ou
 end, τ/8 or 8τ, and says so in ``bound``). The elasticity d log R/d log τ at the current τ is the slope between τ/2
 and 2τ. Logs without the ladder (written before it existed) fall back to "tail matching" (:func:`tail_prob`,
 :data:`TAIL_METHOD`), documented as such in the table's ``method`` column.
+
+Method "flow" (:func:`flow_threshold`, :data:`FLOW_METHOD`): the flip ratio as a flow, r(τ) = v/(2(τ + ō)): after
+a flip the margin restarts at −(τ + overshoot) and travels to the next flip at τ + overshoot; ō, the mean overshoot
+at the flip step, is read off the ladder above τ; v is eliminated with the measured flip ratio.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .frames import BOP_FAMILIES, QUANTILE_P, QUANTILES, analysis_window, concat
 
 CHATTER_MIN_FLIPS = 10
 MARGIN_RATES = tuple(f"margin_rate_{k}" for k in MARGIN_LADDER_NAMES)
+MARGIN_TAIL = (("margin_q99", 0.99), ("margin_q999", 0.999))  # upper quantiles of w_{t−1}·m_t extending the ladder
 LADDER_METHOD = (
     "Margin ladder: Bop flips a weight when its pre-decision margin w_{t−1}·m_t (Bop2ndOrder: w_{t−1}·m̂_t) exceeds τ. "
     "The probe counts, every step, the weights whose margin exceeds k·τ for k = 1/8, 1/4, 1/2, 1, 2, 4, 8; averaged "
@@ -53,7 +58,29 @@ TAIL_METHOD = (
     "the margin ladder; after Bop's step c_l is not a share of anything fixed — every weight with |m| > τ sits on "
     "the settled side — and it varies with τ.)"
 )
+FLOW_METHOD = (
+    "Flow model: Bop flips a weight when its pre-decision margin x = w_{t−1}·m_t (Bop2ndOrder: w_{t−1}·m̂_t) exceeds "
+    "τ, and the flip turns the margin into −x = −(τ + o), o the overshoot. The next flip happens when the margin has "
+    "travelled from −(τ + o) to past τ, to τ + o', a distance 2τ + o + o' (2(τ + ō) on average); if it moves at a "
+    "layer-specific pace v (set by the gradients, not by τ), the flip ratio is r(τ) = v/(2(τ + ō)), ō the mean "
+    "overshoot. ō = ∫_τ^∞ R(y) dy / R(τ) is read off the margin ladder above τ (R(kτ), k = 1, 2, 4, 8: the share of "
+    "weights whose margin at their flip exceeds kτ; power law between ladder points, past 8τ the last segment's "
+    "power law, extended by the margin's upper quantiles q99 and q99.9 where they lie past 8τ, when it is integrable, "
+    "else cut and flagged in 'bound'; where no margin reached 2τ, ō = "
+    "min(0.583·RMS step of m, τ/2), the mean overshoot of a Gaussian random walk, Siegmund 1979). v drops out with "
+    "the measured flip ratio r: τ* = (r/target)·(τ + ō) − ō. That holds while τ is small next to the spread σ of m "
+    "over time; where it is not, reaching τ takes an excursion, and τ is replaced by the distance D(τ) = σ·F(τ/σ), "
+    "F(a) = ∫_0^a e^{u²/2} du, of an Ornstein–Uhlenbeck margin (its mean first-passage time from −τ to τ is "
+    "(√(2π)/γ)·F(τ/σ)): D(τ*) = (r/target)·(D(τ) + ō) − ō, with σ = RMS(Δm)/√(2γ) from the tracked weights' step "
+    "sizes ('margin_sd'; D(τ) = τ without them). 'elasticity' is the model's d log r/d log τ = "
+    "−τ·e^{τ²/2σ²}/(D(τ) + ō) at the current τ (−τ/(τ + ō) for τ ≪ σ: −1 when one step of the margin is small next "
+    "to τ, towards 0 when steps overshoot τ and sign changes of m set the rate; steeper than −1 once τ nears σ); "
+    "'elasticity_at_recommended' at τ*. A target above r(0) = r·(D(τ) + ō)/ō, or a τ* below τ/8, gives τ/8, "
+    "flagged in 'bound'. Not modelled: a persistent drift of m (weights that a steady gradient keeps settled), and "
+    "the coupling between layers (changing one layer's τ changes the others' gradients)."
+)
 METHOD = LADDER_METHOD
+METHODS = ("ladder", "tail", "flow")
 PREDICTION = -0.5
 
 
@@ -82,6 +109,16 @@ def _margin_rates(win: pd.DataFrame, layers: pd.DataFrame) -> pd.DataFrame:
     return rates.groupby("layer")[list(MARGIN_RATES)].mean().reset_index()
 
 
+def _step_rms(tracked: pd.DataFrame, win: pd.DataFrame) -> pd.DataFrame:
+    """Per layer: RMS over the tracked weights and the window's steps of the tracked ``step_size`` (Bop family:
+    |m_t − m_{t−1}|, Bop2ndOrder: of m̂) as ``step_size_rms``; empty without that column."""
+    if tracked.empty or not {"step", "layer", "step_size"} <= set(tracked.columns) or win.empty:
+        return pd.DataFrame(columns=["layer", "step_size_rms"])
+    t = tracked[(tracked["step"] >= win["step"].min()) & np.isfinite(tracked["step_size"].astype(float))]
+    sq = t.assign(sq=t["step_size"].astype(float) ** 2).groupby("layer")["sq"].mean()
+    return pd.DataFrame({"layer": sq.index, "step_size_rms": np.sqrt(sq.to_numpy())})
+
+
 def layer_table(runs, window: float = 0.5, chatter_min: int = CHATTER_MIN_FLIPS) -> pd.DataFrame:
     """Per (run, layer) summary over the last ``window`` fraction of each run's steps."""
     out = []
@@ -96,6 +133,9 @@ def layer_table(runs, window: float = 0.5, chatter_min: int = CHATTER_MIN_FLIPS)
             for pre in ("abs_m", "abs_w"):
                 if f"{pre}_{q}" in win:
                     cols[f"{pre}_{q}"] = (f"{pre}_{q}", "median")
+        for c, _ in MARGIN_TAIL:
+            if c in win:
+                cols[c] = (c, "median")
         if "threshold" in win:
             cols["threshold"] = ("threshold", "median")
         if "gamma" in win:
@@ -108,6 +148,7 @@ def layer_table(runs, window: float = 0.5, chatter_min: int = CHATTER_MIN_FLIPS)
                 g = g.merge(layers[["layer", "threshold"]], on="layer", how="left")
         g = g.merge(_chatter(frame(run, "weight_flips"), chatter_min), on="layer", how="left")
         g = g.merge(_margin_rates(win, layers), on="layer", how="left")
+        g = g.merge(_step_rms(frame(run, "tracked"), win), on="layer", how="left")
         g["pi"] = pi_metric(g["flip_ratio"])
         if "threshold" in g and f"abs_m_{QUANTILES[0]}" in g:
             tau = g["threshold"].where(g["threshold"] > 0)
@@ -393,6 +434,169 @@ def ladder_threshold(rates, tau: float, target: float) -> tuple[float, str, floa
     return float(tau * math.exp(lk[j] + t * (lk[j + 1] - lk[j]))), "", e_tau, e
 
 
+SIEGMUND_RHO = 0.5826  # −ζ(1/2)/√(2π): mean overshoot of a Gaussian random walk over a far level, in step SDs
+
+
+def mean_overshoot(rates, tau: float, step_rms: float = math.nan, tail=()) -> tuple[float, str]:
+    """ō = E[x − τ | x > τ] = ∫_τ^∞ R(y) dy / R(τ) from the ladder rates at k·τ (k = 1/8 … 8; only k ≥ 1 used).
+
+    Where no margin reached 2τ (R(2τ) = 0) the ladder only bounds ō below τ; then ō = min(ρ·s, τ/2), s the RMS step
+    of the margin (``step_rms``) and ρ = −ζ(1/2)/√(2π) ≈ 0.583 the mean overshoot of a Gaussian random walk over a
+    distant level in units of its step (Siegmund 1979), or τ/2 (the middle of the bound) without ``step_rms``.
+
+    Between ladder points a = k_j·τ and b = k_{j+1}·τ, R(y) = R_a·(y/a)^{−s} with s = log(R_a/R_b)/log(b/a), so
+    ∫_a^b R dy = R_a·a·(1 − (b/a)^{1−s})/(s − 1) (R_a·a·log(b/a) at s = 1); where R_b = 0 the segment is linear,
+    R_a·(b − a)/2, and nothing lies beyond. ``tail``: further points (x, R(x)) past 8τ, from the margin's upper
+    quantiles (x = q99 has R = 0.01, x = q99.9 has R = 0.001), used where they extend the curve (x > 8τ and R below
+    R(8τ)). Past the last point: that segment's power law, R_b·b/(s − 1), when s > 1; otherwise the integral is cut
+    there (a lower bound) and the returned flag says so. Returns (ō, flag); NaN when R(τ) = 0."""
+    r = np.minimum.accumulate(np.asarray(rates, dtype=float))
+    k = np.asarray(MARGIN_LADDER)
+    i1 = MARGIN_LADDER.index(1.0)
+    r, k = list(r[i1:]), list(k[i1:] * tau)
+    for x, p in sorted((float(x), float(p)) for x, p in tail if math.isfinite(x) and math.isfinite(p)):
+        if x > k[-1] and 0 < p < r[-1]:
+            k.append(x)
+            r.append(p)
+    if not (r[0] > 0):
+        return math.nan, "no flips at τ"
+    total, flag = 0.0, ""
+    if r[1] <= 0 and math.isfinite(step_rms) and step_rms > 0:
+        return min(SIEGMUND_RHO * step_rms, tau / 2), ""
+    for j in range(len(k) - 1):
+        a, b, ra, rb = k[j], k[j + 1], r[j], r[j + 1]
+        if rb <= 0:
+            total += ra * (b - a) / 2
+            return total / r[0], flag
+        s = math.log(ra / rb) / math.log(b / a)
+        total += ra * a * math.log(b / a) if abs(s - 1) < 1e-9 else ra * a * (1 - (b / a) ** (1 - s)) / (s - 1)
+    if s > 1:
+        total += r[-1] * k[-1] / (s - 1)
+    else:
+        end = "8τ" if len(k) == 4 else f"{k[-1] / tau:.3g}τ (margin quantile)"
+        flag = f"overshoot tail past {end} not integrable (slope ≥ −1 there): ō cut at {end}, a lower bound"
+    return total / r[0], flag
+
+
+def margin_distance(tau: float, sigma: float = math.nan) -> float:
+    """D(τ) = σ·F(τ/σ), F(a) = ∫_0^a e^{u²/2} du = √(π/2)·erfi(a/√2): the distance term of the flow model for a
+    margin that fluctuates like an Ornstein–Uhlenbeck process of stationary standard deviation σ (D(τ) → τ for
+    τ ≪ σ; D = τ when σ is unknown, NaN). Returns inf where erfi overflows (τ > 37σ)."""
+    if not (math.isfinite(sigma) and sigma > 0):
+        return float(tau)
+    a = tau / sigma
+    if a > 37.0:
+        return math.inf
+    from scipy.special import erfi
+
+    return float(sigma * math.sqrt(math.pi / 2) * erfi(a / math.sqrt(2)))
+
+
+def flow_threshold(rates, tau: float, flip_ratio: float, target: float,
+                   sigma: float = math.nan, step_rms: float = math.nan,
+                   tail=()) -> tuple[float, str, float, float, float]:
+    """τ* from the flow model of flips: r(τ) = v/(2(D(τ) + ō)) (:data:`FLOW_METHOD`).
+
+    Bop flips a weight when its margin x = w_{t−1}·m_t exceeds τ (Helwegen et al. 2019), at x_k = τ + o_k (o_k the
+    overshoot of flip k), and the flip turns the margin into −x_k. The next flip comes when the margin, moving
+    towards the weight's other sign, has travelled from −(τ + o_k) to τ + o_{k+1}: a distance 2τ + o_k + o_{k+1},
+    2(τ + ō) on average. At a pace v per step that does not depend on τ (it is set by the gradients), the time
+    between flips is 2(τ + ō)/v and the flip ratio r(τ) = v/(2(τ + ō)). This holds while τ is small next to the
+    spread σ of m over time. Where it is not, reaching τ takes an excursion: for m an Ornstein–Uhlenbeck process
+    (Bop's m_t = (1 − γ)m_{t−1} + γg_t with noisy gradients) the mean first-passage time from −τ to τ is
+    (√(2π)/γ)·F(τ/σ), F(a) = ∫_0^a e^{u²/2} du (Gardiner, Handbook of Stochastic Methods, §5.2.7), which is
+    √(2π)τ/(γσ) for τ ≪ σ and grows like e^{τ²/2σ²} beyond; so τ is replaced by D(τ) = σ·F(τ/σ)
+    (:func:`margin_distance`). σ is the stationary standard deviation of the AR(1) m, σ = RMS(Δm)/√(2γ)
+    (Var Δm = γ²(σ_g² + σ²), σ² = γσ_g²/(2 − γ)), from the tracked weights' step sizes; without it D(τ) = τ.
+
+    With ō from the ladder (:func:`mean_overshoot`, assumed not to depend on τ: it is set by the size of one step
+    of m; ``step_rms`` is that step, used where the ladder cannot resolve ō) and v = 2r(D(τ) + ō) from the measured
+    flip ratio r, r(τ*) = target gives
+
+        D(τ*) = (r/target)·(D(τ) + ō) − ō        (with D(τ) = τ:  τ* = (r/target)·(τ + ō) − ō),
+
+    and the model's elasticity d log r/d log τ = −τ·e^{τ²/2σ²}/(D(τ) + ō): −τ/(τ + ō) ∈ (−1, 0] for τ ≪ σ (−1 when
+    one step of the margin is small next to τ, towards 0 when steps overshoot τ and sign changes of m set the
+    rate), steeper than −1 once τ reaches σ. A τ* below τ/8 (including targets above r(0) = r·(D(τ) + ō)/ō, which
+    no τ reaches) gives τ/8, named in ``bound``. Returns (τ*, bound, elasticity at τ, elasticity at τ*, ō).
+
+    >>> round(flow_threshold([1, 1, 1, 0.1, 0.0, 0.0, 0.0], 1.0, 0.1, 0.05)[0], 6)  # ō = 0.5: τ* = 2·1.5 − 0.5
+    2.5
+    """
+    nan = math.nan
+    if not (math.isfinite(tau) and tau > 0) or len(rates) != len(MARGIN_LADDER) or not np.all(np.isfinite(rates)):
+        return nan, "no margin ladder or τ ≤ 0", nan, nan, nan
+    if not (flip_ratio > 0):
+        return nan, "no flips in the window: the flow is not measured", nan, nan, nan
+    o, flag = mean_overshoot(rates, tau, step_rms, tail)
+    if not math.isfinite(o):
+        return nan, "no margin above τ on the ladder", nan, nan, nan
+    sig = sigma if math.isfinite(sigma) and sigma > 0 else math.inf
+
+    def elasticity(t: float) -> float:
+        d = margin_distance(t, sigma)
+        return -t * math.exp(min((t / sig) ** 2 / 2, 700.0)) / (d + o) if math.isfinite(d) else -math.inf
+
+    d_tau = margin_distance(tau, sigma)
+    e_tau = elasticity(tau)
+    if not (target > 0):
+        return nan, "target flip ratio 0", e_tau, nan, o
+    need = (flip_ratio / target) * (d_tau + o) - o  # D(τ*)
+    bound = flag
+    if need < margin_distance(tau / 8, sigma):
+        why = ("the target needs more flips than τ → 0 gives (r(0) = r·(D(τ) + ō)/ō)" if need <= 0 else
+               "τ* below τ/8")
+        rec, bound = tau / 8, "; ".join(b for b in (f"at the floor τ/8: {why}", flag) if b)
+    elif math.isinf(sig):
+        rec = need
+    else:
+        from scipy.optimize import brentq
+
+        hi = tau
+        while margin_distance(hi, sigma) < need:
+            hi *= 2
+        rec = float(brentq(lambda t: margin_distance(t, sigma) - need, tau / 8, hi, xtol=tau * 1e-9))
+    return float(rec), bound, e_tau, elasticity(rec), o
+
+
+SECANT_MIN_MOVE = 1.2  # a layer's τ must have moved by this factor between the two runs to read a slope off them
+SECANT_ELASTICITY = (-4.0, -0.1)  # realised elasticities outside are clipped (noise, coupling between layers)
+SECANT_METHOD = (
+    "Where a run was itself trained with recommended thresholds (--threshold-policy from-report) and the run they "
+    "were recommended from is in the report, a layer whose τ moved by at least ×1.2 between the two gets its τ* from "
+    "the secant through the two measured points instead: realised elasticity e = Δlog r/Δlog τ (clipped to [−4, "
+    "−0.1]), τ* = τ·(target/r)^(1/e), the move limited to ×8 either way (flagged in 'bound'); 'elasticity' is then e."
+)
+
+
+def secant_threshold(tau0: float, r0: float, tau1: float, r1: float, target: float) -> tuple[float, str, float]:
+    """τ* from two runs of a layer, (τ0, r0) before and (τ1, r1) after a change of τ: the secant in log–log,
+
+        e = (log r1 − log r0)/(log τ1 − log τ0),      τ* = τ1·(target/r1)^{1/e},
+
+    e clipped to :data:`SECANT_ELASTICITY` and the move τ*/τ1 to [1/8, 8] (named in ``bound``). Returns (τ*, bound,
+    e), or NaN when the two points do not give a slope (τ moved by less than :data:`SECANT_MIN_MOVE`, a rate of 0,
+    or a rate that rose with τ).
+
+    >>> secant_threshold(1.0, 0.04, 2.0, 0.01, 0.02)[0]  # e = −2: τ* = 2·(0.02/0.01)^(−1/2) = √2
+    1.4142135623730951
+    """
+    nan = math.nan
+    vals = (tau0, r0, tau1, r1, target)
+    if not all(math.isfinite(v) and v > 0 for v in vals) or abs(math.log(tau1 / tau0)) < math.log(SECANT_MIN_MOVE):
+        return nan, "", nan
+    e = math.log(r1 / r0) / math.log(tau1 / tau0)
+    if e >= 0:
+        return nan, "", e
+    e_used = min(max(e, SECANT_ELASTICITY[0]), SECANT_ELASTICITY[1])
+    move = (target / r1) ** (1 / e_used)
+    bound = "" if e_used == e else f"realised elasticity {e:.2f} clipped to {e_used:g}"
+    if not 1 / 8 <= move <= 8:
+        move = min(max(move, 1 / 8), 8.0)
+        bound = "; ".join(b for b in (bound, "move limited to ×8 per round") if b)
+    return tau1 * move, bound, e_used
+
+
 @dataclass
 class Recommendation:
     table: pd.DataFrame  # run, layer, fan_in, n_weights, flip_ratio, threshold, recommended_threshold, ...
@@ -402,18 +606,26 @@ class Recommendation:
 
 
 def recommended_thresholds(table: pd.DataFrame, target: float | None = None,
-                           gamma: dict | None = None, method: str = "ladder") -> Recommendation:
+                           gamma: dict | None = None, method: str = "ladder",
+                           sources: dict | None = None) -> Recommendation:
     """Per-layer τ giving the target flip ratio (default: per run, the median layer flip ratio over the window):
     ``method="ladder"`` (default): from the margin ladder where the log has it (:func:`ladder_threshold`), else by
-    tail matching (fallback); ``method="tail"``: tail matching for every layer. ``gamma``: run → Bop's γ, for the
-    snippet (default: the table's ``gamma`` column, if any)."""
-    if method not in ("ladder", "tail"):
-        raise ValueError(f"method must be 'ladder' or 'tail', got {method!r}")
+    tail matching (fallback); ``method="flow"``: the flow model (:func:`flow_threshold`) where the log has the
+    ladder, else tail matching; ``method="tail"``: tail matching for every layer. ``gamma``: run → Bop's γ, for the
+    snippet (default: the table's ``gamma`` column, if any). ``sources``: run → the run whose recommendation it was
+    trained with (feedback chains); with ``method="flow"`` a fed run's layers whose τ moved get the secant through
+    the two runs (:func:`secant_threshold`) instead of the flow model."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     cols = ["run", "family", "layer", "fan_in", "n_weights", "flip_ratio", "threshold", "recommended_threshold",
-            "ratio_to_current", "bound", "elasticity", "elasticity_at_recommended", "method"]
+            "ratio_to_current", "bound", "elasticity", "elasticity_at_recommended", "mean_overshoot", "margin_sd",
+            "method"]
     qcols = [f"abs_m_{q}" for q in QUANTILES]
     rows, targets = [], {}
     bop = table[table["family"].isin(BOP_FAMILIES)]
+    before = {(r, layer): (float(t), float(f)) for r, layer, t, f in
+              zip(bop["run"], bop["layer"], bop.get("threshold", pd.Series(math.nan, index=bop.index)),
+                  bop["flip_ratio"], strict=True)}
     if (set(qcols) | set(MARGIN_RATES)) & set(bop.columns):
         for run, sub in bop.groupby("run", sort=False):
             tgt = float(target) if target is not None else float(np.nanmedian(sub["flip_ratio"]))
@@ -424,10 +636,24 @@ def recommended_thresholds(table: pd.DataFrame, target: float | None = None,
                 tau, fr = float(d.get("threshold", math.nan)), float(d["flip_ratio"])
                 rec, bound = math.nan, ""
                 lad = np.array([d.get(c, math.nan) for c in MARGIN_RATES], dtype=float)
-                e_tau = e_rec = math.nan
+                e_tau = e_rec = o = sd = math.nan
                 how = "margin ladder"
-                if method == "ladder" and np.all(np.isfinite(lad)) and math.isfinite(tau) and tau > 0:
+                has_ladder = np.all(np.isfinite(lad)) and math.isfinite(tau) and tau > 0
+                if method == "ladder" and has_ladder:
                     rec, bound, e_tau, e_rec = ladder_threshold(lad, tau, tgt)
+                elif method == "flow" and has_ladder and fr > 0:
+                    how = "flow"
+                    gam = float(d.get("gamma", math.nan))
+                    step = float(d.get("step_size_rms", math.nan))
+                    sd = step / math.sqrt(2 * gam) if gam > 0 and step > 0 else math.nan
+                    tail = [(d.get(c, math.nan), 1 - p) for c, p in MARGIN_TAIL]
+                    rec, bound, e_tau, e_rec, o = flow_threshold(lad, tau, fr, tgt, sd, step, tail)
+                    prev = before.get(((sources or {}).get(run), d["layer"]))
+                    if prev is not None:
+                        sec, sec_bound, e_sec = secant_threshold(prev[0], prev[1], tau, fr, tgt)
+                        if math.isfinite(sec):
+                            how, rec, bound, e_tau, e_rec = "flow, secant through the source run", sec, sec_bound, \
+                                e_sec, e_sec
                 elif not np.all(np.isfinite(q)) or not math.isfinite(tau):
                     how = "none"
                     bound = "no |m| quantiles or threshold"
@@ -435,6 +661,8 @@ def recommended_thresholds(table: pd.DataFrame, target: float | None = None,
                     bound = "no flips in the window: τ* < current τ, not estimable"
                 else:
                     how = "tail matching" if method == "tail" else "tail matching (no margin ladder in the log)"
+                    if method == "flow" and has_ladder:
+                        how = "tail matching (no flips in the window for the flow model)"
                     g_tau, b1 = tail_prob(tau, q)
                     rec, b2 = tail_inverse(g_tau * tgt / fr, q)
                     bound = "; ".join(b for b in (b1, b2) if b)
@@ -445,15 +673,18 @@ def recommended_thresholds(table: pd.DataFrame, target: float | None = None,
                              "recommended_threshold": rec,
                              "ratio_to_current": rec / tau if tau and math.isfinite(rec) else math.nan,
                              "bound": bound, "elasticity": e_tau, "elasticity_at_recommended": e_rec,
-                             "method": how})
+                             "mean_overshoot": o, "margin_sd": sd, "method": how})
     rec_df = pd.DataFrame(rows, columns=cols)
     if gamma is None and "gamma" in bop:
         gamma = {run: float(np.nanmedian(g.astype(float))) for run, g in bop.groupby("run", sort=False)["gamma"]
                  if np.isfinite(g.astype(float)).any()}
     methods = set(rec_df["method"])
-    text = TAIL_METHOD if methods and "margin ladder" not in methods else LADDER_METHOD
-    if "margin ladder" in methods and any(m.startswith("tail") for m in methods):
-        text = LADDER_METHOD + " " + TAIL_METHOD
+    main = FLOW_METHOD if method == "flow" else LADDER_METHOD
+    if any(m.startswith("flow, secant") for m in methods):
+        main = FLOW_METHOD + " " + SECANT_METHOD
+    text = TAIL_METHOD if methods and not methods & {"margin ladder", "flow"} else main
+    if methods & {"margin ladder", "flow"} and any(m.startswith("tail") for m in methods):
+        text = main + " " + TAIL_METHOD
     return Recommendation(rec_df, targets, threshold_snippet(rec_df, gamma), text)
 
 
