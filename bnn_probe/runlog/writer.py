@@ -137,12 +137,12 @@ def _from_columns(table: str, columns: dict[str, Any]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def string_column(codes, names: list[str]) -> pa.Array:
+def string_column(codes: Any, names: list[str]) -> pa.Array:
     """A string column given as integer codes into ``names`` (one copy of each name, no Python objects per row)."""
     return pa.array(names, type=pa.large_string()).take(pa.array(codes))
 
 
-def nullable_int(values, null) -> pa.Array:
+def nullable_int(values: Any, null: Any) -> pa.Array:
     """An int64 column with nulls where ``null`` is true (pandas ``Int64``)."""
     return pa.array(values, type=pa.int64(), mask=null)
 
