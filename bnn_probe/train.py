@@ -117,6 +117,7 @@ class TrainConfig:
     target_flip_ratio: float | None = None  # calibrated policy: the flip ratio each layer is held at
     thresholds_csv: str | None = None  # from-report policy: a report's tables/thresholds.csv (PATH#RUN picks a run)
     threshold_multiple: float | None = None  # normalized policy: τ_l = k · (EMA of layer l's mean |m|); None: 2
+    threshold_scale: str | None = None  # normalized policy's scale: "mean_abs" (None), "rms" or "flow" (thresholds.md)
     threshold_layer: str | None = None  # one-layer policy: the layer whose τ is scaled (one-layer τ sweep)
     threshold_layer_factor: float = 1.0  # one-layer policy: τ_layer = factor · τ
     sigma: float | None = None  # Bop2ndOrder: 1e-4
@@ -301,6 +302,10 @@ def _validate(c: TrainConfig) -> None:
     _check(c.threshold_multiple is None or (isinstance(c.threshold_multiple, int | float)
                                             and math.isfinite(c.threshold_multiple) and c.threshold_multiple > 0),
            f"--threshold-multiple must be a positive number, got {c.threshold_multiple}")
+    _check(c.threshold_scale in (None, "mean_abs", "rms", "flow"),
+           f"--threshold-scale must be mean_abs, rms or flow, got {c.threshold_scale!r}")
+    _check(c.threshold_scale in (None, "mean_abs") or (c.threshold_policy == "normalized" and c.optimizer == "bop"),
+           "--threshold-scale flow is for --threshold-policy normalized with --optimizer bop")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -580,7 +585,8 @@ def setup(config: TrainConfig, out_dir: str | Path, overwrite: bool = False, pol
         policy = policy_for_model(model, c.threshold_policy, threshold=c.threshold, fan_in_exponent=c.fan_in_exponent,
                                   target_flip_ratio=c.target_flip_ratio, thresholds_csv=c.thresholds_csv,
                                   threshold_multiple=c.threshold_multiple, threshold_layer=c.threshold_layer,
-                                  threshold_layer_factor=c.threshold_layer_factor)
+                                  threshold_layer_factor=c.threshold_layer_factor,
+                                  threshold_scale=c.threshold_scale or "mean_abs")
     optimizer = build_optimizer(model, c, policy)
     if policy is not None:
         policy.attach(optimizer)  # the calibrated / normalized policy's online controller (no-op for the others)

@@ -54,7 +54,23 @@ def test_from_report_round_trip(tmp_path, capsys):
     (["--threshold-policy", "from-report", "--thresholds-csv", "missing.csv"], "thresholds file not found"),
     (["--threshold-policy", "calibrated"], "needs --target-flip-ratio"),
     (["--threshold-policy", "calibrated", "--target-flip-ratio", "2"], "below 1"),
+    (["--threshold-scale", "flow"], "--threshold-scale flow is for --threshold-policy normalized"),
+    (["--threshold-policy", "normalized", "--threshold-scale", "flow", "--optimizer", "bop2nd"],
+     "--threshold-scale flow is for --threshold-policy normalized with --optimizer bop"),
 ])
 def test_policy_errors_are_one_line(tmp_path, capsys, args, message):
     code, _, err = run_cli(["train", *TINY, *args, "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_normalized_flow_scale_from_the_cli(tmp_path, capsys):
+    """``--threshold-scale flow`` reaches the normalized controller (recorded in the run's config) and moves τ."""
+    code, _, err = run_cli(["train", *TINY, "--epochs", "2", "--threshold-policy", "normalized", "--threshold-scale",
+                            "flow", "--threshold-multiple", "1.5", "--out", str(tmp_path / "n")], capsys)
+    assert code == 0, err
+    run = bnn_probe.load_run(tmp_path / "n")
+    cfg = run.meta["config"]
+    assert cfg["threshold_scale"] == "flow"
+    ctl = cfg["extra"]["threshold_policy"]["controller"]
+    assert ctl["scale"] == "flow" and ctl["multiple"] == 1.5
+    assert run.steps["threshold"].nunique() > 1

@@ -56,6 +56,10 @@ def train_options(f):
                      help="calibrated policy: flip ratio per step each layer is held at (e.g. 1e-3)."),
         click.option("--threshold-multiple", type=float, default=None,
                      help="normalized policy: k in τ_l = k · mean|m| of layer l (EMA over steps) [default: 2]."),
+        click.option("--threshold-scale", type=click.Choice(["mean_abs", "rms", "flow"]), default=None,
+                     help="normalized policy: the layer's scale s_l — mean_abs (EMA of mean |m|), rms (of m) or flow "
+                          "(k·mean |m| less the overshoot of Bop's step; Bop only; docs/thresholds.md) "
+                          "[default: mean_abs]."),
         click.option("--threshold-layer", default=None,
                      help="one-layer policy: the binary layer (e.g. fc2) whose τ is scaled."),
         click.option("--threshold-layer-factor", type=float, default=1.0, show_default=True,
@@ -147,7 +151,8 @@ def config_from_options(opts: dict) -> object:
         data_dir=opts["data_dir"], optimizer=opts["optimizer"], gamma=opts["gamma"], threshold=opts["threshold"],
         threshold_policy=opts["threshold_policy"], fan_in_exponent=opts["fan_in_exponent"],
         target_flip_ratio=opts["target_flip_ratio"], thresholds_csv=opts["thresholds_csv"],
-        threshold_multiple=opts["threshold_multiple"], threshold_layer=opts["threshold_layer"],
+        threshold_multiple=opts["threshold_multiple"], threshold_scale=opts["threshold_scale"],
+        threshold_layer=opts["threshold_layer"],
         threshold_layer_factor=opts["threshold_layer_factor"],
         sigma=opts["sigma"], lr=opts["lr"], lr_real=opts["lr_real"], decay_every=opts["decay_every"],
         decay_factor=opts["decay_factor"], clip=opts["clip"], ste=opts["ste"], init_scale=opts["init_scale"],

@@ -371,12 +371,13 @@ def make_policy(name: str, *, threshold: float = 1e-6, reference_fan_in: int | N
                 thresholds_csv: str | Path | None = None, fan_ins: Iterable[int] | None = None,
                 report_run: str | None = None, threshold_multiple: float | None = None,
                 threshold_layer: str | None = None, threshold_layer_factor: float = 1.0,
-                **calibrated_options: Any) -> ThresholdPolicy:
+                threshold_scale: str = "mean_abs", **calibrated_options: Any) -> ThresholdPolicy:
     """Build a policy from command-line style options (``bnn-probe train --threshold-policy ...``).
 
     ``fan-in`` without ``reference_fan_in`` takes the geometric mean of ``fan_ins`` (the model's fan-ins), so the
     policy keeps the geometric-mean τ equal to ``threshold``. ``normalized`` takes ``threshold_multiple`` as k
-    (default :data:`DEFAULT_MULTIPLE`) and ``threshold`` as the τ of the first step.
+    (default :data:`DEFAULT_MULTIPLE`), ``threshold`` as the τ of the first step and ``threshold_scale`` as its
+    scale (``"mean_abs"`` or ``"flow"``).
 
     >>> make_policy("fan-in", threshold=1e-6, fan_ins=[64, 1024]).args["reference_fan_in"]
     256
@@ -401,7 +402,7 @@ def make_policy(name: str, *, threshold: float = 1e-6, reference_fan_in: int | N
         return from_report(thresholds_csv, report_run)
     if name == "normalized":
         k = DEFAULT_MULTIPLE if threshold_multiple is None else threshold_multiple
-        return normalized(k, initial_threshold=threshold)
+        return normalized(k, initial_threshold=threshold, scale=threshold_scale)
     if name == "one-layer":
         return one_layer(threshold, threshold_layer or "", threshold_layer_factor)
     raise BnnProbeError(f"unknown threshold policy {name!r}: choose one of {', '.join(POLICY_NAMES)}")
@@ -410,7 +411,7 @@ def make_policy(name: str, *, threshold: float = 1e-6, reference_fan_in: int | N
 def policy_for_model(model: nn.Module, name: str, *, threshold: float = 1e-6, fan_in_exponent: float = 0.5,
                      target_flip_ratio: float | None = None, thresholds_csv: str | Path | None = None,
                      threshold_multiple: float | None = None, threshold_layer: str | None = None,
-                     threshold_layer_factor: float = 1.0) -> ThresholdPolicy:
+                     threshold_layer_factor: float = 1.0, threshold_scale: str = "mean_abs") -> ThresholdPolicy:
     """:func:`make_policy` for a model, from ``bnn-probe train`` options: ``fan-in`` takes the geometric mean of the
     model's binary fan-ins as n_ref; ``--thresholds-csv PATH#RUN`` picks run RUN of a multi-run report table.
 
@@ -426,7 +427,7 @@ def policy_for_model(model: nn.Module, name: str, *, threshold: float = 1e-6, fa
     return make_policy(name, threshold=threshold, fan_in_exponent=fan_in_exponent,
                        target_flip_ratio=target_flip_ratio, thresholds_csv=thresholds_csv, report_run=run,
                        threshold_multiple=threshold_multiple, threshold_layer=threshold_layer,
-                       threshold_layer_factor=threshold_layer_factor,
+                       threshold_layer_factor=threshold_layer_factor, threshold_scale=threshold_scale,
                        fan_ins=[layer_fan_in(p) for p in binary_parameters(model)])
 
 
