@@ -7,9 +7,9 @@ mask and w·m of the previous step, which the function updates in place). Everyt
 tensor and the Python constants (layer sizes, bits, E) are closed over, so a compiled ``step`` has static shapes, no
 data-dependent control flow and compiles once per (group layout, log/trk/ev combination) — not per step.
 
-The arithmetic is the device path of the probe (same comparisons in the weights' dtype, float64 where the CPU path
-uses float64), so the values are those of the CPU (numpy) path: integer columns exactly, floats to rounding of the
-float64 segment sums (tests/test_probe_flat.py, tests/test_probe_compiled.py).
+The arithmetic is the device path of the probe (same comparisons in the weights' dtype, float64 where the CPU pass
+uses float64), so the values are those of the compiled CPU pass (probe/onepass.py): integer columns exactly, floats
+to rounding of the float64 segment sums (tests/test_probe_flat.py, tests/test_probe_compiled.py).
 """
 
 from __future__ import annotations
