@@ -1,6 +1,6 @@
 """The probe's device path (probe/fused.py: pure torch, eager or ``torch.compile``-d) against the compiled CPU pass
-(probe/onepass.py): the same logged values on multi-layer setups (integers exactly, floats to 1e-12 relative), and a compiled step that
-compiles once, not per step, while τ / the clip value / the learning rate change."""
+(probe/onepass.py): the same logged values on multi-layer setups (integers exactly, floats to 1e-12 relative), and a
+compiled step that compiles once, not per step, while τ / the clip value / the learning rate change."""
 
 from __future__ import annotations
 
