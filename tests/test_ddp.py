@@ -65,7 +65,9 @@ def _train(model, opt, rank: int, world: int, logdir: Path, ddp_model=None) -> N
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous in the test's folder: no race for a free TCP port between probing and binding it
+    torch.distributed.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'pg_store')}", rank=rank,
+                                         world_size=world)
     calls = {"all_gather": 0}
     real = torch.distributed.all_gather
 
