@@ -126,3 +126,22 @@ def test_flat_equals_per_layer_reference(tmp_path, kind):
     tot = (wf.flips_per_weight * wf.n).groupby(wf.layer).sum()
     assert tot.reindex(flips.index).tolist() == flips.tolist()
     assert not run.hists.empty
+
+
+def test_cpu_bfloat16_layer_is_measured_by_the_device_path(tmp_path):
+    """A CPU bfloat16 binary layer (which the compiled pass does not take) attaches and logs through the pure-torch
+    path instead of failing at attach."""
+    from bnn_probe.nn import mark_binary
+    from bnn_probe.optim import Bop
+
+    lin = torch.nn.Linear(8, 4, bias=False).to(torch.bfloat16)
+    mark_binary(lin.weight)
+    opt = Bop([lin.weight], gamma=0.5, threshold=0.0)
+    probe = bnn_probe.attach(lin, opt, tmp_path / "run", tensorboard=False)
+    assert [g.fused for g in probe.groups] == [True]
+    w0 = lin.weight.detach().clone()
+    lin.weight.grad = torch.sign(w0) * 2  # m = sign(w): w·m > 0 = τ, every weight flips
+    opt.step()
+    probe.close()
+    run = bnn_probe.load_run(tmp_path / "run")
+    assert run.steps.flips.tolist() == [32]

@@ -17,7 +17,7 @@ from functools import cache
 
 import numpy as np
 
-__all__ = ["NC_BOP", "NC_LAT", "S_SIGN", "S_SIGN0", "S_ABOVE", "S_FLIP", "Plan", "available", "load", "ptr"]
+__all__ = ["NC_BOP", "NC_LAT", "S_SIGN", "S_SIGN0", "S_ABOVE", "S_FLIP", "Plan", "available", "hist_lut", "load"]
 
 NC_BOP, NC_LAT = 13, 4  # count columns per layer (see _pass.c)
 SFLIP_CAP = 16  # flipped sample weights per layer the margin rows are merged for (_pass.c)
@@ -95,11 +95,6 @@ def load() -> dict[np.dtype, _Kernels] | None:
 def available() -> bool:
     """True when the compiled one-pass CPU measurement is installed and loadable."""
     return load() is not None
-
-
-def ptr(a: np.ndarray | None) -> int | None:
-    """The address of a numpy array's data (None → NULL)."""
-    return None if a is None else a.ctypes.data
 
 
 def hist_lut(edges: np.ndarray) -> np.ndarray:

@@ -151,6 +151,9 @@ class FlatGroup:
         self.bop = self.family != "latent"
         p0 = layers[0].param
         self.device, self.dtype = p0.device, p0.dtype
+        # the compiled CPU pass's float type (None: not a CPU float32/float64 group, which it does not measure)
+        self.np_dtype = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}.get(self.dtype) \
+            if self.device.type == "cpu" else None
         dev = self.device
         self.ns = [ly.n for ly in layers]
         self.L, self.N = len(layers), sum(self.ns)
@@ -300,7 +303,6 @@ class FlatGroup:
             sel[li, :len(idx)] = idx + self.offsets[li]
             pad[li, len(idx):] = True
         self.qsel = sel.to(dev)
-        self.qpad = pad.to(dev) if bool(pad.any()) else None
         self.qpad_t = pad.to(dev)  # the device path masks always (static graph)
         self.qpos, self.qfrac = self._positions(ks, QUANTILES)
         self.apos, self.afrac = self._positions(ks, (0.5, 0.95))
@@ -342,7 +344,7 @@ class FlatGroup:
 
     def _sample_layers(self, xs: list[Tensor]) -> Tensor:
         """[L, K]: the quantile sample of per-layer flat tensors, gathered layer by layer (no concatenated copy of
-        the group), NaN-padded like :meth:`_sample`."""
+        the group), NaN past each layer's sample."""
         out = torch.full(self.qsel.shape, _NAN, dtype=xs[0].dtype, device=xs[0].device)
         for li, x in enumerate(xs):
             q = self.q_idx[li]
@@ -351,12 +353,6 @@ class FlatGroup:
             else:
                 torch.index_select(x, 0, q, out=out[li, :len(q)])
         return out
-
-    def _sample(self, x: Tensor) -> Tensor:
-        s = x[self.qsel]
-        if self.qpad is not None:
-            s.masked_fill_(self.qpad, _NAN)
-        return s
 
     # ------------------------------------------------------------------ flat views
     def cat_w(self, out: Tensor | None = None) -> Tensor:
@@ -465,8 +461,8 @@ class FlatGroup:
             self.tau_valid = None if not self.tau_nan else \
                 _to_dev([t == t for t in taus], torch.bool, dev)[self.layer_id]
             self.tau_pos = [t > 0 for t in taus]
-            if dev.type == "cpu":  # the compiled pass: τ_l and the ladder points k·τ_l in the weights' dtype
-                npd = torch.empty(0, dtype=self.dtype).numpy().dtype
+            if self.np_dtype is not None:  # the compiled pass: τ_l and the ladder points k·τ_l in the weights' dtype
+                npd = self.np_dtype
                 ladder = [sorted(npd.type(k * t) for k in MARGIN_LADDER) for t in taus]  # ascending (see _pass.c)
                 self.hyper_np = {"tau": np.asarray(taus, dtype=npd), "thr": np.asarray(ladder, dtype=npd).reshape(-1),
                                  "tau_valid": np.asarray([t == t for t in taus], dtype=np.uint8)}
@@ -480,9 +476,8 @@ class FlatGroup:
             self.clip_none_rows = [li for li, c in enumerate(key) if c is None]
             self.clip32_l = _to_dev(clips, self.dtype, dev)
             self.clip_valid_l = _to_dev([c is not None for c in key], torch.bool, dev)
-            if dev.type == "cpu":
-                npd = torch.empty(0, dtype=self.dtype).numpy().dtype
-                self.hyper_np = {"clip": np.asarray(clips, dtype=npd),
+            if self.np_dtype is not None:
+                self.hyper_np = {"clip": np.asarray(clips, dtype=self.np_dtype),
                                  "clip_valid": np.asarray([c is not None for c in key], dtype=np.uint8)}
                 if self.onepass is not None:
                     self.onepass.set_hyper(self.hyper_np)

@@ -11,8 +11,10 @@ A :class:`OnePass` belongs to a :class:`~bnn_probe.probe.flat.FlatGroup` on the 
   updates the flip counters, last-flip steps and the sign hash (Σ r_i over weights with b(w_i) = +1, kept
   incrementally: only weights whose sign changed add or remove their r_i, so the hash is exact and costs nothing
   per unchanged weight);
-* the quantile sample is gathered by ``gather`` into [3, L, K] and sorted with numpy; tracked weights and flip
-  events are small numpy gathers of the buffers the pass wrote (m_t and w_t·m_t, kept for one more step).
+* the pass also picks up the quantile sample into [3, L, K] (sorted indices, while each block is in cache); numpy
+  sorts the |m| and w·m rows, the margin's rows are merged from w·m's (``margin_rows``), ``interp`` reads the
+  quantiles; tracked weights and flip events are small gathers (``tracked``, ``events``) of the buffers the pass
+  wrote (m_t and w_t·m_t, kept for one more step).
 
 Values are those of the per-layer reference (probe/quantities.py + probe/context.py): the same IEEE comparisons in
 the weights' dtype, float64 sums to rounding (tests/test_probe_flat.py).
@@ -80,7 +82,7 @@ class OnePass:
     def __init__(self, grp: FlatGroup, w: Tensor, sign0: Tensor, above: Tensor | None, m: Tensor | None) -> None:
         self.g = grp
         N, L = grp.N, grp.L
-        self.npdtype = _np(w).dtype
+        self.npdtype = grp.np_dtype
         self.k = cpu_pass.load()[self.npdtype]
         self.bop = grp.bop
         self.lens = np.asarray(grp.ns, dtype=np.int64)
@@ -155,10 +157,12 @@ class OnePass:
                 self._keep.append(t)  # alive until the next pass (the sample gather reads it)
             dst[i] = t.data_ptr()
 
-    def _signs(self, w: Tensor) -> None:
-        """The binarizer stage for groups with a binarizer other than sign: [b(w) = +1] as bytes."""
+    def _signs(self) -> None:
+        """The binarizer stage for groups with a binarizer other than sign: [b(w) = +1] of the weights now, as the
+        bytes the pass reads instead of w ≥ 0 (nothing to do with bnn-probe's sign everywhere)."""
         if self.sgn is not None:
-            self.g.binarize(w, torch.from_numpy(self.sgn).view(torch.bool))
+            g = self.g
+            g.binarize(g.cat_w(out=g.wbuf), torch.from_numpy(self.sgn).view(torch.bool))
 
     # ------------------------------------------------------------------ per step
     def pre(self) -> None:
@@ -166,8 +170,7 @@ class OnePass:
         g = self.g
         self._keep = []
         self._set_ptrs(self.wp, [ly.param for ly in g.layers])
-        if self.sgn is not None:
-            self._signs(g.cat_w(out=g.wbuf))
+        self._signs()
         self.k.pre(self.pplan, None if self.bop else self.prev_w.ctypes.data)
 
     def post(self, t: int) -> None:
@@ -182,8 +185,7 @@ class OnePass:
         for li in g.g_missing:
             grads[li] = g._zeros_like_layer(li)
         self._set_ptrs(self.gp, grads)
-        if self.sgn is not None:
-            self._signs(g.cat_w(out=g.wbuf))
+        self._signs()
         P = self.plan
         P.t = t
         if self.bop:
