@@ -178,13 +178,7 @@ static inline int64_t bop_fast_f32(const float *w, const float *m, const float *
 #define IT int32_t
 #define BOP_FAST bop_fast_f32
 #define UT uint32_t
-#include "_pass_tmpl.h"
-#undef T
-#undef SFX
-#undef ABS
-#undef IT
-#undef BOP_FAST
-#undef UT
+#include "_pass_tmpl.h"  /* undefines its parameters at its end */
 
 #define T double
 #define SFX f64
@@ -192,13 +186,7 @@ static inline int64_t bop_fast_f32(const float *w, const float *m, const float *
 #define IT int64_t
 #define BOP_FAST(w, m, g, S, mo, wmo, bn, tl, tv, th, c, sa, big) 0
 #define UT uint64_t
-#include "_pass_tmpl.h"
-#undef T
-#undef SFX
-#undef ABS
-#undef IT
-#undef BOP_FAST
-#undef UT
+#include "_pass_tmpl.h"  /* undefines its parameters at its end */
 
 __attribute__((visibility("default"))) int64_t bnnp_abi_version(void) { return 8; }
 

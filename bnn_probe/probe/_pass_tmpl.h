@@ -1,6 +1,6 @@
 /* The one-pass measurement for one float type; included twice by _pass.c with
  *   T = float / double, SFX = f32 / f64, ABS = fabsf / fabs, IT = int32_t / int64_t (lane-wide integers),
- *   UT = uint32_t / uint64_t (T's bits).
+ *   UT = uint32_t / uint64_t (T's bits), BOP_FAST (the float32 AVX-512 kernel, or 0); all undefined at its end.
  * See _pass.c for the state byte, the count columns and the contract of every function. */
 
 #define CAT_(a, b) a##_##b
@@ -412,6 +412,12 @@ HOT void FN(bnnp_margin_rows)(const bnnp_plan *P, const T *wm_sorted, T *out, ui
 }
 
 #undef FN
+#undef T
+#undef SFX
+#undef ABS
+#undef IT
+#undef UT
+#undef BOP_FAST
 #undef BOP_LOOP
 #undef LAT_LOOP
 #undef CAT
