@@ -67,19 +67,22 @@ def _train(cfg: TrainConfig, out: Path, policy=None) -> Path:
     return train(cfg, out, progress=False, overwrite=True, checkpoint_every=0, policy=policy)
 
 
-def run_config(name: str, spec: dict, root: Path, scale: str = "mean_abs") -> pd.DataFrame:
+def run_config(name: str, spec: dict, root: Path, scale: str = "mean_abs", balance: float = 0.0,
+               seeds: tuple[int, ...] = SEEDS, every: int = 10) -> pd.DataFrame:
     from bnn_probe.optim.thresholds import normalized
 
     base = TrainConfig(batch_size=64, hist_every=0, snapshot_every=0, track=16, **spec)
     tau = base.resolved().threshold
     cal = bnn_probe.load_run(_train(replace(base, seed=CALIBRATION_SEED), root / name / "calibration"))
     k = flow_multiple(cal, tau) if scale == "flow" else matched_multiple(cal, tau)
-    tag = "normalized" if scale == "mean_abs" else f"normalized-{scale}"
+    tag = ("normalized" if scale == "mean_abs" else f"normalized-{scale}") + (f"-b{balance:g}" if balance else "") \
+        + (f"-e{every}" if every != 10 else "")
     glob, norm = [], []
-    for s in SEEDS:
+    for s in seeds:
         glob.append(bnn_probe.load_run(_train(replace(base, seed=s), root / name / f"global-s{s}")))
         cfg = replace(base, seed=s, threshold_policy="normalized", threshold_multiple=k)
-        pol = None if scale == "mean_abs" else normalized(k, initial_threshold=tau, scale=scale)
+        pol = None if scale == "mean_abs" and not balance and every == 10 else normalized(
+            k, initial_threshold=tau, scale=scale, balance=balance, every=every)
         norm.append(bnn_probe.load_run(_train(cfg, root / name / f"{tag}-s{s}", pol)))
     red = cv_reduction(glob, norm, window=1.0).rename(columns={"cv_from_report": "cv_normalized"})
     acc = runs_table(glob + norm)[0].set_index("run")["final_val_accuracy"]
@@ -96,15 +99,21 @@ def main(argv=None) -> None:
     ap.add_argument("--only", default=None, help="one configuration: " + ", ".join(CONFIGS))
     ap.add_argument("--epochs", type=int, default=None, help="override the configuration's epochs")
     ap.add_argument("--scale", default="mean_abs", choices=["mean_abs", "flow"], help="normalized policy's scale")
+    ap.add_argument("--balance", type=float, default=0.0, help="normalized policy's allocation feedback gain κ")
+    ap.add_argument("--every", type=int, default=10, help="normalized policy's host-update cadence (steps)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="test seeds (default 0 1 2)")
     a = ap.parse_args(argv)
     names = [a.only] if a.only else list(CONFIGS)
-    frames = [run_config(n, {**CONFIGS[n], **({"epochs": a.epochs} if a.epochs else {})}, a.out, a.scale)
-              for n in names]
+    frames = [run_config(n, {**CONFIGS[n], **({"epochs": a.epochs} if a.epochs else {})}, a.out, a.scale,
+                         a.balance, tuple(a.seeds), a.every) for n in names]
     df = pd.concat(frames, ignore_index=True)
     pd.set_option("display.width", 200)
     print(df.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     a.out.mkdir(parents=True, exist_ok=True)
-    suffix = ("" if a.scale == "mean_abs" else f"_{a.scale}") + ("" if not a.only else f"_{a.only}")
+    suffix = "".join([
+        "" if a.scale == "mean_abs" else f"_{a.scale}", f"_b{a.balance:g}" if a.balance else "",
+        f"_e{a.every}" if a.every != 10 else "", f"_{a.only}" if a.only else "",
+        "" if tuple(a.seeds) == SEEDS else "_s" + "-".join(map(str, a.seeds))])
     df.to_csv(a.out / f"normalized_cv{suffix}.csv", index=False)
 
 

@@ -118,6 +118,8 @@ class TrainConfig:
     thresholds_csv: str | None = None  # from-report policy: a report's tables/thresholds.csv (PATH#RUN picks a run)
     threshold_multiple: float | None = None  # normalized policy: τ_l = k · (EMA of layer l's mean |m|); None: 2
     threshold_scale: str | None = None  # normalized policy's scale: "mean_abs" (None), "rms" or "flow" (thresholds.md)
+    threshold_balance: float | None = None  # normalized policy: allocation feedback gain κ (None: 0, off)
+    threshold_every: int | None = None  # calibrated / normalized: steps between the controller's updates (None: 10)
     threshold_layer: str | None = None  # one-layer policy: the layer whose τ is scaled (one-layer τ sweep)
     threshold_layer_factor: float = 1.0  # one-layer policy: τ_layer = factor · τ
     sigma: float | None = None  # Bop2ndOrder: 1e-4
@@ -306,6 +308,15 @@ def _validate(c: TrainConfig) -> None:
            f"--threshold-scale must be mean_abs, rms or flow, got {c.threshold_scale!r}")
     _check(c.threshold_scale in (None, "mean_abs") or (c.threshold_policy == "normalized" and c.optimizer == "bop"),
            "--threshold-scale flow is for --threshold-policy normalized with --optimizer bop")
+    _check(c.threshold_balance is None or (isinstance(c.threshold_balance, int | float)
+                                           and math.isfinite(c.threshold_balance) and c.threshold_balance >= 0),
+           f"--threshold-balance must be a number >= 0, got {c.threshold_balance}")
+    _check(not c.threshold_balance or c.threshold_policy == "normalized",
+           "--threshold-balance is for --threshold-policy normalized")
+    _check(c.threshold_every is None or (isinstance(c.threshold_every, int) and c.threshold_every >= 1),
+           f"--threshold-every must be a positive integer, got {c.threshold_every}")
+    _check(c.threshold_every is None or c.threshold_policy in ("calibrated", "normalized"),
+           "--threshold-every is for --threshold-policy calibrated or normalized")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -586,7 +597,8 @@ def setup(config: TrainConfig, out_dir: str | Path, overwrite: bool = False, pol
                                   target_flip_ratio=c.target_flip_ratio, thresholds_csv=c.thresholds_csv,
                                   threshold_multiple=c.threshold_multiple, threshold_layer=c.threshold_layer,
                                   threshold_layer_factor=c.threshold_layer_factor,
-                                  threshold_scale=c.threshold_scale or "mean_abs")
+                                  threshold_scale=c.threshold_scale or "mean_abs",
+                                  threshold_balance=c.threshold_balance or 0.0, threshold_every=c.threshold_every)
     optimizer = build_optimizer(model, c, policy)
     if policy is not None:
         policy.attach(optimizer)  # the calibrated / normalized policy's online controller (no-op for the others)

@@ -60,6 +60,13 @@ def train_options(f):
                      help="normalized policy: the layer's scale s_l — mean_abs (EMA of mean |m|), rms (of m) or flow "
                           "(k·mean |m| less the overshoot of Bop's step; Bop only; docs/thresholds.md) "
                           "[default: mean_abs]."),
+        click.option("--threshold-balance", type=float, default=None,
+                     help="normalized policy: gain κ of the allocation feedback from counted flips (τ_l = k·c_l·s_l, "
+                          "c_l steered towards equal flip ratios across layers; docs/thresholds.md) [default: 0, "
+                          "off]."),
+        click.option("--threshold-every", type=int, default=None,
+                     help="calibrated and normalized policies: steps between the controller's updates of τ (one "
+                          "host copy each) [default: 10]."),
         click.option("--threshold-layer", default=None,
                      help="one-layer policy: the binary layer (e.g. fc2) whose τ is scaled."),
         click.option("--threshold-layer-factor", type=float, default=1.0, show_default=True,
@@ -152,6 +159,7 @@ def config_from_options(opts: dict) -> object:
         threshold_policy=opts["threshold_policy"], fan_in_exponent=opts["fan_in_exponent"],
         target_flip_ratio=opts["target_flip_ratio"], thresholds_csv=opts["thresholds_csv"],
         threshold_multiple=opts["threshold_multiple"], threshold_scale=opts["threshold_scale"],
+        threshold_balance=opts["threshold_balance"], threshold_every=opts["threshold_every"],
         threshold_layer=opts["threshold_layer"],
         threshold_layer_factor=opts["threshold_layer_factor"],
         sigma=opts["sigma"], lr=opts["lr"], lr_real=opts["lr_real"], decay_every=opts["decay_every"],

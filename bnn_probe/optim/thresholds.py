@@ -261,12 +261,15 @@ DEFAULT_MULTIPLE = 2.0
 
 
 def normalized(multiple: float = DEFAULT_MULTIPLE, initial_threshold: float = 1e-8, beta: float = 0.1,
-               every: int = 10, scale: str = "mean_abs", momentum_key: str = "exp_avg") -> ThresholdPolicy:
+               every: int = 10, scale: str = "mean_abs", momentum_key: str = "exp_avg",
+               balance: float = 0.0) -> ThresholdPolicy:
     """A scale-free τ: τ_l = k · s_l, with s_l an online estimate of layer l's typical |m| (see
     :class:`MomentumScaleThreshold`). ``multiple`` is k: a weight flips when w·m exceeds k times its layer's mean
     |m| (Bop2ndOrder: of |m̂|). Every layer starts at ``initial_threshold`` (used while m = 0, i.e. at the first
     step). ``momentum_key``: the optimizer-state key holding m (a third-party Bop-like optimizer's, as given to
-    ``bnn_probe.attach(..., momentum_key=...)``; Bop and Bop2ndOrder: ``"exp_avg"``).
+    ``bnn_probe.attach(..., momentum_key=...)``; Bop and Bop2ndOrder: ``"exp_avg"``). ``balance`` > 0 adds the
+    allocation feedback of :class:`MomentumScaleThreshold` (τ_l = k·c_l·s_l, c_l steered by the layers' counted
+    flips towards equal flip ratios, geometric mean of c_l held at 1); 0 (the default) is the pure scale rule.
 
     >>> p = normalized(2.0)
     >>> p.threshold_for("fc1", 64), p.controller_options["multiple"], p.controller_options["scale"]
@@ -283,8 +286,13 @@ def normalized(multiple: float = DEFAULT_MULTIPLE, initial_threshold: float = 1e
         raise BnnProbeError(f"scale must be one of {', '.join(NORMALIZED_SCALES)}, got {scale!r}")
     if not (isinstance(momentum_key, str) and momentum_key):
         raise BnnProbeError(f"momentum_key must be a non-empty string, got {momentum_key!r}")
+    balance = float(balance)
+    if not (math.isfinite(balance) and balance >= 0):
+        raise BnnProbeError(f"balance must be a finite number >= 0, got {balance}")
     opts = {"multiple": k, "beta": beta, "every": int(every), "scale": scale}
     args = {"multiple": k, "initial_threshold": tau0, "beta": beta, "every": int(every), "scale": scale}
+    if balance > 0:
+        opts["balance"] = args["balance"] = balance
     if momentum_key != "exp_avg":
         opts["momentum_key"] = args["momentum_key"] = momentum_key
     return ThresholdPolicy("normalized", args, lambda layer, n: tau0,
@@ -371,13 +379,15 @@ def make_policy(name: str, *, threshold: float = 1e-6, reference_fan_in: int | N
                 thresholds_csv: str | Path | None = None, fan_ins: Iterable[int] | None = None,
                 report_run: str | None = None, threshold_multiple: float | None = None,
                 threshold_layer: str | None = None, threshold_layer_factor: float = 1.0,
-                threshold_scale: str = "mean_abs", **calibrated_options: Any) -> ThresholdPolicy:
+                threshold_scale: str = "mean_abs", threshold_balance: float = 0.0,
+                threshold_every: int | None = None, **calibrated_options: Any) -> ThresholdPolicy:
     """Build a policy from command-line style options (``bnn-probe train --threshold-policy ...``).
 
     ``fan-in`` without ``reference_fan_in`` takes the geometric mean of ``fan_ins`` (the model's fan-ins), so the
     policy keeps the geometric-mean τ equal to ``threshold``. ``normalized`` takes ``threshold_multiple`` as k
-    (default :data:`DEFAULT_MULTIPLE`), ``threshold`` as the τ of the first step and ``threshold_scale`` as its
-    scale (``"mean_abs"`` or ``"flow"``).
+    (default :data:`DEFAULT_MULTIPLE`), ``threshold`` as the τ of the first step, ``threshold_scale`` as its
+    scale (``"mean_abs"``, ``"rms"`` or ``"flow"``) and ``threshold_balance`` as its allocation feedback gain.
+    ``threshold_every`` (``calibrated`` and ``normalized``): steps between the controller's host updates (10).
 
     >>> make_policy("fan-in", threshold=1e-6, fan_ins=[64, 1024]).args["reference_fan_in"]
     256
@@ -394,6 +404,8 @@ def make_policy(name: str, *, threshold: float = 1e-6, reference_fan_in: int | N
     if name == "calibrated":
         if target_flip_ratio is None:
             raise BnnProbeError("--threshold-policy calibrated needs --target-flip-ratio")
+        if threshold_every is not None:
+            calibrated_options["every"] = threshold_every
         return calibrated(target_flip_ratio, initial_threshold=threshold if threshold > 0 else 1e-6,
                           **calibrated_options)
     if name == "from-report":
@@ -402,7 +414,8 @@ def make_policy(name: str, *, threshold: float = 1e-6, reference_fan_in: int | N
         return from_report(thresholds_csv, report_run)
     if name == "normalized":
         k = DEFAULT_MULTIPLE if threshold_multiple is None else threshold_multiple
-        return normalized(k, initial_threshold=threshold, scale=threshold_scale)
+        return normalized(k, initial_threshold=threshold, scale=threshold_scale, balance=threshold_balance,
+                          every=10 if threshold_every is None else threshold_every)
     if name == "one-layer":
         return one_layer(threshold, threshold_layer or "", threshold_layer_factor)
     raise BnnProbeError(f"unknown threshold policy {name!r}: choose one of {', '.join(POLICY_NAMES)}")
@@ -411,7 +424,8 @@ def make_policy(name: str, *, threshold: float = 1e-6, reference_fan_in: int | N
 def policy_for_model(model: nn.Module, name: str, *, threshold: float = 1e-6, fan_in_exponent: float = 0.5,
                      target_flip_ratio: float | None = None, thresholds_csv: str | Path | None = None,
                      threshold_multiple: float | None = None, threshold_layer: str | None = None,
-                     threshold_layer_factor: float = 1.0, threshold_scale: str = "mean_abs") -> ThresholdPolicy:
+                     threshold_layer_factor: float = 1.0, threshold_scale: str = "mean_abs",
+                     threshold_balance: float = 0.0, threshold_every: int | None = None) -> ThresholdPolicy:
     """:func:`make_policy` for a model, from ``bnn-probe train`` options: ``fan-in`` takes the geometric mean of the
     model's binary fan-ins as n_ref; ``--thresholds-csv PATH#RUN`` picks run RUN of a multi-run report table.
 
@@ -428,6 +442,7 @@ def policy_for_model(model: nn.Module, name: str, *, threshold: float = 1e-6, fa
                        target_flip_ratio=target_flip_ratio, thresholds_csv=thresholds_csv, report_run=run,
                        threshold_multiple=threshold_multiple, threshold_layer=threshold_layer,
                        threshold_layer_factor=threshold_layer_factor, threshold_scale=threshold_scale,
+                       threshold_balance=threshold_balance, threshold_every=threshold_every,
                        fan_ins=[layer_fan_in(p) for p in binary_parameters(model)])
 
 
@@ -664,6 +679,20 @@ class MomentumScaleThreshold(_HookedController):
     τ_l = k·s_l ignores ō_l, which dominates when k is small (τ below one step of m). Here k is the distance
     between flips, τ + ō, in units of the layer's mean |m|. Bop's raw m only (not Bop2ndOrder's m̂).
 
+    ``balance`` = κ > 0 adds allocation feedback from counted flips, for what a scale of m cannot see: layers whose
+    margins move at different paces per unit of |m| (measured up to ≈ 2× apart on the MNIST-1D conv net). τ_l uses
+    k·c_l in place of k, and at every host update (below) the flips Σ[(w ≥ 0) ≠ s] counted by a post-step hook
+    since the last one update
+
+        F_l ← λF_l + flips_l,  N_l ← λN_l + steps·n_l,  r_l = (F_l + ½)/N_l   (λ = 0.5 per update)
+        e_l = log r_l − mean_j log r_j,   log c_l ← log c_l + sign(e_l)·min(κ|e_l|, u_l),   then centred
+
+    (mean_l log c_l = 0), with u_l a trust size (Rprop, as in :class:`FlipRatioController`: halved when e_l changes
+    sign, ×1.2 when it keeps it, within [0.01, log 2]) — the flip ratio's elasticity to τ reaches 5 at γ = 1e-3, so
+    any fixed gain would oscillate somewhere. A layer flipping more than the layers' geometric mean gets a larger τ,
+    and the geometric mean of the c_l stays 1: k still sets the level, the feedback only the allocation across layers
+    (no target flip ratio, unlike :class:`FlipRatioController`). |log c_l| ≤ log 1000.
+
     Every ``every`` steps (and at the first measurement) the scales are copied to the host in one transfer and the
     groups get ``threshold = k · s_l``, which the step that follows uses: the τ in a group after a step is the τ
     that step used, so the probe's ``threshold`` column is the τ trajectory. Before the first step m = 0 and the
@@ -687,13 +716,21 @@ class MomentumScaleThreshold(_HookedController):
         (0.75, [-1.0, 1.0, -1.0, -1.0])
     """
 
+    BALANCE_FORGET = 0.5  # λ: the flip counts of a window before weigh λ as much as the newest one's
+    BALANCE_MAX_STEP = math.log(2.0)  # no update changes a c_l by more than ×2
+    BALANCE_MIN_STEP = 0.01  # the trust size's floor
+    BALANCE_FIRST_STEP = 0.05  # the trust size at the start (grows ×1.2 per update while the error keeps its sign)
+    BALANCE_LIMIT = math.log(1e3)  # |log c_l| ≤ log 1000
+
     def __init__(self, optimizer: Any, multiple: float, beta: float = 0.1, every: int = 10,
-                 scale: str = "mean_abs", momentum_key: str = "exp_avg") -> None:
+                 scale: str = "mean_abs", momentum_key: str = "exp_avg", balance: float = 0.0) -> None:
         if not (math.isfinite(multiple) and multiple > 0) or not 0 < beta <= 1 or every < 1 \
-                or scale not in NORMALIZED_SCALES:
-            raise BnnProbeError(f"normalized thresholds need multiple > 0, 0 < beta <= 1, every >= 1 and scale in "
-                                f"{NORMALIZED_SCALES}; got {multiple}, {beta}, {every}, {scale!r}")
+                or scale not in NORMALIZED_SCALES or not (math.isfinite(balance) and balance >= 0):
+            raise BnnProbeError(f"normalized thresholds need multiple > 0, 0 < beta <= 1, every >= 1, balance >= 0 "
+                                f"and scale in {NORMALIZED_SCALES}; got {multiple}, {beta}, {every}, {balance}, "
+                                f"{scale!r}")
         self.multiple, self.beta, self.every, self.scale = float(multiple), float(beta), int(every), scale
+        self.balance = float(balance)
         self.momentum_key = str(momentum_key)
         self.optimizer = optimizer
         groups = _threshold_groups(optimizer)
@@ -704,12 +741,23 @@ class MomentumScaleThreshold(_HookedController):
                                 "optimizer), not Bop2ndOrder's m̂; use scale='mean_abs' there")
         self.layers = [str(g.get("layer", f"group{i}")) for i, g in enumerate(groups)]
         self.n_weights = [sum(p.numel() for p in g["params"]) for g in groups]
+        # balance: log c_l, forgetting sums of flips F_l and weight-steps N_l, the signs at the last pre-step hook
+        self.log_c = [0.0] * len(groups)
+        self._flip_sum = [0.0] * len(groups)
+        self._count_sum = [0.0] * len(groups)
+        self._trust = [self.BALANCE_FIRST_STEP] * len(groups)
+        self._last_sign = [0] * len(groups)
+        self._signs: list[list[Tensor]] | None = None
+        self._flips = torch.zeros(len(groups), dtype=torch.float64, device=groups[0]["params"][0].device)
+        self._counted = 0
         self._ema: Tensor | None = None
         self._weight = 0.0  # c = 1 − (1 − β)^u, kept on the host (no device sync)
         self.n_updates = 0
         self.step_count = 0
         self.history: list[tuple[int, dict[str, float]]] = [(0, self.thresholds())]
         self._handles = [o.register_step_pre_hook(self._pre) for o in _hookable(optimizer)]
+        if self.balance > 0:
+            self._handles += [o.register_step_post_hook(self._post) for o in _hookable(optimizer)]
         self._register(optimizer)
 
     def thresholds(self) -> dict[str, float]:
@@ -789,14 +837,65 @@ class MomentumScaleThreshold(_HookedController):
         """τ_l from the bias-corrected EMA: k·s_l, or for ``scale="flow"`` max(k·s_l − ρ·δ_l, 0) (one host copy)."""
         est = (self._ema / self._weight).tolist()
         n = len(self.layers)
+        ks = [self.multiple * math.exp(c) for c in self.log_c]
         if self.scale != "flow":
-            return [self.multiple * v for v in est]
-        return [max(self.multiple * s - OVERSHOOT_RHO * d, 0.0) for s, d in zip(est[:n], est[n:], strict=True)]
+            return [k * v for k, v in zip(ks, est, strict=True)]
+        return [max(k * s - OVERSHOOT_RHO * d, 0.0) for k, s, d in zip(ks, est[:n], est[n:], strict=True)]
+
+    @torch.no_grad()
+    def _store_signs(self) -> None:
+        """``balance``: the signs (w ≥ 0) before the step, compared by :meth:`_post` after it."""
+        self._signs = [[p.detach() >= 0 for p in g["params"]] for g in _threshold_groups(self.optimizer)]
+
+    @torch.no_grad()
+    def _post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """``balance``: add the step's flips, Σ[(w ≥ 0) ≠ s] per layer, to a device buffer (no host sync)."""
+        if optimizer is not _hookable(self.optimizer)[-1] or self._signs is None:
+            return
+        counts = [sum(((p.detach() >= 0) != o).sum() for p, o in zip(g["params"], old, strict=True))
+                  for g, old in zip(_threshold_groups(self.optimizer), self._signs, strict=True)]
+        self._flips += torch.stack([torch.as_tensor(c, device=self._flips.device) for c in counts]).to(self._flips)
+        self._counted += 1
+        self._signs = None
+
+    def _rebalance(self) -> None:
+        """``balance``: one update of the allocation factors c_l from the window's flips (one host copy); the rule
+        is in the class docstring."""
+        if self._counted == 0:
+            return
+        flips = self._flips.tolist()
+        self._flips.zero_()
+        lam = self.BALANCE_FORGET
+        logs = []
+        for i, n in enumerate(self.n_weights):
+            self._flip_sum[i] = lam * self._flip_sum[i] + flips[i]
+            self._count_sum[i] = lam * self._count_sum[i] + self._counted * n
+            logs.append(math.log((self._flip_sum[i] + 0.5) / self._count_sum[i]))
+        self._counted = 0
+        mean = sum(logs) / len(logs)
+        new = []
+        for i, (c, e) in enumerate(zip(self.log_c, logs, strict=True)):
+            err = e - mean
+            sgn = (err > 0) - (err < 0)
+            if sgn and sgn == -self._last_sign[i]:
+                self._trust[i] = max(0.5 * self._trust[i], self.BALANCE_MIN_STEP)
+            elif sgn and sgn == self._last_sign[i]:
+                self._trust[i] = min(1.2 * self._trust[i], self.BALANCE_MAX_STEP)
+            self._last_sign[i] = sgn
+            new.append(c + sgn * min(self.balance * abs(err), self._trust[i]))
+        centre = sum(new) / len(new)
+        lim = self.BALANCE_LIMIT
+        self.log_c = [min(max(c - centre, -lim), lim) for c in new]
 
     @torch.no_grad()
     def _pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if optimizer is not _hookable(self.optimizer)[0]:  # a wrapper's later inner optimizers: once per step
             return
+        self._pre_update()
+        if self.balance > 0:
+            self._store_signs()
+
+    def _pre_update(self) -> None:
         a = self._measure()
         done = self.step_count
         self.step_count += 1
@@ -809,6 +908,8 @@ class MomentumScaleThreshold(_HookedController):
         self.n_updates += 1
         if self.n_updates > 1 and done % self.every:
             return
+        if self.balance > 0:
+            self._rebalance()
         taus = self._taus()
         changed = False
         for g, tau in zip(_threshold_groups(self.optimizer), taus, strict=True):
@@ -820,9 +921,14 @@ class MomentumScaleThreshold(_HookedController):
 
     def state_dict(self) -> dict[str, Any]:
         """The EMA (for resumed runs; the thresholds themselves live in the optimizer's groups)."""
-        return {"ema": None if self._ema is None else self._ema.tolist(), "weight": self._weight,
-                "n_updates": self.n_updates, "step_count": self.step_count,
-                "history": [(s, dict(t)) for s, t in self.history]}
+        state = {"ema": None if self._ema is None else self._ema.tolist(), "weight": self._weight,
+                 "n_updates": self.n_updates, "step_count": self.step_count,
+                 "history": [(s, dict(t)) for s, t in self.history]}
+        if self.balance > 0:
+            state.update(log_c=list(self.log_c), flip_sum=list(self._flip_sum), count_sum=list(self._count_sum),
+                         trust=list(self._trust), last_sign=list(self._last_sign),
+                         window_flips=self._flips.tolist(), window_steps=self._counted)
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         device = _threshold_groups(self.optimizer)[0]["params"][0].device
@@ -832,3 +938,17 @@ class MomentumScaleThreshold(_HookedController):
         self.n_updates = int(state["n_updates"])
         self.step_count = int(state["step_count"])
         self.history = [(int(s), dict(t)) for s, t in state["history"]]
+        if self.balance > 0 and "log_c" in state:
+            n = len(self.layers)
+            for key in ("log_c", "flip_sum", "count_sum", "window_flips", "trust", "last_sign"):
+                if len(state[key]) != n:
+                    raise BnnProbeError(f"normalized thresholds: the saved {key} has {len(state[key])} layers, the "
+                                        f"optimizer {n}")
+            self.log_c = [float(x) for x in state["log_c"]]
+            self._flip_sum = [float(x) for x in state["flip_sum"]]
+            self._count_sum = [float(x) for x in state["count_sum"]]
+            self._trust = [float(x) for x in state["trust"]]
+            self._last_sign = [int(x) for x in state["last_sign"]]
+            self._flips = torch.tensor([float(x) for x in state["window_flips"]], dtype=torch.float64,
+                                       device=self._flips.device)
+            self._counted = int(state["window_steps"])
