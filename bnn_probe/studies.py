@@ -320,7 +320,8 @@ def tau_sweep_runs(bop: TrainConfig, seeds: Sequence[int], quick: bool) -> list[
 
 
 @register_study("thresholds", "per-layer thresholds (wide vs thin layers): Bop with global τ ×3, fan-in, calibrated, "
-                "normalized; Bop2ndOrder; latent Adam; no batch norm; a width sweep of MLP in → W → 256 → classes "
+                "normalized (without and with flip feedback); Bop2ndOrder; latent Adam; no batch norm; a width sweep "
+                "of MLP in → W → 256 → classes "
                 "(≥ 3 seeds); the one-layer τ sweep", all_epochs=4)
 def _thresholds(o: StudyOptions) -> list[RunSpec]:
     """docs/thresholds.md and docs/findings.md. MLP default widths become the wide/thin 2048, 64, 1024; γ = 1e-3,
@@ -339,6 +340,8 @@ def _thresholds(o: StudyOptions) -> list[RunSpec]:
         runs.append(RunSpec(f"calibrated-s{seed}", replace(bop, threshold_policy="calibrated",
                                                            target_flip_ratio=1e-3)))
         runs.append(RunSpec(f"normalized-s{seed}", replace(bop, threshold_policy="normalized")))
+        runs.append(RunSpec(f"normalized-balance-s{seed}", replace(bop, threshold_policy="normalized",
+                                                                   threshold_balance=0.5, threshold_every=1)))
         runs.append(RunSpec(f"bop2nd-s{seed}", replace(base, optimizer="bop2nd", threshold=1e-3)))
         runs.append(RunSpec(f"latent-adam-s{seed}", replace(base, optimizer="latent-adam")))
         runs.append(RunSpec(f"no-bn-s{seed}", replace(bop, batch_norm=False, weight_scale="fan_in")))

@@ -52,10 +52,12 @@ def test_inertia_runs_and_pairs():
 def test_thresholds_grid_and_unknown_names_fail():
     assert "thresholds" in STUDIES and "thresholds" in studies.study_names()
     specs = {s.name: s.config for s in plan_study("thresholds", StudyOptions())}
-    # per seed 9 (3 global τ, fan-in, calibrated, normalized, Bop2ndOrder, latent, no-BN), the width sweep with 3
-    # seeds (12) and the one-layer τ sweep (a base run + 4 layers × 4 factors)
-    assert len(specs) == 9 + 12 + 17 and specs["fan-in-s0"].widths == (2048, 64, 1024)
-    assert specs["normalized-s0"].threshold_policy == "normalized"
+    # per seed 10 (3 global τ, fan-in, calibrated, normalized without and with flip feedback, Bop2ndOrder, latent,
+    # no-BN), the width sweep with 3 seeds (12) and the one-layer τ sweep (a base run + 4 layers × 4 factors)
+    assert len(specs) == 10 + 12 + 17 and specs["fan-in-s0"].widths == (2048, 64, 1024)
+    assert specs["normalized-s0"].threshold_policy == "normalized" and not specs["normalized-s0"].threshold_balance
+    bal = specs["normalized-balance-s0"]
+    assert (bal.threshold_policy, bal.threshold_balance, bal.threshold_every) == ("normalized", 0.5, 1)
     assert specs["calibrated-s0"].threshold_policy == "calibrated" and specs["calibrated-s0"].target_flip_ratio == 1e-3
     assert (specs["no-bn-s0"].batch_norm, specs["no-bn-s0"].weight_scale) == (False, "fan_in")
     assert [specs[f"sweep-w{w}-s0"].widths for w in (64, 256, 1024, 4096)] == [(w, 256) for w in (64, 256, 1024, 4096)]
@@ -67,8 +69,8 @@ def test_all_is_a_short_version_of_every_available_study():
     specs = plan_study("all", StudyOptions())
     names = [s.name for s in specs]
     # hyperparams 5; inertia 15 (Bop, latent Adam, latent SGD, Theorem 1 C = 100 × 2 arms × 3, τ = 0 pair, 2 reset
-    # pairs); thresholds: 9 + width sweep 3 × 4 + τ sweep 5
-    assert len(names) == 46 and len(set(names)) == 46
+    # pairs); thresholds: 10 + width sweep 3 × 4 + τ sweep 5
+    assert len(names) == 47 and len(set(names)) == 47
     assert "inertia-theorem1-clipped-c3-s0" not in names and "inertia-theorem1-clipped-c100-s0" in names
     assert {n.split("-")[0] for n in names} == {"hyperparams", "inertia", "thresholds"}
     epochs = {n.split("-")[0]: s.config.epochs for n, s in zip(names, specs, strict=True)}

@@ -72,6 +72,8 @@ def variant(run) -> str:
         label = f"fan-in a={c.get('fan_in_exponent', 0.5)}"
     elif pol == "calibrated":
         label = f"calibrated r*={c.get('target_flip_ratio', '')}"
+    elif pol == "normalized" and c.get("threshold_balance"):
+        label = f"normalized balance={c['threshold_balance']}"
     else:
         label = str(pol)
     if c.get("batch_norm") is False:
