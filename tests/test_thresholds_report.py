@@ -28,6 +28,8 @@ def test_cv_t_interval_and_welch_hand_computed():
     assert m == pytest.approx(0.92) and hi - m == pytest.approx(4.302653 * 0.02 / math.sqrt(3), rel=1e-5)
     d, lo, hi = TP.welch_interval([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])  # equal variances 1, n=3: df = 4
     assert d == 1.0 and hi - d == pytest.approx(2.776445 * math.sqrt(2 / 3), rel=1e-5)
+    m, lo, hi = TP.t_interval([0.01, 0.05, 0.12])  # s = 0.0557: the t-interval reaches below 0 ...
+    assert lo < 0 and TP.cv_interval([0.01, 0.05, 0.12]) == pytest.approx((m, 0.0, hi))  # ... a CV cannot
 
 
 def test_variant_labels_from_config():
@@ -40,6 +42,12 @@ def test_variant_labels_from_config():
         == "global τ=1e-06 no-BN scale=fan_in"
     assert v({}, family="latent") == "latent adam"
     assert v({"variant": "mine"}) == "mine"
+    assert v({"threshold_policy": "normalized"}) == "normalized"
+    assert v({"threshold_policy": "normalized", "threshold_balance": 0.5}) == "normalized balance=0.5"
+    # a policy object given to train() is recorded only in extra.threshold_policy: the label reads it from there
+    rec = {"name": "normalized", "args": {"multiple": 0.1, "scale": "flow", "balance": 0.5}}
+    assert v({"threshold_policy": "normalized", "threshold_scale": None, "extra": {"threshold_policy": rec}}) \
+        == "normalized scale=flow balance=0.5"
 
 
 def _study(gain):

@@ -72,8 +72,13 @@ def variant(run) -> str:
         label = f"fan-in a={c.get('fan_in_exponent', 0.5)}"
     elif pol == "calibrated":
         label = f"calibrated r*={c.get('target_flip_ratio', '')}"
-    elif pol == "normalized" and c.get("threshold_balance"):
-        label = f"normalized balance={c['threshold_balance']}"
+    elif pol == "normalized":
+        rec = (c.get("extra") or {}).get("threshold_policy")
+        args = rec.get("args", {}) if isinstance(rec, dict) else {}  # the policy as it ran (a policy object given
+        scale = args.get("scale") or c.get("threshold_scale") or "mean_abs"  # to train() is recorded only there)
+        balance = args.get("balance") or c.get("threshold_balance")
+        label = "normalized" + (f" scale={scale}" if scale != "mean_abs" else "") + \
+            (f" balance={balance}" if balance else "")
     else:
         label = str(pol)
     if c.get("batch_norm") is False:
@@ -116,6 +121,17 @@ def cv(values) -> float:
     if v.size < 2 or v.mean() == 0:
         return math.nan
     return float(v.std() / v.mean())
+
+
+def cv_interval(values, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, lo, hi) of per-seed CVs: :func:`t_interval` with the lower end cut at 0, the floor of a CV (a
+    t-interval over 3 seeds can reach below it).
+
+    >>> [round(x, 4) for x in cv_interval([0.01, 0.05, 0.12])]
+    [0.06, 0.0, 0.1983]
+    """
+    m, lo, hi = t_interval(values, level)
+    return m, (max(lo, 0.0) if math.isfinite(lo) else lo), hi
 
 
 def welch_interval(a, b, level: float = 0.95) -> tuple[float, float, float]:
@@ -169,7 +185,7 @@ def policy_comparison(runs, window: float = 0.5, negligible: float = NEGLIGIBLE_
     out = []
     for (ds, mo, va), sub in per_run.groupby(keys, sort=False):
         am, alo, ahi = t_interval(sub["val_accuracy"])
-        cm, clo, chi = t_interval(sub["flip_ratio_cv"])
+        cm, clo, chi = cv_interval(sub["flip_ratio_cv"])
         out.append({"dataset": ds, "model": mo, "variant": va, "policy": sub["policy"].iloc[0],
                     "family": sub["family"].iloc[0], "n_seeds": len(sub), "val_acc_mean": am, "val_acc_lo": alo,
                     "val_acc_hi": ahi, "cv_mean": cm, "cv_lo": clo, "cv_hi": chi})
