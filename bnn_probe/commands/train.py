@@ -232,6 +232,9 @@ def train(out, overwrite, progress, threads, amp, compile_, checkpoint_every, re
             out = f"runs/{config.dataset}-{config.model}-{config.optimizer}-s{config.seed}"
         path = run_train(config, out, progress=progress, overwrite=overwrite, checkpoint_every=checkpoint_every)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # every rank done with its collectives before any tears the group down: a rank whose peer destroyed gloo's
+        # connections first was seen to abort at exit ("terminate called without an active exception")
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if is_rank_zero():
         _print_result(path)
