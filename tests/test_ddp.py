@@ -95,6 +95,8 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
            "warned": [str(w.message) for w in caught if issubclass(w.category, RankDivergenceWarning)],
            "hashes": hashes.tolist()}
     (Path(tmp) / f"res{rank}.json").write_text(json.dumps(res))
+    del ddp  # the DDP reducer goes while the group exists; all ranks meet before the group is destroyed
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 

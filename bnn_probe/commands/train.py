@@ -232,8 +232,12 @@ def train(out, overwrite, progress, threads, amp, compile_, checkpoint_every, re
             out = f"runs/{config.dataset}-{config.model}-{config.optimizer}-s{config.seed}"
         path = run_train(config, out, progress=progress, overwrite=overwrite, checkpoint_every=checkpoint_every)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # every rank done with its collectives before any tears the group down: a rank whose peer destroyed gloo's
-        # connections first was seen to abort at exit ("terminate called without an active exception")
+        # the run's DDP wrapper (its reducer holds gloo work) is collected while the group still exists, and every
+        # rank is done with its collectives before any tears the group down: a rank was seen to abort at exit
+        # ("terminate called without an active exception") once its peer had destroyed gloo's connections first
+        import gc
+
+        gc.collect()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if is_rank_zero():
