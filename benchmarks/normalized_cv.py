@@ -81,8 +81,7 @@ def run_config(name: str, spec: dict, root: Path, scale: str = "mean_abs", balan
     for s in seeds:
         glob.append(bnn_probe.load_run(_train(replace(base, seed=s), root / name / f"global-s{s}")))
         cfg = replace(base, seed=s, threshold_policy="normalized", threshold_multiple=k)
-        pol = None if scale == "mean_abs" and not balance and every == 10 else normalized(
-            k, initial_threshold=tau, scale=scale, balance=balance, every=every)
+        pol = normalized(k, initial_threshold=tau, scale=scale, balance=balance, every=every)
         norm.append(bnn_probe.load_run(_train(cfg, root / name / f"{tag}-s{s}", pol)))
     red = cv_reduction(glob, norm, window=1.0).rename(columns={"cv_from_report": "cv_normalized"})
     acc = runs_table(glob + norm)[0].set_index("run")["final_val_accuracy"]

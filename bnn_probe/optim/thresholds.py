@@ -401,11 +401,11 @@ def make_policy(name: str, *, threshold: float = 1e-6, reference_fan_in: int | N
                 raise BnnProbeError("fan-in policy needs reference_fan_in (or the model's fan-ins)")
             reference_fan_in = round(math.exp(sum(math.log(n) for n in ns) / len(ns)))
         return fan_in(threshold, reference_fan_in, fan_in_exponent)
+    every = {} if threshold_every is None else {"every": threshold_every}  # else the controller's default
     if name == "calibrated":
         if target_flip_ratio is None:
             raise BnnProbeError("--threshold-policy calibrated needs --target-flip-ratio")
-        if threshold_every is not None:
-            calibrated_options["every"] = threshold_every
+        calibrated_options.update(every)
         return calibrated(target_flip_ratio, initial_threshold=threshold if threshold > 0 else 1e-6,
                           **calibrated_options)
     if name == "from-report":
@@ -414,8 +414,7 @@ def make_policy(name: str, *, threshold: float = 1e-6, reference_fan_in: int | N
         return from_report(thresholds_csv, report_run)
     if name == "normalized":
         k = DEFAULT_MULTIPLE if threshold_multiple is None else threshold_multiple
-        return normalized(k, initial_threshold=threshold, scale=threshold_scale, balance=threshold_balance,
-                          every=10 if threshold_every is None else threshold_every)
+        return normalized(k, initial_threshold=threshold, scale=threshold_scale, balance=threshold_balance, **every)
     if name == "one-layer":
         return one_layer(threshold, threshold_layer or "", threshold_layer_factor)
     raise BnnProbeError(f"unknown threshold policy {name!r}: choose one of {', '.join(POLICY_NAMES)}")
@@ -490,6 +489,30 @@ class _HookedController:
             reg.remove(self)
 
 
+class _FlipCounter:
+    """Flips per thresholded layer, accumulated on the device without a host synchronisation: :meth:`mark` stores
+    the signs s = (w ≥ 0) before a step, :meth:`count` adds Σ[(w ≥ 0) ≠ s] of each layer to :attr:`flips`."""
+
+    def __init__(self, n_layers: int, device: torch.device) -> None:
+        self.flips = torch.zeros(n_layers, dtype=torch.float64, device=device)
+        self._signs: list[list[Tensor]] | None = None
+
+    @torch.no_grad()
+    def mark(self, groups: list[dict[str, Any]]) -> None:
+        self._signs = [[p.detach() >= 0 for p in g["params"]] for g in groups]
+
+    @torch.no_grad()
+    def count(self, groups: list[dict[str, Any]]) -> bool:
+        """Add the flips since :meth:`mark`; False (nothing counted) without a mark."""
+        if self._signs is None:
+            return False
+        counts = [sum(((p.detach() >= 0) != o).sum() for p, o in zip(g["params"], old, strict=True))
+                  for g, old in zip(groups, self._signs, strict=True)]
+        self.flips += torch.stack([torch.as_tensor(c, device=self.flips.device) for c in counts]).to(self.flips)
+        self._signs = None
+        return True
+
+
 class FlipRatioController(_HookedController):
     """Hold each layer's flip ratio at a target by adjusting its τ multiplicatively (log-space, Rprop-style steps).
 
@@ -557,8 +580,7 @@ class FlipRatioController(_HookedController):
             if g["threshold"] <= 0:
                 g["threshold"] = math.exp(self.log_min)
         device = self.groups[0]["params"][0].device
-        self._flips = torch.zeros(len(self.groups), dtype=torch.float64, device=device)
-        self._signs: list[list[Tensor]] = []
+        self._counter = _FlipCounter(len(self.groups), device)
         # a layer's window: at least `every` steps and enough steps to expect `min_flips` flips at the target
         self.min_flips = float(min_flips)
         self._window_len = [max(self.every, self.every * math.ceil(self.min_flips / (self.target * n * self.every)))
@@ -599,7 +621,7 @@ class FlipRatioController(_HookedController):
                 for i, tau in self._pending.items():
                     groups[i]["threshold"] = tau
                 self._pending = {}
-            self._signs = [[p.detach() >= 0 for p in g["params"]] for g in self.groups]
+            self._counter.mark(self.groups)
 
     @torch.no_grad()
     def _post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -607,10 +629,7 @@ class FlipRatioController(_HookedController):
         if self._posts_seen < self._n_hooked:
             return
         self._posts_seen = 0
-        counts = [sum(((p.detach() >= 0) != s).sum() for p, s in zip(g["params"], old, strict=True))
-                  for g, old in zip(self.groups, self._signs, strict=True)]
-        self._flips += torch.stack([torch.as_tensor(c, device=self._flips.device) for c in counts]).to(self._flips)
-        self._signs = []
+        self._counter.count(self.groups)
         self.step_count += 1
         for i in range(len(self._window)):
             self._window[i] += 1
@@ -618,13 +637,13 @@ class FlipRatioController(_HookedController):
             self._update()
 
     def _update(self) -> None:
-        flips = self._flips.tolist()  # the one host copy per `every` steps
+        flips = self._counter.flips.tolist()  # the one host copy per `every` steps
         changed = False
         for i, g in enumerate(self.groups):
             k = self._window[i]
             if k < self._window_len[i]:
                 continue
-            self._flips[i] = 0.0
+            self._counter.flips[i] = 0.0
             self._window[i] = 0
             ratio = max(flips[i], 0.5) / (k * self.n_weights[i])
             err = math.log(ratio / self.target)
@@ -747,8 +766,7 @@ class MomentumScaleThreshold(_HookedController):
         self._count_sum = [0.0] * len(groups)
         self._trust = [self.BALANCE_FIRST_STEP] * len(groups)
         self._last_sign = [0] * len(groups)
-        self._signs: list[list[Tensor]] | None = None
-        self._flips = torch.zeros(len(groups), dtype=torch.float64, device=groups[0]["params"][0].device)
+        self._counter = _FlipCounter(len(groups), groups[0]["params"][0].device)
         self._counted = 0
         self._ema: Tensor | None = None
         self._weight = 0.0  # c = 1 − (1 − β)^u, kept on the host (no device sync)
@@ -842,29 +860,18 @@ class MomentumScaleThreshold(_HookedController):
             return [k * v for k, v in zip(ks, est, strict=True)]
         return [max(k * s - OVERSHOOT_RHO * d, 0.0) for k, s, d in zip(ks, est[:n], est[n:], strict=True)]
 
-    @torch.no_grad()
-    def _store_signs(self) -> None:
-        """``balance``: the signs (w ≥ 0) before the step, compared by :meth:`_post` after it."""
-        self._signs = [[p.detach() >= 0 for p in g["params"]] for g in _threshold_groups(self.optimizer)]
-
-    @torch.no_grad()
     def _post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        """``balance``: add the step's flips, Σ[(w ≥ 0) ≠ s] per layer, to a device buffer (no host sync)."""
-        if optimizer is not _hookable(self.optimizer)[-1] or self._signs is None:
-            return
-        counts = [sum(((p.detach() >= 0) != o).sum() for p, o in zip(g["params"], old, strict=True))
-                  for g, old in zip(_threshold_groups(self.optimizer), self._signs, strict=True)]
-        self._flips += torch.stack([torch.as_tensor(c, device=self._flips.device) for c in counts]).to(self._flips)
-        self._counted += 1
-        self._signs = None
+        """``balance``: after the step (of the last inner optimizer), count its flips."""
+        if optimizer is _hookable(self.optimizer)[-1] and self._counter.count(_threshold_groups(self.optimizer)):
+            self._counted += 1
 
     def _rebalance(self) -> None:
         """``balance``: one update of the allocation factors c_l from the window's flips (one host copy); the rule
         is in the class docstring."""
         if self._counted == 0:
             return
-        flips = self._flips.tolist()
-        self._flips.zero_()
+        flips = self._counter.flips.tolist()
+        self._counter.flips.zero_()
         lam = self.BALANCE_FORGET
         logs = []
         for i, n in enumerate(self.n_weights):
@@ -893,7 +900,7 @@ class MomentumScaleThreshold(_HookedController):
             return
         self._pre_update()
         if self.balance > 0:
-            self._store_signs()
+            self._counter.mark(_threshold_groups(self.optimizer))
 
     def _pre_update(self) -> None:
         a = self._measure()
@@ -927,7 +934,7 @@ class MomentumScaleThreshold(_HookedController):
         if self.balance > 0:
             state.update(log_c=list(self.log_c), flip_sum=list(self._flip_sum), count_sum=list(self._count_sum),
                          trust=list(self._trust), last_sign=list(self._last_sign),
-                         window_flips=self._flips.tolist(), window_steps=self._counted)
+                         window_flips=self._counter.flips.tolist(), window_steps=self._counted)
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -949,6 +956,6 @@ class MomentumScaleThreshold(_HookedController):
             self._count_sum = [float(x) for x in state["count_sum"]]
             self._trust = [float(x) for x in state["trust"]]
             self._last_sign = [int(x) for x in state["last_sign"]]
-            self._flips = torch.tensor([float(x) for x in state["window_flips"]], dtype=torch.float64,
-                                       device=self._flips.device)
+            flips = self._counter.flips
+            flips.copy_(torch.tensor([float(x) for x in state["window_flips"]], dtype=flips.dtype))
             self._counted = int(state["window_steps"])

@@ -212,16 +212,8 @@ class OnePass:
         return self.m_bufs[self.cur]
 
     @property
-    def m_before(self) -> np.ndarray:
-        return self.m_bufs[1 - self.cur]
-
-    @property
     def wm_now(self) -> np.ndarray:
         return self.wm_bufs[self.cur]
-
-    @property
-    def wm_before(self) -> np.ndarray:
-        return self.wm_bufs[1 - self.cur]
 
     def sign_now(self) -> np.ndarray:
         """bool [b(w_t) = +1] of every weight (after the last measured step)."""
