@@ -23,6 +23,7 @@ outside the timed window; its time is printed ("first step").
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -222,8 +223,10 @@ def main() -> None:
     ap.add_argument("--compile-probe", choices=("auto", "on", "off"), default="auto",
                     help="attach(compile_probe=...): auto = compiled on CUDA, eager on CPU")
     ap.add_argument("--device-path", action="store_true", help="attach(device_path=True): pure-torch path on CPU")
+    ap.add_argument("--options", default="{}",
+                    help='more attach() options as JSON, e.g. \'{"track_every": 10}\' (what one option costs)')
     args = ap.parse_args()
-    popts: dict = {}
+    popts: dict = json.loads(args.options)
     if args.compile_probe != "auto":
         popts["compile_probe"] = args.compile_probe == "on"
     if args.device_path:

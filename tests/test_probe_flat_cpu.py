@@ -249,33 +249,53 @@ def test_histograms_match_searchsorted_including_edges_nan_and_inf(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_margin_rows_merge_equals_sorting_the_margin(dtype):
-    """bnnp_margin_rows: the sorted margin rows built from the sorted w·m rows and the flipped sample values equal
-    numpy's sort of the margin rows (ties, zeros, NaN, a padded row); a layer with too many flips is left to sorting."""
+@pytest.mark.parametrize("hash_on", [1, 0])
+def test_bop_rows_match_numpy_quantiles_of_the_sorted_sample(dtype, hash_on):
+    """bnnp_bop_rows: the steps table's rows from the counts, Σ|m|, the sign hash and the sorted sample rows equal
+    the numpy computation (numpy "linear" quantiles at the given positions, float64), NaN-padded rows and NaN data
+    included, the latent columns NaN; without a hash the int64 sentinel."""
     rng = np.random.default_rng(4)
     k = cpu_pass.load()[np.dtype(dtype)]
-    L, K, cap = 4, 300, cpu_pass.SFLIP_CAP
-    ks = np.array([300, 250, 300, 300], dtype=np.int64)
-    wm = np.full((L, K), np.nan, dtype=dtype)
-    for li in range(L):
-        wm[li, :ks[li]] = np.round(rng.standard_normal(ks[li]) * 4) / 4  # many ties
-    wm[1, :5] = [0.0, -0.0, np.nan, 0.0, 0.25]
-    nflip = [0, 7, cap, cap + 1]
-    flipped = np.zeros((L, K), dtype=bool)
-    sflip = np.zeros((L, cap), dtype=dtype)
-    for li, nf in enumerate(nflip):
-        idx = rng.choice(ks[li], nf, replace=False)
-        flipped[li, idx] = True
-        sflip[li, :min(nf, cap)] = wm[li, idx][:cap]
-    margin = np.where(flipped, -wm, wm)
+    L, K, nfloat = 3, 300, 34
+    ks = np.array([300, 250, 300], dtype=np.int64)
+    samp = np.full((3, L, K), np.nan, dtype=dtype)
+    for r in range(3):
+        for li in range(L):
+            samp[r, li, :ks[li]] = np.round(rng.standard_normal(ks[li]) * 4) / 4  # many ties
+    samp[1, 2, :3] = [np.nan, -0.0, 0.0]
+    samp.sort(axis=-1)
+    qs, mq = (0.05, 0.25, 0.5, 0.75, 0.95), (0.5, 0.9, 0.99, 0.999)
+
+    def positions(quants):
+        pos = np.zeros((L, 2 * len(quants)), dtype=np.int64)
+        frac = np.zeros((L, len(quants)))
+        for li in range(L):
+            x = np.asarray(quants) * (ks[li] - 1)
+            pos[li, :len(quants)], pos[li, len(quants):] = np.floor(x), np.minimum(np.floor(x) + 1, ks[li] - 1)
+            frac[li] = x - np.floor(x)
+        return pos, frac
+
+    qpos, qfrac = positions(qs)
+    mpos, mfrac = positions(mq)
+    counts = rng.integers(0, 1000, (L, NC_BOP)).astype(np.int64)
+    hsh = rng.integers(-2**40, 2**40, L).astype(np.int64)
+    sum_abs = rng.random(L) * 100
+    lens = np.array([1000, 250, 4000], dtype=np.int64)
+    rows_i, rows_f = np.zeros((L, 4), np.int64), np.zeros((L, nfloat))
     P = cpu_pass.Plan()
-    P.L, P.K = L, K
-    P.set(ks=ks, sflip=sflip, nsflip=np.array(nflip, dtype=np.int64))
-    srt = np.ascontiguousarray(np.sort(wm, axis=-1))
-    out = np.empty((L, K), dtype=dtype)
-    done = np.zeros(L, dtype=np.uint8)
-    k.margin_rows(P, srt.ctypes.data, out.ctypes.data, done.ctypes.data)
-    assert done.tolist() == [1, 1, 1, 0]
-    want = np.sort(margin, axis=-1)
-    for li in range(3):
-        np.testing.assert_array_equal(out[li], want[li])
+    P.L, P.K, P.Q, P.Qm, P.nfloat, P.hash_on = L, K, len(qs), len(mq), nfloat, hash_on
+    P.set(lens=lens, counts=counts, hash=hsh, sum_abs=sum_abs, samp=samp, qpos=qpos, qfrac=qfrac, mpos=mpos,
+          mfrac=mfrac, rows_i=rows_i, rows_f=rows_f)
+    k.bop_rows(P)
+
+    def quant(row, pos, frac):
+        lo, hi = row[pos[:len(frac)]].astype(np.float64), row[pos[len(frac):]].astype(np.float64)
+        return lo + (hi - lo) * frac
+
+    for li in range(L):
+        want_i = [*counts[li, :3], hsh[li] if hash_on else -(2**63)]
+        assert rows_i[li].tolist() == want_i
+        want_f = np.concatenate([counts[li, 3:13].astype(np.float64), [sum_abs[li] / lens[li]],
+                                 quant(samp[0, li], qpos[li], qfrac[li]), quant(samp[1, li], qpos[li], qfrac[li]),
+                                 quant(samp[2, li], mpos[li], mfrac[li]), np.full(nfloat - 25, np.nan)])
+        np.testing.assert_array_equal(rows_f[li], want_f)

@@ -12,7 +12,9 @@
  * margin_exceed_j for the 7 ladder points); latent (flips, c2i_diff, nonfinite_grads, at_clip).
  * Comparisons are IEEE comparisons in the weights' type (no fast-math, no FMA contraction: -ffp-contract=off), so
  * every count equals the per-layer reference's; float64 sums are vectorised (reassociated), equal to rounding.
- * The quantile sample is picked up during the pass (sorted indices, while the block is in cache).
+ * The quantile sample is picked up during the pass (sorted indices, while the block is in cache); numpy sorts it in
+ * place and bnnp_bop_rows reads the quantiles. For the Bop family one call (bnnp_bop_step) does the pass, the flip
+ * events and the tracked weights of a step, one more (bnnp_bop_rows) the steps table's rows.
  * The module is a CPython extension only so that setuptools builds and installs it; Python calls the functions
  * through ctypes (bnn_probe/probe/cpu_pass.py). */
 #define PY_SSIZE_T_CLEAN
@@ -29,7 +31,6 @@
 #define S_SIGN0 2
 #define S_ABOVE 4
 #define S_FLIP 8
-#define SFLIP_CAP 16
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 #define HOT __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) __attribute__((visibility("default")))
@@ -56,10 +57,23 @@ typedef struct {
     double *sum_abs;                /* [L] sum |m| (Bop family) or |w| (latent) */
     const int64_t *ks, *qidx;       /* [L] sample sizes, [L][K] sorted sample indices in the layer */
     void *samp;                     /* [3][L][K] samples (|m|, w m, margin; latent: |w|) or NULL */
-    void *sflip;                    /* [L][SFLIP_CAP] w m of the flipped sample weights, or NULL */
-    int64_t *nsflip;                /* [L] their number (may exceed SFLIP_CAP) */
     int64_t nf;                     /* out: flips of the step */
     int32_t t;                      /* the step */
+    /* the Bop family's whole step (bnnp_bop_step, bnnp_bop_rows): double buffers of m_t, w_t m_t (cur: this step's),
+     * flip events, tracked weights and the steps table's rows, written into fixed buffers */
+    int64_t cur, nev, ntr, Q, Qm, nfloat, hash_on;  /* nev: event slots per layer, ntr: tracked */
+    void *mbuf[2], *wmbuf[2];       /* [N] m and w m of the last two steps */
+    const double *u;                /* [L][E] uniforms of the event sampler */
+    const double *tau_l, *tau_t;    /* [L] tau per layer, [T] per tracked weight (float64) */
+    int64_t *ev_i, *ev_safe;        /* [L E][2] (index, steps since previous flip), [L E] flat index */
+    double *ev_f;                   /* [L E][2] (inertia before the step, step size) */
+    const int64_t *tsel;            /* [T] tracked weights' flat indices */
+    uint8_t *tr_sign;               /* [T] b(w_t) = +1 */
+    double *tr_out;                 /* [T][2] (inertia, step size) */
+    int64_t *rows_i;                /* [L][4] flips, c2i_diff, nonfinite_grads, sign_hash */
+    double *rows_f;                 /* [L][nfloat] the float columns (the Bop family's first; the rest NaN) */
+    const int64_t *qpos, *mpos;     /* [L][2Q], [L][2Qm] sorted-sample positions (lo | hi) of the quantiles */
+    const double *qfrac, *mfrac;    /* [L][Q], [L][Qm] their interpolation fractions */
 } bnnp_plan;
 
 /* The flipped weights of block [b0, b0 + bn) of layer l (flat offset o), after the block's pass: their flat
@@ -80,31 +94,56 @@ static inline int64_t record_flips(const bnnp_plan *P, const uint8_t *S, int64_t
 }
 
 /* AVX-512 kernel of the Bop post-step pass (float32), chosen at run time where the CPU has AVX-512 (F, BW, VL, DQ):
- * 16 weights per iteration, every predicate a 16-bit mask counted with popcount. The same IEEE operations as the
- * portable loop of _pass_tmpl.h (w >= 0, |m| > tau, w m, the margin's sign bit flipped where the weight flipped,
- * x > thr_j, g - g == 0 for finite g). Returns the number of weights done (a multiple of 16); adds the counts to c
- * and sum |m| to *sa. bnnp_set_simd(0) turns it off (the tests run both). */
+ * 16 weights per iteration; every predicate is a 16-bit mask added into a 32-bit lane counter (one masked subtract
+ * of -1: the counters live in vector registers, no general-purpose register pressure), reduced once per call. The
+ * same IEEE operations as the portable loop of _pass_tmpl.h (w >= 0, |m| > tau, w m, the margin's sign bit flipped
+ * where the weight flipped, x > thr_j, g - g == 0 for finite g). Flipped weights are recorded here from the flip
+ * mask (rare: a mask test per 16 weights), in index order. Returns the number of weights done (a multiple of 16);
+ * adds the counts to c, sum |m| to *sa and the flips to *nf. bnnp_set_simd(0) turns it off (the tests run both). */
 static int simd_level = -1;
 
 __attribute__((visibility("default"))) void bnnp_set_simd(int level) { simd_level = level; }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
-#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt")))
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt,bmi")))
 
-AVX512_TARGET static int64_t bop_avx512_f32(const float *w, const float *m, const float *g, uint8_t *S, float *mo,
-                                             float *wmo, int64_t bn, float tl, int64_t tv, const float *th,
-                                             int64_t *c, double *sa, int big) {
+typedef struct {  /* where the kernel records flipped weights (the plan's arrays, this layer's offset) */
+    const bnnp_plan *P;
+    int64_t o, l, b0, nf;
+} flip_sink;
+
+AVX512_TARGET static inline void sink_flips(flip_sink *fs, uint8_t *S, int64_t j, unsigned fm) {
+    const bnnp_plan *P = fs->P;
+    while (fm) {  /* S: the kernel's block (offset b0) */
+        const int64_t jj = j + __builtin_ctz(fm), gi = fs->o + fs->b0 + jj;
+        fm &= fm - 1;
+        P->fidx[fs->nf] = gi;
+        P->flast[fs->nf++] = P->last[gi];
+        P->count[gi] += 1;
+        P->last[gi] = P->t;
+        if (P->mix) P->hash[fs->l] += (S[jj] & S_SIGN) ? (int64_t)P->mix[gi] : -(int64_t)P->mix[gi];
+    }
+}
+
+#define ACC(a, k) a = _mm512_mask_sub_epi32(a, (k), a, m1)
+
+AVX512_TARGET static inline int64_t bop_avx512_f32_body(const float *w, const float *m, const float *g, uint8_t *S,
+                                                        float *mo, float *wmo, int64_t bn, float tl, int64_t tv,
+                                                        const float *th, int64_t *c, double *sa, flip_sink *fs,
+                                                        const int nt) {
     const __m512 zero = _mm512_setzero_ps(), tau = _mm512_set1_ps(tl);
     const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000u));
-    const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+    const __m512i absmask = _mm512_set1_epi32(0x7fffffff), m1 = _mm512_set1_epi32(-1);
     const __m128i b1 = _mm_set1_epi8(1), b2 = _mm_set1_epi8(2), b4 = _mm_set1_epi8(4), b8 = _mm_set1_epi8(8);
-    __m512 t[7];
-    for (int k = 0; k < 7; k++) t[k] = _mm512_set1_ps(th[k]);
-    int64_t cf = 0, cc = 0, cn = 0, ca = 0, cu = 0, cd = 0, e[7] = {0};
+    const __m512 t0 = _mm512_set1_ps(th[0]), t1 = _mm512_set1_ps(th[1]), t2 = _mm512_set1_ps(th[2]),
+                 t3 = _mm512_set1_ps(th[3]), t4 = _mm512_set1_ps(th[4]), t5 = _mm512_set1_ps(th[5]),
+                 t6 = _mm512_set1_ps(th[6]);
+    __m512i cf = _mm512_setzero_si512(), cc = cf, cn = cf, ca = cf, cu = cf, cd = cf;
+    __m512i e0 = cf, e1 = cf, e2 = cf, e3 = cf, e4 = cf, e5 = cf, e6 = cf;
     __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+    const __mmask16 tvm = tv ? (__mmask16)0xFFFF : 0;
     int64_t j = 0;
-    const int nt = big && !((uintptr_t)mo & 63) && !((uintptr_t)wmo & 63);
     for (; j + 16 <= bn; j += 16) {
         const __m512 wv = _mm512_loadu_ps(w + j), mv = _mm512_loadu_ps(m + j), gv = _mm512_loadu_ps(g + j);
         const __m128i sb = _mm_loadu_si128((const __m128i *)(S + j));
@@ -117,14 +156,20 @@ AVX512_TARGET static int64_t bop_avx512_f32(const float *w, const float *m, cons
         const __m512 wm = _mm512_mul_ps(wv, mv);
         const __m512 x = _mm512_mask_xor_ps(wm, f, wm, sign);
         const __mmask16 fin = _mm512_cmp_ps_mask(_mm512_sub_ps(gv, gv), zero, _CMP_EQ_OQ);
-        cf += _mm_popcnt_u32(f);
-        cc += _mm_popcnt_u32((unsigned)(s ^ s0m));
-        cn += _mm_popcnt_u32((unsigned)(~fin & 0xFFFFu));
-        ca += _mm_popcnt_u32(ab);
-        cu += _mm_popcnt_u32((unsigned)(ab & ~pa & 0xFFFFu));
-        cd += _mm_popcnt_u32((unsigned)(pa & ~ab & 0xFFFFu));
-        for (int k = 0; k < 7; k++) e[k] += _mm_popcnt_u32(_mm512_cmp_ps_mask(x, t[k], _CMP_GT_OQ));
-        const __mmask16 na = tv ? ab : pa;
+        ACC(cf, f);
+        ACC(cc, s ^ s0m);
+        ACC(cn, (__mmask16)~fin);
+        ACC(ca, ab);
+        ACC(cu, ab & (__mmask16)~pa);
+        ACC(cd, pa & (__mmask16)~ab);
+        ACC(e0, _mm512_cmp_ps_mask(x, t0, _CMP_GT_OQ));
+        ACC(e1, _mm512_cmp_ps_mask(x, t1, _CMP_GT_OQ));
+        ACC(e2, _mm512_cmp_ps_mask(x, t2, _CMP_GT_OQ));
+        ACC(e3, _mm512_cmp_ps_mask(x, t3, _CMP_GT_OQ));
+        ACC(e4, _mm512_cmp_ps_mask(x, t4, _CMP_GT_OQ));
+        ACC(e5, _mm512_cmp_ps_mask(x, t5, _CMP_GT_OQ));
+        ACC(e6, _mm512_cmp_ps_mask(x, t6, _CMP_GT_OQ));
+        const __mmask16 na = (ab & tvm) | (pa & (__mmask16)~tvm);
         __m128i nst = _mm_and_si128(sb, b2); /* the bits are distinct: a masked add sets each */
         nst = _mm_mask_add_epi8(nst, s, nst, b1);
         nst = _mm_mask_add_epi8(nst, na, nst, b4);
@@ -139,29 +184,46 @@ AVX512_TARGET static int64_t bop_avx512_f32(const float *w, const float *m, cons
         }
         s0 = _mm512_add_pd(s0, _mm512_cvtps_pd(_mm512_castps512_ps256(am)));
         s1 = _mm512_add_pd(s1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(am, 1)));
+        if (__builtin_expect(f != 0, 0)) sink_flips(fs, S, j, f);
     }
-    c[0] += cf; c[1] += cc; c[2] += cn; c[3] += ca; c[4] += cu; c[5] += cd;
-    for (int k = 0; k < 7; k++) c[6 + k] += e[k];
+    c[0] += _mm512_reduce_add_epi32(cf); c[1] += _mm512_reduce_add_epi32(cc); c[2] += _mm512_reduce_add_epi32(cn);
+    c[3] += _mm512_reduce_add_epi32(ca); c[4] += _mm512_reduce_add_epi32(cu); c[5] += _mm512_reduce_add_epi32(cd);
+    c[6] += _mm512_reduce_add_epi32(e0); c[7] += _mm512_reduce_add_epi32(e1); c[8] += _mm512_reduce_add_epi32(e2);
+    c[9] += _mm512_reduce_add_epi32(e3); c[10] += _mm512_reduce_add_epi32(e4); c[11] += _mm512_reduce_add_epi32(e5);
+    c[12] += _mm512_reduce_add_epi32(e6);
     *sa += _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
     return j;
 }
 
+AVX512_TARGET static int64_t bop_avx512_f32(const float *w, const float *m, const float *g, uint8_t *S, float *mo,
+                                             float *wmo, int64_t bn, float tl, int64_t tv, const float *th,
+                                             int64_t *c, double *sa, int big, flip_sink *fs) {
+    if (big && !((uintptr_t)mo & 63) && !((uintptr_t)wmo & 63))
+        return bop_avx512_f32_body(w, m, g, S, mo, wmo, bn, tl, tv, th, c, sa, fs, 1);
+    return bop_avx512_f32_body(w, m, g, S, mo, wmo, bn, tl, tv, th, c, sa, fs, 0);
+}
+
 static inline int64_t bop_fast_f32(const float *w, const float *m, const float *g, uint8_t *S, float *mo,
                                    float *wmo, int64_t bn, float tl, int64_t tv, const float *th, int64_t *c,
-                                   double *sa, int big) {
+                                   double *sa, int big, flip_sink *fs) {
     if (simd_level < 0) {
         __builtin_cpu_init();
         simd_level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") ? 1 : 0;
     }
-    return simd_level > 0 ? bop_avx512_f32(w, m, g, S, mo, wmo, bn, tl, tv, th, c, sa, big) : 0;
+    return simd_level > 0 ? bop_avx512_f32(w, m, g, S, mo, wmo, bn, tl, tv, th, c, sa, big, fs) : 0;
 }
 #else
+typedef struct {
+    const bnnp_plan *P;
+    int64_t o, l, b0, nf;
+} flip_sink;
+
 static inline int64_t bop_fast_f32(const float *w, const float *m, const float *g, uint8_t *S, float *mo,
                                    float *wmo, int64_t bn, float tl, int64_t tv, const float *th, int64_t *c,
-                                   double *sa, int big) {
+                                   double *sa, int big, flip_sink *fs) {
     (void)big, (void)w, (void)m, (void)g, (void)S, (void)mo, (void)wmo, (void)bn, (void)tl, (void)tv, (void)th, (void)c,
-        (void)sa;
+        (void)sa, (void)fs;
     return 0;
 }
 #endif
@@ -184,11 +246,11 @@ static inline int64_t bop_fast_f32(const float *w, const float *m, const float *
 #define SFX f64
 #define ABS(x) __builtin_fabs(x)
 #define IT int64_t
-#define BOP_FAST(w, m, g, S, mo, wmo, bn, tl, tv, th, c, sa, big) 0
+#define BOP_FAST(w, m, g, S, mo, wmo, bn, tl, tv, th, c, sa, big, fs) 0
 #define UT uint64_t
 #include "_pass_tmpl.h"  /* undefines its parameters at its end */
 
-__attribute__((visibility("default"))) int64_t bnnp_abi_version(void) { return 8; }
+__attribute__((visibility("default"))) int64_t bnnp_abi_version(void) { return 9; }
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_pass", "bnn-probe's one-pass CPU measurement "
                                     "(called through ctypes: bnn_probe.probe.cpu_pass).", -1, NULL};

@@ -148,8 +148,6 @@ HOT int64_t FN(bnnp_bop_post)(bnnp_plan *P) {
         int64_t qi = 0;
         T *sa_ = samp ? samp + l * K : NULL, *sb_ = samp ? samp + (L + l) * K : NULL,
           *sc_ = samp ? samp + (2 * L + l) * K : NULL;
-        T *sfl = P->sflip ? (T *)P->sflip + l * SFLIP_CAP : NULL;
-        int64_t nsf = 0;
         const T *restrict w = (const T *)wp[l], *restrict m = (const T *)mp[l], *restrict g = (const T *)gp[l];
         const uint8_t *restrict sg = sgn ? sgn + o : NULL;
         uint8_t *restrict S = state + o;
@@ -163,13 +161,16 @@ HOT int64_t FN(bnnp_bop_post)(bnnp_plan *P) {
         for (int64_t b0 = 0; b0 < n; b0 += BLK) {
             const int64_t bn = n - b0 < BLK ? n - b0 : BLK;
             IT cf = 0, cc = 0, cn = 0, ca = 0, cu = 0, cd = 0, e0 = 0, e1 = 0, e2 = 0, e3 = 0, e4 = 0, e5 = 0, e6 = 0;
-            const int64_t flips_before = c[0];
+            int64_t jv = 0;
             double sb = 0.0;
             if (sg) {
                 BOP_LOOP((IT)(sg[i] & 1), 0)
-            } else {  /* whole vectors by the AVX-512 kernel where the CPU has it (float32), the rest here */
-                const int64_t jv = BOP_FAST(w + b0, m + b0, g + b0, S + b0, mo + b0, wmo + b0, bn, tl, tv, thr + 7 * l,
-                                            c, &sa, big);
+            } else {  /* whole vectors by the AVX-512 kernel where the CPU has it (float32; it records their flips),
+                       * the rest here */
+                flip_sink fs = {P, o, l, b0, nf};
+                jv = BOP_FAST(w + b0, m + b0, g + b0, S + b0, mo + b0, wmo + b0, bn, tl, tv, thr + 7 * l, c, &sa, big,
+                              &fs);
+                nf = fs.nf;
                 BOP_LOOP((IT)(wi >= (T)0), jv)
             }
             c[0] += cf; c[1] += cc; c[2] += cn; c[3] += ca; c[4] += cu; c[5] += cd;
@@ -181,18 +182,11 @@ HOT int64_t FN(bnnp_bop_post)(bnnp_plan *P) {
                 const T wm = wmo[i];
                 sa_[qi] = ABS(m[i]);
                 sb_[qi] = wm;
-                if (S[i] & S_FLIP) {
-                    sc_[qi] = -wm;
-                    if (sfl && nsf < SFLIP_CAP) sfl[nsf] = wm;  /* the margin's row = w m's with these negated */
-                    nsf++;
-                } else {
-                    sc_[qi] = wm;
-                }
+                sc_[qi] = (S[i] & S_FLIP) ? -wm : wm;
             }
-            if (c[0] != flips_before) nf = record_flips(P, S, b0, bn, o, l, nf);
+            if (cf) nf = record_flips(P, S, b0 + jv, bn - jv, o, l, nf);  /* the scalar part's flips */
         }
         for (int k = 0; k < NC_BOP; k++) counts[NC_BOP * l + k] = c[k];
-        if (P->nsflip) P->nsflip[l] = nsf;
         sum_abs[l] = sa;
         o += n;
     }
@@ -374,40 +368,45 @@ HOT void FN(bnnp_tracked)(const bnnp_plan *P, int64_t n, const int64_t *idx, con
     }
 }
 
-/* The sorted margin row of each layer from its sorted w m row (both NaN-padded past ks[l]): the margin sample is
- * the w m sample with the values of the flipped sample weights negated (sflip, nsflip from the pass), so each is
- * taken out of the sorted row and its negation put in, in order (the same multiset, sorted, as sorting the margin
- * row). Layers with more than SFLIP_CAP flipped sample weights are not done: done[l] = 0 (sort those instead). */
-HOT void FN(bnnp_margin_rows)(const bnnp_plan *P, const T *wm_sorted, T *out, uint8_t *done) {
-    const int64_t K = P->K;
-    for (int64_t l = 0; l < P->L; l++) {
-        const int64_t k = P->ks[l], nf = P->nsflip[l];
-        const T *src = wm_sorted + l * K;
-        T *dst = out + l * K;
-        done[l] = nf <= SFLIP_CAP;
-        if (!done[l]) continue;
-        memcpy(dst, src, (size_t)K * sizeof(T));
-        int64_t n = k;  /* valid entries: [0, n); NaNs sort last and stay (NaN negated is NaN) */
-        while (n > 0 && dst[n - 1] != dst[n - 1]) n--;
-        const T *fl = (const T *)P->sflip + l * SFLIP_CAP;
-        for (int64_t f = 0; f < nf; f++) {
-            const T v = fl[f];
-            if (v != v) continue;
-            int64_t lo = 0, hi = n;  /* first position with dst >= v: v itself (it is in the row) */
-            while (lo < hi) {
-                const int64_t mid = (lo + hi) >> 1;
-                if (dst[mid] < v) lo = mid + 1; else hi = mid;
-            }
-            memmove(dst + lo, dst + lo + 1, (size_t)(n - lo - 1) * sizeof(T));
-            const T nv = -v;
-            lo = 0, hi = n - 1;  /* first position with dst > -v among the n - 1 left */
-            while (lo < hi) {
-                const int64_t mid = (lo + hi) >> 1;
-                if (dst[mid] <= nv) lo = mid + 1; else hi = mid;
-            }
-            memmove(dst + lo + 1, dst + lo, (size_t)(n - 1 - lo) * sizeof(T));
-            dst[lo] = nv;
-        }
+/* The Bop family's step in one call: this step's m and w m buffers (cur flips), the post-step pass, then, by flags,
+ * the flip events (bit 0; u, tau_l, ev_*: bnnp_events with w_{t-1} m_{t-1} and m_{t-1} from the other buffer) and
+ * the tracked weights (bit 1; tsel, tau_t, tr_*: bnnp_tracked). Returns the number of flips. */
+HOT int64_t FN(bnnp_bop_step)(bnnp_plan *P, int64_t flags) {
+    const int64_t c = P->cur = 1 - P->cur;
+    P->m_out = P->mbuf[c];
+    P->wm_out = P->wmbuf[c];
+    const int64_t nf = FN(bnnp_bop_post)(P);
+    if ((flags & 1) && P->nev > 0)
+        FN(bnnp_events)(P, P->nev, P->u, P->tau_l, (const T *)P->wmbuf[1 - c], (const T *)P->mbuf[c],
+                        (const T *)P->mbuf[1 - c], P->ev_i, P->ev_safe, P->ev_f);
+    if ((flags & 2) && P->ntr > 0)
+        FN(bnnp_tracked)(P, P->ntr, P->tsel, P->tau_t, (const T *)P->wmbuf[c], (const T *)P->mbuf[c],
+                         (const T *)P->mbuf[1 - c], P->tr_sign, P->tr_out);
+    return nf;
+}
+
+/* The steps table's rows of the Bop family after bnnp_bop_step and an in-place sort of the sample rows (samp
+ * [3][L][K] = |m|, w m, margin, each ascending with NaN last):
+ *   rows_i[l] = (flips, c2i_diff, nonfinite_grads, sign hash or INT64_MIN without one),
+ *   rows_f[l] = (above_threshold, crossings_up, crossings_down, the 7 margin_exceed counts, sum |m| / n,
+ *               |m| quantiles (Q), w m quantiles (Q), margin quantiles (Qm), NaN for the latent columns). */
+HOT void FN(bnnp_bop_rows)(const bnnp_plan *P) {
+    const int64_t L = P->L, K = P->K, Q = P->Q, Qm = P->Qm, NFL = P->nfloat;
+    const T *samp = (const T *)P->samp;
+    for (int64_t l = 0; l < L; l++) {
+        const int64_t *cn = P->counts + NC_BOP * l;
+        int64_t *ri = P->rows_i + 4 * l;
+        double *rf = P->rows_f + NFL * l;
+        ri[0] = cn[0];
+        ri[1] = cn[1];
+        ri[2] = cn[2];
+        ri[3] = P->hash_on ? P->hash[l] : INT64_MIN;
+        for (int k = 0; k < 10; k++) rf[k] = (double)cn[3 + k];
+        rf[10] = P->sum_abs[l] / (double)P->lens[l];
+        FN(bnnp_interp)(1, K, samp + l * K, 1, P->qpos + l * 2 * Q, P->qfrac + l * Q, Q, rf + 11);
+        FN(bnnp_interp)(1, K, samp + (L + l) * K, 1, P->qpos + l * 2 * Q, P->qfrac + l * Q, Q, rf + 11 + Q);
+        FN(bnnp_interp)(1, K, samp + (2 * L + l) * K, 1, P->mpos + l * 2 * Qm, P->mfrac + l * Qm, Qm, rf + 11 + 2 * Q);
+        for (int64_t k = 11 + 2 * Q + Qm; k < NFL; k++) rf[k] = (double)NAN;
     }
 }
 

@@ -20,9 +20,8 @@ import numpy as np
 __all__ = ["NC_BOP", "NC_LAT", "S_SIGN", "S_SIGN0", "S_ABOVE", "S_FLIP", "Plan", "available", "hist_lut", "load"]
 
 NC_BOP, NC_LAT = 13, 4  # count columns per layer (see _pass.c)
-SFLIP_CAP = 16  # flipped sample weights per layer the margin rows are merged for (_pass.c)
 S_SIGN, S_SIGN0, S_ABOVE, S_FLIP = 1, 2, 4, 8  # bits of the per-weight state byte
-_ABI = 8
+_ABI = 9
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -36,7 +35,11 @@ class Plan(ctypes.Structure):
                 ("tau", _P), ("thr", _P), ("clip", _P), ("tau_valid", _P), ("clip_valid", _P), ("state", _P),
                 ("m_out", _P), ("wm_out", _P), ("count", _P), ("last", _P), ("mix", _P), ("hash", _P), ("fidx", _P),
                 ("flast", _P), ("counts", _P), ("sum_abs", _P), ("ks", _P), ("qidx", _P), ("samp", _P),
-                ("sflip", _P), ("nsflip", _P), ("nf", _I), ("t", ctypes.c_int32)]
+                ("nf", _I), ("t", ctypes.c_int32),
+                ("cur", _I), ("nev", _I), ("ntr", _I), ("Q", _I), ("Qm", _I), ("nfloat", _I), ("hash_on", _I),
+                ("mbuf", _P * 2), ("wmbuf", _P * 2), ("u", _P), ("tau_l", _P), ("tau_t", _P), ("ev_i", _P),
+                ("ev_safe", _P), ("ev_f", _P), ("tsel", _P), ("tr_sign", _P), ("tr_out", _P), ("rows_i", _P),
+                ("rows_f", _P), ("qpos", _P), ("mpos", _P), ("qfrac", _P), ("mfrac", _P)]
 
     def set(self, **arrays: np.ndarray | None) -> None:
         refs = self.__dict__.setdefault("_refs", {})
@@ -56,7 +59,8 @@ _SIGNATURES = {
     "bnnp_events": (None, [_PP, _I, _P, _P, _P, _P, _P, _P, _P, _P]),
     "bnnp_hist": (None, [_PP, ctypes.c_int32, _P, _P, _I, _P, _P, _P]),
     "bnnp_tracked": (None, [_PP, _I, _P, _P, _P, _P, _P, _P, _P]),
-    "bnnp_margin_rows": (None, [_PP, _P, _P, _P]),
+    "bnnp_bop_step": (_I, [_PP, _I]),
+    "bnnp_bop_rows": (None, [_PP]),
 }
 
 

@@ -509,7 +509,7 @@ class FlatGroup:
             return self._measure_fused(t, log, trk, ev, hist, snap)
         op = self.onepass
         self._read_hyper()
-        op.post(t)
+        op.post(t, ev, trk)
         out: dict = {}
         if log:
             out["ints"], out["floats"] = op.steps()

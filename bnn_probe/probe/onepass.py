@@ -11,10 +11,11 @@ A :class:`OnePass` belongs to a :class:`~bnn_probe.probe.flat.FlatGroup` on the 
   updates the flip counters, last-flip steps and the sign hash (Σ r_i over weights with b(w_i) = +1, kept
   incrementally: only weights whose sign changed add or remove their r_i, so the hash is exact and costs nothing
   per unchanged weight);
-* the pass also picks up the quantile sample into [3, L, K] (sorted indices, while each block is in cache); numpy
-  sorts the |m| and w·m rows, the margin's rows are merged from w·m's (``margin_rows``), ``interp`` reads the
-  quantiles; tracked weights and flip events are small gathers (``tracked``, ``events``) of the buffers the pass
-  wrote (m_t and w_t·m_t, kept for one more step).
+* the pass also picks up the quantile sample into [3, L, K] (sorted indices, while each block is in cache). For the
+  Bop family the same call (``bop_step``) writes the flip events and tracked weights of the step, gathered from the
+  buffers the pass wrote (m_t and w_t·m_t, kept for one more step); when the steps table is logged numpy sorts the
+  sample rows in place (one call for |m|, w·m and the margin) and ``bop_rows`` writes the table's rows. So a Bop
+  step is two C calls and one sort, into fixed buffers that the recorder copies.
 
 Values are those of the per-layer reference (probe/quantities.py + probe/context.py): the same IEEE comparisons in
 the weights' dtype, float64 sums to rounding (tests/test_probe_flat.py).
@@ -110,14 +111,27 @@ class OnePass:
               sum_abs=self.sum_abs)
         self.pplan = ctypes.byref(P)
         if self.bop:
+            # each step flips plan.cur, then writes m_t, w_t·m_t into bufs[cur]; bufs[1 − cur] hold step t − 1's
             self.m_bufs = [_aligned(N, self.npdtype) for _ in range(2)]
             self.wm_bufs = [_aligned(N, self.npdtype) for _ in range(2)]
-            self.cur = 1  # each pass flips cur, then writes m_t, w_t·m_t into bufs[cur]; bufs[1 − cur]: step t − 1
-            self.m_addr = [b.ctypes.data for b in self.m_bufs]  # addresses: numpy's .ctypes costs ~1 µs a call
-            self.wm_addr = [b.ctypes.data for b in self.wm_bufs]
+            P.cur = 1
+            for i in range(2):
+                P.mbuf[i], P.wmbuf[i] = self.m_bufs[i].ctypes.data, self.wm_bufs[i].ctypes.data
             self.m_bufs[1][:] = _np(m)
             np.multiply(_np(w), _np(m), out=self.wm_bufs[1])
             self.prev_w = None
+            # the step's outputs, rewritten every step (the recorder copies them): steps rows, events, tracked
+            E = grp.E
+            self.rows_i = np.empty((L, 4), dtype=np.int64)
+            self.rows_f = np.empty((L, grp.n_float), dtype=np.float64)
+            self.u = torch.empty(L, E, dtype=torch.float64)
+            self.ev_i = np.empty((L * E, 2), dtype=np.int64)
+            self.ev_f = np.empty((L * E, 2), dtype=np.float64)
+            P.nev, P.nfloat, P.hash_on = E, grp.n_float, int(bool(grp.sign_hash))
+            P.set(rows_i=self.rows_i, rows_f=self.rows_f, u=self.u.numpy(), ev_i=self.ev_i,
+                  ev_safe=np.empty(L * E, dtype=np.int64), ev_f=self.ev_f)
+            self.out_steps = (self.rows_i, self.rows_f)  # numpy: the recorder copies them at once
+            self.out_events = (self.ev_i, self.ev_f)
         else:
             self.prev_w = np.array(_np(w), copy=True)
         self.set_samples()
@@ -134,17 +148,20 @@ class OnePass:
             qidx[li, :k] = np.sort(g.qidx_np[li, :k])
         self.plan.set(ks=g.qks, qidx=qidx, samp=self.samp)
         if self.bop:
-            self.plan.set(sflip=np.zeros((g.L, cpu_pass.SFLIP_CAP), dtype=self.npdtype),
-                          nsflip=np.zeros(g.L, dtype=np.int64))
-            self.margin_sorted = np.empty((g.L, K), dtype=self.npdtype)
-            self.margin_done = np.zeros(g.L, dtype=np.uint8)
-            self.margin_addr = (self.margin_sorted.ctypes.data, self.margin_done.ctypes.data)
+            P = self.plan
+            P.Q, P.Qm, P.ntr = g.qfrac_np.shape[1], g.mfrac_np.shape[1], len(g.tsel_np)
+            self.tr_sign = np.empty(len(g.tsel_np), dtype=np.bool_)
+            self.tr_out = np.empty((len(g.tsel_np), 2), dtype=np.float64)
+            P.set(qpos=np.ascontiguousarray(g.qpos_np), qfrac=np.ascontiguousarray(g.qfrac_np),
+                  mpos=np.ascontiguousarray(g.mpos_np), mfrac=np.ascontiguousarray(g.mfrac_np), tsel=g.tsel_np,
+                  tr_sign=self.tr_sign.view(np.uint8), tr_out=self.tr_out)
+            self.out_tracked = (self.tr_sign, self.tr_out)
         self.tsel_addr = g.tsel_np.ctypes.data
 
     def set_hyper(self, hp: dict[str, np.ndarray]) -> None:
         if self.bop:
-            self.plan.set(tau=hp["tau"], thr=hp["thr"], tau_valid=hp["tau_valid"])
-            self.tau_l_addr, self.tau_t_addr = self.g.tau_l_np.ctypes.data, self.g.tau_t_np.ctypes.data
+            self.plan.set(tau=hp["tau"], thr=hp["thr"], tau_valid=hp["tau_valid"], tau_l=self.g.tau_l_np,
+                          tau_t=self.g.tau_t_np)
         else:
             self.plan.set(clip=hp["clip"], clip_valid=hp["clip_valid"])
 
@@ -173,9 +190,10 @@ class OnePass:
         self._signs()
         self.k.pre(self.pplan, None if self.bop else self.prev_w.ctypes.data)
 
-    def post(self, t: int) -> None:
+    def post(self, t: int, events: bool = False, tracked: bool = False) -> None:
         """After the optimizer step t: the pass; leaves counts, Σ|·|, the flipped weights and the sample in the
-        buffers. Copies made for the pass (m̂, non-contiguous tensors) stay alive until the next pass."""
+        buffers, and for the Bop family (same call) the flip events and tracked weights when asked for. Copies made
+        for the pass (m̂, non-contiguous tensors) stay alive until the next pass."""
         g = self.g
         self._keep = []
         layers = g.layers
@@ -200,20 +218,20 @@ class OnePass:
                 if missing:
                     g._check_momentum(missing)
                 self._set_ptrs(self.mp, ms)
-            self.cur = c = 1 - self.cur
-            P.m_out, P.wm_out = self.m_addr[c], self.wm_addr[c]
-            self.k.bop_post(self.pplan)
+            if events and g.E > 0:  # the sampler's uniforms (the generator's stream, as the reference draws them)
+                torch.rand(g.L, g.E, generator=g.gen, dtype=torch.float64, out=self.u)
+            self.k.bop_step(self.pplan, int(events) | int(tracked) << 1)
         else:
             self.k.lat_post(self.pplan)
 
     # ------------------------------------------------------------------ views of the buffers
     @property
     def m_now(self) -> np.ndarray:
-        return self.m_bufs[self.cur]
+        return self.m_bufs[self.plan.cur]
 
     @property
     def wm_now(self) -> np.ndarray:
-        return self.wm_bufs[self.cur]
+        return self.wm_bufs[self.plan.cur]
 
     def sign_now(self) -> np.ndarray:
         """bool [b(w_t) = +1] of every weight (after the last measured step)."""
@@ -238,52 +256,42 @@ class OnePass:
         return out
 
     # ------------------------------------------------------------------ rows of the log
-    def steps(self) -> tuple[Tensor, Tensor]:
-        """(int64 [L, 4] = flips, c2i_diff, nonfinite_grads, sign_hash; float64 [L, n_float]) of this step."""
+    def steps(self) -> tuple[Tensor | np.ndarray, Tensor | np.ndarray]:
+        """(int64 [L, 4] = flips, c2i_diff, nonfinite_grads, sign_hash; float64 [L, n_float]) of this step. The Bop
+        family's rows are the step's fixed numpy buffers (valid until the next step), written by ``bnnp_bop_rows``."""
         g = self.g
+        if self.bop:
+            self.samp.sort(axis=-1)  # |m|, w·m and the margin rows at once, in place (NaN padding stays last)
+            self.k.bop_rows(self.pplan)
+            return self.out_steps
         L = g.L
         ints = np.empty((L, 4), dtype=np.int64)
         ints[:, :3] = self.counts[:, :3]
         ints[:, 3] = self.hash if g.sign_hash else _MISSING_HASH
         floats = np.full((L, g.n_float), _NAN)
         nb = g.n_bop_cols
-        if self.bop:
-            floats[:, :10] = self.counts[:, 3:13]
-            floats[:, 10] = self.sum_abs / self.lens
-            v = np.sort(self.samp[:2], axis=-1)  # one sort: |m| and w·m
-            floats[:, 11:21] = self._quantiles(v.reshape(2 * L, -1), g.qpos_np, g.qfrac_np) \
-                .reshape(2, L, -1).transpose(1, 0, 2).reshape(L, -1)
-            # the margin w_{t−1}·m_t: w·m's sorted rows with the few flipped sample values negated and moved
-            ms, done = self.margin_sorted, self.margin_done
-            self.k.margin_rows(self.pplan, v[1].ctypes.data, *self.margin_addr)
-            for li in np.flatnonzero(done == 0):  # many flips in the sample: sort the row
-                ms[li] = np.sort(self.samp[2, li])
-            floats[:, 21:nb] = self._quantiles(ms, g.mpos_np, g.mfrac_np)
-        else:
-            floats[:, nb] = self.sum_abs / self.lens
-            floats[:, nb + 1:nb + 6] = self._quantiles(np.sort(self.samp[0], axis=-1), g.qpos_np, g.qfrac_np)
-            if g.clip_any:
-                at = self.counts[:, 3].astype(np.float64)
-                at[g.clip_none_rows] = _NAN
-                floats[:, nb + 6] = at
-            floats[:, nb + 7:nb + 9] = g._adam_step().numpy()
+        floats[:, nb] = self.sum_abs / self.lens
+        floats[:, nb + 1:nb + 6] = self._quantiles(np.sort(self.samp[0], axis=-1), g.qpos_np, g.qfrac_np)
+        if g.clip_any:
+            at = self.counts[:, 3].astype(np.float64)
+            at[g.clip_none_rows] = _NAN
+            floats[:, nb + 6] = at
+        floats[:, nb + 7:nb + 9] = g._adam_step().numpy()
         return torch.from_numpy(ints), torch.from_numpy(floats)
 
-    def events(self) -> tuple[Tensor, Tensor]:
+    def events(self) -> tuple[Tensor | np.ndarray, Tensor | np.ndarray]:
         """Up to E flipped weights per layer, stratified (probe/samplers.py's rule, all layers at once):
         (int64 [L·E, 2] = index in the layer (−1: empty slot), steps since its previous flip (−1: none);
-        float64 [L·E, 2] = inertia just before the step, step size)."""
+        float64 [L·E, 2] = inertia just before the step, step size). The Bop family's come from the step's call
+        (``post(events=True)``)."""
+        if self.bop:
+            return self.out_events
         g = self.g
         E, L = g.E, g.L
         u = torch.rand(L, E, generator=g.gen, dtype=torch.float64).numpy()
         ints = np.empty((L * E, 2), dtype=np.int64)
         safe = np.empty(L * E, dtype=np.int64)
         floats = np.empty((L * E, 2), dtype=np.float64)
-        if self.bop:
-            c = self.cur
-            self.k.events(self.pplan, E, u.ctypes.data, self.tau_l_addr, self.wm_addr[1 - c], self.m_addr[c],
-                          self.m_addr[1 - c], ints.ctypes.data, safe.ctypes.data, floats.ctypes.data)
-            return torch.from_numpy(ints), torch.from_numpy(floats)
         self.k.events(self.pplan, E, u.ctypes.data, None, None, None, None, ints.ctypes.data, safe.ctypes.data, None)
         pw = self.prev_w[safe]
         if g.any_custom:
@@ -294,17 +302,13 @@ class OnePass:
         floats[ints[:, 0] < 0] = _NAN
         return torch.from_numpy(ints), torch.from_numpy(floats)
 
-    def tracked(self) -> tuple[Tensor, Tensor]:
-        """(b(w_t) = +1 as bool, float64 [T, 2] = (inertia, step size)) of the tracked weights."""
+    def tracked(self) -> tuple[Tensor | np.ndarray, Tensor | np.ndarray]:
+        """(b(w_t) = +1 as bool, float64 [T, 2] = (inertia, step size)) of the tracked weights (the Bop family's
+        from the step's call, ``post(tracked=True)``)."""
+        if self.bop:
+            return self.out_tracked
         g = self.g
         idx = g.tsel_np
-        if self.bop:
-            sign = np.empty(len(idx), dtype=np.bool_)
-            out = np.empty((len(idx), 2), dtype=np.float64)
-            c = self.cur
-            self.k.tracked(self.pplan, len(idx), self.tsel_addr, self.tau_t_addr, self.wm_addr[c], self.m_addr[c],
-                           self.m_addr[1 - c], sign.ctypes.data, out.ctypes.data)
-            return torch.from_numpy(sign), torch.from_numpy(out)
         sign = (self.state[idx] & S_SIGN) > 0
         wt = self.w_at(idx)
         if g.any_custom:

@@ -292,10 +292,13 @@ class Probe:
                     time.monotonic() - self._last_flush_time >= self.flush_secs:
                 self.flush()
 
-    def _cat(self, parts: list[torch.Tensor], perm: torch.Tensor | None) -> torch.Tensor:
+    def _cat(self, parts: list[torch.Tensor | np.ndarray], perm: torch.Tensor | None) -> torch.Tensor | np.ndarray:
+        """One group's result as it is (tensor or numpy buffer: the recorder copies it), several concatenated in
+        group order and put in layer order."""
         if len(parts) == 1:
             return parts[0]
-        x = torch.cat([p.to(self._dev) for p in parts])
+        x = torch.cat([torch.from_numpy(p).to(self._dev) if isinstance(p, np.ndarray) else p.to(self._dev)
+                       for p in parts])
         return x if perm is None else x.index_select(0, perm)
 
     def _measure(self, t: int) -> None:
