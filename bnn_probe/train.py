@@ -148,6 +148,7 @@ class TrainConfig:
     hist_every: int = 100
     snapshot_every: int = 1000
     track: int = 64
+    quantile_every: int = 10  # the steps table's quantile columns every N logged steps (NaN between)
     # bookkeeping
     tag: str | None = None
     pair: str | None = None
@@ -278,7 +279,7 @@ def _validate(c: TrainConfig) -> None:
     _check(c.init_scale is None or c.init_scale > 0, "--init-scale must be positive")
     _check(c.latent_init in (None, *LATENT_INITS),
            f"--latent-init must be one of {', '.join(LATENT_INITS)}, got {c.latent_init!r}")
-    for name in ("probe_every", "hist_every", "snapshot_every", "track"):
+    for name in ("probe_every", "hist_every", "snapshot_every", "track", "quantile_every"):
         v = getattr(c, name)
         _check(_int_in(v, 0, MAX_COUNT),
                f"--{name.replace('_', '-')} must be a non-negative integer (at most {MAX_COUNT}), got {v}")
@@ -607,7 +608,7 @@ def setup(config: TrainConfig, out_dir: str | Path, overwrite: bool = False, pol
     if policy is not None:  # the policy and its per-layer τ, in the run's config
         cfg["extra"] = {**cfg["extra"], "threshold_policy": policy.describe()}
     options = dict(every=c.probe_every, hist_every=c.hist_every, snapshot_every=c.snapshot_every, track=c.track,
-                   config=cfg, tag=c.tag, seed=c.seed)
+                   quantile_every=c.quantile_every, config=cfg, tag=c.tag, seed=c.seed)
     options.update(probe_options)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,8 @@ def _mapping(model):
 @pytest.mark.parametrize("kind", MULTI_KINDS)
 def test_flat_equals_reference_with_binarizers(tmp_path, kind):
     model, opt = multi_setup(kind)
-    probe = bnn_probe.attach(model, opt, tmp_path / "run", tensorboard=False, quantile_sample=100, track=8,
+    probe = bnn_probe.attach(model, opt, tmp_path / "run", quantile_every=1,
+                             tensorboard=False, quantile_sample=100, track=8,
                              events_per_layer=2000, hist_every=3, binarizer=_mapping(model))
     assert [type(ly.binarizer).__name__ for ly in probe.layers] == ["Centered", "Sign", "Centered", "FromFunction"]
     ref = Reference(probe, opt)
@@ -75,7 +76,8 @@ def test_device_path_equals_cpu_path_with_binarizers(tmp_path, kind):
     for dp in (False, True):
         torch.manual_seed(0)
         model, opt = multi_setup(kind)
-        probe = bnn_probe.attach(model, opt, tmp_path / f"run{dp}", tensorboard=False, quantile_sample=100, track=8,
+        probe = bnn_probe.attach(model, opt, tmp_path / f"run{dp}", quantile_every=1,
+                                 tensorboard=False, quantile_sample=100, track=8,
                                  events_per_layer=16, hist_every=3, snapshot_every=2, binarizer=_mapping(model),
                                  device_path=dp)
         _train(model, opt)
@@ -211,7 +213,8 @@ def test_compiled_step_with_binarizers_equals_cpu_path(tmp_path):
         ctx = _no_compile_warning() if opts else None
         if ctx:
             ctx.__enter__()
-        probe = bnn_probe.attach(model, opt, tmp_path / label, tensorboard=False, quantile_sample=100, track=8,
+        probe = bnn_probe.attach(model, opt, tmp_path / label, quantile_every=1,
+                                 tensorboard=False, quantile_sample=100, track=8,
                                  events_per_layer=2000, hist_every=3, snapshot_every=4, binarizer=_mapping(model),
                                  **opts)
         _train(model, opt)

@@ -78,7 +78,7 @@ def bop_run(tmp_path, request):
         from bnn_probe.optim import Bop
 
         opt = Bop([model.w], gamma=GAMMA, threshold=TAU)
-    with bnn_probe.attach(model, opt, tmp_path / "run", hist_every=2, snapshot_every=2, track=100,
+    with bnn_probe.attach(model, opt, tmp_path / "run", quantile_every=1, hist_every=2, snapshot_every=2, track=100,
                           events_per_layer=100, tensorboard=False) as probe:
         for g in grads:
             set_grad(model, g)
@@ -185,7 +185,7 @@ def test_sign_hash_equal_iff_signs_equal(tmp_path):
     for k in range(2):
         model = OneLayer(_w0())
         opt = MiniBop([model.w], gamma=GAMMA, threshold=TAU)
-        with bnn_probe.attach(model, opt, tmp_path / f"r{k}", tensorboard=False):
+        with bnn_probe.attach(model, opt, tmp_path / f"r{k}", quantile_every=1, tensorboard=False):
             for g in grads:
                 set_grad(model, g)
                 opt.step()
@@ -206,7 +206,8 @@ def test_bop2nd_uses_normalised_momentum(tmp_path, real):
         opt = Bop2ndOrder([model.w], gamma=0.5, sigma=0.5, threshold=0.5)
     else:
         opt = MiniBop2nd([model.w], gamma=0.5, sigma=0.5, threshold=0.5)
-    with bnn_probe.attach(model, opt, tmp_path / "run", tensorboard=False, events_per_layer=100, track=100):
+    with bnn_probe.attach(model, opt, tmp_path / "run", quantile_every=1,
+                          tensorboard=False, events_per_layer=100, track=100):
         for g in grads:
             set_grad(model, g)
             opt.step()

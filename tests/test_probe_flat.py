@@ -5,6 +5,7 @@ bias correction, latent SGD with clipping, Adam, and a mixed Bop + latent CaseOp
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -66,17 +67,27 @@ class Reference:
             ctx.commit()
 
 
-def _check(run, ref: Reference) -> None:
+def _is_quantile(col: str) -> bool:
+    return re.search(r"_q\d+$", col) is not None
+
+
+def _check(run, ref: Reference, quantile_every: int = 1) -> None:
+    """Every logged value equals the reference's; the quantile columns are NaN off the ``quantile_every`` cadence."""
     steps = run.steps.set_index(["step", "layer"])
     assert len(steps) == len(ref.rows) > 0
+    n_quant = 0
     for key, row in ref.rows.items():
         got = steps.loc[key]
         for c, v in row.items():
-            if math.isnan(v):
+            if _is_quantile(c) and key[0] % quantile_every:
+                assert pd.isna(got[c]), (key, c)
+            elif math.isnan(v):
                 assert pd.isna(got[c]), (key, c)
             else:
                 assert not pd.isna(got[c]), (key, c)
                 assert float(got[c]) == pytest.approx(v, rel=1e-12, abs=1e-300), (key, c, got[c], v)
+                n_quant += _is_quantile(c)
+    assert n_quant > 0  # quantile columns compared on the cadence's steps
     tr = run.tracked
     for (t, name), (s, inert, step) in ref.tracked.items():
         sub = tr[(tr.step == t) & (tr.layer == name)]
@@ -109,14 +120,14 @@ def _train(model, opt, steps: int = 6, seed: int = 0) -> None:
 def test_flat_equals_per_layer_reference(tmp_path, kind):
     model, opt = multi_setup(kind)
     probe = bnn_probe.attach(model, opt, tmp_path / "run", tensorboard=False, quantile_sample=100, track=8,
-                             events_per_layer=2000, hist_every=3)
+                             events_per_layer=2000, hist_every=3, quantile_every=2)
     if kind == "mixed":
         assert len(probe.groups) == 2
     ref = Reference(probe, opt)
     _train(model, opt)
     probe.close()
     run = bnn_probe.load_run(tmp_path / "run")
-    _check(run, ref)
+    _check(run, ref, quantile_every=2)
     _check_events(run, ref)
     # every flip is an event (events_per_layer exceeds every layer's size); weight_flips match the flips column
     flips = run.steps.groupby("layer").flips.sum()
@@ -145,3 +156,33 @@ def test_cpu_bfloat16_layer_is_measured_by_the_device_path(tmp_path):
     probe.close()
     run = bnn_probe.load_run(tmp_path / "run")
     assert run.steps.flips.tolist() == [32]
+
+
+@pytest.mark.parametrize("kind", ["bop", "mixed"])
+def test_quantile_cadence_same_on_both_paths(tmp_path, kind):
+    """``quantile_every=3``: the quantile columns have values exactly on steps 3 and 6 (NaN on the other logged
+    steps, every other column logged every step), on the compiled CPU pass and the pure-torch path alike; the
+    default cadence (10) leaves them NaN on a 7-step run, and the run's meta.json records it."""
+    runs = {}
+    for dp in (False, True):
+        torch.manual_seed(0)
+        model, opt = multi_setup(kind)
+        probe = bnn_probe.attach(model, opt, tmp_path / f"r{dp}", tensorboard=False, quantile_sample=100,
+                                 quantile_every=3, device_path=dp)
+        _train(model, opt, steps=7)
+        probe.close()
+        runs[dp] = bnn_probe.load_run(tmp_path / f"r{dp}")
+    qcols = [c for c in runs[False].steps.columns if _is_quantile(c)]
+    assert "abs_m_q50" in qcols and "margin_q999" in qcols
+    for st in runs.values():
+        has = st.steps.groupby("step")[qcols].apply(lambda d: d.notna().to_numpy().any())
+        assert has[has].index.tolist() == [3, 6]
+        assert st.steps["flips"].notna().all() and sorted(st.steps.step.unique()) == list(range(1, 8))
+    a, b = (r.steps.sort_values(["step", "layer"]).reset_index(drop=True) for r in runs.values())
+    pd.testing.assert_frame_equal(a[qcols], b[qcols], rtol=1e-12)
+    assert runs[False].meta["probe"]["quantile_every"] == {"kind": "every", "n": 3}
+    model, opt = multi_setup(kind)
+    probe = bnn_probe.attach(model, opt, tmp_path / "default", tensorboard=False)
+    _train(model, opt, steps=7)
+    probe.close()
+    assert bnn_probe.load_run(tmp_path / "default").steps[qcols].isna().all().all()

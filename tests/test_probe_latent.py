@@ -37,7 +37,8 @@ def test_latent_sgd_quantities(tmp_path, clip):
     opt = torch.optim.SGD([model.w], lr=LR)
     if clip is not None:
         _clip_hook(opt, clip)
-    with bnn_probe.attach(model, opt, tmp_path / "run", tensorboard=False, events_per_layer=50, track=50,
+    with bnn_probe.attach(model, opt, tmp_path / "run", quantile_every=1,
+                          tensorboard=False, events_per_layer=50, track=50,
                           hist_every=1) as probe:
         for g in GRADS:
             set_grad(model, g)
@@ -101,7 +102,7 @@ def test_latent_sgd_quantities(tmp_path, clip):
 def test_nonfinite_grads_counted(tmp_path):
     model = OneLayer(W0)
     opt = torch.optim.SGD([model.w], lr=LR)
-    with bnn_probe.attach(model, opt, tmp_path / "run", tensorboard=False):
+    with bnn_probe.attach(model, opt, tmp_path / "run", quantile_every=1, tensorboard=False):
         set_grad(model, torch.tensor([np.nan, np.inf, -np.inf, 0, 0, 0, 0, 1.0]))
         opt.step()
     assert bnn_probe.load_run(tmp_path / "run").steps.nonfinite_grads.tolist() == [3]
@@ -110,7 +111,7 @@ def test_nonfinite_grads_counted(tmp_path):
 def test_adam_normalised_step(tmp_path):
     model = OneLayer(W0)
     opt = torch.optim.Adam([model.w], lr=0.01, betas=(0.9, 0.99), eps=1e-8)
-    with bnn_probe.attach(model, opt, tmp_path / "run", tensorboard=False):
+    with bnn_probe.attach(model, opt, tmp_path / "run", quantile_every=1, tensorboard=False):
         for g in GRADS:
             set_grad(model, g)
             opt.step()

@@ -164,3 +164,21 @@ def test_notes_about_many_runs_become_one_line():
     notes = ["a: no tracked weights; skipped", "b: no tracked weights; skipped", "c: other", "a general note"]
     assert group_notes(notes, ["a", "b", "c"]) == ["no tracked weights; skipped (2 runs): a, b", "c: other",
                                                     "a general note"]
+
+
+def test_layer_lines_join_the_points_of_a_quantile_cadence():
+    """A quantile column logged every 10th step (NaN between) is drawn as one line through its points, not as
+    isolated NaN-broken pieces (matplotlib draws nothing between NaNs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = list(range(1, 101))
+    df = pd.DataFrame({"step": steps * 2, "layer": ["a"] * 100 + ["b"] * 100, "fan_in": [8] * 100 + [64] * 100,
+                       "abs_m_q50": [float(s) if s % 10 == 0 else math.nan for s in steps] * 2})
+    fig, ax = plt.subplots()
+    F._layer_lines(ax, df, "abs_m_q50")
+    xs = [line.get_xdata() for line in ax.get_lines()]
+    plt.close(fig)
+    assert [list(x) for x in xs] == [list(range(10, 101, 10))] * 2

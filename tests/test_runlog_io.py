@@ -22,7 +22,7 @@ from bnn_probe.runlog import empty_frame, find_runs, load_run
 def _train(logdir, steps=4, **opts):
     model = BinaryMLP(8, [6], 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    probe = bnn_probe.attach(model, opt, logdir, **opts)
+    probe = bnn_probe.attach(model, opt, logdir, quantile_every=1, **opts)
     for _ in range(steps):
         loss = torch.nn.functional.cross_entropy(model(torch.randn(5, 8)), torch.randint(0, 3, (5,)))
         opt.zero_grad()
@@ -143,7 +143,8 @@ def test_tensorboard_gets_each_layers_threshold_for_bop(tmp_path):
     binary = list(named_binary_parameters(model))
     groups = [{"params": [p], "threshold": t} for (_, p), t in zip(binary, (1e-3, 2e-3, 4e-3), strict=False)]
     opt = Bop(groups, gamma=0.1)
-    probe = bnn_probe.attach(model, opt, tmp_path / "run", buffer_steps=4, tb_every=lambda s: s % 3 != 0)
+    probe = bnn_probe.attach(model, opt, tmp_path / "run", quantile_every=1,
+                             buffer_steps=4, tb_every=lambda s: s % 3 != 0)
     for _ in range(10):
         loss = torch.nn.functional.cross_entropy(model(torch.randn(5, 8)), torch.randint(0, 3, (5,)))
         opt.zero_grad()

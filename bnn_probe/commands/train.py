@@ -122,6 +122,10 @@ def train_options(f):
                      help="Probe: packed sign snapshots every N steps (0 = never)."),
         click.option("--track", type=int, default=64, show_default=True,
                      help="Probe: weights tracked per layer (inertia and sign over time)."),
+        click.option("--quantile-every", type=int, default=10, show_default=True,
+                     help="Probe: the steps table's quantile columns (|m|, w·m, margin, |w̃| quantiles of the "
+                          "sample) every N logged steps, NaN between (one sort per step that has them; 1 = every "
+                          "logged step, 0 = never)."),
         click.option("--tag", default=None, help="Free text stored in the run's metadata."),
         click.option("--pair", default=None, help="Pair name for paired runs (report: theorem1*/tau0* pairs)."),
         click.option("--pair-role", default=None, metavar="[a|b]", help="This run's role in --pair."),
@@ -168,7 +172,8 @@ def config_from_options(opts: dict) -> object:
         glorot_lr=opts["glorot_lr"], momentum=opts["momentum"], decoupled_decay=opts["decoupled_decay"],
         weight_decay=opts["weight_decay"], epochs=opts["epochs"], batch_size=opts["batch_size"], seed=opts["seed"],
         device=opts["device"], probe_every=opts["probe_every"], hist_every=opts["hist_every"],
-        snapshot_every=opts["snapshot_every"], track=opts["track"], tag=opts["tag"], pair=opts["pair"],
+        snapshot_every=opts["snapshot_every"], track=opts["track"], quantile_every=opts["quantile_every"],
+        tag=opts["tag"], pair=opts["pair"],
         pair_role=opts["pair_role"], intervention=_intervention(opts), latent_eval=opts["latent_eval"],
     )
 

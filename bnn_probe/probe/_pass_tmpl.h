@@ -386,7 +386,7 @@ HOT int64_t FN(bnnp_bop_step)(bnnp_plan *P, int64_t flags) {
 }
 
 /* The steps table's rows of the Bop family after bnnp_bop_step and an in-place sort of the sample rows (samp
- * [3][L][K] = |m|, w m, margin, each ascending with NaN last):
+ * [3][L][K] = |m|, w m, margin, each ascending with NaN last; NULL off the quantile cadence: those columns NaN):
  *   rows_i[l] = (flips, c2i_diff, nonfinite_grads, sign hash or INT64_MIN without one),
  *   rows_f[l] = (above_threshold, crossings_up, crossings_down, the 7 margin_exceed counts, sum |m| / n,
  *               |m| quantiles (Q), w m quantiles (Q), margin quantiles (Qm), NaN for the latent columns). */
@@ -403,10 +403,15 @@ HOT void FN(bnnp_bop_rows)(const bnnp_plan *P) {
         ri[3] = P->hash_on ? P->hash[l] : INT64_MIN;
         for (int k = 0; k < 10; k++) rf[k] = (double)cn[3 + k];
         rf[10] = P->sum_abs[l] / (double)P->lens[l];
-        FN(bnnp_interp)(1, K, samp + l * K, 1, P->qpos + l * 2 * Q, P->qfrac + l * Q, Q, rf + 11);
-        FN(bnnp_interp)(1, K, samp + (L + l) * K, 1, P->qpos + l * 2 * Q, P->qfrac + l * Q, Q, rf + 11 + Q);
-        FN(bnnp_interp)(1, K, samp + (2 * L + l) * K, 1, P->mpos + l * 2 * Qm, P->mfrac + l * Qm, Qm, rf + 11 + 2 * Q);
-        for (int64_t k = 11 + 2 * Q + Qm; k < NFL; k++) rf[k] = (double)NAN;
+        int64_t k0 = 11;
+        if (samp) {  /* a quantile step */
+            FN(bnnp_interp)(1, K, samp + l * K, 1, P->qpos + l * 2 * Q, P->qfrac + l * Q, Q, rf + 11);
+            FN(bnnp_interp)(1, K, samp + (L + l) * K, 1, P->qpos + l * 2 * Q, P->qfrac + l * Q, Q, rf + 11 + Q);
+            FN(bnnp_interp)(1, K, samp + (2 * L + l) * K, 1, P->mpos + l * 2 * Qm, P->mfrac + l * Qm, Qm,
+                            rf + 11 + 2 * Q);
+            k0 = 11 + 2 * Q + Qm;
+        }
+        for (int64_t k = k0; k < NFL; k++) rf[k] = (double)NAN;
     }
 }
 

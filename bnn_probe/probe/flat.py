@@ -503,16 +503,17 @@ class FlatGroup:
         if self.onepass is not None:
             self.cat_w(out=self.wbuf)
 
-    def measure(self, t: int, log: bool, trk: bool, ev: bool, hist: bool, snap: bool) -> dict:
-        """Everything of step t for this group (rows in group order); updates the counters."""
+    def measure(self, t: int, log: bool, trk: bool, ev: bool, hist: bool, snap: bool, quant: bool = True) -> dict:
+        """Everything of step t for this group (rows in group order); updates the counters. ``quant``: the steps
+        rows' quantile columns are computed (else NaN)."""
         if self.fused:
-            return self._measure_fused(t, log, trk, ev, hist, snap)
+            return self._measure_fused(t, log, trk, ev, hist, snap, quant)
         op = self.onepass
         self._read_hyper()
-        op.post(t, ev, trk)
+        op.post(t, ev, trk, log and quant)
         out: dict = {}
         if log:
-            out["ints"], out["floats"] = op.steps()
+            out["ints"], out["floats"] = op.steps(quant)
         if ev and self.E > 0:
             out["events"] = op.events()
         if trk:
@@ -523,7 +524,8 @@ class FlatGroup:
             out["snap"] = torch.from_numpy(op.sign_now().copy())
         return out
 
-    def _measure_fused(self, t: int, log: bool, trk: bool, ev: bool, hist: bool, snap: bool) -> dict:
+    def _measure_fused(self, t: int, log: bool, trk: bool, ev: bool, hist: bool, snap: bool,
+                       quant: bool = True) -> dict:
         """The device path: flat cats (eager), then the pure step of probe/fused.py (eager or compiled), which
         updates counters, last-flip steps, |m| > τ and w·m in place; histograms and snapshots (rare) eagerly."""
         self._read_hyper()
@@ -535,7 +537,7 @@ class FlatGroup:
         if log:
             s["g"] = self.cat_g()
             if not self.bop:
-                s["adam"] = self._adam_step()
+                s["adam"] = self._adam_step() if quant else self.nan_lat[:, :2]
         if self.any_custom:  # the binarizer stage runs eagerly; the fused step gets its signs (and latent margins)
             s["sign"], s["prev_sign"] = self.binarize(w), self.binarize(self.prev_w)
             if not self.bop:
@@ -544,7 +546,7 @@ class FlatGroup:
         ev = ev and self.E > 0
         if ev:
             s["u"] = torch.rand(self.L, self.E, generator=self.gen, device=self.device, dtype=torch.float64)
-        out = self._step(s, log, trk, ev)
+        out = self._step(s, log, trk, ev, quant)
         if hist:
             out["hists"] = self._hists(w, w * m if self.bop else None, m.abs() if self.bop else None)
         if snap:

@@ -94,7 +94,7 @@ def make_step_fn(bop: bool, ns: list[int], n_bits: int, events: int, sign_hash: 
         floats = torch.where(valid.view(-1, 1), floats_of(safe), _NAN)  # [L·E, 2]: inertia_before, step_size
         return torch.stack([local, since.to(torch.int64)], 1), floats
 
-    def step(s: dict, log: bool, trk: bool, ev: bool) -> dict:
+    def step(s: dict, log: bool, trk: bool, ev: bool, quant: bool = True) -> dict:
         out: dict = {}
         w = s["w"]
         sign = s["sign"] if binarized else w >= 0
@@ -120,9 +120,13 @@ def make_step_fn(bop: bool, ns: list[int], n_bits: int, events: int, sign_hash: 
                 counts = _counts(s, [flipped, c2i, finite, above, s["prev_above"], field])
                 ints = torch.cat([counts[:, :3].to(torch.int64), _hash(s, sign)], 1)
                 mean = _layer_abs_mean(s, abs_m)
-                v = torch.stack([_sample(s, abs_m), _sample(s, wm), _sample(s, margin)]).sort(dim=-1).values
-                q = _at_positions(v[:2], s["qpos"], s["qfrac"])
-                qm = _at_positions(v[2], s["mpos"], s["mfrac"])
+                if quant:
+                    v = torch.stack([_sample(s, abs_m), _sample(s, wm), _sample(s, margin)]).sort(dim=-1).values
+                    q = _at_positions(v[:2], s["qpos"], s["qfrac"])
+                    qm = _at_positions(v[2], s["mpos"], s["mfrac"])
+                else:  # off the quantile cadence: NaN columns
+                    nq, nm = s["qfrac"].shape[-1], s["mfrac"].shape[-1]
+                    q, qm = s["nan_lat"][:, :nq].expand(2, -1, -1), s["nan_lat"][:, :nm]
                 out["ints"] = ints
                 out["floats"] = torch.cat([counts[:, 3:13], mean.unsqueeze(1), q[0], q[1], qm, s["nan_lat"]], 1)
             if ev and E > 0:
@@ -146,7 +150,8 @@ def make_step_fn(bop: bool, ns: list[int], n_bits: int, events: int, sign_hash: 
                 counts = _counts(s, [flipped, c2i, finite, at_clip])
                 ints = torch.cat([counts[:, :3].to(torch.int64), _hash(s, sign)], 1)
                 mean = _layer_abs_mean(s, abs_w)
-                q = _quantiles(_sample(s, w).abs(), s["qpos"], s["qfrac"])
+                q = _quantiles(_sample(s, w).abs(), s["qpos"], s["qfrac"]) if quant else \
+                    s["nan_bop"][:, :s["qfrac"].shape[-1]]
                 at = torch.where(s["clip_valid"].unsqueeze(1), counts[:, 3:4], _NAN)
                 out["ints"] = ints
                 out["floats"] = torch.cat([s["nan_bop"], mean.unsqueeze(1), q, at, s["adam"]], 1)

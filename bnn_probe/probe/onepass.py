@@ -147,6 +147,7 @@ class OnePass:
         for li, k in enumerate(g.qks):  # ascending: the pass picks the sample up in index order
             qidx[li, :k] = np.sort(g.qidx_np[li, :k])
         self.plan.set(ks=g.qks, qidx=qidx, samp=self.samp)
+        self.samp_addr = self.samp.ctypes.data  # the pass picks the sample up only on quantile steps (post)
         if self.bop:
             P = self.plan
             P.Q, P.Qm, P.ntr = g.qfrac_np.shape[1], g.mfrac_np.shape[1], len(g.tsel_np)
@@ -190,11 +191,12 @@ class OnePass:
         self._signs()
         self.k.pre(self.pplan, None if self.bop else self.prev_w.ctypes.data)
 
-    def post(self, t: int, events: bool = False, tracked: bool = False) -> None:
-        """After the optimizer step t: the pass; leaves counts, Σ|·|, the flipped weights and the sample in the
-        buffers, and for the Bop family (same call) the flip events and tracked weights when asked for. Copies made
-        for the pass (m̂, non-contiguous tensors) stay alive until the next pass."""
+    def post(self, t: int, events: bool = False, tracked: bool = False, quant: bool = True) -> None:
+        """After the optimizer step t: the pass; leaves counts, Σ|·|, the flipped weights and (``quant``) the
+        quantile sample in the buffers, and for the Bop family (same call) the flip events and tracked weights when
+        asked for. Copies made for the pass (m̂, non-contiguous tensors) stay alive until the next pass."""
         g = self.g
+        self.plan.samp = self.samp_addr if quant else None
         self._keep = []
         layers = g.layers
         self._set_ptrs(self.wp, [ly.param for ly in layers])
@@ -256,13 +258,15 @@ class OnePass:
         return out
 
     # ------------------------------------------------------------------ rows of the log
-    def steps(self) -> tuple[Tensor | np.ndarray, Tensor | np.ndarray]:
-        """(int64 [L, 4] = flips, c2i_diff, nonfinite_grads, sign_hash; float64 [L, n_float]) of this step. The Bop
-        family's rows are the step's fixed numpy buffers (valid until the next step), written by ``bnnp_bop_rows``."""
+    def steps(self, quant: bool = True) -> tuple[Tensor | np.ndarray, Tensor | np.ndarray]:
+        """(int64 [L, 4] = flips, c2i_diff, nonfinite_grads, sign_hash; float64 [L, n_float]) of this step; the
+        quantile columns NaN unless ``quant`` (the post pass was told the same). The Bop family's rows are the step's
+        fixed numpy buffers (valid until the next step), written by ``bnnp_bop_rows``."""
         g = self.g
         if self.bop:
-            self.samp.sort(axis=-1)  # |m|, w·m and the margin rows at once, in place (NaN padding stays last)
-            self.k.bop_rows(self.pplan)
+            if quant:  # |m|, w·m and the margin rows at once, in place (NaN padding stays last)
+                self.samp.sort(axis=-1)
+            self.k.bop_rows(self.pplan)  # quantile columns NaN when the plan has no sample (post)
             return self.out_steps
         L = g.L
         ints = np.empty((L, 4), dtype=np.int64)
@@ -271,12 +275,14 @@ class OnePass:
         floats = np.full((L, g.n_float), _NAN)
         nb = g.n_bop_cols
         floats[:, nb] = self.sum_abs / self.lens
-        floats[:, nb + 1:nb + 6] = self._quantiles(np.sort(self.samp[0], axis=-1), g.qpos_np, g.qfrac_np)
+        if quant:
+            floats[:, nb + 1:nb + 6] = self._quantiles(np.sort(self.samp[0], axis=-1), g.qpos_np, g.qfrac_np)
         if g.clip_any:
             at = self.counts[:, 3].astype(np.float64)
             at[g.clip_none_rows] = _NAN
             floats[:, nb + 6] = at
-        floats[:, nb + 7:nb + 9] = g._adam_step().numpy()
+        if quant:
+            floats[:, nb + 7:nb + 9] = g._adam_step().numpy()
         return torch.from_numpy(ints), torch.from_numpy(floats)
 
     def events(self) -> tuple[Tensor | np.ndarray, Tensor | np.ndarray]:

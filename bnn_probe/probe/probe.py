@@ -88,6 +88,7 @@ class Probe:
                  binary: BinarySpec = None, every: Cadence = 1, hist_every: Cadence = 100,
                  snapshot_every: Cadence = 1000, track: int = 64, track_every: Cadence = 1,
                  events_per_layer: int = 16, events_every: Cadence = None, quantile_sample: int = 4096,
+                 quantile_every: Cadence = 10,
                  flush_every_steps: int = 1000, flush_secs: float = 10.0, tensorboard: bool = True,
                  tb_every: Cadence = None, config: dict | None = None, tag: str | None = None,
                  rank: int | None = None, resume: bool = False, seed: int = 0, sign_hash: bool = True,
@@ -115,6 +116,7 @@ class Probe:
             if self.events_per_layer > 0 else as_schedule(0)
         self.tb_every = as_schedule(tb_every) if tb_every is not None else None
         self.quantile_sample = int(quantile_sample)
+        self.quantile_every = as_schedule(quantile_every)
         self.flush_every_steps = int(flush_every_steps)
         self.flush_secs = float(flush_secs)
         self.seed = int(seed)
@@ -243,6 +245,7 @@ class Probe:
             "snapshot_every": self.snapshot_every.to_dict(), "track": self.track,
             "track_every": self.track_every.to_dict(), "events_per_layer": self.events_per_layer,
             "events_every": self.events_every.to_dict(), "quantile_sample": self.quantile_sample,
+            "quantile_every": self.quantile_every.to_dict(),
             "quantiles": list(QUANTILES), "flush_every_steps": self.flush_every_steps, "flush_secs": self.flush_secs,
             "seed": self.seed, "sign_hash": self.sign_hash, "compile_probe": self.compile_probe,
             "device_path": self.device_path,
@@ -304,7 +307,8 @@ class Probe:
     def _measure(self, t: int) -> None:
         log, trk, ev = self.every(t), self.track_every(t), self.events_every(t)
         hist, snap = self.hist_every(t), self.snapshot_every(t)
-        outs = [g.measure(t, log, trk, ev, hist, snap) for g in self.groups]
+        quant = log and self.quantile_every(t)
+        outs = [g.measure(t, log, trk, ev, hist, snap, quant) for g in self.groups]
         if log:
             ints = self._cat([o["ints"] for o in outs], self._perm)
             floats = self._cat([o["floats"] for o in outs], self._perm)
@@ -487,7 +491,9 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.
     a declared key that is absent raises :class:`~bnn_probe.errors.BnnProbeError`), ``check_every=100`` (cadence of
     the run checks of probe/checks.py: warnings in meta.json),
     ``every=1`` (steps table), ``hist_every=100``, ``snapshot_every=1000``, ``track=64``, ``track_every=1``,
-    ``events_per_layer=16``, ``events_every=every``, ``quantile_sample=4096``, ``flush_every_steps=1000``,
+    ``events_per_layer=16``, ``events_every=every``, ``quantile_sample=4096``, ``quantile_every=10`` (the steps
+    of the steps table whose quantile columns ``*_q..`` are computed — one sort of the sample rows; NaN on the other
+    logged steps; 1 = every logged step), ``flush_every_steps=1000``,
     ``flush_secs=10.0``, ``tensorboard=True``, ``tb_every=None`` (= every logged step), ``config=None``, ``tag=None``,
     ``rank=None`` (from torch.distributed), ``resume=False``, ``seed=0``, ``sign_hash=True``, ``buffer_steps=256``,
     ``compile_probe=None`` (``torch.compile`` the every-step measurement: None = on for CUDA, off otherwise; a compile

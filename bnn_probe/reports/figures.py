@@ -106,7 +106,7 @@ def _layer_lines(ax, sub: pd.DataFrame, y: str, band: tuple[str, str] | None = N
     cols = sns.color_palette("viridis", max(2, len(order)))
     ends = []
     for i, layer in enumerate(order):
-        s = sub[sub["layer"] == layer].sort_values("step")
+        s = sub[sub["layer"] == layer].dropna(subset=[y]).sort_values("step")  # quantiles: their cadence's steps
         if band is not None:
             ax.fill_between(s["step"], s[band[0]], s[band[1]], color=cols[i], alpha=0.2, lw=0)
         ax.plot(s["step"], s[y], lw=lw, color=cols[i])

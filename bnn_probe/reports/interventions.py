@@ -52,7 +52,7 @@ MIN_SEEDS = 3
 BURST_MIN_STEPS = 10
 SMOOTH_STEPS = 5
 _IGNORED = {"seed", "tag", "pair", "pair_role", "intervention", "extra", "device", "amp", "compile", "probe_every",
-            "hist_every", "snapshot_every", "track", "latent_eval", "data_dir"}
+            "hist_every", "snapshot_every", "track", "quantile_every", "latent_eval", "data_dir"}
 
 
 def condition_key(run) -> str:

@@ -20,7 +20,8 @@ import pandas as pd
 from .frames import config, family, frame, run_name
 
 BOOKKEEPING = ("tag", "pair", "pair_role", "extra",  # names and study markers
-               "probe_every", "hist_every", "snapshot_every", "track")  # what is recorded, not how it trains
+               "probe_every", "hist_every", "snapshot_every", "track",
+               "quantile_every")  # what is recorded, not how it trains
 
 
 def seed(run):
