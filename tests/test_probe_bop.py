@@ -243,3 +243,34 @@ def test_bop2nd_uses_normalised_momentum(tmp_path, real):
             expect = [0.5 - float(w_prev[i] * mh_prev[i]) for i in fl]
             assert ev.inertia_before.tolist() == pytest.approx(expect, rel=1e-4, abs=1e-5)
     assert total > 0
+
+
+def test_nonfinite_grads_counted_whether_or_not_the_optimizer_proved_them_finite(tmp_path):
+    """bnn_probe's Bop tells the probe which gradients it proved finite (``grads_all_finite``), so the pass skips
+    reading them; a gradient with NaN/±inf entries is still read and counted. A stale proof left on an optimizer
+    before its step (a third-party Bop that never sets one) is cleared by the probe's pre-step hook, not trusted."""
+    from _probe_helpers import MiniBop
+
+    from bnn_probe.optim import Bop
+    from bnn_probe.optim.nonfinite import FINITE_ATTR
+
+    for name, make in (("bop", lambda ps: Bop(ps, gamma=0.5, threshold=0.1)),
+                       ("mini", lambda ps: MiniBop(ps, gamma=0.5, threshold=0.1))):
+        w = [torch.nn.Parameter(torch.ones(40)), torch.nn.Parameter(-torch.ones(24))]
+        model = torch.nn.ParameterList(w)
+        opt = make(w)
+        with bnn_probe.attach(model, opt, tmp_path / name, tensorboard=False, binary=lambda n, p: True,
+                              family="bop") as probe:
+            for k in range(3):
+                w[0].grad = torch.full((40,), 0.3)
+                w[1].grad = torch.full((24,), -0.2)
+                if k == 1:
+                    w[1].grad[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+                if name == "mini":  # a false claim made before the step: must not be used
+                    opt.__dict__[FINITE_ATTR] = frozenset(id(p) for p in w)
+                opt.step()
+            if name == "bop":
+                assert opt.__dict__[FINITE_ATTR] == frozenset(id(p) for p in w)  # the last step's proof
+            assert probe.step == 3
+        steps = bnn_probe.load_run(tmp_path / name).steps.sort_values(["step", "layer"])
+        assert steps.nonfinite_grads.tolist() == [0, 0, 0, 3, 0, 0], name

@@ -54,7 +54,7 @@ class Case:
         self.hash = np.array([int(self.mix[o:o + n][ps].astype(np.int64).sum()) for o, n, ps in
                               zip(self.offs, ns, self.w_prev_sign, strict=True)], dtype=np.int64)
 
-    def bop_post(self, t: int = 7):
+    def bop_post(self, t: int = 7, skip_g: tuple[int, ...] = ()):
         L, N, d = self.L, self.N, self.dtype
         tau = np.array(self.taus, dtype=d)
         thr = np.array([sorted(d.type(k * t_) for k in MARGIN_LADDER) for t_ in self.taus], dtype=d).reshape(-1)
@@ -67,8 +67,10 @@ class Case:
         self.counts, self.sum_abs = np.zeros((L, NC_BOP), np.int64), np.zeros(L)
         P = cpu_pass.Plan()
         P.L, P.t = L, t
+        gp = _ptrs(self.g)
+        gp[list(skip_g)] = 0  # gradients proved finite elsewhere: not read
         P.set(lens=np.array(self.ns, dtype=np.int64), offs=self.offs, wp=_ptrs(self.w), mp=_ptrs(self.m),
-              gp=_ptrs(self.g), tau=tau, thr=thr, tau_valid=tv, state=self.state, m_out=self.m_out,
+              gp=gp, tau=tau, thr=thr, tau_valid=tv, state=self.state, m_out=self.m_out,
               wm_out=self.wm_out, count=self.count, last=self.last, mix=self.mix, hash=self.hash, fidx=self.fidx,
               flast=self.flast, counts=self.counts, sum_abs=self.sum_abs)
         return self.k.bop_post(P)
@@ -299,3 +301,21 @@ def test_bop_rows_match_numpy_quantiles_of_the_sorted_sample(dtype, hash_on):
                                  quant(samp[0, li], qpos[li], qfrac[li]), quant(samp[1, li], qpos[li], qfrac[li]),
                                  quant(samp[2, li], mpos[li], mfrac[li]), np.full(nfloat - 25, np.nan)])
         np.testing.assert_array_equal(rows_f[li], want_f)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bop_post_without_a_gradient_counts_no_nonfinite_and_the_rest_alike(dtype):
+    """A layer whose gradient pointer is 0 (the optimizer proved it finite) gets nonfinite_grads 0 and every other
+    column, the state bytes and the hash exactly as when its gradient is read."""
+    ns = [13, 1, 700, 1025]
+    a, b = Case(ns, dtype), Case(ns, dtype)
+    for c in (a, b):
+        c.g[0][:] = np.where(np.isfinite(c.g[0]), c.g[0], 0.5)  # layer 0 finite, as its proof says
+        c.g[2][5] = np.nan
+    a.bop_post()
+    b.bop_post(skip_g=(0, 3))
+    assert b.counts[2, 2] == 1 and b.counts[[0, 3], 2].tolist() == [0, 0]
+    np.testing.assert_array_equal(a.counts, b.counts)
+    np.testing.assert_array_equal(a.state, b.state)
+    np.testing.assert_array_equal(a.hash, b.hash)
+    np.testing.assert_array_equal(a.wm_out, b.wm_out)

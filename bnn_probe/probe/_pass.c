@@ -42,7 +42,8 @@
 typedef struct {
     int64_t L, K;                   /* layers; quantile sample slots per layer */
     const int64_t *lens, *offs;     /* [L] weights per layer, flat offsets */
-    const uintptr_t *wp, *mp, *gp;  /* [L] data pointers: w, m (Bop family), g (zeros where missing) */
+    const uintptr_t *wp, *mp, *gp;  /* [L] data pointers: w, m (Bop family), g (Bop family: 0 = not read, its
+                                     * non-finite count is 0; latent: zeros where missing) */
     const uint8_t *sgn;             /* [N] b(w) from a binarizer other than sign, or NULL (w >= 0) */
     const void *tau, *thr, *clip;   /* [L], [L][7] (ascending), [L] in the weights' type */
     const uint8_t *tau_valid, *clip_valid;
@@ -131,7 +132,7 @@ AVX512_TARGET static inline void sink_flips(flip_sink *fs, uint8_t *S, int64_t j
 AVX512_TARGET static inline int64_t bop_avx512_f32_body(const float *w, const float *m, const float *g, uint8_t *S,
                                                         float *mo, float *wmo, int64_t bn, float tl, int64_t tv,
                                                         const float *th, int64_t *c, double *sa, flip_sink *fs,
-                                                        const int nt) {
+                                                        const int nt, const int hasg) {
     const __m512 zero = _mm512_setzero_ps(), tau = _mm512_set1_ps(tl);
     const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000u));
     const __m512i absmask = _mm512_set1_epi32(0x7fffffff), m1 = _mm512_set1_epi32(-1);
@@ -145,7 +146,7 @@ AVX512_TARGET static inline int64_t bop_avx512_f32_body(const float *w, const fl
     const __mmask16 tvm = tv ? (__mmask16)0xFFFF : 0;
     int64_t j = 0;
     for (; j + 16 <= bn; j += 16) {
-        const __m512 wv = _mm512_loadu_ps(w + j), mv = _mm512_loadu_ps(m + j), gv = _mm512_loadu_ps(g + j);
+        const __m512 wv = _mm512_loadu_ps(w + j), mv = _mm512_loadu_ps(m + j);
         const __m128i sb = _mm_loadu_si128((const __m128i *)(S + j));
         const __mmask16 s = _mm512_cmp_ps_mask(wv, zero, _CMP_GE_OQ);
         const __mmask16 ps = _mm_test_epi8_mask(sb, b1), s0m = _mm_test_epi8_mask(sb, b2);
@@ -155,10 +156,12 @@ AVX512_TARGET static inline int64_t bop_avx512_f32_body(const float *w, const fl
         const __mmask16 ab = _mm512_cmp_ps_mask(am, tau, _CMP_GT_OQ);
         const __m512 wm = _mm512_mul_ps(wv, mv);
         const __m512 x = _mm512_mask_xor_ps(wm, f, wm, sign);
-        const __mmask16 fin = _mm512_cmp_ps_mask(_mm512_sub_ps(gv, gv), zero, _CMP_EQ_OQ);
+        if (hasg) {  /* g - g == 0 iff g is finite (a gradient proved finite is not read: g NULL) */
+            const __m512 gv = _mm512_loadu_ps(g + j);
+            ACC(cn, (__mmask16)~_mm512_cmp_ps_mask(_mm512_sub_ps(gv, gv), zero, _CMP_EQ_OQ));
+        }
         ACC(cf, f);
         ACC(cc, s ^ s0m);
-        ACC(cn, (__mmask16)~fin);
         ACC(ca, ab);
         ACC(cu, ab & (__mmask16)~pa);
         ACC(cd, pa & (__mmask16)~ab);
@@ -198,9 +201,11 @@ AVX512_TARGET static inline int64_t bop_avx512_f32_body(const float *w, const fl
 AVX512_TARGET static int64_t bop_avx512_f32(const float *w, const float *m, const float *g, uint8_t *S, float *mo,
                                              float *wmo, int64_t bn, float tl, int64_t tv, const float *th,
                                              int64_t *c, double *sa, int big, flip_sink *fs) {
-    if (big && !((uintptr_t)mo & 63) && !((uintptr_t)wmo & 63))
-        return bop_avx512_f32_body(w, m, g, S, mo, wmo, bn, tl, tv, th, c, sa, fs, 1);
-    return bop_avx512_f32_body(w, m, g, S, mo, wmo, bn, tl, tv, th, c, sa, fs, 0);
+    const int nt = big && !((uintptr_t)mo & 63) && !((uintptr_t)wmo & 63);
+    if (g) return nt ? bop_avx512_f32_body(w, m, g, S, mo, wmo, bn, tl, tv, th, c, sa, fs, 1, 1)
+                     : bop_avx512_f32_body(w, m, g, S, mo, wmo, bn, tl, tv, th, c, sa, fs, 0, 1);
+    return nt ? bop_avx512_f32_body(w, m, g, S, mo, wmo, bn, tl, tv, th, c, sa, fs, 1, 0)
+              : bop_avx512_f32_body(w, m, g, S, mo, wmo, bn, tl, tv, th, c, sa, fs, 0, 0);
 }
 
 static inline int64_t bop_fast_f32(const float *w, const float *m, const float *g, uint8_t *S, float *mo,

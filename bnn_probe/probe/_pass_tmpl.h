@@ -17,7 +17,7 @@ _Pragma("GCC ivdep") \
                 const IT f = s ^ (st & S_SIGN); \
                 const IT pa = (st >> 2) & 1; \
                 const IT ab = ABS(mi) > tl; \
-                const T d = g[i] - g[i]; /* NaN iff g is NaN or infinite */ \
+                const T d = g ? g[i] - g[i] : (T)0; /* NaN iff g is NaN or infinite; no g: proved finite */ \
                 cn += (IT)!(d == (T)0); \
                 const IT na = tv ? ab : pa; \
                 S[i] = (uint8_t)((st & S_SIGN0) | s | (na << 2) | (f << 3) | (pa << 4)); \
@@ -168,8 +168,8 @@ HOT int64_t FN(bnnp_bop_post)(bnnp_plan *P) {
             } else {  /* whole vectors by the AVX-512 kernel where the CPU has it (float32; it records their flips),
                        * the rest here */
                 flip_sink fs = {P, o, l, b0, nf};
-                jv = BOP_FAST(w + b0, m + b0, g + b0, S + b0, mo + b0, wmo + b0, bn, tl, tv, thr + 7 * l, c, &sa, big,
-                              &fs);
+                jv = BOP_FAST(w + b0, m + b0, g ? g + b0 : NULL, S + b0, mo + b0, wmo + b0, bn, tl, tv, thr + 7 * l, c,
+                              &sa, big, &fs);
                 nf = fs.nf;
                 BOP_LOOP((IT)(wi >= (T)0), jv)
             }

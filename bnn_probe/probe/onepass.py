@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..optim.nonfinite import FINITE_ATTR
 from ..runlog.schema import HIST_EDGES
 from . import cpu_pass
 from .cpu_pass import NC_BOP, NC_LAT, S_ABOVE, S_SIGN, S_SIGN0
@@ -86,6 +87,7 @@ class OnePass:
         self.npdtype = grp.np_dtype
         self.k = cpu_pass.load()[self.npdtype]
         self.bop = grp.bop
+        self.opts = list({id(ly.optimizer): ly.optimizer for ly in grp.layers}.values()) if self.bop else []
         self.lens = np.asarray(grp.ns, dtype=np.int64)
         self.offs = np.asarray(grp.offsets, dtype=np.int64)
         self.wp = np.zeros(L, dtype=np.uintp)
@@ -167,9 +169,14 @@ class OnePass:
             self.plan.set(clip=hp["clip"], clip_valid=hp["clip_valid"])
 
     # ------------------------------------------------------------------ pointers
-    def _set_ptrs(self, dst: np.ndarray, ts: list[Tensor]) -> None:
+    def _set_ptrs(self, dst: np.ndarray, ts: list[Tensor | None]) -> None:
+        """Data pointers of ``ts`` (None: 0, a tensor the pass does not read), converted to the group's dtype and
+        contiguous where needed."""
         dt = self.g.dtype
         for i, t in enumerate(ts):
+            if t is None:
+                dst[i] = 0
+                continue
             if t.dtype != dt or not t.is_contiguous():
                 t = t.detach().contiguous().to(dt)
                 self._keep.append(t)  # alive until the next pass (the sample gather reads it)
@@ -184,9 +191,12 @@ class OnePass:
 
     # ------------------------------------------------------------------ per step
     def pre(self) -> None:
-        """Before the optimizer step: stored signs := b(w_{t−1}) where they changed; latent: w̃_{t−1} copied."""
+        """Before the optimizer step: stored signs := b(w_{t−1}) where they changed; latent: w̃_{t−1} copied. The
+        Bop family's optimizers lose last step's finite-gradient proof (only this step's may spare a read)."""
         g = self.g
         self._keep = []
+        for opt in self.opts:
+            opt.__dict__.pop(FINITE_ATTR, None)
         self._set_ptrs(self.wp, [ly.param for ly in g.layers])
         self._signs()
         self.k.pre(self.pplan, None if self.bop else self.prev_w.ctypes.data)
@@ -202,8 +212,15 @@ class OnePass:
         self._set_ptrs(self.wp, [ly.param for ly in layers])
         grads = [ly.param.grad for ly in layers]
         g.g_missing = [li for li, gr in enumerate(grads) if gr is None]
-        for li in g.g_missing:
-            grads[li] = g._zeros_like_layer(li)
+        if self.bop:  # gradients that cannot hold a NaN/±inf are not read (count 0): missing ones, and those the
+            # optimizer's own check proved finite in this step (bnn_probe's Bop family: optim/nonfinite.py)
+            for li, ly in enumerate(layers):
+                fin = ly.optimizer.__dict__.get(FINITE_ATTR)
+                if fin is not None and id(ly.param) in fin:
+                    grads[li] = None
+        else:
+            for li in g.g_missing:
+                grads[li] = g._zeros_like_layer(li)
         self._set_ptrs(self.gp, grads)
         self._signs()
         P = self.plan
