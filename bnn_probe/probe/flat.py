@@ -100,6 +100,7 @@ class _Views:
         return self.views
 
 
+_PLAIN = (float, int, bool, type(None))  # immutable values a param group's hyperparameters may be compared by
 _NP_CMP = {"ge": np.greater_equal, "gt": np.greater, "lt": np.less}
 _NP_FLOATS = (torch.float32, torch.float64)
 
@@ -311,6 +312,7 @@ class FlatGroup:
         self.t_layer = torch.cat([torch.full((len(t),), li, dtype=torch.int64) for li, t in enumerate(t_idx)]).to(dev)
         self.t_sizes = [len(t) for t in t_idx]
         self._hyper_key = None  # τ of the tracked weights is cached with the hyperparameters
+        self._hyper_raw: tuple | None = None
         if dev.type == "cpu":  # the compiled pass's view: per-layer sample indices (in the layer), padded
             self.qk = K
             self.qks = np.asarray(ks, dtype=np.int64)
@@ -436,6 +438,13 @@ class FlatGroup:
         """Read τ (γ, σ, eps, clip …) from the groups; rebuild device vectors only when a value changed."""
         groups = [ly.group for ly in self.layers]
         if self.bop:
+            # the every-step check: the raw values, trusted only when all are immutable Python numbers (a tensor
+            # could change in place and compare equal to itself)
+            raw = tuple(g.get(k) for g, tk, gk in zip(groups, self.tkeys, self.gkeys, strict=True)
+                        for k in (tk, gk, "sigma", "eps", "bias_correction"))
+            if raw == self._hyper_raw and self._hyper_key is not None:
+                return
+            self._hyper_raw = raw if all(type(v) in _PLAIN for v in raw) else None
             key = tuple((float(g.get(tk, _NAN)), float(g.get(gk, _NAN)), float(g.get("sigma", _NAN)),
                          float(g.get("eps", 1e-10)), bool(g.get("bias_correction", False)))
                         for g, tk, gk in zip(groups, self.tkeys, self.gkeys, strict=True))

@@ -147,6 +147,7 @@ class Probe:
     def _setup_writer(self, tensorboard: bool, resume: bool, buffer_steps: int) -> None:
         self._hyper_src = [(ly, _hyper_keys(ly)) for ly in self.layers]
         self._hyper_raw: tuple | None = None
+        self._hyper_plain = False
         gen = torch.Generator().manual_seed(self.seed)
         q_idx: list[torch.Tensor | None] = []
         t_idx: list[torch.Tensor] = []
@@ -333,7 +334,7 @@ class Probe:
         """[L, 4] float64 (γ, τ, lr, σ) of every layer as its param group holds them now (NaN where absent or not a
         number); rebuilt only when one of the raw values changed (a scheduler)."""
         raw = tuple(ly.group.get(k) for ly, keys in self._hyper_src for k in keys)  # groups may be replaced
-        if raw != self._hyper_raw:
+        if not self._hyper_plain or raw != self._hyper_raw:
             out = np.full((len(self.layers), 4), math.nan)
             for i, v in enumerate(raw):
                 if isinstance(v, int | float):
@@ -341,7 +342,8 @@ class Probe:
                 elif isinstance(v, torch.Tensor) and v.numel() == 1 and v.device.type == "cpu":
                     out.flat[i] = float(v)
             self._hyper_raw, self._hyper_arr = raw, out
-        return self._hyper_arr.copy()
+            self._hyper_plain = all(type(v) in (float, int, bool, type(None)) for v in raw)  # else re-read each step
+        return self._hyper_arr  # the recorder copies it
 
     # ------------------------------------------------------------------ public API
     def add_callback(self, fn: Callable[[Probe, int], None], every: Cadence = 1) -> None:
