@@ -173,14 +173,16 @@ class OnePass:
         """Data pointers of ``ts`` (None: 0, a tensor the pass does not read), converted to the group's dtype and
         contiguous where needed."""
         dt = self.g.dtype
-        for i, t in enumerate(ts):
+        ptrs = []
+        for t in ts:
             if t is None:
-                dst[i] = 0
+                ptrs.append(0)
                 continue
             if t.dtype != dt or not t.is_contiguous():
                 t = t.detach().contiguous().to(dt)
                 self._keep.append(t)  # alive until the next pass (the sample gather reads it)
-            dst[i] = t.data_ptr()
+            ptrs.append(t.data_ptr())
+        dst[:] = ptrs  # one numpy assignment
 
     def _signs(self) -> None:
         """The binarizer stage for groups with a binarizer other than sign: [b(w) = +1] of the weights now, as the
@@ -198,7 +200,8 @@ class OnePass:
         for opt in self.opts:
             opt.__dict__.pop(FINITE_ATTR, None)
         self._set_ptrs(self.wp, [ly.param for ly in g.layers])
-        self._signs()
+        if self.sgn is not None:
+            self._signs()
         self.k.pre(self.pplan, None if self.bop else self.prev_w.ctypes.data)
 
     def post(self, t: int, events: bool = False, tracked: bool = False, quant: bool = True) -> None:
@@ -222,7 +225,8 @@ class OnePass:
             for li in g.g_missing:
                 grads[li] = g._zeros_like_layer(li)
         self._set_ptrs(self.gp, grads)
-        self._signs()
+        if self.sgn is not None:
+            self._signs()
         P = self.plan
         P.t = t
         if self.bop:

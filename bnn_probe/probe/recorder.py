@@ -96,11 +96,11 @@ class _Pending:
         if i and not self.dev:  # the every-step path: host buffers made, same layout expected
             if i >= self.capacity:
                 return False
-            for a, (shape, dtype) in zip(arrays, self.layout, strict=True):  # type: ignore[arg-type]
+            # one loop: a mismatch returns before n moves on, so a partly written row i is never taken
+            for b, a, (shape, dtype) in zip(self.bufs, arrays, self.layout, strict=True):  # type: ignore[arg-type]
                 if a.shape != shape or a.dtype != dtype:
                     return False
-            for b, a in zip(self.bufs, arrays, strict=True):  # type: ignore[arg-type]
-                b[i] = _host(a)
+                b[i] = a if type(a) is np.ndarray else _host(a)
         elif self.dev or any(_on_device(a) for a in arrays):  # device mode
             self.dev.append((step, wall, tuple(a if _on_device(a) else np.array(_host(a)) for a in arrays)))
             return True
