@@ -319,3 +319,64 @@ def test_bop_post_without_a_gradient_counts_no_nonfinite_and_the_rest_alike(dtyp
     np.testing.assert_array_equal(a.state, b.state)
     np.testing.assert_array_equal(a.hash, b.hash)
     np.testing.assert_array_equal(a.wm_out, b.wm_out)
+
+
+def test_latent_step_events_tracked_and_rows_match_direct_computation():
+    """bnnp_lat_step + bnnp_lat_rows (the latent family with the sign binarizer): flip events with (|w_{t−1}|,
+    |w_t − w_{t−1}|) at the sampled flipped weights and NaN in empty slots, tracked weights (b(w_t), |w_t|,
+    |w_t − w_{t−1}|), and the rows (means, |w| quantiles of the sorted sample, at_clip only where a clip is set)."""
+    rng = np.random.default_rng(12)
+    ns, E, K, nb, nfloat = [40, 530], 4, 64, 25, 34
+    k = cpu_pass.load()[np.dtype(np.float32)]
+    prev_w = (rng.standard_normal(sum(ns)) * 0.3).astype(np.float32)
+    offs = np.array([0, ns[0]], dtype=np.int64)
+    w = [prev_w[o:o + n] * np.where(rng.random(n) < 0.1, -1, 1).astype(np.float32) + np.float32(0.01)
+         for o, n in zip(offs, ns, strict=True)]
+    g = [np.ones(n, np.float32) for n in ns]
+    state = ((prev_w >= 0) * S_SIGN).astype(np.uint8)
+    N = sum(ns)
+    count, last = np.zeros(N, np.int32), np.zeros(N, np.int32)
+    counts, sa = np.zeros((2, NC_LAT), np.int64), np.zeros(2)
+    tsel = np.array([1, 7, 39, 40, 41, 300, 569], dtype=np.int64)
+    u = rng.random((2, E))
+    ev_i, ev_safe, ev_f = np.zeros((2 * E, 2), np.int64), np.zeros(2 * E, np.int64), np.zeros((2 * E, 2))
+    tr_sign, tr_out = np.zeros(len(tsel), np.uint8), np.zeros((len(tsel), 2))
+    samp = np.full((3, 2, K), np.nan, dtype=np.float32)
+    qidx = np.zeros((2, K), dtype=np.int64)
+    ks = np.array([40, K], dtype=np.int64)
+    qidx[0, :40] = np.arange(40)
+    qidx[1] = np.sort(rng.choice(ns[1], K, replace=False))
+    qpos = np.array([[1, 19, 38, 2, 20, 39], [3, 31, 59, 4, 32, 60]], dtype=np.int64)
+    qfrac = np.array([[0.25, 0.5, 0.75], [0.1, 0.2, 0.3]])
+    rows_i, rows_f = np.zeros((2, 4), np.int64), np.zeros((2, nfloat))
+    P = cpu_pass.Plan()
+    P.L, P.t, P.K, P.nev, P.ntr, P.Q, P.nfloat, P.hash_on, P.nbop = 2, 5, K, E, len(tsel), 3, nfloat, 0, nb
+    P.set(lens=np.array(ns, dtype=np.int64), offs=offs, wp=_ptrs(w), gp=_ptrs(g),
+          clip=np.array([0.25, np.nan], dtype=np.float32), clip_valid=np.array([1, 0], dtype=np.uint8), state=state,
+          count=count, last=last, fidx=np.empty(N, np.int64), flast=np.empty(N, np.int32), counts=counts,
+          sum_abs=sa, prev=prev_w, u=u, ev_i=ev_i, ev_safe=ev_safe, ev_f=ev_f, tsel=tsel, tr_sign=tr_sign,
+          tr_out=tr_out, ks=ks, qidx=qidx, samp=samp, qpos=qpos, qfrac=qfrac, rows_i=rows_i, rows_f=rows_f,
+          hash=np.zeros(2, np.int64))
+    k.lat_step(P, 3)
+    wf = np.concatenate(w)
+    for s in range(2 * E):
+        li = s // E
+        if ev_i[s, 0] < 0:
+            assert np.isnan(ev_f[s]).all()
+            continue
+        gi = offs[li] + ev_i[s, 0]
+        assert (wf[gi] >= 0) != (prev_w[gi] >= 0)  # a flipped weight
+        assert ev_f[s].tolist() == [float(abs(prev_w[gi])), abs(float(wf[gi]) - float(prev_w[gi]))]
+    assert (ev_i[:, 0] >= 0).sum() == 2 * E  # both layers flipped more than E weights
+    assert tr_sign.tolist() == (wf[tsel] >= 0).astype(np.uint8).tolist()
+    np.testing.assert_array_equal(tr_out[:, 0], np.abs(wf[tsel]).astype(np.float64))
+    np.testing.assert_array_equal(tr_out[:, 1], np.abs(wf[tsel].astype(np.float64) - prev_w[tsel]))
+    samp[0].sort(axis=-1)
+    k.lat_rows(P)
+    for li in range(2):
+        row = samp[0, li].astype(np.float64)
+        q = row[qpos[li, :3]] + (row[qpos[li, 3:]] - row[qpos[li, :3]]) * qfrac[li]
+        at = float((np.abs(w[li]) >= np.float32(0.25)).sum()) if li == 0 else np.nan
+        want = np.r_[np.full(nb, np.nan), sa[li] / ns[li], q, at, np.full(nfloat - nb - 5, np.nan)]
+        np.testing.assert_array_equal(rows_f[li], want)
+        assert rows_i[li].tolist() == [*counts[li, :3], -(2**63)]

@@ -75,6 +75,8 @@ typedef struct {
     double *rows_f;                 /* [L][nfloat] the float columns (the Bop family's first; the rest NaN) */
     const int64_t *qpos, *mpos;     /* [L][2Q], [L][2Qm] sorted-sample positions (lo | hi) of the quantiles */
     const double *qfrac, *mfrac;    /* [L][Q], [L][Qm] their interpolation fractions */
+    const void *prev;               /* latent: [N] w_{t-1} (the pre pass's copy) */
+    int64_t nbop;                   /* latent: the first latent float column (after the Bop family's) */
 } bnnp_plan;
 
 /* The flipped weights of block [b0, b0 + bn) of layer l (flat offset o), after the block's pass: their flat
@@ -255,7 +257,7 @@ static inline int64_t bop_fast_f32(const float *w, const float *m, const float *
 #define UT uint64_t
 #include "_pass_tmpl.h"  /* undefines its parameters at its end */
 
-__attribute__((visibility("default"))) int64_t bnnp_abi_version(void) { return 9; }
+__attribute__((visibility("default"))) int64_t bnnp_abi_version(void) { return 10; }
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_pass", "bnn-probe's one-pass CPU measurement "
                                     "(called through ctypes: bnn_probe.probe.cpu_pass).", -1, NULL};

@@ -415,6 +415,70 @@ HOT void FN(bnnp_bop_rows)(const bnnp_plan *P) {
     }
 }
 
+/* The latent family's step in one call, for groups whose binarizer is bnn-probe's sign (the latent inertia is then
+ * |w|): the post-step pass, then, by flags, the flip events (bit 0: bnnp_events' slots, with float64 (|w_{t-1}|,
+ * |w_t - w_{t-1}|), NaN for an empty slot) and the tracked weights (bit 1: b(w_t) = +1 from the state byte,
+ * (|w_t|, |w_t - w_{t-1}|)); w_{t-1} is the pre pass's copy (prev). Returns the number of flips. */
+HOT int64_t FN(bnnp_lat_step)(bnnp_plan *P, int64_t flags) {
+    const int64_t nf = FN(bnnp_lat_post)(P);
+    const T *prev = (const T *)P->prev;
+    const int64_t L = P->L;
+    if ((flags & 1) && P->nev > 0) {
+        const int64_t E = P->nev;
+        FN(bnnp_events)(P, E, P->u, NULL, NULL, NULL, NULL, P->ev_i, P->ev_safe, NULL);
+        for (int64_t l = 0; l < L; l++) {
+            const T *w = (const T *)P->wp[l];
+            for (int64_t j = 0; j < E; j++) {
+                const int64_t s = l * E + j, gi = P->ev_safe[s];
+                if (P->ev_i[2 * s] < 0) {
+                    P->ev_f[2 * s] = P->ev_f[2 * s + 1] = (double)NAN;
+                    continue;
+                }
+                const T pw = prev[gi];
+                const double d = (double)w[gi - P->offs[l]] - (double)pw;
+                P->ev_f[2 * s] = (double)ABS(pw);
+                P->ev_f[2 * s + 1] = d < 0 ? -d : d;
+            }
+        }
+    }
+    if ((flags & 2) && P->ntr > 0) {
+        int64_t l = 0;
+        for (int64_t k = 0; k < P->ntr; k++) {
+            const int64_t i = P->tsel[k];
+            while (l + 1 < L && i >= P->offs[l + 1]) l++;  /* tracked indices ascend, layer by layer */
+            while (l > 0 && i < P->offs[l]) l--;
+            const T wt = ((const T *)P->wp[l])[i - P->offs[l]];
+            const double d = (double)wt - (double)prev[i];
+            P->tr_sign[k] = P->state[i] & S_SIGN;
+            P->tr_out[2 * k] = (double)ABS(wt);
+            P->tr_out[2 * k + 1] = d < 0 ? -d : d;
+        }
+    }
+    return nf;
+}
+
+/* The steps table's rows of the latent family after bnnp_lat_step (and an in-place sort of the |w| sample rows on
+ * quantile steps; samp NULL otherwise): rows_i as for the Bop family; rows_f[l] = (NaN for the Bop family's nbop
+ * columns, sum |w| / n, |w| quantiles (Q) or NaN, at_clip (NaN without a clip value), NaN for the rest: the Adam
+ * step quantiles, which Python fills on quantile steps). */
+HOT void FN(bnnp_lat_rows)(const bnnp_plan *P) {
+    const int64_t L = P->L, K = P->K, Q = P->Q, NFL = P->nfloat, nb = P->nbop;
+    const T *samp = (const T *)P->samp;
+    for (int64_t l = 0; l < L; l++) {
+        const int64_t *cn = P->counts + NC_LAT * l;
+        int64_t *ri = P->rows_i + 4 * l;
+        double *rf = P->rows_f + NFL * l;
+        ri[0] = cn[0];
+        ri[1] = cn[1];
+        ri[2] = cn[2];
+        ri[3] = P->hash_on ? P->hash[l] : INT64_MIN;
+        for (int64_t k = 0; k < NFL; k++) rf[k] = (double)NAN;
+        rf[nb] = P->sum_abs[l] / (double)P->lens[l];
+        if (samp) FN(bnnp_interp)(1, K, samp + l * K, 1, P->qpos + l * 2 * Q, P->qfrac + l * Q, Q, rf + nb + 1);
+        if (P->clip_valid[l]) rf[nb + 1 + Q] = (double)cn[3];
+    }
+}
+
 #undef FN
 #undef T
 #undef SFX

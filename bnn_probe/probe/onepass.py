@@ -15,7 +15,9 @@ A :class:`OnePass` belongs to a :class:`~bnn_probe.probe.flat.FlatGroup` on the 
   Bop family the same call (``bop_step``) writes the flip events and tracked weights of the step, gathered from the
   buffers the pass wrote (m_t and w_t·m_t, kept for one more step); when the steps table is logged numpy sorts the
   sample rows in place (one call for |m|, w·m and the margin) and ``bop_rows`` writes the table's rows. So a Bop
-  step is two C calls and one sort, into fixed buffers that the recorder copies.
+  step is two C calls and one sort, into fixed buffers that the recorder copies. The latent family with the sign
+  binarizer does the same (``lat_step``: events and tracked weights from w_t and the pre pass's copy of w_{t−1};
+  ``lat_rows``); with another binarizer its events and tracked weights take the binarizer's margin in Python.
 
 Values are those of the per-layer reference (probe/quantities.py + probe/context.py): the same IEEE comparisons in
 the weights' dtype, float64 sums to rounding (tests/test_probe_flat.py).
@@ -122,7 +124,13 @@ class OnePass:
             self.m_bufs[1][:] = _np(m)
             np.multiply(_np(w), _np(m), out=self.wm_bufs[1])
             self.prev_w = None
-            # the step's outputs, rewritten every step (the recorder copies them): steps rows, events, tracked
+        else:
+            self.prev_w = np.array(_np(w), copy=True)
+            P.prev = self.prev_w.ctypes.data
+        # the whole step in C (the Bop family; the latent family with bnn-probe's sign, whose inertia |w| the C code
+        # computes — other binarizers' margins are torch code, measured in Python below)
+        self.fast = self.bop or self.sgn is None
+        if self.fast:  # the step's outputs, rewritten every step (the recorder copies them): rows, events, tracked
             E = grp.E
             self.rows_i = np.empty((L, 4), dtype=np.int64)
             self.rows_f = np.empty((L, grp.n_float), dtype=np.float64)
@@ -132,10 +140,9 @@ class OnePass:
             P.nev, P.nfloat, P.hash_on = E, grp.n_float, int(bool(grp.sign_hash))
             P.set(rows_i=self.rows_i, rows_f=self.rows_f, u=self.u.numpy(), ev_i=self.ev_i,
                   ev_safe=np.empty(L * E, dtype=np.int64), ev_f=self.ev_f)
+            P.nbop = grp.n_bop_cols
             self.out_steps = (self.rows_i, self.rows_f)  # numpy: the recorder copies them at once
             self.out_events = (self.ev_i, self.ev_f)
-        else:
-            self.prev_w = np.array(_np(w), copy=True)
         self.set_samples()
         self._keep: list[Tensor] = []
 
@@ -150,7 +157,7 @@ class OnePass:
             qidx[li, :k] = np.sort(g.qidx_np[li, :k])
         self.plan.set(ks=g.qks, qidx=qidx, samp=self.samp)
         self.samp_addr = self.samp.ctypes.data  # the pass picks the sample up only on quantile steps (post)
-        if self.bop:
+        if self.fast:
             P = self.plan
             P.Q, P.Qm, P.ntr = g.qfrac_np.shape[1], g.mfrac_np.shape[1], len(g.tsel_np)
             self.tr_sign = np.empty(len(g.tsel_np), dtype=np.bool_)
@@ -244,6 +251,10 @@ class OnePass:
             if events and g.E > 0:  # the sampler's uniforms (the generator's stream, as the reference draws them)
                 torch.rand(g.L, g.E, generator=g.gen, dtype=torch.float64, out=self.u)
             self.k.bop_step(self.pplan, int(events) | int(tracked) << 1)
+        elif self.fast:
+            if events and g.E > 0:
+                torch.rand(g.L, g.E, generator=g.gen, dtype=torch.float64, out=self.u)
+            self.k.lat_step(self.pplan, int(events) | int(tracked) << 1)
         else:
             self.k.lat_post(self.pplan)
 
@@ -289,12 +300,19 @@ class OnePass:
                 self.samp.sort(axis=-1)
             self.k.bop_rows(self.pplan)  # quantile columns NaN when the plan has no sample (post)
             return self.out_steps
+        nb = g.n_bop_cols
+        if self.fast:
+            if quant:
+                self.samp[0].sort(axis=-1)  # the |w| rows, in place
+            self.k.lat_rows(self.pplan)
+            if quant and any(g.adam):
+                self.rows_f[:, nb + 7:nb + 9] = g._adam_step().numpy()
+            return self.out_steps
         L = g.L
         ints = np.empty((L, 4), dtype=np.int64)
         ints[:, :3] = self.counts[:, :3]
         ints[:, 3] = self.hash if g.sign_hash else _MISSING_HASH
         floats = np.full((L, g.n_float), _NAN)
-        nb = g.n_bop_cols
         floats[:, nb] = self.sum_abs / self.lens
         if quant:
             floats[:, nb + 1:nb + 6] = self._quantiles(np.sort(self.samp[0], axis=-1), g.qpos_np, g.qfrac_np)
@@ -311,7 +329,7 @@ class OnePass:
         (int64 [L·E, 2] = index in the layer (−1: empty slot), steps since its previous flip (−1: none);
         float64 [L·E, 2] = inertia just before the step, step size). The Bop family's come from the step's call
         (``post(events=True)``)."""
-        if self.bop:
+        if self.fast:
             return self.out_events
         g = self.g
         E, L = g.E, g.L
@@ -332,7 +350,7 @@ class OnePass:
     def tracked(self) -> tuple[Tensor | np.ndarray, Tensor | np.ndarray]:
         """(b(w_t) = +1 as bool, float64 [T, 2] = (inertia, step size)) of the tracked weights (the Bop family's
         from the step's call, ``post(tracked=True)``)."""
-        if self.bop:
+        if self.fast:
             return self.out_tracked
         g = self.g
         idx = g.tsel_np
