@@ -148,7 +148,7 @@ class TrainConfig:
     hist_every: int = 100
     snapshot_every: int = 1000
     track: int = 64
-    quantile_every: int = 10  # the steps table's quantile columns every N logged steps (NaN between)
+    quantile_every: int = 10  # the steps table's quantile columns on logged steps that are multiples of N (else NaN)
     # bookkeeping
     tag: str | None = None
     pair: str | None = None

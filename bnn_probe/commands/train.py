@@ -124,7 +124,8 @@ def train_options(f):
                      help="Probe: weights tracked per layer (inertia and sign over time)."),
         click.option("--quantile-every", type=int, default=10, show_default=True,
                      help="Probe: the steps table's quantile columns (|m|, w·m, margin, |w̃| quantiles of the "
-                          "sample) every N logged steps, NaN between (one sort per step that has them; 1 = every "
+                          "sample) on the logged steps that are multiples of N, NaN on the others (one sort per step "
+                          "that has them; 1 = every "
                           "logged step, 0 = never)."),
         click.option("--tag", default=None, help="Free text stored in the run's metadata."),
         click.option("--pair", default=None, help="Pair name for paired runs (report: theorem1*/tau0* pairs)."),
