@@ -79,6 +79,16 @@ typedef struct {
     int64_t nbop;                   /* latent: the first latent float column (after the Bop family's) */
 } bnnp_plan;
 
+/* The integer row of layer l of the steps table (both families): flips, c2i_diff, nonfinite_grads from its count
+ * columns cn, then the sign hash (INT64_MIN without one). */
+static inline void int_row(const bnnp_plan *P, const int64_t *cn, int64_t l) {
+    int64_t *ri = P->rows_i + 4 * l;
+    ri[0] = cn[0];
+    ri[1] = cn[1];
+    ri[2] = cn[2];
+    ri[3] = P->hash_on ? P->hash[l] : INT64_MIN;
+}
+
 /* The flipped weights of block [b0, b0 + bn) of layer l (flat offset o), after the block's pass: their flat
  * indices and previous last-flip steps are appended at nf, their counters, last-flip steps and the sign hash
  * updated. Returns the new nf. */

@@ -395,12 +395,8 @@ HOT void FN(bnnp_bop_rows)(const bnnp_plan *P) {
     const T *samp = (const T *)P->samp;
     for (int64_t l = 0; l < L; l++) {
         const int64_t *cn = P->counts + NC_BOP * l;
-        int64_t *ri = P->rows_i + 4 * l;
         double *rf = P->rows_f + NFL * l;
-        ri[0] = cn[0];
-        ri[1] = cn[1];
-        ri[2] = cn[2];
-        ri[3] = P->hash_on ? P->hash[l] : INT64_MIN;
+        int_row(P, cn, l);
         for (int k = 0; k < 10; k++) rf[k] = (double)cn[3 + k];
         rf[10] = P->sum_abs[l] / (double)P->lens[l];
         int64_t k0 = 11;
@@ -457,7 +453,7 @@ HOT int64_t FN(bnnp_lat_step)(bnnp_plan *P, int64_t flags) {
     return nf;
 }
 
-/* The steps table's rows of the latent family after bnnp_lat_step (and an in-place sort of the |w| sample rows on
+/* The steps table's rows of the latent family after bnnp_lat_step or bnnp_lat_post (and an in-place sort of the |w| sample rows on
  * quantile steps; samp NULL otherwise): rows_i as for the Bop family; rows_f[l] = (NaN for the Bop family's nbop
  * columns, sum |w| / n, |w| quantiles (Q) or NaN, at_clip (NaN without a clip value), NaN for the rest: the Adam
  * step quantiles, which Python fills on quantile steps). */
@@ -466,12 +462,8 @@ HOT void FN(bnnp_lat_rows)(const bnnp_plan *P) {
     const T *samp = (const T *)P->samp;
     for (int64_t l = 0; l < L; l++) {
         const int64_t *cn = P->counts + NC_LAT * l;
-        int64_t *ri = P->rows_i + 4 * l;
         double *rf = P->rows_f + NFL * l;
-        ri[0] = cn[0];
-        ri[1] = cn[1];
-        ri[2] = cn[2];
-        ri[3] = P->hash_on ? P->hash[l] : INT64_MIN;
+        int_row(P, cn, l);
         for (int64_t k = 0; k < NFL; k++) rf[k] = (double)NAN;
         rf[nb] = P->sum_abs[l] / (double)P->lens[l];
         if (samp) FN(bnnp_interp)(1, K, samp + l * K, 1, P->qpos + l * 2 * Q, P->qfrac + l * Q, Q, rf + nb + 1);

@@ -100,7 +100,15 @@ class _Views:
         return self.views
 
 
-_PLAIN = (float, int, bool, type(None))  # immutable values a param group's hyperparameters may be compared by
+_PLAIN = (float, int, bool, type(None))
+
+
+def plain_values(values: tuple) -> bool:
+    """True when every value is an immutable Python number or None: a param group's raw hyperparameters may then be
+    compared with last step's to skip re-reading them (a tensor could change in place and compare equal to itself)."""
+    return all(type(v) in _PLAIN for v in values)
+
+
 _NP_CMP = {"ge": np.greater_equal, "gt": np.greater, "lt": np.less}
 _NP_FLOATS = (torch.float32, torch.float64)
 
@@ -438,13 +446,12 @@ class FlatGroup:
         """Read τ (γ, σ, eps, clip …) from the groups; rebuild device vectors only when a value changed."""
         groups = [ly.group for ly in self.layers]
         if self.bop:
-            # the every-step check: the raw values, trusted only when all are immutable Python numbers (a tensor
-            # could change in place and compare equal to itself)
+            # the every-step check: the raw values, trusted when they are plain numbers (plain_values)
             raw = tuple(g.get(k) for g, tk, gk in zip(groups, self.tkeys, self.gkeys, strict=True)
                         for k in (tk, gk, "sigma", "eps", "bias_correction"))
             if raw == self._hyper_raw and self._hyper_key is not None:
                 return
-            self._hyper_raw = raw if all(type(v) in _PLAIN for v in raw) else None
+            self._hyper_raw = raw if plain_values(raw) else None
             key = tuple((float(g.get(tk, _NAN)), float(g.get(gk, _NAN)), float(g.get("sigma", _NAN)),
                          float(g.get("eps", 1e-10)), bool(g.get("bias_correction", False)))
                         for g, tk, gk in zip(groups, self.tkeys, self.gkeys, strict=True))

@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 __all__ = ["OnePass", "usable"]
 
 _NAN = float("nan")
-_MISSING_HASH = -(2**63)
 _EDGES = {q: np.asarray(e, dtype=np.float64) for q, e in HIST_EDGES.items()}
 _LUTS: dict[str, np.ndarray] = {}
 
@@ -127,22 +126,21 @@ class OnePass:
         else:
             self.prev_w = np.array(_np(w), copy=True)
             P.prev = self.prev_w.ctypes.data
-        # the whole step in C (the Bop family; the latent family with bnn-probe's sign, whose inertia |w| the C code
-        # computes — other binarizers' margins are torch code, measured in Python below)
+        # events and tracked weights in C: the Bop family, and the latent family with bnn-probe's sign, whose inertia
+        # |w| the C code computes (other binarizers' margins are torch code, measured in Python below)
         self.fast = self.bop or self.sgn is None
-        if self.fast:  # the step's outputs, rewritten every step (the recorder copies them): rows, events, tracked
-            E = grp.E
-            self.rows_i = np.empty((L, 4), dtype=np.int64)
-            self.rows_f = np.empty((L, grp.n_float), dtype=np.float64)
-            self.u = torch.empty(L, E, dtype=torch.float64)
-            self.ev_i = np.empty((L * E, 2), dtype=np.int64)
-            self.ev_f = np.empty((L * E, 2), dtype=np.float64)
-            P.nev, P.nfloat, P.hash_on = E, grp.n_float, int(bool(grp.sign_hash))
-            P.set(rows_i=self.rows_i, rows_f=self.rows_f, u=self.u.numpy(), ev_i=self.ev_i,
-                  ev_safe=np.empty(L * E, dtype=np.int64), ev_f=self.ev_f)
-            P.nbop = grp.n_bop_cols
-            self.out_steps = (self.rows_i, self.rows_f)  # numpy: the recorder copies them at once
-            self.out_events = (self.ev_i, self.ev_f)
+        # the step's outputs, rewritten every step (the recorder copies them): rows, events, tracked
+        E = grp.E
+        self.rows_i = np.empty((L, 4), dtype=np.int64)
+        self.rows_f = np.empty((L, grp.n_float), dtype=np.float64)
+        self.u = torch.empty(L, E, dtype=torch.float64)
+        self.ev_i = np.empty((L * E, 2), dtype=np.int64)
+        self.ev_f = np.empty((L * E, 2), dtype=np.float64)
+        P.nev, P.nfloat, P.hash_on, P.nbop = E, grp.n_float, int(bool(grp.sign_hash)), grp.n_bop_cols
+        P.set(rows_i=self.rows_i, rows_f=self.rows_f, u=self.u.numpy(), ev_i=self.ev_i,
+              ev_safe=np.empty(L * E, dtype=np.int64), ev_f=self.ev_f)
+        self.out_steps = (self.rows_i, self.rows_f)  # numpy: the recorder copies them at once
+        self.out_events = (self.ev_i, self.ev_f)
         self.set_samples()
         self._keep: list[Tensor] = []
 
@@ -157,16 +155,14 @@ class OnePass:
             qidx[li, :k] = np.sort(g.qidx_np[li, :k])
         self.plan.set(ks=g.qks, qidx=qidx, samp=self.samp)
         self.samp_addr = self.samp.ctypes.data  # the pass picks the sample up only on quantile steps (post)
-        if self.fast:
-            P = self.plan
-            P.Q, P.Qm, P.ntr = g.qfrac_np.shape[1], g.mfrac_np.shape[1], len(g.tsel_np)
-            self.tr_sign = np.empty(len(g.tsel_np), dtype=np.bool_)
-            self.tr_out = np.empty((len(g.tsel_np), 2), dtype=np.float64)
-            P.set(qpos=np.ascontiguousarray(g.qpos_np), qfrac=np.ascontiguousarray(g.qfrac_np),
-                  mpos=np.ascontiguousarray(g.mpos_np), mfrac=np.ascontiguousarray(g.mfrac_np), tsel=g.tsel_np,
-                  tr_sign=self.tr_sign.view(np.uint8), tr_out=self.tr_out)
-            self.out_tracked = (self.tr_sign, self.tr_out)
-        self.tsel_addr = g.tsel_np.ctypes.data
+        P = self.plan
+        P.Q, P.Qm, P.ntr = g.qfrac_np.shape[1], g.mfrac_np.shape[1], len(g.tsel_np)
+        self.tr_sign = np.empty(len(g.tsel_np), dtype=np.bool_)
+        self.tr_out = np.empty((len(g.tsel_np), 2), dtype=np.float64)
+        P.set(qpos=np.ascontiguousarray(g.qpos_np), qfrac=np.ascontiguousarray(g.qfrac_np),
+              mpos=np.ascontiguousarray(g.mpos_np), mfrac=np.ascontiguousarray(g.mfrac_np), tsel=g.tsel_np,
+              tr_sign=self.tr_sign.view(np.uint8), tr_out=self.tr_out)
+        self.out_tracked = (self.tr_sign, self.tr_out)
 
     def set_hyper(self, hp: dict[str, np.ndarray]) -> None:
         if self.bop:
@@ -209,7 +205,7 @@ class OnePass:
         self._set_ptrs(self.wp, [ly.param for ly in g.layers])
         if self.sgn is not None:
             self._signs()
-        self.k.pre(self.pplan, None if self.bop else self.prev_w.ctypes.data)
+        self.k.pre(self.pplan, self.plan.prev)  # latent: w̃_{t−1} copied into prev_w (NULL for the Bop family)
 
     def post(self, t: int, events: bool = False, tracked: bool = False, quant: bool = True) -> None:
         """After the optimizer step t: the pass; leaves counts, Σ|·|, the flipped weights and (``quant``) the
@@ -248,15 +244,12 @@ class OnePass:
                 if missing:
                     g._check_momentum(missing)
                 self._set_ptrs(self.mp, ms)
-            if events and g.E > 0:  # the sampler's uniforms (the generator's stream, as the reference draws them)
-                torch.rand(g.L, g.E, generator=g.gen, dtype=torch.float64, out=self.u)
-            self.k.bop_step(self.pplan, int(events) | int(tracked) << 1)
-        elif self.fast:
-            if events and g.E > 0:
-                torch.rand(g.L, g.E, generator=g.gen, dtype=torch.float64, out=self.u)
-            self.k.lat_step(self.pplan, int(events) | int(tracked) << 1)
-        else:
+        if not self.fast:
             self.k.lat_post(self.pplan)
+            return
+        if events and g.E > 0:  # the sampler's uniforms (the generator's stream, as the reference draws them)
+            torch.rand(g.L, g.E, generator=g.gen, dtype=torch.float64, out=self.u)
+        (self.k.bop_step if self.bop else self.k.lat_step)(self.pplan, int(events) | int(tracked) << 1)
 
     # ------------------------------------------------------------------ views of the buffers
     @property
@@ -281,48 +274,25 @@ class OnePass:
                 out[sel] = _np(ly.param).reshape(-1)[idx[sel] - self.offs[li]]
         return out
 
-    def _quantiles(self, v: np.ndarray, pos: np.ndarray, frac: np.ndarray) -> np.ndarray:
-        """[R, K] sorted rows → [R, Q] quantiles (``bnnp_interp``: probe/fused.py's arithmetic)."""
-        R, K = v.shape
-        Q = frac.shape[1]
-        out = np.empty((R, Q), dtype=np.float64)
-        self.k.interp(R, K, v.ctypes.data, pos.shape[0], pos.ctypes.data, frac.ctypes.data, Q, out.ctypes.data)
-        return out
-
     # ------------------------------------------------------------------ rows of the log
     def steps(self, quant: bool = True) -> tuple[Tensor | np.ndarray, Tensor | np.ndarray]:
         """(int64 [L, 4] = flips, c2i_diff, nonfinite_grads, sign_hash; float64 [L, n_float]) of this step; the
-        quantile columns NaN unless ``quant`` (the post pass was told the same). The Bop family's rows are the step's
-        fixed numpy buffers (valid until the next step), written by ``bnnp_bop_rows``."""
+        quantile columns NaN unless ``quant`` (the post pass was told the same). The rows are the step's fixed numpy
+        buffers (valid until the next step), written by ``bnnp_bop_rows`` / ``bnnp_lat_rows`` (Adam's step quantiles
+        added here)."""
         g = self.g
         if self.bop:
             if quant:  # |m|, w·m and the margin rows at once, in place (NaN padding stays last)
                 self.samp.sort(axis=-1)
             self.k.bop_rows(self.pplan)  # quantile columns NaN when the plan has no sample (post)
             return self.out_steps
-        nb = g.n_bop_cols
-        if self.fast:
-            if quant:
-                self.samp[0].sort(axis=-1)  # the |w| rows, in place
-            self.k.lat_rows(self.pplan)
-            if quant and any(g.adam):
-                self.rows_f[:, nb + 7:nb + 9] = g._adam_step().numpy()
-            return self.out_steps
-        L = g.L
-        ints = np.empty((L, 4), dtype=np.int64)
-        ints[:, :3] = self.counts[:, :3]
-        ints[:, 3] = self.hash if g.sign_hash else _MISSING_HASH
-        floats = np.full((L, g.n_float), _NAN)
-        floats[:, nb] = self.sum_abs / self.lens
         if quant:
-            floats[:, nb + 1:nb + 6] = self._quantiles(np.sort(self.samp[0], axis=-1), g.qpos_np, g.qfrac_np)
-        if g.clip_any:
-            at = self.counts[:, 3].astype(np.float64)
-            at[g.clip_none_rows] = _NAN
-            floats[:, nb + 6] = at
-        if quant:
-            floats[:, nb + 7:nb + 9] = g._adam_step().numpy()
-        return torch.from_numpy(ints), torch.from_numpy(floats)
+            self.samp[0].sort(axis=-1)  # the |w| rows, in place
+        self.k.lat_rows(self.pplan)
+        if quant and any(g.adam):
+            nb = g.n_bop_cols
+            self.rows_f[:, nb + 7:nb + 9] = g._adam_step().numpy()
+        return self.out_steps
 
     def events(self) -> tuple[Tensor | np.ndarray, Tensor | np.ndarray]:
         """Up to E flipped weights per layer, stratified (probe/samplers.py's rule, all layers at once):

@@ -36,7 +36,7 @@ from ..runlog.writer import RunWriter, now_iso
 from .binarizers import BinarizerSpec
 from .binary_detect import BOP_FAMILIES, BinarySpec, LayerInfo, leaf_optimizers, resolve_layers
 from .checks import RunChecks
-from .flat import FlatGroup, group_layers
+from .flat import FlatGroup, group_layers, plain_values
 from .quantities import QUANTILES
 from .recorder import Recorder
 from .schedules import Schedule, as_schedule
@@ -342,7 +342,7 @@ class Probe:
                 elif isinstance(v, torch.Tensor) and v.numel() == 1 and v.device.type == "cpu":
                     out.flat[i] = float(v)
             self._hyper_raw, self._hyper_arr = raw, out
-            self._hyper_plain = all(type(v) in (float, int, bool, type(None)) for v in raw)  # else re-read each step
+            self._hyper_plain = plain_values(raw)  # else re-read every step
         return self._hyper_arr  # the recorder copies it
 
     # ------------------------------------------------------------------ public API
