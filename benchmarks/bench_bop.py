@@ -2,14 +2,15 @@
 
 Parameters: the binary-weight shapes of BinaryNet at full width (14,022,016 weights, bnn_probe.models.BinaryNet()).
 Variants: Bop ``foreach=False`` (plain per-tensor loop, one torch.where per tensor), ``foreach=True`` (eager
-torch._foreach_*, cache-blocked on CPU), ``fused=True`` (torch.compile'd one-pass kernel), and Adam(foreach=True)
-on the same shapes. All steps go through the optimizers' ``step()`` (Python overhead included). Timings are
-interleaved round by round and the median is reported.
+torch._foreach_*, cache-blocked on CPU), the default (on the CPU the C step of optim/cstep.py, one pass over all
+tensors; elsewhere foreach), ``fused=True`` (the C step on the CPU, a torch.compile'd kernel per tensor elsewhere),
+and Adam(foreach=True) on the same shapes. All steps go through the optimizers' ``step()`` (Python overhead
+included). Timings are interleaved round by round and the median is reported.
 
 Bandwidth: a Bop step must read g, m, w and write m, w: 5 floats = 20 bytes per weight. Its effective bandwidth is
 20·N / t, compared with ``dst.copy_(src)`` moving the same number of bytes (src and dst of 2.5·N floats each).
 
-    python benchmarks/bench_bop.py                 # CPU, ~1 minute (most of it compiling the fused kernel once)
+    python benchmarks/bench_bop.py                 # CPU, ~1 minute
     python benchmarks/bench_bop.py --device cuda
 """
 
@@ -81,7 +82,7 @@ def main() -> None:
     variants: dict[str, object] = {"Adam(foreach=True)": adam.step}
     # γ = 1e-4, τ = 1e-8 (larq defaults); m starts at 0, so the first steps flip nothing; pre-fill m so flips happen
     for name, kw in [("Bop loop (foreach=False)", dict(foreach=False)), ("Bop foreach=True", dict(foreach=True)),
-                     ("Bop fused=True", dict(fused=True))]:
+                     ("Bop default", dict()), ("Bop fused=True", dict(fused=True))]:
         if "fused" in kw and args.no_fused:
             continue
         ps = make_params(shapes, device, gen, binary=True)

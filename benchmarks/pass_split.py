@@ -1,6 +1,8 @@
-"""The compiled pass's two calls timed inside training: wall time per step of ``OnePass.pre`` (pre-step sign pass),
-``OnePass.post`` (post-step pass, events, tracked weights) and ``OnePass.steps`` (sort + rows), and of the probe's
-two hooks around them, in the loop of ``bench_probe.train_steps`` with the probe at its defaults.
+"""The compiled pass's calls timed inside training: wall time per step of ``OnePass.pre`` (pre-step sign pass, or
+the request to bnn_probe's Bop), ``OnePass.run`` (Bop's step with the measurement inside, optim/cstep.py),
+``Bop.step`` (which contains ``run``), ``OnePass.post`` (post-step pass, or the events and tracked weights after the
+fused step) and ``OnePass.steps`` (sort + rows), and of the probe's two hooks around them, in the loop of
+``bench_probe.train_steps`` with the probe at its defaults.
 
     python benchmarks/pass_split.py --case wide-mlp --steps 20 --threads 1
 
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 import bnn_probe
+from bnn_probe.optim import Bop
 from bnn_probe.probe import onepass
 from bnn_probe.probe import probe as probe_mod
 
@@ -48,6 +51,7 @@ def main() -> None:
         setattr(cls, name, timed)
 
     for cls, name in ((onepass.OnePass, "pre"), (onepass.OnePass, "post"), (onepass.OnePass, "steps"),
+                      (onepass.OnePass, "run"), (Bop, "step"),
                       (probe_mod.Probe, "_pre_hook"), (probe_mod.Probe, "_post_hook")):
         wrap(cls, name, name.strip("_"))
     dev = torch.device("cpu")

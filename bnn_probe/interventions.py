@@ -113,6 +113,8 @@ def reset_inertia(optimizer: torch.optim.Optimizer, params: Iterable[Tensor] | N
         raise BnnProbeError("reset_inertia: the optimizer steps no binary parameter; name them with params=[...]")
     gen = torch.Generator().manual_seed(int(seed))
     changed = 0
+    for probe in find_probes(optimizer):  # it measures the next step against the values before the change
+        probe.before_edit()
     for p in chosen:
         leaf = owner.get(id(p))
         if leaf is None:

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import bnn_probe.optim.bop as bop_mod
-from bnn_probe.optim import Bop
+from bnn_probe.optim import Bop, cstep
 from bnn_probe.optim.bop import CompiledKernel, bop_step_foreach, bop_step_loop
 
-IMPLS = [dict(foreach=False), dict(foreach=True)]
+IMPLS = [dict(foreach=False), dict(foreach=True), dict(), dict(fused=True)]  # the last two: the C step on the CPU
+IMPL_IDS = ["loop", "foreach", "default-c", "fused-c"]
 
 # γ = 1/2, τ = 1/4, w_0 = [1, -1, 1, -1, 1]; m_t = m_{t-1}/2 + g_t/2; flip iff w·m > 1/4.
 GRADS = [[1.0, 1.0, 0.5, -1.0, 0.0], [1.0, -1.0, 0.5, 0.0, -2.0], [-4.0, -1.0, 0.0, 0.0, 0.0]]
@@ -27,7 +28,7 @@ def _param(values) -> torch.nn.Parameter:
     return torch.nn.Parameter(torch.tensor(values, dtype=torch.float32))
 
 
-@pytest.mark.parametrize("impl", IMPLS, ids=["loop", "foreach"])
+@pytest.mark.parametrize("impl", IMPLS, ids=IMPL_IDS)
 def test_hand_computed_steps_with_flips_and_boundary(impl):
     w = _param([1.0, -1.0, 1.0, -1.0, 1.0])
     opt = Bop([w], gamma=0.5, threshold=0.25, **impl)
@@ -182,6 +183,7 @@ def test_fused_falls_back_to_eager_when_compile_fails(monkeypatch):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(cstep, "kernels", lambda dtype: None)  # as without the C extension (or on a GPU)
     monkeypatch.setattr(bop_mod, "_FUSED_BOP", CompiledKernel(bop_mod._bop_kernel, "Bop"))
     w = _param([1.0, -1.0, 1.0, -1.0, 1.0])
     opt = Bop([w], gamma=0.5, threshold=0.25, fused=True)
@@ -208,3 +210,53 @@ def test_fused_compiled_matches_hand_computation():
         assert torch.equal(opt.state[w]["exp_avg"], torch.tensor(m_exp))
         assert torch.equal(w.detach(), torch.tensor(w_exp))
     assert bop_mod._FUSED_BOP.error is None  # it really ran compiled
+
+
+needs_c = pytest.mark.skipif(cstep.kernels(torch.float32) is None, reason="the C extension is not built")
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_c_step_is_bit_identical_to_loop_with_nonfinite_entries_and_groups(dtype):
+    """The C step (default on the CPU) against the loop reference, step by step on random data: two param groups
+    with their own γ, τ, tensor sizes around the vector width, NaN/±inf gradient entries (m kept, counted)."""
+    torch.manual_seed(1)
+    shapes = [(7, 3), (300,), (5, 4, 3, 3), (1,), (33,)]
+    init = [(torch.randint(0, 2, s) * 2 - 1).to(dtype) for s in shapes]
+    pa = [torch.nn.Parameter(w.clone()) for w in init]
+    pb = [torch.nn.Parameter(w.clone()) for w in init]
+    hyper = [dict(gamma=0.3, threshold=0.05), dict(gamma=0.01, threshold=1e-3)]
+    c = Bop([dict(params=pa[:2], **hyper[0]), dict(params=pa[2:], **hyper[1])])
+    ref = Bop([dict(params=pb[:2], **hyper[0]), dict(params=pb[2:], **hyper[1])], foreach=False)
+    skipped = 0
+    for step in range(25):
+        for a, b in zip(pa, pb, strict=True):
+            g = torch.randn(a.shape, dtype=dtype)
+            if step in (3, 7) and a.numel() > 1:
+                g.view(-1)[0], g.view(-1)[-1] = float("nan"), float("inf")
+                skipped += 2
+            a.grad, b.grad = g.clone(), g.clone()
+        v0 = [p._version for p in pa]
+        c.step()
+        ref.step()
+        assert all(p._version > v for p, v in zip(pa, v0, strict=True))  # autograd sees the in-place change
+        for a, b in zip(pa, pb, strict=True):
+            assert torch.equal(a, b)
+            assert torch.equal(c.state[a]["exp_avg"], ref.state[b]["exp_avg"])
+            assert c.state[a].get("nonfinite_skipped", 0) == ref.state[b].get("nonfinite_skipped", 0)
+    assert sum(c.state[p].get("nonfinite_skipped", 0) for p in pa) == skipped
+    assert any((p != w).any() for p, w in zip(pa, init, strict=True))
+    assert torch.isfinite(torch.cat([c.state[p]["exp_avg"].view(-1) for p in pa])).all()
+
+
+@needs_c
+def test_c_step_uses_torch_rounding_of_gamma_g():
+    """m = fma(g, γ, (1 − γ) m) with γ not a power of two: equal to torch's mul_/add_(alpha) bit for bit."""
+    torch.manual_seed(2)
+    m0, g = torch.randn(1001) * 1e-3, torch.randn(1001)
+    w = torch.nn.Parameter(torch.ones(1001))
+    opt = Bop([w], gamma=1e-4, threshold=1e-8)
+    opt.state[w]["exp_avg"] = m0.clone()
+    w.grad = g
+    opt.step()
+    assert torch.equal(opt.state[w]["exp_avg"], m0.clone().mul_(1 - 1e-4).add_(g, alpha=1e-4))

@@ -19,17 +19,21 @@ LR schedulers drive γ: in every param group ``"lr"`` is an alias of ``"gamma"``
 ``bnn_probe.optim._validate``), so ``StepLR(bop, 100, 0.1)`` decays γ ×0.1 every 100 steps and ``group["gamma"]``
 always holds the value in force.
 
-Implementations (chosen like torch's ``foreach``/``fused``; all give the same flips and the same m up to the
-rounding of ``γ·g``, which the compiler may fuse into an FMA; with γ a power of two they agree bit for bit):
+Implementations (chosen like torch's ``foreach``/``fused``; all give the same flips and the same m: on the CPU bit
+for bit, since torch's CPU ``add_(g, alpha=γ)`` rounds γ·g inside one fused multiply-add as the C step does):
 
+* default (``foreach=None, fused=None``): on the CPU the C step (:mod:`bnn_probe.optim.cstep`, built with the
+  probe's extension): one pass over all tensors (read g, m, w; write m, w), non-finite gradient entries skipped and
+  counted in the same pass; an attached bnn-probe probe measures inside this pass (docs/quantities.md). Elsewhere,
+  and on the CPU without the extension, the ``foreach`` path.
 * ``foreach=False``: a plain Python loop over tensors (``mul_``, ``add_``, one ``torch.where`` per tensor); the
   reference.
-* ``foreach=True`` (default): eager ``torch._foreach_*`` ops over all tensors at once, no compiler. On CPU the
-  tensors are cut into cache-sized blocks so its 5 elementwise passes run out of cache rather than memory.
-  Bit-identical to the loop.
-* ``fused=True``: one pass per tensor (read g, m, w; write m, w), a ``torch.compile``d kernel (C++/OpenMP on CPU,
-  Triton on GPU). Compiled once per process on first use (seconds); if compilation is unavailable or fails it warns
-  once and falls back to the eager ``foreach`` path.
+* ``foreach=True``: eager ``torch._foreach_*`` ops over all tensors at once, no compiler. On CPU the tensors are
+  cut into cache-sized blocks so its 5 elementwise passes run out of cache rather than memory. Bit-identical to the
+  loop.
+* ``fused=True``: on the CPU the C step; elsewhere one pass per tensor, a ``torch.compile``d kernel (Triton on GPU),
+  compiled once per process on first use (seconds); if compilation is unavailable or fails it warns once and falls
+  back to the eager ``foreach`` path.
 
 Example:
     >>> import torch
@@ -56,8 +60,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import cstep
 from ._validate import GammaAliasOptimizer, check_bop_group, check_hparam
-from .nonfinite import nonfinite_params, skip_nonfinite
+from .cstep import MEASURE_ATTR, bop_step_c
+from .nonfinite import FINITE_ATTR, STATE_KEY, nonfinite_params, skip_nonfinite
 
 __all__ = ["Bop", "bop_step_loop", "bop_step_foreach", "bop_step_fused"]
 
@@ -74,8 +80,9 @@ class Bop(GammaAliasOptimizer):
         gamma: adaptivity rate γ ∈ [0, 1] (``lr`` is an alias, for LR schedulers).
         threshold: flip threshold τ ≥ 0.
         check_binary: at the first step, raise ``ValueError`` if a weight is not exactly ±1.
-        foreach: eager multi-tensor path (default when ``fused`` is not set).
-        fused: one compiled pass per tensor (``torch.compile``), eager fallback if compiling fails.
+        foreach: ``True``: the eager multi-tensor path; ``False``: the per-tensor loop; ``None`` (default): the C
+            step on the CPU, else foreach.
+        fused: the C step on the CPU; elsewhere one compiled pass per tensor (``torch.compile``), eager fallback.
 
     State: ``state[p]["exp_avg"]`` = m; ``state[p]["nonfinite_skipped"]`` = non-finite gradient entries skipped so
     far (present once there was one). Class attribute ``bnn_family = "bop"``.
@@ -101,11 +108,41 @@ class Bop(GammaAliasOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        bad = nonfinite_params(self)  # NaN/±inf gradient entries are skipped (optim/nonfinite.py)
+        requests = self.__dict__.pop(MEASURE_ATTR, None) or []  # an attached probe's (optim/cstep.py)
+        jobs: dict[int, tuple[Tensor, Tensor, Tensor, float, float]] = {}  # the C step's tensors
+        rest = []
         for gi, group in enumerate(self.param_groups):
             gamma, threshold = _check_group(group, gi)
-            ws, (ms,), gs = skip_nonfinite(self, *self._gather(group, gi, ("exp_avg",)), _masked(gamma, threshold),
-                                           bad)
+            ws, (ms,), gs = self._gather(group, gi, ("exp_avg",))
+            if not ws:
+                continue
+            if _c_step(group) and cstep.usable(ws, ms, gs):
+                for w, m, g in zip(ws, ms, gs, strict=True):
+                    jobs[id(w)] = (w, m, g, gamma, threshold)
+            else:
+                rest.append((group, gamma, threshold, ws, ms, gs))
+        rest_ids = {id(w) for r in rest for w in r[3]}
+        accepted, claimed = [], set()
+        for req in requests:  # decided before any weight moves; each weight is stepped once
+            if req.param_ids & (rest_ids | claimed):
+                req.decline()
+            else:
+                accepted.append(req)
+                claimed |= req.param_ids
+        finite: set[int] = set()
+        for req in accepted:
+            for pid, n_bad in req.run(jobs).items():
+                self._count_skipped(jobs.pop(pid), n_bad, finite)
+        if jobs:
+            todo = list(jobs.values())
+            bad_counts = bop_step_c([j[0] for j in todo], [j[1] for j in todo], [j[2] for j in todo],
+                                    [j[3] for j in todo], [j[4] for j in todo])
+            for job, n_bad in zip(todo, bad_counts, strict=True):
+                self._count_skipped(job, n_bad, finite)
+        bad = nonfinite_params(self, [w for r in rest for w in r[3]])  # NaN/±inf entries are skipped
+        self.__dict__[FINITE_ATTR] = self.__dict__.get(FINITE_ATTR, frozenset()) | finite
+        for group, gamma, threshold, ws, ms, gs in rest:
+            ws, (ms,), gs = skip_nonfinite(self, ws, [ms], gs, _masked(gamma, threshold), bad)
             if not ws:
                 continue
             if group["fused"]:
@@ -115,6 +152,18 @@ class Bop(GammaAliasOptimizer):
             else:
                 bop_step_foreach(ws, ms, gs, gamma, threshold)
         return loss
+
+    def _count_skipped(self, job: tuple, n_bad: int, finite: set[int]) -> None:
+        if n_bad:
+            st = self.state[job[0]]
+            st[STATE_KEY] = int(st.get(STATE_KEY, 0)) + int(n_bad)
+        else:
+            finite.add(id(job[0]))
+
+
+def _c_step(group: dict[str, Any]) -> bool:
+    """The group takes the C step where its tensors allow: the default and ``fused=True`` (on the CPU)."""
+    return bool(group["fused"]) or (group["foreach"] is None and group["fused"] is None)
 
 
 def _check_group(group: dict[str, Any], index: int | None = None) -> tuple[float, float]:

@@ -46,12 +46,13 @@ def nonfinite_tensors(gs: list[Tensor]) -> list[int]:
     return sorted(bad)
 
 
-def nonfinite_params(optimizer: torch.optim.Optimizer) -> set[int]:
-    """``id`` of every parameter of ``optimizer`` whose gradient may hold a NaN or ±inf (checked for all param
-    groups at once, so a step synchronises once, not once per group)."""
-    ps = [p for group in optimizer.param_groups for p in group["params"]
-          if p.grad is not None and p.grad.layout == torch.strided and p.grad.is_floating_point()]  # others: refused
-    # by the optimizer's own gradient check
+def nonfinite_params(optimizer: torch.optim.Optimizer, params: list[Tensor] | None = None) -> set[int]:
+    """``id`` of every parameter of ``optimizer`` (or of ``params``) whose gradient may hold a NaN or ±inf (checked
+    for all param groups at once, so a step synchronises once, not once per group)."""
+    if params is None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+    ps = [p for p in params if p.grad is not None and p.grad.layout == torch.strided and p.grad.is_floating_point()]
+    # (others: refused by the optimizer's own gradient check)
     bad = {id(ps[i]) for i in nonfinite_tensors([p.grad for p in ps])}
     # what this check proved, for the probe of this step (it clears the attribute before every step): the ids of
     # the parameters whose gradient is finite everywhere (a finite 2-norm), so it need not read those gradients

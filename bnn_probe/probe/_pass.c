@@ -34,7 +34,11 @@
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 #define HOT __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) __attribute__((visibility("default")))
+/* the Bop update: its fma must be a hardware FMA (x86-64-v3 = AVX2 + FMA) to vectorise */
+#define HOTF __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) \
+    __attribute__((visibility("default")))
 #else
+#define HOTF __attribute__((visibility("default")))
 #define HOT __attribute__((visibility("default")))
 #endif
 
@@ -77,6 +81,11 @@ typedef struct {
     const double *qfrac, *mfrac;    /* [L][Q], [L][Qm] their interpolation fractions */
     const void *prev;               /* latent: [N] w_{t-1} (the pre pass's copy) */
     int64_t nbop;                   /* latent: the first latent float column (after the Bop family's) */
+    /* Bop's step fused with the measurement (bnnp_bop_fused, bnnp_bop_tail) */
+    const void *hp;                 /* [L][3] gamma, 1 - gamma, tau of the optimizer's param group (T) */
+    int64_t *nonfin;                /* [L] out: non-finite gradient entries (skipped) */
+    void *fwm, *fmo;                /* [N] per flip (order of fidx): w_{t-1} m_{t-1}, m_{t-1} */
+    void *tmprev;                   /* [T] m_{t-1} of the tracked weights */
 } bnnp_plan;
 
 /* The integer row of layer l of the steps table (both families): flips, c2i_diff, nonfinite_grads from its count
@@ -87,6 +96,13 @@ static inline void int_row(const bnnp_plan *P, const int64_t *cn, int64_t l) {
     ri[1] = cn[1];
     ri[2] = cn[2];
     ri[3] = P->hash_on ? P->hash[l] : INT64_MIN;
+}
+
+/* The layer of flat index i, searched from layer l (indices visited in ascending order: amortised O(1)). */
+static inline int64_t layer_at(const bnnp_plan *P, int64_t i, int64_t l) {
+    while (l + 1 < P->L && i >= P->offs[l + 1]) l++;
+    while (l > 0 && i < P->offs[l]) l--;
+    return l;
 }
 
 /* The flipped weights of block [b0, b0 + bn) of layer l (flat offset o), after the block's pass: their flat
@@ -140,22 +156,63 @@ AVX512_TARGET static inline void sink_flips(flip_sink *fs, uint8_t *S, int64_t j
 }
 
 #define ACC(a, k) a = _mm512_mask_sub_epi32(a, (k), a, m1)
+/* Shared by both AVX-512 kernels, on their local names: the constants and lane counters (KERNEL_SETUP); the count
+ * columns of 16 weights from the masks f (flipped),
+ * s (b(w_t)), s0m (b(w_0)), ab (|m| > tau), pa (above before), the margin x against the ladder t0..t6; the next
+ * |m| > tau mask na (kept where tau is NaN); the new state bytes (the bits are distinct: a masked add sets each);
+ * the lane counters reduced into c and *sa at the end. */
+#define COUNT16() \
+        ACC(cf, f); \
+        ACC(cc, s ^ s0m); \
+        ACC(ca, ab); \
+        ACC(cu, ab & (__mmask16)~pa); \
+        ACC(cd, pa & (__mmask16)~ab); \
+        ACC(e0, _mm512_cmp_ps_mask(x, t0, _CMP_GT_OQ)); \
+        ACC(e1, _mm512_cmp_ps_mask(x, t1, _CMP_GT_OQ)); \
+        ACC(e2, _mm512_cmp_ps_mask(x, t2, _CMP_GT_OQ)); \
+        ACC(e3, _mm512_cmp_ps_mask(x, t3, _CMP_GT_OQ)); \
+        ACC(e4, _mm512_cmp_ps_mask(x, t4, _CMP_GT_OQ)); \
+        ACC(e5, _mm512_cmp_ps_mask(x, t5, _CMP_GT_OQ)); \
+        ACC(e6, _mm512_cmp_ps_mask(x, t6, _CMP_GT_OQ)); \
+        const __mmask16 na = (ab & tvm) | (pa & (__mmask16)~tvm)
+#define KERNEL_SETUP() \
+    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000u)); \
+    const __m512i absmask = _mm512_set1_epi32(0x7fffffff), m1 = _mm512_set1_epi32(-1); \
+    const __m128i b1 = _mm_set1_epi8(1), b2 = _mm_set1_epi8(2), b4 = _mm_set1_epi8(4); \
+    const __m512 t0 = _mm512_set1_ps(th[0]), t1 = _mm512_set1_ps(th[1]), t2 = _mm512_set1_ps(th[2]), \
+                 t3 = _mm512_set1_ps(th[3]), t4 = _mm512_set1_ps(th[4]), t5 = _mm512_set1_ps(th[5]), \
+                 t6 = _mm512_set1_ps(th[6]); \
+    __m512i cf = _mm512_setzero_si512(), cc = cf, cn = cf, ca = cf, cu = cf, cd = cf; \
+    __m512i e0 = cf, e1 = cf, e2 = cf, e3 = cf, e4 = cf, e5 = cf, e6 = cf; \
+    __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd(); \
+    const __mmask16 tvm = tv ? (__mmask16)0xFFFF : 0
+#define STATE16() state16(sb, s, na, f)
+#define REDUCE16() reduce16(c, sa, cf, cc, cn, ca, cu, cd, e0, e1, e2, e3, e4, e5, e6, s0, s1)
+
+AVX512_TARGET static inline __m128i state16(__m128i sb, __mmask16 s, __mmask16 na, __mmask16 f) {
+    __m128i nst = _mm_and_si128(sb, _mm_set1_epi8(2));
+    nst = _mm_mask_add_epi8(nst, s, nst, _mm_set1_epi8(1));
+    nst = _mm_mask_add_epi8(nst, na, nst, _mm_set1_epi8(4));
+    return _mm_mask_add_epi8(nst, f, nst, _mm_set1_epi8(8));
+}
+
+AVX512_TARGET static inline void reduce16(int64_t *c, double *sa, __m512i cf, __m512i cc, __m512i cn, __m512i ca,
+                                          __m512i cu, __m512i cd, __m512i e0, __m512i e1, __m512i e2, __m512i e3,
+                                          __m512i e4, __m512i e5, __m512i e6, __m512d s0, __m512d s1) {
+    c[0] += _mm512_reduce_add_epi32(cf); c[1] += _mm512_reduce_add_epi32(cc); c[2] += _mm512_reduce_add_epi32(cn);
+    c[3] += _mm512_reduce_add_epi32(ca); c[4] += _mm512_reduce_add_epi32(cu); c[5] += _mm512_reduce_add_epi32(cd);
+    c[6] += _mm512_reduce_add_epi32(e0); c[7] += _mm512_reduce_add_epi32(e1); c[8] += _mm512_reduce_add_epi32(e2);
+    c[9] += _mm512_reduce_add_epi32(e3); c[10] += _mm512_reduce_add_epi32(e4); c[11] += _mm512_reduce_add_epi32(e5);
+    c[12] += _mm512_reduce_add_epi32(e6);
+    *sa += _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+}
 
 AVX512_TARGET static inline int64_t bop_avx512_f32_body(const float *w, const float *m, const float *g, uint8_t *S,
                                                         float *mo, float *wmo, int64_t bn, float tl, int64_t tv,
                                                         const float *th, int64_t *c, double *sa, flip_sink *fs,
                                                         const int nt, const int hasg) {
     const __m512 zero = _mm512_setzero_ps(), tau = _mm512_set1_ps(tl);
-    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000u));
-    const __m512i absmask = _mm512_set1_epi32(0x7fffffff), m1 = _mm512_set1_epi32(-1);
-    const __m128i b1 = _mm_set1_epi8(1), b2 = _mm_set1_epi8(2), b4 = _mm_set1_epi8(4), b8 = _mm_set1_epi8(8);
-    const __m512 t0 = _mm512_set1_ps(th[0]), t1 = _mm512_set1_ps(th[1]), t2 = _mm512_set1_ps(th[2]),
-                 t3 = _mm512_set1_ps(th[3]), t4 = _mm512_set1_ps(th[4]), t5 = _mm512_set1_ps(th[5]),
-                 t6 = _mm512_set1_ps(th[6]);
-    __m512i cf = _mm512_setzero_si512(), cc = cf, cn = cf, ca = cf, cu = cf, cd = cf;
-    __m512i e0 = cf, e1 = cf, e2 = cf, e3 = cf, e4 = cf, e5 = cf, e6 = cf;
-    __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
-    const __mmask16 tvm = tv ? (__mmask16)0xFFFF : 0;
+    KERNEL_SETUP();
     int64_t j = 0;
     for (; j + 16 <= bn; j += 16) {
         const __m512 wv = _mm512_loadu_ps(w + j), mv = _mm512_loadu_ps(m + j);
@@ -172,23 +229,8 @@ AVX512_TARGET static inline int64_t bop_avx512_f32_body(const float *w, const fl
             const __m512 gv = _mm512_loadu_ps(g + j);
             ACC(cn, (__mmask16)~_mm512_cmp_ps_mask(_mm512_sub_ps(gv, gv), zero, _CMP_EQ_OQ));
         }
-        ACC(cf, f);
-        ACC(cc, s ^ s0m);
-        ACC(ca, ab);
-        ACC(cu, ab & (__mmask16)~pa);
-        ACC(cd, pa & (__mmask16)~ab);
-        ACC(e0, _mm512_cmp_ps_mask(x, t0, _CMP_GT_OQ));
-        ACC(e1, _mm512_cmp_ps_mask(x, t1, _CMP_GT_OQ));
-        ACC(e2, _mm512_cmp_ps_mask(x, t2, _CMP_GT_OQ));
-        ACC(e3, _mm512_cmp_ps_mask(x, t3, _CMP_GT_OQ));
-        ACC(e4, _mm512_cmp_ps_mask(x, t4, _CMP_GT_OQ));
-        ACC(e5, _mm512_cmp_ps_mask(x, t5, _CMP_GT_OQ));
-        ACC(e6, _mm512_cmp_ps_mask(x, t6, _CMP_GT_OQ));
-        const __mmask16 na = (ab & tvm) | (pa & (__mmask16)~tvm);
-        __m128i nst = _mm_and_si128(sb, b2); /* the bits are distinct: a masked add sets each */
-        nst = _mm_mask_add_epi8(nst, s, nst, b1);
-        nst = _mm_mask_add_epi8(nst, na, nst, b4);
-        nst = _mm_mask_add_epi8(nst, f, nst, b8);
+        COUNT16();
+        const __m128i nst = STATE16();
         _mm_storeu_si128((__m128i *)(S + j), nst);
         if (nt) {  /* streaming stores: not read back before the next step (only at a few indices) */
             _mm512_stream_ps(mo + j, mv);
@@ -201,12 +243,7 @@ AVX512_TARGET static inline int64_t bop_avx512_f32_body(const float *w, const fl
         s1 = _mm512_add_pd(s1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(am, 1)));
         if (__builtin_expect(f != 0, 0)) sink_flips(fs, S, j, f);
     }
-    c[0] += _mm512_reduce_add_epi32(cf); c[1] += _mm512_reduce_add_epi32(cc); c[2] += _mm512_reduce_add_epi32(cn);
-    c[3] += _mm512_reduce_add_epi32(ca); c[4] += _mm512_reduce_add_epi32(cu); c[5] += _mm512_reduce_add_epi32(cd);
-    c[6] += _mm512_reduce_add_epi32(e0); c[7] += _mm512_reduce_add_epi32(e1); c[8] += _mm512_reduce_add_epi32(e2);
-    c[9] += _mm512_reduce_add_epi32(e3); c[10] += _mm512_reduce_add_epi32(e4); c[11] += _mm512_reduce_add_epi32(e5);
-    c[12] += _mm512_reduce_add_epi32(e6);
-    *sa += _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+    REDUCE16();
     return j;
 }
 
@@ -220,15 +257,92 @@ AVX512_TARGET static int64_t bop_avx512_f32(const float *w, const float *m, cons
               : bop_avx512_f32_body(w, m, g, S, mo, wmo, bn, tl, tv, th, c, sa, fs, 0, 0);
 }
 
-static inline int64_t bop_fast_f32(const float *w, const float *m, const float *g, uint8_t *S, float *mo,
-                                   float *wmo, int64_t bn, float tl, int64_t tv, const float *th, int64_t *c,
-                                   double *sa, int big, flip_sink *fs) {
+static inline void simd_detect(void) {
     if (simd_level < 0) {
         __builtin_cpu_init();
         simd_level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") ? 1 : 0;
     }
+}
+
+static inline int64_t bop_fast_f32(const float *w, const float *m, const float *g, uint8_t *S, float *mo,
+                                   float *wmo, int64_t bn, float tl, int64_t tv, const float *th, int64_t *c,
+                                   double *sa, int big, flip_sink *fs) {
+    simd_detect();
     return simd_level > 0 ? bop_avx512_f32(w, m, g, S, mo, wmo, bn, tl, tv, th, c, sa, big, fs) : 0;
+}
+
+/* AVX-512 kernel of Bop's step fused with the measurement (float32; bnnp_bop_fused in _pass_tmpl.h), 16 weights
+ * per iteration, the same IEEE operations as its portable loops: b(w_{t-1}) checked against the stored sign (a
+ * change made outside the step: the hash follows, rare), m_t = ok ? fma(g, gamma, m (1 - gamma)) : m with ok = (g - g
+ * == 0), w_t = -w_{t-1} where w_{t-1} m_t > tau_opt (the sign bit flipped), the state byte, every count of
+ * bop_avx512_f32_body (margin x = w_{t-1} m_t), Sum |m_t|; flipped weights recorded with w_{t-1} m_{t-1} and
+ * m_{t-1}. Returns the number of weights done (a multiple of 16). */
+AVX512_TARGET static int64_t fused_avx512_f32(float *w, float *m, const float *g, uint8_t *S, int64_t bn,
+                                              float gam, float omg, float bt, float tl, int64_t tv, const float *th,
+                                              int64_t *c, double *sa, flip_sink *fs, float *fwm, float *fmo) {
+    const bnnp_plan *P = fs->P;
+    const __m512 zero = _mm512_setzero_ps(), tau = _mm512_set1_ps(tl), btv = _mm512_set1_ps(bt);
+    const __m512 gv_ = _mm512_set1_ps(gam), ov_ = _mm512_set1_ps(omg);
+    KERNEL_SETUP();
+    int64_t j = 0;
+    for (; j + 16 <= bn; j += 16) {
+        const __m512 wv = _mm512_loadu_ps(w + j), mv = _mm512_loadu_ps(m + j), gv = _mm512_loadu_ps(g + j);
+        const __m128i sb = _mm_loadu_si128((const __m128i *)(S + j));
+        _mm_prefetch((const char *)(w + j + 512), _MM_HINT_T0);
+        _mm_prefetch((const char *)(m + j + 512), _MM_HINT_T0);
+        _mm_prefetch((const char *)(g + j + 512), _MM_HINT_T0);
+        const __mmask16 sp = _mm512_cmp_ps_mask(wv, zero, _CMP_GE_OQ);  /* b(w_{t-1}) */
+        const __mmask16 chg = sp ^ _mm_test_epi8_mask(sb, b1);
+        if (__builtin_expect(chg != 0, 0) && P->mix) {  /* changed outside the step: the hash follows */
+            unsigned cm = chg;
+            while (cm) {
+                const int64_t jj = j + __builtin_ctz(cm), gi = fs->o + fs->b0 + jj;
+                cm &= cm - 1;
+                P->hash[fs->l] += ((sp >> (jj - j)) & 1) ? (int64_t)P->mix[gi] : -(int64_t)P->mix[gi];
+            }
+        }
+        const __mmask16 s0m = _mm_test_epi8_mask(sb, b2), pa = _mm_test_epi8_mask(sb, b4);
+        const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_sub_ps(gv, gv), zero, _CMP_EQ_OQ);
+        const __m512 mn = _mm512_mask_blend_ps(ok, mv, _mm512_fmadd_ps(gv, gv_, _mm512_mul_ps(mv, ov_)));
+        const __m512 x = _mm512_mul_ps(wv, mn);  /* the margin w_{t-1} m_t */
+        const __mmask16 fl = _mm512_cmp_ps_mask(x, btv, _CMP_GT_OQ);
+        const __m512 wn = _mm512_mask_xor_ps(wv, fl, wv, sign);
+        _mm512_storeu_ps(m + j, mn);
+        _mm512_storeu_ps(w + j, wn);
+        const __mmask16 s = _mm512_cmp_ps_mask(wn, zero, _CMP_GE_OQ);
+        const __mmask16 f = s ^ sp;
+        const __m512 am = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(mn), absmask));
+        const __mmask16 ab = _mm512_cmp_ps_mask(am, tau, _CMP_GT_OQ);
+        ACC(cn, (__mmask16)~ok);
+        COUNT16();
+        const __m128i nst = STATE16();
+        _mm_storeu_si128((__m128i *)(S + j), nst);
+        s0 = _mm512_add_pd(s0, _mm512_cvtps_pd(_mm512_castps512_ps256(am)));
+        s1 = _mm512_add_pd(s1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(am, 1)));
+        if (__builtin_expect(f != 0, 0)) {  /* flipped: index, counters, hash, w_{t-1} m_{t-1}, m_{t-1} */
+            float wp_[16], mp_[16];
+            _mm512_storeu_ps(wp_, _mm512_mul_ps(wv, mv));
+            _mm512_storeu_ps(mp_, mv);
+            unsigned fm = f;
+            while (fm) {
+                const int k = __builtin_ctz(fm);
+                fm &= fm - 1;
+                fwm[fs->nf] = wp_[k];
+                fmo[fs->nf] = mp_[k];
+                sink_flips(fs, S, j + k, 1u);
+            }
+        }
+    }
+    REDUCE16();
+    return j;
+}
+
+static inline int64_t fused_fast_f32(float *w, float *m, const float *g, uint8_t *S, int64_t bn, float gam,
+                                     float omg, float bt, float tl, int64_t tv, const float *th, int64_t *c,
+                                     double *sa, flip_sink *fs, float *fwm, float *fmo) {
+    simd_detect();
+    return simd_level > 0 ? fused_avx512_f32(w, m, g, S, bn, gam, omg, bt, tl, tv, th, c, sa, fs, fwm, fmo) : 0;
 }
 #else
 typedef struct {
@@ -245,6 +359,16 @@ static inline int64_t bop_fast_f32(const float *w, const float *m, const float *
 }
 #endif
 
+#if !(defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)))
+static inline int64_t fused_fast_f32(float *w, float *m, const float *g, uint8_t *S, int64_t bn, float gam,
+                                     float omg, float bt, float tl, int64_t tv, const float *th, int64_t *c,
+                                     double *sa, flip_sink *fs, float *fwm, float *fmo) {
+    (void)w, (void)m, (void)g, (void)S, (void)bn, (void)gam, (void)omg, (void)bt, (void)tl, (void)tv, (void)th,
+        (void)c, (void)sa, (void)fs, (void)fwm, (void)fmo;
+    return 0;
+}
+#endif
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define STREAM_FENCE(big) do { if (big && simd_level > 0) _mm_sfence(); } while (0)
 #else
@@ -256,7 +380,9 @@ static inline int64_t bop_fast_f32(const float *w, const float *m, const float *
 #define ABS(x) __builtin_fabsf(x)
 #define IT int32_t
 #define BOP_FAST bop_fast_f32
+#define FUSED_FAST fused_fast_f32
 #define UT uint32_t
+#define FMA(a, b, c) __builtin_fmaf(a, b, c)
 #include "_pass_tmpl.h"  /* undefines its parameters at its end */
 
 #define T double
@@ -264,10 +390,12 @@ static inline int64_t bop_fast_f32(const float *w, const float *m, const float *
 #define ABS(x) __builtin_fabs(x)
 #define IT int64_t
 #define BOP_FAST(w, m, g, S, mo, wmo, bn, tl, tv, th, c, sa, big, fs) 0
+#define FUSED_FAST(w, m, g, S, bn, gam, omg, bt, tl, tv, th, c, sa, fs, fwm, fmo) 0
 #define UT uint64_t
+#define FMA(a, b, c) __builtin_fma(a, b, c)
 #include "_pass_tmpl.h"  /* undefines its parameters at its end */
 
-__attribute__((visibility("default"))) int64_t bnnp_abi_version(void) { return 10; }
+__attribute__((visibility("default"))) int64_t bnnp_abi_version(void) { return 11; }
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_pass", "bnn-probe's one-pass CPU measurement "
                                     "(called through ctypes: bnn_probe.probe.cpu_pass).", -1, NULL};

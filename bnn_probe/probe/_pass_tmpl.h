@@ -81,7 +81,8 @@ _Pragma("omp simd reduction(+ : sb)") \
             for (int64_t j = 0; j < bn; j++) sb += (double)ABS(w[b0 + j]);
 
 /* Pre-step pass: S_SIGN := b(w_{t-1}) where it differs from the stored sign (a change made outside the optimizer
- * step since the last measurement; rare, so the state is written only then); the sign hash follows every change.
+ * step since the last measurement; rare, so the state is written only then); the sign hash follows every change, and
+ * (Bop family) the buffered w_{t-1} m_{t-1} of a changed weight is recomputed with w as it is now.
  * copy_out (latent family): w_{t-1} copied, flat. Returns the number of weights whose sign changed. */
 HOT int64_t FN(bnnp_pre)(const bnnp_plan *P, T *copy_out) {
     const uintptr_t *wp = P->wp;
@@ -90,6 +91,8 @@ HOT int64_t FN(bnnp_pre)(const bnnp_plan *P, T *copy_out) {
     const int32_t *mix = P->mix;
     int64_t *hash = P->hash;
     int64_t changed = 0, o = 0;
+    T *wmb = (T *)P->wmbuf[P->cur];  /* Bop family: step t-1's w m and m, which the post pass reads (else NULL) */
+    const T *mb = (const T *)P->mbuf[P->cur];
     for (int64_t l = 0; l < P->L; l++) {
         const int64_t n = P->lens[l];
         const T *restrict w = (const T *)wp[l];
@@ -114,6 +117,7 @@ HOT int64_t FN(bnnp_pre)(const bnnp_plan *P, T *copy_out) {
                 if (s == (S[i] & S_SIGN)) continue;
                 S[i] = (uint8_t)((S[i] & ~S_SIGN) | s);
                 if (mix) hash[l] += s ? (int64_t)mix[o + i] : -(int64_t)mix[o + i];
+                if (wmb) wmb[o + i] = w[i] * mb[o + i];  /* the flip events' w_{t-1} m_{t-1}, with w as it is now */
             }
         }
         o += n;
@@ -441,8 +445,7 @@ HOT int64_t FN(bnnp_lat_step)(bnnp_plan *P, int64_t flags) {
         int64_t l = 0;
         for (int64_t k = 0; k < P->ntr; k++) {
             const int64_t i = P->tsel[k];
-            while (l + 1 < L && i >= P->offs[l + 1]) l++;  /* tracked indices ascend, layer by layer */
-            while (l > 0 && i < P->offs[l]) l--;
+            l = layer_at(P, i, l);  /* tracked indices ascend, layer by layer */
             const T wt = ((const T *)P->wp[l])[i - P->offs[l]];
             const double d = (double)wt - (double)prev[i];
             P->tr_sign[k] = P->state[i] & S_SIGN;
@@ -471,13 +474,260 @@ HOT void FN(bnnp_lat_rows)(const bnnp_plan *P) {
     }
 }
 
+/* Bop's step without a measurement (Helwegen et al. 2019, Alg. 1), tensor k of nt at wp[k], mp[k], gp[k]:
+ *   m_t = fma(g_t, gamma, m_{t-1} (1 - gamma))   (one rounding of gamma g, as torch's CPU add(alpha) kernels)
+ *   w_t = -w_{t-1} if w_{t-1} m_t > tau else w_{t-1};   hp[k] = (gamma, 1 - gamma, tau) in T.
+ * An entry whose gradient is NaN or +-inf keeps its m (optim/nonfinite.py); nonfinite[k] counts them. */
+HOTF void FN(bnnp_bop_update)(int64_t nt, const uintptr_t *wp, const uintptr_t *mp, const uintptr_t *gp,
+                              const int64_t *lens, const T *hp, int64_t *nonfinite) {
+    for (int64_t k = 0; k < nt; k++) {
+        T *restrict w = (T *)wp[k], *restrict m = (T *)mp[k];
+        const T *restrict g = (const T *)gp[k];
+        const T gam = hp[3 * k], omg = hp[3 * k + 1], bt = hp[3 * k + 2];
+        const int64_t n = lens[k];
+        int64_t bad = 0;
+        for (int64_t b0 = 0; b0 < n; b0 += BLK) {
+            const int64_t bn = n - b0 < BLK ? n - b0 : BLK;
+            IT cb = 0;
+            for (int64_t j = BLK; j < 2 * BLK && b0 + j < n; j += 64 / (int64_t)sizeof(T)) {  /* the next block */
+                __builtin_prefetch(w + b0 + j, 1);
+                __builtin_prefetch(m + b0 + j, 1);
+                __builtin_prefetch(g + b0 + j, 0);
+            }
+_Pragma("GCC ivdep")
+            for (int64_t j = 0; j < bn; j++) {
+                const int64_t i = b0 + j;
+                const T gi = g[i], mi = m[i], wi = w[i];
+                const IT ok = (gi - gi) == (T)0;
+                const T mn = ok ? FMA(gi, gam, mi * omg) : mi;
+                cb += 1 - ok;
+                m[i] = mn;
+                w[i] = wi * mn > bt ? -wi : wi;
+            }
+            bad += cb;
+        }
+        nonfinite[k] = bad;
+    }
+}
+
+/* Bop's step and the post-step measurement in one pass (the probe's measured step when the optimizer is
+ * bnn_probe's Bop on the CPU; probe/onepass.py). Per layer l (gp[l] = 0: no gradient, the layer is measured and not
+ * stepped), per block: the pre pass's check (b(w_{t-1}) against the stored sign: a change made outside the step
+ * updates the byte and the hash), then the update of bnnp_bop_update with hp[l], then the counts, Sum |m_t|, the
+ * quantile sample and the flipped weights of bnnp_bop_post, read from w_t, m_t in cache: margin x = w_{t-1} m_t.
+ * For each flipped weight also w_{t-1} m_{t-1} (fwm) and m_{t-1} (fmo); before the pass m_{t-1} of the tracked
+ * weights (tmprev). No copies of m_t or w_t m_t are written. Returns the number of flips (P->nf). */
+HOTF int64_t FN(bnnp_bop_fused)(bnnp_plan *P) {
+    const uintptr_t *wp = P->wp, *mp = P->mp, *gp = P->gp;
+    const uint8_t *tau_valid = P->tau_valid;
+    const T *tau = (const T *)P->tau, *thr = (const T *)P->thr, *hp = (const T *)P->hp;
+    uint8_t *state = P->state;
+    int64_t *counts = P->counts, *nonfin = P->nonfin;
+    double *sum_abs = P->sum_abs;
+    const int64_t L = P->L, K = P->K;
+    T *samp = (T *)P->samp, *fwm = (T *)P->fwm, *fmo = (T *)P->fmo, *tmprev = (T *)P->tmprev;
+    const int32_t *mix = P->mix;
+    int64_t o = 0, nf = 0;
+    {   /* m_{t-1} of the tracked weights (ascending flat indices) */
+        int64_t l = 0;
+        for (int64_t k = 0; k < P->ntr; k++) {
+            const int64_t i = P->tsel[k];
+            l = layer_at(P, i, l);  /* tracked indices ascend, layer by layer */
+            tmprev[k] = ((const T *)mp[l])[i - P->offs[l]];
+        }
+    }
+    for (int64_t l = 0; l < L; l++) {
+        const int64_t n = P->lens[l];
+        const int64_t *q = P->qidx + l * K, nq = samp ? P->ks[l] : 0;
+        int64_t qi = 0;
+        T *sa_ = samp ? samp + l * K : NULL, *sb_ = samp ? samp + (L + l) * K : NULL,
+          *sc_ = samp ? samp + (2 * L + l) * K : NULL;
+        T *restrict w = (T *)wp[l], *restrict m = (T *)mp[l];
+        const T *restrict g = (const T *)gp[l];
+        uint8_t *restrict S = state + o;
+        const T tl = tau[l], gam = hp[3 * l], omg = hp[3 * l + 1], bt = hp[3 * l + 2];
+        const IT tv = tau_valid[l];
+        const T t0 = thr[7 * l], t1 = thr[7 * l + 1], t2 = thr[7 * l + 2], t3 = thr[7 * l + 3], t4 = thr[7 * l + 4],
+                t5 = thr[7 * l + 5], t6 = thr[7 * l + 6];
+        int64_t c[NC_BOP] = {0};
+        double sa = 0.0;
+        T mold[BLK];
+        for (int64_t b0 = 0; b0 < n; b0 += BLK) {
+            const int64_t bn = n - b0 < BLK ? n - b0 : BLK;
+            IT cf = 0, cc = 0, cn = 0, ca = 0, cu = 0, cd = 0, e0 = 0, e1 = 0, e2 = 0, e3 = 0, e4 = 0, e5 = 0, e6 = 0;
+            double sb = 0.0;
+            int64_t jv = 0;
+            if (g) {  /* whole vectors by the AVX-512 kernel where the CPU has it (float32), the rest here */
+                flip_sink fs = {P, o, l, b0, nf};
+                jv = FUSED_FAST(w + b0, m + b0, g + b0, S + b0, bn, gam, omg, bt, tl, tv, thr + 7 * l, c, &sa, &fs,
+                                fwm, fmo);
+                nf = fs.nf;
+            }
+            {   /* signs changed outside the step since the last measurement (rare) */
+                IT d = 0;
+_Pragma("omp simd reduction(+ : d)")
+                for (int64_t j = jv; j < bn; j++) d += (IT)(w[b0 + j] >= (T)0) ^ ((IT)S[b0 + j] & S_SIGN);
+                if (d) {
+                    for (int64_t j = jv; j < bn; j++) {
+                        const int64_t i = b0 + j;
+                        const uint8_t s = (uint8_t)(w[i] >= (T)0);
+                        if (s == (S[i] & S_SIGN)) continue;
+                        S[i] = (uint8_t)((S[i] & ~S_SIGN) | s);
+                        if (mix) P->hash[l] += s ? (int64_t)mix[o + i] : -(int64_t)mix[o + i];
+                    }
+                }
+            }
+            if (g) {
+_Pragma("GCC ivdep")
+                for (int64_t j = jv; j < bn; j++) {
+                    const int64_t i = b0 + j;
+                    const T gi = g[i], mi = m[i], wi = w[i];
+                    const IT st = (IT)S[i];
+                    const IT ok = (gi - gi) == (T)0;
+                    const T mn = ok ? FMA(gi, gam, mi * omg) : mi;
+                    const T wn = wi * mn > bt ? -wi : wi;
+                    cn += 1 - ok;
+                    m[i] = mn;
+                    w[i] = wn;
+                    mold[j] = mi;
+                    const IT s = (IT)(wn >= (T)0);
+                    const IT f = s ^ (st & S_SIGN);
+                    const IT ab = ABS(mn) > tl;
+                    const IT pa = (st >> 2) & 1;
+                    const IT na = tv ? ab : pa;
+                    S[i] = (uint8_t)((st & S_SIGN0) | s | (na << 2) | (f << 3) | (pa << 4));
+                }
+            } else {  /* not stepped: w, m unchanged */
+_Pragma("GCC ivdep")
+                for (int64_t j = 0; j < bn; j++) {
+                    const int64_t i = b0 + j;
+                    const T mi = m[i];
+                    const IT st = (IT)S[i];
+                    mold[j] = mi;
+                    const IT ab = ABS(mi) > tl;
+                    const IT pa = (st >> 2) & 1;
+                    const IT na = tv ? ab : pa;
+                    S[i] = (uint8_t)((st & (S_SIGN0 | S_SIGN)) | (na << 2) | (pa << 4));
+                }
+            }
+            {
+                uint16_t bf = 0, bc = 0, ba = 0, bu = 0, bd = 0;
+_Pragma("GCC ivdep")
+                for (int64_t j = jv; j < bn; j++) {
+                    const uint16_t v = S[b0 + j];
+                    bf += (v >> 3) & 1;
+                    bc += (v ^ (v >> 1)) & 1;
+                    ba += (v >> 2) & 1;
+                    bu += ((v >> 2) & ~(v >> 4)) & 1;
+                    bd += ((v >> 4) & ~(v >> 2)) & 1;
+                }
+                cf += bf;
+                cc += bc;
+                if (tv) { ca += ba; cu += bu; cd += bd; }
+                else cd += ba;
+            }
+_Pragma("GCC ivdep")
+            for (int64_t j = jv; j < bn; j++) {  /* the margin ladder: x = w_{t-1} m_t = -w_t m_t where flipped */
+                const int64_t i = b0 + j;
+                const T wm = w[i] * m[i];
+                UT xb;
+                memcpy(&xb, &wm, sizeof(T));
+                xb ^= (UT)((S[i] >> 3) & 1) << (8 * sizeof(T) - 1);
+                T x;
+                memcpy(&x, &xb, sizeof(T));
+                e0 += (IT)(x > t0);
+                e1 += (IT)(x > t1);
+                e2 += (IT)(x > t2);
+                e3 += (IT)(x > t3);
+                e4 += (IT)(x > t4);
+                e5 += (IT)(x > t5);
+                e6 += (IT)(x > t6);
+            }
+_Pragma("omp simd reduction(+ : sb)")
+            for (int64_t j = jv; j < bn; j++) sb += (double)ABS(m[b0 + j]);
+            c[0] += cf; c[1] += cc; c[2] += cn; c[3] += ca; c[4] += cu; c[5] += cd;
+            c[6] += e0; c[7] += e1; c[8] += e2; c[9] += e3; c[10] += e4; c[11] += e5; c[12] += e6;
+            sa += sb;
+            for (; qi < nq && q[qi] < b0 + bn; qi++) {
+                const int64_t i = q[qi];
+                const T wm = w[i] * m[i];
+                sa_[qi] = ABS(m[i]);
+                sb_[qi] = wm;
+                sc_[qi] = (S[i] & S_FLIP) ? -wm : wm;
+            }
+            if (cf) {  /* the scalar part's flips */
+                for (int64_t j = jv; j < bn; j++) {
+                    const int64_t i = b0 + j;
+                    if (!(S[i] & S_FLIP)) continue;
+                    fwm[nf] = -w[i] * mold[j];
+                    fmo[nf] = mold[j];
+                    P->fidx[nf] = o + i;
+                    P->flast[nf++] = P->last[o + i];
+                    P->count[o + i] += 1;
+                    P->last[o + i] = P->t;
+                    if (mix) P->hash[l] += (S[i] & S_SIGN) ? (int64_t)mix[o + i] : -(int64_t)mix[o + i];
+                }
+            }
+        }
+        for (int k = 0; k < NC_BOP; k++) counts[NC_BOP * l + k] = c[k];
+        nonfin[l] = c[2];
+        sum_abs[l] = sa;
+        o += n;
+    }
+    P->nf = nf;
+    return nf;
+}
+
+/* After bnnp_bop_fused, by flags: the flip events (bit 0; bnnp_events' slots, inertia tau - w_{t-1} m_{t-1} and
+ * |m_t - m_{t-1}| from the pass's per-flip fwm, fmo) and the tracked weights (bit 1; tau_t - w_t m_t and
+ * |m_t - m_{t-1}| from tmprev), read from w_t, m_t in place. */
+HOT void FN(bnnp_bop_tail)(bnnp_plan *P, int64_t flags) {
+    const int64_t L = P->L;
+    const T *fwm = (const T *)P->fwm, *fmo = (const T *)P->fmo, *tmprev = (const T *)P->tmprev;
+    if ((flags & 1) && P->nev > 0) {
+        const int64_t E = P->nev;
+        FN(bnnp_events)(P, E, P->u, NULL, NULL, NULL, NULL, P->ev_i, P->ev_safe, NULL);
+        int64_t r = 0;  /* rank of a flip in fidx (ascending flat index) */
+        for (int64_t l = 0; l < L; l++) {
+            const T *m = (const T *)P->mp[l];
+            for (int64_t j = 0; j < E; j++) {
+                const int64_t s = l * E + j, gi = P->ev_safe[s];
+                if (P->ev_i[2 * s] < 0) {
+                    P->ev_f[2 * s] = P->ev_f[2 * s + 1] = (double)NAN;
+                    continue;
+                }
+                while (P->fidx[r] < gi) r++;
+                while (P->fidx[r] > gi) r--;
+                P->ev_f[2 * s] = P->tau_l[l] - (double)fwm[r];
+                const double d = (double)m[gi - P->offs[l]] - (double)fmo[r];
+                P->ev_f[2 * s + 1] = d < 0 ? -d : d;
+            }
+        }
+    }
+    if ((flags & 2) && P->ntr > 0) {
+        int64_t l = 0;
+        for (int64_t k = 0; k < P->ntr; k++) {
+            const int64_t i = P->tsel[k];
+            l = layer_at(P, i, l);  /* tracked indices ascend, layer by layer */
+            const int64_t ii = i - P->offs[l];
+            const T mt = ((const T *)P->mp[l])[ii], wm = ((const T *)P->wp[l])[ii] * mt;
+            const double d = (double)mt - (double)tmprev[k];
+            P->tr_sign[k] = P->state[i] & S_SIGN;
+            P->tr_out[2 * k] = P->tau_t[k] - (double)wm;
+            P->tr_out[2 * k + 1] = d < 0 ? -d : d;
+        }
+    }
+}
+
 #undef FN
 #undef T
 #undef SFX
 #undef ABS
 #undef IT
 #undef UT
+#undef FMA
 #undef BOP_FAST
+#undef FUSED_FAST
 #undef BOP_LOOP
 #undef LAT_LOOP
 #undef CAT

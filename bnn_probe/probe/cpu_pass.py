@@ -21,7 +21,7 @@ __all__ = ["NC_BOP", "NC_LAT", "S_SIGN", "S_SIGN0", "S_ABOVE", "S_FLIP", "Plan",
 
 NC_BOP, NC_LAT = 13, 4  # count columns per layer (see _pass.c)
 S_SIGN, S_SIGN0, S_ABOVE, S_FLIP = 1, 2, 4, 8  # bits of the per-weight state byte
-_ABI = 10
+_ABI = 11
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -39,7 +39,8 @@ class Plan(ctypes.Structure):
                 ("cur", _I), ("nev", _I), ("ntr", _I), ("Q", _I), ("Qm", _I), ("nfloat", _I), ("hash_on", _I),
                 ("mbuf", _P * 2), ("wmbuf", _P * 2), ("u", _P), ("tau_l", _P), ("tau_t", _P), ("ev_i", _P),
                 ("ev_safe", _P), ("ev_f", _P), ("tsel", _P), ("tr_sign", _P), ("tr_out", _P), ("rows_i", _P),
-                ("rows_f", _P), ("qpos", _P), ("mpos", _P), ("qfrac", _P), ("mfrac", _P), ("prev", _P), ("nbop", _I)]
+                ("rows_f", _P), ("qpos", _P), ("mpos", _P), ("qfrac", _P), ("mfrac", _P), ("prev", _P), ("nbop", _I),
+                ("hp", _P), ("nonfin", _P), ("fwm", _P), ("fmo", _P), ("tmprev", _P)]
 
     def set(self, **arrays: np.ndarray | None) -> None:
         refs = self.__dict__.setdefault("_refs", {})
@@ -63,6 +64,9 @@ _SIGNATURES = {
     "bnnp_bop_rows": (None, [_PP]),
     "bnnp_lat_step": (_I, [_PP, _I]),
     "bnnp_lat_rows": (None, [_PP]),
+    "bnnp_bop_update": (None, [_I, _P, _P, _P, _P, _P, _P]),
+    "bnnp_bop_fused": (_I, [_PP]),
+    "bnnp_bop_tail": (None, [_PP, _I]),
 }
 
 

@@ -130,9 +130,9 @@ def make_step_fn(bop: bool, ns: list[int], n_bits: int, events: int, sign_hash: 
                 out["ints"] = ints
                 out["floats"] = torch.cat([counts[:, 3:13], mean.unsqueeze(1), q[0], q[1], qm, s["nan_lat"]], 1)
             if ev and E > 0:
-                wm_prev = s["wm_prev"]
+                w_prev = s["prev_w"]  # w_{t−1} as the step found it (signs changed between steps included)
                 out["events"] = _events(s, flipped, lambda i: torch.stack(
-                    [s["tau_e"] - wm_prev[i].double(), step_size(i)], 1))
+                    [s["tau_e"] - (w_prev[i] * m_prev[i]).double(), step_size(i)], 1))
             if trk:
                 idx = s["tsel"]
                 out["tracked"] = (sign[idx], torch.stack([s["tau_t"] - wm[idx].double(), step_size(idx)], 1))

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..optim.cstep import MEASURE_ATTR
 from ..optim.nonfinite import FINITE_ATTR
 from ..runlog.schema import HIST_EDGES
 from . import cpu_pass
@@ -66,6 +67,18 @@ def usable(layers, dtype: torch.dtype, device: torch.device) -> bool:
                           "machine with a C compiler to get it", RuntimeWarning, stacklevel=3)
         return False
     return dtype in (torch.float32, torch.float64) and all(ly.param.is_contiguous() for ly in layers)
+
+
+def _fusable_optimizer(grp: FlatGroup):
+    """The bnn_probe Bop that steps every layer of ``grp`` with its own step and its momentum ``exp_avg`` (then its
+    step can measure for the probe, optim/cstep.py), else None."""
+    from ..optim.bop import Bop
+
+    opts = {id(ly.optimizer): ly.optimizer for ly in grp.layers}
+    if len(opts) != 1 or grp.family != "bop" or grp.mkey != "exp_avg":
+        return None
+    opt = next(iter(opts.values()))
+    return opt if isinstance(opt, Bop) and type(opt).step is Bop.step else None
 
 
 def _aligned(n: int, dtype: np.dtype) -> np.ndarray:
@@ -143,6 +156,18 @@ class OnePass:
         self.out_events = (self.ev_i, self.ev_f)
         self.set_samples()
         self._keep: list[Tensor] = []
+        # Bop's step and this measurement in one pass (optim/cstep.py): the group's layers all stepped by one
+        # bnn_probe Bop with its own step and momentum key, sign binarizer
+        self.fuse_opt = _fusable_optimizer(grp) if self.bop and self.sgn is None else None
+        self.param_ids = frozenset(id(ly.param) for ly in grp.layers)
+        self.pending = self.served = False
+        self.stale = False  # m_bufs / wm_bufs [cur] behind the weights (steps measured in the fused pass)
+        self.plain_next = False  # measure the next step around the optimizer (an edit between steps, see edit())
+        if self.fuse_opt is not None:
+            self.hp = np.zeros((L, 3), dtype=self.npdtype)
+            self.nonfin = np.zeros(L, dtype=np.int64)
+            P.set(hp=self.hp, nonfin=self.nonfin, fwm=np.empty(N, dtype=self.npdtype),
+                  fmo=np.empty(N, dtype=self.npdtype))
 
     def set_samples(self) -> None:
         """The quantile sample (sorted indices per layer, NaN-padded sample buffer) from the group's samples."""
@@ -161,7 +186,8 @@ class OnePass:
         self.tr_out = np.empty((len(g.tsel_np), 2), dtype=np.float64)
         P.set(qpos=np.ascontiguousarray(g.qpos_np), qfrac=np.ascontiguousarray(g.qfrac_np),
               mpos=np.ascontiguousarray(g.mpos_np), mfrac=np.ascontiguousarray(g.mfrac_np), tsel=g.tsel_np,
-              tr_sign=self.tr_sign.view(np.uint8), tr_out=self.tr_out)
+              tr_sign=self.tr_sign.view(np.uint8), tr_out=self.tr_out,
+              tmprev=np.empty(len(g.tsel_np), dtype=self.npdtype))
         self.out_tracked = (self.tr_sign, self.tr_out)
 
     def set_hyper(self, hp: dict[str, np.ndarray]) -> None:
@@ -195,23 +221,97 @@ class OnePass:
             g.binarize(g.cat_w(out=g.wbuf), torch.from_numpy(self.sgn).view(torch.bool))
 
     # ------------------------------------------------------------------ per step
-    def pre(self) -> None:
-        """Before the optimizer step: stored signs := b(w_{t−1}) where they changed; latent: w̃_{t−1} copied. The
-        Bop family's optimizers lose last step's finite-gradient proof (only this step's may spare a read)."""
+    def pre(self, t: int | None = None, quant: bool = True) -> None:
+        """Before the optimizer step ``t``: stored signs := b(w_{t−1}) where they changed; latent: w̃_{t−1} copied.
+        The Bop family's optimizers lose last step's finite-gradient proof (only this step's may spare a read).
+        With a fusable Bop (optim/cstep.py) nothing is read here: a request is left on the optimizer, whose step
+        then either measures in its own pass (:meth:`run`) or declines (:meth:`decline`: this pre pass, then)."""
         g = self.g
         self._keep = []
         for opt in self.opts:
             opt.__dict__.pop(FINITE_ATTR, None)
         self._set_ptrs(self.wp, [ly.param for ly in g.layers])
+        self.served = False
+        if self.fuse_opt is not None and t is not None and not self.plain_next:
+            self.pending = True
+            self.plan.t = t
+            self.plan.samp = self.samp_addr if quant else None
+            reqs = self.fuse_opt.__dict__.setdefault(MEASURE_ATTR, [])
+            if self not in reqs:
+                reqs.append(self)
+            return
+        self.pending = self.plain_next = False
         if self.sgn is not None:
             self._signs()
         self.k.pre(self.pplan, self.plan.prev)  # latent: w̃_{t−1} copied into prev_w (NULL for the Bop family)
+
+    # ------------------------------------------------------------------ the fused step (optim/cstep.py)
+    def run(self, jobs: dict[int, tuple[Tensor, Tensor, Tensor, float, float]]) -> dict[int, int]:
+        """Inside Bop's step: step the group's layers that have a gradient (``jobs[id(w)] = (w, m, g, γ, τ)``) and
+        measure every layer, in one pass (``bnnp_bop_fused``). Returns {id(w): non-finite entries skipped}."""
+        g = self.g
+        self.pending, self.served = False, True
+        layers = g.layers
+        ms, missing = g._state_views(g.mkey)
+        g.m_missing = missing
+        if missing:
+            g._check_momentum(missing)
+        self._set_ptrs(self.mp, ms)
+        gp = [0] * g.L
+        stepped = []
+        for li, ly in enumerate(layers):
+            job = jobs.get(id(ly.param))
+            if job is not None:
+                gp[li] = job[2].data_ptr()
+                self.hp[li] = (job[3], 1.0 - job[3], job[4])
+                stepped.append(li)
+        self.gp[:] = gp
+        g.g_missing = [li for li, ly in enumerate(layers) if ly.param.grad is None]
+        g._read_hyper()
+        self.k.bop_fused(self.pplan)
+        torch.autograd.graph.increment_version([layers[li].param for li in stepped] + [ms[li] for li in stepped])
+        return {id(layers[li].param): int(self.nonfin[li]) for li in stepped}
+
+    def decline(self) -> None:
+        """Inside Bop's step, before any weight moves: this step is measured around the optimizer (pre pass now,
+        post pass after the step), from buffers of step t − 1 brought up to date."""
+        self.pending = False
+        self.refresh()
+        self.k.pre(self.pplan, self.plan.prev)
+
+    def refresh(self) -> None:
+        """m_{t−1}, w_{t−1}·m_{t−1} buffers := the weights and momenta now (after fused steps, which write none)."""
+        if not self.stale:
+            return
+        g = self.g
+        ms, _ = g._state_views(g.mkey)
+        mb, wmb = self.m_now, self.wm_now
+        for li, ly in enumerate(g.layers):
+            sl = self._sl(li)
+            mb[sl] = _np(ms[li]).reshape(-1)
+            np.multiply(_np(ly.param).reshape(-1), mb[sl], out=wmb[sl])
+        self.stale = False
+
+    def edit(self) -> None:
+        """Before the weights or momenta are changed between steps (bnn_probe.interventions): the next step is
+        measured around the optimizer, against the values before the change (as the per-layer reference does)."""
+        self.refresh()
+        self.plain_next = True
 
     def post(self, t: int, events: bool = False, tracked: bool = False, quant: bool = True) -> None:
         """After the optimizer step t: the pass; leaves counts, Σ|·|, the flipped weights and (``quant``) the
         quantile sample in the buffers, and for the Bop family (same call) the flip events and tracked weights when
         asked for. Copies made for the pass (m̂, non-contiguous tensors) stay alive until the next pass."""
         g = self.g
+        if self.served:  # measured inside the optimizer's step: the events and tracked weights remain
+            self.served, self.stale = False, True
+            if events and g.E > 0:
+                torch.rand(g.L, g.E, generator=g.gen, dtype=torch.float64, out=self.u)
+            if events or tracked:
+                self.k.bop_tail(self.pplan, int(events) | int(tracked) << 1)
+            return
+        if self.pending:  # the request was never taken (the probed step did not run Bop.step)
+            self._unserved()
         self.plan.samp = self.samp_addr if quant else None
         self._keep = []
         layers = g.layers
@@ -250,6 +350,18 @@ class OnePass:
         if events and g.E > 0:  # the sampler's uniforms (the generator's stream, as the reference draws them)
             torch.rand(g.L, g.E, generator=g.gen, dtype=torch.float64, out=self.u)
         (self.k.bop_step if self.bop else self.k.lat_step)(self.pplan, int(events) | int(tracked) << 1)
+
+    def _unserved(self) -> None:
+        self.pending = False
+        reqs = self.fuse_opt.__dict__.get(MEASURE_ATTR, [])
+        if self in reqs:
+            reqs.remove(self)
+        warnings.warn(f"bnn-probe: the probed optimizer step did not run {type(self.fuse_opt).__name__}.step, so "
+                      f"the probe's measurement inside it did not happen; this step's flips also count sign changes "
+                      f"made outside the step, and from now on the probe measures around the optimizer",
+                      RuntimeWarning, stacklevel=2)
+        self.fuse_opt = None
+        self.k.pre(self.pplan, self.plan.prev)
 
     # ------------------------------------------------------------------ views of the buffers
     @property
@@ -367,6 +479,7 @@ class OnePass:
         st = self.state[sl]
         out = {"sign0": torch.from_numpy((st & S_SIGN0) > 0), "prev_above": None, "wm_prev": None, "m_prev": None}
         if self.bop:
+            self.refresh()
             out["prev_above"] = torch.from_numpy((st & S_ABOVE) > 0)
             out["wm_prev"] = torch.from_numpy(self.wm_now[sl].copy())
             out["m_prev"] = torch.from_numpy(self.m_now[sl].copy())
@@ -379,8 +492,10 @@ class OnePass:
         if bit is not None and (self.bop or name == "sign0"):
             self.state[sl] = (self.state[sl] & np.uint8(0xFF ^ bit)) | (v.astype(np.uint8) * np.uint8(bit))
         elif name == "wm_prev" and self.bop:
+            self.refresh()
             self.wm_now[sl] = v
         elif name == "m_prev" and self.bop:
+            self.refresh()
             self.m_now[sl] = v
         elif name in ("count", "last"):
             (self.count_np if name == "count" else self.last_np)[sl] = v

@@ -277,8 +277,10 @@ class Probe:
     # ------------------------------------------------------------------ hooks
     def _pre_hook(self, optimizer, args, kwargs) -> None:
         self.checks.pre_step()
+        t = self.step + 1
+        quant = bool(self.every(t) and self.quantile_every(t))
         for g in self.groups:
-            g.before_step()
+            g.before_step(t, quant)
 
     def _post_hook(self, optimizer, args, kwargs) -> None:
         self.step += 1
@@ -356,6 +358,14 @@ class Probe:
         if not self.active or self._closed:
             return
         self.rec.add_train(self.step if step is None else int(step), None if epoch is None else int(epoch), scalars)
+
+    def before_edit(self) -> None:
+        """Call before changing binary weights or their optimizer state between two steps (as
+        :func:`bnn_probe.interventions.reset_inertia` does): the next step's measurement then compares with the
+        values before the change, exactly as without bnn_probe's fused Bop step (docs/quantities.md)."""
+        for g in self.groups:
+            if getattr(g, "onepass", None) is not None:
+                g.onepass.edit()
 
     def mark_intervention(self, kind: str, step: int | None = None, **info: Any) -> None:
         """Record an intervention on the optimization (e.g. :func:`bnn_probe.interventions.reset_inertia`) made after

@@ -1,0 +1,92 @@
+"""Bop's CPU step in C, and the hand-off that lets an attached probe measure inside it.
+
+The step (``bnnp_bop_update`` in bnn_probe/probe/_pass.c, built by ``pip install`` with the probe's extension) is
+Helwegen et al. (2019), Algorithm 1, in one pass per tensor (read g, m, w; write m, w), many tensors per call:
+
+    m_t = (1 − γ) · m_{t−1} + γ · g_t      computed as fma(g_t, γ, m_{t−1} · (1 − γ)), one rounding of γ·g
+    w_t = −w_{t−1}  if  w_{t−1} · m_t > τ  else  w_{t−1}
+
+in the weights' dtype. torch's CPU ``add_(g, alpha=γ)`` computes the same fused multiply-add, so on the CPU the C
+step equals the ``foreach`` and loop paths bit for bit (tests/test_optim_bop.py). A gradient entry that is NaN or
+±inf keeps its m (optim/nonfinite.py) and is counted exactly, so the step needs no separate norm pass.
+
+Measured steps (:data:`MEASURE_ATTR`): an attached probe (probe/onepass.py) whose CPU group is exactly some of the
+weights of a :class:`~bnn_probe.optim.Bop` leaves a request on the optimizer in its pre-step hook. The step then
+either hands the request its layers' gradients and hyperparameters and the request runs the update and the whole
+post-step measurement in one pass over the weights (``bnnp_bop_fused``), or, when some of the request's weights
+do not take this C step (another dtype or device, ``foreach=True``, a non-contiguous tensor), declines it before any
+weight moves, and the probe measures around the step as it does for any optimizer. Either way every logged value is
+the same; the fused pass reads each weight once instead of three times (the probe's pre-step pass, the optimizer's
+step, the probe's post-step pass).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["MEASURE_ATTR", "MeasureRequest", "bop_step_c", "kernels", "usable"]
+
+MEASURE_ATTR = "bnn_probe_measure_requests"  # a list on the optimizer, set by the probe before each step
+
+
+class MeasureRequest(Protocol):
+    """What a probe leaves on the optimizer (probe/onepass.py's OnePass)."""
+
+    param_ids: frozenset[int]
+
+    def run(self, jobs: dict[int, tuple[Tensor, Tensor, Tensor, float, float]]) -> dict[int, int]:
+        """Step and measure the request's layers: ``jobs[id(w)] = (w, m, g, γ, τ)`` for those with a gradient.
+        Returns {id(w): non-finite gradient entries skipped}."""
+
+    def decline(self) -> None:
+        """The step will not measure: the probe measures around it (called before any weight moves)."""
+
+
+def kernels(dtype: torch.dtype) -> Any | None:
+    """The C functions for ``dtype`` (float32/float64), or None (other dtype, or the extension is not installed)."""
+    from ..probe import cpu_pass
+
+    ks = cpu_pass.load()
+    if ks is None or dtype not in (torch.float32, torch.float64):
+        return None
+    return ks[np.dtype(np.float32 if dtype == torch.float32 else np.float64)]
+
+
+def usable(ws: list[Tensor], ms: list[Tensor], gs: list[Tensor]) -> bool:
+    """The C step can update these tensors: dense, contiguous CPU tensors of one float32/float64 dtype each."""
+    for w, m, g in zip(ws, ms, gs, strict=True):
+        if w.device.type != "cpu" or g.device.type != "cpu" or kernels(w.dtype) is None:
+            return False
+        if not (m.dtype == g.dtype == w.dtype and g.layout == torch.strided and w.is_contiguous()
+                and m.is_contiguous() and g.is_contiguous()):
+            return False
+    return True
+
+
+def bop_step_c(ws: list[Tensor], ms: list[Tensor], gs: list[Tensor], gammas: list[float],
+               thresholds: list[float]) -> list[int]:
+    """One C call per dtype: the Bop step of every tensor (hyperparameters per tensor). Returns the number of
+    non-finite gradient entries skipped per tensor. Bumps the tensors' version counters (autograd sees the
+    in-place change)."""
+    out = [0] * len(ws)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, w in enumerate(ws):
+        by_dtype.setdefault(w.dtype, []).append(i)
+    for dt, rows in by_dtype.items():
+        k = kernels(dt)
+        npdt = np.float32 if dt == torch.float32 else np.float64
+        n = len(rows)
+        ptr = np.array([[ws[i].data_ptr(), ms[i].data_ptr(), gs[i].data_ptr()] for i in rows], dtype=np.uintp).T.copy()
+        lens = np.array([ws[i].numel() for i in rows], dtype=np.int64)
+        hp = np.array([[gammas[i], 1.0 - gammas[i], thresholds[i]] for i in rows], dtype=npdt)
+        bad = np.zeros(n, dtype=np.int64)
+        k.bop_update(n, ptr[0].ctypes.data, ptr[1].ctypes.data, ptr[2].ctypes.data, lens.ctypes.data, hp.ctypes.data,
+                     bad.ctypes.data)
+        for j, i in enumerate(rows):
+            out[i] = int(bad[j])
+    torch.autograd.graph.increment_version(ws + ms)
+    return out

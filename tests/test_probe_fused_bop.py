@@ -1,0 +1,123 @@
+"""Bop's C step with the probe's measurement inside it (optim/cstep.py, ``bnnp_bop_fused``) logs exactly what the
+probe logs around any optimizer (pre pass, step, post pass): the same Bop trajectory measured both ways, with
+per-layer τ, layer sizes off the vector width, non-finite gradient entries, a layer without a gradient, signs
+changed between steps and an inertia reset; on the AVX-512 kernel and on the portable loops, float32 and float64."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import bnn_probe
+from bnn_probe.interventions import reset_inertia
+from bnn_probe.nn import mark_binary
+from bnn_probe.optim import Bop, binary_init_
+from bnn_probe.probe import cpu_pass, onepass
+
+pytestmark = pytest.mark.skipif(not cpu_pass.available(), reason="the compiled pass is not built")
+
+
+@pytest.fixture(params=["detected", "portable"])
+def simd(request):
+    cpu_pass.load()["set_simd"](-1 if request.param == "detected" else 0)
+    yield request.param
+    cpu_pass.load()["set_simd"](-1)
+
+
+def _model(dtype: torch.dtype) -> nn.Module:
+    model = nn.Sequential(nn.Linear(7, 5, bias=False), nn.Linear(5, 37, bias=False), nn.Linear(37, 3, bias=False))
+    for p in model.parameters():
+        mark_binary(p)
+    binary_init_(model, seed=0)
+    return model.to(dtype)
+
+
+def _bop(model: nn.Module, **impl) -> Bop:
+    ps = list(model.parameters())
+    return Bop([dict(params=ps[:1], threshold=2e-3), dict(params=ps[1:], threshold=5e-4)], gamma=0.05, **impl)
+
+
+def _frames(path) -> dict[str, pd.DataFrame]:
+    run = bnn_probe.load_run(path)
+    out = {}
+    for name in ("steps", "events", "tracked", "weight_flips", "hists"):
+        df = getattr(run, name)
+        out[name] = df[[c for c in df.columns if "time" not in c]].reset_index(drop=True)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_step_logs_what_the_probe_logs_around_the_step(tmp_path, monkeypatch, simd, dtype):
+    calls = {"run": 0, "decline": 0}
+    run, decline = onepass.OnePass.run, onepass.OnePass.decline
+
+    def counted_run(self, jobs):
+        calls["run"] += 1
+        return run(self, jobs)
+
+    def counted_decline(self):
+        calls["decline"] += 1
+        return decline(self)
+
+    monkeypatch.setattr(onepass.OnePass, "run", counted_run)
+    monkeypatch.setattr(onepass.OnePass, "decline", counted_decline)
+    ma = _model(dtype)
+    mb, mc = copy.deepcopy(ma), copy.deepcopy(ma)
+    # the C step measured inside; the foreach step measured around by the compiled pass; and by the pure-torch path
+    oa, ob, oc = _bop(ma), _bop(mb, foreach=True), _bop(mc, foreach=True)
+    opts = dict(tensorboard=False, quantile_every=1, quantile_sample=16, track=8, events_per_layer=500, hist_every=2,
+                snapshot_every=4)
+    pa = bnn_probe.attach(ma, oa, tmp_path / "a", **opts)
+    pb = bnn_probe.attach(mb, ob, tmp_path / "b", **opts)
+    pc = bnn_probe.attach(mc, oc, tmp_path / "c", device_path=True, **opts)
+    gen = torch.Generator().manual_seed(3)
+    for t in range(1, 11):
+        grads = [torch.randn(p.shape, generator=gen, dtype=dtype) * 2e-2 for p in ma.parameters()]
+        if t == 3:  # non-finite entries: skipped by Bop, counted by both
+            grads[1].view(-1)[[0, 17, 40]] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)
+        for model, opt in ((ma, oa), (mb, ob), (mc, oc)):
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = None if (t == 5 and p is list(model.parameters())[1]) else g.clone()
+            if t == 6:  # signs changed between steps: not flips of the step, the hash follows
+                with torch.no_grad():
+                    list(model.parameters())[2].view(-1)[[0, 1, 50, 100]] *= -1
+            if t == 8:  # an inertia reset between steps (the next step is measured against m before it)
+                reset_inertia(opt, mode="shuffle", seed=1)
+        for opt in (oa, ob, oc):
+            opt.step()
+        for p, q, r in zip(ma.parameters(), mb.parameters(), mc.parameters(), strict=True):
+            assert torch.equal(p, q) and torch.equal(p, r)
+    for probe in (pa, pb, pc):
+        probe.close()
+    # a: every step but step 8 (after the reset: measured around the C step); b: declined (foreach) but step 8
+    assert calls == {"run": 9, "decline": 9}
+    fa, fb, fc = _frames(tmp_path / "a"), _frames(tmp_path / "b"), _frames(tmp_path / "c")
+    for name in fa:
+        pd.testing.assert_frame_equal(fa[name], fb[name], check_exact=True, obj=name)
+        # the pure-torch path: float64 sums to rounding
+        pd.testing.assert_frame_equal(fa[name], fc[name], check_exact=False, rtol=1e-12, obj=name)
+    steps = fa["steps"]
+    assert steps.flips.sum() > 0 and len(fa["events"]) == steps.flips.sum()
+    assert steps[steps.step == 3].nonfinite_grads.tolist() == [0, 3, 0]
+    assert np.isfinite(fa["events"].step_size).all() and np.isfinite(fa["tracked"].step_size).all()
+    assert sum(oa.state[p].get("nonfinite_skipped", 0) for p in ma.parameters()) == 3
+
+
+def test_a_probe_on_a_foreach_bop_is_declined_and_measured_around_the_step(tmp_path, monkeypatch):
+    """``foreach=True`` keeps torch's foreach step: the probe's request is declined before any weight moves."""
+    calls = []
+    decline = onepass.OnePass.decline
+    monkeypatch.setattr(onepass.OnePass, "decline", lambda self: (calls.append(1), decline(self))[1])
+    model = _model(torch.float32)
+    opt = _bop(model, foreach=True)
+    probe = bnn_probe.attach(model, opt, tmp_path / "run", tensorboard=False)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    probe.close()
+    assert calls == [1]
