@@ -9,6 +9,10 @@ included). Timings are interleaved round by round and the median is reported.
 
 Bandwidth: a Bop step must read g, m, w and write m, w: 5 floats = 20 bytes per weight. Its effective bandwidth is
 20·N / t, compared with ``dst.copy_(src)`` moving the same number of bytes (src and dst of 2.5·N floats each).
+"Bop default, rare flips (+ probe)": the default step at τ = 6e-6 (≈ 0.1 % of the weights flip per step, as in
+training), without and with a probe attached (its defaults without histograms and snapshots; the probe's hooks
+included); on the CPU the measurement runs inside the C step, which then also reads and writes one state byte per
+weight: 22·N bytes.
 
     python benchmarks/bench_bop.py                 # CPU, ~1 minute
     python benchmarks/bench_bop.py --device cuda
@@ -20,10 +24,12 @@ import argparse
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 
 import torch
 
+import bnn_probe
 from bnn_probe.models import BinaryNet
 from bnn_probe.nn import binary_parameters
 from bnn_probe.optim import Bop
@@ -46,6 +52,9 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+RARE_TAU = 6e-6  # m ~ N(0, 1e-6), γ·g ~ N(0, 1e-7): ≈ 12,000 flips per step (0.09 % of the weights; measured)
+
+
 def make_params(shapes, device, gen, binary: bool) -> list[torch.nn.Parameter]:
     params = []
     for s in shapes:
@@ -65,6 +74,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15, help="timed rounds (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--no-fused", action="store_true", help="skip the torch.compile variant")
+    ap.add_argument("--no-probe", action="store_true", help="skip the variant with a probe attached")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,6 +100,20 @@ def main() -> None:
         for p in ps:
             opt.state[p]["exp_avg"] = (torch.randn(p.shape, generator=gen) * 1e-6).to(device)
         variants[name] = opt.step
+    probe = None
+    if not args.no_probe:  # the default step with and without an attached probe, at a τ where flips are rare
+        # (≈ 0.1 % of the weights per step, as in training; at τ = 1e-8 half of them flip every step and recording
+        # the flips dominates the probe's cost): on the CPU the probe measures inside the C step
+        for name, attach in (("Bop default, rare flips", False), ("Bop default, rare flips + probe", True)):
+            ps = make_params(shapes, device, gen, binary=True)
+            opt = Bop(ps, gamma=1e-4, threshold=RARE_TAU)
+            for p in ps:
+                opt.state[p]["exp_avg"] = (torch.randn(p.shape, generator=gen) * 1e-6).to(device)
+            if attach:
+                probe_dir = tempfile.TemporaryDirectory()
+                probe = bnn_probe.attach(torch.nn.ParameterList(ps), opt, probe_dir.name, tensorboard=False,
+                                         hist_every=0, snapshot_every=0)
+            variants[name] = opt.step
     src = torch.randn(int(2.5 * n), generator=gen).to(device)
     dst = torch.empty_like(src)
     variants["copy_ (same bytes)"] = lambda: dst.copy_(src)
@@ -110,6 +134,7 @@ def main() -> None:
             times[k].append(time.perf_counter() - t)
 
     bop_bytes = 20 * n
+    probe_bytes = 22 * n  # the measured step also reads and writes the probe's state byte per weight
     threads = torch.get_num_threads()
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {threads} threads"
     print(f"# {dev}; torch {torch.__version__}; {n:,} binary weights (BinaryNet, full width); "
@@ -124,12 +149,16 @@ def main() -> None:
         ms = f"{1e3 * med:8.2f} ({1e3 * mn:6.2f})"
         ratio = f"{med / stats['median']['Adam(foreach=True)']:6.3f} ({mn / stats['min']['Adam(foreach=True)']:5.3f})"
         if k.startswith(("Bop", "copy")):
-            bw = f"{bop_bytes / med / 1e9:5.1f} ({bop_bytes / mn / 1e9:5.1f})"
-            pct = (f"{100 * stats['median']['copy_ (same bytes)'] / med:5.0f}% "
-                   f"({100 * stats['min']['copy_ (same bytes)'] / mn:4.0f}%)")
+            nb = probe_bytes if k.endswith("probe") else bop_bytes
+            bw = f"{nb / med / 1e9:5.1f} ({nb / mn / 1e9:5.1f})"
+            cp_med, cp_min = (bop_bytes / stats[s]["copy_ (same bytes)"] for s in ("median", "min"))  # bytes/s
+            pct = f"{100 * nb / med / cp_med:5.0f}% ({100 * nb / mn / cp_min:4.0f}%)"
         else:
             bw = pct = ""
         print(f"{k:26s} {ms:>17s} {ratio:>15s} {bw:>13s} {pct:>15s}")
+    if probe is not None:
+        probe.close()
+        probe_dir.cleanup()
 
 if __name__ == "__main__":
     main()

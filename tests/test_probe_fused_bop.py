@@ -1,7 +1,8 @@
 """Bop's C step with the probe's measurement inside it (optim/cstep.py, ``bnnp_bop_fused``) logs exactly what the
 probe logs around any optimizer (pre pass, step, post pass): the same Bop trajectory measured both ways, with
-per-layer τ, layer sizes off the vector width, non-finite gradient entries, a layer without a gradient, signs
-changed between steps and an inertia reset; on the AVX-512 kernel and on the portable loops, float32 and float64."""
+per-layer τ, layer sizes off the vector width, non-finite gradient entries, a layer without a gradient, γ and τ
+changed between steps, signs changed between steps and an inertia reset; on the AVX-512 kernel and on the portable
+loops, float32 and float64."""
 
 from __future__ import annotations
 
@@ -86,6 +87,9 @@ def test_fused_step_logs_what_the_probe_logs_around_the_step(tmp_path, monkeypat
             if t == 6:  # signs changed between steps: not flips of the step, the hash follows
                 with torch.no_grad():
                     list(model.parameters())[2].view(-1)[[0, 1, 50, 100]] *= -1
+            if t == 4:  # hyperparameters changed between steps (a scheduler): the step and the probe follow
+                opt.param_groups[0]["lr"] = 0.1
+                opt.param_groups[1]["threshold"] = 1e-3
             if t == 8:  # an inertia reset between steps (the next step is measured against m before it)
                 reset_inertia(opt, mode="shuffle", seed=1)
         for opt in (oa, ob, oc):
@@ -106,6 +110,7 @@ def test_fused_step_logs_what_the_probe_logs_around_the_step(tmp_path, monkeypat
     assert steps[steps.step == 3].nonfinite_grads.tolist() == [0, 3, 0]
     assert np.isfinite(fa["events"].step_size).all() and np.isfinite(fa["tracked"].step_size).all()
     assert sum(oa.state[p].get("nonfinite_skipped", 0) for p in ma.parameters()) == 3
+    assert steps[steps.step == 5].threshold.tolist() == pytest.approx([2e-3, 1e-3, 1e-3])
 
 
 def test_a_probe_on_a_foreach_bop_is_declined_and_measured_around_the_step(tmp_path, monkeypatch):

@@ -106,20 +106,42 @@ static inline int64_t layer_at(const bnnp_plan *P, int64_t i, int64_t l) {
 }
 
 /* The flipped weights of block [b0, b0 + bn) of layer l (flat offset o), after the block's pass: their flat
- * indices and previous last-flip steps are appended at nf, their counters, last-flip steps and the sign hash
- * updated. Returns the new nf. */
+ * indices appended at nf (finish_flips does the rest). Returns the new nf. */
 static inline int64_t record_flips(const bnnp_plan *P, const uint8_t *S, int64_t b0, int64_t bn, int64_t o,
-                                   int64_t l, int64_t nf) {
+                                   int64_t nf) {
     for (int64_t j = 0; j < bn; j++) {
         const int64_t i = b0 + j;
-        if (!(S[i] & S_FLIP)) continue;
-        P->fidx[nf] = o + i;
-        P->flast[nf++] = P->last[o + i];
-        P->count[o + i] += 1;
-        P->last[o + i] = P->t;
-        if (P->mix) P->hash[l] += (S[i] & S_SIGN) ? (int64_t)P->mix[o + i] : -(int64_t)P->mix[o + i];
+        if (S[i] & S_FLIP) P->fidx[nf++] = o + i;
     }
     return nf;
+}
+
+/* The per-weight bookkeeping of the flips fidx[r0, r1) of layer l, after the layer's pass: the previous last-flip
+ * step into flast, counter + 1, last-flip step := t, the sign hash (the state byte holds the new sign). The
+ * counters are scattered over the layer, so this runs as its own loop over the recorded indices, prefetching ahead:
+ * the cache misses of successive flips overlap (inside the pass each flip waited for its own). */
+static inline void finish_flips(const bnnp_plan *P, int64_t r0, int64_t r1, int64_t l) {
+    const int64_t *fidx = P->fidx;
+    int32_t *count = P->count, *last = P->last, *flast = P->flast;
+    const int32_t *mix = P->mix;
+    const uint8_t *state = P->state;
+    const int32_t t = P->t;
+    int64_t h = 0;
+    for (int64_t r = r0; r < r1; r++) {
+        if (r + 16 < r1) {
+            const int64_t gp = fidx[r + 16];
+            __builtin_prefetch(count + gp, 1);
+            __builtin_prefetch(last + gp, 1);
+            __builtin_prefetch(state + gp, 0);
+            if (mix) __builtin_prefetch(mix + gp, 0);
+        }
+        const int64_t gi = fidx[r];
+        flast[r] = last[gi];
+        count[gi] += 1;
+        last[gi] = t;
+        if (mix) h += (state[gi] & S_SIGN) ? (int64_t)mix[gi] : -(int64_t)mix[gi];
+    }
+    if (mix) P->hash[l] += h;
 }
 
 /* AVX-512 kernel of the Bop post-step pass (float32), chosen at run time where the CPU has AVX-512 (F, BW, VL, DQ):
@@ -142,17 +164,14 @@ typedef struct {  /* where the kernel records flipped weights (the plan's arrays
     int64_t o, l, b0, nf;
 } flip_sink;
 
-AVX512_TARGET static inline void sink_flips(flip_sink *fs, uint8_t *S, int64_t j, unsigned fm) {
-    const bnnp_plan *P = fs->P;
-    while (fm) {  /* S: the kernel's block (offset b0) */
-        const int64_t jj = j + __builtin_ctz(fm), gi = fs->o + fs->b0 + jj;
+AVX512_TARGET static inline void sink_flips(flip_sink *fs, int64_t j, unsigned fm) {
+    int64_t *fidx = fs->P->fidx, nf = fs->nf;
+    const int64_t base = fs->o + fs->b0 + j;
+    while (fm) {  /* flat indices in order (finish_flips does the rest) */
+        fidx[nf++] = base + __builtin_ctz(fm);
         fm &= fm - 1;
-        P->fidx[fs->nf] = gi;
-        P->flast[fs->nf++] = P->last[gi];
-        P->count[gi] += 1;
-        P->last[gi] = P->t;
-        if (P->mix) P->hash[fs->l] += (S[jj] & S_SIGN) ? (int64_t)P->mix[gi] : -(int64_t)P->mix[gi];
     }
+    fs->nf = nf;
 }
 
 #define ACC(a, k) a = _mm512_mask_sub_epi32(a, (k), a, m1)
@@ -241,7 +260,7 @@ AVX512_TARGET static inline int64_t bop_avx512_f32_body(const float *w, const fl
         }
         s0 = _mm512_add_pd(s0, _mm512_cvtps_pd(_mm512_castps512_ps256(am)));
         s1 = _mm512_add_pd(s1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(am, 1)));
-        if (__builtin_expect(f != 0, 0)) sink_flips(fs, S, j, f);
+        if (__builtin_expect(f != 0, 0)) sink_flips(fs, j, f);
     }
     REDUCE16();
     return j;
@@ -325,13 +344,14 @@ AVX512_TARGET static int64_t fused_avx512_f32(float *w, float *m, const float *g
             _mm512_storeu_ps(wp_, _mm512_mul_ps(wv, mv));
             _mm512_storeu_ps(mp_, mv);
             unsigned fm = f;
+            int64_t r = fs->nf;
             while (fm) {
                 const int k = __builtin_ctz(fm);
                 fm &= fm - 1;
-                fwm[fs->nf] = wp_[k];
-                fmo[fs->nf] = mp_[k];
-                sink_flips(fs, S, j + k, 1u);
+                fwm[r] = wp_[k];
+                fmo[r++] = mp_[k];
             }
+            sink_flips(fs, j, f);
         }
     }
     REDUCE16();

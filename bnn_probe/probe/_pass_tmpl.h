@@ -148,6 +148,7 @@ HOT int64_t FN(bnnp_bop_post)(bnnp_plan *P) {
     (void)big;
     for (int64_t l = 0; l < L; l++) {
         const int64_t n = P->lens[l];
+        const int64_t nf0 = nf;  /* this layer's first flip in fidx */
         const int64_t *q = P->qidx + l * K, nq = samp ? P->ks[l] : 0;
         int64_t qi = 0;
         T *sa_ = samp ? samp + l * K : NULL, *sb_ = samp ? samp + (L + l) * K : NULL,
@@ -188,8 +189,9 @@ HOT int64_t FN(bnnp_bop_post)(bnnp_plan *P) {
                 sb_[qi] = wm;
                 sc_[qi] = (S[i] & S_FLIP) ? -wm : wm;
             }
-            if (cf) nf = record_flips(P, S, b0 + jv, bn - jv, o, l, nf);  /* the scalar part's flips */
+            if (cf) nf = record_flips(P, S, b0 + jv, bn - jv, o, nf);  /* the scalar part's flips */
         }
+        finish_flips(P, nf0, nf, l);
         for (int k = 0; k < NC_BOP; k++) counts[NC_BOP * l + k] = c[k];
         sum_abs[l] = sa;
         o += n;
@@ -213,6 +215,7 @@ HOT int64_t FN(bnnp_lat_post)(bnnp_plan *P) {
     int64_t o = 0, nf = 0;
     for (int64_t l = 0; l < L; l++) {
         const int64_t n = P->lens[l];
+        const int64_t nf0 = nf;  /* this layer's first flip in fidx */
         const int64_t *q = P->qidx + l * K, nq = samp ? P->ks[l] : 0;
         int64_t qi = 0;
         T *sa_ = samp ? samp + l * K : NULL;
@@ -235,8 +238,9 @@ if (sg) {
             c[0] += cf; c[1] += cc; c[2] += cn; c[3] += ck;
             sa += sb;
             for (; qi < nq && q[qi] < b0 + bn; qi++) sa_[qi] = ABS(w[q[qi]]);
-            if (cf) nf = record_flips(P, S, b0, bn, o, l, nf);
+            if (cf) nf = record_flips(P, S, b0, bn, o, nf);
         }
+        finish_flips(P, nf0, nf, l);
         for (int k = 0; k < NC_LAT; k++) counts[NC_LAT * l + k] = c[k];
         sum_abs[l] = sa;
         o += n;
@@ -538,6 +542,7 @@ HOTF int64_t FN(bnnp_bop_fused)(bnnp_plan *P) {
     }
     for (int64_t l = 0; l < L; l++) {
         const int64_t n = P->lens[l];
+        const int64_t nf0 = nf;  /* this layer's first flip in fidx */
         const int64_t *q = P->qidx + l * K, nq = samp ? P->ks[l] : 0;
         int64_t qi = 0;
         T *sa_ = samp ? samp + l * K : NULL, *sb_ = samp ? samp + (L + l) * K : NULL,
@@ -661,14 +666,11 @@ _Pragma("omp simd reduction(+ : sb)")
                     if (!(S[i] & S_FLIP)) continue;
                     fwm[nf] = -w[i] * mold[j];
                     fmo[nf] = mold[j];
-                    P->fidx[nf] = o + i;
-                    P->flast[nf++] = P->last[o + i];
-                    P->count[o + i] += 1;
-                    P->last[o + i] = P->t;
-                    if (mix) P->hash[l] += (S[i] & S_SIGN) ? (int64_t)mix[o + i] : -(int64_t)mix[o + i];
+                    P->fidx[nf++] = o + i;
                 }
             }
         }
+        finish_flips(P, nf0, nf, l);
         for (int k = 0; k < NC_BOP; k++) counts[NC_BOP * l + k] = c[k];
         nonfin[l] = c[2];
         sum_abs[l] = sa;

@@ -526,7 +526,8 @@ class FlatGroup:
         if self.fused:
             return self._measure_fused(t, log, trk, ev, hist, snap, quant)
         op = self.onepass
-        self._read_hyper()
+        if not op.served:  # (a measurement inside the optimizer's step read them already)
+            self._read_hyper()
         op.post(t, ev, trk, log and quant)
         out: dict = {}
         if log:

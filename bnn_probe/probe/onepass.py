@@ -165,6 +165,7 @@ class OnePass:
         self.plain_next = False  # measure the next step around the optimizer (an edit between steps, see edit())
         if self.fuse_opt is not None:
             self.hp = np.zeros((L, 3), dtype=self.npdtype)
+            self._hp_key: list | None = None
             self.nonfin = np.zeros(L, dtype=np.int64)
             P.set(hp=self.hp, nonfin=self.nonfin, fwm=np.empty(N, dtype=self.npdtype),
                   fmo=np.empty(N, dtype=self.npdtype))
@@ -258,14 +259,18 @@ class OnePass:
             g._check_momentum(missing)
         self._set_ptrs(self.mp, ms)
         gp = [0] * g.L
+        hp = [(0.0, 0.0)] * g.L
         stepped = []
         for li, ly in enumerate(layers):
             job = jobs.get(id(ly.param))
             if job is not None:
                 gp[li] = job[2].data_ptr()
-                self.hp[li] = (job[3], 1.0 - job[3], job[4])
+                hp[li] = (job[3], job[4])
                 stepped.append(li)
         self.gp[:] = gp
+        if hp != self._hp_key:  # (γ, τ) per layer, written only when a value changed
+            self.hp[:] = [(gm, 1.0 - gm, tau) for gm, tau in hp]
+            self._hp_key = hp
         g.g_missing = [li for li, ly in enumerate(layers) if ly.param.grad is None]
         g._read_hyper()
         self.k.bop_fused(self.pplan)
