@@ -126,3 +126,46 @@ def test_a_probe_on_a_foreach_bop_is_declined_and_measured_around_the_step(tmp_p
     opt.step()
     probe.close()
     assert calls == [1]
+
+
+def test_a_request_left_by_a_step_that_never_ran_is_withdrawn_at_close(tmp_path):
+    """The pre-step hook ran, the step did not (an exception in between): closing the probe takes the request back,
+    and the next step of the optimizer is a plain C step."""
+    from bnn_probe.optim.cstep import MEASURE_ATTR
+
+    model = _model(torch.float32)
+    opt = _bop(model)
+    probe = bnn_probe.attach(model, opt, tmp_path / "run", tensorboard=False)
+    probe._pre_hook(opt, (), {})
+    assert len(opt.__dict__[MEASURE_ATTR]) == 1
+    probe.close()
+    assert opt.__dict__[MEASURE_ATTR] == []
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert bnn_probe.load_run(tmp_path / "run").steps.empty
+
+
+def test_a_step_that_skips_bop_step_warns_and_measures_around_the_optimizer_from_then_on(tmp_path):
+    """A probed optimizer whose step does not call the Bop's step (here: a wrapper that steps it through another
+    route) leaves the request untaken: the probe warns, measures that step around the optimizer and stops
+    asking."""
+    model = _model(torch.float32)
+    opt = _bop(model)
+    probe = bnn_probe.attach(model, opt, tmp_path / "run", tensorboard=False)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    probe._pre_hook(opt, (), {})
+    opt.__dict__.pop("bnn_probe_measure_requests")  # the step never sees the request
+    with torch.no_grad():
+        for p in model.parameters():
+            p.neg_()
+    with pytest.warns(RuntimeWarning, match="did not run Bop.step"):
+        probe._post_hook(opt, (), {})
+    assert probe.groups[0].onepass.fuse_opt is None
+    opt.step()  # measured around the optimizer now
+    probe.close()
+    steps = bnn_probe.load_run(tmp_path / "run").steps
+    assert steps.step.tolist() == [1, 1, 1, 2, 2, 2]
+    # step 1: the step never ran; every weight was negated in between, and the warning says those count as flips
+    assert steps[steps.step == 1].flips.tolist() == [p.numel() for p in model.parameters()]

@@ -356,17 +356,21 @@ class OnePass:
             torch.rand(g.L, g.E, generator=g.gen, dtype=torch.float64, out=self.u)
         (self.k.bop_step if self.bop else self.k.lat_step)(self.pplan, int(events) | int(tracked) << 1)
 
-    def _unserved(self) -> None:
+    def withdraw(self) -> None:
+        """Take this group's request off the optimizer (the probe closes)."""
         self.pending = False
-        reqs = self.fuse_opt.__dict__.get(MEASURE_ATTR, [])
-        if self in reqs:
-            reqs.remove(self)
+        if self.fuse_opt is not None:
+            reqs = self.fuse_opt.__dict__.get(MEASURE_ATTR, [])
+            if self in reqs:
+                reqs.remove(self)
+
+    def _unserved(self) -> None:
+        self.withdraw()
         warnings.warn(f"bnn-probe: the probed optimizer step did not run {type(self.fuse_opt).__name__}.step, so "
                       f"the probe's measurement inside it did not happen; this step's flips also count sign changes "
                       f"made outside the step, and from now on the probe measures around the optimizer",
                       RuntimeWarning, stacklevel=2)
-        self.fuse_opt = None
-        self.k.pre(self.pplan, self.plan.prev)
+        self.fuse_opt = None  # no pre pass now: the post pass compares with the signs of the last measurement
 
     # ------------------------------------------------------------------ views of the buffers
     @property

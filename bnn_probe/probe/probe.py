@@ -397,6 +397,9 @@ class Probe:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for g in getattr(self, "groups", []):  # a request left by a step that never ran (an exception in between)
+            if getattr(g, "onepass", None) is not None:
+                g.onepass.withdraw()
         if hasattr(self, "checks"):
             self.checks.remove()
         if self.active:
