@@ -126,15 +126,22 @@ class OnePass:
               fidx=np.empty(N, dtype=np.int64), flast=np.empty(N, dtype=np.int32), counts=self.counts,
               sum_abs=self.sum_abs)
         self.pplan = ctypes.byref(P)
+        # Bop's step and this measurement in one pass (optim/cstep.py): the group's layers all stepped by one
+        # bnn_probe Bop with its own step and momentum key, sign binarizer
+        self.fuse_opt = _fusable_optimizer(grp) if self.bop and self.sgn is None else None
+        self.m_bufs: list[np.ndarray] | None = None
+        self.wm_bufs: list[np.ndarray] | None = None
+        self.stale = False  # m_bufs / wm_bufs [cur] behind the weights (steps measured in the fused pass)
         if self.bop:
-            # each step flips plan.cur, then writes m_t, w_t·m_t into bufs[cur]; bufs[1 − cur] hold step t − 1's
-            self.m_bufs = [_aligned(N, self.npdtype) for _ in range(2)]
-            self.wm_bufs = [_aligned(N, self.npdtype) for _ in range(2)]
+            # each step flips plan.cur, then writes m_t, w_t·m_t into bufs[cur]; bufs[1 − cur] hold step t − 1's.
+            # A group measured inside Bop's step needs them only for a step measured around the optimizer: made then
             P.cur = 1
-            for i in range(2):
-                P.mbuf[i], P.wmbuf[i] = self.m_bufs[i].ctypes.data, self.wm_bufs[i].ctypes.data
-            self.m_bufs[1][:] = _np(m)
-            np.multiply(_np(w), _np(m), out=self.wm_bufs[1])
+            if self.fuse_opt is None:
+                self._alloc_bufs()
+                self.m_bufs[1][:] = _np(m)
+                np.multiply(_np(w), _np(m), out=self.wm_bufs[1])
+            else:
+                self.stale = True
             self.prev_w = None
         else:
             self.prev_w = np.array(_np(w), copy=True)
@@ -156,12 +163,8 @@ class OnePass:
         self.out_events = (self.ev_i, self.ev_f)
         self.set_samples()
         self._keep: list[Tensor] = []
-        # Bop's step and this measurement in one pass (optim/cstep.py): the group's layers all stepped by one
-        # bnn_probe Bop with its own step and momentum key, sign binarizer
-        self.fuse_opt = _fusable_optimizer(grp) if self.bop and self.sgn is None else None
         self.param_ids = frozenset(id(ly.param) for ly in grp.layers)
         self.pending = self.served = False
-        self.stale = False  # m_bufs / wm_bufs [cur] behind the weights (steps measured in the fused pass)
         self.plain_next = False  # measure the next step around the optimizer (an edit between steps, see edit())
         if self.fuse_opt is not None:
             self.hp = np.zeros((L, 3), dtype=self.npdtype)
@@ -284,10 +287,20 @@ class OnePass:
         self.refresh()
         self.k.pre(self.pplan, self.plan.prev)
 
+    def _alloc_bufs(self) -> None:
+        N = self.g.N
+        self.m_bufs = [_aligned(N, self.npdtype) for _ in range(2)]
+        self.wm_bufs = [_aligned(N, self.npdtype) for _ in range(2)]
+        for i in range(2):
+            self.plan.mbuf[i], self.plan.wmbuf[i] = self.m_bufs[i].ctypes.data, self.wm_bufs[i].ctypes.data
+
     def refresh(self) -> None:
-        """m_{t−1}, w_{t−1}·m_{t−1} buffers := the weights and momenta now (after fused steps, which write none)."""
+        """m_{t−1}, w_{t−1}·m_{t−1} buffers := the weights and momenta now (after fused steps, which write none;
+        made here when the group had none yet)."""
         if not self.stale:
             return
+        if self.m_bufs is None:
+            self._alloc_bufs()
         g = self.g
         ms, _ = g._state_views(g.mkey)
         mb, wmb = self.m_now, self.wm_now
@@ -366,9 +379,11 @@ class OnePass:
 
     def _unserved(self) -> None:
         self.withdraw()
+        self.refresh()  # (after the step: this step's step sizes read 0)
         warnings.warn(f"bnn-probe: the probed optimizer step did not run {type(self.fuse_opt).__name__}.step, so "
                       f"the probe's measurement inside it did not happen; this step's flips also count sign changes "
-                      f"made outside the step, and from now on the probe measures around the optimizer",
+                      f"made outside the step, its step sizes are 0, and from now on the probe measures around the "
+                      f"optimizer",
                       RuntimeWarning, stacklevel=2)
         self.fuse_opt = None  # no pre pass now: the post pass compares with the signs of the last measurement
 
