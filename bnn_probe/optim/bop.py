@@ -19,8 +19,9 @@ LR schedulers drive γ: in every param group ``"lr"`` is an alias of ``"gamma"``
 ``bnn_probe.optim._validate``), so ``StepLR(bop, 100, 0.1)`` decays γ ×0.1 every 100 steps and ``group["gamma"]``
 always holds the value in force.
 
-Implementations (chosen like torch's ``foreach``/``fused``; all give the same flips and the same m: on the CPU bit
-for bit, since torch's CPU ``add_(g, alpha=γ)`` rounds γ·g inside one fused multiply-add as the C step does):
+Implementations (chosen like torch's ``foreach``/``fused``). On the CPU all give the same m and the same flips bit
+for bit: torch's CPU ``add_(g, alpha=γ)`` rounds γ·g inside one fused multiply-add, as the C step does
+(tests/test_optim_bop.py). The compiled GPU kernel may round γ·g differently (last bit of m):
 
 * default (``foreach=None, fused=None``): on the CPU the C step (:mod:`bnn_probe.optim.cstep`, built with the
   probe's extension): one pass over all tensors (read g, m, w; write m, w), non-finite gradient entries skipped and
