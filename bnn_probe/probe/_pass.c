@@ -105,6 +105,33 @@ static inline int64_t layer_at(const bnnp_plan *P, int64_t i, int64_t l) {
     return l;
 }
 
+static inline double absdiff(double a, double b) { return a < b ? b - a : a - b; }
+
+/* Every occupied flip-event slot s (layer l, flat index gi) after bnnp_events wrote the slots' integers: the body
+ * sets ev_f[2 s], ev_f[2 s + 1]; an empty slot gets NaN in both. */
+#define FOR_EVENT_SLOTS(P, ...) \
+    for (int64_t l = 0; l < (P)->L; l++) \
+        for (int64_t j = 0; j < (P)->nev; j++) { \
+            const int64_t s = l * (P)->nev + j, gi = (P)->ev_safe[s]; \
+            if ((P)->ev_i[2 * s] < 0) { \
+                (P)->ev_f[2 * s] = (P)->ev_f[2 * s + 1] = (double)NAN; \
+                continue; \
+            } \
+            __VA_ARGS__ \
+        }
+
+/* Every tracked weight k: flat index i, layer l, index ii in the layer (the indices ascend layer by layer). */
+#define FOR_TRACKED(P, ...) \
+    { \
+        int64_t l = 0; \
+        for (int64_t k = 0; k < (P)->ntr; k++) { \
+            const int64_t i = (P)->tsel[k]; \
+            l = layer_at(P, i, l); \
+            const int64_t ii = i - (P)->offs[l]; \
+            __VA_ARGS__ \
+        } \
+    }
+
 /* The flipped weights of block [b0, b0 + bn) of layer l (flat offset o), after the block's pass: their flat
  * indices appended at nf (finish_flips does the rest). Returns the new nf. */
 static inline int64_t record_flips(const bnnp_plan *P, const uint8_t *S, int64_t b0, int64_t bn, int64_t o,

@@ -7,6 +7,47 @@
 #define CAT(a, b) CAT_(a, b)
 #define FN(name) CAT(name, SFX)
 
+/* The Bop family's counts of the block's weights [J0, bn) after their state bytes are written (the post-step pass
+ * and the fused step share it): flips, c2i, |m| > tau and the crossings from the state bytes (16-bit lanes); the
+ * margin ladder from WM, the block's w_t m_t at i (x = w_{t-1} m_t: its sign bit flipped where the weight flipped),
+ * in a second loop over the block (in L1: fewer live registers); Sum |m_t| into sb. */
+#define BOP_COUNTS(WM, J0) \
+            { \
+                uint16_t bf = 0, bc = 0, ba = 0, bu = 0, bd = 0; \
+_Pragma("GCC ivdep") \
+                for (int64_t j = J0; j < bn; j++) { \
+                    const uint16_t v = S[b0 + j]; \
+                    bf += (v >> 3) & 1; \
+                    bc += (v ^ (v >> 1)) & 1; \
+                    ba += (v >> 2) & 1; \
+                    bu += ((v >> 2) & ~(v >> 4)) & 1; \
+                    bd += ((v >> 4) & ~(v >> 2)) & 1; \
+                } \
+                cf += bf; \
+                cc += bc; \
+                if (tv) { ca += ba; cu += bu; cd += bd; } \
+                else cd += ba; /* tau is NaN: nothing is above, every weight that was above crossed down */ \
+            } \
+_Pragma("GCC ivdep") \
+            for (int64_t j = J0; j < bn; j++) { \
+                const int64_t i = b0 + j; \
+                const T wm = WM; \
+                UT xb; \
+                memcpy(&xb, &wm, sizeof(T)); \
+                xb ^= (UT)((S[i] >> 3) & 1) << (8 * sizeof(T) - 1); /* -w m where flipped: the sign bit */ \
+                T x; \
+                memcpy(&x, &xb, sizeof(T)); \
+                e0 += (IT)(x > t0); \
+                e1 += (IT)(x > t1); \
+                e2 += (IT)(x > t2); \
+                e3 += (IT)(x > t3); \
+                e4 += (IT)(x > t4); \
+                e5 += (IT)(x > t5); \
+                e6 += (IT)(x > t6); \
+            } \
+_Pragma("omp simd reduction(+ : sb)") \
+            for (int64_t j = J0; j < bn; j++) sb += (double)ABS(m[b0 + j]);
+
 #define BOP_LOOP(SEXPR, J0) \
 _Pragma("GCC ivdep") \
             for (int64_t j = J0; j < bn; j++) { \
@@ -24,42 +65,7 @@ _Pragma("GCC ivdep") \
                 mo[i] = mi; \
                 wmo[i] = wi * mi; \
             } \
-            /* counts from the state bytes (16-bit lanes): flips, c2i, |m| > tau, crossings */ \
-            { \
-                uint16_t bf = 0, bc = 0, ba = 0, bu = 0, bd = 0; \
-_Pragma("GCC ivdep") \
-                for (int64_t j = J0; j < bn; j++) { \
-                    const uint16_t v = S[b0 + j]; \
-                    bf += (v >> 3) & 1; \
-                    bc += (v ^ (v >> 1)) & 1; \
-                    ba += (v >> 2) & 1; \
-                    bu += ((v >> 2) & ~(v >> 4)) & 1; \
-                    bd += ((v >> 4) & ~(v >> 2)) & 1; \
-                } \
-                cf += bf; \
-                cc += bc; \
-                if (tv) { ca += ba; cu += bu; cd += bd; } \
-                else cd += ba; /* tau is NaN: nothing is above, every weight that was above crossed down */ \
-            } \
-            /* the margin ladder in a second loop over the block (in L1): fewer live registers */ \
-_Pragma("GCC ivdep") \
-            for (int64_t j = J0; j < bn; j++) { \
-                const int64_t i = b0 + j; \
-                UT xb; \
-                memcpy(&xb, wmo + i, sizeof(T)); \
-                xb ^= (UT)((S[i] >> 3) & 1) << (8 * sizeof(T) - 1); /* -w m where flipped: the sign bit */ \
-                T x; \
-                memcpy(&x, &xb, sizeof(T)); \
-                e0 += (IT)(x > t0); \
-                e1 += (IT)(x > t1); \
-                e2 += (IT)(x > t2); \
-                e3 += (IT)(x > t3); \
-                e4 += (IT)(x > t4); \
-                e5 += (IT)(x > t5); \
-                e6 += (IT)(x > t6); \
-            } \
-_Pragma("omp simd reduction(+ : sb)") \
-            for (int64_t j = J0; j < bn; j++) sb += (double)ABS(m[b0 + j]);
+            BOP_COUNTS(wmo[i], J0)
 
 #define LAT_LOOP(SEXPR) \
 _Pragma("GCC ivdep") \
@@ -292,8 +298,7 @@ HOT void FN(bnnp_events)(const bnnp_plan *P, int64_t E, const double *u, const d
                 safe[s] = gi;
                 if (wm_before) {
                     out_f[2 * s] = tau_l[l] - (double)wm_before[gi];
-                    const double d = (double)m_now[gi] - (double)m_before[gi];
-                    out_f[2 * s + 1] = d < 0 ? -d : d;
+                    out_f[2 * s + 1] = absdiff((double)m_now[gi], (double)m_before[gi]);
                 }
             } else {
                 out_i[2 * s] = -1;
@@ -371,8 +376,7 @@ HOT void FN(bnnp_tracked)(const bnnp_plan *P, int64_t n, const int64_t *idx, con
         const int64_t i = idx[k];
         sign[k] = P->state[i] & S_SIGN;
         out[2 * k] = tau_t[k] - (double)wm_now[i];
-        const double d = (double)m_now[i] - (double)m_before[i];
-        out[2 * k + 1] = d < 0 ? -d : d;
+        out[2 * k + 1] = absdiff((double)m_now[i], (double)m_before[i]);
     }
 }
 
@@ -426,37 +430,21 @@ HOT void FN(bnnp_bop_rows)(const bnnp_plan *P) {
 HOT int64_t FN(bnnp_lat_step)(bnnp_plan *P, int64_t flags) {
     const int64_t nf = FN(bnnp_lat_post)(P);
     const T *prev = (const T *)P->prev;
-    const int64_t L = P->L;
     if ((flags & 1) && P->nev > 0) {
-        const int64_t E = P->nev;
-        FN(bnnp_events)(P, E, P->u, NULL, NULL, NULL, NULL, P->ev_i, P->ev_safe, NULL);
-        for (int64_t l = 0; l < L; l++) {
-            const T *w = (const T *)P->wp[l];
-            for (int64_t j = 0; j < E; j++) {
-                const int64_t s = l * E + j, gi = P->ev_safe[s];
-                if (P->ev_i[2 * s] < 0) {
-                    P->ev_f[2 * s] = P->ev_f[2 * s + 1] = (double)NAN;
-                    continue;
-                }
-                const T pw = prev[gi];
-                const double d = (double)w[gi - P->offs[l]] - (double)pw;
-                P->ev_f[2 * s] = (double)ABS(pw);
-                P->ev_f[2 * s + 1] = d < 0 ? -d : d;
-            }
-        }
+        FN(bnnp_events)(P, P->nev, P->u, NULL, NULL, NULL, NULL, P->ev_i, P->ev_safe, NULL);
+        FOR_EVENT_SLOTS(P, {
+            const T pw = prev[gi];
+            P->ev_f[2 * s] = (double)ABS(pw);
+            P->ev_f[2 * s + 1] = absdiff((double)((const T *)P->wp[l])[gi - P->offs[l]], (double)pw);
+        })
     }
-    if ((flags & 2) && P->ntr > 0) {
-        int64_t l = 0;
-        for (int64_t k = 0; k < P->ntr; k++) {
-            const int64_t i = P->tsel[k];
-            l = layer_at(P, i, l);  /* tracked indices ascend, layer by layer */
-            const T wt = ((const T *)P->wp[l])[i - P->offs[l]];
-            const double d = (double)wt - (double)prev[i];
+    if ((flags & 2) && P->ntr > 0)
+        FOR_TRACKED(P, {
+            const T wt = ((const T *)P->wp[l])[ii];
             P->tr_sign[k] = P->state[i] & S_SIGN;
             P->tr_out[2 * k] = (double)ABS(wt);
-            P->tr_out[2 * k + 1] = d < 0 ? -d : d;
-        }
-    }
+            P->tr_out[2 * k + 1] = absdiff((double)wt, (double)prev[i]);
+        })
     return nf;
 }
 
@@ -532,14 +520,7 @@ HOTF int64_t FN(bnnp_bop_fused)(bnnp_plan *P) {
     T *samp = (T *)P->samp, *fwm = (T *)P->fwm, *fmo = (T *)P->fmo, *tmprev = (T *)P->tmprev;
     const int32_t *mix = P->mix;
     int64_t o = 0, nf = 0;
-    {   /* m_{t-1} of the tracked weights (ascending flat indices) */
-        int64_t l = 0;
-        for (int64_t k = 0; k < P->ntr; k++) {
-            const int64_t i = P->tsel[k];
-            l = layer_at(P, i, l);  /* tracked indices ascend, layer by layer */
-            tmprev[k] = ((const T *)mp[l])[i - P->offs[l]];
-        }
-    }
+    FOR_TRACKED(P, tmprev[k] = ((const T *)mp[l])[ii];)  /* m_{t-1} of the tracked weights */
     for (int64_t l = 0; l < L; l++) {
         const int64_t n = P->lens[l];
         const int64_t nf0 = nf;  /* this layer's first flip in fidx */
@@ -615,41 +596,7 @@ _Pragma("GCC ivdep")
                     S[i] = (uint8_t)((st & (S_SIGN0 | S_SIGN)) | (na << 2) | (pa << 4));
                 }
             }
-            {
-                uint16_t bf = 0, bc = 0, ba = 0, bu = 0, bd = 0;
-_Pragma("GCC ivdep")
-                for (int64_t j = jv; j < bn; j++) {
-                    const uint16_t v = S[b0 + j];
-                    bf += (v >> 3) & 1;
-                    bc += (v ^ (v >> 1)) & 1;
-                    ba += (v >> 2) & 1;
-                    bu += ((v >> 2) & ~(v >> 4)) & 1;
-                    bd += ((v >> 4) & ~(v >> 2)) & 1;
-                }
-                cf += bf;
-                cc += bc;
-                if (tv) { ca += ba; cu += bu; cd += bd; }
-                else cd += ba;
-            }
-_Pragma("GCC ivdep")
-            for (int64_t j = jv; j < bn; j++) {  /* the margin ladder: x = w_{t-1} m_t = -w_t m_t where flipped */
-                const int64_t i = b0 + j;
-                const T wm = w[i] * m[i];
-                UT xb;
-                memcpy(&xb, &wm, sizeof(T));
-                xb ^= (UT)((S[i] >> 3) & 1) << (8 * sizeof(T) - 1);
-                T x;
-                memcpy(&x, &xb, sizeof(T));
-                e0 += (IT)(x > t0);
-                e1 += (IT)(x > t1);
-                e2 += (IT)(x > t2);
-                e3 += (IT)(x > t3);
-                e4 += (IT)(x > t4);
-                e5 += (IT)(x > t5);
-                e6 += (IT)(x > t6);
-            }
-_Pragma("omp simd reduction(+ : sb)")
-            for (int64_t j = jv; j < bn; j++) sb += (double)ABS(m[b0 + j]);
+            BOP_COUNTS(w[i] * m[i], jv)
             c[0] += cf; c[1] += cc; c[2] += cn; c[3] += ca; c[4] += cu; c[5] += cd;
             c[6] += e0; c[7] += e1; c[8] += e2; c[9] += e3; c[10] += e4; c[11] += e5; c[12] += e6;
             sa += sb;
@@ -684,41 +631,24 @@ _Pragma("omp simd reduction(+ : sb)")
  * |m_t - m_{t-1}| from the pass's per-flip fwm, fmo) and the tracked weights (bit 1; tau_t - w_t m_t and
  * |m_t - m_{t-1}| from tmprev), read from w_t, m_t in place. */
 HOT void FN(bnnp_bop_tail)(bnnp_plan *P, int64_t flags) {
-    const int64_t L = P->L;
     const T *fwm = (const T *)P->fwm, *fmo = (const T *)P->fmo, *tmprev = (const T *)P->tmprev;
     if ((flags & 1) && P->nev > 0) {
-        const int64_t E = P->nev;
-        FN(bnnp_events)(P, E, P->u, NULL, NULL, NULL, NULL, P->ev_i, P->ev_safe, NULL);
+        FN(bnnp_events)(P, P->nev, P->u, NULL, NULL, NULL, NULL, P->ev_i, P->ev_safe, NULL);
         int64_t r = 0;  /* rank of a flip in fidx (ascending flat index) */
-        for (int64_t l = 0; l < L; l++) {
-            const T *m = (const T *)P->mp[l];
-            for (int64_t j = 0; j < E; j++) {
-                const int64_t s = l * E + j, gi = P->ev_safe[s];
-                if (P->ev_i[2 * s] < 0) {
-                    P->ev_f[2 * s] = P->ev_f[2 * s + 1] = (double)NAN;
-                    continue;
-                }
-                while (P->fidx[r] < gi) r++;
-                while (P->fidx[r] > gi) r--;
-                P->ev_f[2 * s] = P->tau_l[l] - (double)fwm[r];
-                const double d = (double)m[gi - P->offs[l]] - (double)fmo[r];
-                P->ev_f[2 * s + 1] = d < 0 ? -d : d;
-            }
-        }
+        FOR_EVENT_SLOTS(P, {
+            while (P->fidx[r] < gi) r++;
+            while (P->fidx[r] > gi) r--;
+            P->ev_f[2 * s] = P->tau_l[l] - (double)fwm[r];
+            P->ev_f[2 * s + 1] = absdiff((double)((const T *)P->mp[l])[gi - P->offs[l]], (double)fmo[r]);
+        })
     }
-    if ((flags & 2) && P->ntr > 0) {
-        int64_t l = 0;
-        for (int64_t k = 0; k < P->ntr; k++) {
-            const int64_t i = P->tsel[k];
-            l = layer_at(P, i, l);  /* tracked indices ascend, layer by layer */
-            const int64_t ii = i - P->offs[l];
+    if ((flags & 2) && P->ntr > 0)
+        FOR_TRACKED(P, {
             const T mt = ((const T *)P->mp[l])[ii], wm = ((const T *)P->wp[l])[ii] * mt;
-            const double d = (double)mt - (double)tmprev[k];
             P->tr_sign[k] = P->state[i] & S_SIGN;
             P->tr_out[2 * k] = P->tau_t[k] - (double)wm;
-            P->tr_out[2 * k + 1] = d < 0 ? -d : d;
-        }
-    }
+            P->tr_out[2 * k + 1] = absdiff((double)mt, (double)tmprev[k]);
+        })
 }
 
 #undef FN
@@ -731,6 +661,7 @@ HOT void FN(bnnp_bop_tail)(bnnp_plan *P, int64_t flags) {
 #undef BOP_FAST
 #undef FUSED_FAST
 #undef BOP_LOOP
+#undef BOP_COUNTS
 #undef LAT_LOOP
 #undef CAT
 #undef CAT_

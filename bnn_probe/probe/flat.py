@@ -506,7 +506,7 @@ class FlatGroup:
         return _cmp("gt", abs_m, self.tau, out)
 
     # ------------------------------------------------------------------ per step
-    def before_step(self, t: int | None = None, quant: bool = True) -> None:
+    def before_step(self, t: int, quant: bool) -> None:
         """Pre-step hook of step ``t`` (``quant``: its quantile sample is logged): b(w_{t−1}) into the compiled
         pass's state (CPU; or a request to measure inside bnn_probe's Bop), or w_{t−1} copied (device path)."""
         if self.onepass is not None:

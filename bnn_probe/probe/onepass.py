@@ -217,6 +217,17 @@ class OnePass:
             ptrs.append(t.data_ptr())
         dst[:] = ptrs  # one numpy assignment
 
+    def _momentum_ptrs(self) -> list[Tensor]:
+        """m of every layer (the optimizer state under the group's momentum key; zeros where a layer has none, an
+        error where it stepped without one) into the pointer table; returns the tensors."""
+        g = self.g
+        ms, missing = g._state_views(g.mkey)
+        g.m_missing = missing
+        if missing:
+            g._check_momentum(missing)
+        self._set_ptrs(self.mp, ms)
+        return ms
+
     def _signs(self) -> None:
         """The binarizer stage for groups with a binarizer other than sign: [b(w) = +1] of the weights now, as the
         bytes the pass reads instead of w ≥ 0 (nothing to do with bnn-probe's sign everywhere)."""
@@ -225,7 +236,7 @@ class OnePass:
             g.binarize(g.cat_w(out=g.wbuf), torch.from_numpy(self.sgn).view(torch.bool))
 
     # ------------------------------------------------------------------ per step
-    def pre(self, t: int | None = None, quant: bool = True) -> None:
+    def pre(self, t: int, quant: bool) -> None:
         """Before the optimizer step ``t``: stored signs := b(w_{t−1}) where they changed; latent: w̃_{t−1} copied.
         The Bop family's optimizers lose last step's finite-gradient proof (only this step's may spare a read).
         With a fusable Bop (optim/cstep.py) nothing is read here: a request is left on the optimizer, whose step
@@ -236,7 +247,7 @@ class OnePass:
             opt.__dict__.pop(FINITE_ATTR, None)
         self._set_ptrs(self.wp, [ly.param for ly in g.layers])
         self.served = False
-        if self.fuse_opt is not None and t is not None and not self.plain_next:
+        if self.fuse_opt is not None and not self.plain_next:
             self.pending = True
             self.plan.t = t
             self.plan.samp = self.samp_addr if quant else None
@@ -256,11 +267,7 @@ class OnePass:
         g = self.g
         self.pending, self.served = False, True
         layers = g.layers
-        ms, missing = g._state_views(g.mkey)
-        g.m_missing = missing
-        if missing:
-            g._check_momentum(missing)
-        self._set_ptrs(self.mp, ms)
+        ms = self._momentum_ptrs()
         gp = [0] * g.L
         hp = [(0.0, 0.0)] * g.L
         stepped = []
@@ -357,11 +364,7 @@ class OnePass:
                 self.mp[:] = [base + o * isz for o in g.offsets]
                 self._keep.append(mh)
             else:
-                ms, missing = g._state_views(g.mkey)
-                g.m_missing = missing
-                if missing:
-                    g._check_momentum(missing)
-                self._set_ptrs(self.mp, ms)
+                self._momentum_ptrs()
         if not self.fast:
             self.k.lat_post(self.pplan)
             return
