@@ -63,7 +63,7 @@ from torch import Tensor
 
 from . import cstep
 from ._validate import GammaAliasOptimizer, check_bop_group, check_hparam
-from .cstep import MEASURE_ATTR, bop_step_c
+from .cstep import MEASURE_ATTR, MeasureRequest, bop_step_c
 from .nonfinite import FINITE_ATTR, STATE_KEY, nonfinite_params, skip_nonfinite
 
 __all__ = ["Bop", "bop_step_loop", "bop_step_foreach", "bop_step_fused"]
@@ -109,7 +109,7 @@ class Bop(GammaAliasOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        requests = self.__dict__.pop(MEASURE_ATTR, None) or []  # an attached probe's (optim/cstep.py)
+        requests: list[MeasureRequest] = self.__dict__.pop(MEASURE_ATTR, None) or []  # an attached probe's
         jobs: dict[int, tuple[Tensor, Tensor, Tensor, float, float]] = {}  # the C step's tensors
         rest = []
         for gi, group in enumerate(self.param_groups):
