@@ -58,13 +58,14 @@ def kernels(dtype: torch.dtype) -> Any | None:
 
 def usable(ws: list[Tensor], ms: list[Tensor], gs: list[Tensor]) -> bool:
     """The C step can update these tensors: dense, contiguous CPU tensors of one float32/float64 dtype each."""
+    dtypes = set()
     for w, m, g in zip(ws, ms, gs, strict=True):
-        if w.device.type != "cpu" or g.device.type != "cpu" or kernels(w.dtype) is None:
+        dt = w.dtype
+        if not (w.is_cpu and m.is_cpu and g.is_cpu and m.dtype == g.dtype == dt and g.layout == torch.strided
+                and w.is_contiguous() and m.is_contiguous() and g.is_contiguous()):
             return False
-        if not (m.dtype == g.dtype == w.dtype and g.layout == torch.strided and w.is_contiguous()
-                and m.is_contiguous() and g.is_contiguous()):
-            return False
-    return True
+        dtypes.add(dt)
+    return all(kernels(dt) is not None for dt in dtypes)
 
 
 def bop_step_c(ws: list[Tensor], ms: list[Tensor], gs: list[Tensor], gammas: list[float],

@@ -169,6 +169,8 @@ class OnePass:
         if self.fuse_opt is not None:
             self.hp = np.zeros((L, 3), dtype=self.npdtype)
             self._hp_key: list | None = None
+            # the probe reads τ under the key the step reads it from: same (γ, τ) in the jobs, same τ for the probe
+            self._tau_is_step_tau = all(k == "threshold" for k in grp.tkeys)
             self.nonfin = np.zeros(L, dtype=np.int64)
             P.set(hp=self.hp, nonfin=self.nonfin, fwm=np.empty(N, dtype=self.npdtype),
                   fmo=np.empty(N, dtype=self.npdtype))
@@ -245,9 +247,8 @@ class OnePass:
         self._keep = []
         for opt in self.opts:
             opt.__dict__.pop(FINITE_ATTR, None)
-        self._set_ptrs(self.wp, [ly.param for ly in g.layers])
         self.served = False
-        if self.fuse_opt is not None and not self.plain_next:
+        if self.fuse_opt is not None and not self.plain_next:  # the weights' pointers: in run() or decline()
             self.pending = True
             self.plan.t = t
             self.plan.samp = self.samp_addr if quant else None
@@ -255,6 +256,7 @@ class OnePass:
             if self not in reqs:
                 reqs.append(self)
             return
+        self._set_ptrs(self.wp, [ly.param for ly in g.layers])
         self.pending = self.plain_next = False
         if self.sgn is not None:
             self._signs()
@@ -267,31 +269,38 @@ class OnePass:
         g = self.g
         self.pending, self.served = False, True
         layers = g.layers
-        ms = self._momentum_ptrs()
-        gp = [0] * g.L
-        hp = [(0.0, 0.0)] * g.L
-        stepped = []
-        for li, ly in enumerate(layers):
-            job = jobs.get(id(ly.param))
-            if job is not None:
-                gp[li] = job[2].data_ptr()
-                hp[li] = (job[3], job[4])
-                stepped.append(li)
-        self.gp[:] = gp
+        js = [jobs.get(id(ly.param)) for ly in layers]
+        if None not in js:  # every layer stepped (the usual step): w, m, g, γ, τ from the step's own tensors
+            self.wp[:] = [j[0].data_ptr() for j in js]  # (contiguous, of the group's dtype: cstep.usable)
+            self.mp[:] = [j[1].data_ptr() for j in js]
+            self.gp[:] = [j[2].data_ptr() for j in js]
+            hp = [(j[3], j[4]) for j in js]
+            g.g_missing = g.m_missing = []
+            tensors = [j[0] for j in js] + [j[1] for j in js]
+        else:
+            self._set_ptrs(self.wp, [ly.param for ly in layers])
+            ms = self._momentum_ptrs()
+            self.gp[:] = [0 if j is None else j[2].data_ptr() for j in js]
+            hp = [(0.0, 0.0) if j is None else (j[3], j[4]) for j in js]
+            g.g_missing = [li for li, ly in enumerate(layers) if ly.param.grad is None]
+            tensors = [j[0] for j in js if j is not None] + [m for m, j in zip(ms, js, strict=True) if j is not None]
         if hp != self._hp_key:  # (γ, τ) per layer, written only when a value changed
             self.hp[:] = [(gm, 1.0 - gm, tau) for gm, tau in hp]
             self._hp_key = hp
-        g.g_missing = [li for li, ly in enumerate(layers) if ly.param.grad is None]
-        g._read_hyper()
+            g._read_hyper()
+        elif not self._tau_is_step_tau or g._hyper_key is None:  # else the probe's τ is the step's, unchanged
+            g._read_hyper()
         self.k.bop_fused(self.pplan)
-        torch.autograd.graph.increment_version([layers[li].param for li in stepped] + [ms[li] for li in stepped])
-        return {id(layers[li].param): int(self.nonfin[li]) for li in stepped}
+        torch.autograd.graph.increment_version(tensors)
+        nonfin = self.nonfin.tolist()
+        return {id(j[0]): nonfin[li] for li, j in enumerate(js) if j is not None}
 
     def decline(self) -> None:
         """Inside Bop's step, before any weight moves: this step is measured around the optimizer (pre pass now,
         post pass after the step), from buffers of step t − 1 brought up to date."""
         self.pending = False
         self.refresh()
+        self._set_ptrs(self.wp, [ly.param for ly in self.g.layers])
         self.k.pre(self.pplan, self.plan.prev)
 
     def _alloc_bufs(self) -> None:

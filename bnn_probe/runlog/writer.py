@@ -100,13 +100,25 @@ _DICTIONARY: dict[str, list[str]] = {
 }
 
 
+# In those tables the float64 columns are written byte-stream-split (the Parquet encoding for floating-point data:
+# the k-th bytes of all values together, which zstd compresses better, and faster), and column statistics (min/max
+# per page, for readers that filter) are kept for the key columns only: on the tracked-weights table of a 580-step
+# run this writes in 9 ms instead of 12 ms, into 0.86 MB instead of 0.97 MB (benchmarks/RESULTS.md).
+_STATISTICS = ["step", "layer", "epoch", "name", "quantity"]
+
+
 def _write_parquet(df: pd.DataFrame | pa.Table, path: Path, table_name: str | None = None) -> None:
     tmp = tmp_path(path)
     table = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, preserve_index=False)
-    dictionary: bool | list[str] = [c for c in _DICTIONARY[table_name] if c in table.column_names] \
-        if table_name in _DICTIONARY else True
+    options: dict[str, Any] = {"use_dictionary": True}
+    if table_name in _DICTIONARY:
+        names = table.column_names
+        options = {"use_dictionary": [c for c in _DICTIONARY[table_name] if c in names],
+                   "use_byte_stream_split": [f.name for f in table.schema if pa.types.is_floating(f.type)
+                                             and f.name not in _DICTIONARY[table_name]] or False,
+                   "write_statistics": [c for c in _STATISTICS if c in names] or False}
     try:
-        pq.write_table(table, tmp, compression="zstd", use_dictionary=dictionary)
+        pq.write_table(table, tmp, compression="zstd", **options)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
