@@ -3,8 +3,8 @@
 Parameters: the binary-weight shapes of BinaryNet at full width (14,022,016 weights, bnn_probe.models.BinaryNet()).
 Variants: Bop ``foreach=False`` (plain per-tensor loop, one torch.where per tensor), ``foreach=True`` (eager
 torch._foreach_*, cache-blocked on CPU), the default (on the CPU the C step of optim/cstep.py, one pass over all
-tensors; elsewhere foreach), ``fused=True`` (the C step on the CPU, a torch.compile'd kernel per tensor elsewhere),
-and Adam(foreach=True) on the same shapes. All steps go through the optimizers' ``step()`` (Python overhead
+tensors; elsewhere foreach), ``fused=True`` (the C step on the CPU, elsewhere one torch.compile'd call over all
+tensors), and Adam(foreach=True) on the same shapes. All steps go through the optimizers' ``step()`` (Python overhead
 included). Timings are interleaved round by round and the median is reported.
 
 Bandwidth: a Bop step must read g, m, w and write m, w: 5 floats = 20 bytes per weight. Its effective bandwidth is

@@ -184,7 +184,7 @@ def test_fused_falls_back_to_eager_when_compile_fails(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     monkeypatch.setattr(cstep, "kernels", lambda dtype: None)  # as without the C extension (or on a GPU)
-    monkeypatch.setattr(bop_mod, "_FUSED_BOP", CompiledKernel(bop_mod._bop_kernel, "Bop"))
+    monkeypatch.setattr(bop_mod, "_FUSED_BOP", CompiledKernel(bop_mod._bop_kernel_multi, "Bop"))
     w = _param([1.0, -1.0, 1.0, -1.0, 1.0])
     opt = Bop([w], gamma=0.5, threshold=0.25, fused=True)
     for i, g in enumerate(GRADS):
@@ -210,6 +210,47 @@ def test_fused_compiled_matches_hand_computation():
         assert torch.equal(opt.state[w]["exp_avg"], torch.tensor(m_exp))
         assert torch.equal(w.detach(), torch.tensor(w_exp))
     assert bop_mod._FUSED_BOP.error is None  # it really ran compiled
+
+
+@pytest.mark.slow
+def test_fused_compiled_steps_all_tensors_in_one_call_like_the_loop(monkeypatch):
+    """The compiled multi-tensor path (as on a GPU: the C step switched off) on several tensors and two groups with
+    their own γ, τ (dyadic values: every product exact, so equality is exact): one compiled call per group and step,
+    results equal to the loop, a non-contiguous tensor on the loop path, and no recompilation when γ changes."""
+    monkeypatch.setattr(cstep, "kernels", lambda dtype: None)
+    calls = []
+    real = bop_mod._FUSED_BOP
+
+    def counting(*args):
+        calls.append(len(args[0]))
+        return real(*args)
+
+    monkeypatch.setattr(bop_mod, "_FUSED_BOP", counting)
+    torch.manual_seed(3)
+    shapes = [(7, 3), (300,), (5, 4, 3, 3), (33,)]
+    init = [(torch.randint(0, 2, s) * 2 - 1).float() for s in shapes]
+    pa = [torch.nn.Parameter(w.clone()) for w in init]
+    pb = [torch.nn.Parameter(w.clone()) for w in init]
+    nc = torch.nn.Parameter(torch.ones(6, 4).t())  # non-contiguous
+    nc_ref = torch.nn.Parameter(torch.ones(6, 4).t())
+    hyper = [dict(gamma=0.5, threshold=0.25), dict(gamma=0.25, threshold=0.125)]
+    fused = Bop([dict(params=pa[:2] + [nc], **hyper[0]), dict(params=pa[2:], **hyper[1])], fused=True)
+    ref = Bop([dict(params=pb[:2] + [nc_ref], **hyper[0]), dict(params=pb[2:], **hyper[1])], foreach=False)
+    for step in range(6):
+        if step == 3:
+            for opt in (fused, ref):
+                opt.param_groups[1]["gamma"] = 0.5
+        for a, b in zip(pa + [nc], pb + [nc_ref], strict=True):
+            g = torch.randint(-8, 9, a.shape).float() / 8
+            a.grad, b.grad = g.clone(), g.clone()
+        fused.step()
+        ref.step()
+        for a, b in zip(pa + [nc], pb + [nc_ref], strict=True):
+            assert torch.equal(a, b)
+            assert torch.equal(fused.state[a]["exp_avg"], ref.state[b]["exp_avg"])
+    assert calls == [2, 2] * 6  # one call per group and step, over its contiguous tensors
+    assert any((p != w).any() for p, w in zip(pa, init, strict=True))  # weights flipped
+    assert real.error is None
 
 
 needs_c = pytest.mark.skipif(cstep.kernels(torch.float32) is None, reason="the C extension is not built")

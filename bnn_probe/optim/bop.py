@@ -32,9 +32,9 @@ for bit: torch's CPU ``add_(g, alpha=γ)`` rounds γ·g inside one fused multipl
 * ``foreach=True``: eager ``torch._foreach_*`` ops over all tensors at once, no compiler. On CPU the tensors are
   cut into cache-sized blocks so its 5 elementwise passes run out of cache rather than memory. Bit-identical to the
   loop.
-* ``fused=True``: on the CPU the C step; elsewhere one pass per tensor, a ``torch.compile``d kernel (Triton on GPU),
-  compiled once per process on first use (seconds); if compilation is unavailable or fails it warns once and falls
-  back to the eager ``foreach`` path.
+* ``fused=True``: on the CPU the C step; elsewhere one ``torch.compile``d call over all tensors of a device and
+  dtype (``_foreach`` ops, which Inductor fuses horizontally: Triton on GPU), compiled once per process on first use
+  (seconds); if compilation is unavailable or fails it warns once and falls back to the eager ``foreach`` path.
 
 Example:
     >>> import torch
@@ -83,7 +83,8 @@ class Bop(GammaAliasOptimizer):
         check_binary: at the first step, raise ``ValueError`` if a weight is not exactly ±1.
         foreach: ``True``: the eager multi-tensor path; ``False``: the per-tensor loop; ``None`` (default): the C
             step on the CPU, else foreach.
-        fused: the C step on the CPU; elsewhere one compiled pass per tensor (``torch.compile``), eager fallback.
+        fused: the C step on the CPU; elsewhere one compiled call over all tensors (``torch.compile``), eager
+            fallback.
 
     State: ``state[p]["exp_avg"]`` = m; ``state[p]["nonfinite_skipped"]`` = non-finite gradient entries skipped so
     far (present once there was one). Class attribute ``bnn_family = "bop"``.
@@ -234,11 +235,15 @@ def bop_step_foreach(ws: list[Tensor], ms: list[Tensor], gs: list[Tensor], gamma
         _foreach_wave(*wave, gamma, threshold)
 
 
-def _bop_kernel(w: Tensor, m: Tensor, g: Tensor, one_minus_gamma: Tensor, gamma: Tensor, threshold: Tensor) -> None:
-    m_new = m * one_minus_gamma + g * gamma
-    w_new = torch.where(w * m_new > threshold, -w, w)
-    m.copy_(m_new)
-    w.copy_(w_new)
+def _bop_kernel_multi(ws: list[Tensor], ms: list[Tensor], gs: list[Tensor], one_minus_gamma: Tensor, gamma: Tensor,
+                      threshold: Tensor) -> None:
+    """Algorithm 1 over a list of flat tensors in one graph: m_t = (1 − γ) m_{t−1} + γ g_t with ``_foreach`` ops,
+    which Inductor lowers to horizontally fused kernels (few launches for many tensors on a GPU, as for its compiled
+    foreach optimizers), then w_t = −w_{t−1} where w_{t−1} · m_t > τ."""
+    m_new = torch._foreach_add(torch._foreach_mul(ms, one_minus_gamma), torch._foreach_mul(gs, gamma))
+    w_new = [torch.where(w * m > threshold, -w, w) for w, m in zip(ws, m_new, strict=True)]
+    torch._foreach_copy_(ms, m_new)
+    torch._foreach_copy_(ws, w_new)
 
 
 class CompiledKernel:
@@ -265,7 +270,7 @@ class CompiledKernel:
             return False
 
 
-_FUSED_BOP = CompiledKernel(_bop_kernel, "Bop")
+_FUSED_BOP = CompiledKernel(_bop_kernel_multi, "Bop")
 
 
 def _scalars(like: Tensor, *values: float) -> list[Tensor]:
@@ -273,19 +278,21 @@ def _scalars(like: Tensor, *values: float) -> list[Tensor]:
 
 
 def bop_step_fused(ws: list[Tensor], ms: list[Tensor], gs: list[Tensor], gamma: float, threshold: float) -> None:
-    """One compiled pass per tensor over flattened views; falls back to :func:`bop_step_foreach` (for this tensor and
-    the rest) when compiling is unavailable. Non-contiguous tensors take the loop path."""
-    scalars: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for k, (w, m, g) in enumerate(zip(ws, ms, gs, strict=True)):
+    """One compiled call per (device, dtype) over all its tensors' flat views (``_bop_kernel_multi``; γ and τ enter
+    as 0-d tensors, so a schedule does not recompile); falls back to :func:`bop_step_foreach` when compiling is
+    unavailable. Non-contiguous tensors take the loop path."""
+    by_key: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
+    for w, m, g in zip(ws, ms, gs, strict=True):
         if not (w.is_contiguous() and m.is_contiguous() and g.is_contiguous()):
             bop_step_loop([w], [m], [g], gamma, threshold)
             continue
-        key = (w.device, w.dtype)
-        if key not in scalars:
-            scalars[key] = _scalars(w, 1.0 - gamma, gamma, threshold)
-        if not _FUSED_BOP(w.view(-1), m.view(-1), g.view(-1), *scalars[key]):
-            bop_step_foreach(ws[k:], ms[k:], gs[k:], gamma, threshold)
-            return
+        parts = by_key.setdefault((w.device, w.dtype), ([], [], []))
+        parts[0].append(w.view(-1))
+        parts[1].append(m.view(-1))
+        parts[2].append(g.view(-1))
+    for fw, fm, fg in by_key.values():
+        if not _FUSED_BOP(fw, fm, fg, *_scalars(fw[0], 1.0 - gamma, gamma, threshold)):
+            bop_step_foreach(fw, fm, fg, gamma, threshold)
 
 
 Bop.validate_group = staticmethod(_check_group)
