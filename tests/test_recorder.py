@@ -134,6 +134,23 @@ def test_steps_rows_by_hand_across_drains(tmp_path):
     assert str(df.sign_hash.dtype) == "Int64"
 
 
+def test_pending_copies_reused_numpy_buffers_and_rechecks_after_a_layout_change():
+    """The every-step path for the same numpy buffers step after step copies their values (not references); after a
+    drain that changes the layout, an old buffer of the other shape is refused (the caller drains), not broadcast."""
+    p = recorder_mod._Pending(4)
+    a, h = np.zeros(3), np.zeros((2, 2))
+    for t in (1, 2, 3):
+        a[:], h[:] = t, -t
+        assert p.add(t, (a, h), wall=float(t))
+    steps, wall, (xa, xh) = p.take()
+    assert steps.tolist() == [1, 2, 3] and wall.tolist() == [1.0, 2.0, 3.0]
+    assert xa.tolist() == [[1.0] * 3, [2.0] * 3, [3.0] * 3] and xh[:, 0, 0].tolist() == [-1.0, -2.0, -3.0]
+    assert p.add(4, (np.ones(2), h))  # a new layout after the drain
+    assert not p.add(5, (a, h))  # a's shape (3,) no longer fits the buffers (2,)
+    assert p.add(5, (np.full(2, 5.0), h))
+    assert p.take()[2][0].tolist() == [[1.0, 1.0], [5.0, 5.0]]
+
+
 def test_tracked_and_events_rows_by_hand(tmp_path):
     w, rec = _recorder(tmp_path, buffer_steps=8)
     rec.track_layout = [(0, np.array([3, 7])), (2, np.array([0]))]

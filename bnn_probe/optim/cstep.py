@@ -50,10 +50,13 @@ def kernels(dtype: torch.dtype) -> Any | None:
     """The C functions for ``dtype`` (float32/float64), or None (other dtype, or the extension is not installed)."""
     from ..probe import cpu_pass
 
-    ks = cpu_pass.load()
-    if ks is None or dtype not in (torch.float32, torch.float64):
+    ks = cpu_pass.load()  # (cached: the extension is loaded once per process)
+    if ks is None or dtype not in _NP_FLOAT:
         return None
-    return ks[np.dtype(np.float32 if dtype == torch.float32 else np.float64)]
+    return ks[_NP_FLOAT[dtype]]
+
+
+_NP_FLOAT = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
 
 def usable(ws: list[Tensor], ms: list[Tensor], gs: list[Tensor]) -> bool:

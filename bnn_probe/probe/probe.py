@@ -146,7 +146,7 @@ class Probe:
     # ------------------------------------------------------------------ setup
     def _setup_writer(self, tensorboard: bool, resume: bool, buffer_steps: int) -> None:
         self._hyper_src = [(ly, _hyper_keys(ly)) for ly in self.layers]
-        self._hyper_raw: tuple | None = None
+        self._hyper_raw: list | None = None
         self._hyper_plain = False
         gen = torch.Generator().manual_seed(self.seed)
         q_idx: list[torch.Tensor | None] = []
@@ -351,7 +351,10 @@ class Probe:
     def _hyper(self) -> np.ndarray:
         """[L, 4] float64 (γ, τ, lr, σ) of every layer as its param group holds them now (NaN where absent or not a
         number); rebuilt only when one of the raw values changed (a scheduler)."""
-        raw = tuple(ly.group.get(k) for ly, keys in self._hyper_src for k in keys)  # groups may be replaced
+        raw: list = []
+        for ly, keys in self._hyper_src:  # the group looked up each step: groups may be replaced
+            get = ly.group.get
+            raw += [get(k) for k in keys]
         if not self._hyper_plain or raw != self._hyper_raw:
             out = np.full((len(self.layers), 4), math.nan)
             for i, v in enumerate(raw):

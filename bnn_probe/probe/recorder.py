@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import math
+import operator
 import time
 from typing import Any
 
@@ -85,6 +86,7 @@ class _Pending:
         self.bufs: list[np.ndarray] | None = None
         self.layout: tuple | None = None  # ((shape, dtype) per array) the host buffers were made for
         self.dev: list[tuple[int, float, tuple[_Array, ...]]] = []
+        self._src: tuple[np.ndarray, ...] | None = None  # the numpy arrays of the last step, once checked
 
     def __len__(self) -> int:
         return self.n + len(self.dev)
@@ -96,15 +98,21 @@ class _Pending:
         if i and not self.dev:  # the every-step path: host buffers made, same layout expected
             if i >= self.capacity:
                 return False
-            # one loop: a mismatch returns before n moves on, so a partly written row i is never taken
-            for b, a, (shape, dtype) in zip(self.bufs, arrays, self.layout, strict=True):  # type: ignore[arg-type]
-                if a.shape != shape or a.dtype != dtype:
-                    return False
-                b[i] = a if type(a) is np.ndarray else _host(a)
+            if self._src is not None and len(arrays) == len(self._src) and all(map(operator.is_, arrays, self._src)):
+                for b, a in zip(self.bufs, arrays, strict=True):  # type: ignore[arg-type]
+                    b[i] = a  # the same numpy buffers as the last step's (checked then)
+            else:
+                # one loop: a mismatch returns before n moves on, so a partly written row i is never taken
+                for b, a, (shape, dtype) in zip(self.bufs, arrays, self.layout, strict=True):  # type: ignore[arg-type]
+                    if a.shape != shape or a.dtype != dtype:
+                        return False
+                    b[i] = a if type(a) is np.ndarray else _host(a)
+                self._src = arrays if all(type(a) is np.ndarray for a in arrays) else None
         elif self.dev or any(_on_device(a) for a in arrays):  # device mode
             self.dev.append((step, wall, tuple(a if _on_device(a) else np.array(_host(a)) for a in arrays)))
             return True
         else:  # the first step after a drain
+            self._src = None
             if self.layout is None or any(a.shape != s or a.dtype != d
                                           for a, (s, d) in zip(arrays, self.layout, strict=True)):
                 self.bufs = [np.empty((self.capacity, *a.shape), dtype=_np_dtype(a)) for a in arrays]
