@@ -169,3 +169,44 @@ def test_a_step_that_skips_bop_step_warns_and_measures_around_the_optimizer_from
     assert steps.step.tolist() == [1, 1, 1, 2, 2, 2]
     # step 1: the step never ran; every weight was negated in between, and the warning says those count as flips
     assert steps[steps.step == 1].flips.tolist() == [p.numel() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("impl", [{}, {"foreach": True}], ids=["measured-inside", "measured-around"])
+def test_weight_flips_kept_flip_by_flip_equal_the_counters_bincount(tmp_path, monkeypatch, impl):
+    """weight_flips.parquet from the histogram the pass keeps flip by flip equals the flips counted by hand, at every
+    flush: while the histogram grows (2 bins at first), once a weight passes its largest size (8 bins: rebuilt from
+    the counters at each flush), and after the counters were reloaded (state_dict round trip)."""
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(onepass, "FLIP_BINS", 2)
+    monkeypatch.setattr(onepass, "FLIP_BINS_MAX", 8)
+    torch.manual_seed(0)
+    model = _model(torch.float32)
+    params = list(model.parameters())
+    opt = Bop(params, gamma=1.0, threshold=0.0, **impl)  # m = g: a weight flips whenever w·g > 0
+    probe = bnn_probe.attach(model, opt, tmp_path / "run", flush_every_steps=1, hist_every=0, snapshot_every=0,
+                             tensorboard=False)
+    flips = [torch.zeros(p.shape, dtype=torch.int64) for p in params]
+    rebuilt = []
+    for step in range(1, 13):
+        before = [p.detach().clone() for p in params]
+        for p in params:
+            p.grad = torch.randn(p.shape) * (1.0 if step % 3 else -1.0)
+        opt.step()  # the probe flushes after every step
+        for f, b, p in zip(flips, before, params, strict=True):
+            f += (b != p.detach()).long()
+        op = probe.groups[0].onepass
+        rebuilt.append(bool(op.fover.any()))
+        got = pq.read_table(tmp_path / "run" / "weight_flips.parquet").to_pandas()
+        for li, f in enumerate(flips):
+            want = torch.bincount(f.reshape(-1)).numpy()
+            rows = got[got.layer == probe.layers[li].name]
+            hist = np.zeros(int(rows.flips_per_weight.max()) + 1, dtype=np.int64)
+            hist[rows.flips_per_weight.to_numpy()] = rows.n.to_numpy()
+            np.testing.assert_array_equal(hist, want, err_msg=f"step {step}, layer {li}")
+        if step == 4:
+            probe.load_state_dict(probe.state_dict())  # counters reloaded: the histogram is rebuilt from them
+            assert probe.groups[0].onepass.fover.all()
+    probe.close()
+    assert max(int(f.max()) for f in flips) >= 8  # some weight passed the largest histogram
+    assert not all(rebuilt) and any(rebuilt)  # kept flip by flip at some flushes, rebuilt at others

@@ -86,6 +86,12 @@ typedef struct {
     int64_t *nonfin;                /* [L] out: non-finite gradient entries (skipped) */
     void *fwm, *fmo;                /* [N] per flip (order of fidx): w_{t-1} m_{t-1}, m_{t-1} */
     void *tmprev;                   /* [T] m_{t-1} of the tracked weights */
+    /* the weight_flips table kept up to date flip by flip (finish_flips): fhist[l][k] = weights of layer l that
+     * flipped exactly k times, for k < fcap; a weight reaching fcap flips sets fover[l] (the histogram of layer l is
+     * then rebuilt from the counters). NULL: not kept. */
+    int64_t *fhist;
+    int64_t fcap;
+    uint8_t *fover;
 } bnnp_plan;
 
 /* The integer row of layer l of the steps table (both families): flips, c2i_diff, nonfinite_grads from its count
@@ -153,6 +159,9 @@ static inline void finish_flips(const bnnp_plan *P, int64_t r0, int64_t r1, int6
     const int32_t *mix = P->mix;
     const uint8_t *state = P->state;
     const int32_t t = P->t;
+    int64_t *fh = P->fhist ? P->fhist + l * P->fcap : NULL;
+    const int64_t cap = P->fcap;
+    int over = 0;
     int64_t h = 0;
     for (int64_t r = r0; r < r1; r++) {
         if (r + 16 < r1) {
@@ -164,11 +173,21 @@ static inline void finish_flips(const bnnp_plan *P, int64_t r0, int64_t r1, int6
         }
         const int64_t gi = fidx[r];
         flast[r] = last[gi];
-        count[gi] += 1;
+        const int32_t c = count[gi];
+        count[gi] = c + 1;
         last[gi] = t;
+        if (fh) {  /* one weight moves from the bin of c flips to that of c + 1 */
+            if (c >= 0 && c + 1 < cap) {
+                fh[c] -= 1;
+                fh[c + 1] += 1;
+            } else {
+                over = 1;
+            }
+        }
         if (mix) h += (state[gi] & S_SIGN) ? (int64_t)mix[gi] : -(int64_t)mix[gi];
     }
     if (mix) P->hash[l] += h;
+    if (over) P->fover[l] = 1;
 }
 
 /* AVX-512 kernel of the Bop post-step pass (float32), chosen at run time where the CPU has AVX-512 (F, BW, VL, DQ):
@@ -442,7 +461,7 @@ static inline int64_t fused_fast_f32(float *w, float *m, const float *g, uint8_t
 #define FMA(a, b, c) __builtin_fma(a, b, c)
 #include "_pass_tmpl.h"  /* undefines its parameters at its end */
 
-__attribute__((visibility("default"))) int64_t bnnp_abi_version(void) { return 11; }
+__attribute__((visibility("default"))) int64_t bnnp_abi_version(void) { return 12; }
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_pass", "bnn-probe's one-pass CPU measurement "
                                     "(called through ctypes: bnn_probe.probe.cpu_pass).", -1, NULL};

@@ -21,7 +21,7 @@ __all__ = ["NC_BOP", "NC_LAT", "S_SIGN", "S_SIGN0", "S_ABOVE", "S_FLIP", "Plan",
 
 NC_BOP, NC_LAT = 13, 4  # count columns per layer (see _pass.c)
 S_SIGN, S_SIGN0, S_ABOVE, S_FLIP = 1, 2, 4, 8  # bits of the per-weight state byte
-_ABI = 11
+_ABI = 12
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -40,7 +40,8 @@ class Plan(ctypes.Structure):
                 ("mbuf", _P * 2), ("wmbuf", _P * 2), ("u", _P), ("tau_l", _P), ("tau_t", _P), ("ev_i", _P),
                 ("ev_safe", _P), ("ev_f", _P), ("tsel", _P), ("tr_sign", _P), ("tr_out", _P), ("rows_i", _P),
                 ("rows_f", _P), ("qpos", _P), ("mpos", _P), ("qfrac", _P), ("mfrac", _P), ("prev", _P), ("nbop", _I),
-                ("hp", _P), ("nonfin", _P), ("fwm", _P), ("fmo", _P), ("tmprev", _P)]
+                ("hp", _P), ("nonfin", _P), ("fwm", _P), ("fmo", _P), ("tmprev", _P), ("fhist", _P), ("fcap", _I),
+                ("fover", _P)]
 
     def set(self, **arrays: np.ndarray | None) -> None:
         refs = self.__dict__.setdefault("_refs", {})

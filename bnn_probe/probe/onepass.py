@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 __all__ = ["OnePass", "usable"]
 
 _NAN = float("nan")
+FLIP_BINS = 64  # initial bins of the flip-count histogram per layer (flip_hist); it grows up to FLIP_BINS_MAX
+FLIP_BINS_MAX = 1 << 16
 _EDGES = {q: np.asarray(e, dtype=np.float64) for q, e in HIST_EDGES.items()}
 _LUTS: dict[str, np.ndarray] = {}
 
@@ -119,12 +121,18 @@ class OnePass:
         self.sgn = np.empty(N, dtype=np.uint8) if grp.any_custom else None
         self.counts = np.zeros((L, NC_BOP if self.bop else NC_LAT), dtype=np.int64)
         self.sum_abs = np.zeros(L, dtype=np.float64)
+        # the weight_flips table's histogram, kept flip by flip in the pass (flip_hist): counters start at 0
+        self.fcap = FLIP_BINS
+        self.fhist = np.zeros((L, self.fcap), dtype=np.int64)
+        self.fhist[:, 0] = self.lens
+        self.fover = np.zeros(L, dtype=np.uint8)
         P = self.plan = cpu_pass.Plan()
         P.L = L
         P.set(lens=self.lens, offs=self.offs, wp=self.wp, mp=self.mp, gp=self.gp, sgn=self.sgn, state=self.state,
               count=self.count_np, last=self.last_np, mix=self.mix, hash=self.hash,
               fidx=np.empty(N, dtype=np.int64), flast=np.empty(N, dtype=np.int32), counts=self.counts,
-              sum_abs=self.sum_abs)
+              sum_abs=self.sum_abs, fhist=self.fhist, fover=self.fover)
+        P.fcap = self.fcap
         self.pplan = ctypes.byref(P)
         # Bop's step and this measurement in one pass (optim/cstep.py): the group's layers all stepped by one
         # bnn_probe Bop with its own step and momentum key, sign binarizer
@@ -535,3 +543,34 @@ class OnePass:
             self.m_now[sl] = v
         elif name in ("count", "last"):
             (self.count_np if name == "count" else self.last_np)[sl] = v
+            if name == "count":
+                self.fover[k] = 1  # the flip-count histogram is rebuilt from the loaded counters
+
+    # ------------------------------------------------------------------ the weight_flips table
+    def flip_hist(self, k: int) -> np.ndarray | None:
+        """Weights of layer ``k`` that flipped exactly 0, 1, 2, … times (up to the last non-empty bin), as the pass
+        keeps it flip by flip (``finish_flips``), or None where it has to be rebuilt from the counters
+        (:meth:`set_flip_hist`): a weight reached the histogram's size, or counters were loaded."""
+        if self.fover[k]:
+            return None
+        h = self.fhist[k]
+        nz = np.flatnonzero(h)
+        return h[:nz[-1] + 1].copy() if len(nz) else h[:1].copy()
+
+    def set_flip_hist(self, k: int, bins: np.ndarray) -> None:
+        """Layer ``k``'s histogram from ``bins`` (a bincount of its counters); the histogram grows (all layers, up
+        to FLIP_BINS_MAX bins) to hold it with room to spare, else it stays rebuilt at each flush."""
+        n = len(bins)
+        if n >= self.fcap:
+            if n >= FLIP_BINS_MAX:
+                self.fover[k] = 1
+                return
+            cap = min(FLIP_BINS_MAX, 1 << int(2 * n - 1).bit_length())
+            grown = np.zeros((self.g.L, cap), dtype=np.int64)
+            grown[:, :self.fcap] = self.fhist
+            self.fhist, self.fcap = grown, cap
+            self.plan.set(fhist=grown)
+            self.plan.fcap = cap
+        self.fhist[k] = 0
+        self.fhist[k, :n] = bins
+        self.fover[k] = 0

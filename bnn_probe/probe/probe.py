@@ -403,11 +403,22 @@ class Probe:
             return
         self.rec.flush()
         self.writer.append("scales", self.checks.evaluate())
-        self.rec.write_weight_flips(self.step, [g.layer_slice(g.count, k) for i in range(len(self.layers))
-                                                for g, k in [self._layer_state(i)]])
+        self._write_weight_flips()
         self._last_flush_step = self.step
         self._last_flush_time = time.monotonic()
         self._write_meta()
+
+    def _write_weight_flips(self) -> None:
+        """weight_flips.parquet: the compiled pass's histograms where it keeps them (no pass over the counters),
+        else a bincount of the counters, which then re-seeds the pass's histogram."""
+        where = [self._layer_state(i) for i in range(len(self.layers))]
+        ops = [getattr(g, "onepass", None) for g, _ in where]
+        hists = [None if op is None else op.flip_hist(k) for op, (_, k) in zip(ops, where, strict=True)]
+        counts = [g.layer_slice(g.count, k) for g, k in where]
+        bins = self.rec.write_weight_flips(self.step, counts, hists)
+        for op, (_, k), h, b in zip(ops, where, hists, bins, strict=True):
+            if op is not None and h is None:
+                op.set_flip_hist(k, b)
 
     def close(self, status: str = "finished") -> None:
         """Flush, mark the run ``status`` ("finished" or "failed"), remove the hooks. Safe to call twice."""

@@ -446,17 +446,30 @@ class Recorder:
         return {"step": nullable_int(step, s_null), "epoch": nullable_int(epoch, e_null),
                 "name": string_column(codes, names), "value": value}
 
-    def write_weight_flips(self, step: int, counts: list[Tensor]) -> None:
-        """weight_flips.parquet: for each layer and k, the number of weights that flipped exactly k times."""
+    def write_weight_flips(self, step: int, counts: list[Tensor | None],
+                           hists: list[np.ndarray | None] | None = None) -> list[np.ndarray]:
+        """weight_flips.parquet: for each layer and k, the number of weights that flipped exactly k times — from
+        ``hists[i]`` where given (a histogram kept flip by flip, probe/onepass.py), else a bincount of the layer's
+        counters ``counts[i]``. Returns every layer's histogram (numpy int64)."""
         if not counts:
-            return
+            return []
+        hists = hists or [None] * len(counts)
         # bincount takes the counters' own integer type: no int64 copy of every weight's counter at each flush
-        bins = [torch.bincount(c if c.dtype in _BINCOUNT_TYPES else c.to(torch.int64)) for c in counts]
-        sizes = [b.numel() for b in bins]
-        flat = torch.cat(bins).cpu().numpy()
+        todo = [i for i, h in enumerate(hists) if h is None]
+        made = [torch.bincount(c if c.dtype in _BINCOUNT_TYPES else c.to(torch.int64))
+                for c in (counts[i] for i in todo)]
+        if made:
+            flat_made = torch.cat(made).cpu().numpy().astype(np.int64, copy=False)
+            pos = np.cumsum([0] + [b.numel() for b in made])
+            for j, i in enumerate(todo):
+                hists[i] = flat_made[pos[j]:pos[j + 1]]
+        bins: list[np.ndarray] = hists  # type: ignore[assignment]
+        sizes = [len(b) for b in bins]
+        flat = np.concatenate(bins)
         layer = np.repeat(np.arange(len(sizes)), sizes)
         k = np.concatenate([np.arange(sz) for sz in sizes])
         nz = flat != 0
         self.writer.write_table("weight_flips", {
             "step": np.full(int(nz.sum()), step, dtype=np.int64), "layer": string_column(layer[nz], self.names),
             "flips_per_weight": k[nz].astype(np.int64), "n": flat[nz].astype(np.int64)})
+        return bins
