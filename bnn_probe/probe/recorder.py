@@ -453,7 +453,7 @@ class Recorder:
         counters ``counts[i]``. Returns every layer's histogram (numpy int64)."""
         if not counts:
             return []
-        hists = hists or [None] * len(counts)
+        hists = list(hists) if hists is not None else [None] * len(counts)  # (the caller's list stays as given)
         # bincount takes the counters' own integer type: no int64 copy of every weight's counter at each flush
         todo = [i for i, h in enumerate(hists) if h is None]
         made = [torch.bincount(c if c.dtype in _BINCOUNT_TYPES else c.to(torch.int64))
