@@ -10,7 +10,8 @@ A :class:`OnePass` belongs to a :class:`~bnn_probe.probe.flat.FlatGroup` on the 
   non-finite gradients, |m| > τ, crossings, the margin ladder), Σ|m| (float64), the flipped weights' indices, and
   updates the flip counters, last-flip steps and the sign hash (Σ r_i over weights with b(w_i) = +1, kept
   incrementally: only weights whose sign changed add or remove their r_i, so the hash is exact and costs nothing
-  per unchanged weight);
+  per unchanged weight) and the histogram of flip counts that ``weight_flips.parquet`` holds (``flip_hist``: a
+  flipping weight moves from bin c to c + 1, so a flush reads no counter);
 * the pass also picks up the quantile sample into [3, L, K] (sorted indices, while each block is in cache). For the
   Bop family the same call (``bop_step``) writes the flip events and tracked weights of the step, gathered from the
   buffers the pass wrote (m_t and w_t·m_t, kept for one more step); when the steps table is logged numpy sorts the
