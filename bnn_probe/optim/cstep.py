@@ -82,11 +82,10 @@ def bop_step_c(ws: list[Tensor], ms: list[Tensor], gs: list[Tensor], gammas: lis
         by_dtype.setdefault(w.dtype, []).append(i)
     for dt, rows in by_dtype.items():
         k = kernels(dt)
-        npdt = np.float32 if dt == torch.float32 else np.float64
         n = len(rows)
         ptr = np.array([[ws[i].data_ptr(), ms[i].data_ptr(), gs[i].data_ptr()] for i in rows], dtype=np.uintp).T.copy()
         lens = np.array([ws[i].numel() for i in rows], dtype=np.int64)
-        hp = np.array([[gammas[i], 1.0 - gammas[i], thresholds[i]] for i in rows], dtype=npdt)
+        hp = np.array([[gammas[i], 1.0 - gammas[i], thresholds[i]] for i in rows], dtype=_NP_FLOAT[dt])
         bad = np.zeros(n, dtype=np.int64)
         k.bop_update(n, ptr[0].ctypes.data, ptr[1].ctypes.data, ptr[2].ctypes.data, lens.ctypes.data, hp.ctypes.data,
                      bad.ctypes.data)

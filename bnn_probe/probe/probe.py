@@ -311,17 +311,6 @@ class Probe:
         log, trk, ev = self.every(t), self.track_every(t), self.events_every(t)
         hist, snap = self.hist_every(t), self.snapshot_every(t)
         quant = log and self.quantile_every(t)
-        if len(self.groups) == 1:  # the usual case: one group, its rows in layer order
-            o = self.groups[0].measure(t, log, trk, ev, hist, snap, quant)
-            if log:
-                self.rec.add_steps(t, o["ints"], o["floats"], self._hyper())
-            if ev and self.events_per_layer > 0:
-                self.rec.add_events(t, *o["events"])
-            if trk:
-                self.rec.add_tracked(t, *o["tracked"])
-            if hist or snap:
-                self._record_views(t, self.groups, [o], snap)
-            return
         outs = [g.measure(t, log, trk, ev, hist, snap, quant) for g in self.groups]
         if log:
             ints = self._cat([o["ints"] for o in outs], self._perm)
@@ -335,12 +324,7 @@ class Probe:
             a = self._cat([o["tracked"][0] for o in outs], getattr(self, "_tperm", None))
             b = self._cat([o["tracked"][1] for o in outs], getattr(self, "_tperm", None))
             self.rec.add_tracked(t, a, b)
-        if hist or snap:
-            self._record_views(t, self.groups, outs, snap)
-
-    def _record_views(self, t: int, groups: list, outs: list[dict], snap: bool) -> None:
-        """The histograms and sign snapshots of step t (rare steps) to the recorder."""
-        for g, o in zip(groups, outs, strict=True):
+        for g, o in zip(self.groups, outs, strict=True):
             for q, (cnt, stats, rows) in o.get("hists", {}).items():
                 for k in rows:
                     self.rec.add_hist(t, g.rows[k], q, cnt[k], stats[k])
