@@ -213,3 +213,83 @@ def test_weight_flips_kept_flip_by_flip_equal_the_counters_bincount(tmp_path, mo
     probe.close()
     assert max(int(f.max()) for f in flips) >= 8  # some weight passed the largest histogram
     assert not all(rebuilt) and any(rebuilt)  # kept flip by flip at some flushes, rebuilt at others
+
+
+def test_event_uniforms_drawn_ahead_are_the_per_step_draws_across_a_resume(tmp_path):
+    """A group that is its generator's only user draws the event sampler's uniforms a block at a time
+    (onepass.Uniforms), and the fused step gathers events and tracked weights right after its pass: the sampled
+    events equal those of the pure-torch path, which draws [L, E] uniforms at each events step, also when the run
+    is checkpointed and resumed in the middle of a block (the checkpoint stores the state of the draws used)."""
+    E = 2  # fewer slots than flips: the uniforms decide which flips are sampled
+    opts = dict(tensorboard=False, track=4, events_per_layer=E, events_every=2, quantile_every=1, quantile_sample=16)
+    gen = torch.Generator().manual_seed(5)
+    grads = [[torch.randn(p.shape, generator=gen) * 5e-2 for p in _model(torch.float32).parameters()]
+             for _ in range(12)]
+
+    def run(path, device_path, stop=None, sd=None, model_sd=None, opt_sd=None):
+        model = _model(torch.float32)
+        opt = _bop(model)
+        if sd is not None:
+            model.load_state_dict(model_sd)
+            opt.load_state_dict(opt_sd)
+        probe = bnn_probe.attach(model, opt, path, device_path=device_path, resume=sd is not None, **opts)
+        if sd is not None:
+            probe.load_state_dict(sd)
+        for t in range(probe.step, stop or len(grads)):
+            for p, g in zip(model.parameters(), grads[t], strict=True):
+                p.grad = g.clone()
+            opt.step()
+        out = (probe.state_dict(), model.state_dict(), opt.state_dict()) if stop else None
+        probe.close()
+        return out
+
+    run(tmp_path / "ref", device_path=True)
+    run(tmp_path / "full", device_path=False)
+    sd, model_sd, opt_sd = run(tmp_path / "res", device_path=False, stop=5)
+    run(tmp_path / "res", device_path=False, sd=sd, model_sd=model_sd, opt_sd=opt_sd)
+    ref, full, res = (_frames(tmp_path / n) for n in ("ref", "full", "res"))
+    ev = full["events"]
+    steps = full["steps"]
+    # the uniforms mattered: some layer flipped more than E weights on an events step
+    assert (steps[steps.step % 2 == 0].flips > E).any()
+    assert len(ev) > 0 and set(ev.step) <= set(range(2, 13, 2))
+    for name in ("events", "tracked", "steps"):
+        pd.testing.assert_frame_equal(full[name], ref[name], check_exact=False, rtol=1e-12, obj=name)
+        # (flip_ratio_running: a resumed run continues its running sum from the checkpoint, equal to rounding)
+        pd.testing.assert_frame_equal(res[name], full[name], check_exact=name != "steps", rtol=1e-12, obj=name)
+
+
+def test_uniforms_generator_state_is_the_state_after_the_slices_handed_out():
+    gen = torch.Generator().manual_seed(11)
+    u = onepass.Uniforms(gen, 3, 4, block=8)
+    ref = torch.Generator().manual_seed(11)
+    for k in range(11):  # across a block boundary
+        addr = u.take()
+        want = torch.rand(3, 4, generator=ref, dtype=torch.float64)
+        got = u.buf.view(-1)[(addr - u.base) // 8:(addr - u.base) // 8 + 12].view(3, 4)
+        assert torch.equal(got, want), k
+        assert torch.equal(u.generator_state(), ref.get_state()), k
+
+
+def test_tracked_weights_picked_up_in_the_pass_equal_the_gather_after_it(tmp_path):
+    """The fused step picks the tracked weights up block by block in its pass when their indices ascend (as the
+    probe samples them) and gathers them after the pass otherwise (indices from a checkpoint in any order): the
+    same tracked rows, also on the steps whose tracked weights are not logged (m_{t−1} is kept for the next)."""
+    frames = []
+    for k, in_pass in enumerate((True, False)):
+        model = _model(torch.float32)
+        opt = _bop(model)
+        probe = bnn_probe.attach(model, opt, tmp_path / str(k), tensorboard=False, track=40, track_every=3)
+        op = probe.groups[0].onepass
+        assert op.fuse_opt is opt and op.tsel_sorted
+        op.tsel_sorted = in_pass
+        gen = torch.Generator().manual_seed(9)
+        for _ in range(10):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen) * 3e-2
+            opt.step()
+        assert op.plan.trk_mode == (1 if in_pass else 0)  # step 10: tracked weights not logged
+        probe.close()
+        frames.append(_frames(tmp_path / str(k))["tracked"])
+    assert sorted(set(frames[0].step)) == [3, 6, 9] and (frames[0].sign.diff() != 0).any()
+    pd.testing.assert_frame_equal(frames[0], frames[1], check_exact=True)

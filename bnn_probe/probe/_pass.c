@@ -92,6 +92,9 @@ typedef struct {
     int64_t *fhist;
     int64_t fcap;
     uint8_t *fover;
+    /* bnnp_bop_fused's tracked weights: 0 m_{t-1} gathered before the pass (tsel in any order); 1 picked up block
+     * by block (tsel ascending); 2 also their outputs (tr_sign, tr_out) block by block, as bnnp_bop_tail's */
+    int64_t trk_mode;
 } bnnp_plan;
 
 /* The integer row of layer l of the steps table (both families): flips, c2i_diff, nonfinite_grads from its count
@@ -461,7 +464,7 @@ static inline int64_t fused_fast_f32(float *w, float *m, const float *g, uint8_t
 #define FMA(a, b, c) __builtin_fma(a, b, c)
 #include "_pass_tmpl.h"  /* undefines its parameters at its end */
 
-__attribute__((visibility("default"))) int64_t bnnp_abi_version(void) { return 12; }
+__attribute__((visibility("default"))) int64_t bnnp_abi_version(void) { return 13; }
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_pass", "bnn-probe's one-pass CPU measurement "
                                     "(called through ctypes: bnn_probe.probe.cpu_pass).", -1, NULL};

@@ -520,7 +520,12 @@ HOTF int64_t FN(bnnp_bop_fused)(bnnp_plan *P) {
     T *samp = (T *)P->samp, *fwm = (T *)P->fwm, *fmo = (T *)P->fmo, *tmprev = (T *)P->tmprev;
     const int32_t *mix = P->mix;
     int64_t o = 0, nf = 0;
-    FOR_TRACKED(P, tmprev[k] = ((const T *)mp[l])[ii];)  /* m_{t-1} of the tracked weights */
+    /* the tracked weights (tsel ascending: trk_mode 1, 2): m_{t-1} picked up block by block before the update, and
+     * (trk_mode 2) their outputs after it, while the block is in cache; trk_mode 0: m_{t-1} gathered here, the
+     * outputs by bnnp_bop_tail */
+    const int64_t tmode = P->trk_mode, ntr = P->ntr, *tsel = P->tsel;
+    int64_t ti = 0;
+    if (tmode == 0) FOR_TRACKED(P, tmprev[k] = ((const T *)mp[l])[ii];)
     for (int64_t l = 0; l < L; l++) {
         const int64_t n = P->lens[l];
         const int64_t nf0 = nf;  /* this layer's first flip in fidx */
@@ -543,6 +548,9 @@ HOTF int64_t FN(bnnp_bop_fused)(bnnp_plan *P) {
             IT cf = 0, cc = 0, cn = 0, ca = 0, cu = 0, cd = 0, e0 = 0, e1 = 0, e2 = 0, e3 = 0, e4 = 0, e5 = 0, e6 = 0;
             double sb = 0.0;
             int64_t jv = 0;
+            const int64_t tb = ti;  /* this block's tracked weights: tb .. ti */
+            if (tmode)
+                for (; ti < ntr && tsel[ti] < o + b0 + bn; ti++) tmprev[ti] = m[tsel[ti] - o];
             if (g) {  /* whole vectors by the AVX-512 kernel where the CPU has it (float32), the rest here */
                 flip_sink fs = {P, o, l, b0, nf};
                 jv = FUSED_FAST(w + b0, m + b0, g + b0, S + b0, bn, gam, omg, bt, tl, tv, thr + 7 * l, c, &sa, &fs,
@@ -616,6 +624,14 @@ _Pragma("GCC ivdep")
                     P->fidx[nf++] = o + i;
                 }
             }
+            if (tmode == 2)  /* as bnnp_bop_tail's tracked weights */
+                for (int64_t k = tb; k < ti; k++) {
+                    const int64_t i = tsel[k] - o;
+                    const T mt = m[i], wm = w[i] * mt;
+                    P->tr_sign[k] = S[i] & S_SIGN;
+                    P->tr_out[2 * k] = P->tau_t[k] - (double)wm;
+                    P->tr_out[2 * k + 1] = absdiff((double)mt, (double)tmprev[k]);
+                }
         }
         finish_flips(P, nf0, nf, l);
         for (int k = 0; k < NC_BOP; k++) counts[NC_BOP * l + k] = c[k];

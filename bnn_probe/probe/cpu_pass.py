@@ -21,7 +21,7 @@ __all__ = ["NC_BOP", "NC_LAT", "S_SIGN", "S_SIGN0", "S_ABOVE", "S_FLIP", "Plan",
 
 NC_BOP, NC_LAT = 13, 4  # count columns per layer (see _pass.c)
 S_SIGN, S_SIGN0, S_ABOVE, S_FLIP = 1, 2, 4, 8  # bits of the per-weight state byte
-_ABI = 12
+_ABI = 13
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -41,7 +41,7 @@ class Plan(ctypes.Structure):
                 ("ev_safe", _P), ("ev_f", _P), ("tsel", _P), ("tr_sign", _P), ("tr_out", _P), ("rows_i", _P),
                 ("rows_f", _P), ("qpos", _P), ("mpos", _P), ("qfrac", _P), ("mfrac", _P), ("prev", _P), ("nbop", _I),
                 ("hp", _P), ("nonfin", _P), ("fwm", _P), ("fmo", _P), ("tmprev", _P), ("fhist", _P), ("fcap", _I),
-                ("fover", _P)]
+                ("fover", _P), ("trk_mode", _I)]
 
     def set(self, **arrays: np.ndarray | None) -> None:
         refs = self.__dict__.setdefault("_refs", {})

@@ -150,6 +150,8 @@ def group_layers(layers: list[LayerInfo]) -> list[list[int]]:
 class FlatGroup:
     """Flat device state and the vectorised per-step measurement of a group of layers of one family."""
 
+    gen_shared = True  # its event generator (``gen``) has other users: no drawing ahead (set by the probe)
+
     def __init__(self, layers: list[LayerInfo], rows: list[int], q_idx: list[Tensor | None], t_idx: list[Tensor],
                  probed: torch.optim.Optimizer, sign_hash: bool, events_per_layer: int,
                  float_columns: Sequence[str], device_path: bool | None = None, compile_probe: bool = False) -> None:
@@ -506,11 +508,12 @@ class FlatGroup:
         return _cmp("gt", abs_m, self.tau, out)
 
     # ------------------------------------------------------------------ per step
-    def before_step(self, t: int, quant: bool) -> None:
-        """Pre-step hook of step ``t`` (``quant``: its quantile sample is logged): b(w_{t−1}) into the compiled
-        pass's state (CPU; or a request to measure inside bnn_probe's Bop), or w_{t−1} copied (device path)."""
+    def before_step(self, t: int, quant: bool, tail: int = 0) -> None:
+        """Pre-step hook of step ``t`` (``quant``: its quantile sample is logged; ``tail``: its flip events (bit 0)
+        and tracked weights (bit 1) are): b(w_{t−1}) into the compiled pass's state (CPU; or a request to measure
+        inside bnn_probe's Bop), or w_{t−1} copied (device path)."""
         if self.onepass is not None:
-            self.onepass.pre(t, quant)
+            self.onepass.pre(t, quant, tail)
         else:
             self.cat_w(out=self.prev_w)
 

@@ -95,6 +95,41 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
+class Uniforms:
+    """The flip-event sampler's uniforms, U[0, 1) float64 [L, E] per events step, drawn from the probe's generator
+    ``block`` steps at a time when the group is the generator's only user (else one draw per step).
+
+    On the CPU, ``torch.rand`` fills a [B, L, E] tensor from the generator's stream in order, so B steps' slices
+    are the values and order of B draws of [L, E] (the values logged are unchanged); what the prefetch saves is a
+    ``torch.rand`` call per step inside the training step. :meth:`generator_state` is the generator's state as if
+    only the slices handed out had been drawn (what a checkpoint stores)."""
+
+    def __init__(self, gen: torch.Generator, L: int, E: int, block: int = 256) -> None:
+        self.gen, self.block = gen, block
+        self.buf = torch.empty(block, L, E, dtype=torch.float64)
+        self.stride = L * E * 8
+        self.base = self.buf.data_ptr()
+        self.i = block  # the next slice to hand out (block: none left)
+        self.state0: Tensor | None = None  # the generator's state before the block was drawn
+
+    def take(self) -> int:
+        """The address of the next [L, E] slice (drawing the next block when none is left)."""
+        if self.i == self.block:
+            self.state0 = self.gen.get_state()
+            torch.rand(self.buf.shape, generator=self.gen, dtype=torch.float64, out=self.buf)
+            self.i = 0
+        self.i += 1
+        return self.base + (self.i - 1) * self.stride
+
+    def generator_state(self) -> Tensor:
+        if self.i == self.block or self.state0 is None:
+            return self.gen.get_state()
+        g = torch.Generator().manual_seed(0)
+        g.set_state(self.state0)
+        torch.rand(self.i, *self.buf.shape[1:], generator=g, dtype=torch.float64)
+        return g.get_state()
+
+
 class OnePass:
     """The per-weight state and buffers of the compiled pass for one flat group (see the module docstring)."""
 
@@ -163,6 +198,10 @@ class OnePass:
         self.rows_i = np.empty((L, 4), dtype=np.int64)
         self.rows_f = np.empty((L, grp.n_float), dtype=np.float64)
         self.u = torch.empty(L, E, dtype=torch.float64)
+        self.u_addr = self.u.data_ptr()
+        self.unif: Uniforms | None = None  # the prefetched uniforms (draw_uniforms), when the generator is ours
+        self.tail = 0  # events (bit 0) and tracked weights (bit 1) asked for at pre: done in the fused step (run)
+        self.tail_done = 0
         self.ev_i = np.empty((L * E, 2), dtype=np.int64)
         self.ev_f = np.empty((L * E, 2), dtype=np.float64)
         P.nev, P.nfloat, P.hash_on, P.nbop = E, grp.n_float, int(bool(grp.sign_hash)), grp.n_bop_cols
@@ -204,6 +243,9 @@ class OnePass:
               tr_sign=self.tr_sign.view(np.uint8), tr_out=self.tr_out,
               tmprev=np.empty(len(g.tsel_np), dtype=self.npdtype))
         self.out_tracked = (self.tr_sign, self.tr_out)
+        # the fused step picks the tracked weights up in its pass when their flat indices ascend (as sampled)
+        self.tsel_sorted = bool(np.all(np.diff(g.tsel_np) > 0))
+        self._trk_mode = P.trk_mode = 0
 
     def set_hyper(self, hp: dict[str, np.ndarray]) -> None:
         if self.bop:
@@ -247,11 +289,13 @@ class OnePass:
             g.binarize(g.cat_w(out=g.wbuf), torch.from_numpy(self.sgn).view(torch.bool))
 
     # ------------------------------------------------------------------ per step
-    def pre(self, t: int, quant: bool) -> None:
+    def pre(self, t: int, quant: bool, tail: int = 0) -> None:
         """Before the optimizer step ``t``: stored signs := b(w_{t−1}) where they changed; latent: w̃_{t−1} copied.
         The Bop family's optimizers lose last step's finite-gradient proof (only this step's may spare a read).
         With a fusable Bop (optim/cstep.py) nothing is read here: a request is left on the optimizer, whose step
-        then either measures in its own pass (:meth:`run`) or declines (:meth:`decline`: this pre pass, then)."""
+        then either measures in its own pass (:meth:`run`) or declines (:meth:`decline`: this pre pass, then).
+        ``tail``: the step's flip events (bit 0) and tracked weights (bit 1) will be logged; the fused step then
+        gathers them right after its pass, while the weights are in cache (else :meth:`post` does)."""
         g = self.g
         self._keep = []
         for opt in self.opts:
@@ -259,6 +303,7 @@ class OnePass:
         self.served = False
         if self.fuse_opt is not None and not self.plain_next:  # the weights' pointers: in run() or decline()
             self.pending = True
+            self.tail = tail if g.E > 0 or not tail & 1 else tail & 2
             self.plan.t = t
             self.plan.samp = self.samp_addr if quant else None
             reqs = self.fuse_opt.__dict__.setdefault(MEASURE_ATTR, [])
@@ -299,10 +344,34 @@ class OnePass:
             g._read_hyper()
         elif not self._tau_is_step_tau or g._hyper_key is None:  # else the probe's τ is the step's, unchanged
             g._read_hyper()
+        tail = self.tail
+        if self.tsel_sorted:  # the tracked weights picked up block by block in the pass (trk_mode 2 or 1)
+            mode, rest = (2 if tail & 2 else 1), tail & 1
+        else:
+            mode, rest = 0, tail
+        if mode != self._trk_mode:
+            self.plan.trk_mode = self._trk_mode = mode
         self.k.bop_fused(self.pplan)
+        if rest:  # the events' gather, from w_t, m_t still in cache (and the tracked weights' for mode 0)
+            if rest & 1:
+                self.draw_uniforms()
+            self.k.bop_tail(self.pplan, rest)
+        self.tail_done = tail
         torch.autograd.graph.increment_version(tensors)
         nonfin = self.nonfin.tolist()
         return {id(j[0]): nonfin[li] for li, j in enumerate(js) if j is not None}
+
+    def draw_uniforms(self) -> None:
+        """Point the plan at this step's [L, E] event-sampler uniforms: the next slice of a prefetched block when
+        the group is its generator's only user (:class:`Uniforms`), else one draw now."""
+        g = self.g
+        if g.gen_shared:
+            torch.rand(g.L, g.E, generator=g.gen, dtype=torch.float64, out=self.u)
+            self.plan.u = self.u_addr
+            return
+        if self.unif is None:
+            self.unif = Uniforms(g.gen, g.L, g.E)
+        self.plan.u = self.unif.take()
 
     def decline(self) -> None:
         """Inside Bop's step, before any weight moves: this step is measured around the optimizer (pre pass now,
@@ -346,12 +415,13 @@ class OnePass:
         quantile sample in the buffers, and for the Bop family (same call) the flip events and tracked weights when
         asked for. Copies made for the pass (m̂, non-contiguous tensors) stay alive until the next pass."""
         g = self.g
-        if self.served:  # measured inside the optimizer's step: the events and tracked weights remain
+        if self.served:  # measured inside the optimizer's step: the events and tracked weights not gathered there
             self.served, self.stale = False, True
-            if events and g.E > 0:
-                torch.rand(g.L, g.E, generator=g.gen, dtype=torch.float64, out=self.u)
-            if events or tracked:
-                self.k.bop_tail(self.pplan, int(events) | int(tracked) << 1)
+            need = (int(events and g.E > 0) | int(tracked) << 1) & ~self.tail_done
+            if need & 1:
+                self.draw_uniforms()
+            if need:
+                self.k.bop_tail(self.pplan, need)
             return
         if self.pending:  # the request was never taken (the probed step did not run Bop.step)
             self._unserved()
@@ -387,7 +457,7 @@ class OnePass:
             self.k.lat_post(self.pplan)
             return
         if events and g.E > 0:  # the sampler's uniforms (the generator's stream, as the reference draws them)
-            torch.rand(g.L, g.E, generator=g.gen, dtype=torch.float64, out=self.u)
+            self.draw_uniforms()
         (self.k.bop_step if self.bop else self.k.lat_step)(self.pplan, int(events) | int(tracked) << 1)
 
     def withdraw(self) -> None:

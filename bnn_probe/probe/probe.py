@@ -165,6 +165,8 @@ class Probe:
             grp.gen = self._event_gen if grp.device == dev else torch.Generator(device=grp.device).manual_seed(
                 self.seed + 1)
             self.groups.append(grp)
+        for grp in self.groups:  # a generator with one user may be drawn ahead (probe/onepass.py, Uniforms)
+            grp.gen_shared = sum(g2.gen is grp.gen for g2 in self.groups) > 1
         self._dev = dev
         order = [i for g in self.groups for i in g.rows]
         L = len(self.layers)
@@ -278,9 +280,11 @@ class Probe:
     def _pre_hook(self, optimizer, args, kwargs) -> None:
         self.checks.pre_step()
         t = self.step + 1
-        quant = bool(self.every(t) and self.quantile_every(t))
+        log = self.every(t)
+        quant = bool(log and self.quantile_every(t))
+        tail = int(bool(self.events_every(t))) | int(bool(self.track_every(t))) << 1 if self.active else 0
         for g in self.groups:
-            g.before_step(t, quant)
+            g.before_step(t, quant, tail)
 
     def _post_hook(self, optimizer, args, kwargs) -> None:
         self.step += 1
@@ -446,8 +450,17 @@ class Probe:
             sd["layers"] = layers
             sd["run_sum"] = self.rec.run_sum.tolist()
             sd["run_n"] = self.rec.run_n.tolist()
-            sd["event_gen"] = self._event_gen.get_state()
+            sd["event_gen"] = self._event_gen_state()
         return sd
+
+    def _event_gen_state(self) -> torch.Tensor:
+        """The event generator's state as if only the uniforms used so far had been drawn (a group may draw ahead:
+        probe/onepass.py, Uniforms)."""
+        for g in self.groups:
+            op = getattr(g, "onepass", None)
+            if op is not None and op.unif is not None and g.gen is self._event_gen:
+                return op.unif.generator_state()
+        return self._event_gen.get_state()
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (for a resumed run; attach with ``resume=True`` to append to its log)."""
@@ -472,6 +485,9 @@ class Probe:
         self.rec.run_sum = np.asarray(sd["run_sum"], dtype=float)
         self.rec.run_n = np.asarray(sd["run_n"], dtype=np.int64)
         self._event_gen.set_state(sd["event_gen"].cpu())  # a checkpoint loaded with map_location="cuda" moves it
+        for g in self.groups:  # uniforms drawn ahead from the old state are dropped
+            if getattr(g, "onepass", None) is not None:
+                g.onepass.unif = None
         self._set_track_layout()
         self._last_flush_step = self.step
 
