@@ -209,6 +209,8 @@ class OnePass:
               ev_safe=np.empty(L * E, dtype=np.int64), ev_f=self.ev_f)
         self.out_steps = (self.rows_i, self.rows_f)  # numpy: the recorder copies them at once
         self.out_events = (self.ev_i, self.ev_f)
+        self._own_rows = (self.rows_i.ctypes.data, self.rows_f.ctypes.data)
+        self._own_events = (self.ev_i.ctypes.data, self.ev_f.ctypes.data)
         self.set_samples()
         self._keep: list[Tensor] = []
         self.param_ids = frozenset(id(ly.param) for ly in grp.layers)
@@ -243,6 +245,7 @@ class OnePass:
               tr_sign=self.tr_sign.view(np.uint8), tr_out=self.tr_out,
               tmprev=np.empty(len(g.tsel_np), dtype=self.npdtype))
         self.out_tracked = (self.tr_sign, self.tr_out)
+        self._own_tracked = (self.tr_sign.ctypes.data, self.tr_out.ctypes.data)
         # the fused step picks the tracked weights up in its pass when their flat indices ascend (as sampled)
         self.tsel_sorted = bool(np.all(np.diff(g.tsel_np) > 0))
         self._trk_mode = P.trk_mode = 0
@@ -289,6 +292,23 @@ class OnePass:
             g.binarize(g.cat_w(out=g.wbuf), torch.from_numpy(self.sgn).view(torch.bool))
 
     # ------------------------------------------------------------------ per step
+    def layouts(self) -> tuple[tuple, tuple, tuple]:
+        """((shape, dtype) of the steps rows + the [L, 4] hyperparameters, of the flip events, of the tracked
+        weights): the recorder's buffers that :meth:`route` may send them to (Recorder.reserve)."""
+        def lay(*arrays: np.ndarray) -> tuple:
+            return tuple((a.shape, a.dtype) for a in arrays)
+        return (lay(self.rows_i, self.rows_f, np.empty((self.g.L, 4))), lay(self.ev_i, self.ev_f),
+                lay(self.tr_sign, self.tr_out))
+
+    def route(self, rows: list[int] | None, events: list[int] | None, tracked: list[int] | None) -> None:
+        """Where the step's C calls write the steps rows, the flip events and the tracked weights: at the given
+        addresses (rows of the recorder's buffers, Recorder.reserve, so nothing is copied after the step) or, for
+        None, into the group's own buffers (``out_steps``, ``out_events``, ``out_tracked``)."""
+        P = self.plan
+        P.rows_i, P.rows_f = rows[:2] if rows else self._own_rows
+        P.ev_i, P.ev_f = events or self._own_events
+        P.tr_sign, P.tr_out = tracked or self._own_tracked
+
     def pre(self, t: int, quant: bool, tail: int = 0) -> None:
         """Before the optimizer step ``t``: stored signs := b(w_{t−1}) where they changed; latent: w̃_{t−1} copied.
         The Bop family's optimizers lose last step's finite-gradient proof (only this step's may spare a read).

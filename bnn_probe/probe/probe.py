@@ -148,6 +148,9 @@ class Probe:
         self._hyper_src = [(ly, _hyper_keys(ly)) for ly in self.layers]
         self._hyper_raw: list | None = None
         self._hyper_plain = False
+        self._sched: tuple = (-1, False, False, False, False, False, False)  # _schedule of the last step asked
+        self._lane: tuple | None = None  # (OnePass, its layouts): one Bop-family group, rows written in place
+        self._routed: tuple = (-1, False, False, False)  # step, and which of its rows the pass writes in place
         gen = torch.Generator().manual_seed(self.seed)
         q_idx: list[torch.Tensor | None] = []
         t_idx: list[torch.Tensor] = []
@@ -167,6 +170,7 @@ class Probe:
             self.groups.append(grp)
         for grp in self.groups:  # a generator with one user may be drawn ahead (probe/onepass.py, Uniforms)
             grp.gen_shared = sum(g2.gen is grp.gen for g2 in self.groups) > 1
+        self._set_lane()
         self._dev = dev
         order = [i for g in self.groups for i in g.rows]
         L = len(self.layers)
@@ -277,12 +281,35 @@ class Probe:
         self.writer.write_meta(self._meta())
 
     # ------------------------------------------------------------------ hooks
+    def _set_lane(self) -> None:
+        """One group of the Bop family measured by the compiled pass (the usual model): its C calls then write each
+        step's rows straight into the recorder's buffers (OnePass.route), the probe copies nothing."""
+        op = getattr(self.groups[0], "onepass", None) if len(self.groups) == 1 else None
+        self._lane = (op, op.layouts()) if op is not None and op.fast and op.bop else None
+
+    def _schedule(self, t: int) -> tuple[int, bool, bool, bool, bool, bool, bool]:
+        """(t, log, track, events, hist, snapshot, quantiles): what step t records, each cadence asked once per step
+        (by the pre-step hook; the post-step hook reuses the answer)."""
+        s = self._sched
+        if s[0] != t:
+            log = bool(self.every(t))
+            s = self._sched = (t, log, bool(self.track_every(t)), bool(self.events_every(t)), bool(self.hist_every(t)),
+                               bool(self.snapshot_every(t)), log and bool(self.quantile_every(t)))
+        return s
+
     def _pre_hook(self, optimizer, args, kwargs) -> None:
         self.checks.pre_step()
         t = self.step + 1
-        log = self.every(t)
-        quant = bool(log and self.quantile_every(t))
-        tail = int(bool(self.events_every(t))) | int(bool(self.track_every(t))) << 1 if self.active else 0
+        _, log, trk, ev, _, _, quant = self._schedule(t)
+        tail = (int(ev) | int(trk) << 1) if self.active else 0
+        if self._lane is not None and self.active:  # the pass writes the step's rows into the recorder's buffers
+            op, (lay_s, lay_e, lay_t) = self._lane
+            rec = self.rec
+            r = rec.reserve("steps", lay_s) if log else None
+            e = rec.reserve("events", lay_e) if ev and self.events_per_layer > 0 else None
+            k = rec.reserve("tracked", lay_t) if trk else None
+            op.route(r, e, k)
+            self._routed = (t, r is not None, e is not None, k is not None)
         for g in self.groups:
             g.before_step(t, quant, tail)
 
@@ -312,9 +339,30 @@ class Probe:
         return x if perm is None else x.index_select(0, perm)
 
     def _measure(self, t: int) -> None:
-        log, trk, ev = self.every(t), self.track_every(t), self.events_every(t)
-        hist, snap = self.hist_every(t), self.snapshot_every(t)
-        quant = log and self.quantile_every(t)
+        _, log, trk, ev, hist, snap, quant = self._schedule(t)
+        if len(self.groups) == 1:  # one group (its rows in layer order): its results go to the recorder as they are
+            g = self.groups[0]
+            o = g.measure(t, log, trk, ev, hist, snap, quant)
+            rec = self.rec
+            routed = self._routed if self._routed[0] == t else (t, False, False, False)  # (the pre hook's route)
+            if log:
+                if routed[1]:
+                    rec.commit("steps", t, self._hyper())
+                else:
+                    rec.add_steps(t, o["ints"], o["floats"], self._hyper())
+            if ev and self.events_per_layer > 0:
+                if routed[2]:
+                    rec.commit("events", t)
+                else:
+                    rec.add_events(t, *o["events"])
+            if trk:
+                if routed[3]:
+                    rec.commit("tracked", t)
+                else:
+                    rec.add_tracked(t, *o["tracked"])
+            if hist or snap:
+                self._add_rare(t, [o], snap)
+            return
         outs = [g.measure(t, log, trk, ev, hist, snap, quant) for g in self.groups]
         if log:
             ints = self._cat([o["ints"] for o in outs], self._perm)
@@ -328,6 +376,11 @@ class Probe:
             a = self._cat([o["tracked"][0] for o in outs], getattr(self, "_tperm", None))
             b = self._cat([o["tracked"][1] for o in outs], getattr(self, "_tperm", None))
             self.rec.add_tracked(t, a, b)
+        if hist or snap:
+            self._add_rare(t, outs, snap)
+
+    def _add_rare(self, t: int, outs: list[dict], snap: bool) -> None:
+        """The histograms and sign snapshots of step t (each group's, in its layers' rows)."""
         for g, o in zip(self.groups, outs, strict=True):
             for q, (cnt, stats, rows) in o.get("hists", {}).items():
                 for k in rows:
@@ -485,6 +538,7 @@ class Probe:
         self.rec.run_sum = np.asarray(sd["run_sum"], dtype=float)
         self.rec.run_n = np.asarray(sd["run_n"], dtype=np.int64)
         self._event_gen.set_state(sd["event_gen"].cpu())  # a checkpoint loaded with map_location="cuda" moves it
+        self._set_lane()  # (the tracked weights' buffers were remade)
         for g in self.groups:  # uniforms drawn ahead from the old state are dropped
             if getattr(g, "onepass", None) is not None:
                 g.onepass.unif = None

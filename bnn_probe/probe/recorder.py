@@ -87,6 +87,7 @@ class _Pending:
         self.layout: tuple | None = None  # ((shape, dtype) per array) the host buffers were made for
         self.dev: list[tuple[int, float, tuple[_Array, ...]]] = []
         self._src: tuple[np.ndarray, ...] | None = None  # the numpy arrays of the last step, once checked
+        self._addr: tuple | None = None  # (bufs, [(address, row stride)]) for reserve
 
     def __len__(self) -> int:
         return self.n + len(self.dev)
@@ -123,6 +124,31 @@ class _Pending:
         self.wall[i] = wall
         self.n = i + 1
         return True
+
+    def reserve(self, layout: tuple) -> list[int] | None:
+        """The addresses of the next row of each host buffer, made for ``layout`` ((shape, numpy dtype) per array,
+        as :meth:`add` records it), for a writer that fills them in place (the probe's compiled pass); then
+        :meth:`commit` takes the row. None in device mode, when the buffers are full or were made for another
+        layout (the caller then adds as usual)."""
+        i = self.n
+        if self.dev or i >= self.capacity:
+            return None
+        if self.layout != layout:
+            if i:
+                return None
+            self.bufs = [np.empty((self.capacity, *shape), dtype=dtype) for shape, dtype in layout]
+            self.layout = layout
+        if self._addr is None or self._addr[0] is not self.bufs:
+            self._addr = (self.bufs, [(b.ctypes.data, b.strides[0]) for b in self.bufs])  # type: ignore[union-attr]
+        return [a + i * s for a, s in self._addr[1]]
+
+    def commit(self, step: int, wall: float = math.nan) -> None:
+        """Take the row :meth:`reserve` handed out (filled in place) as step ``step``'s."""
+        i = self.n
+        self.steps[i] = step
+        self.wall[i] = wall
+        self.n = i + 1
+        self._src = None
 
     def take(self) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
         """(steps [S], wall times [S], one [S, ...] host array per kind) of every pending step; empties it."""
@@ -164,6 +190,7 @@ class Recorder:
         self._steps = _Pending(self.buffer_steps)
         self._tracked = _Pending(self.buffer_steps)
         self._events = _Pending(self.buffer_steps)
+        self._kinds = {"steps": self._steps, "tracked": self._tracked, "events": self._events}
         self._hists: list[tuple[int, int, str, _Array, _Array]] = []
         self._snaps: list[tuple[int, int, int, bytes | Tensor]] = []
         self._host: dict[str, list[dict[str, Any]]] = {t: [] for t in ("steps", "tracked", "events", "hists",
@@ -205,6 +232,18 @@ class Recorder:
         if not self._events.add(step, (ints, inertia)):
             self._drain_events()
             self._events.add(step, (ints, inertia))
+
+    def reserve(self, kind: str, layout: tuple) -> list[int] | None:
+        """``kind`` ("steps", "events", "tracked"): addresses of the next row of its host buffers, to be written in
+        place before :meth:`commit` (see ``_Pending.reserve``; steps: ints, floats, hyper)."""
+        return self._kinds[kind].reserve(layout)
+
+    def commit(self, kind: str, step: int, hyper: np.ndarray | None = None) -> None:
+        """Take the reserved row of ``kind`` as step ``step``'s (steps: ``hyper`` [L, 4] copied into it)."""
+        pend = self._kinds[kind]
+        if hyper is not None:
+            pend.bufs[2][pend.n] = hyper  # type: ignore[index]
+        pend.commit(step, time.time() if kind == "steps" else math.nan)
 
     def add_hist(self, step: int, layer: int, quantity: str, counts: _Array, stats: _Array) -> None:
         if not _on_device(counts):
