@@ -12,7 +12,8 @@ so a busy machine slows both sides alike.
 
 Prints one JSON line per case: steps/s of the runner, of the runner with the probe's hooks removed ("loop only")
 and of the bare loop, and the ratios bare ÷ runner (goal ≤ 1.10; medians, and ``ratio_best`` of the fastest repeat
-of each side, the estimate least moved by other work on a shared machine) and bare ÷ loop-only.
+of each side, the estimate least moved by other work on a shared machine; ``ratio_paired``: the median over repeats
+of each repeat's own bare ÷ runner, the sides of a repeat run back to back in ABBA order) and bare ÷ loop-only.
 """
 
 from __future__ import annotations
@@ -113,17 +114,19 @@ def main() -> None:
             runner(replace(cfg, epochs=1), data, Path(tmp), -1)
             rs, ls, bs = [], [], []
             for k in range(args.repeats):
-                t, n = runner(cfg, data, Path(tmp), k)
-                rs.append(n / t)
-                t, n = runner(cfg, data, Path(tmp), 1000 + k, probe_hooks=False)
-                ls.append(n / t)
-                t, n = bare(cfg, data)
-                bs.append(n / t)
+                for side in "rlb" if k % 2 == 0 else "blr":  # ABBA order: a linear drift cancels
+                    if side == "b":
+                        t, n = bare(cfg, data)
+                    else:
+                        t, n = runner(cfg, data, Path(tmp), k if side == "r" else 1000 + k, probe_hooks=side == "r")
+                    {"r": rs, "l": ls, "b": bs}[side].append(n / t)
         r, lo, b = statistics.median(rs), statistics.median(ls), statistics.median(bs)
+        paired = statistics.median(bb / rr for bb, rr in zip(bs, rs, strict=True))
         print(json.dumps({"case": name, "steps": n, "threads": args.threads, "repeats": args.repeats,
                           "clock": args.clock,
                           "runner_steps_per_s": round(r, 1), "runner_loop_only_steps_per_s": round(lo, 1),
                           "bare_steps_per_s": round(b, 1), "ratio": round(b / r, 3),
+                          "ratio_paired": round(paired, 3),
                           "ratio_best": round(max(bs) / max(rs), 3),
                           "ratio_loop_only": round(b / lo, 3), "runner_all": [round(x, 1) for x in rs],
                           "loop_only_all": [round(x, 1) for x in ls], "bare_all": [round(x, 1) for x in bs]}),
