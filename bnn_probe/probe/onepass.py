@@ -19,6 +19,11 @@ A :class:`OnePass` belongs to a :class:`~bnn_probe.probe.flat.FlatGroup` on the 
   step is two C calls and one sort, into fixed buffers that the recorder copies. The latent family with the sign
   binarizer does the same (``lat_step``: events and tracked weights from w_t and the pre pass's copy of w_{t−1};
   ``lat_rows``); with another binarizer its events and tracked weights take the binarizer's margin in Python.
+* inside bnn-probe's Bop (``run``: the step and the pass in one call) the tracked weights are picked up block by
+  block in the pass (``plan.trk_mode``) and the flip events right after it; the event sampler's uniforms come from
+  :class:`Uniforms` (drawn 256 steps at a time when the group is its generator's only user). For a probe with one
+  Bop-family group, :meth:`OnePass.route` points the C calls' outputs at rows of the recorder's buffers
+  (``Recorder.reserve``), so nothing is copied after the step.
 
 Values are those of the per-layer reference (probe/quantities.py + probe/context.py): the same IEEE comparisons in
 the weights' dtype, float64 sums to rounding (tests/test_probe_flat.py).
