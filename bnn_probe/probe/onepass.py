@@ -206,6 +206,7 @@ class OnePass:
         self.u_addr = self.u.data_ptr()
         self.unif: Uniforms | None = None  # the prefetched uniforms (draw_uniforms), when the generator is ours
         self.tail = 0  # events (bit 0) and tracked weights (bit 1) asked for at pre: done in the fused step (run)
+        self._ptrs: list[int] | None = None  # the w, m, g pointers run() last wrote into wp, mp, gp
         self.tail_done = 0
         self.ev_i = np.empty((L * E, 2), dtype=np.int64)
         self.ev_f = np.empty((L * E, 2), dtype=np.float64)
@@ -277,6 +278,7 @@ class OnePass:
                 self._keep.append(t)  # alive until the next pass (the sample gather reads it)
             ptrs.append(t.data_ptr())
         dst[:] = ptrs  # one numpy assignment
+        self._ptrs = None  # (the tables no longer hold what run() last wrote)
 
     def _momentum_ptrs(self) -> list[Tensor]:
         """m of every layer (the optimizer state under the group's momentum key; zeros where a layer has none, an
@@ -350,13 +352,16 @@ class OnePass:
         layers = g.layers
         js = [jobs.get(id(ly.param)) for ly in layers]
         if None not in js:  # every layer stepped (the usual step): w, m, g, γ, τ from the step's own tensors
-            self.wp[:] = [j[0].data_ptr() for j in js]  # (contiguous, of the group's dtype: cstep.usable)
-            self.mp[:] = [j[1].data_ptr() for j in js]
-            self.gp[:] = [j[2].data_ptr() for j in js]
+            ptrs = [j[k].data_ptr() for k in range(3) for j in js]  # (contiguous, of the group's dtype: cstep.usable)
+            if ptrs != self._ptrs:  # the tables are rewritten only when a tensor moved (a new gradient, usually)
+                L = len(js)
+                self.wp[:], self.mp[:], self.gp[:] = ptrs[:L], ptrs[L:2 * L], ptrs[2 * L:]
+                self._ptrs = ptrs
             hp = [(j[3], j[4]) for j in js]
             g.g_missing = g.m_missing = []
             tensors = [j[0] for j in js] + [j[1] for j in js]
         else:
+            self._ptrs = None
             self._set_ptrs(self.wp, [ly.param for ly in layers])
             ms = self._momentum_ptrs()
             self.gp[:] = [0 if j is None else j[2].data_ptr() for j in js]
@@ -475,6 +480,7 @@ class OnePass:
                 mh = g.cat_m()
                 base, isz = mh.data_ptr(), mh.element_size()
                 self.mp[:] = [base + o * isz for o in g.offsets]
+                self._ptrs = None
                 self._keep.append(mh)
             else:
                 self._momentum_ptrs()
