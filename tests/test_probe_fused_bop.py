@@ -293,3 +293,9 @@ def test_tracked_weights_picked_up_in_the_pass_equal_the_gather_after_it(tmp_pat
         frames.append(_frames(tmp_path / str(k))["tracked"])
     assert sorted(set(frames[0].step)) == [3, 6, 9] and (frames[0].sign.diff() != 0).any()
     pd.testing.assert_frame_equal(frames[0], frames[1], check_exact=True)
+
+
+def test_uniforms_drawn_ahead_are_capped_at_one_mebibyte():
+    u = onepass.Uniforms(torch.Generator().manual_seed(0), 500, 64)  # 32,000 uniforms per step
+    assert u.block == 4 and u.buf.numel() * 8 <= 1 << 20
+    assert onepass.Uniforms(torch.Generator(), 3, 16).block == 256

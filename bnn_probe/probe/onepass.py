@@ -110,6 +110,7 @@ class Uniforms:
     only the slices handed out had been drawn (what a checkpoint stores)."""
 
     def __init__(self, gen: torch.Generator, L: int, E: int, block: int = 256) -> None:
+        block = max(1, min(block, (1 << 17) // max(1, L * E)))  # at most 1 MiB of uniforms ahead
         self.gen, self.block = gen, block
         self.buf = torch.empty(block, L, E, dtype=torch.float64)
         self.stride = L * E * 8
@@ -127,6 +128,7 @@ class Uniforms:
         return self.base + (self.i - 1) * self.stride
 
     def generator_state(self) -> Tensor:
+        """The generator's state after the draws of the slices handed out so far (not of those drawn ahead)."""
         if self.i == self.block or self.state0 is None:
             return self.gen.get_state()
         g = torch.Generator().manual_seed(0)
@@ -330,7 +332,7 @@ class OnePass:
         self.served = False
         if self.fuse_opt is not None and not self.plain_next:  # the weights' pointers: in run() or decline()
             self.pending = True
-            self.tail = tail if g.E > 0 or not tail & 1 else tail & 2
+            self.tail = tail if g.E > 0 else tail & 2  # (no event slots: no events)
             self.plan.t = t
             self.plan.samp = self.samp_addr if quant else None
             reqs = self.fuse_opt.__dict__.setdefault(MEASURE_ATTR, [])
