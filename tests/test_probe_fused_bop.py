@@ -52,6 +52,15 @@ def _frames(path) -> dict[str, pd.DataFrame]:
     return out
 
 
+def _random_steps(model: nn.Module, opt: torch.optim.Optimizer, n: int, seed: int, scale: float) -> None:
+    """``n`` optimizer steps on Gaussian gradients of standard deviation ``scale`` (a seeded stream)."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen) * scale
+        opt.step()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_step_logs_what_the_probe_logs_around_the_step(tmp_path, monkeypatch, simd, dtype):
     calls = {"run": 0, "decline": 0}
@@ -283,11 +292,7 @@ def test_tracked_weights_picked_up_in_the_pass_equal_the_gather_after_it(tmp_pat
         op = probe.groups[0].onepass
         assert op.fuse_opt is opt and op.tsel_sorted
         op.tsel_sorted = in_pass
-        gen = torch.Generator().manual_seed(9)
-        for _ in range(10):
-            for p in model.parameters():
-                p.grad = torch.randn(p.shape, generator=gen) * 3e-2
-            opt.step()
+        _random_steps(model, opt, 10, seed=9, scale=3e-2)
         assert op.plan.trk_mode == (1 if in_pass else 0)  # step 10: tracked weights not logged
         probe.close()
         frames.append(_frames(tmp_path / str(k))["tracked"])
@@ -299,3 +304,28 @@ def test_uniforms_drawn_ahead_are_capped_at_one_mebibyte():
     u = onepass.Uniforms(torch.Generator().manual_seed(0), 500, 64)  # 32,000 uniforms per step
     assert u.block == 4 and u.buf.numel() * 8 <= 1 << 20
     assert onepass.Uniforms(torch.Generator(), 3, 16).block == 256
+
+
+def test_probe_rows_written_in_place_equal_the_copied_rows(tmp_path):
+    """A one-group Bop model: the compiled pass writes the steps rows, flip events and tracked weights straight into
+    the recorder's buffers (Probe._lane); the log equals the one made by copying the pass's own buffers, across
+    drains (buffer_steps=3) and with cadences that differ by table."""
+    frames = []
+    for k, lane in enumerate((True, False)):
+        model = nn.Sequential(nn.Linear(9, 40, bias=False), nn.Linear(40, 3, bias=False))
+        for p in model.parameters():
+            mark_binary(p)
+        binary_init_(model, seed=0)
+        opt = Bop(model.parameters(), gamma=0.05, threshold=1e-3)
+        probe = bnn_probe.attach(model, opt, tmp_path / str(k), tensorboard=False, buffer_steps=3, track=6,
+                                 track_every=2, events_per_layer=3, events_every=3, quantile_every=2)
+        assert probe._lane is not None
+        if not lane:
+            probe._lane = None
+        _random_steps(model, opt, 11, seed=4, scale=4e-2)
+        probe.close()
+        frames.append(_frames(tmp_path / str(k)))
+    assert len(frames[0]["steps"]) == 22 and sorted(set(frames[0]["tracked"].step)) == [2, 4, 6, 8, 10]
+    assert len(frames[0]["events"]) > 0
+    for n in ("steps", "events", "tracked"):
+        pd.testing.assert_frame_equal(frames[0][n], frames[1][n], check_exact=True, obj=n)

@@ -173,43 +173,6 @@ def test_pending_rows_reserved_and_written_in_place_mix_with_added_rows():
     assert p.reserve((((3,), np.dtype(np.float64)), lay[1])) is not None  # empty: made for the new layout
 
 
-def test_probe_rows_written_in_place_equal_the_copied_rows(tmp_path):
-    """A one-group Bop model: the compiled pass writes the steps rows, flip events and tracked weights straight into
-    the recorder's buffers (Probe._lane); the log equals the one made by copying the pass's own buffers, across
-    drains (buffer_steps=3) and with cadences that differ by table."""
-    import bnn_probe
-    from bnn_probe.nn import mark_binary
-    from bnn_probe.optim import Bop, binary_init_
-
-    frames = []
-    for k, lane in enumerate((True, False)):
-        model = torch.nn.Sequential(torch.nn.Linear(9, 40, bias=False), torch.nn.Linear(40, 3, bias=False))
-        for p in model.parameters():
-            mark_binary(p)
-        binary_init_(model, seed=0)
-        opt = Bop(model.parameters(), gamma=0.05, threshold=1e-3)
-        probe = bnn_probe.attach(model, opt, tmp_path / str(k), tensorboard=False, buffer_steps=3, track=6,
-                                 track_every=2, events_per_layer=3, events_every=3, quantile_every=2)
-        if probe.groups[0].onepass is None:
-            pytest.skip("the compiled pass is not built")
-        assert probe._lane is not None
-        if not lane:
-            probe._lane = None
-        gen = torch.Generator().manual_seed(4)
-        for _ in range(11):
-            for p in model.parameters():
-                p.grad = torch.randn(p.shape, generator=gen) * 4e-2
-            opt.step()
-        probe.close()
-        run = bnn_probe.load_run(tmp_path / str(k))
-        frames.append({n: getattr(run, n).drop(columns=[c for c in getattr(run, n).columns if "time" in c])
-                       for n in ("steps", "events", "tracked")})
-    assert len(frames[0]["steps"]) == 22 and sorted(set(frames[0]["tracked"].step)) == [2, 4, 6, 8, 10]
-    assert len(frames[0]["events"]) > 0
-    for n in frames[0]:
-        pd.testing.assert_frame_equal(frames[0][n], frames[1][n], check_exact=True, obj=n)
-
-
 def test_tracked_and_events_rows_by_hand(tmp_path):
     w, rec = _recorder(tmp_path, buffer_steps=8)
     rec.track_layout = [(0, np.array([3, 7])), (2, np.array([0]))]

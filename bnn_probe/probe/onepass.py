@@ -362,8 +362,7 @@ class OnePass:
             hp = [(j[3], j[4]) for j in js]
             g.g_missing = g.m_missing = []
             tensors = [j[0] for j in js] + [j[1] for j in js]
-        else:
-            self._ptrs = None
+        else:  # (_set_ptrs drops the cached pointers)
             self._set_ptrs(self.wp, [ly.param for ly in layers])
             ms = self._momentum_ptrs()
             self.gp[:] = [0 if j is None else j[2].data_ptr() for j in js]

@@ -340,54 +340,38 @@ class Probe:
 
     def _measure(self, t: int) -> None:
         _, log, trk, ev, hist, snap, quant = self._schedule(t)
-        if len(self.groups) == 1:  # one group (its rows in layer order): its results go to the recorder as they are
-            g = self.groups[0]
-            o = g.measure(t, log, trk, ev, hist, snap, quant)
-            rec = self.rec
-            routed = self._routed if self._routed[0] == t else (t, False, False, False)  # (the pre hook's route)
-            if log:
-                if routed[1]:
-                    rec.commit("steps", t, self._hyper())
-                else:
-                    rec.add_steps(t, o["ints"], o["floats"], self._hyper())
-            if ev and self.events_per_layer > 0:
-                if routed[2]:
-                    rec.commit("events", t)
-                else:
-                    rec.add_events(t, *o["events"])
-            if trk:
-                if routed[3]:
-                    rec.commit("tracked", t)
-                else:
-                    rec.add_tracked(t, *o["tracked"])
-            if hist or snap:
-                self._add_rare(t, [o], snap)
-            return
         outs = [g.measure(t, log, trk, ev, hist, snap, quant) for g in self.groups]
+        rec = self.rec
+        # rows the compiled pass wrote straight into the recorder's buffers (the pre hook's route, Probe._lane)
+        _, in_rows, in_events, in_tracked = self._routed if self._routed[0] == t else (t, False, False, False)
         if log:
-            ints = self._cat([o["ints"] for o in outs], self._perm)
-            floats = self._cat([o["floats"] for o in outs], self._perm)
-            self.rec.add_steps(t, ints, floats, self._hyper())
+            if in_rows:
+                rec.commit("steps", t, self._hyper())
+            else:
+                ints = self._cat([o["ints"] for o in outs], self._perm)
+                floats = self._cat([o["floats"] for o in outs], self._perm)
+                rec.add_steps(t, ints, floats, self._hyper())
         if ev and self.events_per_layer > 0:
-            a = self._cat([o["events"][0] for o in outs], getattr(self, "_eperm", None))
-            b = self._cat([o["events"][1] for o in outs], getattr(self, "_eperm", None))
-            self.rec.add_events(t, a, b)
+            if in_events:
+                rec.commit("events", t)
+            else:
+                a = self._cat([o["events"][0] for o in outs], getattr(self, "_eperm", None))
+                b = self._cat([o["events"][1] for o in outs], getattr(self, "_eperm", None))
+                rec.add_events(t, a, b)
         if trk:
-            a = self._cat([o["tracked"][0] for o in outs], getattr(self, "_tperm", None))
-            b = self._cat([o["tracked"][1] for o in outs], getattr(self, "_tperm", None))
-            self.rec.add_tracked(t, a, b)
-        if hist or snap:
-            self._add_rare(t, outs, snap)
-
-    def _add_rare(self, t: int, outs: list[dict], snap: bool) -> None:
-        """The histograms and sign snapshots of step t (each group's, in its layers' rows)."""
+            if in_tracked:
+                rec.commit("tracked", t)
+            else:
+                a = self._cat([o["tracked"][0] for o in outs], getattr(self, "_tperm", None))
+                b = self._cat([o["tracked"][1] for o in outs], getattr(self, "_tperm", None))
+                rec.add_tracked(t, a, b)
         for g, o in zip(self.groups, outs, strict=True):
             for q, (cnt, stats, rows) in o.get("hists", {}).items():
                 for k in rows:
-                    self.rec.add_hist(t, g.rows[k], q, cnt[k], stats[k])
+                    rec.add_hist(t, g.rows[k], q, cnt[k], stats[k])
             if snap:
                 for k, li in enumerate(g.rows):
-                    self.rec.add_snapshot(t, li, g.layer_slice(o["snap"], k))
+                    rec.add_snapshot(t, li, g.layer_slice(o["snap"], k))
 
     def _hyper(self) -> np.ndarray:
         """[L, 4] float64 (γ, τ, lr, σ) of every layer as its param group holds them now (NaN where absent or not a
