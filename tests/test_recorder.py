@@ -134,6 +134,26 @@ def test_steps_rows_by_hand_across_drains(tmp_path):
     assert str(df.sign_hash.dtype) == "Int64"
 
 
+def test_running_flip_ratio_does_not_depend_on_when_drains_happen(tmp_path):
+    """The running mean continues across drains in the order of one cumulative sum over the run: the same bits
+    whether the recorder drains every step, every 3 steps or once (drains follow flush timing)."""
+    gen = np.random.default_rng(0)
+    flips = gen.integers(0, 7, size=(40, 2))
+    cols = []
+    for k, buffer_steps in enumerate((1, 3, 64)):
+        w, rec = _recorder(tmp_path / str(k), n=(7, 13), buffer_steps=buffer_steps)
+        for t, (f0, f1) in enumerate(flips, start=1):
+            rec.add_steps(t, torch.tensor([[f0, 0, 0, 0], [f1, 0, 0, 0]]), torch.full((2, K), math.nan),
+                          np.full((2, 4), math.nan))
+            if rec.pending() >= rec.buffer_steps:
+                rec.drain()
+        rec.flush()
+        cols.append(_read(w.path, "steps").flip_ratio_running.to_numpy())
+    assert np.array_equal(cols[0], cols[1]) and np.array_equal(cols[0], cols[2])
+    ratio = flips / np.array([7, 13])
+    assert np.array_equal(cols[2].reshape(40, 2), np.cumsum(ratio, axis=0) / np.arange(1, 41)[:, None])
+
+
 def test_pending_copies_reused_numpy_buffers_and_rechecks_after_a_layout_change():
     """The every-step path for the same numpy buffers step after step copies their values (not references); after a
     drain that changes the layout, an old buffer of the other shape is refused (the caller drains), not broadcast."""

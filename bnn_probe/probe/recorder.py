@@ -284,7 +284,9 @@ class Recorder:
         ints = ints.reshape(S, L, len(self.INT_COLUMNS))
         floats = floats.reshape(S, L, len(self.FLOAT_COLUMNS))
         ratio = ints[:, :, 0] / self.n[None, :]
-        csum = np.cumsum(ratio, axis=0) + self.run_sum[None, :]
+        # the running sum continues from the last drain in the same order of additions as one cumsum over the whole
+        # run, so the column does not depend on when drains happen (flush timing)
+        csum = np.cumsum(np.concatenate([self.run_sum[None, :], ratio]), axis=0)[1:]
         cnt = np.arange(1, S + 1)[:, None] + self.run_n[None, :]
         running = csum / cnt
         self.run_sum = csum[-1].copy()
