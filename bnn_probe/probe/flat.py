@@ -36,7 +36,8 @@ from ..runlog.schema import MARGIN_EXCEED, MARGIN_LADDER, MARGIN_Q, MARGIN_QUANT
 from . import onepass
 from .binary_detect import LayerInfo, clip_value_of
 from .context import hash_coefficients, normalize_2nd
-from .fused import _at_positions, make_step_fn, maybe_compile
+from .cuda_graph import StepGraphs
+from .fused import _at_positions, step_fn
 from .quantities import QUANTILES
 
 __all__ = ["FlatGroup", "group_layers"]
@@ -154,9 +155,12 @@ class FlatGroup:
 
     def __init__(self, layers: list[LayerInfo], rows: list[int], q_idx: list[Tensor | None], t_idx: list[Tensor],
                  probed: torch.optim.Optimizer, sign_hash: bool, events_per_layer: int,
-                 float_columns: Sequence[str], device_path: bool | None = None, compile_probe: bool = False) -> None:
+                 float_columns: Sequence[str], device_path: bool | None = None, compile_probe: bool = False,
+                 cuda_graphs: bool | None = None) -> None:
         """``device_path``: measure with the pure-torch step of probe/fused.py (None: on any device but the CPU;
-        True also on the CPU, for tests); ``compile_probe``: ``torch.compile`` that step (implies the device path)."""
+        True also on the CPU, for tests); ``compile_probe``: ``torch.compile`` that step (implies the device path);
+        ``cuda_graphs``: replay the device path's step as a CUDA graph (probe/cuda_graph.py; None: on CUDA; True on
+        another device runs the same staging and packing without a graph, for tests)."""
         self.layers, self.rows, self.probed = layers, rows, probed
         self.family = layers[0].family
         self.bop = self.family != "latent"
@@ -263,10 +267,16 @@ class FlatGroup:
         if self.fused:
             self.t_dev = torch.zeros((), dtype=torch.int32, device=dev)
             self.u0 = torch.zeros(self.L, self.E, dtype=torch.float64, device=dev)
-            self.g0 = torch.zeros(self.N, dtype=self.dtype, device=dev)
             self.compile_probe = bool(compile_probe)
-            self._step = maybe_compile(make_step_fn(self.bop, self.ns, len(self.bits), self.E, sign_hash, True,
-                                                    binarized=self.any_custom), self.compile_probe)
+            self._step = step_fn(self.bop, self.ns, len(self.bits), self.E, sign_hash, True, self.any_custom,
+                                 self.compile_probe)
+            # fixed-address inputs (a CUDA graph reads them where it captured them)
+            self._buf("g", self.dtype)
+            self._buf("m", self.dtype)
+            self.adam_buf = self.nan_lat[:, :2].clone()
+        use_graphs = self.fused and not self.any_custom and (dev.type == "cuda" if cuda_graphs is None
+                                                             else bool(cuda_graphs))
+        self.graphs = StepGraphs(dev) if use_graphs else None
 
     # ------------------------------------------------------------------ binarizer stage
     def _setup_binarizers(self) -> None:
@@ -465,10 +475,10 @@ class FlatGroup:
         dev = self.device
         if self.bop:
             taus = [k[0] for k in key]
-            self.tau_l = _to_dev(taus, torch.float64, dev)  # for inertia τ − w·m (float64, like the reference)
-            self.tau32_l = _to_dev(taus, self.dtype, dev)  # per layer, in the weights' dtype (device path)
-            self.tau_t = self.tau_l[self.t_layer]
-            self.tau_e = self.tau_l[self.ev_layer]
+            self._dev_vec("tau_l", taus, torch.float64)  # for inertia τ − w·m (float64, like the reference)
+            self._dev_vec("tau32_l", taus, self.dtype)  # per layer, in the weights' dtype (device path)
+            self._dev_gather("tau_t", self.t_layer)
+            self._dev_gather("tau_e", self.ev_layer)
             self.tau_nan = any(t != t for t in taus)
             if len(set(taus)) == 1 and not self.tau_nan:
                 self.tau, self.ntau = taus[0], -taus[0]
@@ -492,8 +502,8 @@ class FlatGroup:
             clips = [math.nan if c is None else float(c) for c in key]
             self.clip_any = any(c is not None for c in key)
             self.clip_none_rows = [li for li, c in enumerate(key) if c is None]
-            self.clip32_l = _to_dev(clips, self.dtype, dev)
-            self.clip_valid_l = _to_dev([c is not None for c in key], torch.bool, dev)
+            self._dev_vec("clip32_l", clips, self.dtype)
+            self._dev_vec("clip_valid_l", [c is not None for c in key], torch.bool)
             if self.np_dtype is not None:
                 self.hyper_np = {"clip": np.asarray(clips, dtype=self.np_dtype),
                                  "clip_valid": np.asarray([c is not None for c in key], dtype=np.uint8)}
@@ -503,6 +513,24 @@ class FlatGroup:
                 self.clip = clips[0]
             else:
                 self.clip = _to_dev(clips, self.dtype, dev)[self.layer_id]
+
+    def _dev_vec(self, name: str, values: list, dtype: torch.dtype) -> None:
+        """``self.<name>`` = the values as a device vector; on the device path written into the existing tensor (a
+        captured CUDA graph reads it at its address: a new τ must not need a new graph)."""
+        new = _to_dev(values, dtype, self.device)
+        old = self.__dict__.get(name)
+        if self.fused and old is not None and old.shape == new.shape and old.dtype == dtype:
+            old.copy_(new)
+        else:
+            setattr(self, name, new)
+
+    def _dev_gather(self, name: str, index: Tensor) -> None:
+        """``self.<name>`` = ``tau_l[index]``, in place on the device path (see :meth:`_dev_vec`)."""
+        old = self.__dict__.get(name)
+        if self.fused and old is not None and old.shape == index.shape:
+            torch.index_select(self.tau_l, 0, index, out=old)
+        else:
+            setattr(self, name, self.tau_l[index])
 
     def _above(self, abs_m: Tensor, out: Tensor | None = None) -> Tensor:
         return _cmp("gt", abs_m, self.tau, out)
@@ -547,36 +575,72 @@ class FlatGroup:
 
     def _measure_fused(self, t: int, log: bool, trk: bool, ev: bool, hist: bool, snap: bool,
                        quant: bool = True) -> dict:
-        """The device path: flat cats (eager), then the pure step of probe/fused.py (eager or compiled), which
-        updates counters, last-flip steps, |m| > τ and w·m in place; histograms and snapshots (rare) eagerly."""
+        """The device path: flat cats, then the pure step of probe/fused.py (eager or compiled), which updates
+        counters, last-flip steps, |m| > τ and w·m in place — replayed as one CUDA graph with the cats when
+        ``self.graphs`` is set (probe/cuda_graph.py); histograms and snapshots (rare) eagerly."""
         self._read_hyper()
         s = self._fused_inputs()
-        w = s["w"] = self.cat_w(out=self.wbuf)
-        m = None
-        if self.bop:
-            m = s["m"] = self.cat_m()
+        ev = ev and self.E > 0
         if log:
             s["g"] = self.cat_g()
             if not self.bop:
                 s["adam"] = self._adam_step() if quant else self.nan_lat[:, :2]
-        if self.any_custom:  # the binarizer stage runs eagerly; the fused step gets its signs (and latent margins)
-            s["sign"], s["prev_sign"] = self.binarize(w), self.binarize(self.prev_w)
-            if not self.bop:
-                s["margin"], s["prev_margin"] = self.margin(w), self.margin(self.prev_w)
         self.t_dev.fill_(t)
-        ev = ev and self.E > 0
         if ev:
-            s["u"] = torch.rand(self.L, self.E, generator=self.gen, device=self.device, dtype=torch.float64)
-        out = self._step(s, log, trk, ev, quant)
+            s["u"] = torch.rand(self.L, self.E, generator=self.gen, device=self.device, dtype=torch.float64,
+                                out=self.u0)
+        if self.graphs is not None:
+            out = self._measure_graphed(s, log, trk, ev, quant)
+            w, m = s["w"], s.get("m")
+        else:
+            w = s["w"] = self.cat_w(out=self.wbuf)
+            m = None
+            if self.bop:
+                m = s["m"] = self.cat_m()
+            if self.any_custom:  # the binarizer stage runs eagerly; the fused step gets its signs (latent margins)
+                s["sign"], s["prev_sign"] = self.binarize(w), self.binarize(self.prev_w)
+                if not self.bop:
+                    s["margin"], s["prev_margin"] = self.margin(w), self.margin(self.prev_w)
+            out = self._step(s, log, trk, ev, quant)
         if hist:
             out["hists"] = self._hists(w, w * m if self.bop else None, m.abs() if self.bop else None)
         if snap:
             out["snap"] = s["sign"].clone() if self.any_custom else w >= 0
         return out
 
+    def _measure_graphed(self, s: dict, log: bool, trk: bool, ev: bool, quant: bool) -> dict:
+        """The step with the concatenations of w_t (and m_t) inside one captured graph (probe/cuda_graph.py). Every
+        input sits at a fixed address; the key holds their pointers (a moved parameter or state: a new graph)."""
+        if not self.bop and log and s["adam"] is not self.adam_buf:  # computed eagerly: into its fixed buffer
+            self.adam_buf.copy_(s["adam"])
+            s["adam"] = self.adam_buf
+        wviews = self._pv.get([ly.param for ly in self.layers])
+        mviews = None
+        m_in_graph = self.family == "bop"
+        if self.bop:
+            mbuf = self._bufs["m"]
+            if m_in_graph:
+                mviews, missing = self._state_views(self.mkey)
+                self.m_missing = missing
+                self._check_momentum(missing)
+            else:  # Bop2ndOrder's normalisation reads host numbers: eagerly, into the fixed buffer
+                mbuf.copy_(self.cat_m())
+            s["m"] = mbuf
+        ptrs = (tuple(v.data_ptr() for v in s.values()), tuple(self._pv.key or ()),
+                tuple(self._mv.key or ()) if m_in_graph else ())
+
+        def step() -> dict:
+            torch.cat(wviews, out=self.wbuf)
+            if mviews is not None:
+                torch.cat(mviews, out=mbuf)
+            return self._step(s, log, trk, ev, quant)
+
+        return self.graphs.run((log, trk, ev, quant), ptrs, step)
+
     def _fused_inputs(self) -> dict:
         """The tensors of the fused step, with the same keys every step (a stable graph signature)."""
-        s = {"w": self.wbuf, "prev_w": self.prev_w, "g": self.g0, "u": self.u0, "t": self.t_dev, "sign0": self.sign0,
+        s = {"w": self.wbuf, "prev_w": self.prev_w, "g": self._bufs["g"], "u": self.u0, "t": self.t_dev,
+             "sign0": self.sign0,
              "count": self.count, "last": self.last, "layer_id": self.layer_id, "code_base": self.code_base_f,
              "count_mat": self.count_mat, "bounds": self.bounds, "starts": self.starts, "n_f": self.n_f,
              "qsel": self.qsel, "qpad": self.qpad_t, "qpos": self.qpos, "qfrac": self.qfrac, "tsel": self.tsel,
@@ -584,12 +648,12 @@ class FlatGroup:
         if self.sign_hash:
             s["mix"] = self.mix
         if self.bop:
-            s.update(m=self.g0, tau32=self.tau32_l, tau64=self.tau_l, tau_t=self.tau_t, tau_e=self.tau_e,
+            s.update(m=self._bufs["m"], tau32=self.tau32_l, tau64=self.tau_l, tau_t=self.tau_t, tau_e=self.tau_e,
                      prev_above=self.prev_above, wm_prev=self.wm_prev, m_prev=self.m_prev, nan_lat=self.nan_lat,
                      mpos=self.mpos, mfrac=self.mfrac)
         else:
             s.update(clip32=self.clip32_l, clip_valid=self.clip_valid_l, nan_bop=self.nan_bop,
-                     adam=self.nan_lat[:, :2])
+                     adam=self.adam_buf)
         return s
 
     def _adam_step(self) -> Tensor:
@@ -677,10 +741,21 @@ class FlatGroup:
                 cnt = torch.histc(b.double(), bins=self.L * nb, min=0, max=self.L * nb).to(torch.int64)
             else:
                 cnt = torch.bincount(b, minlength=self.L * nb)
-            stats = torch.stack([torch.segment_reduce(x, r, lengths=self.lengths) for r in ("min", "max", "sum")] +
-                                [torch.segment_reduce(x * x, "sum", lengths=self.lengths)], 1)
+            stats = self._layer_stats(x)
             out[q] = (cnt.view(self.L, nb), stats, rows)
         return out
+
+    def _layer_stats(self, x: Tensor) -> Tensor:
+        """[L, 4] float64 (min, max, Σx, Σx²) per layer of a flat float64 tensor: ordinary reductions of each layer's
+        view (on CUDA ``segment_reduce`` runs one thread block per segment, ~1 ms per call on a 4 M-weight layer)."""
+        rows = []
+        for t in x.split(self.ns):
+            if t.numel() == 0:
+                rows.append(torch.full((4,), _NAN, dtype=torch.float64, device=x.device))
+                continue
+            lo, hi = torch.aminmax(t)
+            rows.append(torch.stack([lo, hi, t.sum(), torch.dot(t, t)]))
+        return torch.stack(rows)
 
     def _edges(self, q: str, edges: list[float]) -> Tensor:
         cache = self.__dict__.setdefault("_edge_cache", {})

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..runlog.schema import MARGIN_LADDER
 
-__all__ = ["make_step_fn", "maybe_compile"]
+__all__ = ["make_step_fn", "maybe_compile", "step_fn"]
 
 _NAN = float("nan")
 
@@ -181,6 +181,29 @@ def make_step_fn(bop: bool, ns: list[int], n_bits: int, events: int, sign_hash: 
     return step
 
 
+# Recompilations allowed per step function: one per combination of the cadence flags (log, trk, ev, quant: 16 at
+# most). Dynamo's default limit (8 per code object) would be reached by a process that attaches probes to several
+# models (a study) or uses unusual cadences, and fullgraph=True turns that into a failure.
+RECOMPILE_LIMIT = 64
+_STEP_CACHE: dict[tuple, maybe_compile] = {}
+
+
+def step_fn(bop: bool, ns: list[int], n_bits: int, events: int, sign_hash: bool, has_pad: bool, binarized: bool,
+            compile: bool) -> maybe_compile:
+    """The (compiled) step of one group layout, shared by every probe with that layout in this process: a study's
+    runs on one model compile once. Each layout gets its own copy of the step's code object, so Dynamo keeps its
+    compiled graphs apart from other layouts' (a per-code-object cache)."""
+    key = (bop, tuple(int(n) for n in ns), n_bits, int(events), sign_hash, has_pad, binarized, compile)
+    fn = _STEP_CACHE.get(key)
+    if fn is None:
+        step = make_step_fn(bop, list(key[1]), n_bits, events, sign_hash, has_pad, binarized)
+        step.__code__ = step.__code__.replace()  # a distinct code object per layout
+        if len(_STEP_CACHE) >= 32:
+            _STEP_CACHE.clear()
+        fn = _STEP_CACHE[key] = maybe_compile(step, compile)
+    return fn
+
+
 class maybe_compile:  # noqa: N801 - used like a function
     """``torch.compile(fn, dynamic=False, fullgraph=True)``; on any failure to compile, one warning and ``fn`` eager."""
 
@@ -193,7 +216,13 @@ class maybe_compile:  # noqa: N801 - used like a function
         if not self.compiled:
             return self.eager(*args, **kwargs)
         try:
-            return self.fn(*args, **kwargs)
+            try:
+                return self.fn(*args, **kwargs)
+            except Exception as exc:  # Dynamo's per-code-object limit: compile this one under a higher limit
+                if "RecompileLimit" not in type(exc).__name__ and "CacheSizeLimit" not in type(exc).__name__:
+                    raise
+                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                    return self.fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - compile errors surface at the first call (before any mutation)
             warnings.warn("bnn-probe: torch.compile of the probe's step failed, measuring eagerly instead "
                           f"({exc!r:.300})", RuntimeWarning, stacklevel=2)

@@ -93,7 +93,8 @@ class Probe:
                  tb_every: Cadence = None, config: dict | None = None, tag: str | None = None,
                  rank: int | None = None, resume: bool = False, seed: int = 0, sign_hash: bool = True,
                  buffer_steps: int = 256, compile_probe: bool | None = None,
-                 device_path: bool | None = None, binarizer: BinarizerSpec = None, family: str | None = None,
+                 device_path: bool | None = None, cuda_graphs: bool | None = None, binarizer: BinarizerSpec = None,
+                 family: str | None = None,
                  momentum_key: str | None = None, threshold_key: str | None = None, gamma_key: str | None = None,
                  check_every: Cadence = 100) -> None:
         self.model = model
@@ -126,6 +127,7 @@ class Probe:
         dev0 = self.layers[0].param.device
         self.compile_probe = dev0.type == "cuda" if compile_probe is None else bool(compile_probe)
         self.device_path = self.compile_probe or (dev0.type != "cpu" if device_path is None else bool(device_path))
+        self.cuda_graphs = cuda_graphs
         self.status = "running"
         self._closed = False
         self._callbacks: list[tuple[Schedule, Callable[[Probe, int], None]]] = []
@@ -164,7 +166,8 @@ class Probe:
         for rows in group_layers(self.layers):
             grp = FlatGroup([self.layers[i] for i in rows], rows, [q_idx[i] for i in rows], [t_idx[i] for i in rows],
                             self.optimizer, self.sign_hash, self.events_per_layer, Recorder.FLOAT_COLUMNS,
-                            device_path=self.device_path, compile_probe=self.compile_probe)
+                            device_path=self.device_path, compile_probe=self.compile_probe,
+                            cuda_graphs=self.cuda_graphs)
             grp.gen = self._event_gen if grp.device == dev else torch.Generator(device=grp.device).manual_seed(
                 self.seed + 1)
             self.groups.append(grp)
@@ -256,6 +259,7 @@ class Probe:
             "quantiles": list(QUANTILES), "flush_every_steps": self.flush_every_steps, "flush_secs": self.flush_secs,
             "seed": self.seed, "sign_hash": self.sign_hash, "compile_probe": self.compile_probe,
             "device_path": self.device_path,
+            "cuda_graphs": any(g.graphs is not None and g.graphs.capture for g in getattr(self, "groups", ())),
             "tb_every": self.tb_every.to_dict() if self.tb_every else None, "hist_edges": HIST_EDGES,
             "check_every": self.check_every.to_dict(),
             "optimizer_keys": {ly.name: {k: ly.extra[k] for k in ("momentum_key", "threshold_key", "gamma_key")}
@@ -455,6 +459,8 @@ class Probe:
         for g in getattr(self, "groups", []):  # a request left by a step that never ran (an exception in between)
             if getattr(g, "onepass", None) is not None:
                 g.onepass.withdraw()
+            if getattr(g, "graphs", None) is not None:  # their memory pools go back to the allocator
+                g.graphs.release()
         if hasattr(self, "checks"):
             self.checks.remove()
         if self.active:
@@ -582,8 +588,10 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.
     ``compile_probe=None`` (``torch.compile`` the every-step measurement: None = on for CUDA, off otherwise; a compile
     failure warns once and measures eagerly), ``device_path=None`` (the pure-torch measurement of probe/fused.py:
     None = on any device but the CPU, where the compiled one-pass measurement of probe/onepass.py is used when
-    installed; True forces the pure-torch path on the CPU; implied by compile_probe).
-    The logged values do not depend on these two options.
+    installed; True forces the pure-torch path on the CPU; implied by compile_probe), ``cuda_graphs=None`` (the
+    device path's every-step measurement replayed as one CUDA graph per cadence combination, captured at its second
+    step: None = on for CUDA; False = ordinary launches; probe/cuda_graph.py).
+    The logged values do not depend on these three options.
     Cadences take an int n (every n-th step; 0 = never) or a schedule (``Every``, ``LogSpaced``).
 
     >>> probe = attach(model, opt, "runs/x")   # doctest: +SKIP
