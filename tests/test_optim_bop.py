@@ -301,3 +301,72 @@ def test_c_step_uses_torch_rounding_of_gamma_g():
     w.grad = g
     opt.step()
     assert torch.equal(opt.state[w]["exp_avg"], m0.clone().mul_(1 - 1e-4).add_(g, alpha=1e-4))
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_fused_triton_matches_hand_computation():
+    """fused=True on CUDA: the one-launch Triton kernel (optim/bop_triton.py) against Algorithm 1 by hand."""
+    from bnn_probe.optim import bop_triton
+
+    w = torch.nn.Parameter(torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0], device="cuda"))
+    opt = Bop([w], gamma=0.5, threshold=0.25, fused=True)
+    for g, m_exp, w_exp in zip(GRADS, EXPECTED_M, EXPECTED_W, strict=True):
+        w.grad = torch.tensor(g, device="cuda")
+        opt.step()
+        assert torch.equal(opt.state[w]["exp_avg"].cpu(), torch.tensor(m_exp))
+        assert torch.equal(w.detach().cpu(), torch.tensor(w_exp))
+    assert bop_triton.available()  # it really ran the kernel
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_fused_triton_equals_foreach_bit_for_bit():
+    """Random γ·g (not dyadic: rounding matters), tensors across several blocks and of odd sizes, two groups, a NaN
+    and an inf gradient entry (skipped and counted, as on the other paths), γ changed mid-run: the Triton kernel
+    (fused=True and the default on CUDA) gives the foreach path's m and flips exactly, with no host
+    synchronisation in its step."""
+    from bnn_probe.optim import bop_triton
+
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(7, 3), (5000,), (64, 32, 3, 3), (2049,)]
+    init = [(torch.randint(0, 2, s, generator=gen) * 2 - 1).float() for s in shapes]
+    sets = [[torch.nn.Parameter(w.clone().cuda()) for w in init] for _ in range(3)]
+    hyper = [dict(gamma=1e-2, threshold=3e-3), dict(gamma=3e-3, threshold=1e-3)]
+    opts = [Bop([dict(params=ps[:2], **hyper[0]), dict(params=ps[2:], **hyper[1])], **kw)
+            for ps, kw in zip(sets, [dict(fused=True), dict(), dict(foreach=True)], strict=True)]
+    for step in range(30):
+        if step == 10:
+            for opt in opts:
+                opt.param_groups[1]["gamma"] = 7e-3
+        for k in range(len(shapes)):
+            g = torch.randn(shapes[k], generator=gen) * 0.3
+            if step == 4 and k == 1:
+                g[17] = float("nan")
+            if step == 6 and k == 1:
+                g[18] = -float("inf")
+            for ps in sets:
+                ps[k].grad = g.cuda()
+        torch.cuda.synchronize()
+        for opt in opts[:2]:
+            torch.cuda.set_sync_debug_mode("error")  # any host synchronisation inside the step raises
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        opts[2].step()
+        for k in range(len(shapes)):
+            for ps, opt in zip(sets[:2], opts[:2], strict=True):
+                assert torch.equal(ps[k], sets[2][k])
+                assert torch.equal(opt.state[ps[k]]["exp_avg"], opts[2].state[sets[2][k]]["exp_avg"])
+    flips = sum(int((a.detach().cpu() != w).sum()) for a, w in zip(sets[0], init, strict=True))
+    assert flips > 100
+    assert opts[2].state[sets[2][1]]["nonfinite_skipped"] == 2
+    assert opts[0].nonfinite_skipped(sets[0][1]) == 2 and opts[0].nonfinite_skipped(sets[0][0]) == 0
+    assert "nonfinite_skipped" not in opts[1].state[sets[1][1]]  # on the device until folded:
+    sd = opts[1].state_dict()
+    assert sd["state"][1]["nonfinite_skipped"] == 2 and opts[1].nonfinite_skipped(sets[1][1]) == 2
+    assert bop_triton.available()

@@ -25,16 +25,22 @@ for bit: torch's CPU ``add_(g, alpha=γ)`` rounds γ·g inside one fused multipl
 
 * default (``foreach=None, fused=None``): on the CPU the C step (:mod:`bnn_probe.optim.cstep`, built with the
   probe's extension): one pass over all tensors (read g, m, w; write m, w), non-finite gradient entries skipped and
-  counted in the same pass; an attached bnn-probe probe measures inside this pass (docs/quantities.md). Elsewhere,
-  and on the CPU without the extension, the ``foreach`` path.
+  counted in the same pass; an attached bnn-probe probe measures inside this pass (docs/quantities.md). On CUDA
+  (float32, contiguous) one Triton kernel over all tensors of the group (:mod:`bnn_probe.optim.bop_triton`), which
+  skips and counts non-finite entries on the device, so the step has no host synchronisation (the counts reach
+  ``state[p]["nonfinite_skipped"]`` at ``state_dict()`` / :meth:`Bop.nonfinite_skipped`). Elsewhere, and on the CPU
+  without the extension, the ``foreach`` path.
 * ``foreach=False``: a plain Python loop over tensors (``mul_``, ``add_``, one ``torch.where`` per tensor); the
   reference.
 * ``foreach=True``: eager ``torch._foreach_*`` ops over all tensors at once, no compiler. On CPU the tensors are
   cut into cache-sized blocks so its 5 elementwise passes run out of cache rather than memory. Bit-identical to the
   loop.
-* ``fused=True``: on the CPU the C step; elsewhere one ``torch.compile``d call over all tensors of a device and
-  dtype (``_foreach`` ops, which Inductor fuses horizontally: Triton on GPU), compiled once per process on first use
-  (seconds); if compilation is unavailable or fails it warns once and falls back to the eager ``foreach`` path.
+* ``fused=True``: on the CPU the C step; on CUDA (float32) one Triton kernel over all tensors of the device
+  (:mod:`bnn_probe.optim.bop_triton`: a pointer table, one launch, γ·g in a fused multiply-add as in the ``foreach``
+  path's ``add_(g, alpha=γ)``); elsewhere one ``torch.compile``d call over all tensors of a device and dtype
+  (``_foreach`` ops, which Inductor fuses horizontally), compiled once per process on first use (seconds); if
+  Triton or compilation is unavailable or fails it warns once and falls back to the next path (compiled, then
+  the eager ``foreach`` path).
 
 Example:
     >>> import torch
@@ -61,7 +67,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import cstep
+from . import bop_triton, cstep
 from ._validate import GammaAliasOptimizer, check_bop_group, check_hparam
 from .cstep import MEASURE_ATTR, MeasureRequest, bop_step_c
 from .nonfinite import FINITE_ATTR, STATE_KEY, nonfinite_params, skip_nonfinite
@@ -82,12 +88,13 @@ class Bop(GammaAliasOptimizer):
         threshold: flip threshold τ ≥ 0.
         check_binary: at the first step, raise ``ValueError`` if a weight is not exactly ±1.
         foreach: ``True``: the eager multi-tensor path; ``False``: the per-tensor loop; ``None`` (default): the C
-            step on the CPU, else foreach.
-        fused: the C step on the CPU; elsewhere one compiled call over all tensors (``torch.compile``), eager
-            fallback.
+            step on the CPU, the Triton kernel on CUDA float32, else foreach.
+        fused: the C step on the CPU; the Triton kernel on CUDA float32; elsewhere one compiled call over all
+            tensors (``torch.compile``), eager fallback.
 
     State: ``state[p]["exp_avg"]`` = m; ``state[p]["nonfinite_skipped"]`` = non-finite gradient entries skipped so
-    far (present once there was one). Class attribute ``bnn_family = "bop"``.
+    far (present once there was one; on the CUDA kernel path added in at ``state_dict()``, or read it with
+    :meth:`nonfinite_skipped`). Class attribute ``bnn_family = "bop"``.
     """
 
     bnn_family = "bop"
@@ -141,6 +148,7 @@ class Bop(GammaAliasOptimizer):
                                     [j[3] for j in todo], [j[4] for j in todo])
             for job, n_bad in zip(todo, bad_counts, strict=True):
                 self._count_skipped(job, n_bad, finite)
+        rest = [r for r in rest if not self._triton_step(*r)]  # CUDA float32: one kernel, no synchronisation
         bad = nonfinite_params(self, [w for r in rest for w in r[3]])  # NaN/±inf entries are skipped
         self.__dict__[FINITE_ATTR] = self.__dict__.get(FINITE_ATTR, frozenset()) | finite
         for group, gamma, threshold, ws, ms, gs in rest:
@@ -154,6 +162,48 @@ class Bop(GammaAliasOptimizer):
             else:
                 bop_step_foreach(ws, ms, gs, gamma, threshold)
         return loss
+
+    def _triton_step(self, group: dict[str, Any], gamma: float, threshold: float, ws: list[Tensor],
+                     ms: list[Tensor], gs: list[Tensor]) -> bool:
+        """The default and ``fused=True`` on CUDA float32 tensors: one Triton launch (optim/bop_triton.py) that also
+        skips and counts non-finite gradient entries on the device; False where it does not apply."""
+        if not _c_step(group) or not bop_triton.eligible(ws, ms, gs):
+            return False
+        key = tuple(id(w) for w in ws)
+        slot = self._device_skips.get(key)
+        if slot is None:
+            slot = self._device_skips[key] = (ws, torch.zeros(len(ws), dtype=torch.int64, device=ws[0].device))
+        return bop_triton.step(ws, ms, gs, gamma, threshold, slot[1])
+
+    @property
+    def _device_skips(self) -> dict[tuple[int, ...], tuple[list[Tensor], Tensor]]:
+        d = self.__dict__.get("_device_skip_counts")
+        if d is None:
+            d = self.__dict__["_device_skip_counts"] = {}
+        return d
+
+    def _fold_device_skips(self) -> None:
+        """Add the device-side counts of skipped non-finite entries (Triton path) to ``state[p]["nonfinite_skipped"]``
+        (one host synchronisation)."""
+        for ws, counts in self._device_skips.values():
+            if not counts.any():
+                continue
+            for w, n in zip(ws, counts.tolist(), strict=True):
+                if n:
+                    st = self.state[w]
+                    st[STATE_KEY] = int(st.get(STATE_KEY, 0)) + int(n)
+            counts.zero_()
+
+    def nonfinite_skipped(self, p: Tensor) -> int:
+        """Non-finite gradient entries of ``p`` skipped so far (``state[p]["nonfinite_skipped"]`` with the counts the
+        CUDA kernel keeps on the device added in)."""
+        self._fold_device_skips()
+        return int(self.state[p].get(STATE_KEY, 0)) if p in self.state else 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict``, after adding the device-side non-finite counts into the state (CUDA)."""
+        self._fold_device_skips()
+        return super().state_dict()
 
     def _count_skipped(self, job: tuple, n_bad: int, finite: set[int]) -> None:
         if n_bad:
@@ -290,7 +340,9 @@ def bop_step_fused(ws: list[Tensor], ms: list[Tensor], gs: list[Tensor], gamma: 
         parts[0].append(w.view(-1))
         parts[1].append(m.view(-1))
         parts[2].append(g.view(-1))
-    for fw, fm, fg in by_key.values():
+    for (dev, dtype), (fw, fm, fg) in by_key.items():
+        if dev.type == "cuda" and dtype == torch.float32 and bop_triton.step(fw, fm, fg, gamma, threshold):
+            continue  # one Triton launch for all tensors (optim/bop_triton.py)
         if not _FUSED_BOP(fw, fm, fg, *_scalars(fw[0], 1.0 - gamma, gamma, threshold)):
             bop_step_foreach(fw, fm, fg, gamma, threshold)
 
