@@ -3,9 +3,10 @@
 Parameters: the binary-weight shapes of BinaryNet at full width (14,022,016 weights, bnn_probe.models.BinaryNet()).
 Variants: Bop ``foreach=False`` (plain per-tensor loop, one torch.where per tensor), ``foreach=True`` (eager
 torch._foreach_*, cache-blocked on CPU), the default (on the CPU the C step of optim/cstep.py, one pass over all
-tensors; elsewhere foreach), ``fused=True`` (the C step on the CPU, elsewhere one torch.compile'd call over all
-tensors), and Adam(foreach=True) on the same shapes. All steps go through the optimizers' ``step()`` (Python overhead
-included). Timings are interleaved round by round and the median is reported.
+tensors; on CUDA the Triton kernel of optim/bop_triton.py, one launch, no host synchronisation), ``fused=True``
+(the C step on the CPU, the Triton kernel on CUDA), and Adam(foreach=True) on the same shapes. All steps go
+through the optimizers' ``step()`` (Python overhead included). Timings are interleaved round by round and the
+median is reported.
 
 Bandwidth: a Bop step must read g, m, w and write m, w: 5 floats = 20 bytes per weight. Its effective bandwidth is
 20·N / t, compared with ``dst.copy_(src)`` moving the same number of bytes (src and dst of 2.5·N floats each).
@@ -100,6 +101,14 @@ def main() -> None:
         for p in ps:
             opt.state[p]["exp_avg"] = (torch.randn(p.shape, generator=gen) * 1e-6).to(device)
         variants[name] = opt.step
+    if device.type == "cuda":  # the Triton kernel without Bop.step's Python (host cost = launch + pointer table)
+        from bnn_probe.optim import bop_triton
+
+        kp = make_params(shapes, device, gen, binary=True)
+        kw_, km, kg = [p.data for p in kp], [(torch.randn(p.shape, generator=gen) * 1e-6).to(device) for p in kp], \
+            [p.grad for p in kp]
+        kskip = torch.zeros(len(kp), dtype=torch.int64, device=device)
+        variants["Triton kernel alone"] = lambda: bop_triton.step(kw_, km, kg, 1e-4, 1e-8, kskip)
     probe = None
     if not args.no_probe:  # the default step with and without an attached probe, at a τ where flips are rare
         # (≈ 0.1 % of the weights per step, as in training; at τ = 1e-8 half of them flip every step and recording
@@ -119,9 +128,9 @@ def main() -> None:
     variants["copy_ (same bytes)"] = lambda: dst.copy_(src)
 
     t0 = time.perf_counter()
-    for f in variants.values():  # warm-up (compiles the fused kernel)
-        f()
-        f()
+    for k, f in variants.items():  # warm-up: compiles the kernels; with a probe, its step and CUDA graphs too
+        for _ in range(25 if k.endswith("probe") else 2):
+            f()
     sync()
     warm = time.perf_counter() - t0
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -133,6 +142,16 @@ def main() -> None:
             sync()
             times[k].append(time.perf_counter() - t)
 
+    back_to_back = {}
+    if device.type == "cuda":  # 50 steps launched back to back, one synchronisation: the GPU-side cost per step
+        for k in ("Adam(foreach=True)", "Bop default", "Bop fused=True", "Triton kernel alone"):
+            if k in variants:
+                sync()
+                t = time.perf_counter()
+                for _ in range(50):
+                    variants[k]()
+                sync()
+                back_to_back[k] = (time.perf_counter() - t) / 50
     bop_bytes = 20 * n
     probe_bytes = 22 * n  # the measured step also reads and writes the probe's state byte per weight
     threads = torch.get_num_threads()
@@ -156,6 +175,9 @@ def main() -> None:
         else:
             bw = pct = ""
         print(f"{k:26s} {ms:>17s} {ratio:>15s} {bw:>13s} {pct:>15s}")
+    for k, v in back_to_back.items():
+        print(f"back to back (50 steps, one sync): {k:22s} {1e3 * v:6.3f} ms/step, "
+              f"{v / back_to_back['Adam(foreach=True)']:.3f} x Adam")
     if probe is not None:
         probe.close()
         probe_dir.cleanup()

@@ -16,8 +16,10 @@ Attach/close and the final flush are outside the timed window; periodic drains i
 binary weights, measured in the same run (2 × 4 bytes moved per element: read + write).
 ``--threads N`` sets ``torch.set_num_threads(N)`` (CPU comparisons: 1).
 ``--compile-probe`` is attach's ``compile_probe`` (auto: compiled on CUDA, not on CPU); ``--device-path`` forces the
-pure-torch measurement on CPU too. The first probe-on step after attach (where the probe's step is compiled) is
-outside the timed window; its time is printed ("first step").
+pure-torch measurement on CPU too. The first probe-on steps after attach (``--settle``: 1 on the CPU, 21 on CUDA,
+where they compile the probe's step and capture its CUDA graphs, one per cadence combination at its second step) are
+outside the timed window; their mean time is printed. ``--variants '[{}, {"cuda_graphs": false}]'`` runs every case
+once per attach() option set in the same process (graphs on and off after one compile).
 """
 
 from __future__ import annotations
@@ -108,7 +110,8 @@ def train_steps(model, bop, adam, batches, k: int, dev) -> float:
     return (time.perf_counter() - t0) / k
 
 
-def bench(name: str, dev, reps: int, k: int, warmup: int, probe_opts: dict, root: Path, label: str = "") -> dict:
+def bench(name: str, dev, reps: int, k: int, warmup: int, probe_opts: dict, root: Path, label: str = "",
+          settle: int = 1) -> dict:
     model, bop, adam, batches = make_case(name, dev)
     train_steps(model, bop, adam, batches, warmup, dev)
     off, on, first = [], [], []
@@ -118,13 +121,20 @@ def bench(name: str, dev, reps: int, k: int, warmup: int, probe_opts: dict, root
         off.append(train_steps(model, bop, adam, batches, k, dev))
         logdir = root / f"{label or name}-{r}"
         probe = bnn_probe.attach(model, bop, logdir, **probe_opts)
-        # first step after attach allocates the probe's buffers and compiles its step (compile_probe): not timed
-        first.append(train_steps(model, bop, adam, batches, 1, dev))
+        # the first steps after attach allocate the probe's buffers, compile its step (compile_probe) and capture
+        # its CUDA graphs (one per cadence combination, at the combination's second step): not timed
+        t_first = time.perf_counter()
+        train_steps(model, bop, adam, batches, settle, dev)
+        first.append((time.perf_counter() - t_first) / settle)
         on.append(train_steps(model, bop, adam, batches, k, dev))
         n_binary = sum(ly.n for ly in probe.layers)
         path = "compiled" if all(g.fused and g._step.compiled for g in probe.groups) else \
             "device-eager" if all(g.fused for g in probe.groups) else "cpu-onepass" if not any(
                 g.fused for g in probe.groups) else "mixed"
+        graphs = [g.graphs for g in probe.groups if getattr(g, "graphs", None) is not None and g.graphs.capture]
+        if graphs:
+            path += f"+cuda-graphs({sum(g.captured for g in graphs)} captured, {sum(g.replays for g in graphs)} " \
+                    "replays)"
         probe.close()
         run = bnn_probe.load_run(logdir)
         rows += len(run.steps)
@@ -169,13 +179,32 @@ def profile(dev, root: Path, k: int) -> None:
     model, bop, adam, batches = make_case("binarynet", dev)
     train_steps(model, bop, adam, batches, 2, dev)
     probe = bnn_probe.attach(model, bop, root / "prof", tensorboard=False)
-    train_steps(model, bop, adam, batches, 2, dev)
+    train_steps(model, bop, adam, batches, 21, dev)  # compiled, graphs captured
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with tprofile(activities=acts) as prof:
         train_steps(model, bop, adam, batches, k, dev)
     probe.close()
-    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=25))
+    if dev.type == "cuda":
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def host_profile(dev, root: Path, name: str, k: int = 200) -> None:
+    """cProfile of k probe-on steps of one case after its graphs are captured: where the host's time goes (the
+    training loop included), top 30 functions by own time."""
+    import cProfile
+    import pstats
+
+    model, bop, adam, batches = make_case(name, dev)
+    probe = bnn_probe.attach(model, bop, root / f"cprof-{name}", tensorboard=False)
+    train_steps(model, bop, adam, batches, 41, dev)
+    prof = cProfile.Profile()
+    prof.enable()
+    train_steps(model, bop, adam, batches, k, dev)
+    prof.disable()
+    probe.close()
+    print(f"cProfile, {k} probe-on {name} steps:")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(30)
 
 
 def op_counts(dev, root: Path, name: str, k: int = 8) -> float:
@@ -210,6 +239,32 @@ def op_counts(dev, root: Path, name: str, k: int = 8) -> float:
     return per
 
 
+def run_case(case: str, dev, args, gpu: bool, popts: dict, root: Path, reps: int, k: int, warm: int, mlp_reps: int,
+             mlp_k: int, settle: int) -> dict | None:
+    label = f"{case}-{abs(hash(json.dumps(popts, sort_keys=True))) % 10**6}"
+    if case == "binarynet":
+        return bench("binarynet", dev, reps, k, warm, dict(popts), root, label, settle)
+    if case == "binarynet_hist16":
+        res = bench("binarynet", dev, reps, k, warm, {"hist_every": 16, **popts}, root, label, settle)
+        res["case"] = "binarynet_hist16"
+        return res
+    if case == "mlp_digits":
+        res = bench("mlp", dev, mlp_reps, mlp_k, 20, dict(popts), root, label, settle)
+        res["case"] = "mlp_digits"
+        return res
+    if case == "bitorch":
+        try:
+            import bitorch  # noqa: F401
+        except ImportError:
+            print("bitorch          skipped (pip install bnn-probe[interop])")
+            return None
+        return bench("bitorch", dev, mlp_reps, mlp_k, 20, dict(popts), root, label, settle)
+    if case == "wide-mlp":
+        wr, wk = (2, 3) if args.quick else ((7, 50) if gpu else (5, 20))
+        return bench("wide-mlp", dev, wr, wk, 3, dict(popts), root, label, settle)
+    raise SystemExit(f"unknown case {case}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -225,6 +280,14 @@ def main() -> None:
     ap.add_argument("--device-path", action="store_true", help="attach(device_path=True): pure-torch path on CPU")
     ap.add_argument("--options", default="{}",
                     help='more attach() options as JSON, e.g. \'{"track_every": 10}\' (what one option costs)')
+    ap.add_argument("--variants", default="",
+                    help='JSON list of attach() option sets, each case run once per set in this process, e.g. '
+                         '\'[{}, {"cuda_graphs": false}]\' (graphs on vs off, one compile for both)')
+    ap.add_argument("--settle", type=int, default=0,
+                    help="untimed probe-on steps after each attach (0: 21 on CUDA, where the probe's graphs are "
+                         "captured at each cadence combination's second step; 1 elsewhere)")
+    ap.add_argument("--cprofile", default="", help="cProfile 200 probe-on steps of this case (mlp, binarynet)")
+    ap.add_argument("--reps", type=int, default=0, help="on/off repetitions per case (0: the defaults)")
     args = ap.parse_args()
     popts: dict = json.loads(args.options)
     if args.compile_probe != "auto":
@@ -238,6 +301,8 @@ def main() -> None:
     gpu = dev.type == "cuda"
     reps, k, warm = (3, 2, 1) if args.quick else ((7, 30, 10) if gpu else (3, 5, 2))
     mlp_reps, mlp_k = (3, 20) if args.quick else ((7, 200) if gpu else (5, 100))
+    if args.reps > 0:
+        reps = mlp_reps = args.reps
     print(f"device={dev} torch={torch.__version__} threads={torch.get_num_threads()}"
           + (f" gpu={torch.cuda.get_device_name()}" if gpu else ""))
     with tempfile.TemporaryDirectory() as tmp:
@@ -245,37 +310,27 @@ def main() -> None:
         if args.ops:
             for name in ("mlp", "binarynet"):
                 op_counts(dev, root, name)
+        variants = json.loads(args.variants) if args.variants else [{}]
+        settle = args.settle if args.settle > 0 else (21 if gpu else 1)
         for case in args.cases.split(","):
-            if case == "binarynet":
-                res = bench("binarynet", dev, reps, k, warm, dict(popts), root)
-            elif case == "binarynet_hist16":
-                res = bench("binarynet", dev, reps, k, warm, {"hist_every": 16, **popts}, root, "hist16")
-                res["case"] = "binarynet_hist16"
-            elif case == "mlp_digits":
-                res = bench("mlp", dev, mlp_reps, mlp_k, 20, dict(popts), root)
-                res["case"] = "mlp_digits"
-            elif case == "bitorch":
-                try:
-                    import bitorch  # noqa: F401
-                except ImportError:
-                    print("bitorch          skipped (pip install bnn-probe[interop])")
+            for var in variants:
+                res = run_case(case, dev, args, gpu, {**popts, **var}, root, reps, k, warm, mlp_reps, mlp_k, settle)
+                if res is None:
                     continue
-                res = bench("bitorch", dev, mlp_reps, mlp_k, 20, dict(popts), root)
-            elif case == "wide-mlp":
-                wr, wk = (2, 3) if args.quick else ((7, 50) if gpu else (5, 20))
-                res = bench("wide-mlp", dev, wr, wk, 3, dict(popts), root)
-            else:
-                raise SystemExit(f"unknown case {case}")
-            print(f"{res['case']:18s} off {res['off_ms']:8.3f} ms  on {res['on_ms']:8.3f} ms  ratio {res['ratio']:.3f}"
-                  f"  (per rep: {', '.join(f'{r:.3f}' for r in res['ratios'])})"
-                  f"  bytes/(step,layer) row {res['bytes_per_step_row']:.1f} over {res['rows']} rows"
-                  f"  [probe path {res['path']}, first step after attach (not timed"
-                  f"{', incl. compile' if res['path'] == 'compiled' else ''}) {res['first_ms'][0]:.0f} ms, later reps "
-                  f"{', '.join(f'{x:.0f}' for x in res['first_ms'][1:])} ms]", flush=True)
-            if args.bandwidth:
-                report_bandwidth(res, dev)
+                tag = f" {json.dumps(var)}" if args.variants else ""
+                print(f"{res['case']:18s}{tag} off {res['off_ms']:8.3f} ms  on {res['on_ms']:8.3f} ms  ratio "
+                      f"{res['ratio']:.3f}  (per rep: {', '.join(f'{r:.3f}' for r in res['ratios'])})"
+                      f"  bytes/(step,layer) row {res['bytes_per_step_row']:.1f} over {res['rows']} rows"
+                      f"  [probe path {res['path']}; the {settle} untimed steps after attach"
+                      f"{' (incl. compile)' if 'compiled' in res['path'] else ''}: "
+                      f"{res['first_ms'][0]:.1f} ms/step in the first rep, later reps "
+                      f"{', '.join(f'{x:.1f}' for x in res['first_ms'][1:])}]", flush=True)
+                if args.bandwidth:
+                    report_bandwidth(res, dev)
         if args.profile:
             profile(dev, root, 5)
+        if args.cprofile:
+            host_profile(dev, root, args.cprofile)
 
 
 if __name__ == "__main__":

@@ -12,21 +12,8 @@ set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/bnn_probe_gpu_check}"
 mkdir -p "$OUT/runs"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MPLBACKEND=Agg PYTHONUNBUFFERED=1
-PY="${PYTHON:-python3}"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
-T0=$(date +%s)
-declare -a RESULTS=()
-
-stage() {  # stage NAME TIMEOUT_S OUTFILE CMD...
-    local name=$1 limit=$2 out=$3; shift 3
-    local t=$(date +%s)
-    echo "=== [$name] (limit ${limit}s) $*"
-    timeout --signal=KILL "$limit" "$@" 2>&1 | tee "$OUT/$out"
-    local rc=${PIPESTATUS[0]}
-    RESULTS+=("$name rc=$rc $(( $(date +%s) - t ))s")
-    echo "=== [$name] rc=$rc in $(( $(date +%s) - t ))s"
-}
+source benchmarks/_stage.sh
 
 # 1. the card and the software
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
