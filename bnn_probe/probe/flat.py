@@ -589,9 +589,9 @@ class FlatGroup:
         if ev:
             s["u"] = torch.rand(self.L, self.E, generator=self.gen, device=self.device, dtype=torch.float64,
                                 out=self.u0)
-        if self.graphs is not None:
-            out = self._measure_graphed(s, log, trk, ev, quant)
-            w, m = s["w"], s.get("m")
+        if self.graphs is not None:  # the histograms (when due) inside the same graph
+            out = self._measure_graphed(s, log, trk, ev, quant, hist)
+            w, m, hist = s["w"], s.get("m"), False
         else:
             w = s["w"] = self.cat_w(out=self.wbuf)
             m = None
@@ -608,9 +608,10 @@ class FlatGroup:
             out["snap"] = s["sign"].clone() if self.any_custom else w >= 0
         return out
 
-    def _measure_graphed(self, s: dict, log: bool, trk: bool, ev: bool, quant: bool) -> dict:
-        """The step with the concatenations of w_t (and m_t) inside one captured graph (probe/cuda_graph.py). Every
-        input sits at a fixed address; the key holds their pointers (a moved parameter or state: a new graph)."""
+    def _measure_graphed(self, s: dict, log: bool, trk: bool, ev: bool, quant: bool, hist: bool) -> dict:
+        """The step with the concatenations of w_t (and m_t), and on histogram steps the histograms, inside one
+        captured graph (probe/cuda_graph.py). Every input sits at a fixed address; the key holds their pointers (a
+        moved parameter or state: a new graph) and, on histogram steps, which layers have τ > 0 (their rows)."""
         if not self.bop and log and s["adam"] is not self.adam_buf:  # computed eagerly: into its fixed buffer
             self.adam_buf.copy_(s["adam"])
             s["adam"] = self.adam_buf
@@ -633,9 +634,29 @@ class FlatGroup:
             torch.cat(wviews, out=self.wbuf)
             if mviews is not None:
                 torch.cat(mviews, out=mbuf)
-            return self._step(s, log, trk, ev, quant)
+            out = self._step(s, log, trk, ev, quant)
+            if hist:
+                w = self.wbuf
+                tau = self.tau32_l[self.layer_id] if self.bop else None
+                for q, (cnt, stats, _) in self._hists(w, w * mbuf if self.bop else None,
+                                                      mbuf.abs() if self.bop else None, tau).items():
+                    out[f"hist_counts:{q}"], out[f"hist_stats:{q}"] = cnt, stats
+            return out
 
-        return self.graphs.run((log, trk, ev, quant), ptrs, step)
+        flags = (log, trk, ev, quant, hist, tuple(self.tau_pos) if hist and self.bop else ())
+        out = self.graphs.run(flags, ptrs, step)
+        if hist:
+            out["hists"] = {q: (out.pop(f"hist_counts:{q}"), out.pop(f"hist_stats:{q}"), rows)
+                            for q, rows in self._hist_rows().items() if f"hist_counts:{q}" in out}
+        return out
+
+    def _hist_rows(self) -> dict[str, list[int]]:
+        """The layer rows of each histogram quantity (as :meth:`_hists` gives them)."""
+        allrows = list(range(self.L))
+        if not self.bop:
+            return {"abs_w": allrows}
+        pos = [li for li in allrows if self.tau_pos[li]]
+        return {**({"abs_m_rel": pos, "wm_rel": pos} if pos else {}), "abs_m": allrows}
 
     def _fused_inputs(self) -> dict:
         """The tensors of the fused step, with the same keys every step (a stable graph signature)."""
@@ -717,8 +738,11 @@ class FlatGroup:
             out[li] = lo + (hi - lo) * frac[li]
         return torch.from_numpy(out)
 
-    def _hists(self, w: Tensor, wm: Tensor | None, abs_m: Tensor | None) -> dict[str, tuple[Tensor, Tensor, list]]:
-        """{quantity: (counts [L, bins] int64, stats [L, 4] float64, layer rows that have it)} (histograms.py)."""
+    def _hists(self, w: Tensor, wm: Tensor | None, abs_m: Tensor | None,
+               tau: Tensor | None = None) -> dict[str, tuple[Tensor, Tensor, list]]:
+        """{quantity: (counts [L, bins] int64, stats [L, 4] float64, layer rows that have it)} (histograms.py).
+        ``tau``: τ per weight as a device tensor (inside a CUDA graph, which must not bake in a Python number;
+        the same float32 division as by the Python τ)."""
         from ..runlog.schema import HIST_EDGES
 
         xs: dict[str, tuple[Tensor, list[int]]] = {}
@@ -728,8 +752,9 @@ class FlatGroup:
         else:
             pos = [li for li in allrows if self.tau_pos[li]]
             if pos:
-                xs["abs_m_rel"] = (abs_m / self.tau, pos)
-                xs["wm_rel"] = (wm / self.tau, pos)
+                t = self.tau if tau is None else tau
+                xs["abs_m_rel"] = (abs_m / t, pos)
+                xs["wm_rel"] = (wm / t, pos)
             xs["abs_m"] = (abs_m, allrows)
         out = {}
         for q, (x, rows) in xs.items():
