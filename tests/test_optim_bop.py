@@ -370,3 +370,21 @@ def test_cuda_fused_triton_equals_foreach_bit_for_bit():
     sd = opts[1].state_dict()
     assert sd["state"][1]["nonfinite_skipped"] == 2 and opts[1].nonfinite_skipped(sets[1][1]) == 2
     assert bop_triton.available()
+
+
+def test_device_side_nonfinite_counts_fold_into_the_state():
+    """The CUDA kernel's per-tensor counters (Bop._device_skips) reach state[p]["nonfinite_skipped"] at state_dict()
+    and nonfinite_skipped(), once; a load_state_dict drops counts that belong to the replaced state."""
+    a, b = _param([1.0, -1.0]), _param([1.0])
+    opt = Bop([a, b], gamma=0.5, threshold=0.25)
+    a.grad, b.grad = torch.tensor([0.5, 0.5]), torch.tensor([0.5])
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())  # (a state_dict shares the state dicts)
+    opt._device_skips[(id(a), id(b))] = ([a, b], torch.tensor([3, 0]))  # as the kernel leaves them
+    assert "nonfinite_skipped" not in opt.state[a]
+    sd = opt.state_dict()
+    assert sd["state"][0]["nonfinite_skipped"] == 3 and "nonfinite_skipped" not in sd["state"][1]
+    assert opt.nonfinite_skipped(a) == 3 and opt.nonfinite_skipped(b) == 0  # folded once, not twice
+    opt._device_skips[(id(a), id(b))][1].add_(torch.tensor([0, 2]))
+    opt.load_state_dict(saved)
+    assert opt.nonfinite_skipped(a) == 0 and opt.nonfinite_skipped(b) == 0

@@ -205,6 +205,11 @@ class Bop(GammaAliasOptimizer):
         self._fold_device_skips()
         return super().state_dict()
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``; counts not yet folded belong to the replaced state and are dropped."""
+        self.__dict__.pop("_device_skip_counts", None)
+        super().load_state_dict(state_dict)
+
     def _count_skipped(self, job: tuple, n_bad: int, finite: set[int]) -> None:
         if n_bad:
             st = self.state[job[0]]
