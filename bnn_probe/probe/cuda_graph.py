@@ -146,7 +146,10 @@ class StepGraphs:
                 buf, spec = pack(fn())
         except Exception as exc:  # noqa: BLE001 - an op that cannot be captured: this key runs without a graph
             self.failed.add(flags)
-            torch.cuda.synchronize(self.device)
+            try:  # let an invalidated capture end before the step runs with ordinary launches
+                torch.cuda.synchronize(self.device)
+            except Exception:  # noqa: BLE001, S110 - the eager step that follows reports a broken device itself
+                pass
             warnings.warn(f"bnn-probe: CUDA graph capture of the probe's step failed for cadence flags {flags}; "
                           f"measuring with ordinary launches for them ({exc!r:.300})", RuntimeWarning, stacklevel=4)
             return None

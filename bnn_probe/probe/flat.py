@@ -576,8 +576,9 @@ class FlatGroup:
     def _measure_fused(self, t: int, log: bool, trk: bool, ev: bool, hist: bool, snap: bool,
                        quant: bool = True) -> dict:
         """The device path: flat cats, then the pure step of probe/fused.py (eager or compiled), which updates
-        counters, last-flip steps, |m| > τ and w·m in place — replayed as one CUDA graph with the cats when
-        ``self.graphs`` is set (probe/cuda_graph.py); histograms and snapshots (rare) eagerly."""
+        counters, last-flip steps, |m| > τ and w·m in place — replayed as one CUDA graph with the cats and the
+        histograms when ``self.graphs`` is set (probe/cuda_graph.py); otherwise histograms eagerly; snapshots (rare,
+        one comparison) eagerly."""
         self._read_hyper()
         s = self._fused_inputs()
         ev = ev and self.E > 0
