@@ -388,3 +388,23 @@ def test_device_side_nonfinite_counts_fold_into_the_state():
     opt._device_skips[(id(a), id(b))][1].add_(torch.tensor([0, 2]))
     opt.load_state_dict(saved)
     assert opt.nonfinite_skipped(a) == 0 and opt.nonfinite_skipped(b) == 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_bop_step_fused_function_takes_the_kernel_like_foreach():
+    """The public ``bop_step_fused`` on CUDA float32 tensors (no counter of its own: the caller filtered non-finite
+    entries) runs the Triton kernel and equals the foreach path."""
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(300,), (17, 5)]
+    ws = [(torch.randint(0, 2, s, generator=gen) * 2 - 1).float().cuda() for s in shapes]
+    ms = [torch.randn(s, generator=gen).cuda() * 1e-2 for s in shapes]
+    w0 = [w.clone() for w in ws]
+    w2, m2 = [w.clone() for w in ws], [m.clone() for m in ms]
+    for _ in range(5):
+        gs = [torch.randn(s, generator=gen).cuda() for s in shapes]
+        bop_mod.bop_step_fused(ws, ms, gs, 0.1, 0.02)
+        bop_step_foreach(w2, m2, gs, 0.1, 0.02)
+        for a, b in zip(ws + ms, w2 + m2, strict=True):
+            assert torch.equal(a, b)
+    assert any((w != w_init).any() for w, w_init in zip(ws, w0, strict=True))  # weights flipped

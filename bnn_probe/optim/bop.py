@@ -345,9 +345,9 @@ def bop_step_fused(ws: list[Tensor], ms: list[Tensor], gs: list[Tensor], gamma: 
         parts[0].append(w.view(-1))
         parts[1].append(m.view(-1))
         parts[2].append(g.view(-1))
-    for (dev, dtype), (fw, fm, fg) in by_key.items():
-        if dev.type == "cuda" and dtype == torch.float32 and bop_triton.step(fw, fm, fg, gamma, threshold):
-            continue  # one Triton launch for all tensors (optim/bop_triton.py)
+    for fw, fm, fg in by_key.values():
+        if bop_triton.step(fw, fm, fg, gamma, threshold):  # CUDA float32: one Triton launch (optim/bop_triton.py)
+            continue
         if not _FUSED_BOP(fw, fm, fg, *_scalars(fw[0], 1.0 - gamma, gamma, threshold)):
             bop_step_foreach(fw, fm, fg, gamma, threshold)
 

@@ -88,6 +88,7 @@ class _Tables:
         self.blk_start = _to_device(bs, torch.int64, device)
         self.ptr_key: tuple[int, ...] | None = None
         self.ptrs: Tensor | None = None
+        self.scratch: Tensor | None = None  # counts of a caller that keeps none (entries already filtered out)
 
     def pointers(self, ws: list[Tensor], ms: list[Tensor], gs: list[Tensor]) -> Tensor:
         key = tuple(t.data_ptr() for t in (*ws, *ms, *gs))
@@ -115,10 +116,11 @@ def eligible(ws: list[Tensor], ms: list[Tensor], gs: list[Tensor]) -> bool:
 
 
 def step(ws: list[Tensor], ms: list[Tensor], gs: list[Tensor], gamma: float, threshold: float,
-         skipped: Tensor) -> bool:
+         skipped: Tensor | None = None) -> bool:
     """One Bop step over the tensors (:func:`eligible`) in one launch, no host synchronisation. Non-finite gradient
     entries are skipped (m unchanged, the sign decided by it as usual) and added to ``skipped[i]`` (int64, one per
-    tensor, on the device). False when the kernel failed (warned once; nothing was changed)."""
+    tensor, on the device; None: not kept, for callers that filtered them out before). False when this path does
+    not apply or the kernel failed (warned once; nothing was changed)."""
     global _failed
     if not eligible(ws, ms, gs):
         return False
@@ -132,6 +134,10 @@ def step(ws: list[Tensor], ms: list[Tensor], gs: list[Tensor], gamma: float, thr
         tab = _tables[key] = _Tables(ns, dev)
     if tab.blocks == 0:
         return True
+    if skipped is None:
+        if tab.scratch is None:
+            tab.scratch = torch.zeros(len(ws), dtype=torch.int64, device=dev)
+        skipped = tab.scratch
     try:
         ptrs = tab.pointers(ws, ms, gs)
         with torch.cuda.device(dev):
