@@ -648,11 +648,12 @@ class FlatGroup:
         out = self.graphs.run(flags, ptrs, step)
         if hist:
             out["hists"] = {q: (out.pop(f"hist_counts:{q}"), out.pop(f"hist_stats:{q}"), rows)
-                            for q, rows in self._hist_rows().items() if f"hist_counts:{q}" in out}
+                            for q, rows in self._hist_rows().items()}
         return out
 
     def _hist_rows(self) -> dict[str, list[int]]:
-        """The layer rows of each histogram quantity (as :meth:`_hists` gives them)."""
+        """The histogram quantities of this group, in order, each with the layer rows that have it (τ > 0 for the
+        relative ones): what :meth:`_hists` computes."""
         allrows = list(range(self.L))
         if not self.bop:
             return {"abs_w": allrows}
@@ -746,20 +747,14 @@ class FlatGroup:
         the same float32 division as by the Python τ)."""
         from ..runlog.schema import HIST_EDGES
 
-        xs: dict[str, tuple[Tensor, list[int]]] = {}
-        allrows = list(range(self.L))
-        if not self.bop:
-            xs["abs_w"] = (w.abs(), allrows)
-        else:
-            pos = [li for li in allrows if self.tau_pos[li]]
-            if pos:
-                t = self.tau if tau is None else tau
-                xs["abs_m_rel"] = (abs_m / t, pos)
-                xs["wm_rel"] = (wm / t, pos)
-            xs["abs_m"] = (abs_m, allrows)
+        def rel(x: Tensor) -> Tensor:  # (the Bop family: latent groups have no τ)
+            return x / (self.tau if tau is None else tau)
+
+        quantity = {"abs_w": lambda: w.abs(), "abs_m_rel": lambda: rel(abs_m), "wm_rel": lambda: rel(wm),
+                    "abs_m": lambda: abs_m}
         out = {}
-        for q, (x, rows) in xs.items():
-            x = x.double()
+        for q, rows in self._hist_rows().items():
+            x = quantity[q]().double()
             edges = self._edges(q, HIST_EDGES[q])
             nb = edges.numel() + 1
             b = torch.bucketize(x, edges, right=True) + self.layer_id * nb

@@ -342,6 +342,10 @@ class Probe:
                        for p in parts])
         return x if perm is None else x.index_select(0, perm)
 
+    def _pair(self, outs: list[dict], key: str, perm: torch.Tensor | None) -> tuple:
+        """Both arrays of the groups' ``key`` output ("events", "tracked"), each as one in layer order."""
+        return tuple(self._cat([o[key][j] for o in outs], perm) for j in (0, 1))
+
     def _measure(self, t: int) -> None:
         _, log, trk, ev, hist, snap, quant = self._schedule(t)
         outs = [g.measure(t, log, trk, ev, hist, snap, quant) for g in self.groups]
@@ -359,16 +363,12 @@ class Probe:
             if in_events:
                 rec.commit("events", t)
             else:
-                a = self._cat([o["events"][0] for o in outs], getattr(self, "_eperm", None))
-                b = self._cat([o["events"][1] for o in outs], getattr(self, "_eperm", None))
-                rec.add_events(t, a, b)
+                rec.add_events(t, *self._pair(outs, "events", getattr(self, "_eperm", None)))
         if trk:
             if in_tracked:
                 rec.commit("tracked", t)
             else:
-                a = self._cat([o["tracked"][0] for o in outs], getattr(self, "_tperm", None))
-                b = self._cat([o["tracked"][1] for o in outs], getattr(self, "_tperm", None))
-                rec.add_tracked(t, a, b)
+                rec.add_tracked(t, *self._pair(outs, "tracked", getattr(self, "_tperm", None)))
         for g, o in zip(self.groups, outs, strict=True):
             for q, (cnt, stats, rows) in o.get("hists", {}).items():
                 for k in rows:
