@@ -402,9 +402,7 @@ class FlatGroup:
 
     def cat_m(self) -> Tensor:
         """m_t (Bop) or m̂_t (Bop2ndOrder) of every layer, flat (zeros for a layer without optimizer state)."""
-        ms, missing = self._state_views(self.mkey)
-        self.m_missing = missing
-        self._check_momentum(missing)
+        ms = self._m_views()
         if self.family != "bop2nd":
             buf = self._buf("m", self.dtype)  # two buffers in turn: the other one holds m_{t−1} (step_size)
             if self.m_prev is buf:
@@ -420,10 +418,18 @@ class FlatGroup:
             out = normalize_2nd(torch.cat(ms), torch.cat(vs), group)
         else:
             out = torch.cat([normalize_2nd(m, v, ly.group) for m, v, ly in zip(ms, vs, self.layers, strict=True)])
-        if missing:
-            for li in missing:
+        if self.m_missing:
+            for li in self.m_missing:
                 out[self.offsets[li]:self.offsets[li] + self.ns[li]] = 0
         return out
+
+    def _m_views(self) -> list[Tensor]:
+        """Flat views of every layer's optimizer state under the momentum key (zeros where a layer has none yet;
+        ``m_missing`` lists those layers; a stepped layer without the key is an error)."""
+        ms, missing = self._state_views(self.mkey)
+        self.m_missing = missing
+        self._check_momentum(missing)
+        return ms
 
     def _check_momentum(self, missing: list[int]) -> None:
         for li in missing:
@@ -622,9 +628,7 @@ class FlatGroup:
         if self.bop:
             mbuf = self._bufs["m"]
             if m_in_graph:
-                mviews, missing = self._state_views(self.mkey)
-                self.m_missing = missing
-                self._check_momentum(missing)
+                mviews = self._m_views()
             else:  # Bop2ndOrder's normalisation reads host numbers: eagerly, into the fixed buffer
                 mbuf.copy_(self.cat_m())
             s["m"] = mbuf
