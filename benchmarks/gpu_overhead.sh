@@ -6,7 +6,7 @@
 #   OUT=/some/folder bash benchmarks/gpu_overhead.sh      # from the repository root
 #
 # Stages (each with its own time limit; the script goes on after a failure and prints every stage's exit code):
-# GPU tests of the graphs and the kernel, bench_probe with graphs on and off in one process (+ a cProfile of 200
+# GPU tests of the graphs and the kernel, the kernel's interpreter and PTX tests, bench_probe with graphs on and off in one process (+ a cProfile of 200
 # probe-on MLP steps), bench_bop (Bop vs Adam(foreach) on BinaryNet shapes), the older GPU tests, a short
 # `bnn-probe train --device cuda`.
 set -u
@@ -20,6 +20,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 
 TAIL=8 stage tests_new 120 tests_new.txt $PY -m pytest -q -m gpu -p no:cacheprovider -W ignore::DeprecationWarning \
     tests/test_cuda_graph.py tests/test_optim_bop.py
+TAIL=4 stage triton_kernel 40 triton_kernel.txt $PY -m pytest -q -p no:cacheprovider tests/test_bop_triton_kernel.py
 TAIL=12 stage bench_probe 160 bench_probe.txt $PY benchmarks/bench_probe.py --device cuda --bandwidth --reps 7 \
     --variants '[{}, {"cuda_graphs": false}]' --cprofile mlp
 TAIL=14 stage bench_bop 50 bench_bop.txt $PY benchmarks/bench_bop.py --device cuda --rounds 15

@@ -372,6 +372,41 @@ def test_cuda_fused_triton_equals_foreach_bit_for_bit():
     assert bop_triton.available()
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_triton_kernel_on_views_off_16_byte_boundaries_equals_foreach():
+    """Parameters that are views one float into their storage (not 16-byte aligned: the kernel's unhinted variant,
+    scalar accesses) and aligned ones in the same step: the same m and flips as the foreach path."""
+    from bnn_probe.optim import bop_triton
+
+    gen = torch.Generator().manual_seed(9)
+    sizes = [5000, 2048 * 2, 300]
+
+    def params(offset: int) -> list[torch.nn.Parameter]:
+        g2 = torch.Generator().manual_seed(1)
+        return [torch.nn.Parameter((torch.randint(0, 2, (n + offset,), generator=g2) * 2 - 1).float().cuda()[offset:])
+                for n in sizes]
+
+    views, aligned, ref = params(1), params(0), params(0)
+    assert all(p.data_ptr() % 16 == 4 for p in views)
+    opts = [Bop(ps, gamma=1e-2, threshold=3e-3, **kw)
+            for ps, kw in zip([views, aligned, ref], [dict(fused=True), dict(fused=True), dict(foreach=True)],
+                              strict=True)]
+    for _ in range(20):
+        gs = [torch.randn(n, generator=gen) * 0.3 for n in sizes]
+        for ps in (views, aligned, ref):
+            for p, g in zip(ps, gs, strict=True):
+                p.grad = g.cuda()
+        for opt in opts:
+            opt.step()
+        for k in range(len(sizes)):
+            for ps, opt in zip([views, aligned], opts[:2], strict=True):
+                assert torch.equal(ps[k], ref[k])
+                assert torch.equal(opt.state[ps[k]]["exp_avg"], opts[2].state[ref[k]]["exp_avg"])
+    assert sum(int((p.detach() != p0).sum()) for p, p0 in zip(ref, params(0), strict=True)) > 100
+    assert bop_triton.available()
+
+
 def test_device_side_nonfinite_counts_fold_into_the_state():
     """The CUDA kernel's per-tensor counters (Bop._device_skips) reach state[p]["nonfinite_skipped"] at state_dict()
     and nonfinite_skipped(), once; a load_state_dict drops counts that belong to the replaced state."""
