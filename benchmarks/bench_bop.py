@@ -4,7 +4,9 @@ Parameters: the binary-weight shapes of BinaryNet at full width (14,022,016 weig
 Variants: Bop ``foreach=False`` (plain per-tensor loop, one torch.where per tensor), ``foreach=True`` (eager
 torch._foreach_*, cache-blocked on CPU), the default (on the CPU the C step of optim/cstep.py, one pass over all
 tensors; on CUDA the Triton kernel of optim/bop_triton.py, one launch, no host synchronisation), ``fused=True``
-(the C step on the CPU, the Triton kernel on CUDA), and Adam(foreach=True) on the same shapes. All steps go
+(the C step on the CPU, the Triton kernel on CUDA), and Adam(foreach=True) on the same shapes. On CUDA also
+the Triton kernel called directly, on tensors of their own and on views one float into their storage (not
+16-byte aligned: the kernel's variant without vector accesses). All steps go
 through the optimizers' ``step()`` (Python overhead included). Timings are interleaved round by round and the
 median is reported.
 
@@ -109,6 +111,10 @@ def main() -> None:
             [p.grad for p in kp]
         kskip = torch.zeros(len(kp), dtype=torch.int64, device=device)
         variants["Triton kernel alone"] = lambda: bop_triton.step(kw_, km, kg, 1e-4, 1e-8, kskip)
+        # the same on views one float into their storage: no 16-byte alignment, so no vector accesses (the kernel's
+        # unhinted variant; what tensors that are views into a larger buffer get)
+        uw, um, ug = ([torch.cat([t.new_zeros(1), t.flatten()])[1:] for t in ts] for ts in (kw_, km, kg))
+        variants["Triton kernel, unaligned"] = lambda: bop_triton.step(uw, um, ug, 1e-4, 1e-8, kskip)
     probe = None
     if not args.no_probe:  # the default step with and without an attached probe, at a τ where flips are rare
         # (≈ 0.1 % of the weights per step, as in training; at τ = 1e-8 half of them flip every step and recording
@@ -144,7 +150,8 @@ def main() -> None:
 
     back_to_back = {}
     if device.type == "cuda":  # 50 steps launched back to back, one synchronisation: the GPU-side cost per step
-        for k in ("Adam(foreach=True)", "Bop default", "Bop fused=True", "Triton kernel alone"):
+        for k in ("Adam(foreach=True)", "Bop default", "Bop fused=True", "Triton kernel alone",
+                  "Triton kernel, unaligned"):
             if k in variants:
                 sync()
                 t = time.perf_counter()
@@ -167,7 +174,7 @@ def main() -> None:
         med, mn = stats["median"][k], stats["min"][k]
         ms = f"{1e3 * med:8.2f} ({1e3 * mn:6.2f})"
         ratio = f"{med / stats['median']['Adam(foreach=True)']:6.3f} ({mn / stats['min']['Adam(foreach=True)']:5.3f})"
-        if k.startswith(("Bop", "copy")):
+        if k.startswith(("Bop", "copy", "Triton")):
             nb = probe_bytes if k.endswith("probe") else bop_bytes
             bw = f"{nb / med / 1e9:5.1f} ({nb / mn / 1e9:5.1f})"
             cp_med, cp_min = (bop_bytes / stats[s]["copy_ (same bytes)"] for s in ("median", "min"))  # bytes/s
