@@ -20,6 +20,9 @@ pure-torch measurement on CPU too. The first probe-on steps after attach (``--se
 where they compile the probe's step and capture its CUDA graphs, one per cadence combination at its second step) are
 outside the timed window; their mean time is printed. ``--variants '[{}, {"cuda_graphs": false}]'`` runs every case
 once per attach() option set in the same process (graphs on and off after one compile).
+On CUDA each case also prints the probe's device memory while attached in its first repetition: the growth of
+``torch.cuda.memory_allocated`` (its buffers) and of ``memory_reserved`` (with CUDA graphs also their private pools,
+which keep the captured steps' intermediates).
 """
 
 from __future__ import annotations
@@ -115,11 +118,13 @@ def bench(name: str, dev, reps: int, k: int, warmup: int, probe_opts: dict, root
     model, bop, adam, batches = make_case(name, dev)
     train_steps(model, bop, adam, batches, warmup, dev)
     off, on, first = [], [], []
+    mem: list[tuple[float, float]] = []
     rows = 0
     bytes_steps = 0
     for r in range(reps):
         off.append(train_steps(model, bop, adam, batches, k, dev))
         logdir = root / f"{label or name}-{r}"
+        mem0 = _cuda_mem(dev)
         probe = bnn_probe.attach(model, bop, logdir, **probe_opts)
         # the first steps after attach allocate the probe's buffers, compile its step (compile_probe) and capture
         # its CUDA graphs (one per cadence combination, at the combination's second step): not timed
@@ -127,6 +132,9 @@ def bench(name: str, dev, reps: int, k: int, warmup: int, probe_opts: dict, root
         train_steps(model, bop, adam, batches, settle, dev)
         first.append((time.perf_counter() - t_first) / settle)
         on.append(train_steps(model, bop, adam, batches, k, dev))
+        if mem0 is not None:  # the probe's device memory while attached: its buffers (allocated) and, with CUDA
+            # graphs, their private pools too (reserved; a pool keeps the captured steps' intermediates)
+            mem.append(tuple((b - a) / 2**20 for a, b in zip(mem0, _cuda_mem(dev), strict=True)))
         n_binary = sum(ly.n for ly in probe.layers)
         path = "compiled" if all(g.fused and g._step.compiled for g in probe.groups) else \
             "device-eager" if all(g.fused for g in probe.groups) else "cpu-onepass" if not any(
@@ -142,7 +150,16 @@ def bench(name: str, dev, reps: int, k: int, warmup: int, probe_opts: dict, root
     t_off, t_on = statistics.median(off), statistics.median(on)
     return {"case": name, "opts": probe_opts, "off_ms": 1e3 * t_off, "on_ms": 1e3 * t_on, "ratio": t_on / t_off,
             "ratios": [b / a for a, b in zip(off, on, strict=True)], "bytes_per_step_row": bytes_steps / max(rows, 1),
-            "rows": rows, "path": path, "first_ms": [1e3 * f for f in first], "n_binary": n_binary}
+            "rows": rows, "path": path, "first_ms": [1e3 * f for f in first], "n_binary": n_binary,
+            "mem_mib": mem}
+
+
+def _cuda_mem(dev) -> tuple[int, int] | None:
+    """(allocated, reserved) bytes on a CUDA device after a synchronisation; None elsewhere."""
+    if dev.type != "cuda":
+        return None
+    torch.cuda.synchronize(dev)
+    return torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)
 
 
 def copy_bandwidth(n: int, dev, reps: int = 20) -> float:
@@ -324,7 +341,10 @@ def main() -> None:
                       f"  [probe path {res['path']}; the {settle} untimed steps after attach"
                       f"{' (incl. compile)' if 'compiled' in res['path'] else ''}: "
                       f"{res['first_ms'][0]:.1f} ms/step in the first rep, later reps "
-                      f"{', '.join(f'{x:.1f}' for x in res['first_ms'][1:])}]", flush=True)
+                      f"{', '.join(f'{x:.1f}' for x in res['first_ms'][1:])}]"
+                      + (f"  [probe's CUDA memory while attached, first rep: allocated +{res['mem_mib'][0][0]:.1f} "
+                         f"MiB, reserved +{res['mem_mib'][0][1]:.1f} MiB, for {res['n_binary']:,} binary weights]"
+                         if res["mem_mib"] else ""), flush=True)
                 if args.bandwidth:
                     report_bandwidth(res, dev)
         if args.profile:
