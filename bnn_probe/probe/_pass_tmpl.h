@@ -368,15 +368,22 @@ HOT void FN(bnnp_hist)(const bnnp_plan *P, int32_t kind, const uint8_t *rows, co
     }
 }
 
+/* Row k of the Bop family's tracked weights: sign[k] = b(w_t) = +1 (from the state byte s), out[k] = (tau - w_t m_t,
+ * |m_t - m_{t-1}|) in float64 (bnnp_tracked, bnnp_bop_fused's trk_mode 2 and bnnp_bop_tail write the same row). */
+static inline void FN(tracked_row)(uint8_t *sign, double *out, int64_t k, uint8_t s, double tau, T wm, T mt,
+                                   T m_before) {
+    sign[k] = s & S_SIGN;
+    out[2 * k] = tau - (double)wm;
+    out[2 * k + 1] = absdiff((double)mt, (double)m_before);
+}
+
 /* Tracked weights of the Bop family at flat indices idx[0..n): sign[k] = b(w_t) = +1 (the state byte),
  * out [n][2] = (tau_l - w_t m_t, |m_t - m_{t-1}|) in float64. */
 HOT void FN(bnnp_tracked)(const bnnp_plan *P, int64_t n, const int64_t *idx, const double *tau_t, const T *wm_now,
                           const T *m_now, const T *m_before, uint8_t *sign, double *out) {
     for (int64_t k = 0; k < n; k++) {
         const int64_t i = idx[k];
-        sign[k] = P->state[i] & S_SIGN;
-        out[2 * k] = tau_t[k] - (double)wm_now[i];
-        out[2 * k + 1] = absdiff((double)m_now[i], (double)m_before[i]);
+        FN(tracked_row)(sign, out, k, P->state[i], tau_t[k], wm_now[i], m_now[i], m_before[i]);
     }
 }
 
@@ -627,10 +634,7 @@ _Pragma("GCC ivdep")
             if (tmode == 2)  /* as bnnp_bop_tail's tracked weights */
                 for (int64_t k = tb; k < ti; k++) {
                     const int64_t i = tsel[k] - o;
-                    const T mt = m[i], wm = w[i] * mt;
-                    P->tr_sign[k] = S[i] & S_SIGN;
-                    P->tr_out[2 * k] = P->tau_t[k] - (double)wm;
-                    P->tr_out[2 * k + 1] = absdiff((double)mt, (double)tmprev[k]);
+                    FN(tracked_row)(P->tr_sign, P->tr_out, k, S[i], P->tau_t[k], w[i] * m[i], m[i], tmprev[k]);
                 }
         }
         finish_flips(P, nf0, nf, l);
@@ -660,10 +664,9 @@ HOT void FN(bnnp_bop_tail)(bnnp_plan *P, int64_t flags) {
     }
     if ((flags & 2) && P->ntr > 0)
         FOR_TRACKED(P, {
-            const T mt = ((const T *)P->mp[l])[ii], wm = ((const T *)P->wp[l])[ii] * mt;
-            P->tr_sign[k] = P->state[i] & S_SIGN;
-            P->tr_out[2 * k] = P->tau_t[k] - (double)wm;
-            P->tr_out[2 * k + 1] = absdiff((double)mt, (double)tmprev[k]);
+            const T mt = ((const T *)P->mp[l])[ii];
+            FN(tracked_row)(P->tr_sign, P->tr_out, k, P->state[i], P->tau_t[k], ((const T *)P->wp[l])[ii] * mt, mt,
+                            tmprev[k]);
         })
 }
 
