@@ -158,7 +158,7 @@ def _cuda_mem(dev) -> tuple[int, int] | None:
     """(allocated, reserved) bytes on a CUDA device after a synchronisation; None elsewhere."""
     if dev.type != "cuda":
         return None
-    torch.cuda.synchronize(dev)
+    _sync(dev)
     return torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)
 
 

@@ -173,7 +173,7 @@ class Bop(GammaAliasOptimizer):
         slot = self._device_skips.get(key)
         if slot is None:
             slot = self._device_skips[key] = (ws, torch.zeros(len(ws), dtype=torch.int64, device=ws[0].device))
-        return bop_triton.step(ws, ms, gs, gamma, threshold, slot[1])
+        return bop_triton.launch(ws, ms, gs, gamma, threshold, slot[1])  # (eligible: checked above)
 
     @property
     def _device_skips(self) -> dict[tuple[int, ...], tuple[list[Tensor], Tensor]]:

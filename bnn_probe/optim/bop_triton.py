@@ -34,7 +34,7 @@ import warnings
 import torch
 from torch import Tensor
 
-__all__ = ["available", "eligible", "step"]
+__all__ = ["available", "eligible", "launch", "step"]
 
 BLOCK = 2048
 
@@ -151,9 +151,13 @@ def step(ws: list[Tensor], ms: list[Tensor], gs: list[Tensor], gamma: float, thr
     entries are skipped (m unchanged, the sign decided by it as usual) and added to ``skipped[i]`` (int64, one per
     tensor, on the device; None: not kept, for callers that filtered them out before). False when this path does
     not apply or the kernel failed (warned once; nothing was changed)."""
+    return eligible(ws, ms, gs) and launch(ws, ms, gs, gamma, threshold, skipped)
+
+
+def launch(ws: list[Tensor], ms: list[Tensor], gs: list[Tensor], gamma: float, threshold: float,
+           skipped: Tensor | None = None) -> bool:
+    """:func:`step` for tensors the caller found :func:`eligible` (the check is not repeated)."""
     global _failed
-    if not eligible(ws, ms, gs):
-        return False
     dev = ws[0].device
     ns = tuple(w.numel() for w in ws)
     key = (dev, ns)
