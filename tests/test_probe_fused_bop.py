@@ -19,6 +19,7 @@ from bnn_probe.interventions import reset_inertia
 from bnn_probe.nn import mark_binary
 from bnn_probe.optim import Bop, binary_init_
 from bnn_probe.probe import cpu_pass, onepass
+from bnn_probe.probe.lane import Lane
 
 pytestmark = pytest.mark.skipif(not cpu_pass.available(), reason="the compiled pass is not built")
 
@@ -308,9 +309,18 @@ def test_uniforms_drawn_ahead_are_capped_at_one_mebibyte():
 
 def test_probe_rows_written_in_place_equal_the_copied_rows(tmp_path):
     """A one-group Bop model: the compiled pass writes the steps rows, flip events and tracked weights straight into
-    the recorder's buffers (Probe._lane); the log equals the one made by copying the pass's own buffers, across
-    drains (buffer_steps=3) and with cadences that differ by table."""
+    the recorder's buffers (Probe._lane, probe/lane.py); the log equals the one made by copying the pass's own
+    buffers, across drains (buffer_steps=3), with cadences that differ by table, and on the histogram and snapshot
+    steps the lane leaves to the general path."""
     frames = []
+    taken = {"lane": 0}
+    post = Lane.post
+
+    def counted_post(self, *args):
+        ok = post(self, *args)
+        taken["lane"] += ok
+        return ok
+
     for k, lane in enumerate((True, False)):
         model = nn.Sequential(nn.Linear(9, 40, bias=False), nn.Linear(40, 3, bias=False))
         for p in model.parameters():
@@ -318,14 +328,23 @@ def test_probe_rows_written_in_place_equal_the_copied_rows(tmp_path):
         binary_init_(model, seed=0)
         opt = Bop(model.parameters(), gamma=0.05, threshold=1e-3)
         probe = bnn_probe.attach(model, opt, tmp_path / str(k), tensorboard=False, buffer_steps=3, track=6,
-                                 track_every=2, events_per_layer=3, events_every=3, quantile_every=2)
+                                 track_every=2, events_per_layer=3, events_every=3, quantile_every=2, hist_every=4,
+                                 snapshot_every=5)
         assert probe._lane is not None
         if not lane:
             probe._lane = None
-        _random_steps(model, opt, 11, seed=4, scale=4e-2)
+        Lane.post = counted_post
+        try:
+            _random_steps(model, opt, 11, seed=4, scale=4e-2)
+        finally:
+            Lane.post = post
         probe.close()
         frames.append(_frames(tmp_path / str(k)))
+    # steps 4, 8 (histograms) and 5, 10 (snapshots) went the general way
+    assert taken["lane"] == 7
+    run = bnn_probe.load_run(tmp_path / "0")
+    assert sorted(set(run.hists.step)) == [4, 8] and sorted(set(run.snapshots.step)) == [5, 10]
     assert len(frames[0]["steps"]) == 22 and sorted(set(frames[0]["tracked"].step)) == [2, 4, 6, 8, 10]
     assert len(frames[0]["events"]) > 0
-    for n in ("steps", "events", "tracked"):
+    for n in ("steps", "events", "tracked", "hists", "weight_flips"):
         pd.testing.assert_frame_equal(frames[0][n], frames[1][n], check_exact=True, obj=n)

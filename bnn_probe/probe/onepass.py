@@ -22,8 +22,8 @@ A :class:`OnePass` belongs to a :class:`~bnn_probe.probe.flat.FlatGroup` on the 
 * inside bnn-probe's Bop (``run``: the step and the pass in one call) the tracked weights are picked up block by
   block in the pass (``plan.trk_mode``) and the flip events right after it; the event sampler's uniforms come from
   :class:`Uniforms` (drawn 256 steps at a time when the group is its generator's only user). For a probe with one
-  Bop-family group, :meth:`OnePass.route` points the C calls' outputs at rows of the recorder's buffers
-  (``Recorder.reserve``), so nothing is copied after the step.
+  Bop-family group, probe/lane.py points the C calls' outputs (the plan's ``rows_*``, ``ev_*``, ``tr_*``) at rows
+  of the recorder's buffers (``Recorder.reserve``), so nothing is copied after the step.
 
 Values are those of the per-layer reference (probe/quantities.py + probe/context.py): the same IEEE comparisons in
 the weights' dtype, float64 sums to rounding (tests/test_probe_flat.py).
@@ -208,7 +208,7 @@ class OnePass:
         self.u_addr = self.u.data_ptr()
         self.unif: Uniforms | None = None  # the prefetched uniforms (draw_uniforms), when the generator is ours
         self.tail = 0  # events (bit 0) and tracked weights (bit 1) asked for at pre: done in the fused step (run)
-        self._ptrs: list[int] | None = None  # the w, m, g pointers run() last wrote into wp, mp, gp
+        self._ptrs: list[int] | None = None  # the w, m pointers run() last wrote into wp, mp
         self.tail_done = 0
         self.ev_i = np.empty((L * E, 2), dtype=np.int64)
         self.ev_f = np.empty((L * E, 2), dtype=np.float64)
@@ -303,20 +303,11 @@ class OnePass:
     # ------------------------------------------------------------------ per step
     def layouts(self) -> tuple[tuple, tuple, tuple]:
         """((shape, dtype) of the steps rows + the [L, 4] hyperparameters, of the flip events, of the tracked
-        weights): the recorder's buffers that :meth:`route` may send them to (Recorder.reserve)."""
+        weights): the recorder's buffers that probe/lane.py may send them to (Recorder.reserve)."""
         def lay(*arrays: np.ndarray) -> tuple:
             return tuple((a.shape, a.dtype) for a in arrays)
         return (lay(self.rows_i, self.rows_f, np.empty((self.g.L, 4))), lay(self.ev_i, self.ev_f),
                 lay(self.tr_sign, self.tr_out))
-
-    def route(self, rows: list[int] | None, events: list[int] | None, tracked: list[int] | None) -> None:
-        """Where the step's C calls write the steps rows, the flip events and the tracked weights: at the given
-        addresses (rows of the recorder's buffers, Recorder.reserve, so nothing is copied after the step) or, for
-        None, into the group's own buffers (``out_steps``, ``out_events``, ``out_tracked``)."""
-        P = self.plan
-        P.rows_i, P.rows_f = rows[:2] if rows else self._own_rows
-        P.ev_i, P.ev_f = events or self._own_events
-        P.tr_sign, P.tr_out = tracked or self._own_tracked
 
     def pre(self, t: int, quant: bool, tail: int = 0) -> None:
         """Before the optimizer step ``t``: stored signs := b(w_{t−1}) where they changed; latent: w̃_{t−1} copied.
@@ -354,11 +345,13 @@ class OnePass:
         layers = g.layers
         js = [jobs.get(id(ly.param)) for ly in layers]
         if None not in js:  # every layer stepped (the usual step): w, m, g, γ, τ from the step's own tensors
-            ptrs = [j[k].data_ptr() for k in range(3) for j in js]  # (contiguous, of the group's dtype: cstep.usable)
-            if ptrs != self._ptrs:  # the tables are rewritten only when a tensor moved (a new gradient, usually)
+            # (contiguous, of the group's dtype: cstep.usable) w and m stay put; the gradients usually are new tensors
+            ptrs = [j[k].data_ptr() for k in range(2) for j in js]
+            if ptrs != self._ptrs:  # the w, m tables are rewritten only when one of them moved
                 L = len(js)
-                self.wp[:], self.mp[:], self.gp[:] = ptrs[:L], ptrs[L:2 * L], ptrs[2 * L:]
+                self.wp[:], self.mp[:] = ptrs[:L], ptrs[L:]
                 self._ptrs = ptrs
+            self.gp[:] = [j[2].data_ptr() for j in js]
             hp = [(j[3], j[4]) for j in js]
             g.g_missing = g.m_missing = []
             tensors = [j[0] for j in js] + [j[1] for j in js]

@@ -37,6 +37,7 @@ from .binarizers import BinarizerSpec
 from .binary_detect import BOP_FAMILIES, BinarySpec, LayerInfo, leaf_optimizers, resolve_layers
 from .checks import RunChecks
 from .flat import FlatGroup, group_layers, plain_values
+from .lane import Lane
 from .quantities import QUANTILES
 from .recorder import Recorder
 from .schedules import Schedule, as_schedule
@@ -147,11 +148,12 @@ class Probe:
 
     # ------------------------------------------------------------------ setup
     def _setup_writer(self, tensorboard: bool, resume: bool, buffer_steps: int) -> None:
-        self._hyper_src = [(ly, _hyper_keys(ly)) for ly in self.layers]
+        # (leaf optimizer, index of the layer's param group, keys): LayerInfo.group, read without the property
+        self._hyper_src = [(ly.optimizer, ly.extra["leaf_group"], _hyper_keys(ly)) for ly in self.layers]
         self._hyper_raw: list | None = None
         self._hyper_plain = False
         self._sched: tuple = (-1, False, False, False, False, False, False)  # _schedule of the last step asked
-        self._lane: tuple | None = None  # (OnePass, its layouts): one Bop-family group, rows written in place
+        self._lane: Lane | None = None  # one Bop-family group whose rows the pass writes in place
         self._routed: tuple = (-1, False, False, False)  # step, and which of its rows the pass writes in place
         gen = torch.Generator().manual_seed(self.seed)
         q_idx: list[torch.Tensor | None] = []
@@ -173,7 +175,6 @@ class Probe:
             self.groups.append(grp)
         for grp in self.groups:  # a generator with one user may be drawn ahead (probe/onepass.py, Uniforms)
             grp.gen_shared = sum(g2.gen is grp.gen for g2 in self.groups) > 1
-        self._set_lane()
         self._dev = dev
         order = [i for g in self.groups for i in g.rows]
         L = len(self.layers)
@@ -195,6 +196,7 @@ class Probe:
                             [ly.family for ly in self.layers], buffer_steps=buffer_steps, tb_every=self.tb_every)
         self.rec.events_per_layer = self.events_per_layer
         self._set_track_layout()
+        self._set_lane()
         self.created_at = now_iso()
         self._last_flush_step = 0
         self._last_flush_time = time.monotonic()
@@ -287,9 +289,10 @@ class Probe:
     # ------------------------------------------------------------------ hooks
     def _set_lane(self) -> None:
         """One group of the Bop family measured by the compiled pass (the usual model): its C calls then write each
-        step's rows straight into the recorder's buffers (OnePass.route), the probe copies nothing."""
+        step's rows straight into the recorder's buffers and the hooks take them (probe/lane.py); the probe copies
+        nothing."""
         op = getattr(self.groups[0], "onepass", None) if len(self.groups) == 1 else None
-        self._lane = (op, op.layouts()) if op is not None and op.fast and op.bop else None
+        self._lane = Lane(op, self.rec) if op is not None and op.fast and op.bop and self.active else None
 
     def _schedule(self, t: int) -> tuple[int, bool, bool, bool, bool, bool, bool]:
         """(t, log, track, events, hist, snapshot, quantiles): what step t records, each cadence asked once per step
@@ -305,15 +308,11 @@ class Probe:
         self.checks.pre_step()
         t = self.step + 1
         _, log, trk, ev, _, _, quant = self._schedule(t)
+        lane = self._lane
+        if lane is not None:  # the pass writes the step's rows into the recorder's buffers (probe/lane.py)
+            self._routed = lane.pre(t, log, ev and self.events_per_layer > 0, trk, quant)
+            return
         tail = (int(ev) | int(trk) << 1) if self.active else 0
-        if self._lane is not None and self.active:  # the pass writes the step's rows into the recorder's buffers
-            op, (lay_s, lay_e, lay_t) = self._lane
-            rec = self.rec
-            r = rec.reserve("steps", lay_s) if log else None
-            e = rec.reserve("events", lay_e) if ev and self.events_per_layer > 0 else None
-            k = rec.reserve("tracked", lay_t) if trk else None
-            op.route(r, e, k)
-            self._routed = (t, r is not None, e is not None, k is not None)
         for g in self.groups:
             g.before_step(t, quant, tail)
 
@@ -321,7 +320,11 @@ class Probe:
         self.step += 1
         t = self.step
         if self.active:
-            self._measure(t)
+            lane = self._lane
+            _, log, trk, ev, hist, snap, quant = self._schedule(t)
+            if lane is None or hist or snap or \
+                    not lane.post(t, log, ev and self.events_per_layer > 0, trk, quant, self._hyper):
+                self._measure(t)
             self.checks.post_step(t)
         for sched, fn in self._callbacks:
             if sched(t):
@@ -380,10 +383,8 @@ class Probe:
     def _hyper(self) -> np.ndarray:
         """[L, 4] float64 (γ, τ, lr, σ) of every layer as its param group holds them now (NaN where absent or not a
         number); rebuilt only when one of the raw values changed (a scheduler)."""
-        raw: list = []
-        for ly, keys in self._hyper_src:  # the group looked up each step: groups may be replaced
-            get = ly.group.get
-            raw += [get(k) for k in keys]
+        # the group looked up each step (groups may be replaced); one comprehension: this runs every step
+        raw = [g.get(k) for opt, gi, keys in self._hyper_src for g in (opt.param_groups[gi],) for k in keys]
         if not self._hyper_plain or raw != self._hyper_raw:
             out = np.full((len(self.layers), 4), math.nan)
             for i, v in enumerate(raw):

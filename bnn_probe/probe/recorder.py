@@ -133,7 +133,7 @@ class _Pending:
         i = self.n
         if self.dev or i >= self.capacity:
             return None
-        if self.layout != layout:
+        if self.layout is not layout and self.layout != layout:  # (the writer passes the same tuple every step)
             if i:
                 return None
             self.bufs = [np.empty((self.capacity, *shape), dtype=dtype) for shape, dtype in layout]
@@ -244,6 +244,19 @@ class Recorder:
         if hyper is not None:
             pend.bufs[2][pend.n] = hyper  # type: ignore[index]
         pend.commit(step, time.time() if kind == "steps" else math.nan)
+
+    def commit_step(self, step: int, hyper: np.ndarray | None, events: bool, tracked: bool) -> None:
+        """Take step ``step``'s reserved rows at once: the steps row with ``hyper`` [L, 4] copied into it (none when
+        ``hyper`` is None), the flip events' and the tracked weights' where true (probe/lane.py)."""
+        kinds = self._kinds
+        if hyper is not None:
+            pend = kinds["steps"]
+            pend.bufs[2][pend.n] = hyper  # type: ignore[index]
+            pend.commit(step, time.time())
+        if events:
+            kinds["events"].commit(step)
+        if tracked:
+            kinds["tracked"].commit(step)
 
     def add_hist(self, step: int, layer: int, quantity: str, counts: _Array, stats: _Array) -> None:
         if not _on_device(counts):
