@@ -275,7 +275,9 @@ class Recorder:
             self._train_rows.append((step, epoch, k, float(v), wall))
 
     def pending(self) -> int:
-        return max(len(self._steps), len(self._tracked), len(self._events))
+        """Steps held in the buffers of the fullest kind (asked after every step: no per-kind method calls)."""
+        s, k, e = self._steps, self._tracked, self._events
+        return max(s.n + len(s.dev), k.n + len(k.dev), e.n + len(e.dev))
 
     # ---------------- buffers → host columns ----------------
     def drain(self) -> None:
