@@ -1,9 +1,13 @@
 """Where the probe's time goes inside ``bnn-probe train``: CPU time of the calling thread per component, per step.
 
 One run of the runner (``setup`` + ``run_epoch``, the probe at its defaults) with thread-CPU timers wrapped around
-the probe's parts: the measurement (``FlatGroup.measure``), the pre-step capture (``FlatGroup.before_step``),
-``Probe._hyper``, the recorder's ``add_*`` calls and drains, and ``Probe.flush`` (Parquet parts, TensorBoard,
-``weight_flips.parquet``, scales, ``meta.json``). Nested calls count once, in the outermost timed part. A first
+the probe's parts: the optimizer hooks (``pre_hook``, ``post_hook``: what they do outside the parts below), the
+lane's routing before the step and taking of the rows after it (``lane_pre``, ``lane_post``, probe/lane.py), the
+general path's measurement (``FlatGroup.measure``) and pre-step capture (``FlatGroup.before_step``),
+``Probe._hyper``, the run checks (``checks``), the recorder's ``add_*`` calls and drains, ``Probe.flush``
+(Parquet parts, TensorBoard, ``weight_flips.parquet``, scales, ``meta.json``), and ``bop_step_with_pass``: Bop's
+C step with the measurement inside it (``OnePass.run``; this one includes the optimizer step itself, which the
+bare loop also does). Each part's time is exclusive: time spent in a nested part counts in that part only. A first
 2-epoch run warms the process up (imports, allocations) and is not counted.
 
     python benchmarks/probe_split.py --epochs 35 --threads 1
@@ -23,10 +27,13 @@ from pathlib import Path
 import torch
 
 from bnn_probe.data import load_dataset
-from bnn_probe.probe import flat, probe, recorder
+from bnn_probe.probe import checks, flat, lane, onepass, probe, recorder
 from bnn_probe.train import TrainConfig, run_epoch, setup
 
 PARTS = [
+    (probe.Probe, "_pre_hook", "pre_hook"), (probe.Probe, "_post_hook", "post_hook"),
+    (lane.Lane, "pre", "lane_pre"), (lane.Lane, "post", "lane_post"), (onepass.OnePass, "run", "bop_step_with_pass"),
+    (checks.RunChecks, "pre_step", "checks"), (checks.RunChecks, "post_step", "checks"),
     (flat.FlatGroup, "measure", "measure"), (flat.FlatGroup, "before_step", "pre_step"),
     (probe.Probe, "_hyper", "hyper"), (probe.Probe, "flush", "flush"), (recorder.Recorder, "drain", "drain"),
     *[(recorder.Recorder, n, "add") for n in ("add_steps", "add_tracked", "add_events", "add_hist", "add_snapshot",
@@ -35,22 +42,22 @@ PARTS = [
 
 
 def instrument(acc: dict[str, float]) -> None:
-    """Wrap every part of PARTS with a thread-CPU timer adding to ``acc[part]``."""
-    depth = [0]
+    """Wrap every part of PARTS with a thread-CPU timer adding its exclusive time to ``acc[part]``."""
+    nested: list[float] = []  # per open part: the time of the parts nested in it so far
 
     def wrap(cls, name: str, key: str) -> None:
         f = getattr(cls, name)
 
         def timed(*a, **k):
-            if depth[0]:
-                return f(*a, **k)
-            depth[0] += 1
+            nested.append(0.0)
             t = time.thread_time()
             try:
                 return f(*a, **k)
             finally:
-                acc[key] += time.thread_time() - t
-                depth[0] -= 1
+                dt = time.thread_time() - t
+                acc[key] += dt - nested.pop()
+                if nested:
+                    nested[-1] += dt
 
         setattr(cls, name, timed)
 
