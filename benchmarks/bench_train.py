@@ -13,13 +13,15 @@ so a busy machine slows both sides alike.
 Prints one JSON line per case: steps/s of the runner, of the runner with the probe's hooks removed ("loop only")
 and of the bare loop, and the ratios bare ÷ runner (goal ≤ 1.10; medians, and ``ratio_best`` of the fastest repeat
 of each side, the estimate least moved by other work on a shared machine; ``ratio_paired``: the median over repeats
-of each repeat's own bare ÷ runner, the sides of a repeat run back to back in ABBA order) and bare ÷ loop-only.
+of each repeat's own bare ÷ runner, the sides of a repeat run back to back in ABBA order, with
+``ratio_paired_ci95``, a percentile-bootstrap 95 % interval of that median over the repeats) and bare ÷ loop-only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -94,6 +96,13 @@ def runner(cfg: TrainConfig, data, root: Path, k: int, probe_hooks: bool = True)
     return CLOCK() - t0, state.step
 
 
+def bootstrap_median_ci(xs: list[float], n: int = 2000, seed: int = 0) -> list[float]:
+    """A percentile-bootstrap 95 % interval of the median of ``xs`` (the repeats resampled with replacement)."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(n))
+    return [round(meds[int(0.025 * n)], 3), round(meds[int(0.975 * n) - 1], 3)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", action="append", choices=sorted(CASES), help="case(s) to run [default: all]")
@@ -121,12 +130,13 @@ def main() -> None:
                         t, n = runner(cfg, data, Path(tmp), k if side == "r" else 1000 + k, probe_hooks=side == "r")
                     {"r": rs, "l": ls, "b": bs}[side].append(n / t)
         r, lo, b = statistics.median(rs), statistics.median(ls), statistics.median(bs)
-        paired = statistics.median(bb / rr for bb, rr in zip(bs, rs, strict=True))
+        pairs = [bb / rr for bb, rr in zip(bs, rs, strict=True)]
+        paired = statistics.median(pairs)
         print(json.dumps({"case": name, "steps": n, "threads": args.threads, "repeats": args.repeats,
                           "clock": args.clock,
                           "runner_steps_per_s": round(r, 1), "runner_loop_only_steps_per_s": round(lo, 1),
                           "bare_steps_per_s": round(b, 1), "ratio": round(b / r, 3),
-                          "ratio_paired": round(paired, 3),
+                          "ratio_paired": round(paired, 3), "ratio_paired_ci95": bootstrap_median_ci(pairs),
                           "ratio_best": round(max(bs) / max(rs), 3),
                           "ratio_loop_only": round(b / lo, 3), "runner_all": [round(x, 1) for x in rs],
                           "loop_only_all": [round(x, 1) for x in ls], "bare_all": [round(x, 1) for x in bs]}),
