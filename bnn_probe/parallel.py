@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -190,19 +189,17 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-@contextlib.contextmanager
-def autocast(device: str | torch.device, amp: str = "none") -> Iterator[None]:
-    """Mixed-precision forward: ``amp`` = ``"none"`` (nothing), ``"bf16"`` or ``"fp16"`` (``torch.autocast`` on the
-    device's type). Parameters, gradients and optimizer state (Bop's m) stay float32: autocast only casts the
-    operands of matmuls/convolutions inside the region. fp16 needs :func:`grad_scaler` (and CUDA)."""
+def autocast(device: str | torch.device, amp: str = "none") -> contextlib.AbstractContextManager:
+    """Mixed-precision forward: ``amp`` = ``"none"`` (nothing: a ``nullcontext``, the runner enters it every step),
+    ``"bf16"`` or ``"fp16"`` (``torch.autocast`` on the device's type). Parameters, gradients and optimizer state
+    (Bop's m) stay float32: autocast only casts the operands of matmuls/convolutions inside the region. fp16 needs
+    :func:`grad_scaler` (and CUDA)."""
     if amp not in AMP_MODES:
         raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
     if amp == "none":
-        yield
-        return
+        return contextlib.nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    with torch.autocast(device_type=torch.device(device).type, dtype=dtype):
-        yield
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def grad_scaler(device: str | torch.device, amp: str) -> torch.amp.GradScaler | None:
