@@ -307,11 +307,9 @@ def test_uniforms_drawn_ahead_are_capped_at_one_mebibyte():
     assert onepass.Uniforms(torch.Generator(), 3, 16).block == 256
 
 
-def test_probe_rows_written_in_place_equal_the_copied_rows(tmp_path):
-    """A one-group Bop model: the compiled pass writes the steps rows, flip events and tracked weights straight into
-    the recorder's buffers (Probe._lane, probe/lane.py); the log equals the one made by copying the pass's own
-    buffers, across drains (buffer_steps=3), with cadences that differ by table, and on the histogram and snapshot
-    steps the lane leaves to the general path."""
+def _lane_and_copied_logs(tmp_path, **options) -> tuple[list[dict[str, pd.DataFrame]], int]:
+    """The same 11 Bop steps of a one-group model logged with the lane and without it (``probe._lane = None``):
+    both logs' frames, and how many steps the lane took."""
     frames = []
     taken = {"lane": 0}
     post = Lane.post
@@ -327,9 +325,7 @@ def test_probe_rows_written_in_place_equal_the_copied_rows(tmp_path):
             mark_binary(p)
         binary_init_(model, seed=0)
         opt = Bop(model.parameters(), gamma=0.05, threshold=1e-3)
-        probe = bnn_probe.attach(model, opt, tmp_path / str(k), tensorboard=False, buffer_steps=3, track=6,
-                                 track_every=2, events_per_layer=3, events_every=3, quantile_every=2, hist_every=4,
-                                 snapshot_every=5)
+        probe = bnn_probe.attach(model, opt, tmp_path / str(k), tensorboard=False, buffer_steps=3, **options)
         assert probe._lane is not None
         if not lane:
             probe._lane = None
@@ -340,11 +336,30 @@ def test_probe_rows_written_in_place_equal_the_copied_rows(tmp_path):
             Lane.post = post
         probe.close()
         frames.append(_frames(tmp_path / str(k)))
+    for n in ("steps", "events", "tracked", "hists", "weight_flips"):
+        pd.testing.assert_frame_equal(frames[0][n], frames[1][n], check_exact=True, obj=n)
+    return frames, taken["lane"]
+
+
+def test_probe_rows_written_in_place_equal_the_copied_rows(tmp_path):
+    """A one-group Bop model: the compiled pass writes the steps rows, flip events and tracked weights straight into
+    the recorder's buffers (Probe._lane, probe/lane.py); the log equals the one made by copying the pass's own
+    buffers, across drains (buffer_steps=3), with cadences that differ by table, and on the histogram and snapshot
+    steps the lane leaves to the general path."""
+    frames, taken = _lane_and_copied_logs(tmp_path, track=6, track_every=2, events_per_layer=3, events_every=3,
+                                          quantile_every=2, hist_every=4, snapshot_every=5)
     # steps 4, 8 (histograms) and 5, 10 (snapshots) went the general way
-    assert taken["lane"] == 7
+    assert taken == 7
     run = bnn_probe.load_run(tmp_path / "0")
     assert sorted(set(run.hists.step)) == [4, 8] and sorted(set(run.snapshots.step)) == [5, 10]
     assert len(frames[0]["steps"]) == 22 and sorted(set(frames[0]["tracked"].step)) == [2, 4, 6, 8, 10]
     assert len(frames[0]["events"]) > 0
-    for n in ("steps", "events", "tracked", "hists", "weight_flips"):
-        pd.testing.assert_frame_equal(frames[0][n], frames[1][n], check_exact=True, obj=n)
+
+
+def test_lane_with_a_sparse_steps_table_and_no_events_or_tracked_weights(tmp_path):
+    """The lane on steps that log no steps row (``every=3``), with flip events and tracked weights off: every step
+    goes through it, and the log equals the copied one."""
+    frames, taken = _lane_and_copied_logs(tmp_path, every=3, events_per_layer=0, track=0, quantile_every=2)
+    assert taken == 11
+    assert sorted(set(frames[0]["steps"].step)) == [3, 6, 9] and len(frames[0]["events"]) == 0
+    assert len(frames[0]["tracked"]) == 0 and frames[0]["steps"].abs_m_q50.notna().any()
