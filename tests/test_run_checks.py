@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from _probe_helpers import MiniBop, Multi
 from conftest import run_cli
@@ -12,6 +13,7 @@ from torch import nn
 
 import bnn_probe
 from bnn_probe.nn import BinaryLinear
+from bnn_probe.probe import checks, cpu_pass
 from bnn_probe.probe.binarizers import Sign
 from bnn_probe.reports import run_warnings
 
@@ -188,3 +190,48 @@ def test_declared_intervention_is_not_a_change_outside_step(tmp_path):
     probe.close()
     assert _kinds(tmp_path / "r") == set()
     assert [e["kind"] for e in probe.interventions] == ["reset_inertia"]
+
+
+@pytest.mark.skipif(not cpu_pass.available(), reason="the compiled pass is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_check_rows_equal_the_torch_expressions(tmp_path, monkeypatch, dtype):
+    """The run checks' statistics from one compiled pass (``bnnp_check``) and the weights' comparison by
+    ``bnnp_count_ne`` equal the torch expressions they replace, with NaN and ±inf in m and g, weights of 0 and 0.5,
+    a layer whose binarizer keeps 0, a layer without a gradient and one with weights edited outside the step."""
+    from bnn_probe.optim import Bop
+
+    results, rows = [], []
+    compiled_row = checks._compiled_row
+    monkeypatch.setattr(checks, "_compiled_row", lambda *a: rows.append(r := compiled_row(*a)) or r)
+    for compiled in (True, False):
+        if not compiled:
+            assert sum(r is not None for r in rows) == len(rows) == 12  # 4 layers × 3 check steps, all compiled
+            monkeypatch.setattr(checks, "_kernels", lambda *ts: None)
+        model = Multi(0).to(dtype)
+        with torch.no_grad():
+            model.w0.mul_(0.5)
+            model.w3[0] = 0.0
+        opt = Bop(model.parameters(), gamma=0.5, threshold=0.1)
+        probe = bnn_probe.attach(model, opt, tmp_path / str(compiled), tensorboard=False, check_every=1,
+                                 binarizer={"w3": Sign(zero=0)})
+        params = list(model.parameters())
+        for t in range(3):
+            for i, p in enumerate(params):
+                p.grad = None if (t == 2 and i == 1) else torch.full_like(p, 1e-3 * (i + 1))
+            if t == 1:
+                params[0].grad.view(-1)[:2] = torch.tensor([float("nan"), float("-inf")], dtype=dtype)
+            opt.step()
+            if t == 1:
+                opt.state[params[2]]["exp_avg"].view(-1)[:3] = torch.tensor([float("inf"), float("nan"), -7.0])
+            with torch.no_grad():
+                params[1].view(-1)[:4] = 0.25  # changed outside the step
+        assert len(probe.checks._stats) == 3 and len(probe.checks._changed) == 2
+        results.append(([x for _, x in probe.checks._stats], [x for _, x in probe.checks._changed]))
+        probe.close()
+    (stats_c, changed_c), (stats_t, changed_t) = results
+    for a, b in zip(stats_c + changed_c, stats_t + changed_t, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a.nan_to_num(-12345.0), b.nan_to_num(-12345.0))
+    # the rows: [max|g|, max|m|, non-finite state entries, |w| != 1, zeros] per layer, at steps 1, 2, 3
+    assert torch.isnan(stats_c[1][0, 0]) and torch.isnan(stats_c[2][2, 1]) and stats_c[2][2, 2] == 2
+    assert stats_c[0][3, 4] == 1 and torch.isnan(stats_c[0][0, 4]) and stats_c[0][0, 3] == model.w0.numel()
+    assert torch.isnan(stats_c[2][1, 0]) and (changed_c[0] > 0).tolist() == [False, True, False, False]

@@ -670,6 +670,73 @@ HOT void FN(bnnp_bop_tail)(bnnp_plan *P, int64_t flags) {
         })
 }
 
+/* The run checks' statistics of one layer, read in place (probe/checks.py, RunChecks.post_step; the same values
+ * as its torch expressions): out[0] = max |g| and out[1] = max |m| (NaN when an entry is NaN, as torch's max;
+ * left as given where g or m is NULL or n == 0), out[2] = the non-finite entries of m, out[3] = the entries with
+ * |w| != 1, out[4] = the entries with w == 0. One pass over each of w, m and g, on the bits: for |x| (the sign bit
+ * cleared) the unsigned order is the order of the values, +inf above every finite value and NaN above +inf, so the
+ * maxima and counts are integer reductions (which vectorise; a float max with NaN semantics does not). */
+HOT void FN(bnnp_check)(const T *w, const T *m, const T *g, int64_t n, double *out) {
+    const UT mag = ~((UT)1 << (8 * sizeof(T) - 1));  /* clears the sign bit */
+    const T one = 1, inf = (T)INFINITY;
+    UT one_b, inf_b;
+    memcpy(&one_b, &one, sizeof(T));
+    memcpy(&inf_b, &inf, sizeof(T));
+    int64_t bad = 0, non_pm1 = 0, zeros = 0;
+_Pragma("GCC ivdep")
+    for (int64_t i = 0; i < n; i++) {
+        UT b;
+        memcpy(&b, &w[i], sizeof(T));
+        b &= mag;
+        non_pm1 += b != one_b;  /* (NaN != 1) */
+        zeros += b == 0;
+    }
+    if (m) {
+        UT mx = 0;
+_Pragma("GCC ivdep")
+        for (int64_t i = 0; i < n; i++) {
+            UT b;
+            memcpy(&b, &m[i], sizeof(T));
+            b &= mag;
+            mx = b > mx ? b : mx;
+            bad += b >= inf_b;  /* NaN or ±inf */
+        }
+        if (n > 0) {
+            T v;
+            memcpy(&v, &mx, sizeof(T));
+            out[1] = mx > inf_b ? (double)NAN : (double)v;
+        }
+    }
+    if (g) {
+        UT mx = 0;
+_Pragma("GCC ivdep")
+        for (int64_t i = 0; i < n; i++) {
+            UT b;
+            memcpy(&b, &g[i], sizeof(T));
+            b &= mag;
+            mx = b > mx ? b : mx;
+        }
+        if (n > 0) {
+            T v;
+            memcpy(&v, &mx, sizeof(T));
+            out[0] = mx > inf_b ? (double)NAN : (double)v;
+        }
+    }
+    out[2] = (double)bad;
+    out[3] = (double)non_pm1;
+    out[4] = (double)zeros;
+}
+
+/* The entries where a[i] != b[i] (a NaN counts as changed, as torch's !=): the run checks' comparison of a layer's
+ * weights with their copy at the last check step (RunChecks.pre_step), without concatenating the layers. */
+HOT int64_t FN(bnnp_count_ne)(const T *a, const T *b, int64_t n) {
+    int64_t c = 0;
+_Pragma("GCC ivdep")
+    for (int64_t i = 0; i < n; i++)
+        c += a[i] != b[i];
+    return c;
+}
+
 #undef FN
 #undef T
 #undef SFX

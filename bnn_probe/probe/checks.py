@@ -21,6 +21,9 @@ Kinds:
   momentum_key=...)``); its inertia and |w̃| columns then describe nothing.
 
 Checks run on the ``check_every`` cadence (device tensors, read at each flush); the forward-pass check runs once.
+On the CPU, a Bop-family layer with the sign binarizer and contiguous float tensors gets its statistics from one
+compiled pass over w, m and g (``bnnp_check`` in probe/_pass_tmpl.h; the same values as the torch expressions), and
+the comparison of the weights with their copy from one compiled count per layer (``bnnp_count_ne``).
 """
 
 from __future__ import annotations
@@ -29,11 +32,14 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from . import cpu_pass
+from .binarizers import Sign
 from .binary_detect import BOP_FAMILIES, LayerInfo
 
 __all__ = ["RunChecks", "WARNING_KINDS"]
@@ -167,11 +173,13 @@ class RunChecks:
         if not self._pending_change:
             return
         t, self._pending_change = self._pending_change, 0
-        parts = [None] * len(self.layers)
+        parts: list[Tensor] = [None] * len(self.layers)  # type: ignore[list-item]
         for g in self.groups:
-            diff = g.cat_w() != g.wbuf
+            refs = [g.layer_slice(g.wbuf, k) for k in range(len(g.rows))]
+            counts = [_count_changed(ly.param.detach(), ref) for ly, ref in zip(g.layers, refs, strict=True)]
+            diff = g.cat_w() != g.wbuf if None in counts else None
             for k, li in enumerate(g.rows):
-                parts[li] = g.layer_slice(diff, k).sum()
+                parts[li] = torch.tensor(counts[k]) if counts[k] is not None else g.layer_slice(diff, k).sum()
         self._changed.append((t, torch.stack([p.to(parts[0].device) for p in parts])))
 
     def post_step(self, t: int) -> None:
@@ -185,9 +193,14 @@ class RunChecks:
         for ly in self.layers:
             w = ly.param.detach()
             g = ly.param.grad
+            st = ly.optimizer.state.get(ly.param, {})
+            row = _compiled_row(ly, w, g, st)
+            if row is not None:
+                rows.append(row)
+                self._scale(t, ly, w)
+                continue
             nan = torch.tensor(math.nan, dtype=torch.float64, device=w.device)
             max_g = g.detach().abs().max().double() if g is not None and g.numel() else nan
-            st = ly.optimizer.state.get(ly.param, {})
             max_m = nan
             if ly.family in BOP_FAMILIES:
                 m = st.get(ly.extra.get("momentum_key", "exp_avg"))
@@ -200,10 +213,13 @@ class RunChecks:
             z = ly.binarizer.zeros(w)
             zeros = z.sum().double() if z is not None else nan
             rows.append(torch.stack([max_g, max_m, bad.to(max_g.device), non_pm1, zeros]))
-            s = ly.binarizer.scale(w)
-            if s is not None:
-                self._scales.append((t, ly.index, torch.stack([s.mean(), s.min(), s.max()])))
+            self._scale(t, ly, w)
         self._stats.append((t, torch.stack([r.to(rows[0].device) for r in rows])))
+
+    def _scale(self, t: int, ly: LayerInfo, w: Tensor) -> None:
+        s = ly.binarizer.scale(w)
+        if s is not None:
+            self._scales.append((t, ly.index, torch.stack([s.mean(), s.min(), s.max()])))
 
     # ------------------------------------------------------------------ at flush
     def evaluate(self) -> pd.DataFrame:
@@ -247,3 +263,44 @@ class RunChecks:
                 for t, li, v in ((t, li, x.cpu().tolist()) for t, li, x in self._scales)]
         self._scales.clear()
         return pd.DataFrame(rows)
+
+
+def _kernels(*ts: Tensor | None):
+    """The compiled pass's functions for tensors that are all on the CPU, contiguous and of the first one's float
+    dtype (None entries skipped), else None."""
+    ks = cpu_pass.load()
+    t0 = ts[0]
+    if ks is None or t0 is None or t0.device.type != "cpu" or t0.dtype not in (torch.float32, torch.float64):
+        return None
+    for t in ts:
+        if t is not None and (t.device.type != "cpu" or t.dtype != t0.dtype or not t.is_contiguous()
+                              or t.numel() != t0.numel()):
+            return None
+    return ks[np.dtype(np.float32 if t0.dtype == torch.float32 else np.float64)]
+
+
+def _count_changed(w: Tensor, ref: Tensor) -> int | None:
+    """#(w ≠ its copy ``ref``) by the compiled pass; None where it does not apply (the torch comparison then)."""
+    k = _kernels(w, ref)
+    return None if k is None else int(k.count_ne(w.data_ptr(), ref.data_ptr(), w.numel()))
+
+
+def _compiled_row(ly: LayerInfo, w: Tensor, g: Tensor | None, st: dict) -> Tensor | None:
+    """The layer's check row (max|g|, max|m|, non-finite state entries, |w| ≠ 1, zeros) from one compiled pass
+    (``bnnp_check``): for a Bop-family layer with the sign binarizer whose only floating-point state is m; None
+    otherwise."""
+    if ly.family not in BOP_FAMILIES or type(ly.binarizer) is not Sign:
+        return None
+    m = st.get(ly.extra.get("momentum_key", "exp_avg"))
+    floats = [v for v in st.values() if isinstance(v, Tensor) and v.is_floating_point()]
+    if not isinstance(m, Tensor) or len(floats) != 1 or floats[0] is not m:
+        return None
+    g = g.detach() if g is not None and g.numel() else None
+    k = _kernels(w, m.detach(), g)
+    if k is None:
+        return None
+    out = np.full(5, math.nan)
+    k.check(w.data_ptr(), m.data_ptr(), None if g is None else g.data_ptr(), w.numel(), out.ctypes.data)
+    if not ly.binarizer.keeps_zero:
+        out[4] = math.nan
+    return torch.from_numpy(out)

@@ -21,7 +21,7 @@ __all__ = ["NC_BOP", "NC_LAT", "S_SIGN", "S_SIGN0", "S_ABOVE", "S_FLIP", "Plan",
 
 NC_BOP, NC_LAT = 13, 4  # count columns per layer (see _pass.c)
 S_SIGN, S_SIGN0, S_ABOVE, S_FLIP = 1, 2, 4, 8  # bits of the per-weight state byte
-_ABI = 13
+_ABI = 14
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -68,6 +68,8 @@ _SIGNATURES = {
     "bnnp_bop_update": (None, [_I, _P, _P, _P, _P, _P, _P]),
     "bnnp_bop_fused": (_I, [_PP]),
     "bnnp_bop_tail": (None, [_PP, _I]),
+    "bnnp_check": (None, [_P, _P, _P, _I, _P]),
+    "bnnp_count_ne": (_I, [_P, _P, _I]),
 }
 
 
