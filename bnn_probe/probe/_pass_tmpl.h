@@ -670,12 +670,31 @@ HOT void FN(bnnp_bop_tail)(bnnp_plan *P, int64_t flags) {
         })
 }
 
+/* max |x| over n values as a double (NaN when one is NaN, as torch's max; 0 for n == 0), adding the non-finite
+ * entries to *nonfinite: integer reductions on the bits with the sign bit cleared (``mag``), where the unsigned
+ * order is the order of |x|, +inf (``inf_b``) above every finite value and NaN above +inf. */
+static inline double FN(abs_max)(const T *x, int64_t n, UT mag, UT inf_b, int64_t *nonfinite) {
+    UT mx = 0;
+    int64_t bad = 0;
+_Pragma("GCC ivdep")
+    for (int64_t i = 0; i < n; i++) {
+        UT b;
+        memcpy(&b, &x[i], sizeof(T));
+        b &= mag;
+        mx = b > mx ? b : mx;
+        bad += b >= inf_b;
+    }
+    *nonfinite += bad;
+    T v;
+    memcpy(&v, &mx, sizeof(T));
+    return mx > inf_b ? (double)NAN : (double)v;
+}
+
 /* The run checks' statistics of one layer, read in place (probe/checks.py, RunChecks.post_step; the same values
  * as its torch expressions): out[0] = max |g| and out[1] = max |m| (NaN when an entry is NaN, as torch's max;
  * left as given where g or m is NULL or n == 0), out[2] = the non-finite entries of m, out[3] = the entries with
- * |w| != 1, out[4] = the entries with w == 0. One pass over each of w, m and g, on the bits: for |x| (the sign bit
- * cleared) the unsigned order is the order of the values, +inf above every finite value and NaN above +inf, so the
- * maxima and counts are integer reductions (which vectorise; a float max with NaN semantics does not). */
+ * |w| != 1, out[4] = the entries with w == 0. One pass over each of w, m and g, on the bits (abs_max): integer
+ * reductions vectorise, a float max with NaN semantics does not. */
 HOT void FN(bnnp_check)(const T *w, const T *m, const T *g, int64_t n, double *out) {
     const UT mag = ~((UT)1 << (8 * sizeof(T) - 1));  /* clears the sign bit */
     const T one = 1, inf = (T)INFINITY;
@@ -692,35 +711,15 @@ _Pragma("GCC ivdep")
         zeros += b == 0;
     }
     if (m) {
-        UT mx = 0;
-_Pragma("GCC ivdep")
-        for (int64_t i = 0; i < n; i++) {
-            UT b;
-            memcpy(&b, &m[i], sizeof(T));
-            b &= mag;
-            mx = b > mx ? b : mx;
-            bad += b >= inf_b;  /* NaN or ±inf */
-        }
-        if (n > 0) {
-            T v;
-            memcpy(&v, &mx, sizeof(T));
-            out[1] = mx > inf_b ? (double)NAN : (double)v;
-        }
+        const double v = FN(abs_max)(m, n, mag, inf_b, &bad);
+        if (n > 0)
+            out[1] = v;
     }
     if (g) {
-        UT mx = 0;
-_Pragma("GCC ivdep")
-        for (int64_t i = 0; i < n; i++) {
-            UT b;
-            memcpy(&b, &g[i], sizeof(T));
-            b &= mag;
-            mx = b > mx ? b : mx;
-        }
-        if (n > 0) {
-            T v;
-            memcpy(&v, &mx, sizeof(T));
-            out[0] = mx > inf_b ? (double)NAN : (double)v;
-        }
+        int64_t unused = 0;
+        const double v = FN(abs_max)(g, n, mag, inf_b, &unused);
+        if (n > 0)
+            out[0] = v;
     }
     out[2] = (double)bad;
     out[3] = (double)non_pm1;
