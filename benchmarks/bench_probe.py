@@ -6,7 +6,8 @@
 
 Cases: BinaryNet full width (32×32×3 random inputs, batch 50, Bop on the binary weights + Adam on the rest),
 probe at its defaults and with histograms every 16 steps; the small binary MLP on scikit-learn digits (worst case:
-tiny steps); ``wide-mlp``: BinaryMLP 64-2048-2048-10 on digits (4.3 M binary weights), Bop, probe defaults;
+tiny steps; 100 timed steps per repetition, so one histogram and one run-check step each); ``wide-mlp``: BinaryMLP
+64-2048-2048-10 on digits (4.3 M binary weights), Bop, probe defaults, also 100 timed steps per repetition;
 ``bitorch``: the bitorch conv net of tests/_interop.py (QConv2d + QLinear, found by the adapter, latent Adam).
 Reports the median per-step time of each mode, the ratio, and the log's bytes per (step, layer) row.
 Attach/close and the final flush are outside the timed window; periodic drains inside it are timed.
@@ -277,7 +278,9 @@ def run_case(case: str, dev, args, gpu: bool, popts: dict, root: Path, reps: int
             return None
         return bench("bitorch", dev, mlp_reps, mlp_k, 20, dict(popts), root, label, settle)
     if case == "wide-mlp":
-        wr, wk = (2, 3) if args.quick else ((7, 50) if gpu else (5, 20))
+        # 100 timed steps after the settle step: each window holds one histogram step and one run-check step
+        # (hist_every = check_every = 100), so the ratio includes what the default cadences cost per step
+        wr, wk = (2, 3) if args.quick else ((7, 100) if gpu else (5, 100))
         return bench("wide-mlp", dev, wr, wk, 3, dict(popts), root, label, settle)
     raise SystemExit(f"unknown case {case}")
 
