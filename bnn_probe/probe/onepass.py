@@ -56,6 +56,7 @@ FLIP_BINS = 64  # initial bins of the flip-count histogram per layer (flip_hist)
 FLIP_BINS_MAX = 1 << 16
 _EDGES = {q: np.asarray(e, dtype=np.float64) for q, e in HIST_EDGES.items()}
 _LUTS: dict[str, np.ndarray] = {}
+_HIST_KIND = {"abs_m_rel": 0, "wm_rel": 1, "abs_m": 2, "abs_w": 3}  # bnnp_hist's kind of each quantity
 
 
 _warned = False
@@ -589,14 +590,9 @@ class OnePass:
         """{quantity: (counts [L, bins] int64, stats [L, 4] float64, layer rows that have it)} of this step, by
         ``bnnp_hist`` over the weights in place (probe/histograms.py's definitions)."""
         g = self.g
-        allrows = list(range(g.L))
-        if self.bop:
-            pos = [li for li in allrows if g.tau_pos[li]]
-            todo = ([("abs_m_rel", 0, pos), ("wm_rel", 1, pos)] if pos else []) + [("abs_m", 2, allrows)]
-        else:
-            todo = [("abs_w", 3, allrows)]
         out = {}
-        for q, kind, rows in todo:
+        for q, rows in g._hist_rows().items():  # (the device path's quantities and rows, FlatGroup._hists)
+            kind = _HIST_KIND[q]
             edges = _EDGES[q]
             lut = _LUTS.get(q)
             if lut is None:
