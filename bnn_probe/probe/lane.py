@@ -36,9 +36,10 @@ class Lane:
         self.layouts = op.layouts()
         self.routed: tuple[int, bool, bool, bool] = (-1, False, False, False)  # step t, and which rows are in place
 
-    def pre(self, t: int, log: bool, events: bool, tracked: bool, quant: bool) -> tuple[int, bool, bool, bool]:
-        """Route and arm step ``t`` (``events``: flip events due and the probe samples any); returns (t, steps,
-        events, tracked rows written in place)."""
+    def pre(self, t: int, log: bool, events: bool, tracked: bool, quant: bool) -> None:
+        """Route and arm step ``t`` (``events``: flip events due and the probe samples any); ``routed`` then says
+        which of its rows the pass writes in place (``Probe._measure`` reads it on the steps the lane leaves to
+        it)."""
         op, P, rec = self.op, self.op.plan, self.rec
         lay_s, lay_e, lay_t = self.layouts
         r = rec.reserve("steps", lay_s) if log else None
@@ -49,7 +50,6 @@ class Lane:
         P.tr_sign, P.tr_out = k or op._own_tracked
         self.routed = (t, r is not None, e is not None, k is not None)
         op.pre(t, quant, int(events) | int(tracked) << 1)
-        return self.routed
 
     def post(self, t: int, log: bool, events: bool, tracked: bool, quant: bool,
              hyper: Callable[[], np.ndarray]) -> bool:

@@ -154,7 +154,6 @@ class Probe:
         self._hyper_plain = False
         self._sched: tuple = (-1, False, False, False, False, False, False)  # _schedule of the last step asked
         self._lane: Lane | None = None  # one Bop-family group whose rows the pass writes in place
-        self._routed: tuple = (-1, False, False, False)  # step, and which of its rows the pass writes in place
         gen = torch.Generator().manual_seed(self.seed)
         q_idx: list[torch.Tensor | None] = []
         t_idx: list[torch.Tensor] = []
@@ -310,7 +309,7 @@ class Probe:
         _, log, trk, ev, _, _, quant = self._schedule(t)
         lane = self._lane
         if lane is not None:  # the pass writes the step's rows into the recorder's buffers (probe/lane.py)
-            self._routed = lane.pre(t, log, ev and self.events_per_layer > 0, trk, quant)
+            lane.pre(t, log, ev and self.events_per_layer > 0, trk, quant)
             return
         tail = (int(ev) | int(trk) << 1) if self.active else 0
         for g in self.groups:
@@ -353,25 +352,21 @@ class Probe:
         _, log, trk, ev, hist, snap, quant = self._schedule(t)
         outs = [g.measure(t, log, trk, ev, hist, snap, quant) for g in self.groups]
         rec = self.rec
-        # rows the compiled pass wrote straight into the recorder's buffers (the pre hook's route, Probe._lane)
-        _, in_rows, in_events, in_tracked = self._routed if self._routed[0] == t else (t, False, False, False)
-        if log:
-            if in_rows:
-                rec.commit("steps", t, self._hyper())
-            else:
-                ints = self._cat([o["ints"] for o in outs], self._perm)
-                floats = self._cat([o["floats"] for o in outs], self._perm)
-                rec.add_steps(t, ints, floats, self._hyper())
-        if ev and self.events_per_layer > 0:
-            if in_events:
-                rec.commit("events", t)
-            else:
-                rec.add_events(t, *self._pair(outs, "events", getattr(self, "_eperm", None)))
-        if trk:
-            if in_tracked:
-                rec.commit("tracked", t)
-            else:
-                rec.add_tracked(t, *self._pair(outs, "tracked", getattr(self, "_tperm", None)))
+        # rows the compiled pass wrote straight into the recorder's buffers (routed by the lane's pre-step call)
+        lane = self._lane
+        _, in_rows, in_events, in_tracked = lane.routed if lane is not None and lane.routed[0] == t else \
+            (t, False, False, False)
+        ev = ev and self.events_per_layer > 0
+        hyper = self._hyper() if log else None
+        if log and not in_rows:
+            ints = self._cat([o["ints"] for o in outs], self._perm)
+            floats = self._cat([o["floats"] for o in outs], self._perm)
+            rec.add_steps(t, ints, floats, hyper)
+        if ev and not in_events:
+            rec.add_events(t, *self._pair(outs, "events", getattr(self, "_eperm", None)))
+        if trk and not in_tracked:
+            rec.add_tracked(t, *self._pair(outs, "tracked", getattr(self, "_tperm", None)))
+        rec.commit_step(t, hyper if log and in_rows else None, ev and in_events, trk and in_tracked)
         for g, o in zip(self.groups, outs, strict=True):
             for q, (cnt, stats, rows) in o.get("hists", {}).items():
                 for k in rows:

@@ -235,19 +235,12 @@ class Recorder:
 
     def reserve(self, kind: str, layout: tuple) -> list[int] | None:
         """``kind`` ("steps", "events", "tracked"): addresses of the next row of its host buffers, to be written in
-        place before :meth:`commit` (see ``_Pending.reserve``; steps: ints, floats, hyper)."""
+        place before :meth:`commit_step` (see ``_Pending.reserve``; steps: ints, floats, hyper)."""
         return self._kinds[kind].reserve(layout)
-
-    def commit(self, kind: str, step: int, hyper: np.ndarray | None = None) -> None:
-        """Take the reserved row of ``kind`` as step ``step``'s (steps: ``hyper`` [L, 4] copied into it)."""
-        pend = self._kinds[kind]
-        if hyper is not None:
-            pend.bufs[2][pend.n] = hyper  # type: ignore[index]
-        pend.commit(step, time.time() if kind == "steps" else math.nan)
 
     def commit_step(self, step: int, hyper: np.ndarray | None, events: bool, tracked: bool) -> None:
         """Take step ``step``'s reserved rows at once: the steps row with ``hyper`` [L, 4] copied into it (none when
-        ``hyper`` is None), the flip events' and the tracked weights' where true (probe/lane.py)."""
+        ``hyper`` is None), the flip events' and the tracked weights' where true (probe/lane.py, Probe._measure)."""
         kinds = self._kinds
         if hyper is not None:
             pend = kinds["steps"]
