@@ -15,6 +15,14 @@ and of the bare loop, and the ratios bare ÷ runner (goal ≤ 1.10; medians, and
 of each side, the estimate least moved by other work on a shared machine; ``ratio_paired``: the median over repeats
 of each repeat's own bare ÷ runner, the sides of a repeat run back to back in ABBA order, with
 ``ratio_paired_ci95``, a percentile-bootstrap 95 % interval of that median over the repeats) and bare ÷ loop-only.
+
+The repeats of one process share its memory layout and hash seed, which move the ratio by more than the spread
+between its repeats (the same code gave paired medians from 1.087 to 1.107 in different processes, each with a
+narrower interval). ``--processes N`` therefore runs the case in N fresh processes, one after another, and prints,
+after each process's own line, a summary with the process as the unit: the median over processes of their paired
+medians and its bootstrap interval over processes:
+
+    python benchmarks/bench_train.py --case digits-mlp-20 --repeats 6 --threads 1 --clock cpu --processes 8
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import argparse
 import json
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -111,7 +121,13 @@ def main() -> None:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall-clock time, or the CPU time of the process (all its threads; robust to time-slicing by "
                          "other jobs on a shared machine)")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="run each case in this many fresh processes, one after another, and summarise over them")
     args = ap.parse_args()
+    if args.processes > 1:
+        for name in args.case or list(CASES):
+            over_processes(name, args)
+        return
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
@@ -141,6 +157,26 @@ def main() -> None:
                           "ratio_loop_only": round(b / lo, 3), "runner_all": [round(x, 1) for x in rs],
                           "loop_only_all": [round(x, 1) for x in ls], "bare_all": [round(x, 1) for x in bs]}),
               flush=True)
+
+
+def over_processes(name: str, args: argparse.Namespace) -> None:
+    """``--processes N``: the case in N fresh processes (sequentially: they would compete for the cores); each
+    process's own line is printed, then one summary line with the process as the unit of replication."""
+    lines = []
+    for _ in range(args.processes):
+        cmd = [sys.executable, __file__, "--case", name, "--repeats", str(args.repeats), "--threads",
+               str(args.threads), "--clock", args.clock]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        line = json.loads(out.strip().splitlines()[-1])
+        print(json.dumps(line), flush=True)
+        lines.append(line)
+    per = [x["ratio_paired"] for x in lines]
+    print(json.dumps({"case": name, "processes": args.processes, "repeats": args.repeats, "threads": args.threads,
+                      "clock": args.clock, "ratio_paired_per_process": per,
+                      "ratio_paired_median_over_processes": round(statistics.median(per), 3),
+                      "ratio_paired_ci95_over_processes": bootstrap_median_ci(per),
+                      "ratio_loop_only_per_process": [x["ratio_loop_only"] for x in lines],
+                      "bare_steps_per_s_per_process": [x["bare_steps_per_s"] for x in lines]}), flush=True)
 
 
 if __name__ == "__main__":

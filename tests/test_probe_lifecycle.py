@@ -45,6 +45,35 @@ def test_cadences(tmp_path):
     assert run.weight_flips.n.sum() == 12
 
 
+def test_cadences_asked_ahead_follow_a_change_and_user_functions_are_asked_once_per_step(tmp_path):
+    """Built-in schedules are asked 256 steps ahead; past that block, and after a cadence is set on the probe
+    mid-run (an int converted as attach does), the steps logged follow the schedule in force at each step. A user
+    function is asked at its step only, once per step, in order."""
+    asked = []
+
+    def every_5th(t):
+        asked.append(t)
+        return t % 5 == 0
+
+    g = _grads(1)[0]
+    for name, quantile_every in (("pure", 5), ("user", every_5th)):
+        model, opt = _bop()
+        with bnn_probe.attach(model, opt, tmp_path / name, every=1, hist_every=100, snapshot_every=0, track=0,
+                              events_per_layer=0, tensorboard=False, quantile_every=quantile_every) as probe:
+            for t in range(1, 301):
+                if t == 281:
+                    probe.hist_every = 7  # steps 287, 294 (set between steps 280 and 281)
+                set_grad(model, g * (1 if t % 2 else -1))
+                opt.step()
+        run = bnn_probe.load_run(tmp_path / name)
+        assert sorted(run.hists.step.unique()) == [100, 200, 287, 294], name
+        assert run.steps.step.tolist() == list(range(1, 301))
+        q = run.steps.set_index("step").abs_m_q50
+        assert q.notna().tolist() == [t % 5 == 0 for t in range(1, 301)], name
+        assert run.meta["probe"]["hist_every"] == {"kind": "every", "n": 7}
+    assert asked == list(range(1, 301))  # once per logged step, never ahead
+
+
 def test_exception_marks_run_failed(tmp_path):
     model, opt = _bop()
     with pytest.raises(RuntimeError, match="boom"), bnn_probe.attach(model, opt, tmp_path / "run",

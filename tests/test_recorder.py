@@ -193,6 +193,53 @@ def test_pending_rows_reserved_and_written_in_place_mix_with_added_rows():
     assert p.reserve((((3,), np.dtype(np.float64)), lay[1])) is not None  # empty: made for the new layout
 
 
+def test_hyperparameters_kept_where_they_change_across_reserved_and_added_rows_and_drains(tmp_path):
+    """Each steps row gets the γ, τ, lr, σ in force at its step, though the recorder keeps only change points:
+    rows committed in place (identity of the hyperparameter array), rows added (compared by value, since the
+    caller may change its array in place), a new array with equal values, NaN, and drains in between."""
+    import ctypes
+
+    w, rec = _recorder(tmp_path, buffer_steps=3)
+    pend = rec._steps
+    ints, floats = np.zeros((2, 4), np.int64), np.full((2, K), math.nan)
+    lay = (((2, 4), np.dtype(np.int64)), ((2, K), np.dtype(np.float64)))
+    a = np.array([[1e-3, 1e-6, 1e-3, math.nan]] * 2)
+    b = np.array([[1e-3, 2e-6, 1e-3, math.nan], [5e-4, 2e-6, 5e-4, math.nan]])
+    mutable = a.copy()
+    want = {}
+    plan = [("commit", a), ("commit", a), ("add", mutable), ("commit", a), ("commit", b), ("commit", b.copy()),
+            ("add", mutable), ("mutate", None), ("commit", a), ("commit", a)]
+    t = 0
+    for how, h in plan:
+        if how == "mutate":  # the caller's array changed in place: the next added row must see it
+            mutable[:, 1] = 7e-6
+            t += 1
+            rec.add_steps(t, ints, floats, mutable)
+            want[t] = mutable.copy()
+        elif how == "add":
+            t += 1
+            rec.add_steps(t, ints, floats, h)
+            want[t] = h.copy()
+        else:
+            t += 1
+            addr = rec.reserve("steps", lay)
+            if addr is None:  # full: drained as the probe's hook would, then reserved again
+                rec.drain()
+                addr = rec.reserve("steps", lay)
+            ctypes.memmove(addr[0], ints.ctypes.data, ints.nbytes)
+            ctypes.memmove(addr[1], floats.ctypes.data, floats.nbytes)
+            rec.commit_step(t, h, events=False, tracked=False)
+            want[t] = h.copy()
+        if rec.pending() >= rec.buffer_steps:
+            rec.drain()
+    assert pend.n == 0 or len(rec._hyper_at) <= pend.n  # only change points are kept
+    rec.flush()
+    df = _read(w.path, "steps")
+    assert df.step.tolist() == [s for s in range(1, t + 1) for _ in range(2)]
+    got = df[["gamma", "threshold", "lr", "sigma"]].to_numpy().reshape(t, 2, 4)
+    np.testing.assert_array_equal(got, np.stack([want[s] for s in range(1, t + 1)]))
+
+
 def test_tracked_and_events_rows_by_hand(tmp_path):
     w, rec = _recorder(tmp_path, buffer_steps=8)
     rec.track_layout = [(0, np.array([3, 7])), (2, np.array([0]))]

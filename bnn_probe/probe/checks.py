@@ -93,7 +93,7 @@ class RunChecks:
         self._changed: list[tuple[int, Tensor]] = []
         self._scales: list[tuple[int, int, Tensor]] = []
         self._dead = [[0, 0] for _ in layers]  # [dead checks, checks] per layer
-        self._pending_change = 0
+        self.pending_change = 0
         self._hooks: list[Any] = []
 
     # ------------------------------------------------------------------ recording
@@ -165,14 +165,14 @@ class RunChecks:
     def declared_change(self) -> None:
         """The weights were changed on purpose since the last measurement (``Probe.mark_intervention``): the
         pending ``changed_outside_step`` comparison is dropped."""
-        self._pending_change = 0
+        self.pending_change = 0
 
     # ------------------------------------------------------------------ per step (check cadence only)
     def pre_step(self) -> None:
         """Before step t + 1: did the weights change since the measurement of a check step t?"""
-        if not self._pending_change:
+        if not self.pending_change:
             return
-        t, self._pending_change = self._pending_change, 0
+        t, self.pending_change = self.pending_change, 0
         parts: list[Tensor] = [None] * len(self.layers)  # type: ignore[list-item]
         for g in self.groups:
             refs = [g.layer_slice(g.wbuf, k) for k in range(len(g.rows))]
@@ -182,11 +182,12 @@ class RunChecks:
                 parts[li] = torch.tensor(counts[k]) if counts[k] is not None else g.layer_slice(diff, k).sum()
         self._changed.append((t, torch.stack([p.to(parts[0].device) for p in parts])))
 
-    def post_step(self, t: int) -> None:
-        """After step t: record the device statistics of the checks (no host synchronisation)."""
-        if not self.schedule(t):
+    def post_step(self, t: int, due: bool | None = None) -> None:
+        """After step t: record the device statistics of the checks (no host synchronisation). ``due``: whether
+        t is a check step, when the caller has asked the schedule already."""
+        if not (self.schedule(t) if due is None else due):
             return
-        self._pending_change = t
+        self.pending_change = t
         for g in self.groups:  # w_t, compared with the weights before the next step (pre_step)
             g.keep_weights()
         rows = []

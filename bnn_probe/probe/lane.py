@@ -34,17 +34,19 @@ class Lane:
         self.op = op
         self.rec = rec
         self.layouts = op.layouts()
+        self.buffers = (rec.buffer("steps"), rec.buffer("events"), rec.buffer("tracked"))
         self.routed: tuple[int, bool, bool, bool] = (-1, False, False, False)  # step t, and which rows are in place
 
     def pre(self, t: int, log: bool, events: bool, tracked: bool, quant: bool) -> None:
         """Route and arm step ``t`` (``events``: flip events due and the probe samples any); ``routed`` then says
         which of its rows the pass writes in place (``Probe._measure`` reads it on the steps the lane leaves to
         it)."""
-        op, P, rec = self.op, self.op.plan, self.rec
+        op, P = self.op, self.op.plan
         lay_s, lay_e, lay_t = self.layouts
-        r = rec.reserve("steps", lay_s) if log else None
-        e = rec.reserve("events", lay_e) if events else None
-        k = rec.reserve("tracked", lay_t) if tracked else None
+        b_s, b_e, b_t = self.buffers
+        r = b_s.reserve(lay_s) if log else None
+        e = b_e.reserve(lay_e) if events else None
+        k = b_t.reserve(lay_t) if tracked else None
         P.rows_i, P.rows_f = (r[0], r[1]) if r else op._own_rows
         P.ev_i, P.ev_f = e or op._own_events
         P.tr_sign, P.tr_out = k or op._own_tracked

@@ -32,7 +32,9 @@ the weights' dtype, float64 sums to rounding (tests/test_probe_flat.py).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
+import struct
 import warnings
 from typing import TYPE_CHECKING
 
@@ -153,6 +155,9 @@ class OnePass:
         self.wp = np.zeros(L, dtype=np.uintp)
         self.mp = np.zeros(L, dtype=np.uintp)
         self.gp = np.zeros(L, dtype=np.uintp)
+        # run() rewrites the gradients' pointers every step: struct.pack_into on the table's bytes costs a fraction
+        # of a numpy assignment from a list (cold caches inside the training step)
+        self._pack_gp = functools.partial(struct.Struct(f"={L}Q").pack_into, memoryview(self.gp).cast("B"), 0)
         s0 = _np(sign0).view(np.uint8)
         self.state = (s0 * (S_SIGN | S_SIGN0)).astype(np.uint8)
         if above is not None:
@@ -231,6 +236,7 @@ class OnePass:
             # the probe reads τ under the key the step reads it from: same (γ, τ) in the jobs, same τ for the probe
             self._tau_is_step_tau = all(k == "threshold" for k in grp.tkeys)
             self.nonfin = np.zeros(L, dtype=np.int64)
+            self._unpack_nonfin = functools.partial(struct.Struct(f"={L}q").unpack_from, memoryview(self.nonfin))
             P.set(hp=self.hp, nonfin=self.nonfin, fwm=np.empty(N, dtype=self.npdtype),
                   fmo=np.empty(N, dtype=self.npdtype))
 
@@ -303,12 +309,11 @@ class OnePass:
 
     # ------------------------------------------------------------------ per step
     def layouts(self) -> tuple[tuple, tuple, tuple]:
-        """((shape, dtype) of the steps rows + the [L, 4] hyperparameters, of the flip events, of the tracked
-        weights): the recorder's buffers that probe/lane.py may send them to (Recorder.reserve)."""
+        """((shape, dtype) of the steps rows, of the flip events, of the tracked weights): the recorder's buffers
+        that probe/lane.py may send them to (Recorder.reserve)."""
         def lay(*arrays: np.ndarray) -> tuple:
             return tuple((a.shape, a.dtype) for a in arrays)
-        return (lay(self.rows_i, self.rows_f, np.empty((self.g.L, 4))), lay(self.ev_i, self.ev_f),
-                lay(self.tr_sign, self.tr_out))
+        return lay(self.rows_i, self.rows_f), lay(self.ev_i, self.ev_f), lay(self.tr_sign, self.tr_out)
 
     def pre(self, t: int, quant: bool, tail: int = 0) -> None:
         """Before the optimizer step ``t``: stored signs := b(w_{t−1}) where they changed; latent: w̃_{t−1} copied.
@@ -352,7 +357,7 @@ class OnePass:
                 L = len(js)
                 self.wp[:], self.mp[:] = ptrs[:L], ptrs[L:]
                 self._ptrs = ptrs
-            self.gp[:] = [j[2].data_ptr() for j in js]
+            self._pack_gp(*[j[2].data_ptr() for j in js])
             hp = [(j[3], j[4]) for j in js]
             g.g_missing = g.m_missing = []
             tensors = [j[0] for j in js] + [j[1] for j in js]
@@ -383,6 +388,9 @@ class OnePass:
             self.k.bop_tail(self.pplan, rest)
         self.tail_done = tail
         torch.autograd.graph.increment_version(tensors)
+        if None not in js:
+            # tensors: the L weights, then their L momenta (zip stops after the weights)
+            return dict(zip(map(id, tensors), self._unpack_nonfin(), strict=False))
         nonfin = self.nonfin.tolist()
         return {id(j[0]): nonfin[li] for li, j in enumerate(js) if j is not None}
 

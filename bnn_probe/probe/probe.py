@@ -46,6 +46,22 @@ __all__ = ["Probe", "attach"]
 
 Cadence = int | Schedule | Callable[[int], bool] | None
 _HYPER_KEYS = ("gamma", "threshold", "lr", "sigma")
+_SCHEDULE_BLOCK = 256  # steps whose cadences are asked at once (pure schedules: Probe._schedule)
+
+
+class _CadenceAttr:
+    """A cadence of the probe (``every``, ``hist_every``, ...): stored as a :class:`Schedule` (an int n or a
+    callable is converted as ``attach`` does); setting it drops the steps whose schedule was asked ahead."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = "_" + name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        return self if obj is None else obj.__dict__[self.key]
+
+    def __set__(self, obj: Any, value: Cadence) -> None:
+        obj.__dict__[self.key] = as_schedule(value)
+        obj.__dict__["_sched_block"] = ()
 
 
 def _hyper_keys(ly: LayerInfo) -> tuple[str, ...]:
@@ -85,6 +101,13 @@ def _sample_indices(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
 class Probe:
     """Measures the binary weights at every optimizer step and writes the run log (see :func:`attach`)."""
 
+    every = _CadenceAttr()
+    hist_every = _CadenceAttr()
+    snapshot_every = _CadenceAttr()
+    track_every = _CadenceAttr()
+    events_every = _CadenceAttr()
+    quantile_every = _CadenceAttr()
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.PathLike,
                  binary: BinarySpec = None, every: Cadence = 1, hist_every: Cadence = 100,
                  snapshot_every: Cadence = 1000, track: int = 64, track_every: Cadence = 1,
@@ -108,6 +131,8 @@ class Probe:
         self.rank, self.world_size = _dist_rank_world(rank)
         self.active = self.rank == 0
         self.step = 0
+        self._sched_block: list[tuple] | tuple = ()  # Probe._schedule of steps _sched_t0, _sched_t0 + 1, ...
+        self._sched_t0 = 0
         self.every = as_schedule(every)
         self.hist_every = as_schedule(hist_every)
         self.snapshot_every = as_schedule(snapshot_every)
@@ -152,7 +177,6 @@ class Probe:
         self._hyper_src = [(ly.optimizer, ly.extra["leaf_group"], _hyper_keys(ly)) for ly in self.layers]
         self._hyper_raw: list | None = None
         self._hyper_plain = False
-        self._sched: tuple = (-1, False, False, False, False, False, False)  # _schedule of the last step asked
         self._lane: Lane | None = None  # one Bop-family group whose rows the pass writes in place
         gen = torch.Generator().manual_seed(self.seed)
         q_idx: list[torch.Tensor | None] = []
@@ -293,20 +317,32 @@ class Probe:
         op = getattr(self.groups[0], "onepass", None) if len(self.groups) == 1 else None
         self._lane = Lane(op, self.rec) if op is not None and op.fast and op.bop and self.active else None
 
-    def _schedule(self, t: int) -> tuple[int, bool, bool, bool, bool, bool, bool]:
-        """(t, log, track, events, hist, snapshot, quantiles): what step t records, each cadence asked once per step
-        (by the pre-step hook; the post-step hook reuses the answer)."""
-        s = self._sched
-        if s[0] != t:
-            log = bool(self.every(t))
-            s = self._sched = (t, log, bool(self.track_every(t)), bool(self.events_every(t)), bool(self.hist_every(t)),
-                               bool(self.snapshot_every(t)), log and bool(self.quantile_every(t)))
-        return s
+    def _schedule(self, t: int) -> tuple[int, bool, bool, bool, bool, bool, bool, bool]:
+        """(t, log, track, events, hist, snapshot, quantiles, check): what step t records. The cadences are asked
+        256 steps ahead at once when all are pure (the built-in schedules), else at step t only; either way each
+        is asked once per step (both hooks read the same answer)."""
+        k = t - self._sched_t0
+        blk = self._sched_block
+        if 0 <= k < len(blk):
+            return blk[k]
+        cads = (self.every, self.track_every, self.events_every, self.hist_every, self.snapshot_every,
+                self.quantile_every, self.checks.schedule)
+        n = _SCHEDULE_BLOCK if all(getattr(c, "pure", False) for c in cads) else 1
+        every, track, events, hist, snap, quant, check = cads
+        blk = []
+        for u in range(t, t + n):
+            log = bool(every(u))
+            blk.append((u, log, bool(track(u)), bool(events(u)), bool(hist(u)), bool(snap(u)), log and bool(quant(u)),
+                        bool(check(u))))
+        self._sched_block, self._sched_t0 = blk, t
+        return blk[0]
 
     def _pre_hook(self, optimizer, args, kwargs) -> None:
-        self.checks.pre_step()
+        checks = self.checks
+        if checks.pending_change:  # (the step after a check step)
+            checks.pre_step()
         t = self.step + 1
-        _, log, trk, ev, _, _, quant = self._schedule(t)
+        _, log, trk, ev, _, _, quant, _ = self._schedule(t)
         lane = self._lane
         if lane is not None:  # the pass writes the step's rows into the recorder's buffers (probe/lane.py)
             lane.pre(t, log, ev and self.events_per_layer > 0, trk, quant)
@@ -320,11 +356,12 @@ class Probe:
         t = self.step
         if self.active:
             lane = self._lane
-            _, log, trk, ev, hist, snap, quant = self._schedule(t)
+            _, log, trk, ev, hist, snap, quant, check = self._schedule(t)
             if lane is None or hist or snap or \
                     not lane.post(t, log, ev and self.events_per_layer > 0, trk, quant, self._hyper):
                 self._measure(t)
-            self.checks.post_step(t)
+            if check:
+                self.checks.post_step(t, due=True)
         for sched, fn in self._callbacks:
             if sched(t):
                 fn(self, t)
@@ -349,7 +386,7 @@ class Probe:
         return tuple(self._cat([o[key][j] for o in outs], perm) for j in (0, 1))
 
     def _measure(self, t: int) -> None:
-        _, log, trk, ev, hist, snap, quant = self._schedule(t)
+        _, log, trk, ev, hist, snap, quant, _ = self._schedule(t)
         outs = [g.measure(t, log, trk, ev, hist, snap, quant) for g in self.groups]
         rec = self.rec
         # rows the compiled pass wrote straight into the recorder's buffers (routed by the lane's pre-step call)
@@ -389,7 +426,7 @@ class Probe:
                     out.flat[i] = float(v)
             self._hyper_raw, self._hyper_arr = raw, out
             self._hyper_plain = plain_values(raw)  # else re-read every step
-        return self._hyper_arr  # the recorder copies it
+        return self._hyper_arr  # a new array whenever a value changed (Recorder.commit_step compares identity)
 
     # ------------------------------------------------------------------ public API
     def add_callback(self, fn: Callable[[Probe, int], None], every: Cadence = 1) -> None:

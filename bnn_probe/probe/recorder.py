@@ -81,8 +81,10 @@ class _Pending:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.n = 0
-        self.steps = np.empty(capacity, dtype=np.int64)
-        self.wall = np.empty(capacity, dtype=np.float64)
+        # step numbers and wall-clock times as Python lists: a list item costs a fraction of a numpy scalar
+        # assignment in a step hook, where every call runs from cold caches
+        self.steps: list[int] = [0] * capacity
+        self.wall: list[float] = [math.nan] * capacity
         self.bufs: list[np.ndarray] | None = None
         self.layout: tuple | None = None  # ((shape, dtype) per array) the host buffers were made for
         self.dev: list[tuple[int, float, tuple[_Array, ...]]] = []
@@ -140,7 +142,11 @@ class _Pending:
             self.layout = layout
         if self._addr is None or self._addr[0] is not self.bufs:
             self._addr = (self.bufs, [(b.ctypes.data, b.strides[0]) for b in self.bufs])  # type: ignore[union-attr]
-        return [a + i * s for a, s in self._addr[1]]
+        addr = self._addr[1]
+        if len(addr) == 2:  # the probe's every-step case, written out (no comprehension's frame)
+            (a0, s0), (a1, s1) = addr
+            return [a0 + i * s0, a1 + i * s1]
+        return [a + i * s for a, s in addr]
 
     def commit(self, step: int, wall: float = math.nan) -> None:
         """Take the row :meth:`reserve` handed out (filled in place) as step ``step``'s."""
@@ -166,7 +172,8 @@ class _Pending:
             return steps, wall, arrays
         n, self.n = self.n, 0
         assert self.bufs is not None
-        return self.steps[:n].copy(), self.wall[:n].copy(), [b[:n].copy() for b in self.bufs]
+        return (np.array(self.steps[:n], dtype=np.int64), np.array(self.wall[:n], dtype=np.float64),
+                [b[:n].copy() for b in self.bufs])
 
 
 class Recorder:
@@ -188,6 +195,10 @@ class Recorder:
         self.run_sum = np.zeros(self.L)
         self.run_n = np.zeros(self.L, dtype=np.int64)
         self._steps = _Pending(self.buffer_steps)
+        # the steps rows' [L, 4] hyperparameters (γ, τ, lr, σ), kept where they change: (pending row, values) from
+        # the first row since the last drain on; the rows in between repeat the last values (_hyper_rows)
+        self._hyper_at: list[tuple[int, np.ndarray]] = []
+        self._hyper_last: np.ndarray | None = None  # the array object last noted (identity: see commit_step)
         self._tracked = _Pending(self.buffer_steps)
         self._events = _Pending(self.buffer_steps)
         self._kinds = {"steps": self._steps, "tracked": self._tracked, "events": self._events}
@@ -216,10 +227,21 @@ class Recorder:
     def add_steps(self, step: int, ints: _Array, floats: _Array, hyper: np.ndarray) -> None:
         """``ints`` int64 [L, 4] (INT_COLUMNS), ``floats`` float64 [L, K] (FLOAT_COLUMNS), ``hyper`` [L, 4]
         (γ, τ, lr, σ). CPU inputs are copied now; device tensors are kept until the drain."""
-        arrays = (ints, floats, np.asarray(hyper, dtype=np.float64))
+        arrays = (ints, floats)
         if not self._steps.add(step, arrays, time.time()):
             self._drain_steps()
             self._steps.add(step, arrays, time.time())
+        self._note_hyper(hyper, compare=True)
+
+    def _note_hyper(self, hyper: np.ndarray, compare: bool = False) -> None:
+        """The hyperparameters of the steps row just taken: a change point where they differ from the last one's.
+        ``compare``: the caller may change its array in place (``add_steps``), so the next :meth:`commit_step`
+        compares values again instead of trusting the array's identity."""
+        h = np.array(hyper, dtype=np.float64)  # a copy: the caller's array may change later
+        at = self._hyper_at
+        if not at or not np.array_equal(h, at[-1][1], equal_nan=True):
+            at.append((len(self._steps) - 1, h))
+        self._hyper_last = None if compare else hyper
 
     def add_tracked(self, step: int, signs: _Array, inertia: _Array) -> None:
         """``inertia``: float64 [T, 2] = (inertia, step_size) per tracked weight ([T]: inertia only)."""
@@ -233,19 +255,29 @@ class Recorder:
             self._drain_events()
             self._events.add(step, (ints, inertia))
 
+    def buffer(self, kind: str) -> _Pending:
+        """The pending rows of ``kind`` ("steps", "events", "tracked"): probe/lane.py reserves and commits rows on
+        them directly, without a call through the recorder per step."""
+        return self._kinds[kind]
+
     def reserve(self, kind: str, layout: tuple) -> list[int] | None:
         """``kind`` ("steps", "events", "tracked"): addresses of the next row of its host buffers, to be written in
-        place before :meth:`commit_step` (see ``_Pending.reserve``; steps: ints, floats, hyper)."""
+        place before :meth:`commit_step` (see ``_Pending.reserve``; steps: ints, floats)."""
         return self._kinds[kind].reserve(layout)
 
     def commit_step(self, step: int, hyper: np.ndarray | None, events: bool, tracked: bool) -> None:
-        """Take step ``step``'s reserved rows at once: the steps row with ``hyper`` [L, 4] copied into it (none when
-        ``hyper`` is None), the flip events' and the tracked weights' where true (probe/lane.py, Probe._measure)."""
+        """Take step ``step``'s reserved rows at once: the steps row with ``hyper`` [L, 4] (none when ``hyper`` is
+        None), the flip events' and the tracked weights' where true (probe/lane.py, Probe._measure).
+
+        ``hyper`` is compared with the last row's by identity: pass a new array when a value changes, never the
+        same array changed in place (``Probe._hyper`` does so). Each step's row then costs no copy: a step
+        hook's every numpy call costs microseconds once the training step has evicted the caches."""
         kinds = self._kinds
         if hyper is not None:
             pend = kinds["steps"]
-            pend.bufs[2][pend.n] = hyper  # type: ignore[index]
             pend.commit(step, time.time())
+            if hyper is not self._hyper_last:
+                self._note_hyper(hyper)
         if events:
             kinds["events"].commit(step)
         if tracked:
@@ -287,8 +319,9 @@ class Recorder:
             self._drain_snaps()
 
     def _drain_steps(self) -> None:
-        steps, wall, (ints, floats, hyper) = self._steps.take()
+        steps, wall, (ints, floats) = self._steps.take()
         S, L = len(steps), self.L
+        hyper = self._hyper_rows(S)
         ints = ints.reshape(S, L, len(self.INT_COLUMNS))
         floats = floats.reshape(S, L, len(self.FLOAT_COLUMNS))
         ratio = ints[:, :, 0] / self.n[None, :]
@@ -302,6 +335,15 @@ class Recorder:
         self._host["steps"].append({"step": steps, "ints": ints, "floats": floats, "hyper": hyper,
                                     "running": running})
         self._tb_steps(steps, wall, ints, floats, hyper)
+
+    def _hyper_rows(self, S: int) -> np.ndarray:
+        """[S, L, 4] hyperparameters of the S rows just taken (each change point's values up to the next one); the
+        next pending row notes its own."""
+        at, self._hyper_at, self._hyper_last = self._hyper_at, [], None
+        if not at or at[0][0] != 0:  # (every steps row notes its hyperparameters: add_steps, commit_step)
+            raise RuntimeError("bnn-probe recorder: steps rows without hyperparameters (a bnn-probe bug)")
+        rows = np.array([r for r, _ in at])
+        return np.stack([v for _, v in at])[np.searchsorted(rows, np.arange(S), side="right") - 1]
 
     def _steps_columns(self, chunks: list[dict[str, Any]]) -> dict[str, Any]:
         steps = np.concatenate([c["step"] for c in chunks])

@@ -19,7 +19,12 @@ __all__ = ["Schedule", "Every", "LogSpaced", "Never", "Steps", "as_schedule"]
 
 
 class Schedule:
-    """Base class: ``__call__(step) -> bool`` and ``to_dict()`` (stored in ``meta.json``)."""
+    """Base class: ``__call__(step) -> bool`` and ``to_dict()`` (stored in ``meta.json``).
+
+    ``pure``: the answer depends on the step only, so the probe may ask it ahead of time (its built-in schedules;
+    a wrapped user function is asked at its step only, once)."""
+
+    pure = True
 
     def __call__(self, step: int) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -107,6 +112,8 @@ class Steps(Schedule):
 
 
 class _Callable(Schedule):
+    pure = False
+
     def __init__(self, fn: Callable[[int], bool]) -> None:
         self.fn = fn
 
