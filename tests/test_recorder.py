@@ -29,7 +29,21 @@ def _accumulator(path):
 
 
 # ---------------------------------------------------------------- TensorBoard records
-def test_masked_crc32c_equals_tensorboards_checksum():
+@pytest.fixture(params=["compiled", "numpy"])
+def tb_impl(request, monkeypatch):
+    """Each TensorBoard test runs on both implementations: the C functions of the probe's extension
+    (bnn_probe/probe/_tfrecord.h) and the numpy fallback used where the extension is not built."""
+    from bnn_probe.probe import cpu_pass
+    from bnn_probe.runlog import tbevents
+
+    if request.param == "numpy":
+        monkeypatch.setattr(tbevents, "_native", lambda: None)
+    elif cpu_pass.load() is None:
+        pytest.skip("the compiled extension is not built")
+    return request.param
+
+
+def test_masked_crc32c_equals_tensorboards_checksum(tb_impl):
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference
 
     rng = np.random.default_rng(1)
@@ -43,7 +57,7 @@ def test_masked_crc32c_equals_tensorboards_checksum():
     assert int(masked_crc32c(np.frombuffer(b"123456789", np.uint8), [0], [9])[0]) == reference(b"123456789")
 
 
-def test_encoded_events_equal_protobufs():
+def test_encoded_events_equal_protobufs(tb_impl):
     from tensorboard.compat.proto import event_pb2, summary_pb2
 
     rng = np.random.default_rng(2)
@@ -72,7 +86,7 @@ def test_encoded_events_equal_protobufs():
     assert len(framed) == len(payload) + 16 * len(steps)
 
 
-def test_event_writer_read_back_by_tensorboard(tmp_path):
+def test_event_writer_read_back_by_tensorboard(tmp_path, tb_impl):
     w = EventWriter(tmp_path / "tb")
     w.add_scalar("loss", 0.25, 3)
     w.add_scalars_bulk(["a/x", "b/x"], np.array([1, 2, 3]), np.array([[0.1, 1.0], [0.2, 2.0], [0.3, 3.0]]),
@@ -95,6 +109,32 @@ def test_event_writer_read_back_by_tensorboard(tmp_path):
 
     f = next((tmp_path / "tb").iterdir())
     assert len(list(RawEventFileLoader(str(f)).Load())) == 1 + 1 + 3 + 1 + 1  # file_version, loss, 3 steps, ...
+
+
+def test_compiled_and_numpy_records_are_the_same_bytes(monkeypatch):
+    """Random scalar events (negative and 2^40 steps, NaN, ±inf, values beyond float32, dropped values, a tag with
+    a two-byte length) and their framing: the compiled functions write exactly the numpy functions' bytes."""
+    from bnn_probe.probe import cpu_pass
+    from bnn_probe.runlog import tbevents
+
+    if cpu_pass.load() is None:
+        pytest.skip("the compiled extension is not built")
+    rng = np.random.default_rng(5)
+    tags = ["flip_ratio/a", "c2i/a", "x" * 200, "threshold/b"]
+    steps = np.concatenate([rng.integers(0, 10**6, 50), [-1, 2**40, 0]])
+    values = rng.normal(size=(len(steps), 4)) * 10.0 ** rng.integers(-40, 40, (len(steps), 4))
+    values[::7, 1] = math.nan
+    values[3, 2], values[4, 3] = math.inf, -1e300
+    keep = rng.random(values.shape) < 0.8
+    keep[5] = False
+    wall = rng.random(len(steps)) * 2e9
+    out = {}
+    for impl in ("compiled", "numpy"):
+        if impl == "numpy":
+            monkeypatch.setattr(tbevents, "_native", lambda: None)
+        payload, lengths = encode_scalar_events(tags, steps, wall, values, keep)
+        out[impl] = (payload.tobytes(), lengths.tolist(), frame_records(payload, lengths))
+    assert out["compiled"] == out["numpy"]
 
 
 # ---------------------------------------------------------------- the recorder

@@ -464,7 +464,9 @@ static inline int64_t fused_fast_f32(float *w, float *m, const float *g, uint8_t
 #define FMA(a, b, c) __builtin_fma(a, b, c)
 #include "_pass_tmpl.h"  /* undefines its parameters at its end */
 
-__attribute__((visibility("default"))) int64_t bnnp_abi_version(void) { return 14; }
+#include "_tfrecord.h"  /* TensorBoard event records (bnn_probe/runlog/tbevents.py) */
+
+__attribute__((visibility("default"))) int64_t bnnp_abi_version(void) { return 15; }
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_pass", "bnn-probe's one-pass CPU measurement "
                                     "(called through ctypes: bnn_probe.probe.cpu_pass).", -1, NULL};

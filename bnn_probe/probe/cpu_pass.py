@@ -21,7 +21,7 @@ __all__ = ["NC_BOP", "NC_LAT", "S_SIGN", "S_SIGN0", "S_ABOVE", "S_FLIP", "Plan",
 
 NC_BOP, NC_LAT = 13, 4  # count columns per layer (see _pass.c)
 S_SIGN, S_SIGN0, S_ABOVE, S_FLIP = 1, 2, 4, 8  # bits of the per-weight state byte
-_ABI = 14
+_ABI = 15
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -83,6 +83,19 @@ class _Kernels:
             setattr(self, name[5:], fn)
 
 
+class _TBKernels:
+    """The TensorBoard record functions (_tfrecord.h; bnn_probe/runlog/tbevents.py): ``scalars`` (serialized
+    scalar Events), ``frame`` (TFRecord framing), ``crc`` (masked CRC-32C of segments)."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        for attr, name, res, args in (("scalars", "bnnp_tb_scalars", _I, [_I, _I] + [_P] * 8),
+                                      ("frame", "bnnp_tf_frame", None, [_P, _P, _I, _P]),
+                                      ("crc", "bnnp_crc32c_masked", None, [_P, _P, _P, _I, _P])):
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+            setattr(self, attr, fn)
+
+
 @cache
 def load() -> dict[np.dtype, _Kernels] | None:
     """{numpy float dtype: kernels}, or None when the extension is missing, disabled (environment variable
@@ -100,6 +113,7 @@ def load() -> dict[np.dtype, _Kernels] | None:
             return None
         ks = {np.dtype(np.float32): _Kernels(lib, "f32"), np.dtype(np.float64): _Kernels(lib, "f64")}
         ks["set_simd"] = lib.bnnp_set_simd  # -1: detect (default), 0: portable loops only (tests)
+        ks["tb"] = _TBKernels(lib)
         return ks
     except (OSError, AttributeError):
         return None

@@ -6,9 +6,11 @@ The format is TensorFlow's: a file ``events.out.tfevents.<time>.<host>.<pid>.<n>
 ``simple_value`` (float32) or a ``histo``. :class:`torch.utils.tensorboard.SummaryWriter` builds one protobuf per
 scalar and checksums it with a pure-Python CRC-32C (about 0.1 µs per byte) in a background thread; here the probe's
 per-step scalars of a whole batch of steps are encoded at once with numpy (:func:`encode_scalar_events`: one event
-per step holding every layer's values), and the checksums of all records are computed together
-(:func:`masked_crc32c`: CRC-32C by superposition — the CRC register is linear in the message bits, so a message's
-CRC is the XOR of one table entry per byte, indexed by the byte's value and its distance from the end).
+per step holding every layer's values), and the checksums of all records are computed together. Where the probe's C
+extension is built, its functions do both (bnn_probe/probe/_tfrecord.h: one pass, table-driven CRC-32C); else numpy
+does (:func:`masked_crc32c`: CRC-32C by superposition — the CRC register is linear in the message bits, so a
+message's CRC is the XOR of one table entry per byte, indexed by the byte's value and its distance from the end).
+Both give the same bytes (tests/test_recorder.py).
 
 The values are the ones ``SummaryWriter.add_scalar`` writes (``simple_value`` = the value rounded to float32);
 TensorBoard and :class:`tensorboard.backend.event_processing.event_accumulator.EventAccumulator` read them as usual.
@@ -121,10 +123,16 @@ def masked_crc32c(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> n
     The segments must be non-empty. Vectorised: one table lookup per byte, ``CRC(M) = Z[n] ⊕ 0xFFFFFFFF ⊕
     ⨁_i H[n−1−i, M_i]``, then the mask ``((c >> 15) | (c << 17)) + 0xA282EAD8``.
     """
-    starts = np.asarray(starts, dtype=np.int64)
-    lengths = np.asarray(lengths, dtype=np.int64)
+    starts = np.ascontiguousarray(starts, dtype=np.int64)
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
     if len(starts) == 0:
         return np.zeros(0, dtype=np.uint32)
+    nat = _native()
+    if nat is not None:
+        buf = np.ascontiguousarray(buf, dtype=np.uint8)
+        out = np.empty(len(starts), dtype=np.uint32)
+        nat.crc(buf.ctypes.data, starts.ctypes.data, lengths.ctypes.data, len(starts), out.ctypes.data)
+        return out
     long = lengths > _MAX_TABLE
     if long.any():  # rare (a histogram with thousands of buckets): TensorBoard's own checksum for those
         from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as slow
@@ -142,10 +150,16 @@ def masked_crc32c(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> n
 
 def frame_records(payload: np.ndarray, lengths: np.ndarray) -> bytes:
     """TFRecord framing of consecutive messages (``payload`` = the messages back to back, uint8)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
     n = len(lengths)
     if n == 0:
         return b""
+    nat = _native()
+    if nat is not None:
+        payload = np.ascontiguousarray(payload, dtype=np.uint8)
+        out = np.empty(len(payload) + 16 * n, dtype=np.uint8)
+        nat.frame(payload.ctypes.data, lengths.ctypes.data, n, out.ctypes.data)
+        return out.tobytes()
     head = lengths.astype("<u8").view(np.uint8)  # [8·n]
     head_crc = masked_crc32c(head, np.arange(n) * 8, np.full(n, 8))
     if lengths.max() > _MAX_TABLE:
@@ -200,7 +214,7 @@ def encode_scalar_events(tags: list[str], steps: np.ndarray, wall: np.ndarray, v
     """Serialized ``Event`` protobufs, one per row of ``values`` [S, V]: ``wall_time = wall[s]``, ``step =
     steps[s]`` and a ``Summary`` with ``Value(tag=tags[v], simple_value=values[s, v])`` for each v where
     ``keep[s, v]`` (default: all), in tag order. Returns (the events back to back as uint8, their lengths)."""
-    steps = np.asarray(steps, dtype=np.int64)
+    steps = np.ascontiguousarray(steps, dtype=np.int64)
     S, V = len(steps), len(tags)
     with np.errstate(over="ignore"):  # beyond float32: ±inf, as protobuf stores it
         vals = np.asarray(values, dtype=np.float64).reshape(S, V).astype("<f4")
@@ -211,6 +225,18 @@ def encode_scalar_events(tags: list[str], steps: np.ndarray, wall: np.ndarray, v
         inner = b"\x0a" + _varint_bytes(len(tb)) + tb + b"\x15"
         pre.append(b"\x0a" + _varint_bytes(len(inner) + 4) + inner)
     rec_len = np.array([len(p) + 4 for p in pre], dtype=np.int64)
+    nat = _native()
+    if nat is not None:
+        pre_all = np.frombuffer(b"".join(pre), np.uint8)
+        pre_off = np.concatenate([[0], np.cumsum(rec_len - 4)]).astype(np.int64)
+        vals = np.ascontiguousarray(vals)
+        keep8 = np.ascontiguousarray(keep).view(np.uint8)
+        wall = np.ascontiguousarray(wall, dtype="<f8").reshape(S)
+        out = np.empty(int(S * (31 + rec_len.sum())), dtype=np.uint8)  # every value kept, 10-byte varints
+        ev_len = np.empty(S, dtype=np.int64)
+        size = nat.scalars(S, V, steps.ctypes.data, wall.ctypes.data, vals.ctypes.data, keep8.ctypes.data,
+                           pre_all.ctypes.data, pre_off.ctypes.data, out.ctypes.data, ev_len.ctypes.data)
+        return out[:size], ev_len
     kept_len = keep * rec_len[None, :]
     summ = kept_len.sum(1)
     sv, sn = _varint(steps)
@@ -236,6 +262,15 @@ def encode_scalar_events(tags: list[str], steps: np.ndarray, wall: np.ndarray, v
         _scatter(out, pos, np.broadcast_to(np.frombuffer(p, np.uint8), (len(rows), len(p))))
         _scatter(out, pos + len(p), fbytes[rows, v])
     return out, ev_len
+
+
+def _native():
+    """The compiled record functions (bnn_probe/probe/_tfrecord.h: the same bytes, without numpy's passes), or None
+    when the extension is not built; the numpy functions of this module are then used."""
+    from ..probe import cpu_pass
+
+    ks = cpu_pass.load()
+    return None if ks is None else ks["tb"]
 
 
 class EventWriter:
