@@ -103,6 +103,9 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
+_data_ptr = Tensor.data_ptr
+
+
 class Uniforms:
     """The flip-event sampler's uniforms, U[0, 1) float64 [L, E] per events step, drawn from the probe's generator
     ``block`` steps at a time when the group is the generator's only user (else one draw per step).
@@ -228,6 +231,7 @@ class OnePass:
         self.set_samples()
         self._keep: list[Tensor] = []
         self.param_ids = frozenset(id(ly.param) for ly in grp.layers)
+        self._layer_ids = [id(ly.param) for ly in grp.layers]  # in layer order (run's jobs are keyed by id(w))
         self.pending = self.served = False
         self.plain_next = False  # measure the next step around the optimizer (an edit between steps, see edit())
         if self.fuse_opt is not None:
@@ -349,18 +353,21 @@ class OnePass:
         g = self.g
         self.pending, self.served = False, True
         layers = g.layers
-        js = [jobs.get(id(ly.param)) for ly in layers]
-        if None not in js:  # every layer stepped (the usual step): w, m, g, γ, τ from the step's own tensors
-            # (contiguous, of the group's dtype: cstep.usable) w and m stay put; the gradients usually are new tensors
-            ptrs = [j[k].data_ptr() for k in range(2) for j in js]
+        js = list(map(jobs.get, self._layer_ids))
+        full = None not in js
+        if full:  # every layer stepped (the usual step): w, m, g, γ, τ from the step's own tensors
+            # (contiguous, of the group's dtype: cstep.usable) w and m stay put; the gradients usually are new
+            # tensors. Written with map and zip, not comprehensions: no Python frame per list (cold caches here)
+            ws, ms, gs, gammas, taus = zip(*js, strict=True)
+            ptrs = [*map(_data_ptr, ws), *map(_data_ptr, ms)]
             if ptrs != self._ptrs:  # the w, m tables are rewritten only when one of them moved
                 L = len(js)
                 self.wp[:], self.mp[:] = ptrs[:L], ptrs[L:]
                 self._ptrs = ptrs
-            self._pack_gp(*[j[2].data_ptr() for j in js])
-            hp = [(j[3], j[4]) for j in js]
+            self._pack_gp(*map(_data_ptr, gs))
+            hp = list(zip(gammas, taus, strict=True))
             g.g_missing = g.m_missing = []
-            tensors = [j[0] for j in js] + [j[1] for j in js]
+            tensors = ws + ms
         else:  # (_set_ptrs drops the cached pointers)
             self._set_ptrs(self.wp, [ly.param for ly in layers])
             ms = self._momentum_ptrs()
@@ -388,9 +395,8 @@ class OnePass:
             self.k.bop_tail(self.pplan, rest)
         self.tail_done = tail
         torch.autograd.graph.increment_version(tensors)
-        if None not in js:
-            # tensors: the L weights, then their L momenta (zip stops after the weights)
-            return dict(zip(map(id, tensors), self._unpack_nonfin(), strict=False))
+        if full:
+            return dict(zip(self._layer_ids, self._unpack_nonfin(), strict=True))
         nonfin = self.nonfin.tolist()
         return {id(j[0]): nonfin[li] for li, j in enumerate(js) if j is not None}
 
