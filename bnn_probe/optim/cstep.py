@@ -22,6 +22,7 @@ step, the probe's post-step pass).
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any, Protocol
 
 import numpy as np
@@ -75,21 +76,38 @@ def bop_step_c(ws: list[Tensor], ms: list[Tensor], gs: list[Tensor], gammas: lis
                thresholds: list[float]) -> list[int]:
     """One C call per dtype: the Bop step of every tensor (hyperparameters per tensor). Returns the number of
     non-finite gradient entries skipped per tensor. Bumps the tensors' version counters (autograd sees the
-    in-place change)."""
-    out = [0] * len(ws)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, w in enumerate(ws):
-        by_dtype.setdefault(w.dtype, []).append(i)
-    for dt, rows in by_dtype.items():
-        k = kernels(dt)
-        n = len(rows)
-        ptr = np.array([[ws[i].data_ptr(), ms[i].data_ptr(), gs[i].data_ptr()] for i in rows], dtype=np.uintp).T.copy()
-        lens = np.array([ws[i].numel() for i in rows], dtype=np.int64)
-        hp = np.array([[gammas[i], 1.0 - gammas[i], thresholds[i]] for i in rows], dtype=_NP_FLOAT[dt])
-        bad = np.zeros(n, dtype=np.int64)
-        k.bop_update(n, ptr[0].ctypes.data, ptr[1].ctypes.data, ptr[2].ctypes.data, lens.ctypes.data, hp.ctypes.data,
-                     bad.ctypes.data)
-        for j, i in enumerate(rows):
-            out[i] = int(bad[j])
+    in-place change). The C call's arrays are ctypes arrays: building numpy arrays for them cost more than the step
+    of a small model (≈ 70 µs of Python per step on the digits MLP, against ≈ 40 µs of C)."""
+    dtypes = {w.dtype for w in ws}
+    if len(dtypes) == 1:  # the usual case: one call over every tensor
+        (dt,) = dtypes
+        out = _update(dt, ws, ms, gs, gammas, thresholds)
+    else:
+        out = [0] * len(ws)
+        for dt in dtypes:
+            rows = [i for i, w in enumerate(ws) if w.dtype == dt]
+            bad = _update(dt, [ws[i] for i in rows], [ms[i] for i in rows], [gs[i] for i in rows],
+                          [gammas[i] for i in rows], [thresholds[i] for i in rows])
+            for i, b in zip(rows, bad, strict=True):
+                out[i] = b
     torch.autograd.graph.increment_version(ws + ms)
     return out
+
+
+_VP, _I64 = ctypes.c_void_p, ctypes.c_int64
+_CT_FLOAT = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
+_data_ptr = Tensor.data_ptr
+
+
+def _update(dt: torch.dtype, ws: list[Tensor], ms: list[Tensor], gs: list[Tensor], gammas: list[float],
+            thresholds: list[float]) -> list[int]:
+    """``bnnp_bop_update`` over tensors of one dtype; the non-finite entries skipped per tensor."""
+    n = len(ws)
+    hp: list[float] = []
+    for gm, tau in zip(gammas, thresholds, strict=True):
+        hp += (gm, 1.0 - gm, tau)
+    bad = (_I64 * n)()
+    kernels(dt).bop_update(n, (_VP * n)(*map(_data_ptr, ws)), (_VP * n)(*map(_data_ptr, ms)),
+                           (_VP * n)(*map(_data_ptr, gs)), (_I64 * n)(*map(Tensor.numel, ws)),
+                           (_CT_FLOAT[dt] * (3 * n))(*hp), bad)
+    return list(bad)
