@@ -236,7 +236,8 @@ def test_pending_rows_reserved_and_written_in_place_mix_with_added_rows():
 def test_hyperparameters_kept_where_they_change_across_reserved_and_added_rows_and_drains(tmp_path):
     """Each steps row gets the γ, τ, lr, σ in force at its step, though the recorder keeps only change points:
     rows committed in place (identity of the hyperparameter array), rows added (compared by value, since the
-    caller may change its array in place), a new array with equal values, NaN, and drains in between."""
+    caller may change its array in place, or by identity where the caller says so), a new array with equal values,
+    NaN, and drains in between."""
     import ctypes
 
     w, rec = _recorder(tmp_path, buffer_steps=3)
@@ -247,8 +248,10 @@ def test_hyperparameters_kept_where_they_change_across_reserved_and_added_rows_a
     b = np.array([[1e-3, 2e-6, 1e-3, math.nan], [5e-4, 2e-6, 5e-4, math.nan]])
     mutable = a.copy()
     want = {}
+    c = np.array([[2e-3, 1e-6, 2e-3, 0.5]] * 2)
     plan = [("commit", a), ("commit", a), ("add", mutable), ("commit", a), ("commit", b), ("commit", b.copy()),
-            ("add", mutable), ("mutate", None), ("commit", a), ("commit", a)]
+            ("add", mutable), ("mutate", None), ("commit", a), ("commit", a), ("add_id", a), ("add_id", c),
+            ("commit", c), ("add_id", a)]
     t = 0
     for how, h in plan:
         if how == "mutate":  # the caller's array changed in place: the next added row must see it
@@ -256,9 +259,9 @@ def test_hyperparameters_kept_where_they_change_across_reserved_and_added_rows_a
             t += 1
             rec.add_steps(t, ints, floats, mutable)
             want[t] = mutable.copy()
-        elif how == "add":
+        elif how in ("add", "add_id"):  # add_id: the caller passes a new array on a change (Probe._hyper)
             t += 1
-            rec.add_steps(t, ints, floats, h)
+            rec.add_steps(t, ints, floats, h, hyper_identity=how == "add_id")
             want[t] = h.copy()
         else:
             t += 1

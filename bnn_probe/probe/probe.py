@@ -398,7 +398,7 @@ class Probe:
         if log and not in_rows:
             ints = self._cat([o["ints"] for o in outs], self._perm)
             floats = self._cat([o["floats"] for o in outs], self._perm)
-            rec.add_steps(t, ints, floats, hyper)
+            rec.add_steps(t, ints, floats, hyper, hyper_identity=True)  # (Probe._hyper: a new array on a change)
         if ev and not in_events:
             rec.add_events(t, *self._pair(outs, "events", getattr(self, "_eperm", None)))
         if trk and not in_tracked:

@@ -224,14 +224,17 @@ class Recorder:
             self._pos_cache[key] = torch.tensor(pos, dtype=torch.int64, device=device)
         return self._pos_cache[key]
 
-    def add_steps(self, step: int, ints: _Array, floats: _Array, hyper: np.ndarray) -> None:
+    def add_steps(self, step: int, ints: _Array, floats: _Array, hyper: np.ndarray,
+                  hyper_identity: bool = False) -> None:
         """``ints`` int64 [L, 4] (INT_COLUMNS), ``floats`` float64 [L, K] (FLOAT_COLUMNS), ``hyper`` [L, 4]
-        (γ, τ, lr, σ). CPU inputs are copied now; device tensors are kept until the drain."""
+        (γ, τ, lr, σ). CPU inputs are copied now; device tensors are kept until the drain. ``hyper_identity``:
+        ``hyper`` is a new array whenever a value changes, as for :meth:`commit_step` (else values are compared)."""
         arrays = (ints, floats)
         if not self._steps.add(step, arrays, time.time()):
             self._drain_steps()
             self._steps.add(step, arrays, time.time())
-        self._note_hyper(hyper, compare=True)
+        if not (hyper_identity and hyper is self._hyper_last):
+            self._note_hyper(hyper, compare=not hyper_identity)
 
     def _note_hyper(self, hyper: np.ndarray, compare: bool = False) -> None:
         """The hyperparameters of the steps row just taken: a change point where they differ from the last one's.
