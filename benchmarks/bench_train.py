@@ -14,7 +14,9 @@ Prints one JSON line per case: steps/s of the runner, of the runner with the pro
 and of the bare loop, and the ratios bare ÷ runner (goal ≤ 1.10; medians, and ``ratio_best`` of the fastest repeat
 of each side, the estimate least moved by other work on a shared machine; ``ratio_paired``: the median over repeats
 of each repeat's own bare ÷ runner, the sides of a repeat run back to back in ABBA order, with
-``ratio_paired_ci95``, a percentile-bootstrap 95 % interval of that median over the repeats) and bare ÷ loop-only.
+``ratio_paired_ci95``, a percentile-bootstrap 95 % interval of that median over the repeats) and bare ÷ loop-only,
+and ``probe_us_per_step``: the median over repeats of the runner's time per step minus the loop-only side's, the
+probe's own cost (its hooks, its step and its flushes), which moves less with the machine's speed than a ratio.
 
 The repeats of one process share its memory layout and hash seed, which move the ratio by more than the spread
 between its repeats (the same code gave paired medians from 1.087 to 1.107 in different processes, each with a
@@ -148,13 +150,16 @@ def main() -> None:
         r, lo, b = statistics.median(rs), statistics.median(ls), statistics.median(bs)
         pairs = [bb / rr for bb, rr in zip(bs, rs, strict=True)]
         paired = statistics.median(pairs)
+        # the probe's own time per step: runner minus loop only, each repeat's two sides run back to back
+        probe_us = statistics.median((1 / rr - 1 / ll) * 1e6 for rr, ll in zip(rs, ls, strict=True))
         print(json.dumps({"case": name, "steps": n, "threads": args.threads, "repeats": args.repeats,
                           "clock": args.clock,
                           "runner_steps_per_s": round(r, 1), "runner_loop_only_steps_per_s": round(lo, 1),
                           "bare_steps_per_s": round(b, 1), "ratio": round(b / r, 3),
                           "ratio_paired": round(paired, 3), "ratio_paired_ci95": bootstrap_median_ci(pairs),
                           "ratio_best": round(max(bs) / max(rs), 3),
-                          "ratio_loop_only": round(b / lo, 3), "runner_all": [round(x, 1) for x in rs],
+                          "ratio_loop_only": round(b / lo, 3), "probe_us_per_step": round(probe_us, 1),
+                          "runner_all": [round(x, 1) for x in rs],
                           "loop_only_all": [round(x, 1) for x in ls], "bare_all": [round(x, 1) for x in bs]}),
               flush=True)
 
@@ -176,6 +181,9 @@ def over_processes(name: str, args: argparse.Namespace) -> None:
                       "ratio_paired_median_over_processes": round(statistics.median(per), 3),
                       "ratio_paired_ci95_over_processes": bootstrap_median_ci(per),
                       "ratio_loop_only_per_process": [x["ratio_loop_only"] for x in lines],
+                      "probe_us_per_step_per_process": [x["probe_us_per_step"] for x in lines],
+                      "probe_us_per_step_median_over_processes":
+                          round(statistics.median(x["probe_us_per_step"] for x in lines), 1),
                       "bare_steps_per_s_per_process": [x["bare_steps_per_s"] for x in lines]}), flush=True)
 
 
