@@ -8,7 +8,7 @@ import torch
 from _probe_helpers import MiniBop, OneLayer, set_grad
 
 import bnn_probe
-from bnn_probe.probe import Every, LogSpaced, Never, as_schedule
+from bnn_probe.probe import Every, LogSpaced, Never, Schedule, as_schedule
 
 
 def test_schedules():
@@ -49,14 +49,19 @@ def test_cadences_asked_ahead_follow_a_change_and_user_functions_are_asked_once_
     """Built-in schedules are asked 256 steps ahead; past that block, and after a cadence is set on the probe
     mid-run (an int converted as attach does), the steps logged follow the schedule in force at each step. A user
     function is asked at its step only, once per step, in order."""
-    asked = []
+    asked = {"user": [], "subclass": []}
 
     def every_5th(t):
-        asked.append(t)
+        asked["user"].append(t)
         return t % 5 == 0
 
+    class Fifth(Schedule):  # a user's subclass: not declared pure, so asked at its step only
+        def __call__(self, t):
+            asked["subclass"].append(t)
+            return t % 5 == 0
+
     g = _grads(1)[0]
-    for name, quantile_every in (("pure", 5), ("user", every_5th)):
+    for name, quantile_every in (("pure", 5), ("user", every_5th), ("subclass", Fifth())):
         model, opt = _bop()
         with bnn_probe.attach(model, opt, tmp_path / name, every=1, hist_every=100, snapshot_every=0, track=0,
                               events_per_layer=0, tensorboard=False, quantile_every=quantile_every) as probe:
@@ -71,7 +76,7 @@ def test_cadences_asked_ahead_follow_a_change_and_user_functions_are_asked_once_
         q = run.steps.set_index("step").abs_m_q50
         assert q.notna().tolist() == [t % 5 == 0 for t in range(1, 301)], name
         assert run.meta["probe"]["hist_every"] == {"kind": "every", "n": 7}
-    assert asked == list(range(1, 301))  # once per logged step, never ahead
+    assert asked == {"user": list(range(1, 301)), "subclass": list(range(1, 301))}  # once per step, never ahead
 
 
 def test_exception_marks_run_failed(tmp_path):

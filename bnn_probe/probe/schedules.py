@@ -21,10 +21,11 @@ __all__ = ["Schedule", "Every", "LogSpaced", "Never", "Steps", "as_schedule"]
 class Schedule:
     """Base class: ``__call__(step) -> bool`` and ``to_dict()`` (stored in ``meta.json``).
 
-    ``pure``: the answer depends on the step only, so the probe may ask it ahead of time (its built-in schedules;
-    a wrapped user function is asked at its step only, once)."""
+    ``pure``: the answer depends on the step only, so the probe may ask it ahead of time. True for the built-in
+    schedules; False by default, so a subclass or a wrapped user function is asked at its step only, once (a
+    subclass whose answer depends on the step alone may set ``pure = True``)."""
 
-    pure = True
+    pure = False
 
     def __call__(self, step: int) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -35,6 +36,8 @@ class Schedule:
 
 class Every(Schedule):
     """Every ``n``-th step: fires at steps n, 2n, 3n, … (``Every(1)``: every step)."""
+
+    pure = True
 
     def __init__(self, n: int) -> None:
         if int(n) < 1:
@@ -54,6 +57,8 @@ class Every(Schedule):
 class Never(Schedule):
     """Never fires (turns a quantity off)."""
 
+    pure = True
+
     def __call__(self, step: int) -> bool:
         return False
 
@@ -70,6 +75,8 @@ class LogSpaced(Schedule):
 
     Dense early in training, sparse later; ``LogSpaced(4)`` fires at 1, 2, 3, 6, 10, 18, 32, 56, 100, …
     """
+
+    pure = True
 
     def __init__(self, per_decade: int = 10, max_gap: int | None = None) -> None:
         if per_decade < 1:
@@ -101,6 +108,8 @@ class LogSpaced(Schedule):
 class Steps(Schedule):
     """An explicit set of steps."""
 
+    pure = True
+
     def __init__(self, steps) -> None:
         self.steps = frozenset(int(s) for s in steps)
 
@@ -112,8 +121,6 @@ class Steps(Schedule):
 
 
 class _Callable(Schedule):
-    pure = False
-
     def __init__(self, fn: Callable[[int], bool]) -> None:
         self.fn = fn
 
