@@ -265,10 +265,10 @@ def test_hyperparameters_kept_where_they_change_across_reserved_and_added_rows_a
             want[t] = h.copy()
         else:
             t += 1
-            addr = rec.reserve("steps", lay)
+            addr = rec.buffer("steps").reserve(lay)
             if addr is None:  # full: drained as the probe's hook would, then reserved again
                 rec.drain()
-                addr = rec.reserve("steps", lay)
+                addr = rec.buffer("steps").reserve(lay)
             ctypes.memmove(addr[0], ints.ctypes.data, ints.nbytes)
             ctypes.memmove(addr[1], floats.ctypes.data, floats.nbytes)
             rec.commit_step(t, h, events=False, tracked=False)

@@ -23,7 +23,7 @@ A :class:`OnePass` belongs to a :class:`~bnn_probe.probe.flat.FlatGroup` on the 
   block in the pass (``plan.trk_mode``) and the flip events right after it; the event sampler's uniforms come from
   :class:`Uniforms` (drawn 256 steps at a time when the group is its generator's only user). For a probe with one
   Bop-family group, probe/lane.py points the C calls' outputs (the plan's ``rows_*``, ``ev_*``, ``tr_*``) at rows
-  of the recorder's buffers (``Recorder.reserve``), so nothing is copied after the step.
+  of the recorder's buffers (``Recorder.buffer``), so nothing is copied after the step.
 
 Values are those of the per-layer reference (probe/quantities.py + probe/context.py): the same IEEE comparisons in
 the weights' dtype, float64 sums to rounding (tests/test_probe_flat.py).
@@ -314,7 +314,7 @@ class OnePass:
     # ------------------------------------------------------------------ per step
     def layouts(self) -> tuple[tuple, tuple, tuple]:
         """((shape, dtype) of the steps rows, of the flip events, of the tracked weights): the recorder's buffers
-        that probe/lane.py may send them to (Recorder.reserve)."""
+        that probe/lane.py may send them to (Recorder.buffer)."""
         def lay(*arrays: np.ndarray) -> tuple:
             return tuple((a.shape, a.dtype) for a in arrays)
         return lay(self.rows_i, self.rows_f), lay(self.ev_i, self.ev_f), lay(self.tr_sign, self.tr_out)

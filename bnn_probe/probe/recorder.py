@@ -259,14 +259,10 @@ class Recorder:
             self._events.add(step, (ints, inertia))
 
     def buffer(self, kind: str) -> _Pending:
-        """The pending rows of ``kind`` ("steps", "events", "tracked"): probe/lane.py reserves and commits rows on
-        them directly, without a call through the recorder per step."""
+        """The pending rows of ``kind`` ("steps", "events", "tracked"). probe/lane.py reserves rows on them
+        (``_Pending.reserve``: the addresses of the next row of each host buffer; steps: ints, floats), the compiled
+        pass writes those rows in place, and :meth:`commit_step` takes them."""
         return self._kinds[kind]
-
-    def reserve(self, kind: str, layout: tuple) -> list[int] | None:
-        """``kind`` ("steps", "events", "tracked"): addresses of the next row of its host buffers, to be written in
-        place before :meth:`commit_step` (see ``_Pending.reserve``; steps: ints, floats)."""
-        return self._kinds[kind].reserve(layout)
 
     def commit_step(self, step: int, hyper: np.ndarray | None, events: bool, tracked: bool) -> None:
         """Take step ``step``'s reserved rows at once: the steps row with ``hyper`` [L, 4] (none when ``hyper`` is
