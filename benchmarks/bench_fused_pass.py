@@ -1,6 +1,7 @@
 """What the measurement adds to Bop's compiled step: ``bnnp_bop_update`` (the step alone, what the bare loop runs)
 against ``bnnp_bop_fused`` (the same step with the probe's every-step measurement in the same pass), both called
-directly through ctypes on the same tensors in a warm loop (no Python around them, no training step in between).
+directly through ctypes on the same tensors in a warm loop (no Python around them, no training step in between), on
+the binary layers of bench_probe.py's digits MLP (64-256-256-10) and wide MLP (64-2048-2048-10).
 
     python benchmarks/bench_fused_pass.py --threads 1
 
@@ -14,28 +15,26 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 import bnn_probe
-from bnn_probe.nn import mark_binary
-from bnn_probe.optim import Bop, binary_init_
+from bnn_probe.nn import binary_parameters
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_probe import make_case  # noqa: E402
 
 
-def case(widths: tuple[int, ...], calls: int) -> dict:
-    dims = (64, *widths, 10)
-    model = nn.Sequential(*[nn.Linear(a, b, bias=False) for a, b in zip(dims, dims[1:], strict=False)])
-    for p in model.parameters():
-        mark_binary(p)
-    binary_init_(model, seed=0)
-    opt = Bop(model.parameters(), gamma=1e-4, threshold=1e-8)
+def case(name: str, calls: int) -> dict:
+    model, opt, _, _ = make_case(name, torch.device("cpu"))  # bench_probe's MLP and its Bop (γ, τ)
     with tempfile.TemporaryDirectory() as tmp:
         probe = bnn_probe.attach(model, opt, tmp, tensorboard=False)
-        ps = list(model.parameters())
+        ps = binary_parameters(model)
         gen = torch.Generator().manual_seed(0)
         for _ in range(5):  # the probe's state, m and a measured step exist
             for p in ps:
@@ -47,7 +46,8 @@ def case(widths: tuple[int, ...], calls: int) -> dict:
         ptr = np.array([[p.data_ptr(), m.data_ptr(), p.grad.data_ptr()] for p, m in zip(ps, ms, strict=True)],
                        dtype=np.uintp).T.copy()
         lens = np.array([p.numel() for p in ps], dtype=np.int64)
-        hp = np.array([[1e-4, 1 - 1e-4, 1e-8]] * len(ps), dtype=np.float32)
+        gm, tau = opt.param_groups[0]["gamma"], opt.param_groups[0]["threshold"]
+        hp = np.array([[gm, 1 - gm, tau]] * len(ps), dtype=np.float32)
         bad = np.zeros(len(ps), dtype=np.int64)
 
         def update() -> None:
@@ -59,15 +59,15 @@ def case(widths: tuple[int, ...], calls: int) -> dict:
 
         times: dict[str, list[float]] = {"update": [], "fused": []}
         for _ in range(2):  # alternated blocks: a drift of the machine affects both
-            for name, fn in (("update", update), ("fused", fused)):
+            for side, fn in (("update", update), ("fused", fused)):
                 for _ in range(calls):
                     t = time.perf_counter_ns()
                     fn()
-                    times[name].append((time.perf_counter_ns() - t) / 1e3)
+                    times[side].append((time.perf_counter_ns() - t) / 1e3)
         probe.close()
     n = int(lens.sum())
     u, f = statistics.median(times["update"]), statistics.median(times["fused"])
-    return {"mlp": "-".join(map(str, dims)), "binary_weights": n, "update_us": round(u, 1), "fused_us": round(f, 1),
+    return {"mlp": name, "binary_weights": n, "update_us": round(u, 1), "fused_us": round(f, 1),
             "ratio": round(f / u, 2), "update_ns_per_weight": round(u * 1e3 / n, 3),
             "fused_ns_per_weight": round(f * 1e3 / n, 3)}
 
@@ -78,8 +78,8 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=300)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    for widths, calls in (((256, 256), args.calls), ((2048, 2048), max(10, args.calls // 10))):
-        print(json.dumps(case(widths, calls)), flush=True)
+    for name, calls in (("mlp", args.calls), ("wide-mlp", max(10, args.calls // 10))):
+        print(json.dumps(case(name, calls)), flush=True)
 
 
 if __name__ == "__main__":
