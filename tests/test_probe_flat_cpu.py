@@ -380,3 +380,50 @@ def test_latent_step_events_tracked_and_rows_match_direct_computation():
         want = np.r_[np.full(nb, np.nan), sa[li] / ns[li], q, at, np.full(nfloat - nb - 5, np.nan)]
         np.testing.assert_array_equal(rows_f[li], want)
         assert rows_i[li].tolist() == [*counts[li, :3], -(2**63)]
+
+
+def _ladder_values(tau: float, rng: np.random.Generator) -> np.ndarray:
+    """float32 margins at each ladder point k·τ (as float32), one ulp either side, the special values, and values
+    spread over 2^-5 … 2^5 τ of either sign."""
+    f = np.float32
+    with np.errstate(over="ignore"):  # 8·1e38 is +inf in float32
+        pts = [f(k * tau) for k in MARGIN_LADDER]
+    vals = [v for p in pts for v in (p, np.nextafter(p, f(np.inf)), np.nextafter(p, f(-np.inf)))]
+    vals += [np.inf, -np.inf, np.nan, 0.0, -0.0, np.finfo(f).max, -np.finfo(f).max, np.finfo(f).smallest_subnormal,
+             np.finfo(f).tiny]
+    spread = abs(tau) * 2.0 ** rng.uniform(-5, 5, 200) * rng.choice([-1.0, 1.0], 200) if tau == tau else []
+    return np.concatenate([np.array(vals, dtype=f), np.array(spread, dtype=f)])
+
+
+def test_margin_ladder_counts_are_exact_at_its_points_for_every_kind_of_tau():
+    """The AVX-512 kernel counts a ladder of points k·τ (k = 2^j, float32, normal and finite) from the margin's bits
+    in one compare instead of seven; every other ladder (τ = 0, NaN, a subnormal first point, an infinite last one)
+    takes the seven compares (τ = 2^125: its last point, 2^128, is +inf, whose bits follow the largest float's).
+    Either way the counts equal numpy's x > k·τ exactly, at the points and one ulp either side, for ±inf, NaN, ±0
+    and the extreme floats (the points in ascending order, as the probe passes them: for a negative τ that is not
+    the order of k); a 1,000-weight layer whose margins all lie above 8τ overflows the kernel's 4-bit bucket fields
+    unless they are emptied in time."""
+    rng = np.random.default_rng(11)
+    taus = [1e-6, 3.3e-3, 1e-40, 1e38, 2.0**125, -1e-6, 0.0, float("nan"), 1e-6]
+    ns = [len(_ladder_values(t, rng)) + 13 for t in taus[:-1]] + [1000]
+    c = Case(ns, np.float32, seed=5, taus=taus)
+    xs = []
+    for li, tau in enumerate(taus):
+        if li == len(taus) - 1:  # every margin in the top bucket, a few just below the top point
+            x = np.full(ns[li], np.float32(9 * tau), dtype=np.float32)
+            x[::97] = np.nextafter(np.float32(8 * tau), np.float32(0))
+        else:
+            v = _ladder_values(tau, rng)
+            x = np.concatenate([v, (rng.standard_normal(13) * 1e-6).astype(np.float32)])
+            rng.shuffle(x)
+        w = c.w[li]
+        flipped = (w >= 0) != c.w_prev_sign[li]
+        c.m[li][:] = x * w * np.where(flipped, -1, 1).astype(np.float32)  # w_{t-1}·m_t = x exactly (w = ±1)
+        xs.append(x)
+    c.bop_post()
+    for li, (tau, x) in enumerate(zip(taus, xs, strict=True)):
+        with np.errstate(over="ignore"):
+            want = [int((x > t).sum()) for t in sorted(np.float32(k * tau) for k in MARGIN_LADDER)]  # (as passed)
+        assert c.counts[li, NC_BOP - 7:].tolist() == want, (li, tau)
+    assert c.counts[0, NC_BOP - 7:].tolist() != c.counts[0, NC_BOP - 1:].tolist() * 7  # the ladder is not flat
+    assert c.counts[-1, NC_BOP - 1] == ns[-1] - len(range(0, ns[-1], 97))

@@ -226,7 +226,8 @@ AVX512_TARGET static inline void sink_flips(flip_sink *fs, int64_t j, unsigned f
 #define ACC(a, k) a = _mm512_mask_sub_epi32(a, (k), a, m1)
 /* Shared by both AVX-512 kernels, on their local names: the constants and lane counters (KERNEL_SETUP); the count
  * columns of 16 weights from the masks f (flipped),
- * s (b(w_t)), s0m (b(w_0)), ab (|m| > tau), pa (above before), the margin x against the ladder t0..t6; the next
+ * s (b(w_t)), s0m (b(w_0)), ab (|m| > tau), pa (above before), the margin x against the ladder t0..t6 (seven
+ * compares, or, for a ladder of powers of two (lad: ladder_pow2), x's bucket counted in nib); the next
  * |m| > tau mask na (kept where tau is NaN); the new state bytes (the bits are distinct: a masked add sets each);
  * the lane counters reduced into c and *sa at the end. */
 #define COUNT16() \
@@ -235,14 +236,36 @@ AVX512_TARGET static inline void sink_flips(flip_sink *fs, int64_t j, unsigned f
         ACC(ca, ab); \
         ACC(cu, ab & (__mmask16)~pa); \
         ACC(cd, pa & (__mmask16)~ab); \
-        ACC(e0, _mm512_cmp_ps_mask(x, t0, _CMP_GT_OQ)); \
-        ACC(e1, _mm512_cmp_ps_mask(x, t1, _CMP_GT_OQ)); \
-        ACC(e2, _mm512_cmp_ps_mask(x, t2, _CMP_GT_OQ)); \
-        ACC(e3, _mm512_cmp_ps_mask(x, t3, _CMP_GT_OQ)); \
-        ACC(e4, _mm512_cmp_ps_mask(x, t4, _CMP_GT_OQ)); \
-        ACC(e5, _mm512_cmp_ps_mask(x, t5, _CMP_GT_OQ)); \
-        ACC(e6, _mm512_cmp_ps_mask(x, t6, _CMP_GT_OQ)); \
+        if (lad) {  /* the ladder's bucket k of x (ladder_pow2), counted in 4-bit field k of the lane's nib */ \
+            const __mmask16 gt = _mm512_cmp_ps_mask(x, t0, _CMP_GT_OQ); \
+            const __m512i kk = _mm512_maskz_min_epi32( \
+                gt, _mm512_srai_epi32(_mm512_sub_epi32(_mm512_castps_si512(x), lbias), 23), seven); \
+            nib = _mm512_mask_add_epi32(nib, gt, nib, _mm512_sllv_epi32(one, _mm512_slli_epi32(kk, 2))); \
+            if (++nk == 15) NIB_FLUSH(); \
+        } else { \
+            ACC(e0, _mm512_cmp_ps_mask(x, t0, _CMP_GT_OQ)); \
+            ACC(e1, _mm512_cmp_ps_mask(x, t1, _CMP_GT_OQ)); \
+            ACC(e2, _mm512_cmp_ps_mask(x, t2, _CMP_GT_OQ)); \
+            ACC(e3, _mm512_cmp_ps_mask(x, t3, _CMP_GT_OQ)); \
+            ACC(e4, _mm512_cmp_ps_mask(x, t4, _CMP_GT_OQ)); \
+            ACC(e5, _mm512_cmp_ps_mask(x, t5, _CMP_GT_OQ)); \
+            ACC(e6, _mm512_cmp_ps_mask(x, t6, _CMP_GT_OQ)); \
+        } \
         const __mmask16 na = (ab & tvm) | (pa & (__mmask16)~tvm)
+/* The 4-bit fields 1..7 of nib (at most 15 each: one is added per lane and iteration, and this runs every 15
+ * iterations) added to the bucket counters e0..e6 (bucket k in e_{k-1}); nib emptied. */
+#define NIB_FLUSH() \
+    do { \
+        e0 = _mm512_add_epi32(e0, _mm512_and_si512(_mm512_srli_epi32(nib, 4), f15)); \
+        e1 = _mm512_add_epi32(e1, _mm512_and_si512(_mm512_srli_epi32(nib, 8), f15)); \
+        e2 = _mm512_add_epi32(e2, _mm512_and_si512(_mm512_srli_epi32(nib, 12), f15)); \
+        e3 = _mm512_add_epi32(e3, _mm512_and_si512(_mm512_srli_epi32(nib, 16), f15)); \
+        e4 = _mm512_add_epi32(e4, _mm512_and_si512(_mm512_srli_epi32(nib, 20), f15)); \
+        e5 = _mm512_add_epi32(e5, _mm512_and_si512(_mm512_srli_epi32(nib, 24), f15)); \
+        e6 = _mm512_add_epi32(e6, _mm512_srli_epi32(nib, 28)); \
+        nib = _mm512_setzero_si512(); \
+        nk = 0; \
+    } while (0)
 #define KERNEL_SETUP() \
     const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000u)); \
     const __m512i absmask = _mm512_set1_epi32(0x7fffffff), m1 = _mm512_set1_epi32(-1); \
@@ -253,9 +276,52 @@ AVX512_TARGET static inline void sink_flips(flip_sink *fs, int64_t j, unsigned f
     __m512i cf = _mm512_setzero_si512(), cc = cf, cn = cf, ca = cf, cu = cf, cd = cf; \
     __m512i e0 = cf, e1 = cf, e2 = cf, e3 = cf, e4 = cf, e5 = cf, e6 = cf; \
     __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd(); \
-    const __mmask16 tvm = tv ? (__mmask16)0xFFFF : 0
+    const __mmask16 tvm = tv ? (__mmask16)0xFFFF : 0; \
+    const __m512i lbias = _mm512_set1_epi32(lad ? ladder_bias(th) : 0), seven = _mm512_set1_epi32(7); \
+    const __m512i one = _mm512_set1_epi32(1), f15 = _mm512_set1_epi32(15); \
+    __m512i nib = _mm512_setzero_si512(); \
+    int nk = 0
 #define STATE16() state16(sb, s, na, f)
-#define REDUCE16() reduce16(c, sa, cf, cc, cn, ca, cu, cd, e0, e1, e2, e3, e4, e5, e6, s0, s1)
+/* (bucketed ladder: the last fields flushed, then bucket counts -> counts above each point, x > thr_j iff its
+ * bucket is > j: the suffix sums e_j = sum of buckets j+1 .. 7) */
+#define REDUCE16() \
+    do { \
+        if (lad) { \
+            NIB_FLUSH(); \
+            e5 = _mm512_add_epi32(e5, e6); \
+            e4 = _mm512_add_epi32(e4, e5); \
+            e3 = _mm512_add_epi32(e3, e4); \
+            e2 = _mm512_add_epi32(e2, e3); \
+            e1 = _mm512_add_epi32(e1, e2); \
+            e0 = _mm512_add_epi32(e0, e1); \
+        } \
+        reduce16(c, sa, cf, cc, cn, ca, cu, cd, e0, e1, e2, e3, e4, e5, e6, s0, s1); \
+    } while (0)
+
+/* Whether the ladder's points are t_j = t_0 2^j exactly with t_0 positive and normal (float32): bits(t_j) = bits(t_0)
+ * + j 2^23. Then for every x with x > t_0 (false for NaN) the number of points below x is min(7, (bits(x) - bits(t_0)
+ * - 1) / 2^23 + 1), since those x are positive and the bits of positive floats are in the order of their values
+ * (+inf's included: a last point of 2^128 is +inf, whose bits follow the largest float's, and x = +inf is not above
+ * it). The kernels then count the ladder with one compare instead of seven, with the counts of the seven compares;
+ * any other ladder (tau = 0 or NaN, points that are subnormal or not k tau in float32) takes the compares. */
+static inline int ladder_pow2(const float *th) {
+    uint32_t b0, b;
+    memcpy(&b0, th, sizeof b0);
+    if (b0 < 0x00800000u || b0 >= 0x7f800000u) return 0;  /* t_0 zero, subnormal, negative, inf or NaN */
+    for (int j = 1; j < 7; j++) {
+        memcpy(&b, th + j, sizeof b);
+        if (b != b0 + ((uint32_t)j << 23)) return 0;
+    }
+    return 1;
+}
+
+/* bits(t_0) + 1 - 2^23: (bits(x) - this) >> 23 = (bits(x) - bits(t_0) - 1) / 2^23 + 1 for x > t_0 (no overflow:
+ * bits(x) <= bits(+inf) and this is >= 1) */
+static inline int32_t ladder_bias(const float *th) {
+    uint32_t b0;
+    memcpy(&b0, th, sizeof b0);
+    return (int32_t)(b0 + 1u - (1u << 23));
+}
 
 AVX512_TARGET static inline __m128i state16(__m128i sb, __mmask16 s, __mmask16 na, __mmask16 f) {
     __m128i nst = _mm_and_si128(sb, _mm_set1_epi8(2));
@@ -278,7 +344,7 @@ AVX512_TARGET static inline void reduce16(int64_t *c, double *sa, __m512i cf, __
 AVX512_TARGET static inline int64_t bop_avx512_f32_body(const float *w, const float *m, const float *g, uint8_t *S,
                                                         float *mo, float *wmo, int64_t bn, float tl, int64_t tv,
                                                         const float *th, int64_t *c, double *sa, flip_sink *fs,
-                                                        const int nt, const int hasg) {
+                                                        const int nt, const int hasg, const int lad) {
     const __m512 zero = _mm512_setzero_ps(), tau = _mm512_set1_ps(tl);
     KERNEL_SETUP();
     int64_t j = 0;
@@ -319,10 +385,14 @@ AVX512_TARGET static int64_t bop_avx512_f32(const float *w, const float *m, cons
                                              float *wmo, int64_t bn, float tl, int64_t tv, const float *th,
                                              int64_t *c, double *sa, int big, flip_sink *fs) {
     const int nt = big && !((uintptr_t)mo & 63) && !((uintptr_t)wmo & 63);
-    if (g) return nt ? bop_avx512_f32_body(w, m, g, S, mo, wmo, bn, tl, tv, th, c, sa, fs, 1, 1)
-                     : bop_avx512_f32_body(w, m, g, S, mo, wmo, bn, tl, tv, th, c, sa, fs, 0, 1);
-    return nt ? bop_avx512_f32_body(w, m, g, S, mo, wmo, bn, tl, tv, th, c, sa, fs, 1, 0)
-              : bop_avx512_f32_body(w, m, g, S, mo, wmo, bn, tl, tv, th, c, sa, fs, 0, 0);
+#define BODY(NT, G, LAD) bop_avx512_f32_body(w, m, g, S, mo, wmo, bn, tl, tv, th, c, sa, fs, NT, G, LAD)
+    if (ladder_pow2(th)) {
+        if (g) return nt ? BODY(1, 1, 1) : BODY(0, 1, 1);
+        return nt ? BODY(1, 0, 1) : BODY(0, 0, 1);
+    }
+    if (g) return nt ? BODY(1, 1, 0) : BODY(0, 1, 0);
+    return nt ? BODY(1, 0, 0) : BODY(0, 0, 0);
+#undef BODY
 }
 
 static inline void simd_detect(void) {
@@ -346,9 +416,10 @@ static inline int64_t bop_fast_f32(const float *w, const float *m, const float *
  * == 0), w_t = -w_{t-1} where w_{t-1} m_t > tau_opt (the sign bit flipped), the state byte, every count of
  * bop_avx512_f32_body (margin x = w_{t-1} m_t), Sum |m_t|; flipped weights recorded with w_{t-1} m_{t-1} and
  * m_{t-1}. Returns the number of weights done (a multiple of 16). */
-AVX512_TARGET static int64_t fused_avx512_f32(float *w, float *m, const float *g, uint8_t *S, int64_t bn,
-                                              float gam, float omg, float bt, float tl, int64_t tv, const float *th,
-                                              int64_t *c, double *sa, flip_sink *fs, float *fwm, float *fmo) {
+AVX512_TARGET static inline int64_t fused_avx512_f32_body(float *w, float *m, const float *g, uint8_t *S,
+                                                          int64_t bn, float gam, float omg, float bt, float tl,
+                                                          int64_t tv, const float *th, int64_t *c, double *sa,
+                                                          flip_sink *fs, float *fwm, float *fmo, const int lad) {
     const bnnp_plan *P = fs->P;
     const __m512 zero = _mm512_setzero_ps(), tau = _mm512_set1_ps(tl), btv = _mm512_set1_ps(bt);
     const __m512 gv_ = _mm512_set1_ps(gam), ov_ = _mm512_set1_ps(omg);
@@ -405,6 +476,13 @@ AVX512_TARGET static int64_t fused_avx512_f32(float *w, float *m, const float *g
     }
     REDUCE16();
     return j;
+}
+
+AVX512_TARGET static int64_t fused_avx512_f32(float *w, float *m, const float *g, uint8_t *S, int64_t bn,
+                                              float gam, float omg, float bt, float tl, int64_t tv, const float *th,
+                                              int64_t *c, double *sa, flip_sink *fs, float *fwm, float *fmo) {
+    return ladder_pow2(th) ? fused_avx512_f32_body(w, m, g, S, bn, gam, omg, bt, tl, tv, th, c, sa, fs, fwm, fmo, 1)
+                           : fused_avx512_f32_body(w, m, g, S, bn, gam, omg, bt, tl, tv, th, c, sa, fs, fwm, fmo, 0);
 }
 
 static inline int64_t fused_fast_f32(float *w, float *m, const float *g, uint8_t *S, int64_t bn, float gam,
