@@ -1,11 +1,14 @@
-"""Helpers for the probe tests: minimal Bop / Bop2ndOrder (used until bnn_probe.optim lands) and a one-layer model."""
+"""Helpers for the probe tests: minimal Bop / Bop2ndOrder (used until bnn_probe.optim lands), a one-layer model
+and margins placed on the margin ladder's points."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from bnn_probe.nn import mark_binary
+from bnn_probe.runlog.schema import MARGIN_LADDER
 
 try:  # the real optimizers, once they exist
     from bnn_probe.optim import Bop as _RealBop  # type: ignore[attr-defined]
@@ -130,3 +133,18 @@ def multi_setup(kind: str):
                 p.mul_(0.3)
         opt = CaseOptimizer(Bop([ps[0], ps[2]], gamma=0.3, threshold=0.05), torch.optim.SGD(lat, lr=0.2))
     return model, opt
+
+
+def ladder_margins(tau: float, finite: bool = False) -> np.ndarray:
+    """float32 margins at each point k·τ of the margin ladder (as float32) and one ulp either side, ±0, the largest
+    floats of either sign, the smallest normal and subnormal floats, and (unless ``finite``) ±inf and NaN; with
+    ``finite`` the non-finite points are left out too."""
+    f = np.float32
+    with np.errstate(over="ignore"):  # e.g. 8·1e38 is +inf in float32
+        pts = [f(k * tau) for k in MARGIN_LADDER]
+    vals = [v for p in pts if np.isfinite(p) or not finite
+            for v in (p, np.nextafter(p, f(np.inf)), np.nextafter(p, f(-np.inf)))]
+    vals += [0.0, -0.0, np.finfo(f).max, -np.finfo(f).max, np.finfo(f).tiny, np.finfo(f).smallest_subnormal]
+    if not finite:
+        vals += [np.inf, -np.inf, np.nan]
+    return np.array(vals, dtype=f)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _probe_helpers import ladder_margins
 
 from bnn_probe.probe import cpu_pass
 from bnn_probe.probe.cpu_pass import NC_BOP, NC_LAT, S_ABOVE, S_FLIP, S_SIGN, S_SIGN0
@@ -383,22 +384,15 @@ def test_latent_step_events_tracked_and_rows_match_direct_computation():
 
 
 def _ladder_values(tau: float, rng: np.random.Generator) -> np.ndarray:
-    """float32 margins at each ladder point k·τ (as float32), one ulp either side, the special values, and values
-    spread over 2^-5 … 2^5 τ of either sign."""
-    f = np.float32
-    with np.errstate(over="ignore"):  # 8·1e38 is +inf in float32
-        pts = [f(k * tau) for k in MARGIN_LADDER]
-    vals = [v for p in pts for v in (p, np.nextafter(p, f(np.inf)), np.nextafter(p, f(-np.inf)))]
-    vals += [np.inf, -np.inf, np.nan, 0.0, -0.0, np.finfo(f).max, -np.finfo(f).max, np.finfo(f).smallest_subnormal,
-             np.finfo(f).tiny]
+    """:func:`ladder_margins` and values spread over 2^-5 … 2^5 τ of either sign."""
     spread = abs(tau) * 2.0 ** rng.uniform(-5, 5, 200) * rng.choice([-1.0, 1.0], 200) if tau == tau else []
-    return np.concatenate([np.array(vals, dtype=f), np.array(spread, dtype=f)])
+    return np.concatenate([ladder_margins(tau), np.array(spread, dtype=np.float32)])
 
 
 def test_margin_ladder_counts_are_exact_at_its_points_for_every_kind_of_tau():
     """The AVX-512 kernel counts a ladder of points k·τ (k = 2^j, float32, normal and finite) from the margin's bits
-    in one compare instead of seven; every other ladder (τ = 0, NaN, a subnormal first point, an infinite last one)
-    takes the seven compares (τ = 2^125: its last point, 2^128, is +inf, whose bits follow the largest float's).
+    in one compare instead of seven (also where the last point, 2^128 for τ = 2^125, is +inf: its bits follow the
+    largest float's); every other ladder (τ = 0, NaN, negative, a subnormal first point) takes the seven compares.
     Either way the counts equal numpy's x > k·τ exactly, at the points and one ulp either side, for ±inf, NaN, ±0
     and the extreme floats (the points in ascending order, as the probe passes them: for a negative τ that is not
     the order of k); a 1,000-weight layer whose margins all lie above 8τ overflows the kernel's 4-bit bucket fields

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _probe_helpers import ladder_margins
 from torch import nn
 
 import bnn_probe
@@ -20,7 +21,7 @@ from bnn_probe.nn import mark_binary
 from bnn_probe.optim import Bop, binary_init_
 from bnn_probe.probe import cpu_pass, onepass
 from bnn_probe.probe.lane import Lane
-from bnn_probe.runlog.schema import MARGIN_LADDER
+from bnn_probe.runlog.schema import MARGIN_EXCEED, MARGIN_LADDER
 
 pytestmark = pytest.mark.skipif(not cpu_pass.available(), reason="the compiled pass is not built")
 
@@ -368,11 +369,10 @@ def test_lane_with_a_sparse_steps_table_and_no_events_or_tracked_weights(tmp_pat
 
 def test_fused_step_counts_the_margin_ladder_exactly_at_its_points(tmp_path, simd):
     """Bop's C step with the measurement inside (``bnnp_bop_fused``) at γ = 1, where m_t = g_t and the margin is
-    w_{t−1}·g_t exactly: margins at each point k·τ and one ulp either side, ±0, the largest floats and a spread
-    over 2^-5 … 2^5 τ; 649 weights per layer (the 4-bit bucket fields of the AVX-512 kernel emptied in time), τ with
-    a ladder of powers of two (one compare), τ = 2^125 (last point +inf) and τ = 1e-40 (subnormal points: the
-    seven compares). The margin_exceed columns equal numpy's
-    counts of x > k·τ in float32."""
+    w_{t−1}·g_t exactly: the finite :func:`ladder_margins` and a spread over 2^-5 … 2^5 τ; 649 weights per layer
+    (the 4-bit bucket fields of the AVX-512 kernel emptied in time), τ with a ladder of powers of two (one compare),
+    τ = 2^125 (last point +inf) and τ = 1e-40 (subnormal points: the seven compares). The margin_exceed columns
+    equal numpy's counts of x > k·τ in float32."""
     model = nn.Sequential(nn.Linear(59, 11, bias=False), nn.Linear(11, 59, bias=False),
                           nn.Linear(59, 11, bias=False))
     for p in model.parameters():
@@ -388,10 +388,7 @@ def test_fused_step_counts_the_margin_ladder_exactly_at_its_points(tmp_path, sim
     for _ in range(2):
         per_layer = []
         for p, tau in zip(ps, taus, strict=True):
-            with np.errstate(over="ignore"):
-                pts = [f(k * tau) for k in MARGIN_LADDER]
-            vals = [v for q in pts if np.isfinite(q) for v in (q, np.nextafter(q, f(np.inf)), np.nextafter(q, f(0)))]
-            vals += [0.0, -0.0, np.finfo(f).max, -np.finfo(f).max, np.finfo(f).tiny]
+            vals = ladder_margins(tau, finite=True)
             top = 5 if tau < 1e30 else 2.9  # (finite gradients: Bop skips the others)
             x = (tau * 2.0 ** rng.uniform(-5, top, p.numel()) * rng.choice([-1.0, 1.0], p.numel())).astype(f)
             x[:len(vals)] = vals
@@ -404,7 +401,6 @@ def test_fused_step_counts_the_margin_ladder_exactly_at_its_points(tmp_path, sim
         want.append(per_layer)
     probe.close()
     steps = bnn_probe.load_run(tmp_path / "run").steps.sort_values(["step", "layer"])
-    cols = [f"margin_exceed_{k}" for k in ("1_8", "1_4", "1_2", "1", "2", "4", "8")]
-    got = steps[cols].to_numpy().astype(np.int64).reshape(2, 3, 7).tolist()
+    got = steps[list(MARGIN_EXCEED)].to_numpy().astype(np.int64).reshape(2, 3, 7).tolist()
     assert got == want
     assert want[0][0][0] > want[0][0][3] > want[0][0][6] > 0  # the points are each crossed
